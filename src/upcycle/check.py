@@ -1,0 +1,146 @@
+"""`upcycle check`: how far an upcycled MoE's function is from its dense parent, measured through transformers.
+
+Both models are loaded with `AutoModelForCausalLM` in float32 (no remote code), run on the same probe text, and
+compared: max |logit difference|, next-token agreement, and the perplexity of each. A naive conversion must reproduce
+the dense function (max |diff| <= tolerance, exit status 1 otherwise); for drop the numbers say how far the initial
+function moved, which is what a user needs to choose r and the index mode.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from upcycle.errors import UpcycleError
+
+PROBE_TEXT = """\
+The dense model is copied into every expert, and a router decides which experts see each token. In the first steps
+the upcycled model behaves like its parent; re-drawing part of each expert lets the experts diverge and specialize.
+
+def moving_average(values, window):
+    total = sum(values[:window])
+    out = [total / window]
+    for i in range(window, len(values)):
+        total += values[i] - values[i - window]
+        out.append(total / window)
+    return out
+
+専門家の混合モデルは、トークンごとに一部の専門家だけを計算するため、同じ計算量でより大きなモデルを訓練できます。
+"""
+
+
+@dataclass
+class CheckReport:
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    top1_agreement: float
+    dense_perplexity: float
+    moe_perplexity: float
+    num_tokens: int
+    method: str | None
+    equivalent: bool | None  # set when the conversion should preserve the function (naive)
+
+
+def _load(path: Path):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    if not (path / "config.json").is_file():
+        raise UpcycleError(f"{path} has no config.json; pass a checkpoint directory")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UpcycleError(f"transformers cannot load {path}: {str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _token_ids(text: str, dirs: list[Path], vocab_size: int, max_tokens: int) -> torch.Tensor:
+    """Tokenize with the checkpoint's tokenizer; without one, fall back to bytes folded into the vocabulary."""
+    for d in dirs:
+        if (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            ids = AutoTokenizer.from_pretrained(str(d))(text)["input_ids"]
+            break
+    else:
+        ids = [b % vocab_size for b in text.encode("utf-8")]
+    if len(ids) < 2:
+        raise UpcycleError("the probe text gives fewer than 2 tokens; pass a longer --text file")
+    return torch.tensor(ids[:max_tokens]).unsqueeze(0)
+
+
+def _perplexity(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> float:
+    loss = torch.nn.functional.cross_entropy(logits_BTV[0, :-1].float(), ids_BT[0, 1:])
+    return math.exp(loss.item())
+
+
+def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: int = 512,
+          tolerance: float = 1e-4) -> CheckReport:
+    """Compare the MoE at `moe_dir` with the dense model at `dense_dir` on a probe text."""
+    moe_path, dense_path = Path(moe_dir), Path(dense_dir)
+    manifest_path = moe_path / "upcycle_manifest.json"
+    method = json.loads(manifest_path.read_text())["method"] if manifest_path.is_file() else None
+    dense, moe = _load(dense_path), _load(moe_path)
+    if dense.config.vocab_size != moe.config.vocab_size:
+        raise UpcycleError(f"vocabularies differ ({dense.config.vocab_size} vs {moe.config.vocab_size}); "
+                           "is --dense the parent of this MoE?")
+    ids = _token_ids(text if text is not None else PROBE_TEXT, [dense_path, moe_path], dense.config.vocab_size,
+                     max_tokens)
+    with torch.no_grad():
+        dense_logits = dense(ids).logits.float()
+        moe_logits = moe(ids).logits.float()
+    diff = (dense_logits - moe_logits).abs()
+    max_diff = diff.max().item()
+    return CheckReport(
+        max_abs_logit_diff=max_diff,
+        mean_abs_logit_diff=diff.mean().item(),
+        top1_agreement=(dense_logits.argmax(-1) == moe_logits.argmax(-1)).float().mean().item(),
+        dense_perplexity=_perplexity(dense_logits, ids),
+        moe_perplexity=_perplexity(moe_logits, ids),
+        num_tokens=ids.shape[1],
+        method=method,
+        equivalent=(max_diff <= tolerance) if method == "naive" else None,
+    )
+
+
+def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_tokens: int = 512,
+                  tolerance: float = 1e-4, json_output: bool = False) -> int:
+    """Compare an upcycled MoE with its dense parent: max |logit diff| and perplexity of both on a probe text.
+
+    Exits with status 1 when the MoE comes from a naive conversion (read from its upcycle_manifest.json) and its
+    logits differ from the dense ones by more than --tolerance.
+
+    Args:
+        moe_dir: The MoE checkpoint directory (written by upcycle convert, or any HF MoE).
+        dense: The dense parent checkpoint directory.
+        text: A UTF-8 text file to probe with (default: a built-in English/code/Japanese sample).
+        max_tokens: Probe at most this many tokens.
+        tolerance: Largest |logit diff| (float32) that counts as the same function.
+        json_output: Print the report as one JSON object instead of text.
+    """
+    probe = None
+    if text is not None:
+        try:
+            probe = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UpcycleError(f"cannot read --text {text}: {exc}") from None
+    report = check(moe_dir, dense, text=probe, max_tokens=max_tokens, tolerance=tolerance)
+    if json_output:
+        print(json.dumps(asdict(report)))
+    else:
+        print(f"method:                {report.method or 'unknown (no manifest)'}")
+        print(f"tokens probed:         {report.num_tokens}")
+        print(f"max |logit diff|:      {report.max_abs_logit_diff:.3e}")
+        print(f"mean |logit diff|:     {report.mean_abs_logit_diff:.3e}")
+        print(f"top-1 agreement:       {report.top1_agreement:.4f}")
+        print(f"perplexity dense/MoE:  {report.dense_perplexity:.4f} / {report.moe_perplexity:.4f}")
+        if report.equivalent is not None:
+            verdict = "EQUIVALENT" if report.equivalent else "NOT EQUIVALENT"
+            print(f"naive conversion:      {verdict} (tolerance {tolerance:g})")
+    return 1 if report.equivalent is False else 0

@@ -1,0 +1,516 @@
+"""`upcycle convert`: a dense HF checkpoint -> an HF MoE checkpoint (Mixtral, Qwen2-MoE or Qwen3-MoE).
+
+Streaming: one layer at a time, one expert at a time. Every input tensor is read lazily from the source's safetensors
+files and every output tensor is streamed into pre-planned shards, so peak memory is about one dense FFN plus one
+expert, whatever the depth of the model.
+
+Output layout, decided before any byte is written (`_layout`), is the single source of truth: the shard plan is made
+from it and the producer walks it in order, computing each tensor when its turn comes.
+
+Run: `upcycle convert DENSE_DIR OUT_DIR --method drop --ratio 0.5 --num-experts 8 --top-k 2`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import upcycle
+from upcycle import hf_formats as hf
+from upcycle.errors import UpcycleError
+from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader, PlannedTensor, ShardWriter, parse_size
+from upcycle.upcycling import (
+    MATRICES,
+    ROUTER_INITS,
+    UpcycleOptions,
+    btx_mean,
+    btx_source_of_expert,
+    derived_generator,
+    init_router,
+    scratch_tensor,
+    upcycle_expert,
+)
+
+MANIFEST_NAME = "upcycle_manifest.json"
+REDRAWN_NAME = "upcycle_redrawn.safetensors"
+# Non-weight files worth carrying to the MoE directory (tokenizer, chat template, generation defaults).
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+                "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+                "chat_template.json")
+DEFAULT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Every choice of a conversion; recorded verbatim in the manifest."""
+
+    method: str = "drop"
+    ratio: float = 0.5
+    num_experts: int = 8
+    top_k: int = 2
+    seed: int = DEFAULT_SEED
+    # independent: a fresh index set per matrix, as the authors' released code that produced every published number;
+    # shared: one set per expert for gate rows, up rows and down columns, as the paper's text and Figure 1.
+    index_mode: str = "independent"
+    stats: str = "slice"
+    noise_std: float = 0.02
+    router_init: str = "uniform"
+    router_std: float = 0.02
+    format: str = "auto"
+    dtype: str = "auto"
+    router_aux_loss_coef: float = 0.02
+    shared_expert_dim: int | None = None  # qwen2_moe only; default: the dense ffn_dim
+    btx_sources: tuple[str, ...] = ()
+    max_shard_size: str = "5GB"
+
+    def upcycle_options(self, init_std: float) -> UpcycleOptions:
+        return UpcycleOptions(method=self.method, ratio=self.ratio, index_mode=self.index_mode, stats=self.stats,
+                              noise_std=self.noise_std, init_std=init_std, seed=self.seed)
+
+    def validate(self) -> None:
+        self.upcycle_options(0.02).validate()
+        if self.num_experts < 1:
+            raise UpcycleError(f"--num-experts must be at least 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise UpcycleError(f"--top-k must lie in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.router_init not in ROUTER_INITS:
+            raise UpcycleError(f"unknown --router-init {self.router_init!r}; choose one of {', '.join(ROUTER_INITS)}")
+        if self.router_std < 0:
+            raise UpcycleError("--router-std must be non-negative")
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
+            raise UpcycleError(f"unknown --dtype {self.dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
+        if self.method == "btx" and not self.btx_sources:
+            raise UpcycleError("--method btx needs --btx-sources DIR [DIR ...] (SOURCE is the first source)")
+        if self.method != "btx" and self.btx_sources:
+            raise UpcycleError("--btx-sources is only used with --method btx")
+        if self.method == "btx":
+            btx_source_of_expert(self.num_experts, 1 + len(self.btx_sources))
+        if self.shared_expert_dim is not None and self.shared_expert_dim < 1:
+            raise UpcycleError("--shared-expert-dim must be at least 1")
+        parse_size(self.max_shard_size)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validating the source(s)
+
+
+def _expected_dense_tensors(shapes: hf.Shapes) -> dict[str, tuple[int, ...]]:
+    expected = {hf.EMBED_KEY: (shapes.vocab_size, shapes.dim), hf.FINAL_NORM_KEY: (shapes.dim,)}
+    if not shapes.tie_embeddings:
+        expected[hf.LM_HEAD_KEY] = (shapes.vocab_size, shapes.dim)
+    for layer in range(shapes.num_layers):
+        for role, shape in hf.attention_roles(shapes).items():
+            expected[hf.attention_key(layer, role)] = shape
+        for m in MATRICES:
+            expected[hf.dense_ffn_key(layer, m)] = hf.ffn_shape(shapes, m)
+    return expected
+
+
+def _check_source(reader: CheckpointReader) -> hf.Shapes:
+    """Every expected tensor present with its shape, nothing unknown: before any output is written."""
+    hf.check_dense_config(reader.config)
+    shapes = hf.read_shapes(reader.config)
+    expected = _expected_dense_tensors(shapes)
+    for name, shape in expected.items():
+        if name not in reader.tensors:
+            what = "FFN tensor" if ".mlp." in name else "tensor"
+            raise UpcycleError(f"{reader.dir} lacks {what} {name}; the checkpoint is incomplete or not a dense "
+                               f"{reader.config['model_type']} model")
+        if reader.shape(name) != shape:
+            raise UpcycleError(f"{name} in {reader.dir} has shape {list(reader.shape(name))}, config.json implies "
+                               f"{list(shape)}; config and weights disagree")
+        if not reader.dtype(name).is_floating_point:
+            raise UpcycleError(f"{name} in {reader.dir} is {reader.dtype(name)}; quantized checkpoints are not "
+                               "supported, dequantize to float first")
+    ignored = hf.LM_HEAD_KEY if shapes.tie_embeddings else None
+    unknown = [n for n in reader.tensors
+               if n not in expected and n != ignored and not n.endswith(hf.IGNORED_SUFFIXES)]
+    if unknown:
+        raise UpcycleError(f"{reader.dir} has tensors a plain {reader.config['model_type']} model does not "
+                           f"({', '.join(sorted(unknown)[:3])}{', ...' if len(unknown) > 3 else ''}); not supported")
+    return shapes
+
+
+def _check_btx_sources(first: CheckpointReader, others: list[CheckpointReader], shapes: hf.Shapes) -> None:
+    for other in others:
+        other_shapes = _check_source(other)
+        if other.config.get("model_type") != first.config.get("model_type") or other_shapes != shapes:
+            raise UpcycleError(f"btx source {other.dir} differs in shape or family from {first.dir}; all btx sources "
+                               "must be continued from the same dense seed")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The output layout: one ordered list, from which both the shard plan and the producer are made.
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # embed | final_norm | lm_head | attn | router | expert | shared
+    layer: int = -1
+    role: str = ""  # attention role, FFN matrix, or shared-expert part
+    expert: int = -1
+
+
+def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int) -> list[Entry]:
+    out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
+    entries = [Entry(hf.EMBED_KEY, (shapes.vocab_size, shapes.dim), "embed")]
+    for layer in range(shapes.num_layers):
+        for role, shape in hf.attention_roles(out_shapes).items():
+            entries.append(Entry(hf.attention_key(layer, role), shape, "attn", layer, role))
+        entries.append(Entry(hf.router_key(fmt, layer), (num_experts, shapes.dim), "router", layer))
+        for e in range(num_experts):
+            for m in MATRICES:
+                entries.append(Entry(hf.expert_key(fmt, layer, e, m), hf.ffn_shape(shapes, m), "expert", layer, m, e))
+        if fmt == "qwen2_moe":
+            keys = hf.shared_expert_keys(layer)
+            sizes = {"shared_gate": (shared_dim, shapes.dim), "shared_up": (shared_dim, shapes.dim),
+                     "shared_down": (shapes.dim, shared_dim), "shared_expert_gate": (1, shapes.dim)}
+            entries += [Entry(keys[part], sizes[part], "shared", layer, part) for part in sizes]
+    entries.append(Entry(hf.FINAL_NORM_KEY, (shapes.dim,), "final_norm"))
+    if not shapes.tie_embeddings:
+        entries.append(Entry(hf.LM_HEAD_KEY, (shapes.vocab_size, shapes.dim), "lm_head"))
+    return entries
+
+
+def _shapes_as_config(shapes: hf.Shapes) -> dict:
+    """Enough of an HF config for `read_shapes` to see the target format's attention (biases, q/k norms)."""
+    return {"vocab_size": shapes.vocab_size, "hidden_size": shapes.dim, "intermediate_size": shapes.ffn_dim,
+            "moe_intermediate_size": shapes.ffn_dim, "num_hidden_layers": shapes.num_layers,
+            "num_attention_heads": shapes.num_heads, "num_key_value_heads": shapes.num_kv_heads,
+            "head_dim": shapes.head_dim, "attention_bias": shapes.o_bias or shapes.qkv_bias,
+            "tie_word_embeddings": shapes.tie_embeddings}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Producing the tensors
+
+
+@dataclass
+class _Record:
+    """What the manifest says about the conversion, filled while producing."""
+
+    layers: list[dict] = field(default_factory=list)
+    redrawn_LEMF: np.ndarray | None = None  # (L, E, 3, F) bool
+
+
+_ROLE_KIND = {"attn_norm": "norm", "ffn_norm": "norm", "q_norm": "norm", "k_norm": "norm",
+              "q_bias": "bias", "k_bias": "bias", "v_bias": "bias", "o_bias": "bias"}
+
+
+class _Producer:
+    """Computes each output tensor (fp32) when its entry comes up, reading only what that tensor needs."""
+
+    def __init__(self, readers: list[CheckpointReader], shapes: hf.Shapes, opts: ConvertOptions, record: _Record):
+        self.readers = readers
+        self.shapes = shapes
+        self.opts = opts
+        self.record = record
+        cfg = readers[0].config
+        self.init_std = float(cfg.get("initializer_range", 0.02))
+        self.pad_id = cfg.get("pad_token_id")
+        self.upcycle_opts = opts.upcycle_options(self.init_std)
+        self.expert_source = (btx_source_of_expert(opts.num_experts, len(readers)) if opts.method == "btx"
+                              else [0] * opts.num_experts)
+        self._dense_ffn: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # only the current layer's
+        self._expert = None  # (layer, expert, ExpertFFN or dict) cache while its three matrices are written
+
+    def _read(self, name: str, source: int | None = None) -> torch.Tensor:
+        """The source tensor (or, for btx, the mean over sources when `source` is None)."""
+        if source is not None:
+            return self.readers[source].get(name).float()
+        if self.opts.method == "btx":
+            return btx_mean([r.get(name) for r in self.readers])
+        return self.readers[0].get(name).float()
+
+    def _copied(self, entry: Entry, kind: str) -> torch.Tensor:
+        if self.opts.method == "scratch":
+            gen = derived_generator(self.opts.seed, "scratch", entry.name)
+            return scratch_tensor(entry.shape, kind, std=self.init_std, generator=gen,
+                                  padding_idx=self.pad_id if kind == "embedding" else None)
+        if entry.name not in self.readers[0].tensors:
+            return torch.zeros(entry.shape)  # a bias the target format forces on a source without one
+        return self._read(entry.name)
+
+    def _dense(self, layer: int, source: int) -> dict[str, torch.Tensor]:
+        key = (layer, source)
+        if key not in self._dense_ffn:
+            self._dense_ffn = {key: {m: self._read(hf.dense_ffn_key(layer, m), source) for m in MATRICES}}
+        return self._dense_ffn[key]
+
+    def _expert_matrix(self, entry: Entry) -> torch.Tensor:
+        layer, e = entry.layer, entry.expert
+        if self._expert is None or self._expert[:2] != (layer, e):
+            source = self.expert_source[e]
+            dense = self._dense(layer, source)
+            if self.opts.method == "btx":
+                tensors = dict(dense)
+                records = {m: {"mean": None, "std": None, "redrawn": 0, "source": source} for m in MATRICES}
+            else:
+                x = upcycle_expert(dense["gate"], dense["up"], dense["down"], layer=layer, expert=e,
+                                   opts=self.upcycle_opts)
+                tensors = {"gate": x.gate_FD, "up": x.up_FD, "down": x.down_DF}
+                records = x.records
+                self.record.redrawn_LEMF[layer, e] = x.redrawn_MF.numpy()
+            self.record.layers[layer]["experts"].append({"expert": e, **records})
+            self._expert = (layer, e, tensors)
+        return self._expert[2][entry.role]
+
+    def _shared(self, entry: Entry) -> torch.Tensor:
+        # Qwen2-MoE always has a shared expert; a zero down projection makes it contribute exactly nothing at
+        # initialization while gate/up get the HF init, so it can learn from the first step.
+        if entry.role in ("shared_down", "shared_expert_gate"):
+            return torch.zeros(entry.shape)
+        gen = derived_generator(self.opts.seed, entry.layer, "shared", entry.role)
+        return torch.empty(entry.shape).normal_(0.0, self.init_std, generator=gen)
+
+    def __call__(self, entry: Entry) -> torch.Tensor:
+        if entry.kind == "embed":
+            return self._copied(entry, "embedding")
+        if entry.kind in ("final_norm",):
+            return self._copied(entry, "norm")
+        if entry.kind == "lm_head":
+            return self._copied(entry, "weight")
+        if entry.kind == "attn":
+            return self._copied(entry, _ROLE_KIND.get(entry.role, "weight"))
+        if entry.kind == "router":
+            self.record.layers.append({"layer": entry.layer, "experts": []})
+            gen = derived_generator(self.opts.seed, entry.layer, "router")
+            return init_router(self.opts.num_experts, self.shapes.dim, kind=self.opts.router_init,
+                               std=self.opts.router_std, generator=gen)
+        if entry.kind == "expert":
+            return self._expert_matrix(entry)
+        if entry.kind == "shared":
+            return self._shared(entry)
+        raise AssertionError(entry.kind)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The conversion
+
+
+def _open_sources(source: str | os.PathLike, opts: ConvertOptions) -> tuple[list[CheckpointReader], hf.Shapes, str]:
+    opts.validate()
+    first = CheckpointReader(source)
+    shapes = _check_source(first)
+    readers = [first]
+    if opts.method == "btx":
+        readers += [CheckpointReader(s) for s in opts.btx_sources]
+        _check_btx_sources(first, readers[1:], shapes)
+    fmt = hf.resolve_format(first.config, opts.format)
+    return readers, shapes, fmt
+
+
+def _out_dtype(opts: ConvertOptions, reader: CheckpointReader) -> torch.dtype:
+    if opts.dtype != "auto":
+        return DTYPE_NAMES[opts.dtype]
+    return reader.dtype(hf.EMBED_KEY)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPE_NAMES.items()}[dtype]
+
+
+def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], Iterator, _Record, dict]:
+    moe_config = hf.build_moe_config(
+        readers[0].config, fmt, num_experts=opts.num_experts, top_k=opts.top_k,
+        router_aux_loss_coef=opts.router_aux_loss_coef, shared_expert_dim=opts.shared_expert_dim,
+        dtype=_dtype_name(_out_dtype(opts, readers[0])),
+    )
+    shared_dim = moe_config.get("shared_expert_intermediate_size", 0)
+    entries = _layout(shapes, fmt, opts.num_experts, shared_dim)
+    record = _Record(redrawn_LEMF=np.zeros((shapes.num_layers, opts.num_experts, len(MATRICES), shapes.ffn_dim),
+                                           dtype=bool))
+    produce = _Producer(readers, shapes, opts, record)
+    out_dtype = _out_dtype(opts, readers[0])
+
+    def tensors() -> Iterator[tuple[Entry, torch.Tensor]]:
+        bar = tqdm(total=shapes.num_layers, desc="convert", unit="layer", disable=not progress)
+        for entry in entries:
+            yield entry, produce(entry).to(out_dtype)
+            if entry.kind == "expert" and entry.expert == opts.num_experts - 1 and entry.role == "down":
+                bar.update(1)
+        bar.close()
+
+    return entries, tensors(), record, moe_config
+
+
+def convert_in_memory(source: str | os.PathLike, **options) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The same conversion as `convert`, kept in memory: (MoE config.json as a dict, HF-keyed state dict).
+
+    For online upcycling in training, where the whole model is in memory anyway.
+    """
+    opts = ConvertOptions(**{k: tuple(v) if k == "btx_sources" else v for k, v in options.items()})
+    readers, shapes, fmt = _open_sources(source, opts)
+    _, tensors, _, moe_config = _generate(readers, shapes, fmt, opts, progress=False)
+    return moe_config, {entry.name: tensor for entry, tensor in tensors}
+
+
+def _prepare_output(output: Path, force: bool) -> None:
+    if output.exists():
+        non_empty = not output.is_dir() or any(output.iterdir())
+        if non_empty and not force:
+            raise UpcycleError(f"output {output} already exists and is not empty; pass --force to replace it")
+    if not output.parent.exists():
+        raise UpcycleError(f"the parent directory of {output} does not exist; create it first")
+
+
+def convert(
+    source: str | os.PathLike, output: str | os.PathLike, *, force: bool = False, progress: bool = True, **options
+) -> Path:
+    """Convert the dense checkpoint at `source` into an MoE checkpoint at `output`; returns the output path.
+
+    `options` are the fields of `ConvertOptions`. All inputs are validated before anything is written; the result is
+    written into a temporary sibling directory and renamed into place only when complete.
+    """
+    opts = ConvertOptions(**{k: tuple(v) if k == "btx_sources" else v for k, v in options.items()})
+    output = Path(output).absolute()
+    _prepare_output(output, force)
+    readers, shapes, fmt = _open_sources(source, opts)
+    entries, tensors, record, moe_config = _generate(readers, shapes, fmt, opts, progress)
+
+    tmp = output.parent / f".{output.name}.upcycle-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        out_dtype = DTYPE_NAMES[moe_config["dtype"]]
+        plan = [PlannedTensor(e.name, e.shape, out_dtype) for e in entries]
+        writer = ShardWriter(tmp, plan, parse_size(opts.max_shard_size))
+        for entry, tensor in tensors:
+            writer.write(entry.name, tensor)
+        shards = writer.close()
+        (tmp / "config.json").write_text(json.dumps(moe_config, indent=2, sort_keys=True) + "\n")
+        for name in COPIED_FILES:
+            if (readers[0].dir / name).is_file():
+                shutil.copy2(readers[0].dir / name, tmp / name)
+        _write_manifest(tmp, readers, opts, fmt, moe_config, record, shards)
+        _fsync_dir(tmp)
+        if output.exists():
+            old = output.parent / f".{output.name}.upcycle-old-{os.getpid()}"
+            output.rename(old)
+            tmp.rename(output)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(directory: Path, readers, opts: ConvertOptions, fmt: str, moe_config: dict, record: _Record,
+                    shards: list[str]) -> None:
+    redrawn = record.redrawn_LEMF
+    packed = np.packbits(redrawn, axis=-1)  # (L, E, 3, ceil(F / 8)), bit order big-endian as numpy's default
+    save_file({"redrawn_packed": torch.from_numpy(packed)}, str(directory / REDRAWN_NAME),
+              metadata={"ffn_dim": str(redrawn.shape[-1]), "matrices": ",".join(MATRICES),
+                        "layout": "layer,expert,matrix,neuron bits (numpy.packbits, big-endian)"})
+    manifest = {
+        "tool": "upcycle",
+        "version": upcycle.__version__,
+        "method": opts.method,
+        "options": {**asdict(opts), "format": fmt, "dtype": moe_config["dtype"],
+                    "btx_sources": [str(Path(s).absolute()) for s in opts.btx_sources]},
+        "seed": opts.seed,
+        "index_mode": opts.index_mode,
+        "sources": [{"path": str(r.dir.absolute()), "model_type": r.config.get("model_type"), "sha256": r.sha256()}
+                    for r in readers],
+        "format": fmt,
+        "num_experts": opts.num_experts,
+        "top_k": opts.top_k,
+        "shards": shards,
+        "redrawn_file": REDRAWN_NAME,
+        "layers": record.layers,
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def load_redrawn(directory: str | os.PathLike) -> torch.Tensor:
+    """The re-drawn neuron masks of a conversion: bool (layers, experts, 3 [gate, up, down], ffn_dim)."""
+    from safetensors import safe_open
+
+    path = Path(directory) / REDRAWN_NAME
+    if not path.is_file():
+        raise UpcycleError(f"{directory} has no {REDRAWN_NAME}; was it written by upcycle convert?")
+    with safe_open(str(path), framework="pt") as f:
+        packed = f.get_tensor("redrawn_packed").numpy()
+        ffn_dim = int(f.metadata()["ffn_dim"])
+    return torch.from_numpy(np.unpackbits(packed, axis=-1, count=ffn_dim).astype(bool))
+
+
+def convert_command(
+    source: str,
+    output: str,
+    method: Literal["drop", "naive", "noise", "scratch", "btx"] = "drop",
+    ratio: float = 0.5,
+    num_experts: int = 8,
+    top_k: int = 2,
+    seed: int = DEFAULT_SEED,
+    index_mode: Literal["independent", "shared"] = "independent",
+    stats: Literal["slice", "matrix"] = "slice",
+    noise_std: float = 0.02,
+    router_init: Literal["uniform", "normal"] = "uniform",
+    router_std: float = 0.02,
+    btx_sources: list[str] | None = None,
+    format: Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe"] = "auto",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    max_shard_size: str = "5GB",
+    shared_expert_dim: int | None = None,
+    force: bool = False,
+    quiet: bool = False,
+) -> None:
+    """Convert a dense HF checkpoint (llama, mistral, qwen2, qwen3) into an HF MoE checkpoint.
+
+    Args:
+        source: Local dense checkpoint directory (config.json + safetensors).
+        output: Directory to create; refused if it exists and is not empty, unless --force.
+        method: drop (Drop-Upcycling), naive (exact copies), noise (add N(0, noise_std^2) to the selected neurons),
+            scratch (HF default init everywhere) or btx (Branch-Train-MiX over --btx-sources).
+        ratio: Fraction r of each expert's FFN neurons re-drawn (drop) or perturbed (noise), in [0, 1].
+        num_experts: Number of experts E per layer.
+        top_k: Experts per token K (1 <= K <= E).
+        seed: Seed from which every (layer, expert, matrix) draw derives its own generator.
+        index_mode: independent (a fresh neuron set for gate, up and down, as the authors' released code behind every
+            published number; the default) or shared (one set per expert for all three, as the paper's text).
+        stats: Where mu and sigma of the re-drawn values come from: slice (the selected neurons of the dense matrix,
+            as the released code) or matrix (the whole dense matrix).
+        noise_std: Standard deviation of the noise added by --method noise.
+        router_init: uniform (zero-mean uniform, as the released runs) or normal.
+        router_std: Standard deviation of the router weights.
+        btx_sources: For --method btx: the other dense checkpoints (SOURCE is the first source).
+        format: auto (llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe), mixtral, qwen2_moe or qwen3_moe.
+        dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
+        max_shard_size: Largest output shard, e.g. 5GB or 500MB.
+        shared_expert_dim: qwen2_moe only: size of its always-present shared expert (default: the dense FFN size); its
+            down projection is zero, so it contributes nothing at initialization.
+        force: Replace an existing OUTPUT (only once the new one is complete).
+        quiet: No progress bar.
+    """
+    path = convert(
+        source, output, force=force, progress=not quiet, method=method, ratio=ratio, num_experts=num_experts,
+        top_k=top_k, seed=seed, index_mode=index_mode, stats=stats, noise_std=noise_std, router_init=router_init,
+        router_std=router_std, btx_sources=tuple(btx_sources or ()), format=format, dtype=dtype,
+        max_shard_size=max_shard_size, shared_expert_dim=shared_expert_dim,
+    )
+    if not quiet:
+        print(f"wrote {path}")

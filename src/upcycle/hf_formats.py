@@ -1,0 +1,356 @@
+"""Hugging Face checkpoint layouts, kept as data: which dense families we read, which MoE formats we write, the key
+of every tensor in each, and how a dense config becomes an MoE config.
+
+This is the only module that spells Hugging Face names (`hidden_size`, `w1`, `block_sparse_moe`, ...). Everything else
+speaks our vocabulary: `dim`, `ffn_dim`, `num_experts`, `top_k`, and the roles below.
+
+Roles (our names for the tensors of one decoder layer):
+    attn_norm, ffn_norm, q, k, v, o, q_bias, k_bias, v_bias, o_bias, q_norm, k_norm   (non-FFN, copied by upcycling)
+    gate, up, down                                                                    (the dense FFN)
+    router, and per expert e: gate, up, down                                          (the MoE FFN)
+Shapes: gate/up [F, D], down [D, F], router [E, D] (HF's nn.Linear layout, out_features first).
+
+transformers 5.24 keeps experts fused in memory (`mlp.experts.gate_up_proj` [E, 2F, D], gate rows first;
+`mlp.experts.down_proj` [E, D, F]) but saves per-expert keys; we write the per-expert keys (what `save_pretrained`
+writes, and what other tools expect) and accept both when reading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from upcycle.errors import UpcycleError
+
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe")
+AUTO_FORMAT = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
+MOE_ARCHITECTURE = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+FFN_MATRICES = ("gate", "up", "down")
+
+# Buffers some older checkpoints carry; they are recomputed from the config, never weights.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+_ATTN_ROLES = {
+    "attn_norm": "input_layernorm.weight",
+    "ffn_norm": "post_attention_layernorm.weight",
+    "q": "self_attn.q_proj.weight",
+    "k": "self_attn.k_proj.weight",
+    "v": "self_attn.v_proj.weight",
+    "o": "self_attn.o_proj.weight",
+    "q_bias": "self_attn.q_proj.bias",
+    "k_bias": "self_attn.k_proj.bias",
+    "v_bias": "self_attn.v_proj.bias",
+    "o_bias": "self_attn.o_proj.bias",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
+}
+_DENSE_FFN = {"gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight"}
+_MIXTRAL_EXPERT = {"gate": "w1", "up": "w3", "down": "w2"}
+_QWEN_EXPERT = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+EMBED_KEY = "model.embed_tokens.weight"
+FINAL_NORM_KEY = "model.norm.weight"
+LM_HEAD_KEY = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Every size a decoder layer's tensors depend on, in our vocabulary."""
+
+    vocab_size: int
+    dim: int
+    ffn_dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qkv_bias: bool  # q, k, v projections carry biases (Qwen2, Llama's attention_bias)
+    o_bias: bool  # o projection carries a bias (Llama/Qwen3 attention_bias only)
+    qk_norm: bool  # per-head RMSNorm on q and k (Qwen3)
+    tie_embeddings: bool
+
+
+def read_shapes(cfg: dict) -> Shapes:
+    """Shapes of a dense or MoE HF config given as the config.json dictionary."""
+    family = cfg.get("model_type")
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    attention_bias = bool(cfg.get("attention_bias", False))
+    if family in ("qwen2", "qwen2_moe"):
+        qkv_bias, o_bias = bool(cfg.get("qkv_bias", True)), False
+    else:
+        qkv_bias, o_bias = attention_bias, attention_bias
+    ffn_dim = cfg["moe_intermediate_size"] if family in ("qwen2_moe", "qwen3_moe") else cfg["intermediate_size"]
+    return Shapes(
+        vocab_size=cfg["vocab_size"],
+        dim=cfg["hidden_size"],
+        ffn_dim=ffn_dim,
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        qk_norm=family in ("qwen3", "qwen3_moe"),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
+def attention_roles(shapes: Shapes) -> dict[str, tuple[int, ...]]:
+    """Role -> expected shape for the non-FFN tensors of one layer (the same in every family and format)."""
+    d, hd = shapes.dim, shapes.head_dim
+    q_out, kv_out = shapes.num_heads * hd, shapes.num_kv_heads * hd
+    roles: dict[str, tuple[int, ...]] = {
+        "attn_norm": (d,),
+        "ffn_norm": (d,),
+        "q": (q_out, d),
+        "k": (kv_out, d),
+        "v": (kv_out, d),
+        "o": (d, q_out),
+    }
+    if shapes.qkv_bias:
+        roles.update(q_bias=(q_out,), k_bias=(kv_out,), v_bias=(kv_out,))
+    if shapes.o_bias:
+        roles["o_bias"] = (d,)
+    if shapes.qk_norm:
+        roles.update(q_norm=(hd,), k_norm=(hd,))
+    return roles
+
+
+def attention_key(layer: int, role: str) -> str:
+    return layer_prefix(layer) + _ATTN_ROLES[role]
+
+
+def dense_ffn_key(layer: int, matrix: str) -> str:
+    return layer_prefix(layer) + _DENSE_FFN[matrix]
+
+
+def ffn_shape(shapes: Shapes, matrix: str) -> tuple[int, int]:
+    return (shapes.dim, shapes.ffn_dim) if matrix == "down" else (shapes.ffn_dim, shapes.dim)
+
+
+def router_key(fmt: str, layer: int) -> str:
+    block = "block_sparse_moe" if fmt == "mixtral" else "mlp"
+    return f"{layer_prefix(layer)}{block}.gate.weight"
+
+
+def expert_key(fmt: str, layer: int, expert: int, matrix: str) -> str:
+    if fmt == "mixtral":
+        return f"{layer_prefix(layer)}block_sparse_moe.experts.{expert}.{_MIXTRAL_EXPERT[matrix]}.weight"
+    return f"{layer_prefix(layer)}mlp.experts.{expert}.{_QWEN_EXPERT[matrix]}.weight"
+
+
+def fused_expert_keys(layer: int) -> tuple[str, str, str]:
+    """transformers' in-memory (and accepted on load) fused layout: router, gate_up [E, 2F, D], down [E, D, F]."""
+    p = layer_prefix(layer)
+    return f"{p}mlp.gate.weight", f"{p}mlp.experts.gate_up_proj", f"{p}mlp.experts.down_proj"
+
+
+def shared_expert_keys(layer: int) -> dict[str, str]:
+    """Qwen2-MoE's always-present shared expert and its sigmoid gate [1, D]."""
+    p = layer_prefix(layer) + "mlp."
+    return {
+        "shared_gate": f"{p}shared_expert.gate_proj.weight",
+        "shared_up": f"{p}shared_expert.up_proj.weight",
+        "shared_down": f"{p}shared_expert.down_proj.weight",
+        "shared_expert_gate": f"{p}shared_expert_gate.weight",
+    }
+
+
+def check_dense_config(cfg: dict) -> None:
+    """Refuse what we cannot upcycle, naming what is supported."""
+    family = cfg.get("model_type")
+    if family not in DENSE_FAMILIES:
+        raise UpcycleError(
+            f"unsupported model_type {family!r} in config.json; supported dense families: {', '.join(DENSE_FAMILIES)} "
+            "(decoders with a gated SwiGLU FFN)"
+        )
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+               if k not in cfg]
+    if missing:
+        raise UpcycleError(f"config.json lacks {', '.join(missing)}; is this a complete {family} config?")
+    if cfg.get("mlp_bias"):
+        raise UpcycleError("mlp_bias=true is not supported: Mixtral/Qwen-MoE experts have no biases")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise UpcycleError(f"hidden_act {act!r} is not supported; MoE formats use SwiGLU (silu)")
+
+
+def resolve_format(cfg: dict, fmt: str) -> str:
+    """Map `auto` to the natural MoE format and check that the dense model's attention fits the format."""
+    family = cfg["model_type"]
+    if fmt == "auto":
+        fmt = AUTO_FORMAT[family]
+    if fmt not in MOE_FORMATS:
+        raise UpcycleError(f"unknown --format {fmt!r}; choose auto, {', '.join(MOE_FORMATS)}")
+    shapes = read_shapes(cfg)
+    if fmt == "mixtral" and (shapes.qkv_bias or shapes.o_bias):
+        raise UpcycleError(f"{family} has attention biases, which Mixtral cannot hold; use --format qwen2_moe")
+    if fmt != "qwen3_moe" and shapes.qk_norm:
+        raise UpcycleError(f"{family} has q/k norms, which only qwen3_moe holds; use --format qwen3_moe")
+    if fmt == "qwen3_moe" and not shapes.qk_norm:
+        raise UpcycleError(f"qwen3_moe requires q/k norms, which {family} lacks; use --format mixtral or qwen2_moe")
+    if fmt == "qwen2_moe" and shapes.o_bias:
+        raise UpcycleError(f"{family} has an o_proj bias, which qwen2_moe cannot hold; use --format mixtral")
+    return fmt
+
+
+# Fields that describe the dense FFN or transformers bookkeeping; everything else is carried over verbatim.
+_NOT_CARRIED = {"architectures", "model_type", "transformers_version", "mlp_bias", "pretraining_tp", "_name_or_path",
+                "auto_map", "qkv_bias", "attention_bias", "quantization_config", "torch_dtype"}
+
+
+def build_moe_config(
+    dense: dict,
+    fmt: str,
+    *,
+    num_experts: int,
+    top_k: int,
+    router_aux_loss_coef: float = 0.02,
+    shared_expert_dim: int | None = None,
+    dtype: str | None = None,
+) -> dict:
+    """The MoE config.json as a dictionary: every dense field carried over, then the MoE fields.
+
+    transformers' MoE configs default to other values than the dense ones (Mixtral: rope theta 1e6, eps 1e-5, aux
+    coefficient 0.001), so nothing may be left to defaults. Top-k weights are renormalized (Mixtral always does;
+    Qwen-MoE via norm_topk_prob) so that naive upcycling reproduces the dense function exactly.
+    """
+    shapes = read_shapes(dense)
+    cfg = {k: v for k, v in dense.items() if k not in _NOT_CARRIED}
+    cfg["model_type"] = fmt
+    cfg["architectures"] = [MOE_ARCHITECTURE[fmt]]
+    cfg["head_dim"] = shapes.head_dim
+    cfg["num_key_value_heads"] = shapes.num_kv_heads
+    cfg["num_experts_per_tok"] = top_k
+    cfg["router_aux_loss_coef"] = router_aux_loss_coef
+    cfg["output_router_logits"] = False
+    if dtype is not None:
+        cfg["dtype"] = dtype
+    if fmt == "mixtral":
+        cfg["num_local_experts"] = num_experts
+        cfg["router_jitter_noise"] = 0.0
+        if dense.get("model_type") != "mistral":
+            cfg["sliding_window"] = None  # Llama attends to the whole context
+    else:
+        cfg["num_experts"] = num_experts
+        cfg["moe_intermediate_size"] = shapes.ffn_dim
+        cfg["norm_topk_prob"] = True
+        cfg["decoder_sparse_step"] = 1
+        cfg["mlp_only_layers"] = []
+        if fmt == "qwen2_moe":
+            cfg["qkv_bias"] = True  # Qwen2-MoE always has q/k/v biases; a Llama source gets zeros
+            cfg["shared_expert_intermediate_size"] = shared_expert_dim or shapes.ffn_dim
+        else:
+            cfg["attention_bias"] = shapes.qkv_bias
+    return cfg
+
+
+# ---- Our model <-> HF config.json (used by hf_model.py; our vocabulary in, HF spellings out) ----
+
+DENSE_ARCHITECTURE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                      "qwen3": "Qwen3ForCausalLM"}
+
+
+def read_rope(cfg: dict) -> tuple[float, dict | None]:
+    """(rope_theta, scaling parameters without rope_theta or None) from 5.x `rope_parameters` or legacy
+    `rope_theta` + `rope_scaling` fields."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if "type" in params and "rope_type" not in params:  # pre-4.45 spelling
+        params["rope_type"] = params.pop("type")
+    if params.get("rope_type", "default") == "default":
+        return theta, None
+    return theta, params
+
+
+def read_model_fields(cfg: dict) -> dict:
+    """The fields of our ModelConfig, read from a dense or MoE HF config.json dictionary."""
+    family = cfg.get("model_type")
+    if family not in DENSE_FAMILIES + MOE_FORMATS:
+        raise UpcycleError(f"unsupported model_type {family!r}; supported: {', '.join(DENSE_FAMILIES + MOE_FORMATS)}")
+    shapes = read_shapes(cfg)
+    theta, scaling = read_rope(cfg)
+    max_seq_len = cfg.get("max_position_embeddings", 2048)
+    window = cfg.get("sliding_window")
+    uses_window = family in ("mistral", "mixtral") or cfg.get("use_sliding_window", False)
+    if uses_window and window is not None and window < max_seq_len:
+        # We attend to the whole context; within the window that is exactly what the checkpoint computes.
+        max_seq_len = window
+    fields = dict(
+        vocab_size=shapes.vocab_size, dim=shapes.dim, num_layers=shapes.num_layers, num_heads=shapes.num_heads,
+        num_kv_heads=shapes.num_kv_heads, ffn_dim=shapes.ffn_dim, head_dim=shapes.head_dim,
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+        max_seq_len=max_seq_len, tie_embeddings=shapes.tie_embeddings, qkv_bias=shapes.qkv_bias,
+        o_bias=shapes.o_bias, qk_norm=shapes.qk_norm, init_std=float(cfg.get("initializer_range", 0.02)),
+    )
+    if family in MOE_FORMATS:
+        if family == "mixtral":
+            fields.update(num_experts=cfg["num_local_experts"], renormalize=True)
+        else:
+            if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+                raise UpcycleError(f"{family} checkpoints with dense layers (decoder_sparse_step != 1 or "
+                                   "mlp_only_layers) are not supported: every layer must be an MoE layer")
+            # Qwen3-MoE configs written by transformers 5.x spell it num_local_experts, older ones num_experts
+            num_experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+            fields.update(num_experts=num_experts, renormalize=bool(cfg.get("norm_topk_prob", False)))
+        fields["top_k"] = cfg["num_experts_per_tok"]
+    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias"):
+        raise UpcycleError(f"{family} config has hidden_act={cfg.get('hidden_act')!r} mlp_bias={cfg.get('mlp_bias')}; "
+                           "only SwiGLU FFNs without biases (silu, mlp_bias=false) are supported")
+    return fields
+
+
+def dense_family_for(*, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> str:
+    """The dense HF family that holds exactly these attention features."""
+    if qk_norm:
+        if qkv_bias != o_bias:
+            raise UpcycleError("q/k norms with biases on q/k/v but not o (or the reverse) fit no HF family")
+        return "qwen3"
+    if qkv_bias and not o_bias:
+        return "qwen2"
+    if o_bias and not qkv_bias:
+        raise UpcycleError("an o bias without q/k/v biases fits no HF family")
+    return "llama"
+
+
+def build_dense_config(
+    family: str, *, vocab_size: int, dim: int, num_layers: int, num_heads: int, num_kv_heads: int, ffn_dim: int,
+    head_dim: int, norm_eps: float, rope_theta: float, rope_scaling: dict | None, max_seq_len: int,
+    tie_embeddings: bool, attention_bias: bool, init_std: float, dtype: str,
+) -> dict:
+    """A dense config.json dictionary of `family` (llama, qwen2 or qwen3), with nothing left to defaults."""
+    cfg = {
+        "model_type": family, "architectures": [DENSE_ARCHITECTURE[family]], "vocab_size": vocab_size,
+        "hidden_size": dim, "intermediate_size": ffn_dim, "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": head_dim,
+        "hidden_act": "silu", "rms_norm_eps": norm_eps, "max_position_embeddings": max_seq_len,
+        "rope_parameters": {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta},
+        "tie_word_embeddings": tie_embeddings, "initializer_range": init_std, "attention_dropout": 0.0,
+        "use_cache": True, "dtype": dtype,
+    }
+    if family == "llama":
+        cfg.update(attention_bias=attention_bias, mlp_bias=False)
+    elif family == "qwen3":
+        cfg.update(attention_bias=attention_bias, use_sliding_window=False, sliding_window=None)
+    else:
+        cfg.update(use_sliding_window=False, sliding_window=None)
+    return cfg
+
+
+def set_moe_routing(cfg: dict, *, renormalize: bool) -> None:
+    """Record whether top-k weights are renormalized; Mixtral always renormalizes."""
+    if cfg["model_type"] == "mixtral":
+        if not renormalize:
+            raise UpcycleError("mixtral always renormalizes the top-k weights; export a renormalize=False model "
+                               "as qwen2_moe or qwen3_moe")
+    else:
+        cfg["norm_topk_prob"] = renormalize

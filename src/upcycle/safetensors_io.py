@@ -1,0 +1,261 @@
+"""Validated, lazy reading of HF checkpoint directories and a streaming safetensors shard writer.
+
+Reading: every header is parsed and checked against the file size before any work starts, so a truncated file is
+reported up front with its name rather than failing halfway through a conversion. Tensors are then read one at a time
+through `safetensors.safe_open` (memory-mapped); nothing is ever unpickled.
+
+Writing: the complete list of output tensors (name, shape, dtype) is known before the first byte is written, so each
+shard's header is written first and tensor bytes are streamed after it in order. Peak memory is one tensor, whatever
+the model's depth or the shard size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from upcycle.errors import UpcycleError
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32",
+               torch.int64: "I64", torch.uint8: "U8", torch.bool: "BOOL"}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype code, e.g. "BF16"
+
+
+def read_header(path: Path) -> dict:
+    """Parse and validate one safetensors header; raise UpcycleError if the file is truncated or not safetensors."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UpcycleError(f"{path} is not a safetensors file (too short); re-save or re-download it")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise UpcycleError(f"{path} is truncated or not a safetensors file; re-save or re-download it")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UpcycleError(f"{path} has a corrupt safetensors header; re-save or re-download it") from None
+    header.pop("__metadata__", None)
+    data_len = size - 8 - header_len
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if end > data_len:
+        raise UpcycleError(
+            f"{path} is truncated ({data_len} data bytes, header needs {end}); re-save or re-download it"
+        )
+    return header
+
+
+class CheckpointReader:
+    """A local HF checkpoint directory: its config.json and its tensors, read lazily.
+
+    Accepts one `model.safetensors`, several shards with `model.safetensors.index.json`, or several safetensors
+    files without an index. Refuses pickle weights (`.bin`/`.pt`) rather than unpickling them.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        if not self.dir.exists():
+            raise UpcycleError(f"source {self.dir} does not exist; pass a local HF checkpoint directory")
+        if not self.dir.is_dir():
+            raise UpcycleError(f"source {self.dir} is not a directory; pass the checkpoint's directory, not a file")
+        if not os.access(self.dir, os.R_OK | os.X_OK):
+            raise UpcycleError(f"source {self.dir} is not readable; check its permissions")
+        self.config = self._read_config()
+        self.tensors: dict[str, TensorInfo] = {}
+        self.files = self._weight_files()
+        for file in self.files:
+            for name, meta in read_header(file).items():
+                if name in self.tensors:
+                    raise UpcycleError(f"tensor {name} appears in both {self.tensors[name].file.name} and {file.name}")
+                self.tensors[name] = TensorInfo(file, tuple(meta["shape"]), meta["dtype"])
+        self._handles: dict[Path, object] = {}
+
+    def _read_config(self) -> dict:
+        path = self.dir / "config.json"
+        if not path.is_file():
+            raise UpcycleError(f"{self.dir} has no config.json; pass a directory written by save_pretrained")
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UpcycleError(f"{path} is not valid JSON ({exc}); fix or re-save the config") from None
+        except OSError as exc:
+            raise UpcycleError(f"cannot read {path}: {exc.strerror}") from None
+        if not isinstance(cfg, dict):
+            raise UpcycleError(f"{path} does not hold a JSON object; fix or re-save the config")
+        return cfg
+
+    def _weight_files(self) -> list[Path]:
+        index = self.dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UpcycleError(f"{index} is not a valid safetensors index; re-save the checkpoint") from None
+            files = sorted({self.dir / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise UpcycleError(f"{index.name} lists missing shard(s) {', '.join(missing)}; copy them into {self.dir}")
+            return files
+        files = sorted(self.dir.glob("*.safetensors"))
+        if files:
+            return files
+        pickles = [p.name for p in self.dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise UpcycleError(
+                f"{self.dir} holds only pickle weights ({', '.join(sorted(pickles)[:3])}), which upcycle never "
+                "unpickles; re-save with save_pretrained(..., safe_serialization=True)"
+            )
+        raise UpcycleError(f"{self.dir} has no *.safetensors weight files")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return CODE_DTYPES[self.tensors[name].dtype]
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+        return handle.get_tensor(name)
+
+    def sha256(self) -> dict[str, str]:
+        """sha256 of config.json, the index and every weight file, for the manifest."""
+        names = ["config.json", *([INDEX_NAME] if (self.dir / INDEX_NAME).is_file() else []),
+                 *(f.name for f in self.files)]
+        return {name: file_sha256(self.dir / name) for name in names}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(size).upper())
+    if not match:
+        raise UpcycleError(f"cannot read size {size!r}; write it like 5GB, 500MB or a number of bytes")
+    number, unit = float(match.group(1)), match.group(2).rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(number * scale)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for s in self.shape:
+            count *= s
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+class ShardWriter:
+    """Writes a planned sequence of tensors into HF-style shards, streaming, in exactly the planned order.
+
+    Shards are filled greedily up to `max_shard_size` bytes (a tensor larger than that gets a shard of its own);
+    with more than one shard an index `model.safetensors.index.json` is written, as `save_pretrained` does.
+    """
+
+    def __init__(self, directory: Path, plan: list[PlannedTensor], max_shard_size: int):
+        self.dir = Path(directory)
+        self.plan = plan
+        groups: list[list[PlannedTensor]] = [[]]
+        size = 0
+        for item in plan:
+            if groups[-1] and size + item.nbytes > max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(item)
+            size += item.nbytes
+        count = len(groups)
+        self.shards = [
+            ("model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors", group)
+            for i, group in enumerate(groups)
+        ]
+        self._next = 0  # index into plan
+        self._shard = -1
+        self._left_in_shard = 0
+        self._file = None
+
+    def _open_next_shard(self) -> None:
+        if self._file is not None:
+            self._finish_file()
+        self._shard += 1
+        name, group = self.shards[self._shard]
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for item in group:
+            header[item.name] = {"dtype": DTYPE_CODES[item.dtype], "shape": list(item.shape),
+                                 "data_offsets": [offset, offset + item.nbytes]}
+            offset += item.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
+        self._file = open(self.dir / name, "wb")
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+        self._left_in_shard = len(group)
+
+    def _finish_file(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.plan[self._next]
+        if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+            raise AssertionError(
+                f"writer expected {expected.name} {expected.shape} {expected.dtype}, got {name} "
+                f"{tuple(tensor.shape)} {tensor.dtype}"
+            )
+        if self._left_in_shard == 0:
+            self._open_next_shard()
+        self._file.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+        self._left_in_shard -= 1
+        self._next += 1
+
+    def close(self) -> list[str]:
+        """Finish the last shard and write the index; returns the shard file names."""
+        if self._next != len(self.plan):
+            raise AssertionError(f"writer closed after {self._next} of {len(self.plan)} planned tensors")
+        if self._file is not None:
+            self._finish_file()
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(p.nbytes for p in self.plan)},
+                "weight_map": {item.name: name for name, group in self.shards for item in group},
+            }
+            (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return [name for name, _ in self.shards]

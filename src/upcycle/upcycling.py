@@ -1,0 +1,256 @@
+"""The math of every upcycling method, as pure functions over tensors.
+
+Nothing here reads or writes files. Every random draw comes from its own generator, derived from
+(seed, layer, expert, purpose), so a result never depends on the order in which layers or experts are processed or on
+how many workers process them (the authors' released code seeds one global RNG, which makes its output depend on
+traversal order).
+
+Layout (HF nn.Linear): gate_FD and up_FD are [F, D], down_DF is [D, F]; the intermediate ("neuron") axis is F.
+Drop-Upcycling re-draws whole neurons: rows of gate/up, columns of down. All math runs in fp32; callers cast to the
+checkpoint dtype at the end.
+
+Methods (PAPER.md):
+    naive   every expert an exact copy of the dense FFN (r = 0 of drop).
+    drop    per expert, re-draw a fraction `ratio` of neurons from N(mu, sigma^2) matched to the dense weights.
+    noise   like drop's index selection, but ADD N(0, noise_std^2) to the selected slice (random-noise upcycling).
+    scratch every weight N(0, init_std^2), norms 1, biases 0 (HF default init): the from-scratch baseline.
+    btx     non-FFN tensors averaged over several dense sources; expert e takes the FFN of source e // (E / S).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from upcycle.errors import UpcycleError
+
+METHODS = ("drop", "naive", "noise", "scratch", "btx")
+INDEX_MODES = ("independent", "shared")
+STATS_MODES = ("slice", "matrix")
+ROUTER_INITS = ("uniform", "normal")
+MATRICES = ("gate", "up", "down")
+# Which axis of each HF-layout matrix is the intermediate (neuron) axis.
+NEURON_AXIS = {"gate": 0, "up": 0, "down": 1}
+
+
+def derived_generator(seed: int, *parts: object) -> torch.Generator:
+    """A CPU generator seeded from (seed, *parts) through SHA-256, so nearby seeds and parts give unrelated streams."""
+    text = "/".join(str(p) for p in (seed, *parts))
+    value = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+    return torch.Generator(device="cpu").manual_seed(value)
+
+
+def num_redrawn(size: int, ratio: float) -> int:
+    """floor(ratio * size), robust to binary fractions (0.29 * 100 must give 29, not 28)."""
+    return min(size, math.floor(ratio * size + 1e-9))
+
+
+def select_indices(size: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """A sorted random subset of range(size) with floor(ratio * size) elements."""
+    count = num_redrawn(size, ratio)
+    return torch.randperm(size, generator=generator)[:count].sort().values
+
+
+def mean_std(values: torch.Tensor) -> tuple[float, float]:
+    """Scalar mean and (unbiased, as torch.std and the released code) standard deviation, in fp32."""
+    values = values.float()
+    return values.mean().item(), values.std().item()
+
+
+def redraw_neurons(
+    weight: torch.Tensor, indices: torch.Tensor, axis: int, *, stats: str, generator: torch.Generator
+) -> tuple[torch.Tensor, float | None, float | None]:
+    """Replace the selected rows (axis 0) or columns (axis 1) by samples of N(mu, sigma^2).
+
+    mu and sigma come from the selected slice of the dense matrix (`slice`, the released code) or the whole matrix
+    (`matrix`). With no index selected nothing is computed: the statistics of an empty slice are undefined.
+    Returns the new fp32 matrix and (mu, sigma).
+    """
+    out = weight.float().clone()
+    if indices.numel() == 0:
+        return out, None, None
+    selected = out.index_select(axis, indices)
+    mu, sigma = mean_std(selected if stats == "slice" else out)
+    sample = torch.empty(selected.shape, dtype=torch.float32).normal_(mu, sigma, generator=generator)
+    out.index_copy_(axis, indices, sample)
+    return out, mu, sigma
+
+
+def add_noise(
+    weight: torch.Tensor, indices: torch.Tensor, axis: int, *, std: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Random-noise upcycling: add N(0, std^2) to the selected rows/columns only."""
+    out = weight.float().clone()
+    if indices.numel() == 0:
+        return out
+    selected = out.index_select(axis, indices)
+    noise = torch.empty(selected.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+    out.index_copy_(axis, indices, selected + noise)
+    return out
+
+
+@dataclass
+class ExpertFFN:
+    """One expert's FFN (fp32) and what was done to it."""
+
+    gate_FD: torch.Tensor
+    up_FD: torch.Tensor
+    down_DF: torch.Tensor
+    redrawn_MF: torch.Tensor  # (3, F) bool: neurons of gate, up, down that were re-drawn (or perturbed, for noise)
+    records: dict[str, dict] = field(default_factory=dict)  # matrix -> {"mean", "std", "redrawn"}
+
+
+@dataclass(frozen=True)
+class UpcycleOptions:
+    """Everything that decides how one dense FFN becomes E experts (BTX and scratch live elsewhere)."""
+
+    method: str = "drop"
+    ratio: float = 0.5
+    index_mode: str = "independent"
+    stats: str = "slice"
+    noise_std: float = 0.02
+    init_std: float = 0.02  # scratch only
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UpcycleError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 0.0 <= self.ratio <= 1.0 or math.isnan(self.ratio):
+            raise UpcycleError(f"ratio must lie in [0, 1], got {self.ratio}")
+        if self.index_mode not in INDEX_MODES:
+            raise UpcycleError(f"unknown index mode {self.index_mode!r}; choose one of {', '.join(INDEX_MODES)}")
+        if self.stats not in STATS_MODES:
+            raise UpcycleError(f"unknown stats {self.stats!r}; choose one of {', '.join(STATS_MODES)}")
+        if self.noise_std < 0 or self.init_std < 0:
+            raise UpcycleError("noise_std and init_std must be non-negative")
+
+
+def _neuron_indices(ffn_dim: int, opts: UpcycleOptions, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    """Index sets per matrix: one shared set (the paper's text) or a fresh one per matrix (the released code)."""
+    if opts.index_mode == "shared":
+        shared = select_indices(ffn_dim, opts.ratio, derived_generator(opts.seed, layer, expert, "index", "shared"))
+        return {m: shared for m in MATRICES}
+    return {
+        m: select_indices(ffn_dim, opts.ratio, derived_generator(opts.seed, layer, expert, "index", m))
+        for m in MATRICES
+    }
+
+
+def upcycle_expert(
+    gate_FD: torch.Tensor,
+    up_FD: torch.Tensor,
+    down_DF: torch.Tensor,
+    *,
+    layer: int,
+    expert: int,
+    opts: UpcycleOptions,
+) -> ExpertFFN:
+    """Expert `expert` of layer `layer` made from the dense FFN by method naive, drop, noise or scratch."""
+    dense = {"gate": gate_FD, "up": up_FD, "down": down_DF}
+    ffn_dim = gate_FD.shape[0]
+    redrawn_MF = torch.zeros(len(MATRICES), ffn_dim, dtype=torch.bool)
+    out: dict[str, torch.Tensor] = {}
+    records: dict[str, dict] = {}
+    if opts.method == "naive":
+        for m in MATRICES:
+            out[m] = dense[m].float().clone()
+            records[m] = {"mean": None, "std": None, "redrawn": 0}
+    elif opts.method == "scratch":
+        for i, m in enumerate(MATRICES):
+            gen = derived_generator(opts.seed, layer, expert, "values", m)
+            out[m] = torch.empty(dense[m].shape, dtype=torch.float32).normal_(0.0, opts.init_std, generator=gen)
+            redrawn_MF[i] = True
+            records[m] = {"mean": 0.0, "std": opts.init_std, "redrawn": ffn_dim}
+    elif opts.method in ("drop", "noise"):
+        indices = _neuron_indices(ffn_dim, opts, layer, expert)
+        for i, m in enumerate(MATRICES):
+            gen = derived_generator(opts.seed, layer, expert, "values", m)
+            if opts.method == "drop":
+                out[m], mu, sigma = redraw_neurons(dense[m], indices[m], NEURON_AXIS[m], stats=opts.stats, generator=gen)
+            else:
+                out[m] = add_noise(dense[m], indices[m], NEURON_AXIS[m], std=opts.noise_std, generator=gen)
+                mu, sigma = (0.0, opts.noise_std) if indices[m].numel() else (None, None)
+            redrawn_MF[i, indices[m]] = True
+            records[m] = {"mean": mu, "std": sigma, "redrawn": int(indices[m].numel())}
+    else:
+        raise UpcycleError(f"method {opts.method!r} does not make experts from one dense FFN")
+    return ExpertFFN(out["gate"], out["up"], out["down"], redrawn_MF, records)
+
+
+@dataclass
+class UpcycledFFN:
+    """All experts of one layer, stacked (fp32)."""
+
+    gate_EFD: torch.Tensor
+    up_EFD: torch.Tensor
+    down_EDF: torch.Tensor
+    redrawn_EMF: torch.Tensor  # (E, 3, F) bool
+    records: list[dict[str, dict]]  # per expert: matrix -> {"mean", "std", "redrawn"}
+
+
+def upcycle_ffn(
+    gate_FD: torch.Tensor,
+    up_FD: torch.Tensor,
+    down_DF: torch.Tensor,
+    *,
+    num_experts: int,
+    layer: int,
+    opts: UpcycleOptions,
+) -> UpcycledFFN:
+    """One dense FFN -> `num_experts` stacked experts. The same draws as `upcycle_expert`, expert by expert."""
+    experts = [upcycle_expert(gate_FD, up_FD, down_DF, layer=layer, expert=e, opts=opts) for e in range(num_experts)]
+    return UpcycledFFN(
+        gate_EFD=torch.stack([x.gate_FD for x in experts]),
+        up_EFD=torch.stack([x.up_FD for x in experts]),
+        down_EDF=torch.stack([x.down_DF for x in experts]),
+        redrawn_EMF=torch.stack([x.redrawn_MF for x in experts]),
+        records=[x.records for x in experts],
+    )
+
+
+def init_router(num_experts: int, dim: int, *, kind: str, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Router weight [E, D] with standard deviation `std`.
+
+    `uniform` (the released runs): U[0, 1) centred on its mean 1/2 and scaled by std * sqrt(12), so its std is `std`.
+    `normal`: N(0, std^2), the common alternative.
+    """
+    if kind == "uniform":
+        u = torch.rand(num_experts, dim, generator=generator, dtype=torch.float32)
+        return (u - 0.5) * (std * math.sqrt(12.0))
+    if kind == "normal":
+        return torch.randn(num_experts, dim, generator=generator, dtype=torch.float32) * std
+    raise UpcycleError(f"unknown router init {kind!r}; choose one of {', '.join(ROUTER_INITS)}")
+
+
+def scratch_tensor(
+    shape: tuple[int, ...], kind: str, *, std: float, generator: torch.Generator, padding_idx: int | None = None
+) -> torch.Tensor:
+    """HF's default init for one tensor: `weight` N(0, std^2), `norm` ones, `bias` zeros, `embedding` N(0, std^2)
+    with the padding row zeroed (as transformers' `_init_weights` does when pad_token_id is set)."""
+    if kind == "norm":
+        return torch.ones(shape, dtype=torch.float32)
+    if kind == "bias":
+        return torch.zeros(shape, dtype=torch.float32)
+    out = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+    if kind == "embedding" and padding_idx is not None and 0 <= padding_idx < shape[0]:
+        out[padding_idx] = 0.0
+    return out
+
+
+def btx_mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Element-wise mean over the dense sources, in fp32."""
+    return torch.stack([t.float() for t in tensors]).mean(dim=0)
+
+
+def btx_source_of_expert(num_experts: int, num_sources: int) -> list[int]:
+    """Expert e takes the FFN of source e // (E / S): contiguous blocks of E / S experts per source."""
+    if num_sources < 1 or num_experts % num_sources:
+        raise UpcycleError(
+            f"btx needs num_experts divisible by the number of sources; got {num_experts} experts and "
+            f"{num_sources} sources (for example use --num-experts {num_sources * max(1, num_experts // num_sources)})"
+        )
+    block = num_experts // num_sources
+    return [e // block for e in range(num_experts)]

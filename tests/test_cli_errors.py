@@ -1,0 +1,130 @@
+"""Every bad input to `upcycle convert` gets one clear line naming the fix, exit status 2, and nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import save_dense
+from upcycle.cli import main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    err = capsys.readouterr().err
+    return exc.value.code, err
+
+
+def _truncate(directory: Path) -> None:
+    file = directory / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+
+
+def _drop_ffn(directory: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(directory / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def _as_gpt2(directory: Path) -> None:
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+def _pickle_only(directory: Path) -> None:
+    (directory / "model.safetensors").unlink()
+    (directory / "pytorch_model.bin").write_bytes(b"not unpickled")
+
+
+CASES = {
+    "missing source": (None, ["{tmp}/nowhere", "{out}"], "does not exist"),
+    "source is a file": (lambda d: None, ["{src}/config.json", "{out}"], "not a directory"),
+    "no config.json": (lambda d: (d / "config.json").unlink(), ["{src}", "{out}"], "no config.json"),
+    "config not JSON": (lambda d: (d / "config.json").write_text("{oops"), ["{src}", "{out}"], "not valid JSON"),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), ["{src}", "{out}"], "no *.safetensors"),
+    "pickle weights": (_pickle_only, ["{src}", "{out}"], "never unpickles"),
+    "truncated safetensors": (_truncate, ["{src}", "{out}"], "truncated"),
+    "missing FFN tensor": (_drop_ffn, ["{src}", "{out}"], "lacks FFN tensor model.layers.1.mlp.up_proj.weight"),
+    "unsupported family": (_as_gpt2, ["{src}", "{out}"], "supported dense families: llama, mistral, qwen2, qwen3"),
+    "top-k above experts": (lambda d: None, ["{src}", "{out}", "--num-experts", "2", "--top-k", "3"], "--top-k"),
+    "ratio above one": (lambda d: None, ["{src}", "{out}", "--ratio", "1.5"], "ratio must lie in [0, 1]"),
+    "ratio below zero": (lambda d: None, ["{src}", "{out}", "--ratio", "-0.5"], "ratio must lie in [0, 1]"),
+    "zero experts": (lambda d: None, ["{src}", "{out}", "--num-experts", "0"], "--num-experts must be at least 1"),
+    "unknown method": (lambda d: None, ["{src}", "{out}", "--method", "magic"], "invalid choice: 'magic'"),
+    "btx without sources": (lambda d: None, ["{src}", "{out}", "--method", "btx"], "--btx-sources"),
+    "mixtral from biased qwen2": (None, ["{qwen2}", "{out}", "--format", "mixtral"], "use --format qwen2_moe"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case):
+    prepare, argv, message = CASES[case]
+    src = save_dense(tmp_path / "src", "llama")
+    if prepare is not None:
+        prepare(src)
+    qwen2 = save_dense(tmp_path / "qwen2", "qwen2") if "{qwen2}" in " ".join(argv) else None
+    out = tmp_path / "out"
+    args = [a.format(tmp=tmp_path, src=src, out=out, qwen2=qwen2) for a in argv]
+    code, err = run_cli(capsys, "convert", *args, "--quiet")
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_btx_sources_with_different_shapes_are_refused(tmp_path, capsys):
+    a = save_dense(tmp_path / "a", "llama")
+    b = save_dense(tmp_path / "b", "llama", intermediate_size=40)
+    code, err = run_cli(capsys, "convert", str(a), str(tmp_path / "out"), "--method", "btx", "--btx-sources", str(b),
+                        "--num-experts", "4", "--quiet")
+    assert code == 2 and "differs in shape" in err and not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_and_left_untouched(tmp_path, capsys):
+    src = save_dense(tmp_path / "src", "llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    code, err = run_cli(capsys, "convert", str(src), str(out), "--quiet")
+    assert code == 2 and "pass --force" in err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_the_installed_entry_point_runs_convert_and_check(tmp_path):
+    """One real subprocess per command: `python -m upcycle` works end to end and sets exit codes."""
+    src = save_dense(tmp_path / "src", "llama")
+    subprocess.run([sys.executable, "-m", "upcycle", "convert", str(src), str(tmp_path / "naive"), "--method",
+                    "naive", "--num-experts", "4", "--quiet"], check=True)
+    done = subprocess.run([sys.executable, "-m", "upcycle", "check", str(tmp_path / "naive"), "--dense", str(src),
+                           "--json-output"], capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["equivalent"] is True and report["max_abs_logit_diff"] <= 1e-4
+    assert report["dense_perplexity"] == pytest.approx(report["moe_perplexity"], rel=1e-4)
+    bad = subprocess.run([sys.executable, "-m", "upcycle", "convert", str(tmp_path / "missing"), str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
+
+
+def test_check_fails_when_a_naive_conversion_is_not_equivalent(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    src = save_dense(tmp_path / "src", "llama")
+    main(["convert", str(src), str(tmp_path / "naive"), "--method", "naive", "--num-experts", "2", "--quiet"])
+    weights = tmp_path / "naive" / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.0.block_sparse_moe.experts.1.w2.weight"] += 0.05  # break one expert
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(SystemExit) as exc:
+        main(["check", str(tmp_path / "naive"), "--dense", str(src)])
+    assert exc.value.code == 1
+    assert "NOT EQUIVALENT" in capsys.readouterr().out
