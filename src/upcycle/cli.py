@@ -24,10 +24,12 @@ def _commands() -> dict[str, Callable | dict[str, Callable]]:
     # Imported here so `upcycle --help` stays fast and a broken optional extra only breaks the command that needs it.
     from upcycle.check import check_command
     from upcycle.convert import convert_command
+    from upcycle.data import prepare_command
 
     return {
         "convert": convert_command,
         "check": check_command,
+        "data": {"prepare": prepare_command},
     }
 
 

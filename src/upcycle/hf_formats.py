@@ -225,7 +225,7 @@ def build_moe_config(
     Qwen-MoE via norm_topk_prob) so that naive upcycling reproduces the dense function exactly.
     """
     shapes = read_shapes(dense)
-    cfg = {k: v for k, v in dense.items() if k not in _NOT_CARRIED}
+    cfg = {k: v for k, v in dense.items() if k not in _NOT_CARRIED and not k.startswith("_")}
     cfg["model_type"] = fmt
     cfg["architectures"] = [MOE_ARCHITECTURE[fmt]]
     cfg["head_dim"] = shapes.head_dim

@@ -2,7 +2,7 @@
 
 Reading: every header is parsed and checked against the file size before any work starts, so a truncated file is
 reported up front with its name rather than failing halfway through a conversion. Tensors are then read one at a time
-through `safetensors.safe_open` (memory-mapped); nothing is ever unpickled.
+with positioned reads at the offsets the header gives; nothing is ever unpickled.
 
 Writing: the complete list of output tensors (name, shape, dtype) is known before the first byte is written, so each
 shard's header is written first and tensor bytes are streamed after it in order. Peak memory is one tensor, whatever
@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from upcycle.errors import UpcycleError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -38,10 +36,15 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype code, e.g. "BF16"
+    start: int  # absolute byte offset of the tensor's data in the file
+    end: int
 
 
-def read_header(path: Path) -> dict:
-    """Parse and validate one safetensors header; raise UpcycleError if the file is truncated or not safetensors."""
+def read_header(path: Path) -> tuple[dict, int]:
+    """Parse and validate one safetensors header; raise UpcycleError if the file is truncated or not safetensors.
+
+    Returns the header (tensor name -> dtype, shape, data_offsets) and the absolute offset where the data begins.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -61,7 +64,7 @@ def read_header(path: Path) -> dict:
         raise UpcycleError(
             f"{path} is truncated ({data_len} data bytes, header needs {end}); re-save or re-download it"
         )
-    return header
+    return header, 8 + header_len
 
 
 class CheckpointReader:
@@ -83,11 +86,15 @@ class CheckpointReader:
         self.tensors: dict[str, TensorInfo] = {}
         self.files = self._weight_files()
         for file in self.files:
-            for name, meta in read_header(file).items():
+            header, data_start = read_header(file)
+            for name, meta in header.items():
                 if name in self.tensors:
                     raise UpcycleError(f"tensor {name} appears in both {self.tensors[name].file.name} and {file.name}")
-                self.tensors[name] = TensorInfo(file, tuple(meta["shape"]), meta["dtype"])
-        self._handles: dict[Path, object] = {}
+                if meta.get("dtype") not in CODE_DTYPES:
+                    raise UpcycleError(f"tensor {name} in {file.name} has unsupported dtype {meta.get('dtype')}")
+                begin, end = meta["data_offsets"]
+                self.tensors[name] = TensorInfo(file, tuple(meta["shape"]), meta["dtype"], data_start + begin,
+                                                data_start + end)
 
     def _read_config(self) -> dict:
         path = self.dir / "config.json"
@@ -133,11 +140,17 @@ class CheckpointReader:
         return CODE_DTYPES[self.tensors[name].dtype]
 
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor with a plain positioned read: unlike a memory map, pages already read do not stay in this
+        process's resident set, so reading a whole model layer by layer keeps peak memory flat."""
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
-        return handle.get_tensor(name)
+        buffer = bytearray(info.end - info.start)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            if f.readinto(buffer) != len(buffer):
+                raise UpcycleError(f"{info.file} ended while reading {name}; the file changed or is truncated")
+        if not buffer:
+            return torch.empty(info.shape, dtype=CODE_DTYPES[info.dtype])
+        return torch.frombuffer(buffer, dtype=CODE_DTYPES[info.dtype]).reshape(info.shape)
 
     def sha256(self) -> dict[str, str]:
         """sha256 of config.json, the index and every weight file, for the manifest."""

@@ -56,8 +56,8 @@ def select_indices(size: int, ratio: float, generator: torch.Generator) -> torch
 
 def mean_std(values: torch.Tensor) -> tuple[float, float]:
     """Scalar mean and (unbiased, as torch.std and the released code) standard deviation, in fp32."""
-    values = values.float()
-    return values.mean().item(), values.std().item()
+    std, mean = torch.std_mean(values.float())  # one pass over the data
+    return mean.item(), std.item()
 
 
 def redraw_neurons(
@@ -69,7 +69,7 @@ def redraw_neurons(
     (`matrix`). With no index selected nothing is computed: the statistics of an empty slice are undefined.
     Returns the new fp32 matrix and (mu, sigma).
     """
-    out = weight.float().clone()
+    out = weight.to(torch.float32, copy=True)
     if indices.numel() == 0:
         return out, None, None
     selected = out.index_select(axis, indices)
@@ -83,7 +83,7 @@ def add_noise(
     weight: torch.Tensor, indices: torch.Tensor, axis: int, *, std: float, generator: torch.Generator
 ) -> torch.Tensor:
     """Random-noise upcycling: add N(0, std^2) to the selected rows/columns only."""
-    out = weight.float().clone()
+    out = weight.to(torch.float32, copy=True)
     if indices.numel() == 0:
         return out
     selected = out.index_select(axis, indices)
@@ -156,7 +156,7 @@ def upcycle_expert(
     records: dict[str, dict] = {}
     if opts.method == "naive":
         for m in MATRICES:
-            out[m] = dense[m].float().clone()
+            out[m] = dense[m].to(torch.float32, copy=True)
             records[m] = {"mean": None, "std": None, "redrawn": 0}
     elif opts.method == "scratch":
         for i, m in enumerate(MATRICES):
