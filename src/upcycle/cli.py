@@ -6,6 +6,9 @@ lists them and turns each signature into argparse flags: parameters without a de
 becomes `--snake-case`, `bool` becomes an on/off flag, `list[...]` takes one or more values, `Literal[...]` gives the
 allowed choices, and the docstring's `Args:` section becomes the help text.
 
+A command with an `override: list[str]` parameter also accepts `--section.field VALUE` for any field of its config
+file; those arrive in `override` as `section.field=VALUE`.
+
 Library code raises `UpcycleError` for bad input; only here is it turned into one line on stderr and exit status 2.
 """
 
@@ -22,14 +25,22 @@ from upcycle.errors import UpcycleError
 
 def _commands() -> dict[str, Callable | dict[str, Callable]]:
     # Imported here so `upcycle --help` stays fast and a broken optional extra only breaks the command that needs it.
+    from upcycle.analyze import analyze_command
     from upcycle.check import check_command
     from upcycle.convert import convert_command
     from upcycle.data import prepare_command
+    from upcycle.evaluate import eval_command
+    from upcycle.hf_model import export_command
+    from upcycle.train import train_command
 
     return {
         "convert": convert_command,
         "check": check_command,
+        "train": train_command,
+        "export": export_command,
         "data": {"prepare": prepare_command},
+        "eval": eval_command,
+        "analyze": analyze_command,
     }
 
 
@@ -57,6 +68,12 @@ def _docstring(func: Callable) -> tuple[str, dict[str, str]]:
         elif current:
             helps[current] += " " + stripped
     return description.strip(), helps
+
+
+def _epilog(func: Callable) -> str | None:
+    """A command may list more than its signature (e.g. the fields of its config file) as `func.help_epilog()`."""
+    epilog = getattr(func, "help_epilog", None)
+    return epilog() if epilog else None
 
 
 def _add_function(parser: argparse.ArgumentParser, func: Callable) -> None:
@@ -87,7 +104,7 @@ def _add_function(parser: argparse.ArgumentParser, func: Callable) -> None:
             if param.default is not None and hint is not bool:
                 kwargs["help"] += f" (default: {param.default})"
             parser.add_argument("--" + name.replace("_", "-"), dest=name, default=param.default, **kwargs)
-    parser.set_defaults(_func=func)
+    parser.set_defaults(_func=func, _parser=parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
             return
         description, _ = _docstring(target)
         child = container.add_parser(name, help=description.splitlines()[0] if description else "",
-                                     description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=_epilog(target))
         _add_function(child, target)
 
     for name, target in _commands().items():
@@ -114,11 +132,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    func = args.pop("_func")
-    kwargs = {k: v for k, v in args.items() if k in inspect.signature(func).parameters}
+def _dotted_overrides(parser: argparse.ArgumentParser, extra: list[str]) -> list[str]:
+    """['--optim.lr', '1e-3', '--train.seed=2'] -> ['optim.lr=1e-3', 'train.seed=2']; anything else is an error."""
+    out, i = [], 0
+    while i < len(extra):
+        flag = extra[i]
+        name, eq, value = flag[2:].partition("=") if flag.startswith("--") else ("", "", "")
+        if "." not in name:
+            parser.error(f"unrecognized arguments: {' '.join(extra[i:])}")
+        if not eq:
+            if i + 1 >= len(extra):
+                parser.error(f"{flag} needs a value")
+            value, i = extra[i + 1], i + 1
+        out.append(f"{name.replace('-', '_')}={value}")
+        i += 1
+    return out
+
+
+def _call(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    args, extra = parser.parse_known_args(argv)
+    args = vars(args)
+    func, own_parser = args.pop("_func"), args.pop("_parser")
+    parameters = inspect.signature(func).parameters
+    kwargs = {k: v for k, v in args.items() if k in parameters}
+    if extra:
+        if "override" not in parameters:
+            own_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        kwargs["override"] = [*(kwargs.get("override") or []), *_dotted_overrides(own_parser, extra)]
     try:
         result = func(**kwargs)
     except UpcycleError as exc:
@@ -129,6 +169,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     if isinstance(result, int) and result != 0:
         sys.exit(result)
+
+
+def run_function(func: Callable, argv: list[str], prog: str) -> None:
+    """Run one command function with its own parser (for `python -m upcycle.train`, which torchrun launches)."""
+    parser = _Parser(prog=prog, description=_docstring(func)[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog=_epilog(func))
+    _add_function(parser, func)
+    _call(parser, argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _call(build_parser(), sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

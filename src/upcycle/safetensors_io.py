@@ -16,6 +16,7 @@ import json
 import os
 import re
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,9 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + header_len
 
 
-class CheckpointReader:
-    """A local HF checkpoint directory: its config.json and its tensors, read lazily.
+class CheckpointReader(Mapping):
+    """A local HF checkpoint directory: its config.json and its tensors, read lazily (a read-only Mapping
+    name -> tensor; a tensor is read when it is looked up).
 
     Accepts one `model.safetensors`, several shards with `model.safetensors.index.json`, or several safetensors
     files without an index. Refuses pickle weights (`.bin`/`.pt`) rather than unpickling them.
@@ -132,6 +134,15 @@ class CheckpointReader:
                 "unpickles; re-save with save_pretrained(..., safe_serialization=True)"
             )
         raise UpcycleError(f"{self.dir} has no *.safetensors weight files")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name].shape

@@ -1,0 +1,163 @@
+"""Forward+backward time of our MoE layer against an equal-FLOP dense SwiGLU and transformers' Mixtral block.
+
+    python benchmarks/moe_layer.py            # T=4096, D=512, F=1408, E=8, k=2, fp32 and bf16
+    python benchmarks/moe_layer.py --quick    # fewer repeats
+
+All variants are measured side by side in one process, interleaved (each repeat runs every variant once, in a shuffled order) so that drift in clock speed or
+memory state hits every variant alike; each reported time is the median over repeats. The dense reference has
+ffn_dim = top_k * F, so it does the same matmul FLOPs as the MoE when routing is perfectly balanced.
+`routing_overhead` = our layer minus its expert matmuls alone (on pre-sorted rows): route, sort, gather, scatter.
+The last line is one JSON object with the ratios. CPU numbers only; nothing here claims GPU behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from upcycle.model import FeedForward
+from upcycle.moe import MoE, expert_ffn_sorted, resolve_impl
+
+
+def hf_block(moe: MoE, impl: str) -> torch.nn.Module:
+    """transformers' MixtralSparseMoeBlock holding the same weights as `moe`, with experts backend `impl`."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    E, D, F2 = moe.gate_up_ED2F.shape
+    config = MixtralConfig(hidden_size=D, intermediate_size=F2 // 2, num_local_experts=E, num_experts_per_tok=moe.top_k)
+    config._experts_implementation = impl  # what from_pretrained(experts_implementation=...) sets
+    block = MixtralSparseMoeBlock(config).to(moe.gate_up_ED2F.dtype)
+    with torch.no_grad():
+        block.gate.weight.copy_(moe.router.weight)
+        block.experts.gate_up_proj.copy_(moe.gate_up_ED2F.transpose(1, 2))
+        block.experts.down_proj.copy_(moe.down_EFD.transpose(1, 2))
+    return block
+
+
+def make_step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, call: Callable) -> Callable[[], None]:
+    """One forward+backward with a fresh input leaf and a contiguous upstream gradient."""
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_(True)
+        call(module, xi).backward(grad)
+
+    return step
+
+
+def experts_only_step(moe: MoE, x_TD: torch.Tensor, impl: str) -> Callable[[], None]:
+    """Just the expert matmuls + SwiGLU on rows already sorted by expert: the floor of any dropless MoE."""
+    with torch.no_grad():
+        ids_S = moe(x_TD).router_logits_TE.topk(moe.top_k, dim=-1).indices.reshape(-1)
+    counts_E = torch.bincount(ids_S, minlength=moe.num_experts)
+    x_SD = x_TD[torch.argsort(ids_S, stable=True) // moe.top_k].contiguous()
+    grad_SD = torch.randn_like(x_SD)
+
+    def step() -> None:
+        moe.zero_grad(set_to_none=True)
+        xs = x_SD.detach().requires_grad_(True)
+        expert_ffn_sorted(xs, counts_E, moe.gate_up_ED2F, moe.down_EFD, impl=impl).backward(grad_SD)
+
+    return step
+
+
+def measure(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, tuple[float, float]]:
+    """name -> (median wall seconds, median process CPU seconds). CPU time is reported beside wall time because it
+    is far less sensitive to other processes competing for the same cores."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    rng = random.Random(0)
+    for _ in range(repeats):
+        rng.shuffle(order)  # a fixed order would let one variant's freed buffers systematically help or hurt the next
+        for name in order:
+            step = steps[name]
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in steps}
+
+
+def run(dtype: torch.dtype, T: int, D: int, F: int, E: int, K: int, repeats: int) -> dict[str, tuple[float, float]]:
+    torch.manual_seed(0)
+    moe = MoE(D, F, E, K)
+    moe.init_weights(0.02)
+    dense = FeedForward(D, K * F)
+    for p in dense.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    moe, dense = moe.to(dtype), dense.to(dtype)
+    hf = {impl: hf_block(moe, impl) for impl in ("eager", "grouped_mm")}
+    x_TD = torch.randn(T, D, dtype=dtype)
+    grad_TD = torch.randn(T, D, dtype=dtype)
+
+    def ours(m, x):
+        return m(x).out_TD
+
+    steps = {"dense": make_step(dense, x_TD, grad_TD, lambda m, x: m(x))}
+    impls = ("grouped_mm", "loop")
+    for impl in impls:
+        m = MoE(D, F, E, K, impl=impl).to(dtype)
+        m.load_state_dict(moe.state_dict())
+        steps[f"ours_{impl}"] = make_step(m, x_TD, grad_TD, ours)
+        steps[f"experts_only_{impl}"] = experts_only_step(m, x_TD, impl)
+    steps["ours_auto"] = make_step(moe, x_TD, grad_TD, ours)
+    for impl, block in hf.items():
+        steps[f"hf_{impl}"] = make_step(block, x_TD.view(1, T, D), grad_TD.view(1, T, D), lambda m, x: m(x))
+    return measure(steps, repeats)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--ffn-dim", type=int, default=1408)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="5 repeats instead of --repeats")
+    args = parser.parse_args(argv)
+    repeats = 5 if args.quick else args.repeats
+    print(f"T={args.tokens} D={args.dim} F={args.ffn_dim} E={args.experts} k={args.top_k} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={repeats} (fwd+bwd, median ms)")
+    summary: dict[str, float] = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        both = run(dtype, args.tokens, args.dim, args.ffn_dim, args.experts, args.top_k, repeats)
+        t = {k: v[0] for k, v in both.items()}
+        c = {k: v[1] for k, v in both.items()}
+        for variant in t:
+            print(f"  {name} {variant:24s} wall {t[variant] * 1e3:8.1f} ms {t[variant] / t['dense']:5.2f}x dense"
+                  f"   cpu {c[variant] * 1e3:8.1f} ms {c[variant] / c['dense']:5.2f}x dense")
+        best_hf = min(t["hf_eager"], t["hf_grouped_mm"])
+        best_hf_cpu = min(c["hf_eager"], c["hf_grouped_mm"])
+        impl = resolve_impl("auto")
+        overhead = t["ours_auto"] - t[f"experts_only_{impl}"]
+        print(f"  {name} routing overhead (route+sort+gather+scatter) {overhead * 1e3:.1f} ms = "
+              f"{overhead / t['ours_auto']:.0%} of our layer (wall)")
+        summary.update({
+            f"moe_vs_dense_{name}": round(t["ours_auto"] / t["dense"], 3),
+            f"speedup_vs_hf_{name}": round(best_hf / t["ours_auto"], 3),
+            f"moe_vs_dense_cpu_time_{name}": round(c["ours_auto"] / c["dense"], 3),
+            f"speedup_vs_hf_cpu_time_{name}": round(best_hf_cpu / c["ours_auto"], 3),
+            f"routing_overhead_share_{name}": round(overhead / t["ours_auto"], 3),
+            f"ours_ms_{name}": round(t["ours_auto"] * 1e3, 1),
+            f"dense_ms_{name}": round(t["dense"] * 1e3, 1),
+            f"hf_best_ms_{name}": round(best_hf * 1e3, 1),
+        })
+    summary["load_average_1min"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""Hugging Face checkpoints <-> our model, and the `upcycle export` command.
+
+Reading: dense llama/mistral/qwen2/qwen3 and MoE mixtral/qwen2_moe/qwen3_moe checkpoints, experts stored per expert
+(what transformers' save_pretrained writes) or fused (`mlp.experts.gate_up_proj` [E, 2F, D], `down_proj` [E, D, F]).
+Files are opened lazily with safetensors (one file or an index of shards); pickles are never loaded. Every tensor is
+shape-checked and every key of the checkpoint must be used: unknown keys are errors, not silently dropped.
+
+Writing: a dense model becomes llama/qwen2/qwen3, an MoE mixtral/qwen2_moe/qwen3_moe, with per-expert keys and a
+config.json that transformers 5.24 AutoModelForCausalLM loads. All HF key names come from hf_formats.py.
+
+Our own checkpoints (written by the trainer) are a directory with model.safetensors (our state dict) and config.json
+holding our ModelConfig under "model"; `load_model` reads either kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from upcycle import hf_formats as hf
+from upcycle.errors import UpcycleError
+from upcycle.model import ModelConfig, Transformer
+from upcycle.safetensors_io import CheckpointReader
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Our state-dict names for the per-layer roles of hf_formats (the only place they are paired).
+_OUR_ATTN = {
+    "attn_norm": "attn_norm.weight", "ffn_norm": "ffn_norm.weight",
+    "q": "attn.q.weight", "k": "attn.k.weight", "v": "attn.v.weight", "o": "attn.o.weight",
+    "q_bias": "attn.q.bias", "k_bias": "attn.k.bias", "v_bias": "attn.v.bias", "o_bias": "attn.o.bias",
+    "q_norm": "attn.q_norm.weight", "k_norm": "attn.k_norm.weight",
+}
+_OUR_DENSE_FFN = {"gate": "ffn.gate.weight", "up": "ffn.up.weight", "down": "ffn.down.weight"}
+OUR_ROUTER, OUR_GATE_UP, OUR_DOWN = "ffn.router.weight", "ffn.gate_up_ED2F", "ffn.down_EFD"
+
+
+class _Taker:
+    """Takes tensors out of a checkpoint by key, checking shapes, and remembers which keys were used."""
+
+    def __init__(self, tensors: Mapping[str, Tensor]):
+        self.tensors, self.used = tensors, set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def take(self, key: str, shape: tuple[int, ...]) -> Tensor:
+        if key not in self.tensors:
+            raise UpcycleError(f"checkpoint lacks tensor {key}")
+        t = self.tensors[key]
+        if tuple(t.shape) != tuple(shape):
+            raise UpcycleError(f"tensor {key} has shape {tuple(t.shape)}, expected {tuple(shape)} from config.json")
+        self.used.add(key)
+        return t
+
+    def check_all_used(self) -> None:
+        unknown = sorted(k for k in self.tensors if k not in self.used and not k.endswith(hf.IGNORED_SUFFIXES))
+        if unknown:
+            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            raise UpcycleError(f"checkpoint has tensors this loader does not know: {', '.join(unknown[:5])}{more}")
+
+
+def _take_experts(taker: _Taker, fmt: str, layer: int, config: ModelConfig) -> dict[str, Tensor]:
+    """Router [E, D] and the experts in our layout, from per-expert or fused keys."""
+    E, D, Fd = config.num_experts, config.dim, config.ffn_dim
+    fused_router, fused_gate_up, fused_down = hf.fused_expert_keys(layer)
+    router_key = hf.router_key(fmt, layer)
+    router = taker.take(router_key if router_key in taker else fused_router, (E, D))
+    if fused_gate_up in taker:
+        gate_up_E2FD = taker.take(fused_gate_up, (E, 2 * Fd, D))
+        down_EDF = taker.take(fused_down, (E, D, Fd))
+    else:
+        shapes = {"gate": (Fd, D), "up": (Fd, D), "down": (D, Fd)}
+        per = {m: torch.stack([taker.take(hf.expert_key(fmt, layer, e, m), shapes[m]) for e in range(E)])
+               for m in hf.FFN_MATRICES}
+        gate_up_E2FD = torch.cat([per["gate"], per["up"]], dim=1)
+        down_EDF = per["down"]
+    return {OUR_ROUTER: router, OUR_GATE_UP: gate_up_E2FD.transpose(1, 2).contiguous(),
+            OUR_DOWN: down_EDF.transpose(1, 2).contiguous()}
+
+
+def _take_shared_expert(taker: _Taker, layer: int, config: ModelConfig, hf_cfg: dict) -> None:
+    """Qwen2-MoE's shared expert: accepted only when it contributes nothing (down_proj all zeros)."""
+    keys = hf.shared_expert_keys(layer)
+    S, D = hf_cfg["shared_expert_intermediate_size"], config.dim
+    shapes = {"shared_gate": (S, D), "shared_up": (S, D), "shared_down": (D, S), "shared_expert_gate": (1, D)}
+    tensors = {role: taker.take(key, shapes[role]) for role, key in keys.items()}
+    if torch.count_nonzero(tensors["shared_down"]):
+        raise UpcycleError(
+            f"layer {layer} of this qwen2_moe checkpoint has a non-zero shared expert "
+            f"({keys['shared_down']}); our model has no shared expert, so loading it would change the function. "
+            "Only checkpoints written by `upcycle convert` (shared down_proj all zeros) are supported.")
+
+
+def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Our ModelConfig and state dict (checkpoint dtype) from HF tensors (any mapping, e.g. safetensors_io.CheckpointReader) and the
+    config.json dictionary. Every tensor must be used and have the shape the config implies."""
+    fields = hf.read_model_fields(hf_cfg)
+    config = ModelConfig(**fields)
+    shapes = hf.read_shapes(hf_cfg)
+    family = hf_cfg["model_type"]
+    taker = _Taker(tensors)
+    sd: dict[str, Tensor] = {"tok_embeddings.weight": taker.take(hf.EMBED_KEY, (config.vocab_size, config.dim)),
+                             "norm.weight": taker.take(hf.FINAL_NORM_KEY, (config.dim,))}
+    if not config.tie_embeddings:
+        sd["output.weight"] = taker.take(hf.LM_HEAD_KEY, (config.vocab_size, config.dim))
+    elif hf.LM_HEAD_KEY in taker:
+        head = taker.take(hf.LM_HEAD_KEY, (config.vocab_size, config.dim))
+        if not torch.equal(head, sd["tok_embeddings.weight"]):
+            raise UpcycleError(f"config.json says tie_word_embeddings but {hf.LM_HEAD_KEY} differs from the embeddings")
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        for role, shape in hf.attention_roles(shapes).items():
+            sd[p + _OUR_ATTN[role]] = taker.take(hf.attention_key(i, role), shape)
+        if config.is_moe:
+            sd.update({p + k: v for k, v in _take_experts(taker, family, i, config).items()})
+            if family == "qwen2_moe":
+                _take_shared_expert(taker, i, config, hf_cfg)
+        else:
+            for m in hf.FFN_MATRICES:
+                sd[p + _OUR_DENSE_FFN[m]] = taker.take(hf.dense_ffn_key(i, m), hf.ffn_shape(shapes, m))
+    taker.check_all_used()
+    return config, sd
+
+
+def load_hf(directory: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """(ModelConfig, our state dict) from an HF checkpoint directory (config.json + safetensors)."""
+    reader = CheckpointReader(directory)  # validates config.json and every safetensors header
+    return state_dict_from_hf(reader, reader.config)
+
+
+def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
+    """(dense family, output model_type) for our config and the requested format."""
+    family = hf.dense_family_for(qkv_bias=config.qkv_bias, o_bias=config.o_bias, qk_norm=config.qk_norm)
+    if not config.is_moe:
+        if fmt not in ("auto", family):
+            raise UpcycleError(f"a dense model with these attention features exports as {family}; got --format {fmt!r}")
+        return family, family
+    dense_like = {"model_type": family, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
+                  "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+                  "vocab_size": config.vocab_size, "head_dim": config.head_dim,
+                  "attention_bias": config.qkv_bias, "qkv_bias": config.qkv_bias}
+    return family, hf.resolve_format(dense_like, fmt)
+
+
+def state_dict_to_hf(
+    state_dict: Mapping[str, Tensor], config: ModelConfig, fmt: str = "auto", dtype: str = "float32"
+) -> tuple[dict, dict[str, Tensor]]:
+    """(config.json dictionary, HF tensors with per-expert keys) for our state dict. fmt: auto, a dense family
+    matching the model (llama/qwen2/qwen3) or an MoE format (mixtral/qwen2_moe/qwen3_moe)."""
+    if dtype not in DTYPES:
+        raise UpcycleError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
+    family, out_fmt = _resolve_export_format(config, fmt)
+    c = config
+    hf_cfg = hf.build_dense_config(
+        family, vocab_size=c.vocab_size, dim=c.dim, num_layers=c.num_layers, num_heads=c.num_heads,
+        num_kv_heads=c.num_kv_heads, ffn_dim=c.ffn_dim, head_dim=c.head_dim, norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta, rope_scaling=c.rope_scaling, max_seq_len=c.max_seq_len,
+        tie_embeddings=c.tie_embeddings, attention_bias=c.qkv_bias, init_std=c.init_std, dtype=dtype)
+    if c.is_moe:
+        hf_cfg = hf.build_moe_config(hf_cfg, out_fmt, num_experts=c.num_experts, top_k=c.top_k, dtype=dtype)
+        hf.set_moe_routing(hf_cfg, renormalize=c.renormalize)
+    shapes = hf.read_shapes(hf_cfg)
+    cast = DTYPES[dtype]
+
+    def put(key: str, t: Tensor) -> None:
+        out[key] = t.detach().to(device="cpu", dtype=cast).contiguous()
+
+    out: dict[str, Tensor] = {}
+    put(hf.EMBED_KEY, state_dict["tok_embeddings.weight"])
+    put(hf.FINAL_NORM_KEY, state_dict["norm.weight"])
+    if not c.tie_embeddings:
+        put(hf.LM_HEAD_KEY, state_dict["output.weight"])
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        for role, shape in hf.attention_roles(shapes).items():
+            ours = p + _OUR_ATTN[role]
+            # Qwen2-MoE always has q/k/v biases: a model without them gets zeros (the same function).
+            put(hf.attention_key(i, role), state_dict[ours] if ours in state_dict else torch.zeros(shape))
+        if not c.is_moe:
+            for m in hf.FFN_MATRICES:
+                put(hf.dense_ffn_key(i, m), state_dict[p + _OUR_DENSE_FFN[m]])
+            continue
+        put(hf.router_key(out_fmt, i), state_dict[p + OUR_ROUTER])
+        gate_up_ED2F, down_EFD = state_dict[p + OUR_GATE_UP], state_dict[p + OUR_DOWN]
+        F_ = c.ffn_dim
+        for e in range(c.num_experts):
+            put(hf.expert_key(out_fmt, i, e, "gate"), gate_up_ED2F[e, :, :F_].T)
+            put(hf.expert_key(out_fmt, i, e, "up"), gate_up_ED2F[e, :, F_:].T)
+            put(hf.expert_key(out_fmt, i, e, "down"), down_EFD[e].T)
+        if out_fmt == "qwen2_moe":
+            # The shared expert is always present in Qwen2-MoE; all zeros (down_proj zero) makes it contribute 0.
+            S = hf_cfg["shared_expert_intermediate_size"]
+            zeros = {"shared_gate": (S, c.dim), "shared_up": (S, c.dim), "shared_down": (c.dim, S),
+                     "shared_expert_gate": (1, c.dim)}
+            for role, key in hf.shared_expert_keys(i).items():
+                put(key, torch.zeros(zeros[role]))
+    return hf_cfg, out
+
+
+def _fresh_output_dir(out_dir: Path) -> Path:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UpcycleError(f"output {out_dir} already exists and is not empty; choose a new directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Atomic from the reader's point of view: the directory appears complete or not at all."""
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.replace(tmp, out_dir)
+
+
+def export_hf(
+    model_or_state_dict: nn.Module | Mapping[str, Tensor], config: ModelConfig, out_dir: str | Path,
+    fmt: str = "auto", dtype: str = "float32", tokenizer: str | Path | None = None,
+) -> Path:
+    """Write an HF checkpoint directory (config.json + model.safetensors) that AutoModelForCausalLM loads; with
+    `tokenizer`, that directory's tokenizer files are copied in too, so the export is usable on its own."""
+    from upcycle.convert import COPIED_FILES
+
+    from safetensors.torch import save_file
+
+    state_dict = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
+                  else model_or_state_dict)
+    hf_cfg, tensors = state_dict_to_hf(state_dict, config, fmt, dtype)
+    out_dir = Path(out_dir)
+    tmp = _fresh_output_dir(out_dir)
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        for name in COPIED_FILES if tokenizer is not None else ():
+            if (Path(tokenizer) / name).is_file() and name != "generation_config.json":
+                shutil.copy2(Path(tokenizer) / name, tmp / name)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def is_our_checkpoint(path: str | Path) -> bool:
+    config_path = Path(path) / "config.json"
+    return config_path.exists() and "model" in json.loads(config_path.read_text())
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
+    """Our Transformer from either our checkpoint directory or an HF one, detected by config.json's "model" key."""
+    path = Path(path)
+    if is_our_checkpoint(path):
+        from safetensors.torch import load_file
+
+        weights = path / "model.safetensors"
+        if not weights.exists():
+            raise UpcycleError(f"{path} has our config.json but no model.safetensors")
+        config = ModelConfig(**json.loads((path / "config.json").read_text())["model"])
+        state_dict = load_file(str(weights))
+    else:
+        config, state_dict = load_hf(path)
+    model = Transformer(config)
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(dtype)
+
+
+def save_model(model: Transformer, out_dir: str | Path) -> Path:
+    """Our own checkpoint format (model.safetensors + config.json {"model": ModelConfig}); the trainer adds to it."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = _fresh_output_dir(out_dir)
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps({"model": asdict(model.config)}, indent=2) + "\n")
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def export_command(
+    checkpoint: str,
+    out: str,
+    format: Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe", "llama", "qwen2", "qwen3"] = "auto",
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    tokenizer: str | None = None,
+) -> None:
+    """Export a checkpoint (ours or HF) as a Hugging Face checkpoint that transformers loads.
+
+    Args:
+        checkpoint: Directory of our training checkpoint (model.safetensors + config.json with "model") or of an HF
+            checkpoint.
+        out: New output directory (must not exist or be empty); written atomically.
+        format: auto (dense -> llama/qwen2/qwen3 by attention features; MoE -> mixtral for Llama-like attention,
+            qwen2_moe with q/k/v biases, qwen3_moe with q/k norms), or one of mixtral, qwen2_moe, qwen3_moe, llama,
+            qwen2, qwen3.
+        dtype: Weight dtype in the output: float32 (exact), bfloat16 or float16.
+        tokenizer: A directory whose tokenizer files (tokenizer.json, tokenizer_config.json, ...) are copied into OUT.
+    """
+    if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise UpcycleError(f"--tokenizer {tokenizer} has no tokenizer.json")
+    model = load_model(checkpoint)
+    path = export_hf(model, model.config, out, fmt=format, dtype=dtype, tokenizer=tokenizer)
+    print(f"wrote {path}")

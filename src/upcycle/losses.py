@@ -1,0 +1,69 @@
+"""Training losses as keyword-only pure functions: cross-entropy, Switch load-balancing loss, router z-loss.
+
+Router logits arrive as one (T, E) tensor per MoE layer (`ModelOutput.router_logits`), in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from upcycle.errors import UpcycleError
+
+
+def cross_entropy(*, logits_BTV: Tensor, labels_BT: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy; labels are already shifted (labels[t] is the target of position t).
+
+    Computed in fp32: a bf16 log-softmax over a large vocabulary loses the small probabilities the loss depends on.
+    """
+    # (B, T, V) -> (B*T, V)
+    logits_NV = logits_BTV.reshape(-1, logits_BTV.shape[-1]).float()
+    return F.cross_entropy(logits_NV, labels_BT.reshape(-1), ignore_index=ignore_index)
+
+
+def _assignment_fractions_and_probs(logits_NE: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """f_E: top-k assignments per expert divided by the number of rows (sums to top_k); P_E: mean probability."""
+    num_experts = logits_NE.shape[-1]
+    probs_NE = torch.softmax(logits_NE.float(), dim=-1)
+    ids_NK = torch.topk(probs_NE, top_k, dim=-1).indices
+    # f is a count, so it carries no gradient: the gradient flows through P only, as in the Switch Transformer.
+    counts_E = torch.bincount(ids_NK.reshape(-1), minlength=num_experts).to(probs_NE.dtype)
+    return counts_E / logits_NE.shape[0], probs_NE.mean(dim=0)
+
+
+def load_balancing_loss(*, router_logits: list[Tensor], top_k: int, per_layer: bool = False) -> Tensor:
+    """Switch load-balancing loss, aux = E * sum_e f_e * P_e, in transformers' Mixtral form (equals top_k at
+    perfect balance, because f sums to top_k).
+
+    per_layer=False (the paper, HF `load_balancing_loss_func`): the logits of all layers are pooled into one
+    [layers*tokens, E] matrix before f and P are taken, so one layer's imbalance can be offset by another's.
+    per_layer=True: the loss of each layer on its own, averaged over layers; every layer must balance itself.
+    """
+    if not router_logits:
+        raise UpcycleError("load_balancing_loss needs the router logits of at least one MoE layer")
+    num_experts = router_logits[0].shape[-1]
+    if not 1 <= top_k <= num_experts:
+        raise UpcycleError(f"top_k must be between 1 and num_experts ({num_experts}), got {top_k}")
+    if per_layer:
+        losses = []
+        for logits_TE in router_logits:
+            f_E, p_E = _assignment_fractions_and_probs(logits_TE, top_k)
+            losses.append(num_experts * torch.sum(f_E * p_E))
+        return torch.stack(losses).mean()
+    # L x (T, E) -> (L*T, E)
+    logits_NE = torch.cat(router_logits, dim=0)
+    f_E, p_E = _assignment_fractions_and_probs(logits_NE, top_k)
+    return num_experts * torch.sum(f_E * p_E)
+
+
+def router_z_loss(*, router_logits: list[Tensor]) -> Tensor:
+    """ST-MoE router z-loss: mean over all rows of logsumexp(logits)^2; keeps router logits small (bf16-safe).
+
+    The paper's recipe does not use it; it is here for experiments. All layers' rows are pooled.
+    """
+    if not router_logits:
+        raise UpcycleError("router_z_loss needs the router logits of at least one MoE layer")
+    # L x (T, E) -> (L*T, E)
+    logits_NE = torch.cat(router_logits, dim=0).float()
+    return torch.logsumexp(logits_NE, dim=-1).square().mean()

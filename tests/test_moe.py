@@ -1,0 +1,210 @@
+"""The MoE layer (grouped path vs the per-expert reference loop, dense equivalence, parity with transformers' Mixtral
+block) and the routing losses (against transformers' load_balancing_loss_func and hand examples)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from upcycle.errors import UpcycleError
+from upcycle.losses import cross_entropy, load_balancing_loss, router_z_loss
+from upcycle.moe import MoE, experts_grouped, experts_reference, route
+
+T, D, FFN, E, K = 24, 16, 12, 4, 2
+
+
+def make_moe(seed: int = 0, num_experts: int = E, top_k: int = K, renormalize: bool = True) -> MoE:
+    torch.manual_seed(seed)
+    moe = MoE(D, FFN, num_experts, top_k, renormalize)
+    moe.init_weights(0.3)  # large enough that routing is decisive and the outputs are far from zero
+    return moe
+
+
+def forward_backward(moe: MoE, impl: str, x_TD: torch.Tensor, grad_TD: torch.Tensor):
+    moe.zero_grad()
+    x = x_TD.clone().requires_grad_(True)
+    moe.impl = impl
+    out_TD, logits_TE, counts_E = moe(x)
+    # A contiguous random upstream gradient: grouped_mm's backward rejects the stride-0 gradient of .sum().
+    (out_TD * grad_TD).sum().backward()
+    grads = {name: p.grad.clone() for name, p in moe.named_parameters()}
+    return out_TD.detach(), x.grad.clone(), grads, counts_E
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_fast_path_matches_reference_outputs_and_gradients(impl):
+    moe = make_moe()
+    torch.manual_seed(1)
+    x_TD, grad_TD = torch.randn(T, D), torch.randn(T, D)
+    ref = forward_backward(moe, "reference", x_TD, grad_TD)
+    fast = forward_backward(moe, impl, x_TD, grad_TD)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[1], ref[1], rtol=1e-5, atol=1e-6)
+    assert set(fast[2]) == {"router.weight", "gate_up_ED2F", "down_EFD"}
+    for name in fast[2]:
+        assert fast[2][name].abs().sum() > 0, name
+        torch.testing.assert_close(fast[2][name], ref[2][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(fast[3], ref[3])
+
+
+def test_fast_path_handles_empty_experts():
+    moe = make_moe(num_experts=6, top_k=2)
+    with torch.no_grad():  # experts 2..5 can never win: every token goes to experts 0 and 1
+        moe.router.weight[2:] = -moe.router.weight[:2].abs().sum() - 10.0
+    torch.manual_seed(2)
+    x_TD, grad_TD = torch.randn(T, D).abs(), torch.randn(T, D)
+    moe.router.weight.data[:2] = moe.router.weight.data[:2].abs()
+    ref = forward_backward(moe, "reference", x_TD, grad_TD)
+    fast = forward_backward(moe, "grouped_mm", x_TD, grad_TD)
+    assert fast[3].tolist() == [T, T, 0, 0, 0, 0]
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[2]["down_EFD"], ref[2]["down_EFD"], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_paths_agree_with_fp32_reference():
+    moe = make_moe()
+    torch.manual_seed(3)
+    x_TD = torch.randn(T, D)
+    expected = moe(x_TD).out_TD
+    moe_bf16 = make_moe().to(torch.bfloat16)
+    for impl in ("grouped_mm", "loop", "auto"):
+        moe_bf16.impl = impl
+        out = moe_bf16(x_TD.to(torch.bfloat16))
+        assert out.out_TD.dtype == torch.bfloat16 and out.router_logits_TE.dtype == torch.float32
+        torch.testing.assert_close(out.out_TD.float(), expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(1, 1), (4, 1), (4, 2), (8, 3)])
+def test_identical_experts_reproduce_the_dense_ffn(num_experts, top_k):
+    """Naive upcycling invariant: a dense FFN in every expert + renormalized top-k = the dense FFN, values and grads."""
+    torch.manual_seed(4)
+    gate, up, down = torch.randn(FFN, D) * 0.3, torch.randn(FFN, D) * 0.3, torch.randn(D, FFN) * 0.3
+    moe = make_moe(num_experts=num_experts, top_k=top_k)
+    with torch.no_grad():
+        moe.gate_up_ED2F.copy_(torch.cat([gate, up], dim=0).T.expand(num_experts, D, 2 * FFN))
+        moe.down_EFD.copy_(down.T.expand(num_experts, FFN, D))
+    x_TD, grad_TD = torch.randn(T, D, requires_grad=True), torch.randn(T, D)
+    dense_TD = F.linear(F.silu(F.linear(x_TD, gate)) * F.linear(x_TD, up), down)
+    (gx_dense,) = torch.autograd.grad((dense_TD * grad_TD).sum(), x_TD)
+    for impl in ("grouped_mm", "loop", "reference"):
+        moe.impl = impl
+        out_TD = moe(x_TD).out_TD
+        torch.testing.assert_close(out_TD, dense_TD, rtol=1e-5, atol=1e-6)
+        (gx,) = torch.autograd.grad((out_TD * grad_TD).sum(), x_TD)
+        torch.testing.assert_close(gx, gx_dense, rtol=1e-5, atol=1e-6)
+
+
+def test_without_renormalization_output_is_scaled_by_the_kept_probability():
+    """Qwen-MoE norm_topk_prob=False: identical experts give dense * (sum of the top-k probabilities)."""
+    moe = make_moe(renormalize=False)
+    with torch.no_grad():
+        moe.gate_up_ED2F.copy_(moe.gate_up_ED2F[:1].expand_as(moe.gate_up_ED2F))
+        moe.down_EFD.copy_(moe.down_EFD[:1].expand_as(moe.down_EFD))
+    torch.manual_seed(5)
+    x_TD = torch.randn(T, D)
+    out = moe(x_TD)
+    kept_T1 = torch.softmax(out.router_logits_TE, -1).topk(K, dim=-1).values.sum(-1, keepdim=True)
+    assert (kept_T1 < 0.999).all()
+    dense_TD = (F.silu(x_TD @ moe.gate_up_ED2F[0, :, :FFN]) * (x_TD @ moe.gate_up_ED2F[0, :, FFN:])) @ moe.down_EFD[0]
+    torch.testing.assert_close(out.out_TD, dense_TD * kept_T1, rtol=1e-5, atol=1e-6)
+
+
+def test_route_is_fp32_topk_of_softmax():
+    torch.manual_seed(6)
+    logits_TE = torch.randn(T, E, dtype=torch.bfloat16)
+    weights_TK, ids_TK = route(logits_TE, top_k=K, renormalize=True)
+    assert weights_TK.dtype == torch.float32
+    probs_TE = torch.softmax(logits_TE.float(), -1)
+    assert torch.equal(ids_TK, probs_TE.topk(K, dim=-1).indices)
+    torch.testing.assert_close(weights_TK.sum(-1), torch.ones(T))
+    raw_TK, _ = route(logits_TE, top_k=K, renormalize=False)
+    torch.testing.assert_close(raw_TK, probs_TE.gather(1, ids_TK))
+
+
+def test_counts_and_router_logits_are_returned():
+    moe = make_moe()
+    x_TD = torch.randn(T, D)
+    out = moe(x_TD)
+    assert out.router_logits_TE.shape == (T, E) and out.router_logits_TE.requires_grad
+    torch.testing.assert_close(out.router_logits_TE, x_TD @ moe.router.weight.T)
+    assert out.counts_E.sum() == T * K and not out.counts_E.requires_grad
+    assert torch.equal(out.counts_E, torch.bincount(out.router_logits_TE.topk(K, -1).indices.flatten(), minlength=E))
+
+
+def test_matches_transformers_mixtral_block():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    moe = make_moe()
+    config = MixtralConfig(hidden_size=D, intermediate_size=FFN, num_local_experts=E, num_experts_per_tok=K)
+    config._experts_implementation = "eager"
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        block.gate.weight.copy_(moe.router.weight)
+        block.experts.gate_up_proj.copy_(moe.gate_up_ED2F.transpose(1, 2))
+        block.experts.down_proj.copy_(moe.down_EFD.transpose(1, 2))
+    x_BTD = torch.randn(2, T // 2, D)
+    torch.testing.assert_close(moe(x_BTD.view(T, D)).out_TD, block(x_BTD).view(T, D), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_routing_config_is_refused():
+    with pytest.raises(UpcycleError, match="top_k"):
+        MoE(D, FFN, num_experts=2, top_k=3)
+    moe = make_moe()
+    moe.impl = "magic"
+    with pytest.raises(UpcycleError, match="implementation"):
+        moe(torch.randn(T, D))
+
+
+# ---- losses ----
+
+def layer_logits(seed: int, layers: int = 3, tokens: int = 40, experts: int = E) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # Different layers get different biases so that pooling and per-layer averaging really differ.
+    return [torch.randn(tokens, experts, generator=g) * 2 + torch.randn(experts, generator=g) * 2
+            for _ in range(layers)]
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_load_balancing_loss_equals_transformers(top_k):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    logits = layer_logits(7)
+    ours = load_balancing_loss(router_logits=logits, top_k=top_k)
+    theirs = load_balancing_loss_func(tuple(logits), num_experts=E, top_k=top_k)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    per_layer = load_balancing_loss(router_logits=logits, top_k=top_k, per_layer=True)
+    expected = torch.stack([load_balancing_loss_func((x,), num_experts=E, top_k=top_k) for x in logits]).mean()
+    torch.testing.assert_close(per_layer, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(per_layer, ours)
+
+
+def test_load_balancing_loss_is_top_k_at_perfect_balance_and_grads_flow_through_probs():
+    # 4 tokens, 4 experts: each token prefers a different pair, so f_e = 2/4 and P_e = 1/4 for every expert.
+    logits = torch.tensor([[2.0, 1.0, 0, 0], [0, 2.0, 1.0, 0], [0, 0, 2.0, 1.0], [1.0, 0, 0, 2.0]], requires_grad=True)
+    loss = load_balancing_loss(router_logits=[logits], top_k=2)
+    torch.testing.assert_close(loss, torch.tensor(2.0))
+    loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_router_z_loss_hand_example():
+    logits = [torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])]
+    # logsumexp: log 2 and log 4
+    expected = (math.log(2.0) ** 2 + math.log(4.0) ** 2) / 2
+    torch.testing.assert_close(router_z_loss(router_logits=logits), torch.tensor(expected))
+
+
+def test_cross_entropy_and_empty_inputs():
+    torch.manual_seed(8)
+    logits_BTV, labels_BT = torch.randn(2, 5, 11, dtype=torch.bfloat16), torch.randint(0, 11, (2, 5))
+    labels_BT[0, 0] = -100
+    expected = F.cross_entropy(logits_BTV.float().view(10, 11), labels_BT.view(10), ignore_index=-100)
+    torch.testing.assert_close(cross_entropy(logits_BTV=logits_BTV, labels_BT=labels_BT), expected)
+    with pytest.raises(UpcycleError):
+        load_balancing_loss(router_logits=[], top_k=2)
+    with pytest.raises(UpcycleError):
+        load_balancing_loss(router_logits=layer_logits(0), top_k=E + 1)
