@@ -1,0 +1,92 @@
+"""Data parallelism on CPU with torchrun + gloo: 2 ranks train exactly like 1 process with the same global batch, and
+checkpoints move freely between world sizes (they hold full, unsharded tensors)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train_helpers import make_data_dir, one_thread, read_metrics, subprocess_env, tiny_config, write_config
+from upcycle import checkpoint as ckpt
+from upcycle.train import load_config, run_training
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+REL = 1e-5
+
+
+def torchrun(config: Path, out: Path, *extra: str) -> str:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "upcycle.train", "--config", str(config), "--out", str(out), *extra]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """One 1-process reference run and one 2-rank FSDP2 run of the same config (checkpoints at steps 4 and 8)."""
+    root = tmp_path_factory.mktemp("dist")
+    data_dir = make_data_dir(root / "data")
+    config = write_config(root / "c.yaml", tiny_config(data_dir, train={"max_steps": STEPS},
+                                                       checkpoint={"every": 4, "keep": 5}))
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(load_config(config), root / "single")
+    finally:
+        torch.set_num_threads(threads)
+    torchrun(config, root / "fsdp")
+    return {"config": config, "single": root / "single", "fsdp": root / "fsdp", "root": root}
+
+
+def assert_close_runs(got: list[dict], expected: list[dict], steps: range) -> None:
+    by_step = {r["step"]: r for r in got}
+    for record in expected:
+        if record["step"] not in steps:
+            continue
+        other = by_step[record["step"]]
+        for key in ("loss", "ce", "aux", "grad_norm"):
+            assert other[key] == pytest.approx(record[key], rel=REL), (record["step"], key)
+        assert other["lr"] == record["lr"]
+        for domain, value in record.get("val", {}).items():
+            assert other["val"][domain] == pytest.approx(value, rel=REL)
+    assert sorted(by_step) == list(range(1, STEPS + 1))
+
+
+def test_fsdp_two_ranks_match_one_process(runs):
+    assert_close_runs(read_metrics(runs["fsdp"]), read_metrics(runs["single"]), range(1, STEPS + 1))
+    assert [step for step, _ in ckpt.list_checkpoints(runs["fsdp"] / "checkpoints")] == [4, 8]
+    assert not (runs["fsdp"] / "checkpoints" / "step_00000008" / "rng_rank2.json").exists()
+    assert (runs["fsdp"] / "checkpoints" / "step_00000008" / "rng_rank1.json").is_file()
+
+
+def test_ddp_two_ranks_match_one_process(runs):
+    out = runs["root"] / "ddp"
+    torchrun(runs["config"], out, "--train.parallel", "ddp")
+    assert_close_runs(read_metrics(out), read_metrics(runs["single"]), range(1, STEPS + 1))
+
+
+def _rewind_to_step_4(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    shutil.rmtree(target / "checkpoints" / "step_00000008")
+    return target
+
+
+def test_two_rank_checkpoint_resumes_on_one_process(runs, tmp_path, capsys):
+    out = _rewind_to_step_4(runs["fsdp"], tmp_path / "resume")
+    run_training(load_config(runs["config"]), out)
+    assert "step_00000004 (step 4, written by 2 rank(s))" in capsys.readouterr().err
+    assert_close_runs(read_metrics(out), read_metrics(runs["single"]), range(5, STEPS + 1))
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(runs, tmp_path):
+    out = _rewind_to_step_4(runs["single"], tmp_path / "resume")
+    assert "step_00000004 (step 4, written by 1 rank(s))" in torchrun(runs["config"], out)
+    assert_close_runs(read_metrics(out), read_metrics(runs["single"]), range(5, STEPS + 1))

@@ -1,0 +1,117 @@
+"""Shared by test_train.py, test_resume.py and test_distributed.py: a tiny prepared data directory and a tiny config,
+both made on the spot so the trainer tests need no committed data and run in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+VOCAB = 64
+EOS = VOCAB - 1
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_data_dir(root: Path, *, train_tokens: int = 12_000, val_tokens: int = 1_500, seed: int = 0) -> Path:
+    """A prepared directory (the format data.prepare writes) with two domains of learnable token streams.
+
+    Each domain follows its own noisy rule next = (a * token + b) mod (V - 1), with EOS every ~40 tokens, so the loss
+    drops quickly and the two domains route differently.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    domains = {}
+    for name, (a, b) in {"code": (3, 5), "english": (5, 11)}.items():
+        entry = {}
+        for split, count in (("train", train_tokens), ("val", val_tokens)):
+            tokens = np.empty(count, dtype=np.uint16)
+            token = int(rng.integers(VOCAB - 1))
+            for i in range(count):
+                if rng.random() < 0.025:
+                    tokens[i] = EOS
+                    token = int(rng.integers(VOCAB - 1))
+                    continue
+                noisy = rng.random() < 0.1
+                token = int(rng.integers(VOCAB - 1)) if noisy else (a * token + b) % (VOCAB - 1)
+                tokens[i] = token
+            tokens[-1] = EOS
+            file = f"{name}.{split}.bin"
+            tokens.tofile(root / file)
+            entry[split] = {"file": file, "tokens": count, "documents": int((tokens == EOS).sum())}
+        entry["sources"] = []
+        domains[name] = entry
+    metadata = {"format": 1, "tokenizer": "synthetic", "tokenizer_sha256": None, "vocab_size": VOCAB, "eos_id": EOS,
+                "dtype": "uint16", "val_fraction": 0.1, "seed": seed, "text_field": "text", "domains": domains}
+    (root / "data.json").write_text(json.dumps(metadata))
+    return root
+
+
+def tiny_config(data_dir: Path, *, moe: bool = True, **sections) -> dict:
+    """A 2-layer, dim-32 model with 4 experts (top-2) trained on 8 x 32-token sequences per step."""
+    config = {
+        "model": {"vocab_size": VOCAB, "dim": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "ffn_dim": 48,
+                  "max_seq_len": 64, "num_experts": 4 if moe else 0, "top_k": 2},
+        "data": {"path": str(data_dir), "seq_len": 32},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4},
+        "schedule": {"warmup_steps": 2},
+        "train": {"max_steps": 8, "global_batch_tokens": 256, "micro_batch_size": 2, "eval_every": 4,
+                  "eval_sequences": 4},
+        "checkpoint": {"every": 4, "keep": 2},
+        "logging": {"progress": False, "tensorboard": False},
+    }
+    for section, values in sections.items():
+        if values is None:
+            config.pop(section, None)
+        else:
+            config.setdefault(section, {}).update(values)
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def step_losses(out: Path) -> list[float]:
+    return [record["loss"] for record in read_metrics(out)]
+
+
+def subprocess_env(threads: int = 1) -> dict:
+    """The environment of a child training process: our sources importable, a fixed thread count (the reference
+    run in the same test uses the same count, so floating-point reductions happen in the same order)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def train_cli(config: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "upcycle.train", "--config", str(config), "--out", str(out), *extra]
+
+
+def run_train(config: Path, out: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cli(config, out, *extra), env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Train in-process on one thread: tiny matmuls gain nothing from a second one, and on a busy 2-core machine
+    OpenMP's waiting for a descheduled thread made them ~10x slower. Restored afterwards for other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
