@@ -24,6 +24,7 @@ import torch
 from upcycle.errors import UpcycleError
 
 INDEX_NAME = "model.safetensors.index.json"
+SIDECAR_PREFIX = "upcycle_"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32",
@@ -124,7 +125,8 @@ class CheckpointReader(Mapping):
             if missing:
                 raise UpcycleError(f"{index.name} lists missing shard(s) {', '.join(missing)}; copy them into {self.dir}")
             return files
-        files = sorted(self.dir.glob("*.safetensors"))
+        # upcycle's own sidecar files (the re-drawn neuron masks of a conversion) are not weights
+        files = sorted(f for f in self.dir.glob("*.safetensors") if not f.name.startswith(SIDECAR_PREFIX))
         if files:
             return files
         pickles = [p.name for p in self.dir.iterdir() if p.suffix in PICKLE_SUFFIXES]

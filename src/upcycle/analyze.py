@@ -1,0 +1,455 @@
+"""`upcycle analyze`: where an MoE routes each domain's tokens, how far its experts moved from the dense parent, and
+how alike the experts are. Writes OUT/analysis.json and three figures.
+
+Why: the paper's routing analysis (per-domain share of top-k assignments per expert; uniform = 1/E) is how naive
+upcycling's collapse (every domain on the same 2 experts) and Drop-Upcycling's domain specialization show up. Drift and
+expert similarity show whether re-drawn experts actually diverged from the dense FFN and from each other.
+
+Definitions (per MoE layer; for routing also per validation domain):
+    share_E          top-k assignments to each expert / all assignments (sums to 1; uniform = 1/E).
+    load_imbalance   max(share) * E: 1 at perfect balance, E when one expert takes everything (top-1).
+    share_cv         std(share) / mean(share) (population std): 0 at perfect balance.
+    dead_experts     experts with share < dead_threshold / E (default 0.01 of the uniform share).
+    prob_entropy     entropy of the mean router distribution, H(mean_t p_t) / log E: 1 when the router spreads its
+                     probability evenly over experts on average.
+    token_entropy    mean_t H(p_t) / log E: how undecided the router is per token (1 = uniform for every token).
+    specialization   mean over domain pairs of the Jensen-Shannon divergence (base 2, in [0, 1]) between the domains'
+                     share_E: 0 when every domain is routed alike.
+    drift            ||W_e - W_dense||_F / ||W_dense||_F and cosine(W_e, W_dense) for gate, up and down of each expert.
+    redrawn_share    fraction of the F neurons of gate, up, down re-drawn at conversion (from upcycle_redrawn.safetensors).
+    similarity_EE    cosine between experts' flattened weights (gate, up, down concatenated).
+
+Run: `upcycle analyze MODEL_DIR --data DATA_DIR --out OUT [--dense DENSE_DIR] [--upcycled-from CONVERT_DIR]`.
+Shape legend: T tokens, D dim, F ffn_dim, E experts, K top_k, L layers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from upcycle.errors import UpcycleError
+
+MATRIX_NAMES = ("gate", "up", "down")
+DEFAULT_DEAD_THRESHOLD = 0.01  # of the uniform share 1/E
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pure math
+
+
+def routing_sums(logits_TE: Tensor, *, top_k: int, renormalize: bool = True) -> dict[str, np.ndarray | float | int]:
+    """Additive routing statistics of one batch: top-k assignment counts, summed router probabilities and summed
+    per-token entropies (nats). Sums, so batches combine by adding; `routing_stats` turns them into shares.
+
+    Uses moe.route, the model's own routing, so the counted assignments are the ones the model computed.
+    """
+    from upcycle.moe import route
+
+    # Routing in fp32, as in the model: bf16 probabilities of near-tied experts would flip top-k choices.
+    logits_TE = logits_TE.detach().float()
+    _, ids_TK = route(logits_TE, top_k=top_k, renormalize=renormalize)
+    E = logits_TE.shape[-1]
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    # xlogy: 0 * log 0 = 0 for experts with underflowed probability
+    token_entropy_T = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1)
+    return {"counts_E": torch.bincount(ids_TK.reshape(-1), minlength=E).numpy().astype(np.int64),
+            "prob_sum_E": probs_TE.sum(dim=0).double().numpy(),
+            "entropy_sum": float(token_entropy_T.double().sum()),
+            "tokens": logits_TE.shape[0]}
+
+
+def add_sums(a: dict | None, b: dict) -> dict:
+    return dict(b) if a is None else {k: a[k] + b[k] for k in b}
+
+
+def entropy(p_E: np.ndarray) -> float:
+    """Shannon entropy in nats of a distribution (zeros allowed)."""
+    p_E = np.asarray(p_E, dtype=np.float64)
+    nz = p_E[p_E > 0]
+    return float(-(nz * np.log(nz)).sum())
+
+
+def load_imbalance(share_E: np.ndarray) -> tuple[float, float]:
+    """(max share * E, coefficient of variation): 1 and 0 at perfect balance."""
+    share_E = np.asarray(share_E, dtype=np.float64)
+    E = len(share_E)
+    return float(share_E.max() * E), float(share_E.std() / share_E.mean())
+
+
+def dead_experts(share_E: np.ndarray, threshold: float = DEFAULT_DEAD_THRESHOLD) -> list[int]:
+    """Experts whose share is below `threshold` times the uniform share 1/E (0 counts as dead at any threshold)."""
+    share_E = np.asarray(share_E, dtype=np.float64)
+    limit = threshold / len(share_E)
+    return [int(e) for e in np.flatnonzero((share_E < limit) | (share_E == 0))]
+
+
+def routing_stats(sums: dict, *, dead_threshold: float = DEFAULT_DEAD_THRESHOLD) -> dict:
+    """Shares, entropies, imbalance and dead experts of one (layer, domain) from accumulated `routing_sums`."""
+    counts_E = np.asarray(sums["counts_E"], dtype=np.float64)
+    E = len(counts_E)
+    share_E = counts_E / counts_E.sum()
+    mean_prob_E = np.asarray(sums["prob_sum_E"]) / sums["tokens"]
+    max_share, cv = load_imbalance(share_E)
+    log_e = math.log(E) if E > 1 else 1.0
+    return {"share": share_E.tolist(), "mean_prob": mean_prob_E.tolist(),
+            "prob_entropy": entropy(mean_prob_E) / log_e,
+            "token_entropy": sums["entropy_sum"] / sums["tokens"] / log_e,
+            "load_imbalance": max_share, "share_cv": cv,
+            "dead_experts": dead_experts(share_E, dead_threshold), "tokens": int(sums["tokens"])}
+
+
+def jensen_shannon(p_E: np.ndarray, q_E: np.ndarray) -> float:
+    """Jensen-Shannon divergence in bits (base 2), so it lies in [0, 1]; symmetric and finite with zeros."""
+    p_E, q_E = np.asarray(p_E, dtype=np.float64), np.asarray(q_E, dtype=np.float64)
+    m_E = 0.5 * (p_E + q_E)
+    return max(0.0, 0.5 * (entropy(m_E) * 2 - entropy(p_E) - entropy(q_E)) / math.log(2))
+
+
+def mean_pairwise_jsd(shares: dict[str, np.ndarray]) -> float | None:
+    """Mean JSD over all pairs of domains: one specialization number per layer (None with fewer than 2 domains)."""
+    pairs = list(combinations(sorted(shares), 2))
+    if not pairs:
+        return None
+    return float(np.mean([jensen_shannon(shares[a], shares[b]) for a, b in pairs]))
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    denominator = a.norm() * b.norm()
+    return float(a @ b / denominator) if denominator > 0 else 0.0
+
+
+def expert_matrices(gate_up_ED2F: Tensor, down_EFD: Tensor) -> dict[str, Tensor]:
+    """Our fused layout -> HF-oriented per-matrix stacks: gate_EFD, up_EFD ([E, F, D]) and down_EDF ([E, D, F])."""
+    F_ = down_EFD.shape[1]
+    return {"gate": gate_up_ED2F[:, :, :F_].transpose(1, 2), "up": gate_up_ED2F[:, :, F_:].transpose(1, 2),
+            "down": down_EFD.transpose(1, 2)}
+
+
+def expert_drift(experts: dict[str, Tensor], dense: dict[str, Tensor]) -> list[dict[str, dict[str, float]]]:
+    """Per expert and matrix: relative Frobenius distance to the dense FFN and cosine similarity to it.
+
+    experts: {"gate": (E, F, D), "up": (E, F, D), "down": (E, D, F)}; dense: the same without E.
+    """
+    num_experts = experts["gate"].shape[0]
+    out = []
+    for e in range(num_experts):
+        row = {}
+        for m in MATRIX_NAMES:
+            w, w0 = experts[m][e].double(), dense[m].double()
+            row[m] = {"rel_distance": float((w - w0).norm() / w0.norm()), "cosine": _cosine(w, w0)}
+        out.append(row)
+    return out
+
+
+def expert_similarity(experts: dict[str, Tensor]) -> np.ndarray:
+    """(E, E) cosine similarity between experts' flattened weights (gate, up, down concatenated)."""
+    # (E, F, D), (E, F, D), (E, D, F) -> (E, 3*F*D)
+    flat_EN = torch.cat([experts[m].reshape(experts[m].shape[0], -1) for m in MATRIX_NAMES], dim=1).double()
+    unit_EN = flat_EN / flat_EN.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return (unit_EN @ unit_EN.T).numpy()
+
+
+def redrawn_shares(redrawn_LEMF: Tensor) -> dict[str, np.ndarray]:
+    """Fraction of neurons re-drawn per (layer, expert): per matrix and 'any' (re-drawn in at least one matrix)."""
+    shares = {m: redrawn_LEMF[:, :, i].double().mean(dim=-1).numpy() for i, m in enumerate(MATRIX_NAMES)}
+    shares["any"] = redrawn_LEMF.any(dim=2).double().mean(dim=-1).numpy()
+    return shares
+
+
+def default_plot_layers(num_layers: int) -> list[int]:
+    """First, middle and last MoE layer (the paper shows 0/8/16/23 of 24)."""
+    return sorted({0, num_layers // 2, num_layers - 1})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Collecting from a model
+
+
+@torch.no_grad()
+def collect_routing(model, batches: dict[str, list[Tensor]]) -> dict[str, list[dict]]:
+    """{domain: [routing_sums per MoE layer]} over a domain's validation batches (inputs only, no targets needed)."""
+    config = model.config
+    out = {}
+    for domain, domain_batches in batches.items():
+        per_layer: list[dict | None] = [None] * config.num_layers
+        for batch_BT in domain_batches:
+            output = model(batch_BT[:, :-1])
+            for i, logits_TE in enumerate(output.router_logits):
+                per_layer[i] = add_sums(per_layer[i], routing_sums(logits_TE, top_k=config.top_k,
+                                                                   renormalize=config.renormalize))
+        if per_layer[0] is not None:
+            out[domain] = per_layer
+    return out
+
+
+def _dense_ffns(dense_path: Path, config) -> list[dict[str, Tensor]]:
+    from upcycle.hf_model import load_model
+
+    dense = load_model(dense_path)
+    c = dense.config
+    if c.is_moe:
+        raise UpcycleError(f"--dense {dense_path} is an MoE model; pass the dense parent the MoE was upcycled from")
+    if (c.num_layers, c.dim, c.ffn_dim) != (config.num_layers, config.dim, config.ffn_dim):
+        raise UpcycleError(f"--dense {dense_path} has (layers, dim, ffn_dim) = {(c.num_layers, c.dim, c.ffn_dim)} but "
+                           f"the MoE has {(config.num_layers, config.dim, config.ffn_dim)}; it is not the parent")
+    return [{"gate": layer.ffn.gate.weight.detach(), "up": layer.ffn.up.weight.detach(),
+             "down": layer.ffn.down.weight.detach()} for layer in dense.layers]
+
+
+def _manifest_dir(model_path: Path, manifest_dir: str | Path | None) -> Path | None:
+    from upcycle.convert import MANIFEST_NAME
+
+    if manifest_dir is not None:
+        directory = Path(manifest_dir).expanduser()
+        if not (directory / MANIFEST_NAME).is_file():
+            raise UpcycleError(f"{directory} has no {MANIFEST_NAME}; pass the output directory of upcycle convert")
+        return directory
+    return model_path if (model_path / MANIFEST_NAME).is_file() else None
+
+
+def analyze(
+    model_path: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    layers: Sequence[int] | None = None,
+    seq_len: int = 256,
+    max_sequences: int = 32,
+    batch_size: int = 8,
+    domains: Sequence[str] | None = None,
+    manifest_dir: str | Path | None = None,
+    dense_path: str | Path | None = None,
+    dead_threshold: float = DEFAULT_DEAD_THRESHOLD,
+    plots: bool = True,
+) -> dict:
+    """Routing, drift and expert-similarity analysis of an MoE checkpoint; writes OUT/analysis.json and PNGs.
+
+    Statistics are computed for every MoE layer (one forward pass yields all of them); `layers` picks the layers drawn
+    in the routing and similarity figures (default: first, middle, last). The dense parent for drift is `dense_path`,
+    else the source recorded in the convert manifest (in the model directory or `manifest_dir`), else drift is skipped.
+    """
+    from upcycle.convert import MANIFEST_NAME, load_redrawn
+    from upcycle.data import read_metadata, validation_batches
+    from upcycle.evaluate import check_model_dir
+    from upcycle.hf_model import load_model
+    from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP
+
+    path = check_model_dir(model_path)
+    data_dir = Path(data_dir).expanduser()
+    metadata = read_metadata(data_dir)
+    manifest_path = _manifest_dir(path, manifest_dir)
+    model = load_model(path).eval()
+    config = model.config
+    if not config.is_moe:
+        raise UpcycleError(f"{path} has no MoE layers (a dense model); analyze an upcycled or trained MoE checkpoint")
+    if metadata["vocab_size"] > config.vocab_size:
+        raise UpcycleError(f"{data_dir} was tokenized with {metadata['vocab_size']} token ids but the model has only "
+                           f"{config.vocab_size}; prepare the data with the model's tokenizer")
+    L, E = config.num_layers, config.num_experts
+    plot_layers = default_plot_layers(L) if layers is None else list(layers)
+    bad = [i for i in plot_layers if not 0 <= i < L]
+    if bad:
+        raise UpcycleError(f"--layers {bad} out of range; the model has MoE layers 0..{L - 1}")
+
+    batches = validation_batches(data_dir, seq_len=min(seq_len, config.max_seq_len), batch_size=batch_size,
+                                 max_sequences=max_sequences, domains=domains)
+    sums = collect_routing(model, batches)
+    if not sums:
+        raise UpcycleError(f"no domain of {data_dir} has a validation split of at least seq_len + 1 tokens; "
+                           "lower --seq-len")
+
+    dense_source = Path(dense_path).expanduser() if dense_path else None
+    redrawn = None
+    if manifest_path is not None:
+        manifest = json.loads((manifest_path / MANIFEST_NAME).read_text())
+        if dense_source is None and manifest.get("method") != "btx":  # btx experts come from several parents
+            dense_source = Path(manifest["sources"][0]["path"])
+        redrawn = load_redrawn(manifest_path)
+        if tuple(redrawn.shape) != (L, E, 3, config.ffn_dim):
+            raise UpcycleError(f"the re-drawn masks in {manifest_path} have shape {tuple(redrawn.shape)}, the model "
+                               f"needs {(L, E, 3, config.ffn_dim)}; --upcycled-from names a different conversion")
+    if dense_source is not None and not dense_source.is_dir():
+        raise UpcycleError(f"dense parent {dense_source} does not exist; pass --dense DIR")
+    dense = _dense_ffns(dense_source, config) if dense_source is not None else None
+    redrawn_by = redrawn_shares(redrawn) if redrawn is not None else None
+
+    state = model.state_dict()
+    layer_results = []
+    for i in range(L):
+        routing = {d: routing_stats(per_layer[i], dead_threshold=dead_threshold) for d, per_layer in sums.items()}
+        pooled = routing_stats(_pool([per_layer[i] for per_layer in sums.values()]), dead_threshold=dead_threshold)
+        experts = expert_matrices(state[f"layers.{i}.{OUR_GATE_UP}"], state[f"layers.{i}.{OUR_DOWN}"])
+        entry = {"layer": i, "routing": routing, "all_domains": pooled,
+                 "specialization_jsd": mean_pairwise_jsd({d: np.array(r["share"]) for d, r in routing.items()}),
+                 "expert_similarity": expert_similarity(experts).tolist()}
+        if dense is not None:
+            entry["drift"] = expert_drift(experts, dense[i])
+        if redrawn_by is not None:
+            entry["redrawn_share"] = [{k: float(v[i, e]) for k, v in redrawn_by.items()} for e in range(E)]
+        layer_results.append(entry)
+
+    analysis = {"model": str(path), "data": str(data_dir), "num_layers": L, "num_experts": E, "top_k": config.top_k,
+                "seq_len": min(seq_len, config.max_seq_len), "max_sequences": max_sequences,
+                "domains": sorted(sums), "dead_threshold": dead_threshold,
+                "dense": str(dense_source) if dense_source is not None else None,
+                "manifest": str(manifest_path) if manifest_path is not None else None,
+                "plot_layers": plot_layers, "layers": layer_results}
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+    if plots:
+        analysis["figures"] = [str(p) for p in (plot_routing(analysis, out / "routing.png", plot_layers),
+                                                plot_layer_summary(analysis, out / "layers.png"),
+                                                plot_similarity(analysis, out / "expert_similarity.png", plot_layers))]
+    return analysis
+
+
+def _pool(sums: list[dict]) -> dict:
+    total = None
+    for s in sums:
+        total = add_sums(total, s)
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Figures (matplotlib, Agg: no display on servers)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_routing(analysis: dict, path: str | Path, layers: Sequence[int] | None = None) -> Path:
+    """The paper's routing figure: per layer, grouped bars of each domain's share of top-k assignments per expert,
+    with the uniform share 1/E dashed. Reusable on any analysis.json dict."""
+    plt = _pyplot()
+    E, domains = analysis["num_experts"], analysis["domains"]
+    if layers is None:
+        layers = analysis.get("plot_layers") or default_plot_layers(analysis["num_layers"])
+    by_layer = {entry["layer"]: entry for entry in analysis["layers"]}
+    fig, axes = plt.subplots(len(layers), 1, figsize=(max(6.0, 0.6 * E * len(domains) / 2 + 3), 2.4 * len(layers)),
+                             squeeze=False, sharex=True)
+    width = 0.8 / len(domains)
+    x_E = np.arange(E)
+    for ax, layer in zip(axes[:, 0], layers):
+        routing = by_layer[layer]["routing"]
+        for j, domain in enumerate(domains):
+            ax.bar(x_E - 0.4 + width * (j + 0.5), routing[domain]["share"], width, label=domain)
+        ax.axhline(1.0 / E, color="black", linestyle="--", linewidth=1, label="uniform 1/E")
+        ax.set_ylabel("share")
+        ax.set_title(f"layer {layer}", fontsize=10)
+    axes[-1, 0].set_xticks(x_E)
+    axes[-1, 0].set_xlabel("expert")
+    axes[0, 0].legend(fontsize=8, ncol=len(domains) + 1, loc="lower right", bbox_to_anchor=(1.0, 1.12))
+    fig.suptitle("share of top-k assignments per expert", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_summary(analysis: dict, path: str | Path) -> Path:
+    """Per layer: domain specialization (mean pairwise JSD), routing entropies and load imbalance (all domains)."""
+    plt = _pyplot()
+    layers = [entry["layer"] for entry in analysis["layers"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    jsd = [entry["specialization_jsd"] for entry in analysis["layers"]]
+    if all(v is not None for v in jsd):
+        ax1.plot(layers, jsd, marker="o", label="specialization (mean pairwise JSD)")
+    ax1.plot(layers, [e["all_domains"]["token_entropy"] for e in analysis["layers"]], marker="s",
+             label="per-token entropy / log E")
+    ax1.plot(layers, [e["all_domains"]["prob_entropy"] for e in analysis["layers"]], marker="^",
+             label="entropy of mean prob. / log E")
+    ax1.set_xlabel("layer")
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.legend(fontsize=8)
+    ax2.plot(layers, [e["all_domains"]["load_imbalance"] for e in analysis["layers"]], marker="o", color="C3")
+    ax2.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("max share x E (1 = balanced)")
+    for ax in (ax1, ax2):
+        ax.set_xticks(layers)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_similarity(analysis: dict, path: str | Path, layers: Sequence[int] | None = None) -> Path:
+    """Heatmaps of the pairwise cosine similarity between experts' weights, one per layer."""
+    plt = _pyplot()
+    if layers is None:
+        layers = analysis.get("plot_layers") or default_plot_layers(analysis["num_layers"])
+    by_layer = {entry["layer"]: entry for entry in analysis["layers"]}
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers) + 1, 3.4), squeeze=False)
+    image = None
+    for ax, layer in zip(axes[0], layers):
+        image = ax.imshow(np.array(by_layer[layer]["expert_similarity"]), vmin=-1, vmax=1, cmap="RdBu_r")
+        ax.set_title(f"layer {layer}", fontsize=10)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("expert")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="cosine similarity")
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def analyze_command(
+    model: str,
+    *,
+    data: str,
+    out: str,
+    layers: list[int] | None = None,
+    dense: str | None = None,
+    upcycled_from: str | None = None,
+    seq_len: int = 256,
+    max_sequences: int = 32,
+    batch_size: int = 8,
+    domains: list[str] | None = None,
+) -> None:
+    """Routing per domain, expert drift from the dense parent and expert similarity of an MoE checkpoint.
+
+    Args:
+        model: MoE checkpoint directory: our training checkpoint or an HF MoE (e.g. the output of upcycle convert).
+        data: Prepared data directory (data.json); each domain's validation sequences are routed.
+        out: Output directory for analysis.json, routing.png, layers.png and expert_similarity.png.
+        layers: MoE layers drawn in the routing and similarity figures (default: first, middle, last); statistics
+            cover every layer.
+        dense: Dense parent for expert drift (default: the source recorded in the convert manifest, if any).
+        upcycled_from: Output directory of upcycle convert the model descends from (for a training checkpoint): gives
+            the re-drawn neuron masks and the dense parent.
+        seq_len: Tokens per routed sequence.
+        max_sequences: Validation sequences per domain.
+        batch_size: Sequences per forward pass.
+        domains: Only these domains (default: all in data.json).
+    """
+    analysis = analyze(model, data, out, layers=layers, seq_len=seq_len, max_sequences=max_sequences,
+                       batch_size=batch_size, domains=domains, manifest_dir=upcycled_from, dense_path=dense)
+    print(f"{'layer':>5}{'JSD':>8}{'tok.H':>8}{'imbal.':>8}  dead experts (all domains)")
+    for entry in analysis["layers"]:
+        jsd = entry["specialization_jsd"]
+        pooled = entry["all_domains"]
+        print(f"{entry['layer']:>5}{jsd if jsd is not None else float('nan'):>8.3f}{pooled['token_entropy']:>8.3f}"
+              f"{pooled['load_imbalance']:>8.2f}  {pooled['dead_experts'] or '-'}")
+    print(f"wrote {Path(out) / 'analysis.json'} and {', '.join(Path(p).name for p in analysis.get('figures', []))}")

@@ -1,0 +1,300 @@
+"""`upcycle eval`: per-domain validation loss and perplexity of a dense or MoE checkpoint, plus an optional bridge to
+lm-evaluation-harness.
+
+The loss is scored on the fixed validation sequences of a prepared data directory (`data.validation_batches`: the
+same tokens for every checkpoint and every run), so numbers from different models and training steps compare directly.
+Each domain's loss is token-weighted: the summed next-token cross-entropy of all its scored tokens divided by their
+count (not a mean of per-batch means, which would over-weight a short last batch). Perplexity is exp(loss).
+
+lm-eval (the optional `eval` extra, `pip install 'upcycle[eval]'`) scores the model as a transformers model object;
+`upcycle_continuations`, a small local task shipped in `upcycle/assets/lm_eval/`, runs offline.
+
+Run: `upcycle eval MODEL_DIR --data DATA_DIR [--json-output] [--lm-eval-tasks upcycle_continuations]`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from upcycle.errors import UpcycleError
+
+SHIPPED_TASK = "upcycle_continuations"
+_TASK_DIR = Path(__file__).parent / "assets" / "lm_eval"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Math
+
+
+def summed_next_token_loss(logits_BTV: Tensor, labels_BT: Tensor) -> tuple[float, int]:
+    """(sum of next-token cross-entropies, number of tokens); labels are already shifted.
+
+    Sums rather than means so that batches of different sizes and domains combine exactly. fp32 log-softmax: in bf16
+    the small probabilities the loss depends on are lost.
+    """
+    # (B, T, V) -> (B*T, V)
+    logits_NV = logits_BTV.reshape(-1, logits_BTV.shape[-1]).float()
+    total = F.cross_entropy(logits_NV, labels_BT.reshape(-1), reduction="sum")
+    return float(total), labels_BT.numel()
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), or inf where exp overflows (a loss above ~709 nats only comes from a broken model)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def domain_result(loss_sum: float, num_tokens: int, num_sequences: int) -> dict:
+    """Token-weighted mean loss and perplexity of one domain; loss None when nothing could be scored."""
+    loss = loss_sum / num_tokens if num_tokens else None
+    return {"loss": loss, "perplexity": perplexity(loss) if loss is not None else None, "tokens": num_tokens,
+            "sequences": num_sequences}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# I/O
+
+
+def check_model_dir(model_path: str | Path) -> Path:
+    """The checkpoint directory, or an UpcycleError that says what a checkpoint directory must hold."""
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        raise UpcycleError(f"model {path} does not exist; pass a checkpoint directory (ours or Hugging Face)")
+    if not (path / "config.json").is_file():
+        raise UpcycleError(f"{path} has no config.json; pass a checkpoint directory (ours or Hugging Face)")
+    return path
+
+
+def _check_data_fits(model_config, metadata: dict, data_dir: Path, seq_len: int) -> None:
+    if metadata["vocab_size"] > model_config.vocab_size:
+        raise UpcycleError(f"{data_dir} was tokenized with {metadata['vocab_size']} token ids but the model has only "
+                           f"{model_config.vocab_size}; prepare the data with the model's tokenizer")
+    if seq_len > model_config.max_seq_len:
+        raise UpcycleError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
+
+
+@torch.no_grad()
+def evaluate(
+    model_path: str | Path,
+    data_dir: str | Path,
+    *,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    max_sequences: int = 64,
+    domains: Sequence[str] | None = None,
+) -> dict:
+    """Per-domain validation loss (nats per token) and perplexity of a checkpoint, in fp32.
+
+    Returns {"model", "data", "seq_len", "max_sequences", "domains": {name: {"loss", "perplexity", "tokens",
+    "sequences"}}, "overall": {...}}; "overall" weights every scored token equally, across domains.
+    """
+    from upcycle.data import read_metadata, validation_batches
+    from upcycle.hf_model import load_model
+
+    path = check_model_dir(model_path)
+    data_dir = Path(data_dir).expanduser()
+    metadata = read_metadata(data_dir)
+    model = load_model(path).eval()
+    _check_data_fits(model.config, metadata, data_dir, seq_len)
+    batches = validation_batches(data_dir, seq_len=seq_len, batch_size=batch_size, max_sequences=max_sequences,
+                                 domains=domains)
+    results, total_sum, total_tokens, total_sequences = {}, 0.0, 0, 0
+    for name, domain_batches in batches.items():
+        loss_sum, num_tokens, num_sequences = 0.0, 0, 0
+        for batch_BT in domain_batches:
+            output = model(batch_BT[:, :-1])
+            batch_sum, batch_tokens = summed_next_token_loss(output.logits, batch_BT[:, 1:])
+            loss_sum, num_tokens, num_sequences = loss_sum + batch_sum, num_tokens + batch_tokens, \
+                num_sequences + batch_BT.shape[0]
+        results[name] = domain_result(loss_sum, num_tokens, num_sequences)
+        total_sum, total_tokens, total_sequences = total_sum + loss_sum, total_tokens + num_tokens, \
+            total_sequences + num_sequences
+    if not total_tokens:
+        raise UpcycleError(f"no domain of {data_dir} has a validation split of at least seq_len + 1 = {seq_len + 1} "
+                           "tokens; lower --seq-len or prepare with a larger val_fraction")
+    return {"model": str(path), "data": str(data_dir), "seq_len": seq_len, "max_sequences": max_sequences,
+            "num_experts": model.config.num_experts, "domains": results,
+            "overall": domain_result(total_sum, total_tokens, total_sequences)}
+
+
+def format_table(result: dict) -> str:
+    """The per-domain results as a fixed-width text table (the CLI's default output)."""
+    lines = [f"{'domain':<16}{'loss':>10}{'ppl':>12}{'tokens':>10}{'seqs':>7}"]
+    rows = [*result["domains"].items(), ("(all tokens)", result["overall"])]
+    for name, r in rows:
+        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
+        ppl = f"{r['perplexity']:.2f}" if r["perplexity"] is not None else "-"
+        lines.append(f"{name:<16}{loss:>10}{ppl:>12}{r['tokens']:>10}{r['sequences']:>7}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# lm-evaluation-harness bridge
+
+
+def find_tokenizer(model_path: Path, data_dir: str | Path | None = None) -> Path:
+    """Where the tokenizer of a checkpoint lives: the model directory (convert copies it there), else the tokenizer a
+    prepared data directory was made with (our training checkpoints carry none)."""
+    if any((model_path / name).is_file() for name in _TOKENIZER_FILES):
+        return model_path
+    if data_dir is not None:
+        from upcycle.data import read_metadata
+
+        recorded = read_metadata(data_dir).get("tokenizer")
+        if recorded and Path(recorded).exists():
+            return Path(recorded)
+    raise UpcycleError(f"no tokenizer files in {model_path}; pass --tokenizer DIR (a directory with tokenizer.json)")
+
+
+def _hf_tokenizer(path: Path):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    directory = path.parent if path.is_file() else path
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        json_file = path if path.is_file() else path / "tokenizer.json"
+        if not json_file.is_file():
+            raise UpcycleError(f"transformers cannot load a tokenizer from {path}; pass a directory with "
+                               "tokenizer.json") from None
+        return PreTrainedTokenizerFast(tokenizer_file=str(json_file))
+
+
+def write_shipped_tasks(directory: Path) -> Path:
+    """Copy the shipped lm-eval task into `directory` with its data file as an absolute path.
+
+    lm-eval hands `dataset_kwargs.data_files` to `datasets.load_dataset`, which resolves a relative path against the
+    current directory, not the YAML's; writing the resolved YAML at run time makes the task work from any cwd.
+    """
+    import yaml
+
+    for yaml_file in _TASK_DIR.glob("*.yaml"):
+        config = yaml.safe_load(yaml_file.read_text())
+        files = config["dataset_kwargs"]["data_files"]
+        config["dataset_kwargs"]["data_files"] = {split: str((_TASK_DIR / name).resolve())
+                                                  for split, name in files.items()}
+        (directory / yaml_file.name).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    return directory
+
+
+def _transformers_model(model_path: Path, tmp: Path):
+    """A transformers CausalLM for any checkpoint we read: HF directories load directly, ours are exported first."""
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.hf_model import export_hf, is_our_checkpoint, load_model
+
+    if is_our_checkpoint(model_path):
+        ours = load_model(model_path)
+        model_path = export_hf(ours, ours.config, tmp / "hf_model")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
+    except (OSError, ValueError, KeyError) as exc:
+        raise UpcycleError(f"transformers cannot load {model_path}: {str(exc).splitlines()[0]}") from None
+
+
+def run_lm_eval(
+    model_path: str | Path,
+    tasks: Sequence[str],
+    include_path: str | Path | None = None,
+    limit: int | None = None,
+    *,
+    tokenizer: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    batch_size: int = 8,
+) -> dict:
+    """Run lm-evaluation-harness tasks on a checkpoint, offline, through its Python API; returns lm-eval's
+    {task: {metric: value}} results.
+
+    The shipped `upcycle_continuations` task is always available; `include_path` adds a directory of your own task
+    YAMLs. Hub and dataset downloads are switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), so only local tasks work.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UpcycleError("lm-eval is not installed; install the extra: pip install 'upcycle[eval]'") from None
+    path = check_model_dir(model_path)
+    if not tasks:
+        raise UpcycleError("name at least one lm-eval task, e.g. --lm-eval-tasks " + SHIPPED_TASK)
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UpcycleError(f"--lm-eval-include {include_path} is not a directory of task YAML files")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    tok = _hf_tokenizer(Path(tokenizer) if tokenizer else find_tokenizer(path, data_dir))
+    with tempfile.TemporaryDirectory(prefix="upcycle-lm-eval-") as tmp_name:
+        tmp = Path(tmp_name)
+        shipped = write_shipped_tasks(Path(tempfile.mkdtemp(dir=tmp)))
+        model = _transformers_model(path, tmp)
+        if len(tok) > model.config.vocab_size:
+            raise UpcycleError(f"the tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size}; "
+                               "pass the model's own tokenizer with --tokenizer")
+        manager = TaskManager(include_path=[str(shipped)] + ([str(include_path)] if include_path else []))
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise UpcycleError(f"unknown lm-eval task(s) {unknown}; offline, only local tasks work: {SHIPPED_TASK} or "
+                               "YAMLs under --lm-eval-include")
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu")
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                      log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+    return {task: {k: v for k, v in metrics.items() if k != "alias"} for task, metrics in out["results"].items()}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def eval_command(
+    model: str,
+    *,
+    data: str,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    max_sequences: int = 64,
+    domains: list[str] | None = None,
+    json_output: bool = False,
+    lm_eval_tasks: list[str] | None = None,
+    lm_eval_include: str | None = None,
+    limit: int | None = None,
+    tokenizer: str | None = None,
+) -> None:
+    """Per-domain validation loss and perplexity of a checkpoint (dense or MoE, ours or Hugging Face).
+
+    Args:
+        model: Checkpoint directory: our training checkpoint, or an HF dense/MoE checkpoint.
+        data: Prepared data directory (with data.json, from `upcycle data prepare`); its validation split is scored.
+        seq_len: Tokens per scored sequence (at most the model's max_seq_len).
+        batch_size: Sequences per forward pass.
+        max_sequences: Validation sequences per domain, spread evenly over its validation tokens.
+        domains: Only these domains (default: all in data.json).
+        json_output: Print the results as JSON instead of a table.
+        lm_eval_tasks: Also run these lm-evaluation-harness tasks (needs the `eval` extra), e.g. upcycle_continuations.
+        lm_eval_include: A directory of extra lm-eval task YAMLs.
+        limit: lm-eval: score only the first N documents of each task.
+        tokenizer: lm-eval: tokenizer directory (default: the model directory, else the one data.json names).
+    """
+    result = evaluate(model, data, seq_len=seq_len, batch_size=batch_size, max_sequences=max_sequences,
+                      domains=domains)
+    if lm_eval_tasks:
+        result["lm_eval"] = run_lm_eval(model, lm_eval_tasks, lm_eval_include, limit, tokenizer=tokenizer,
+                                        data_dir=data, batch_size=batch_size)
+    if json_output:
+        print(json.dumps(result, indent=2))
+        return
+    print(format_table(result))
+    for task, metrics in result.get("lm_eval", {}).items():
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                          if isinstance(v, float) and "stderr" not in k)
+        print(f"lm-eval {task}: {shown}")
