@@ -10,7 +10,8 @@ exactly as in the training loop.
 transformers: `MixtralForCausalLM(..., labels=..., output_router_logits=True)` (its CE + 0.02 * aux), `loss.backward()`,
 clipping and AdamW; its default experts backend (grouped_mm) and SDPA attention. Both fp32 (or both bf16 autocast
 with --precision bf16) on CPU, same batch.
-The two are interleaved round by round so machine-load drift hits both alike; reported times are medians.
+The two are interleaved round by round (alternating which goes first) so machine-load drift hits both alike;
+reported times are medians of wall time and of process CPU time (less sensitive to other processes on the cores).
 The last line is one JSON object with both throughputs and their ratio (ours / transformers).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import time
 
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: both models under torch.autocast(bfloat16), as train.precision=bf16 does")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every block of both models (ours as train.compile does, HF's layers)")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 2 steps")
     args = parser.parse_args(argv)
     if args.quick:
@@ -80,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     ours, hf = build_ours(args), build_hf(args)
+    if args.compile:
+        for block in list(ours.layers) + list(hf.model.layers):
+            block.compile()
     ours_opt, hf_opt = build_optimizer(ours, OptimConfig()), adamw(hf)
     loop = TrainLoopConfig(micro_batch_size=args.batch, aux_coef=0.02)
     batch_BT = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(1))
@@ -111,15 +118,21 @@ def main(argv: list[str] | None = None) -> None:
         fn()
         fn()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, fn in steps.items():
-            start = time.perf_counter()
+    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(args.rounds):
+        # alternate which model goes first, so neither always runs right after the other's allocations
+        for name in list(steps)[:: 1 if round_index % 2 == 0 else -1]:
+            fn = steps[name]
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 fn()
             times[name].append((time.perf_counter() - start) / args.steps)
+            cpu_times[name].append((time.process_time() - cpu_start) / args.steps)
 
     medians = {name: statistics.median(t) for name, t in times.items()}
+    cpu_medians = {name: statistics.median(t) for name, t in cpu_times.items()}
     throughput = {name: tokens / m for name, m in medians.items()}
+    cpu_throughput = {name: tokens / m for name, m in cpu_medians.items()}
     n_ours = sum(p.numel() for p in ours.parameters())
     n_hf = sum(p.numel() for p in hf.parameters())
     print(f"config: dim {args.dim}, {args.layers} layers, ffn {args.ffn_dim}, {args.experts} experts top-{args.top_k}, "
@@ -128,12 +141,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"parameters: ours {n_ours:,}, transformers {n_hf:,}")
     for name in steps:
         spread = f"{min(times[name]) * 1e3:.0f}-{max(times[name]) * 1e3:.0f}"
-        print(f"{name:>13}: {medians[name] * 1e3:8.1f} ms/step (range {spread}), {throughput[name]:8.0f} tokens/s")
+        print(f"{name:>13}: {medians[name] * 1e3:8.1f} ms/step (range {spread}), {throughput[name]:8.0f} tokens/s; "
+              f"cpu {cpu_medians[name] * 1e3:8.1f} ms/step, {cpu_throughput[name]:8.0f} tokens per cpu-second")
     ratio = throughput["ours"] / throughput["transformers"]
-    print(f"ratio ours / transformers: {ratio:.2f}x")
+    cpu_ratio = cpu_throughput["ours"] / cpu_throughput["transformers"]
+    print(f"ratio ours / transformers: {ratio:.2f}x wall, {cpu_ratio:.2f}x cpu time")
     print(json.dumps({"tokens_per_step": tokens, "ours_tokens_per_s": round(throughput["ours"], 1),
                       "transformers_tokens_per_s": round(throughput["transformers"], 1), "ratio": round(ratio, 3),
-                      "precision": args.precision, "threads": torch.get_num_threads(), "params": n_ours}))
+                      "ratio_cpu_time": round(cpu_ratio, 3), "precision": args.precision,
+                      "threads": torch.get_num_threads(), "params": n_ours, "compile": args.compile,
+                      "load_average_1min": round(os.getloadavg()[0], 2)}))
 
 
 if __name__ == "__main__":

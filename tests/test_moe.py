@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from upcycle.errors import UpcycleError
 from upcycle.losses import cross_entropy, load_balancing_loss, router_z_loss
-from upcycle.moe import MoE, experts_grouped, experts_reference, route
+from upcycle.moe import MoE, expert_ffn_sorted, experts_grouped, experts_reference, route
 
 T, D, FFN, E, K = 24, 16, 12, 4, 2
 
@@ -34,7 +34,7 @@ def forward_backward(moe: MoE, impl: str, x_TD: torch.Tensor, grad_TD: torch.Ten
     return out_TD.detach(), x.grad.clone(), grads, counts_E
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("impl", ["fused", "grouped_mm", "loop"])
 def test_fast_path_matches_reference_outputs_and_gradients(impl):
     moe = make_moe()
     torch.manual_seed(1)
@@ -50,7 +50,8 @@ def test_fast_path_matches_reference_outputs_and_gradients(impl):
     assert torch.equal(fast[3], ref[3])
 
 
-def test_fast_path_handles_empty_experts():
+@pytest.mark.parametrize("impl", ["fused", "grouped_mm", "loop"])
+def test_fast_path_handles_empty_experts(impl):
     moe = make_moe(num_experts=6, top_k=2)
     with torch.no_grad():  # experts 2..5 can never win: every token goes to experts 0 and 1
         moe.router.weight[2:] = -moe.router.weight[:2].abs().sum() - 10.0
@@ -58,10 +59,55 @@ def test_fast_path_handles_empty_experts():
     x_TD, grad_TD = torch.randn(T, D).abs(), torch.randn(T, D)
     moe.router.weight.data[:2] = moe.router.weight.data[:2].abs()
     ref = forward_backward(moe, "reference", x_TD, grad_TD)
-    fast = forward_backward(moe, "grouped_mm", x_TD, grad_TD)
+    fast = forward_backward(moe, impl, x_TD, grad_TD)
     assert fast[3].tolist() == [T, T, 0, 0, 0, 0]
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fast[2]["down_EFD"], ref[2]["down_EFD"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[1], ref[1], rtol=1e-5, atol=1e-6)
+    for name in ("router.weight", "gate_up_ED2F", "down_EFD"):
+        torch.testing.assert_close(fast[2][name], ref[2][name], rtol=1e-5, atol=1e-6, msg=name)
+    # experts without tokens get exact zero gradients (not uninitialized memory)
+    assert torch.equal(fast[2]["gate_up_ED2F"][2:], torch.zeros_like(fast[2]["gate_up_ED2F"][2:]))
+    assert torch.equal(fast[2]["down_EFD"][2:], torch.zeros_like(fast[2]["down_EFD"][2:]))
+
+
+def test_fused_expert_ffn_matches_autograd_on_sorted_rows():
+    """The hand-written backward of the fused Function against autograd through the plain loop, with an empty
+    expert in the middle, only some inputs requiring grad, and a stride-0 upstream gradient (from .sum())."""
+    torch.manual_seed(9)
+    counts_E = torch.tensor([5, 0, 7, 3])
+    x_SD = torch.randn(int(counts_E.sum()), D, dtype=torch.float64)
+    gate_up_ED2F = torch.randn(4, D, 2 * FFN, dtype=torch.float64) * 0.3
+    down_EFD = torch.randn(4, FFN, D, dtype=torch.float64) * 0.3
+    grad_SD = torch.randn(x_SD.shape[0], D, dtype=torch.float64)
+    for needs in [(True, True, True), (False, True, True), (True, False, False)]:
+        results = {}
+        for impl in ("fused", "loop"):
+            leaves = [t.clone().requires_grad_(r) for t, r in zip((x_SD, gate_up_ED2F, down_EFD), needs)]
+            y_SD = expert_ffn_sorted(leaves[0], counts_E, leaves[1], leaves[2], impl=impl)
+            (y_SD * grad_SD).sum().backward()
+            results[impl] = [y_SD.detach()] + [t.grad for t in leaves]
+        for got, want in zip(results["fused"], results["loop"]):
+            assert (got is None) == (want is None)
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    leaves = [t.clone().requires_grad_() for t in (x_SD, gate_up_ED2F, down_EFD)]
+    expert_ffn_sorted(leaves[0], counts_E, leaves[1], leaves[2], impl="fused").sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+    assert torch.equal(leaves[1].grad[1], torch.zeros_like(leaves[1].grad[1]))
+
+
+def test_fused_path_under_cpu_autocast_runs_experts_in_bf16_with_fp32_grads():
+    moe = make_moe()
+    moe.impl = "fused"
+    torch.manual_seed(10)
+    x_TD = torch.randn(T, D)
+    expected = moe(x_TD).out_TD.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_TD = moe(x_TD).out_TD
+    assert out_TD.dtype == torch.bfloat16
+    torch.testing.assert_close(out_TD.float(), expected, rtol=0.05, atol=0.05)
+    out_TD.float().square().sum().backward()
+    assert moe.gate_up_ED2F.grad.dtype == torch.float32 and moe.gate_up_ED2F.grad.abs().sum() > 0
 
 
 def test_bf16_paths_agree_with_fp32_reference():
@@ -70,7 +116,7 @@ def test_bf16_paths_agree_with_fp32_reference():
     x_TD = torch.randn(T, D)
     expected = moe(x_TD).out_TD
     moe_bf16 = make_moe().to(torch.bfloat16)
-    for impl in ("grouped_mm", "loop", "auto"):
+    for impl in ("fused", "grouped_mm", "loop", "auto"):
         moe_bf16.impl = impl
         out = moe_bf16(x_TD.to(torch.bfloat16))
         assert out.out_TD.dtype == torch.bfloat16 and out.router_logits_TE.dtype == torch.float32
@@ -89,7 +135,7 @@ def test_identical_experts_reproduce_the_dense_ffn(num_experts, top_k):
     x_TD, grad_TD = torch.randn(T, D, requires_grad=True), torch.randn(T, D)
     dense_TD = F.linear(F.silu(F.linear(x_TD, gate)) * F.linear(x_TD, up), down)
     (gx_dense,) = torch.autograd.grad((dense_TD * grad_TD).sum(), x_TD)
-    for impl in ("grouped_mm", "loop", "reference"):
+    for impl in ("fused", "grouped_mm", "loop", "reference"):
         moe.impl = impl
         out_TD = moe(x_TD).out_TD
         torch.testing.assert_close(out_TD, dense_TD, rtol=1e-5, atol=1e-6)

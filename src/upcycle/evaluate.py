@@ -224,8 +224,9 @@ def run_lm_eval(
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise UpcycleError("lm-eval is not installed; install the extra: pip install 'upcycle[eval]'") from None
+    except ImportError as exc:
+        raise UpcycleError(f"lm-eval cannot be imported ({exc}); install the extra: pip install 'upcycle[eval]'") \
+            from None
     path = check_model_dir(model_path)
     if not tasks:
         raise UpcycleError("name at least one lm-eval task, e.g. --lm-eval-tasks " + SHIPPED_TASK)

@@ -211,7 +211,9 @@ def _fresh_output_dir(out_dir: Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UpcycleError(f"output {out_dir} already exists and is not empty; choose a new directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published directory should read like any other
+    return tmp
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Our dropless Mixture-of-Experts FFN: router -> sort -> gather -> grouped expert matmuls -> weighted scatter.
+"""Our dropless Mixture-of-Experts FFN: router -> sort -> gather -> per-expert matmuls -> weighted scatter.
 
 Every token is computed by its top-k experts (no capacity factor, nothing dropped), as in Mixtral and the
 Drop-Upcycling paper. The math is in pure functions (`route`, `experts_grouped`, `experts_reference`); the `MoE`
@@ -14,6 +14,10 @@ grouped matmul (T=4096, D=512, F=1408, E=8, k=2, fwd+bwd, 2 CPU cores) this was 
 transformers' [E, 2F, D] layout read through a transposed view on an idle machine, and equal within noise under load.
 hf_model.py converts between the two layouts.
 
+Expert kernels (`impl`): "fused" (the default behind "auto") is one custom autograd Function doing per-expert mm into
+preallocated buffers with a hand-written backward; "grouped_mm" and "loop" go through autograd; "reference" is the
+obvious per-expert loop the tests compare all of them to. Measurements are in docs/performance.md.
+
 Run the layer benchmark with `python benchmarks/moe_layer.py --quick`.
 """
 
@@ -27,7 +31,7 @@ from torch import Tensor, nn
 
 from upcycle.errors import UpcycleError
 
-IMPLEMENTATIONS = ("auto", "grouped_mm", "loop", "reference")
+IMPLEMENTATIONS = ("auto", "fused", "grouped_mm", "loop", "reference")
 
 
 class MoEOutput(NamedTuple):
@@ -90,21 +94,101 @@ def grouped_matmul(x_SI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
 
 
 def resolve_impl(impl: str) -> str:
-    """Pick the expert-compute kernel for "auto": grouped_mm when torch has it, else the per-expert loop."""
+    """Pick the expert-compute kernel; "auto" is "fused" (plain mm on every torch build, and the fastest on CPU)."""
     if impl not in IMPLEMENTATIONS:
         raise UpcycleError(f"unknown MoE implementation {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
-    if impl != "auto":
-        return impl
-    return "grouped_mm" if grouped_mm_available() else "loop"
+    return "fused" if impl == "auto" else impl
+
+
+class _FusedExpertFFN(torch.autograd.Function):
+    """The whole sorted-expert SwiGLU FFN as one autograd node: per-expert `torch.mm` into preallocated buffers, with a
+    hand-written backward (2 mm per matmul, SwiGLU's gradient written straight into one (S, 2F) buffer).
+
+    Why: on CPU, torch 2.13's grouped_mm is itself a loop of mm, so this does the same matmuls; what it saves is the
+    autograd graph around them, notably the `cat` that the backward of `chunk(2)` in `swiglu` runs on (S, 2F).
+    Saves what autograd would save for the same graph: x, [gate | up], silu(gate) and the activation.
+    """
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, counts: list[int]) -> Tensor:
+        S, F_ = x_SD.shape[0], down_EFD.shape[1]
+        h_S2F = x_SD.new_empty(S, 2 * F_)
+        y_SD = x_SD.new_empty(S, down_EFD.shape[2])
+        bounds = _segments(counts)
+        for e, (a, b) in bounds:
+            torch.mm(x_SD[a:b], gate_up_ED2F[e], out=h_S2F[a:b])
+        gate_SF, up_SF = h_S2F[:, :F_], h_S2F[:, F_:]
+        silu_SF = F.silu(gate_SF)
+        act_SF = silu_SF * up_SF
+        for e, (a, b) in bounds:
+            torch.mm(act_SF[a:b], down_EFD[e], out=y_SD[a:b])
+        if S == 0:
+            y_SD.zero_()
+        ctx.save_for_backward(x_SD, gate_up_ED2F, down_EFD, h_S2F, silu_SF, act_SF)
+        ctx.bounds = bounds
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, grad_SD: Tensor):
+        x_SD, gate_up_ED2F, down_EFD, h_S2F, silu_SF, act_SF = ctx.saved_tensors
+        F_ = down_EFD.shape[1]
+        grad_SD = grad_SD.contiguous()  # e.g. the stride-0 gradient of .sum()
+        need_x, need_gate_up, need_down = ctx.needs_input_grad[:3]
+        # experts without tokens get exact zeros; the others are fully overwritten by mm(out=)
+        full = len(ctx.bounds) == gate_up_ED2F.shape[0]
+        new = torch.empty_like if full else torch.zeros_like
+        grad_down_EFD = new(down_EFD) if need_down else None
+        grad_gate_up_ED2F = new(gate_up_ED2F) if need_gate_up else None
+        grad_act_SF = torch.empty_like(act_SF)
+        for e, (a, b) in ctx.bounds:
+            torch.mm(grad_SD[a:b], down_EFD[e].T, out=grad_act_SF[a:b])
+            if need_down:
+                torch.mm(act_SF[a:b].T, grad_SD[a:b], out=grad_down_EFD[e])
+        # act = silu(gate) * up: d/d up = silu(gate); d/d gate = silu'(gate) * up
+        grad_h_S2F = torch.empty_like(h_S2F)
+        torch.mul(grad_act_SF, silu_SF, out=grad_h_S2F[:, F_:])
+        grad_act_SF.mul_(h_S2F[:, F_:])
+        torch.ops.aten.silu_backward.grad_input(grad_act_SF, h_S2F[:, :F_], grad_input=grad_h_S2F[:, :F_])
+        grad_x_SD = torch.empty_like(x_SD) if need_x else None
+        for e, (a, b) in ctx.bounds:
+            if need_gate_up:
+                torch.mm(x_SD[a:b].T, grad_h_S2F[a:b], out=grad_gate_up_ED2F[e])
+            if need_x:
+                torch.mm(grad_h_S2F[a:b], gate_up_ED2F[e].T, out=grad_x_SD[a:b])
+        if need_x and x_SD.shape[0] == 0:
+            grad_x_SD.zero_()
+        return grad_x_SD, grad_gate_up_ED2F, grad_down_EFD, None
+
+
+def _segments(counts: list[int]) -> list[tuple[int, tuple[int, int]]]:
+    """(expert, (start, end)) for every expert with at least one row."""
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            out.append((e, (start, start + n)))
+        start += n
+    return out
+
+
+def fused_expert_ffn(x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, counts: list[int]) -> Tensor:
+    """`_FusedExpertFFN` with autocast applied as it would be to `x @ w`: the custom Function's mm(out=) calls are
+    not autocast ops, so under CPU autocast the operands are cast here (the casts' backward returns fp32 grads)."""
+    if torch.is_autocast_enabled(x_SD.device.type):
+        dtype = torch.get_autocast_dtype(x_SD.device.type)
+        x_SD, gate_up_ED2F, down_EFD = x_SD.to(dtype), gate_up_ED2F.to(dtype), down_EFD.to(dtype)
+    with torch.autocast(x_SD.device.type, enabled=False):
+        return _FusedExpertFFN.apply(x_SD, gate_up_ED2F, down_EFD, counts)
 
 
 def expert_ffn_sorted(x_SD: Tensor, counts_E: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, *, impl: str) -> Tensor:
     """SwiGLU FFN of expert e on its contiguous segment of rows (counts_E[e] rows). Returns (S, D).
 
+    "fused": one custom autograd node, per-expert mm into preallocated buffers (see `_FusedExpertFFN`).
     "grouped_mm": one grouped matmul for gate and up together, SwiGLU, one for down. "loop": the whole FFN per expert
-    with plain mm, concatenating only the (S, D) outputs (not the (S, 2F) hidden), for torch builds without
-    grouped_mm.
+    with plain mm under autograd, concatenating only the (S, D) outputs (not the (S, 2F) hidden).
     """
+    if impl == "fused":
+        return fused_expert_ffn(x_SD, gate_up_ED2F, down_EFD, counts_E.tolist())  # one host sync for the sizes
     if impl == "grouped_mm":
         offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         h_SF = swiglu(grouped_matmul(x_SD, gate_up_ED2F, offs_E))
@@ -116,7 +200,7 @@ def expert_ffn_sorted(x_SD: Tensor, counts_E: Tensor, gate_up_ED2F: Tensor, down
 def experts_grouped(
     x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, *, impl: str = "grouped_mm"
 ) -> tuple[Tensor, Tensor]:
-    """The fast path: all (token, slot) pairs sorted by expert and run as grouped matmuls.
+    """The fast path: all (token, slot) pairs sorted by expert, each expert's rows one contiguous block of matmuls.
 
     Returns (out_TD, counts_E) with counts_E the (token, slot) pairs per expert.
     """
@@ -128,13 +212,14 @@ def experts_grouped(
     counts_E = torch.bincount(ids_S, minlength=E)
     token_S = order_S // K
     # gather: each pair's token row, in expert order
-    x_SD = x_TD[token_S]
+    x_SD = x_TD.index_select(0, token_S)
     # expert compute
     y_SD = expert_ffn_sorted(x_SD, counts_E, gate_up_ED2F, down_EFD, impl=impl)
     # scatter: weight each pair's output and add it to its token's row. index_add beat "inverse permutation + bmm
     # over K" by 1.4x (fp32) to 2.3x (bf16) forward+backward on CPU; its backward is a plain gather.
     weights_S = weights_TK.reshape(-1)[order_S].to(y_SD.dtype)
-    out_TD = torch.zeros_like(x_TD).index_add(0, token_S, y_SD * weights_S[:, None])
+    # in y's dtype: under CPU autocast the experts run in bf16 and, like an autocast F.linear, return bf16
+    out_TD = y_SD.new_zeros(x_TD.shape).index_add(0, token_S, y_SD * weights_S[:, None])
     return out_TD, counts_E
 
 
