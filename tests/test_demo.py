@@ -38,10 +38,14 @@ def test_demo_runs_every_stage_and_writes_the_report(tiny_seed, tmp_path, capsys
         assert (out / name).stat().st_size > 1000, name
         assert name in report
     rows = [line for line in report.splitlines() if line.startswith(("| dense seed", "| naive", "| drop"))]
-    assert len(rows) == 3
+    assert len(rows) == 5
     assert "3 optimizer steps" in report and "nothing here tests that claim" in report
     evals = json.loads((out / "eval.json").read_text())
-    assert set(evals) == {"dense seed", "naive", "drop"}
+    assert set(evals) == {"dense seed", "naive, before training", "drop, before training", "naive, after training",
+                          "drop, after training"}
+    # naive upcycling is the dense function: same per-domain losses before training (fp32, up to summation order)
+    for domain, result in evals["dense seed"]["domains"].items():
+        assert evals["naive, before training"]["domains"][domain]["loss"] == pytest.approx(result["loss"], abs=1e-4)
     for result in evals.values():
         assert set(result["domains"]) == {"english", "japanese", "code"}
     # same data order in both arms, so the first losses differ only because drop re-drew half of each expert

@@ -59,24 +59,34 @@ def _final_checkpoint(run: Path) -> Path:
     return path
 
 
-def plot_losses(runs: dict[str, Path], path: Path) -> None:
+def plot_losses(runs: dict[str, Path], path: Path, dense_val: float | None = None,
+                initial_val: dict[str, float] | None = None) -> None:
+    """Training CE per step (faint) with a 5-step running mean, and validation CE, one colour per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, run in runs.items():
+    for color, (name, run) in zip(("tab:blue", "tab:red"), runs.items()):
         records = _read_metrics(run)
-        ax.plot([r["tokens"] / 1e3 for r in records], [r["ce"] for r in records], label=f"{name} (train CE)")
+        tokens = [r["tokens"] / 1e3 for r in records]
+        ce = [r["ce"] for r in records]
+        smooth = [sum(ce[max(0, i - 4):i + 1]) / len(ce[max(0, i - 4):i + 1]) for i in range(len(ce))]
+        ax.plot(tokens, ce, color=color, alpha=0.25, linewidth=1)
+        ax.plot(tokens, smooth, color=color, label=f"{name}: train CE (5-step mean)")
         val = [(r["tokens"] / 1e3, sum(r["val"].values()) / len(r["val"])) for r in records if "val" in r]
+        if initial_val and name in initial_val:
+            val.insert(0, (0.0, initial_val[name]))
         if val:
-            ax.plot(*zip(*val), "o--", label=f"{name} (val, mean of domains)")
+            ax.plot(*zip(*val), "o--", color=color, label=f"{name}: validation CE (mean of domains)")
+    if dense_val is not None:
+        ax.axhline(dense_val, color="gray", linestyle=":", label="dense seed: validation CE")
     ax.set_xlabel("training tokens (thousands)")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("Naive vs Drop-Upcycling, same budget")
+    ax.set_title("Naive vs Drop-Upcycling, same data and budget")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -188,7 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     tokens = _read_metrics(runs["drop"])[-1]["tokens"]
 
     with _Stage("upcycle eval: dense seed, naive, drop (per domain)"):
-        models = {"dense seed": seed_dir, **{arm: _final_checkpoint(run) for arm, run in runs.items()}}
+        models = {"dense seed": seed_dir,
+                  **{f"{arm}, before training": out / arm for arm in ARMS},
+                  **{f"{arm}, after training": _final_checkpoint(run) for arm, run in runs.items()}}
         evals = {name: evaluate(path, data_dir, seq_len=config.data.seq_len) for name, path in models.items()}
         (out / "eval.json").write_text(json.dumps(evals, indent=2, default=str))
 
@@ -198,7 +210,12 @@ def main(argv: list[str] | None = None) -> None:
             analyses[arm] = analyze(_final_checkpoint(run), data_dir, out / f"analysis-{arm}", manifest_dir=out / arm,
                                     dense_path=seed_dir, seq_len=config.data.seq_len)
             plot_routing(analyses[arm], out / f"routing_{arm}.png")
-        plot_losses(runs, out / "loss.png")
+        def mean_loss(name: str) -> float:
+            domains = evals[name]["domains"]
+            return sum(d["loss"] for d in domains.values()) / len(domains)
+
+        plot_losses(runs, out / "loss.png", dense_val=mean_loss("dense seed"),
+                    initial_val={arm: mean_loss(f"{arm}, before training") for arm in ARMS})
 
     report = write_report(out, seed_dir=seed_dir, steps=steps, tokens=tokens, evals=evals, analyses=analyses,
                           seconds=time.perf_counter() - start)
