@@ -70,6 +70,16 @@ def read_config(directory: Path) -> dict:
 
 
 @pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny matmuls gain nothing from a second thread, and on a busy 2-core machine OpenMP's waiting for a descheduled
+    thread made them ~10x slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _quiet_transformers():
     from transformers.utils import logging as hf_logging
 

@@ -35,14 +35,6 @@ SEQ_LEN = 32
 FFN_DIM = 48  # conftest's tiny Llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_prepared(tmp_path_factory.mktemp("analyze_data"))[0]

@@ -21,7 +21,6 @@ from upcycle.data import (
     choose_validation,
     load_tokenizer,
     prepare,
-    prepare_command,
     read_metadata,
     read_tokens,
     validation_batches,

@@ -76,15 +76,6 @@ def tiny_moe(seed: int = 0, **overrides) -> Transformer:
     return Transformer(config).eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from a second thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> tuple[Path, Path]:
     return make_prepared(tmp_path_factory.mktemp("eval_data"))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from upcycle.errors import UpcycleError
 from upcycle.losses import cross_entropy, load_balancing_loss, router_z_loss
-from upcycle.moe import MoE, expert_ffn_sorted, experts_grouped, experts_reference, route
+from upcycle.moe import MoE, expert_ffn_sorted, route
 
 T, D, FFN, E, K = 24, 16, 12, 4, 2
 

@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 import yaml
 
 VOCAB = 64
@@ -105,13 +103,3 @@ def train_cli(config: Path, out: Path, *extra: str) -> list[str]:
 def run_train(config: Path, out: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(train_cli(config, out, *extra), env=subprocess_env(), capture_output=True, text=True,
                           timeout=timeout)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Train in-process on one thread: tiny matmuls gain nothing from a second one, and on a busy 2-core machine
-    OpenMP's waiting for a descheduled thread made them ~10x slower. Restored afterwards for other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

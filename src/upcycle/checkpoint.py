@@ -43,6 +43,7 @@ from torch import nn
 
 from upcycle.distributed import World, barrier
 from upcycle.errors import UpcycleError
+from upcycle.files import fsync_dir
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_WEIGHTS = "model.safetensors"
@@ -158,14 +159,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
@@ -243,11 +236,11 @@ def save_checkpoint(
         (tmp / TRAIN_CONFIG).write_text(yaml.safe_dump(train_config, sort_keys=False))
         for path in tmp.iterdir():
             _fsync_file(path)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     barrier(world)

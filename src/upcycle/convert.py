@@ -29,6 +29,7 @@ from tqdm import tqdm
 import upcycle
 from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
+from upcycle.files import fsync_dir, replace_dir
 from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader, PlannedTensor, ShardWriter, parse_size
 from upcycle.upcycling import (
     MATRICES,
@@ -416,25 +417,11 @@ def _write(readers, shapes, fmt: str, opts: ConvertOptions, output: Path, progre
             if (readers[0].dir / name).is_file():
                 shutil.copy2(readers[0].dir / name, tmp / name)
         _write_manifest(tmp, readers, opts, fmt, moe_config, record, shards)
-        _fsync_dir(tmp)
-        if output.exists():
-            old = output.parent / f".{output.name}.upcycle-old-{os.getpid()}"
-            output.rename(old)
-            tmp.rename(output)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(output)
+        fsync_dir(tmp)
+        replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_manifest(directory: Path, readers, opts: ConvertOptions, fmt: str, moe_config: dict, record: _Record,

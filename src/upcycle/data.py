@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from upcycle.errors import UpcycleError
+from upcycle.files import replace_dir
 
 FORMAT_VERSION = 1
 METADATA_FILE = "data.json"
@@ -318,13 +319,7 @@ def prepare(
             "domains": domains,
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

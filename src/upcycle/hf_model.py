@@ -15,7 +15,6 @@ holding our ModelConfig under "model"; `load_model` reads either kind.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
+from upcycle.files import replace_dir
 from upcycle.model import ModelConfig, Transformer
 from upcycle.safetensors_io import CheckpointReader
 
@@ -219,8 +219,8 @@ def _fresh_output_dir(out_dir: Path) -> Path:
 def _publish(tmp: Path, out_dir: Path) -> None:
     """Atomic from the reader's point of view: the directory appears complete or not at all."""
     if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
+        out_dir.rmdir()  # _fresh_output_dir allowed only an empty one
+    replace_dir(tmp, out_dir)
 
 
 def export_hf(
