@@ -333,7 +333,7 @@ def _pyplot():
     return plt
 
 
-def plot_routing(analysis: dict, path: str | Path, layers: Sequence[int] | None = None) -> Path:
+def plot_routing(analysis: dict, path: str | Path, layers: Sequence[int] | None = None, title: str | None = None) -> Path:
     """The paper's routing figure: per layer, grouped bars of each domain's share of top-k assignments per expert,
     with the uniform share 1/E dashed. Reusable on any analysis.json dict."""
     plt = _pyplot()
@@ -355,7 +355,7 @@ def plot_routing(analysis: dict, path: str | Path, layers: Sequence[int] | None 
     axes[-1, 0].set_xticks(x_E)
     axes[-1, 0].set_xlabel("expert")
     axes[0, 0].legend(fontsize=8, ncol=len(domains) + 1, loc="lower right", bbox_to_anchor=(1.0, 1.12))
-    fig.suptitle("share of top-k assignments per expert", fontsize=11)
+    fig.suptitle(f"{title + ': ' if title else ''}share of top-k assignments per expert", fontsize=11)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         for arm, run in runs.items():
             analyses[arm] = analyze(_final_checkpoint(run), data_dir, out / f"analysis-{arm}", manifest_dir=out / arm,
                                     dense_path=seed_dir, seq_len=config.data.seq_len)
-            plot_routing(analyses[arm], out / f"routing_{arm}.png")
+            plot_routing(analyses[arm], out / f"routing_{arm}.png", title=f"{arm} upcycling, after training")
         def mean_loss(name: str) -> float:
             domains = evals[name]["domains"]
             return sum(d["loss"] for d in domains.values()) / len(domains)
