@@ -1,7 +1,7 @@
 """Build the three-domain text corpus (English, Japanese, code) from Debian packages, reproducibly and offline.
 
-    python scripts/build_corpus.py --out /work/corpus/out --cache /work/corpus
-    python scripts/build_corpus.py --out /work/corpus/out --cache /work/corpus --sample-out data/sample \
+    python scripts/build_corpus.py --out runs/corpus --cache runs/corpus-cache
+    python scripts/build_corpus.py --out runs/corpus --cache runs/corpus-cache --sample-out data/sample \
         --sample-bytes 4000000
 
 Why Debian packages: they are the one large, versioned, licensed-for-redistribution text source reachable from this

@@ -2,7 +2,7 @@
 tokenizer directory (tokenizer.json, tokenizer_config.json, special_tokens_map.json) that
 `transformers.AutoTokenizer.from_pretrained(dir)` and `upcycle data prepare` both load offline.
 
-    python scripts/train_tokenizer.py --corpus /work/corpus/out --out assets/tokenizer
+    python scripts/train_tokenizer.py --corpus runs/corpus --out assets/tokenizer
 
 Why 8192 ids: the demo's seed models have 5-20M parameters. With dim 256-384 an embedding plus an untied LM head cost
 2 * V * dim parameters: 4.2-6.3M at V = 8192 but 16.8-25.2M at V = 32768, i.e. a 32k vocabulary would be most of the
