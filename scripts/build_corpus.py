@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
+from upcycle.safetensors_io import file_sha256
+
 DOMAINS = ("english", "japanese", "code")
 
 
@@ -301,14 +303,6 @@ def is_validation(digest: str, val_fraction: float) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_package(package: str, cache: Path) -> dict:
     """Download (if needed) and extract one package; returns its manifest record."""
     debs = cache / "debs"
@@ -322,7 +316,7 @@ def fetch_package(package: str, cache: Path) -> dict:
     deb = found[0]
     version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], check=True, capture_output=True,
                              text=True).stdout.strip()
-    digest = sha256_file(deb)
+    digest = file_sha256(deb)
     root = cache / "extract" / package
     stamp = root / ".extracted"
     if not stamp.is_file() or stamp.read_text() != digest:
