@@ -29,7 +29,7 @@ from tqdm import tqdm
 import upcycle
 from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
-from upcycle.files import fsync_dir, replace_dir
+from upcycle.files import fsync_dir, refuse_output_over_inputs, replace_dir
 from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader, PlannedTensor, ShardWriter, parse_size
 from upcycle.upcycling import (
     MATRICES,
@@ -378,6 +378,7 @@ def convert(
     """
     opts = ConvertOptions(**{k: tuple(v) if k == "btx_sources" else v for k, v in options.items()})
     output = Path(output).absolute()
+    refuse_output_over_inputs(output, [source, *opts.btx_sources], flag="OUTPUT")
     _prepare_output(output, force)
     readers, shapes, fmt = _open_sources(source, opts)
     with _single_thread():

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from upcycle.errors import UpcycleError
-from upcycle.files import replace_dir
+from upcycle.files import refuse_output_over_inputs, replace_dir
 
 FORMAT_VERSION = 1
 METADATA_FILE = "data.json"
@@ -284,6 +284,8 @@ def prepare(
         raise UpcycleError(f"output {out} already exists; choose another --out or pass --force to replace it")
     files = _parse_sources(sources)
     val_files = _parse_sources(val_sources) if val_sources else {}
+    inputs = [path for group in (files, val_files) for paths in group.values() for path in paths]
+    refuse_output_over_inputs(out, [*inputs, tokenizer], flag="OUT")
     if set(val_files) - set(files):
         raise UpcycleError(f"validation sources for {sorted(set(val_files) - set(files))} have no training sources")
     tok, eos_id = load_tokenizer(tokenizer, eos_token)
