@@ -49,7 +49,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
 
     expected, got = read_metrics(tmp_path / "reference"), read_metrics(out)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    for key in ("loss", "ce", "aux", "grad_norm", "lr"):
+    for key in ("loss", "ce", "aux", "grad_norm", "lr", "data_sha256"):
         assert [r[key] for r in got] == [r[key] for r in expected], key  # exact equality, not approx
     assert [r["val"] for r in got if "val" in r] == [r["val"] for r in expected if "val" in r]
     assert [r["expert_load"] for r in got] == [r["expert_load"] for r in expected]

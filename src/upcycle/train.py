@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import signal
@@ -719,11 +720,15 @@ def _run(config: TrainConfig, config_dict: dict, out: Path, data_dir: Path, resu
                            seed=data_cfg.seed, weights=data_cfg.weights, rank=world.rank, world_size=world.world_size)
 
     start_step = 0
+    # A running SHA-256 over the token ids of every batch this rank consumed: two runs that log the same value at a
+    # step saw the same data in the same order (what `upcycle experiment` checks across its arms).
+    data_sha256 = hashlib.sha256(b"upcycle-data").hexdigest()
     metrics_path = out / METRICS_FILE
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, world=world)
         loader.load_state_dict(state["data"])
         start_step = int(state["step"])
+        data_sha256 = state.get("data_sha256", data_sha256)
         if world.is_main:
             print(f"upcycle train: resuming from {resume_from} (step {start_step}, written by "
                   f"{state.get('world_size', 1)} rank(s))", file=sys.stderr)
@@ -744,7 +749,7 @@ def _run(config: TrainConfig, config_dict: dict, out: Path, data_dir: Path, resu
     params = [p for p in model.parameters()]
 
     def save(step: int) -> Path:
-        trainer_state = {"tokens": step * tokens_per_step, "data": loader.state_dict()}
+        trainer_state = {"tokens": step * tokens_per_step, "data": loader.state_dict(), "data_sha256": data_sha256}
         return ckpt.save_checkpoint(out / ckpt.CHECKPOINT_DIR, step, model=model, optimizer=optimizer,
                                     model_config=dataclasses.asdict(model_config), trainer_state=trainer_state,
                                     train_config=config_dict, keep=config.checkpoint.keep, world=world)
@@ -783,7 +788,9 @@ def _run(config: TrainConfig, config_dict: dict, out: Path, data_dir: Path, resu
                 lr = lr_of(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch_BT = loader.next_batch().to(world.device)
+                batch_BT = loader.next_batch()
+                data_sha256 = hashlib.sha256(data_sha256.encode() + batch_BT.numpy().tobytes()).hexdigest()
+                batch_BT = batch_BT.to(world.device)
                 sums, counts_LE = forward_backward(model, batch_BT, loop=loop, top_k=top_k, num_moe=num_moe,
                                                    num_experts=model_config.num_experts, autocast=autocast)
                 flag = torch.tensor([1.0 if stop.signal_name else 0.0], dtype=torch.float64, device=world.device)
@@ -809,7 +816,7 @@ def _run(config: TrainConfig, config_dict: dict, out: Path, data_dir: Path, resu
                     record: dict[str, Any] = {
                         "step": done, "loss": loss, "ce": ce, "aux": aux, "z": z, "lr": lr, "grad_norm": grad_norm,
                         "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_step / elapsed,
-                        "step_time_s": elapsed,
+                        "step_time_s": elapsed, "data_sha256": data_sha256,
                     }
                     if num_moe:
                         record["expert_load"] = _expert_load(reduced[4:-1].view(num_moe, -1))
