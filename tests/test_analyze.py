@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_dense
+from helpers import save_dense
 from test_evaluate import make_prepared, tiny_moe
 from upcycle.analyze import (
     analyze,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_dense
+from helpers import save_dense
 from upcycle.cli import main
 
 

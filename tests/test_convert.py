@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import logits, read_config, save_dense
+from helpers import logits, read_config, save_dense
 from upcycle import hf_formats as hf
 from upcycle.convert import MANIFEST_NAME, convert, convert_in_memory, load_redrawn
 

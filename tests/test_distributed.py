@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import make_data_dir, read_metrics, subprocess_env, tiny_config, write_config
+from helpers import make_data_dir, read_metrics, subprocess_env, tiny_config, write_config
 from upcycle import checkpoint as ckpt
 from upcycle.train import load_config, run_training
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import (make_data_dir, read_metrics, run_train, subprocess_env, tiny_config,
+from helpers import (make_data_dir, read_metrics, run_train, subprocess_env, tiny_config,
                            train_cli, write_config)
 from upcycle import checkpoint as ckpt
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import (make_data_dir, read_metrics, subprocess_env, tiny_config, train_cli,
+from helpers import (make_data_dir, read_metrics, subprocess_env, tiny_config, train_cli,
                            write_config)
 from upcycle import checkpoint as ckpt
 from upcycle import losses
