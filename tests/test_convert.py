@@ -163,3 +163,27 @@ def test_interrupted_conversion_leaves_no_output_and_force_replaces_only_when_co
     monkeypatch.setattr(safetensors_io.ShardWriter, "write", original)
     convert(llama_dir, target, force=True, num_experts=2, progress=False)
     assert not (target / "keep.txt").exists() and (target / "model.safetensors").is_file()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_every_output_file_is_byte_reproducible_and_readable_like_the_rest(tmp_path, llama_dir):
+    import hashlib
+    import stat
+
+    digests, modes = [], []
+    for name in ("a", "b"):
+        out = convert(llama_dir, tmp_path / name, seed=5, num_experts=4, progress=False)
+        files = sorted(p for p in out.iterdir())
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
+        modes.append({p.name: stat.S_IMODE(p.stat().st_mode) for p in files})
+    assert "upcycle_redrawn.safetensors" in digests[0] and MANIFEST_NAME in digests[0]
+    assert digests[0] == digests[1]
+    expected = 0o666 & ~_umask()
+    assert set(modes[0].values()) == {expected}, modes[0]

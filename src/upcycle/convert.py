@@ -23,14 +23,20 @@ from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import upcycle
 from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
 from upcycle.files import fsync_dir, refuse_output_over_inputs, replace_dir
-from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader, PlannedTensor, ShardWriter, parse_size
+from upcycle.safetensors_io import (
+    DTYPE_NAMES,
+    CheckpointReader,
+    PlannedTensor,
+    ShardWriter,
+    parse_size,
+    save_tensors,
+)
 from upcycle.upcycling import (
     MATRICES,
     ROUTER_INITS,
@@ -429,9 +435,9 @@ def _write_manifest(directory: Path, readers, opts: ConvertOptions, fmt: str, mo
                     shards: list[str]) -> None:
     redrawn = record.redrawn_LEMF
     packed = np.packbits(redrawn, axis=-1)  # (L, E, 3, ceil(F / 8)), bit order big-endian as numpy's default
-    save_file({"redrawn_packed": torch.from_numpy(packed)}, str(directory / REDRAWN_NAME),
-              metadata={"ffn_dim": str(redrawn.shape[-1]), "matrices": ",".join(MATRICES),
-                        "layout": "layer,expert,matrix,neuron bits (numpy.packbits, big-endian)"})
+    save_tensors(directory / REDRAWN_NAME, {"redrawn_packed": torch.from_numpy(packed)},
+                 metadata={"ffn_dim": str(redrawn.shape[-1]), "matrices": ",".join(MATRICES),
+                           "layout": "layer,expert,matrix,neuron bits (numpy.packbits, big-endian)"})
     manifest = {
         "tool": "upcycle",
         "version": upcycle.__version__,

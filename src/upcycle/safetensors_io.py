@@ -207,6 +207,39 @@ class PlannedTensor:
         return count * torch.empty((), dtype=self.dtype).element_size()
 
 
+def _header_bytes(items: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file holding `items` in this order.
+
+    Written by us rather than by `safetensors.torch.save_file`, whose header order (metadata keys in particular) varies
+    from call to call: the same tensors must give the same bytes, since users compare hashes of our outputs.
+    """
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for item in items:
+        header[item.name] = {"dtype": DTYPE_CODES[item.dtype], "shape": list(item.shape),
+                             "data_offsets": [offset, offset + item.nbytes]}
+        offset += item.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _tensor_bytes(tensor: torch.Tensor):
+    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a small safetensors file byte-reproducibly (tensors in the given order, metadata keys sorted), with the
+    permissions of any file this process creates (umask), and fsync it."""
+    items = [PlannedTensor(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    with open(path, "wb") as f:
+        f.write(_header_bytes(items, metadata))
+        for tensor in tensors.values():
+            f.write(_tensor_bytes(tensor))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class ShardWriter:
     """Writes a planned sequence of tensors into HF-style shards, streaming, in exactly the planned order.
 
@@ -240,17 +273,8 @@ class ShardWriter:
             self._finish_file()
         self._shard += 1
         name, group = self.shards[self._shard]
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for item in group:
-            header[item.name] = {"dtype": DTYPE_CODES[item.dtype], "shape": list(item.shape),
-                                 "data_offsets": [offset, offset + item.nbytes]}
-            offset += item.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
         self._file = open(self.dir / name, "wb")
-        self._file.write(struct.pack("<Q", len(raw)))
-        self._file.write(raw)
+        self._file.write(_header_bytes(group, {"format": "pt"}))
         self._left_in_shard = len(group)
 
     def _finish_file(self) -> None:
@@ -268,7 +292,7 @@ class ShardWriter:
             )
         if self._left_in_shard == 0:
             self._open_next_shard()
-        self._file.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+        self._file.write(_tensor_bytes(tensor))
         self._left_in_shard -= 1
         self._next += 1
 
