@@ -177,9 +177,11 @@ def test_export_refusals(tmp_path):
         export_hf(ours, ours.config, tmp_path / "b", fmt="qwen2_moe")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
-    with pytest.raises(UpcycleError, match="not empty"):
+    with pytest.raises(UpcycleError, match="already exists.*--force"):
         export_hf(ours, ours.config, tmp_path / "busy")
     assert not list(tmp_path.glob(".*tmp-*"))  # nothing half-written left behind
+    export_hf(ours, ours.config, tmp_path / "busy", force=True)  # the same policy as every other command
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_llama_without_biases_exports_as_qwen2_moe_with_zero_biases(tmp_path):

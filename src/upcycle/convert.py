@@ -28,7 +28,7 @@ from tqdm import tqdm
 import upcycle
 from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
-from upcycle.files import fsync_dir, refuse_output_over_inputs, replace_dir
+from upcycle.files import check_output, publish_dir
 from upcycle.safetensors_io import (
     DTYPE_NAMES,
     CheckpointReader,
@@ -365,15 +365,6 @@ def convert_in_memory(source: str | os.PathLike, **options) -> tuple[dict, dict[
     return moe_config, {entry.name: tensor for entry, tensor in tensors}
 
 
-def _prepare_output(output: Path, force: bool) -> None:
-    if output.exists():
-        non_empty = not output.is_dir() or any(output.iterdir())
-        if non_empty and not force:
-            raise UpcycleError(f"output {output} already exists and is not empty; pass --force to replace it")
-    if not output.parent.exists():
-        raise UpcycleError(f"the parent directory of {output} does not exist; create it first")
-
-
 def convert(
     source: str | os.PathLike, output: str | os.PathLike, *, force: bool = False, progress: bool = True, **options
 ) -> Path:
@@ -383,12 +374,11 @@ def convert(
     written into a temporary sibling directory and renamed into place only when complete.
     """
     opts = ConvertOptions(**{k: tuple(v) if k == "btx_sources" else v for k, v in options.items()})
-    output = Path(output).absolute()
-    refuse_output_over_inputs(output, [source, *opts.btx_sources], flag="OUTPUT")
-    _prepare_output(output, force)
+    inputs = [source, *opts.btx_sources]
+    output = check_output(output, force=force, inputs=inputs)
     readers, shapes, fmt = _open_sources(source, opts)
-    with _single_thread():
-        _write(readers, shapes, fmt, opts, output, progress)
+    with _single_thread(), publish_dir(output, force=force, inputs=inputs) as tmp:
+        _write(readers, shapes, fmt, opts, tmp, progress)
     return output
 
 
@@ -405,30 +395,20 @@ def _single_thread():
         torch.set_num_threads(previous)
 
 
-def _write(readers, shapes, fmt: str, opts: ConvertOptions, output: Path, progress: bool) -> None:
+def _write(readers, shapes, fmt: str, opts: ConvertOptions, directory: Path, progress: bool) -> None:
+    """Write the whole output into `directory` (the temporary directory that publish_dir renames into place)."""
     entries, tensors, record, moe_config = _generate(readers, shapes, fmt, opts, progress)
-
-    tmp = output.parent / f".{output.name}.upcycle-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        out_dtype = DTYPE_NAMES[moe_config["dtype"]]
-        plan = [PlannedTensor(e.name, e.shape, out_dtype) for e in entries]
-        writer = ShardWriter(tmp, plan, parse_size(opts.max_shard_size))
-        for entry, tensor in tensors:
-            writer.write(entry.name, tensor)
-        shards = writer.close()
-        (tmp / "config.json").write_text(json.dumps(moe_config, indent=2, sort_keys=True) + "\n")
-        for name in COPIED_FILES:
-            if (readers[0].dir / name).is_file():
-                shutil.copy2(readers[0].dir / name, tmp / name)
-        _write_manifest(tmp, readers, opts, fmt, moe_config, record, shards)
-        fsync_dir(tmp)
-        replace_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out_dtype = DTYPE_NAMES[moe_config["dtype"]]
+    plan = [PlannedTensor(e.name, e.shape, out_dtype) for e in entries]
+    writer = ShardWriter(directory, plan, parse_size(opts.max_shard_size))
+    for entry, tensor in tensors:
+        writer.write(entry.name, tensor)
+    shards = writer.close()
+    (directory / "config.json").write_text(json.dumps(moe_config, indent=2, sort_keys=True) + "\n")
+    for name in COPIED_FILES:
+        if (readers[0].dir / name).is_file():
+            shutil.copy2(readers[0].dir / name, directory / name)
+    _write_manifest(directory, readers, opts, fmt, moe_config, record, shards)
 
 
 def _write_manifest(directory: Path, readers, opts: ConvertOptions, fmt: str, moe_config: dict, record: _Record,

@@ -42,12 +42,9 @@ for every run, so per-domain validation losses are comparable across runs and ch
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
-import os
 import re
-import shutil
 import zlib
 from typing import Literal
 from collections.abc import Iterator, Mapping, Sequence
@@ -57,7 +54,7 @@ import numpy as np
 import torch
 
 from upcycle.errors import UpcycleError
-from upcycle.files import refuse_output_over_inputs, replace_dir
+from upcycle.files import check_output, publish_dir, sha256_file
 
 FORMAT_VERSION = 1
 METADATA_FILE = "data.json"
@@ -280,24 +277,17 @@ def prepare(
     out = Path(out).expanduser()
     if not 0 <= val_fraction < 1:
         raise UpcycleError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if out.exists() and not force:
-        raise UpcycleError(f"output {out} already exists; choose another --out or pass --force to replace it")
     files = _parse_sources(sources)
     val_files = _parse_sources(val_sources) if val_sources else {}
-    inputs = [path for group in (files, val_files) for paths in group.values() for path in paths]
-    refuse_output_over_inputs(out, [*inputs, tokenizer], flag="OUT")
+    inputs = [*(path for group in (files, val_files) for paths in group.values() for path in paths), tokenizer]
+    check_output(out, force=force, inputs=inputs, flag="OUT")
     if set(val_files) - set(files):
         raise UpcycleError(f"validation sources for {sorted(set(val_files) - set(files))} have no training sources")
     tok, eos_id = load_tokenizer(tokenizer, eos_token)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     token_dtype = choose_dtype(vocab_size, dtype)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with publish_dir(out, force=force, inputs=inputs, flag="OUT") as tmp:
         domains = {}
         for name, domain_files in files.items():
             domains[name] = _prepare_domain(
@@ -321,10 +311,6 @@ def prepare(
             "domains": domains,
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return metadata
 
 
@@ -652,12 +638,3 @@ def validation_batches(
         all_batches = [torch.from_numpy(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
         batches[name] = all_batches[rank::world_size]
     return batches
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (used for provenance records)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,11 +1,21 @@
-"""Publishing directories atomically: every writer of a directory (convert, data prepare, export, checkpoints)
-builds it under a temporary sibling name and uses these, so a reader sees a complete directory or none."""
+"""Publishing directories atomically, and file digests.
+
+Every command that writes a directory (convert, data prepare, export) builds it with `publish_dir`: a temporary hidden
+sibling `.NAME.upcycle-tmp-PID` is filled, made durable and renamed into place only when complete, so a reader sees a
+complete directory or none. One policy for an existing output: refused unless `force`, and then replaced only once the
+new one is complete. Temporary directories left by killed runs (their PID no longer alive) are removed by the next run
+that publishes the same NAME.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import hashlib
 import os
+import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from upcycle.errors import UpcycleError
@@ -32,13 +42,106 @@ def refuse_output_over_inputs(out: str | os.PathLike, inputs: Iterable[str | os.
                                f"choose another {flag}")
 
 
+TMP_TAG = "upcycle-tmp"
+OLD_TAG = "upcycle-old"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks (provenance records: manifests, data.json)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_output(out: str | os.PathLike, *, force: bool, inputs: Iterable[str | os.PathLike] = (),
+                 flag: str = "OUTPUT") -> Path:
+    """The one "output exists" policy, checked before any work: `out` must not be or contain an input; an existing
+    `out` is refused unless `force`, and must then be a directory. Returns `out` as an absolute path."""
+    out = Path(out).expanduser().absolute()
+    refuse_output_over_inputs(out, inputs, flag=flag)
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UpcycleError(f"{flag} {out} already exists; choose another {flag} or pass --force to replace it")
+        if not out.is_dir():
+            raise UpcycleError(f"{flag} {out} exists and is not a directory; remove it or choose another {flag}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UpcycleError(f"{flag} {out}: {out.parent} is not a directory")
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove `.NAME.upcycle-tmp-PID` directories of `out` left by runs that were killed (PID no longer alive), and
+    `.NAME.upcycle-old-PID` ones once `out` itself is in place. Returns what was removed."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.({TMP_TAG}|{OLD_TAG})-(\d+)")
+    removed = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.upcycle-*"):
+        match = pattern.fullmatch(path.name)
+        if not match or _pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) == OLD_TAG and not out.exists():
+            continue  # killed between the two renames: the previous output is all there is, keep it
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def publish_dir(out: str | os.PathLike, *, force: bool, inputs: Iterable[str | os.PathLike] = (),
+                flag: str = "OUTPUT") -> Iterator[Path]:
+    """Yield an empty temporary sibling directory of `out`; when the block ends normally, make it durable and rename it
+    into place as `out` (an existing `out`, allowed only with `force`, is removed after the new one is in place). When
+    the block raises, the temporary directory is removed and `out` is untouched.
+
+    `out`'s parent directories are created if missing."""
+    out = check_output(out, force=force, inputs=inputs, flag=flag)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        tmp = out.parent / f".{out.name}.{TMP_TAG}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as exc:
+        raise UpcycleError(f"cannot create {flag} {out}: {exc.strerror}") from None
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                _fsync_file(path)
+        fsync_dir(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished directory `tmp` to `out`; an existing `out` is removed only after the new one is in place."""
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = out.parent / f".{out.name}.{OLD_TAG}-{os.getpid()}"
         out.rename(old)
         tmp.rename(out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        shutil.rmtree(old)
     else:
         tmp.rename(out)
     fsync_dir(out.parent)

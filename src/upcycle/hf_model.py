@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 
 from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
-from upcycle.files import replace_dir
+from upcycle.files import check_output, publish_dir
 from upcycle.model import ModelConfig, Transformer
 from upcycle.safetensors_io import CheckpointReader
 
@@ -207,28 +206,14 @@ def state_dict_to_hf(
     return hf_cfg, out
 
 
-def _fresh_output_dir(out_dir: Path) -> Path:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UpcycleError(f"output {out_dir} already exists and is not empty; choose a new directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published directory should read like any other
-    return tmp
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Atomic from the reader's point of view: the directory appears complete or not at all."""
-    if out_dir.exists():
-        out_dir.rmdir()  # _fresh_output_dir allowed only an empty one
-    replace_dir(tmp, out_dir)
-
-
 def export_hf(
     model_or_state_dict: nn.Module | Mapping[str, Tensor], config: ModelConfig, out_dir: str | Path,
-    fmt: str = "auto", dtype: str = "float32", tokenizer: str | Path | None = None,
+    fmt: str = "auto", dtype: str = "float32", tokenizer: str | Path | None = None, *, force: bool = False,
+    inputs: tuple[str | Path, ...] = (),
 ) -> Path:
     """Write an HF checkpoint directory (config.json + model.safetensors) that AutoModelForCausalLM loads; with
-    `tokenizer`, that directory's tokenizer files are copied in too, so the export is usable on its own."""
+    `tokenizer`, that directory's tokenizer files are copied in too, so the export is usable on its own. An existing
+    `out_dir` is refused unless `force`; `inputs` (the directories read) must not be or lie inside `out_dir`."""
     from upcycle.convert import COPIED_FILES
 
     from safetensors.torch import save_file
@@ -237,17 +222,12 @@ def export_hf(
                   else model_or_state_dict)
     hf_cfg, tensors = state_dict_to_hf(state_dict, config, fmt, dtype)
     out_dir = Path(out_dir)
-    tmp = _fresh_output_dir(out_dir)
-    try:
+    with publish_dir(out_dir, force=force, inputs=inputs, flag="OUT") as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         for name in COPIED_FILES if tokenizer is not None else ():
             if (Path(tokenizer) / name).is_file() and name != "generation_config.json":
                 shutil.copy2(Path(tokenizer) / name, tmp / name)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -274,20 +254,16 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transfor
     return model.to(dtype)
 
 
-def save_model(model: Transformer, out_dir: str | Path) -> Path:
-    """Our own checkpoint format (model.safetensors + config.json {"model": ModelConfig}); the trainer adds to it."""
+def save_model(model: Transformer, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Our own checkpoint format (model.safetensors + config.json {"model": ModelConfig}); the trainer adds to it.
+    An existing `out_dir` is refused unless `force`."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    tmp = _fresh_output_dir(out_dir)
-    try:
+    with publish_dir(out_dir, force=force, flag="OUT") as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps({"model": asdict(model.config)}, indent=2) + "\n")
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -297,21 +273,26 @@ def export_command(
     format: Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe", "llama", "qwen2", "qwen3"] = "auto",
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     tokenizer: str | None = None,
+    force: bool = False,
 ) -> None:
     """Export a checkpoint (ours or HF) as a Hugging Face checkpoint that transformers loads.
 
     Args:
         checkpoint: Directory of our training checkpoint (model.safetensors + config.json with "model") or of an HF
             checkpoint.
-        out: New output directory (must not exist or be empty); written atomically.
+        out: Output directory to create, written atomically; refused if it exists, unless --force.
         format: auto (dense -> llama/qwen2/qwen3 by attention features; MoE -> mixtral for Llama-like attention,
             qwen2_moe with q/k/v biases, qwen3_moe with q/k norms), or one of mixtral, qwen2_moe, qwen3_moe, llama,
             qwen2, qwen3.
         dtype: Weight dtype in the output: float32 (exact), bfloat16 or float16.
         tokenizer: A directory whose tokenizer files (tokenizer.json, tokenizer_config.json, ...) are copied into OUT.
+        force: Replace an existing OUT (only once the new one is complete).
     """
     if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
         raise UpcycleError(f"--tokenizer {tokenizer} has no tokenizer.json")
+    inputs = (checkpoint, *([tokenizer] if tokenizer is not None else ()))
+    check_output(out, force=force, inputs=inputs, flag="OUT")
     model = load_model(checkpoint)
-    path = export_hf(model, model.config, out, fmt=format, dtype=dtype, tokenizer=tokenizer)
+    path = export_hf(model, model.config, out, fmt=format, dtype=dtype, tokenizer=tokenizer, force=force,
+                     inputs=inputs)
     print(f"wrote {path}")

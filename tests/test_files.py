@@ -1,0 +1,97 @@
+"""`files.publish_dir`: the one way every command publishes a directory, and its one "output exists" policy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import save_dense
+from upcycle.convert import convert
+from upcycle.errors import UpcycleError
+from upcycle.files import publish_dir, sha256_file
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _stale(parent: Path, name: str, pid: int, tag: str = "upcycle-tmp") -> Path:
+    path = parent / f".{name}.{tag}-{pid}"
+    path.mkdir()
+    (path / "model.safetensors").write_bytes(b"half written")
+    return path
+
+
+def test_publish_dir_appears_complete_or_not_at_all(tmp_path):
+    out = tmp_path / "deep" / "out"
+    with pytest.raises(RuntimeError):
+        with publish_dir(out, force=False) as tmp:
+            (tmp / "a").write_text("partial")
+            raise RuntimeError("killed")
+    assert not out.exists() and not list(out.parent.iterdir())
+    with publish_dir(out, force=False) as tmp:
+        (tmp / "a").write_text("complete")
+        assert not out.exists()
+    assert (out / "a").read_text() == "complete" and sorted(p.name for p in out.parent.iterdir()) == ["out"]
+
+
+def test_one_policy_for_an_existing_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("x")
+    with pytest.raises(UpcycleError, match="already exists.*--force"):
+        with publish_dir(out, force=False):
+            pass
+    assert (out / "old").exists()
+    with publish_dir(out, force=True) as tmp:
+        (tmp / "new").write_text("y")
+    assert sorted(p.name for p in out.iterdir()) == ["new"]
+    file_out = tmp_path / "file"
+    file_out.write_text("not a directory")
+    with pytest.raises(UpcycleError, match="not a directory"):
+        with publish_dir(file_out, force=True):
+            pass
+    assert file_out.read_text() == "not a directory"
+    with pytest.raises(UpcycleError, match="contains the input"):
+        with publish_dir(tmp_path, force=True, inputs=[out / "new"]):
+            pass
+
+
+def test_temporaries_of_killed_runs_are_removed_and_those_of_live_runs_kept(tmp_path):
+    dead, alive = _dead_pid(), subprocess.os.getppid()
+    stale = _stale(tmp_path, "out", dead)
+    live = _stale(tmp_path, "out", alive)
+    other = _stale(tmp_path, "other", dead)
+    with publish_dir(tmp_path / "out", force=False) as tmp:
+        (tmp / "a").write_text("a")
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_a_killed_conversion_leaves_nothing_the_next_run_does_not_remove(tmp_path):
+    dense = save_dense(tmp_path / "dense", "llama")
+    stale = _stale(tmp_path, "moe", _dead_pid())  # killed while writing
+    convert(dense, tmp_path / "moe", num_experts=2, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "moe"]
+    old = _stale(tmp_path, "moe", _dead_pid(), tag="upcycle-old")  # a --force run killed while deleting the old one
+    stale = _stale(tmp_path, "moe", _dead_pid())
+    convert(dense, tmp_path / "moe", num_experts=2, progress=False, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "moe"]
+    assert not stale.exists() and not old.exists()
+
+
+def test_a_previous_output_moved_aside_is_kept_while_the_output_is_missing(tmp_path):
+    old = _stale(tmp_path, "out", _dead_pid(), tag="upcycle-old")
+    with pytest.raises(RuntimeError):
+        with publish_dir(tmp_path / "out", force=False):
+            raise RuntimeError
+    assert old.exists()
+
+
+def test_sha256_file(tmp_path):
+    (tmp_path / "x").write_bytes(b"abc")
+    assert sha256_file(tmp_path / "x") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
