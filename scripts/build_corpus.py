@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
-from upcycle.safetensors_io import file_sha256
+from upcycle.files import sha256_file
 
 DOMAINS = ("english", "japanese", "code")
 
@@ -316,7 +316,7 @@ def fetch_package(package: str, cache: Path) -> dict:
     deb = found[0]
     version = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], check=True, capture_output=True,
                              text=True).stdout.strip()
-    digest = file_sha256(deb)
+    digest = sha256_file(deb)
     root = cache / "extract" / package
     stamp = root / ".extracted"
     if not stamp.is_file() or stamp.read_text() != digest:

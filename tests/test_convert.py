@@ -85,7 +85,8 @@ def test_drop_output_inherits_exactly_the_neurons_the_manifest_says(tmp_path, ll
                 keep = (~redrawn[layer, e, i]).nonzero().flatten()
                 assert torch.equal(new.index_select(axis, keep), old.index_select(axis, keep))
                 assert record[m]["redrawn"] == int(redrawn[layer, e, i].sum()) == 24
-    assert manifest["options"]["index_mode"] == "independent" and manifest["method"] == "drop"
+    assert manifest["options"]["index_mode"] == "independent" and manifest["options"]["method"] == "drop"
+    assert not {"method", "seed", "index_mode", "format", "num_experts", "top_k"} & set(manifest)  # each fact once
     assert set(manifest["sources"][0]["sha256"]) == {"config.json", "model.safetensors"}
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
 
@@ -108,7 +109,7 @@ def test_drop_moves_the_function_and_shared_mode_keeps_more_intact(tmp_path, lla
     for mode in ("independent", "shared"):
         out = convert(llama_dir, tmp_path / mode, index_mode=mode, num_experts=4, progress=False)
         diffs[mode] = (logits(out, IDS) - base).abs().mean().item()
-        assert json.loads((out / MANIFEST_NAME).read_text())["index_mode"] == mode
+        assert json.loads((out / MANIFEST_NAME).read_text())["options"]["index_mode"] == mode
     assert diffs["independent"] > 0 and diffs["shared"] > 0
     assert load_redrawn(tmp_path / "shared")[:, :, 0].equal(load_redrawn(tmp_path / "shared")[:, :, 2])
 

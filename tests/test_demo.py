@@ -53,4 +53,4 @@ def test_demo_runs_every_stage_and_writes_the_report(tiny_seed, tmp_path, capsys
              for arm in ("naive", "drop")}
     assert first["naive"] != first["drop"]
     manifest = json.loads((out / "drop" / "upcycle_manifest.json").read_text())
-    assert manifest["method"] == "drop" and manifest["num_experts"] == 8
+    assert manifest["options"]["method"] == "drop" and manifest["options"]["num_experts"] == 8

@@ -129,9 +129,9 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 
 def expert_matrices(gate_up_ED2F: Tensor, down_EFD: Tensor) -> dict[str, Tensor]:
     """Our fused layout -> HF-oriented per-matrix stacks: gate_EFD, up_EFD ([E, F, D]) and down_EDF ([E, D, F])."""
-    F_ = down_EFD.shape[1]
-    return {"gate": gate_up_ED2F[:, :, :F_].transpose(1, 2), "up": gate_up_ED2F[:, :, F_:].transpose(1, 2),
-            "down": down_EFD.transpose(1, 2)}
+    from upcycle.hf_model import experts_to_hf
+
+    return experts_to_hf(gate_up_ED2F, down_EFD)
 
 
 def expert_drift(experts: dict[str, Tensor], dense: dict[str, Tensor]) -> list[dict[str, dict[str, float]]]:
@@ -271,7 +271,7 @@ def analyze(
     redrawn = None
     if manifest_path is not None:
         manifest = json.loads((manifest_path / MANIFEST_NAME).read_text())
-        if dense_source is None and manifest.get("method") != "btx":  # btx experts come from several parents
+        if dense_source is None and manifest["options"]["method"] != "btx":  # btx experts come from several parents
             dense_source = Path(manifest["sources"][0]["path"])
         redrawn = load_redrawn(manifest_path)
         if tuple(redrawn.shape) != (L, E, 3, config.ffn_dim):

@@ -85,7 +85,7 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
     """Compare the MoE at `moe_dir` with the dense model at `dense_dir` on a probe text."""
     moe_path, dense_path = Path(moe_dir), Path(dense_dir)
     manifest_path = moe_path / "upcycle_manifest.json"
-    method = json.loads(manifest_path.read_text())["method"] if manifest_path.is_file() else None
+    method = json.loads(manifest_path.read_text())["options"]["method"] if manifest_path.is_file() else None
     dense, moe = _load(dense_path), _load(moe_path)
     if dense.config.vocab_size != moe.config.vocab_size:
         raise UpcycleError(f"vocabularies differ ({dense.config.vocab_size} vs {moe.config.vocab_size}); "

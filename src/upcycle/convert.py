@@ -34,6 +34,7 @@ from upcycle.safetensors_io import (
     CheckpointReader,
     PlannedTensor,
     ShardWriter,
+    dtype_name,
     parse_size,
     save_tensors,
 )
@@ -51,10 +52,7 @@ from upcycle.upcycling import (
 
 MANIFEST_NAME = "upcycle_manifest.json"
 REDRAWN_NAME = "upcycle_redrawn.safetensors"
-# Non-weight files worth carrying to the MoE directory (tokenizer, chat template, generation defaults).
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-                "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
-                "chat_template.json")
+COPIED_FILES = hf.TOKENIZER_FILES
 DEFAULT_SEED = 1234
 
 
@@ -183,8 +181,7 @@ def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int) -> l
                 entries.append(Entry(hf.expert_key(fmt, layer, e, m), hf.ffn_shape(shapes, m), "expert", layer, m, e))
         if fmt == "qwen2_moe":
             keys = hf.shared_expert_keys(layer)
-            sizes = {"shared_gate": (shared_dim, shapes.dim), "shared_up": (shared_dim, shapes.dim),
-                     "shared_down": (shapes.dim, shared_dim), "shared_expert_gate": (1, shapes.dim)}
+            sizes = hf.shared_expert_shapes(shapes.dim, shared_dim)
             entries += [Entry(keys[part], sizes[part], "shared", layer, part) for part in sizes]
     entries.append(Entry(hf.FINAL_NORM_KEY, (shapes.dim,), "final_norm"))
     if not shapes.tie_embeddings:
@@ -326,15 +323,11 @@ def _out_dtype(opts: ConvertOptions, reader: CheckpointReader) -> torch.dtype:
     return reader.dtype(hf.EMBED_KEY)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPE_NAMES.items()}[dtype]
-
-
 def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], Iterator, _Record, dict]:
     moe_config = hf.build_moe_config(
         readers[0].config, fmt, num_experts=opts.num_experts, top_k=opts.top_k,
         router_aux_loss_coef=opts.router_aux_loss_coef, shared_expert_dim=opts.shared_expert_dim,
-        dtype=_dtype_name(_out_dtype(opts, readers[0])),
+        dtype=dtype_name(_out_dtype(opts, readers[0])),
     )
     shared_dim = moe_config.get("shared_expert_intermediate_size", 0)
     entries = _layout(shapes, fmt, opts.num_experts, shared_dim)
@@ -418,19 +411,15 @@ def _write_manifest(directory: Path, readers, opts: ConvertOptions, fmt: str, mo
     save_tensors(directory / REDRAWN_NAME, {"redrawn_packed": torch.from_numpy(packed)},
                  metadata={"ffn_dim": str(redrawn.shape[-1]), "matrices": ",".join(MATRICES),
                            "layout": "layer,expert,matrix,neuron bits (numpy.packbits, big-endian)"})
+    # Each fact once: every option (method, seed, index_mode, num_experts, ... with format and dtype resolved) under
+    # "options", the inputs under "sources", the output files, then what was done per layer and expert.
     manifest = {
         "tool": "upcycle",
         "version": upcycle.__version__,
-        "method": opts.method,
         "options": {**asdict(opts), "format": fmt, "dtype": moe_config["dtype"],
                     "btx_sources": [str(Path(s).absolute()) for s in opts.btx_sources]},
-        "seed": opts.seed,
-        "index_mode": opts.index_mode,
         "sources": [{"path": str(r.dir.absolute()), "model_type": r.config.get("model_type"), "sha256": r.sha256()}
                     for r in readers],
-        "format": fmt,
-        "num_experts": opts.num_experts,
-        "top_k": opts.top_k,
         "shards": shards,
         "redrawn_file": REDRAWN_NAME,
         "layers": record.layers,

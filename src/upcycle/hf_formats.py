@@ -31,6 +31,11 @@ MOE_ARCHITECTURE = {
 }
 FFN_MATRICES = ("gate", "up", "down")
 
+# Non-weight files of an HF checkpoint worth carrying along (tokenizer, chat template, generation defaults).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+                   "chat_template.json")
+
 # Buffers some older checkpoints carry; they are recomputed from the config, never weights.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -152,6 +157,12 @@ def fused_expert_keys(layer: int) -> tuple[str, str, str]:
     """transformers' in-memory (and accepted on load) fused layout: router, gate_up [E, 2F, D], down [E, D, F]."""
     p = layer_prefix(layer)
     return f"{p}mlp.gate.weight", f"{p}mlp.experts.gate_up_proj", f"{p}mlp.experts.down_proj"
+
+
+def shared_expert_shapes(dim: int, shared_dim: int) -> dict[str, tuple[int, int]]:
+    """Shapes of Qwen2-MoE's shared expert (size `shared_dim`) and its gate, by the roles of `shared_expert_keys`."""
+    return {"shared_gate": (shared_dim, dim), "shared_up": (shared_dim, dim), "shared_down": (dim, shared_dim),
+            "shared_expert_gate": (1, dim)}
 
 
 def shared_expert_keys(layer: int) -> dict[str, str]:

@@ -28,9 +28,7 @@ from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir
 from upcycle.model import ModelConfig, Transformer
-from upcycle.safetensors_io import CheckpointReader
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader
 
 # Our state-dict names for the per-layer roles of hf_formats (the only place they are paired).
 _OUR_ATTN = {
@@ -41,6 +39,20 @@ _OUR_ATTN = {
 }
 _OUR_DENSE_FFN = {"gate": "ffn.gate.weight", "up": "ffn.up.weight", "down": "ffn.down.weight"}
 OUR_ROUTER, OUR_GATE_UP, OUR_DOWN = "ffn.router.weight", "ffn.gate_up_ED2F", "ffn.down_EFD"
+
+
+def experts_to_hf(gate_up_ED2F: Tensor, down_EFD: Tensor) -> dict[str, Tensor]:
+    """Our fused expert layout -> HF-oriented per-matrix stacks: gate, up [E, F, D] and down [E, D, F] (views).
+    With `experts_from_hf`, the one place where [gate | up] is split and joined."""
+    F_ = down_EFD.shape[1]
+    return {"gate": gate_up_ED2F[:, :, :F_].transpose(1, 2), "up": gate_up_ED2F[:, :, F_:].transpose(1, 2),
+            "down": down_EFD.transpose(1, 2)}
+
+
+def experts_from_hf(gate_EFD: Tensor, up_EFD: Tensor, down_EDF: Tensor) -> tuple[Tensor, Tensor]:
+    """HF-oriented stacks -> our layout (gate_up_ED2F [E, D, 2F] holding [gate | up], down_EFD [E, F, D])."""
+    gate_up_E2FD = torch.cat([gate_EFD, up_EFD], dim=1)  # also HF's fused gate_up_proj layout, gate rows first
+    return gate_up_E2FD.transpose(1, 2).contiguous(), down_EDF.transpose(1, 2).contiguous()
 
 
 class _Taker:
@@ -76,22 +88,19 @@ def _take_experts(taker: _Taker, fmt: str, layer: int, config: ModelConfig) -> d
     router = taker.take(router_key if router_key in taker else fused_router, (E, D))
     if fused_gate_up in taker:
         gate_up_E2FD = taker.take(fused_gate_up, (E, 2 * Fd, D))
-        down_EDF = taker.take(fused_down, (E, D, Fd))
+        per = {"gate": gate_up_E2FD[:, :Fd], "up": gate_up_E2FD[:, Fd:], "down": taker.take(fused_down, (E, D, Fd))}
     else:
         shapes = {"gate": (Fd, D), "up": (Fd, D), "down": (D, Fd)}
         per = {m: torch.stack([taker.take(hf.expert_key(fmt, layer, e, m), shapes[m]) for e in range(E)])
                for m in hf.FFN_MATRICES}
-        gate_up_E2FD = torch.cat([per["gate"], per["up"]], dim=1)
-        down_EDF = per["down"]
-    return {OUR_ROUTER: router, OUR_GATE_UP: gate_up_E2FD.transpose(1, 2).contiguous(),
-            OUR_DOWN: down_EDF.transpose(1, 2).contiguous()}
+    gate_up_ED2F, down_EFD = experts_from_hf(per["gate"], per["up"], per["down"])
+    return {OUR_ROUTER: router, OUR_GATE_UP: gate_up_ED2F, OUR_DOWN: down_EFD}
 
 
 def _take_shared_expert(taker: _Taker, layer: int, config: ModelConfig, hf_cfg: dict) -> None:
     """Qwen2-MoE's shared expert: accepted only when it contributes nothing (down_proj all zeros)."""
     keys = hf.shared_expert_keys(layer)
-    S, D = hf_cfg["shared_expert_intermediate_size"], config.dim
-    shapes = {"shared_gate": (S, D), "shared_up": (S, D), "shared_down": (D, S), "shared_expert_gate": (1, D)}
+    shapes = hf.shared_expert_shapes(config.dim, hf_cfg["shared_expert_intermediate_size"])
     tensors = {role: taker.take(key, shapes[role]) for role, key in keys.items()}
     if torch.count_nonzero(tensors["shared_down"]):
         raise UpcycleError(
@@ -156,8 +165,8 @@ def state_dict_to_hf(
 ) -> tuple[dict, dict[str, Tensor]]:
     """(config.json dictionary, HF tensors with per-expert keys) for our state dict. fmt: auto, a dense family
     matching the model (llama/qwen2/qwen3) or an MoE format (mixtral/qwen2_moe/qwen3_moe)."""
-    if dtype not in DTYPES:
-        raise UpcycleError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise UpcycleError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPE_NAMES)}")
     family, out_fmt = _resolve_export_format(config, fmt)
     c = config
     hf_cfg = hf.build_dense_config(
@@ -169,7 +178,7 @@ def state_dict_to_hf(
         hf_cfg = hf.build_moe_config(hf_cfg, out_fmt, num_experts=c.num_experts, top_k=c.top_k, dtype=dtype)
         hf.set_moe_routing(hf_cfg, renormalize=c.renormalize)
     shapes = hf.read_shapes(hf_cfg)
-    cast = DTYPES[dtype]
+    cast = DTYPE_NAMES[dtype]
 
     def put(key: str, t: Tensor) -> None:
         out[key] = t.detach().to(device="cpu", dtype=cast).contiguous()
@@ -190,19 +199,15 @@ def state_dict_to_hf(
                 put(hf.dense_ffn_key(i, m), state_dict[p + _OUR_DENSE_FFN[m]])
             continue
         put(hf.router_key(out_fmt, i), state_dict[p + OUR_ROUTER])
-        gate_up_ED2F, down_EFD = state_dict[p + OUR_GATE_UP], state_dict[p + OUR_DOWN]
-        F_ = c.ffn_dim
+        per = experts_to_hf(state_dict[p + OUR_GATE_UP], state_dict[p + OUR_DOWN])
         for e in range(c.num_experts):
-            put(hf.expert_key(out_fmt, i, e, "gate"), gate_up_ED2F[e, :, :F_].T)
-            put(hf.expert_key(out_fmt, i, e, "up"), gate_up_ED2F[e, :, F_:].T)
-            put(hf.expert_key(out_fmt, i, e, "down"), down_EFD[e].T)
+            for m in hf.FFN_MATRICES:
+                put(hf.expert_key(out_fmt, i, e, m), per[m][e])
         if out_fmt == "qwen2_moe":
             # The shared expert is always present in Qwen2-MoE; all zeros (down_proj zero) makes it contribute 0.
-            S = hf_cfg["shared_expert_intermediate_size"]
-            zeros = {"shared_gate": (S, c.dim), "shared_up": (S, c.dim), "shared_down": (c.dim, S),
-                     "shared_expert_gate": (1, c.dim)}
+            shapes_by_role = hf.shared_expert_shapes(c.dim, hf_cfg["shared_expert_intermediate_size"])
             for role, key in hf.shared_expert_keys(i).items():
-                put(key, torch.zeros(zeros[role]))
+                put(key, torch.zeros(shapes_by_role[role]))
     return hf_cfg, out
 
 
@@ -214,8 +219,6 @@ def export_hf(
     """Write an HF checkpoint directory (config.json + model.safetensors) that AutoModelForCausalLM loads; with
     `tokenizer`, that directory's tokenizer files are copied in too, so the export is usable on its own. An existing
     `out_dir` is refused unless `force`; `inputs` (the directories read) must not be or lie inside `out_dir`."""
-    from upcycle.convert import COPIED_FILES
-
     from safetensors.torch import save_file
 
     state_dict = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
@@ -225,7 +228,7 @@ def export_hf(
     with publish_dir(out_dir, force=force, inputs=inputs, flag="OUT") as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-        for name in COPIED_FILES if tokenizer is not None else ():
+        for name in hf.TOKENIZER_FILES if tokenizer is not None else ():
             if (Path(tokenizer) / name).is_file() and name != "generation_config.json":
                 shutil.copy2(Path(tokenizer) / name, tmp / name)
     return out_dir

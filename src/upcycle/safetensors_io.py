@@ -11,7 +11,6 @@ the model's depth or the shard size.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 from upcycle.errors import UpcycleError
+from upcycle.files import sha256_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SIDECAR_PREFIX = "upcycle_"
@@ -30,7 +30,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32",
                torch.int64: "I64", torch.uint8: "U8", torch.bool: "BOOL"}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+# The one table of floating dtypes a user names (--dtype of convert and export, config.json's "dtype").
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The DTYPE_NAMES name of a torch dtype (float32, bfloat16 or float16)."""
+    return {v: k for k, v in DTYPE_NAMES.items()}[dtype]
 
 
 @dataclass(frozen=True)
@@ -169,15 +175,7 @@ class CheckpointReader(Mapping):
         """sha256 of config.json, the index and every weight file, for the manifest."""
         names = ["config.json", *([INDEX_NAME] if (self.dir / INDEX_NAME).is_file() else []),
                  *(f.name for f in self.files)]
-        return {name: file_sha256(self.dir / name) for name in names}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return {name: sha256_file(self.dir / name) for name in names}
 
 
 def parse_size(size: int | str) -> int:
