@@ -44,6 +44,22 @@ def _pickle_only(directory: Path) -> None:
     (directory / "pytorch_model.bin").write_bytes(b"not unpickled")
 
 
+def _config_value(key, value):
+    def edit(directory: Path) -> None:
+        cfg = json.loads((directory / "config.json").read_text())
+        cfg[key] = value
+        (directory / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _nan_weight(directory: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(directory / "model.safetensors")
+    state["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+
+
 CASES = {
     "missing source": (None, ["{tmp}/nowhere", "{out}"], "does not exist"),
     "source is a file": (lambda d: None, ["{src}/config.json", "{out}"], "not a directory"),
@@ -61,6 +77,17 @@ CASES = {
     "unknown method": (lambda d: None, ["{src}", "{out}", "--method", "magic"], "invalid choice: 'magic'"),
     "btx without sources": (lambda d: None, ["{src}", "{out}", "--method", "btx"], "--btx-sources"),
     "mixtral from biased qwen2": (None, ["{qwen2}", "{out}", "--format", "mixtral"], "use --format qwen2_moe"),
+    "float heads": (_config_value("num_attention_heads", 4.0), ["{src}", "{out}"],
+                    "config.json: num_attention_heads must be a positive integer, got 4.0"),
+    "string heads": (_config_value("num_attention_heads", "4"), ["{src}", "{out}"],
+                     "config.json: num_attention_heads must be a positive integer, got '4'"),
+    "string eps": (_config_value("rms_norm_eps", "1e-6"), ["{src}", "{out}"], "config.json: rms_norm_eps must be"),
+    "string tie": (_config_value("tie_word_embeddings", "false"), ["{src}", "{out}"],
+                   "config.json: tie_word_embeddings must be true or false"),
+    "heads not a multiple": (_config_value("num_key_value_heads", 3), ["{src}", "{out}"],
+                             "must be a multiple of num_key_value_heads"),
+    "NaN weight": (_nan_weight, ["{src}", "{out}"], "model.layers.1.mlp.down_proj.weight in"),
+    "a billion experts": (lambda d: None, ["{src}", "{out}", "--num-experts", "1000000000"], "of memory"),
 }
 
 
@@ -128,3 +155,20 @@ def test_check_fails_when_a_naive_conversion_is_not_equivalent(tmp_path, capsys)
         main(["check", str(tmp_path / "naive"), "--dense", str(src)])
     assert exc.value.code == 1
     assert "NOT EQUIVALENT" in capsys.readouterr().out
+
+
+def test_a_million_experts_are_refused_before_any_work_on_a_machine_they_do_not_fit(tmp_path, capsys, monkeypatch):
+    from upcycle import convert
+
+    src = save_dense(tmp_path / "src", "llama")
+    monkeypatch.setattr(convert, "_available_memory_bytes", lambda: 8 * 10**9)
+    monkeypatch.setattr(convert, "_free_disk_bytes", lambda path: 10**12)
+    code, err = run_cli(capsys, "convert", str(src), str(tmp_path / "out"), "--num-experts", "1000000", "--quiet")
+    assert code == 2 and "needs about" in err and "of memory" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(convert, "_available_memory_bytes", lambda: 10**12)
+    monkeypatch.setattr(convert, "_free_disk_bytes", lambda path: 20 * 10**9)
+    code, err = run_cli(capsys, "convert", str(src), str(tmp_path / "out"), "--num-experts", "1000000", "--quiet")
+    assert code == 2 and "of disk" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    assert main(["convert", str(src), str(tmp_path / "out"), "--num-experts", "4", "--quiet"]) in (0, None)
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -188,3 +188,29 @@ def test_every_output_file_is_byte_reproducible_and_readable_like_the_rest(tmp_p
     assert digests[0] == digests[1]
     expected = 0o666 & ~_umask()
     assert set(modes[0].values()) == {expected}, modes[0]
+
+
+@pytest.mark.parametrize("fmt, tied", [("mixtral", False), ("qwen2_moe", True)])
+def test_the_size_estimate_bounds_the_real_output_without_wild_excess(tmp_path, fmt, tied):
+    from upcycle.convert import ConvertOptions, estimate
+
+    dense = save_dense(tmp_path / "dense", "llama", tied=tied)
+    out = convert(dense, tmp_path / "moe", num_experts=6, format=fmt, progress=False)
+    written = sum(p.stat().st_size for p in out.iterdir() if p.name not in ("tokenizer.json", "tokenizer_config.json"))
+    shapes = hf.read_shapes(read_config(dense))
+    predicted = estimate(shapes, fmt, ConvertOptions(num_experts=6, format=fmt), value_bytes=4).output_bytes
+    assert written <= predicted <= 1.5 * written
+
+
+def test_nan_in_a_source_is_named_and_nothing_is_published(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from upcycle.errors import UpcycleError
+
+    dense = save_dense(tmp_path / "dense", "llama")
+    state = load_file(dense / "model.safetensors")
+    state["model.layers.0.self_attn.k_proj.weight"][0, 0] = float("inf")
+    save_file(state, dense / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UpcycleError, match="model.layers.0.self_attn.k_proj.weight in .* NaN or Inf"):
+        convert(dense, tmp_path / "moe", num_experts=2, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -184,9 +185,13 @@ def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int) -> l
             sizes = hf.shared_expert_shapes(shapes.dim, shared_dim)
             entries += [Entry(keys[part], sizes[part], "shared", layer, part) for part in sizes]
     entries.append(Entry(hf.FINAL_NORM_KEY, (shapes.dim,), "final_norm"))
-    if not shapes.tie_embeddings:
+    if _writes_lm_head(shapes, fmt):
         entries.append(Entry(hf.LM_HEAD_KEY, (shapes.vocab_size, shapes.dim), "lm_head"))
     return entries
+
+
+def _writes_lm_head(shapes: hf.Shapes, fmt: str) -> bool:
+    return not shapes.tie_embeddings
 
 
 def _shapes_as_config(shapes: hf.Shapes) -> dict:
@@ -214,6 +219,14 @@ _ROLE_KIND = {"attn_norm": "norm", "ffn_norm": "norm", "q_norm": "norm", "k_norm
               "q_bias": "bias", "k_bias": "bias", "v_bias": "bias", "o_bias": "bias"}
 
 
+def _finite(reader: CheckpointReader, name: str) -> torch.Tensor:
+    tensor = reader.get(name)
+    if not torch.isfinite(tensor).all():
+        raise UpcycleError(f"{name} in {reader.dir} holds NaN or Inf values; the source checkpoint is damaged, "
+                           "re-save or re-download it")
+    return tensor
+
+
 class _Producer:
     """Computes each output tensor (fp32) when its entry comes up, reading only what that tensor needs."""
 
@@ -232,12 +245,13 @@ class _Producer:
         self._expert = None  # (layer, expert, ExpertFFN or dict) cache while its three matrices are written
 
     def _read(self, name: str, source: int | None = None) -> torch.Tensor:
-        """The source tensor (or, for btx, the mean over sources when `source` is None)."""
+        """The source tensor (or, for btx, the mean over sources when `source` is None), checked finite as it streams
+        (a NaN or Inf fails the conversion, whose output is then never published)."""
         if source is not None:
-            return self.readers[source].get(name).float()
+            return _finite(self.readers[source], name).float()
         if self.opts.method == "btx":
-            return btx_mean([r.get(name) for r in self.readers])
-        return self.readers[0].get(name).float()
+            return btx_mean([_finite(r, name) for r in self.readers])
+        return _finite(self.readers[0], name).float()
 
     def _copied(self, entry: Entry, kind: str) -> torch.Tensor:
         if self.opts.method == "scratch":
@@ -317,10 +331,87 @@ def _open_sources(source: str | os.PathLike, opts: ConvertOptions) -> tuple[list
     return readers, shapes, fmt
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# What a conversion costs, estimated before any work
+
+
+@dataclass(frozen=True)
+class Estimate:
+    output_bytes: int  # everything written under OUTPUT
+    memory_bytes: int  # peak memory of the conversion itself (the Python process and torch come on top)
+
+
+# Generous per-item costs of the bookkeeping that grows with the number of tensors and of experts: the planned layout
+# (an Entry and a PlannedTensor per tensor), the shard headers and index, and the manifest's per-expert records while
+# converting (Python dicts) and as JSON text.
+_MEMORY_PER_TENSOR = 1024
+_MEMORY_PER_EXPERT = 4096
+_HEADER_BYTES_PER_TENSOR = 160
+_MANIFEST_BYTES_PER_EXPERT = 800
+
+
+def estimate(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, value_bytes: int, num_sources: int = 1) -> Estimate:
+    """Output size and peak memory of a conversion, from the shapes alone (nothing is allocated)."""
+    L, E, D, F, V = shapes.num_layers, opts.num_experts, shapes.dim, shapes.ffn_dim, shapes.vocab_size
+    shared = (opts.shared_expert_dim or F) if fmt == "qwen2_moe" else 0
+    out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
+    attn = [math.prod(shape) for shape in hf.attention_roles(out_shapes).values()]
+    per_layer = sum(attn) + E * D + E * 3 * F * D + (3 * shared * D + D if shared else 0)
+    heads = (2 if _writes_lm_head(shapes, fmt) else 1) * V * D + D
+    tensors = 2 + _writes_lm_head(shapes, fmt) + L * (len(attn) + 1 + 3 * E + (4 if shared else 0))
+    output = ((heads + L * per_layer) * value_bytes + L * E * 3 * math.ceil(F / 8)
+              + tensors * _HEADER_BYTES_PER_TENSOR + L * E * _MANIFEST_BYTES_PER_EXPERT)
+    largest = max(V * D, E * D, 3 * F * D, 3 * shared * D)
+    working = (num_sources + 2) * largest * 4 + 3 * 3 * F * D * 4  # reads, fp32 result, cast; dense FFN + one expert
+    memory = working + L * E * 3 * F + tensors * _MEMORY_PER_TENSOR + L * E * _MEMORY_PER_EXPERT
+    return Estimate(output_bytes=output, memory_bytes=memory)
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _free_disk_bytes(path: Path) -> int:
+    while not path.exists():  # the nearest existing ancestor: OUTPUT and its parents may not exist yet
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def _check_fits(need: Estimate, opts: ConvertOptions, output: Path | None) -> None:
+    """Refuse, before any work, a conversion that cannot fit in memory or (when writing) on disk."""
+    available = _available_memory_bytes()
+    if available is not None and need.memory_bytes > available:
+        raise UpcycleError(f"this conversion needs about {_gb(need.memory_bytes)} of memory ({opts.num_experts} "
+                           f"experts), {_gb(available)} is available; use fewer --num-experts")
+    if output is not None:
+        free = _free_disk_bytes(output.parent)
+        if need.output_bytes > free:
+            raise UpcycleError(f"OUTPUT {output} needs about {_gb(need.output_bytes)} of disk, {_gb(free)} is free "
+                               f"there; free some space, choose another OUTPUT or use fewer --num-experts")
+
+
 def _out_dtype(opts: ConvertOptions, reader: CheckpointReader) -> torch.dtype:
     if opts.dtype != "auto":
         return DTYPE_NAMES[opts.dtype]
     return reader.dtype(hf.EMBED_KEY)
+
+
+def _estimate_for(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions) -> Estimate:
+    value_bytes = torch.empty((), dtype=_out_dtype(opts, readers[0])).element_size()
+    return estimate(shapes, fmt, opts, value_bytes, num_sources=len(readers))
 
 
 def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], Iterator, _Record, dict]:
@@ -354,6 +445,8 @@ def convert_in_memory(source: str | os.PathLike, **options) -> tuple[dict, dict[
     """
     opts = ConvertOptions(**{k: tuple(v) if k == "btx_sources" else v for k, v in options.items()})
     readers, shapes, fmt = _open_sources(source, opts)
+    need = _estimate_for(readers, shapes, fmt, opts)
+    _check_fits(Estimate(need.output_bytes, need.memory_bytes + need.output_bytes), opts, None)  # all kept in memory
     _, tensors, _, moe_config = _generate(readers, shapes, fmt, opts, progress=False)
     return moe_config, {entry.name: tensor for entry, tensor in tensors}
 
@@ -370,6 +463,7 @@ def convert(
     inputs = [source, *opts.btx_sources]
     output = check_output(output, force=force, inputs=inputs)
     readers, shapes, fmt = _open_sources(source, opts)
+    _check_fits(_estimate_for(readers, shapes, fmt, opts), opts, output)
     with _single_thread(), publish_dir(output, force=force, inputs=inputs) as tmp:
         _write(readers, shapes, fmt, opts, tmp, progress)
     return output

@@ -176,6 +176,40 @@ def shared_expert_keys(layer: int) -> dict[str, str]:
     }
 
 
+_REQUIRED_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_POSITIVE_FLOATS = ("rms_norm_eps", "initializer_range", "rope_theta")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "use_sliding_window")
+
+
+def check_config_types(cfg: dict) -> None:
+    """Refuse config.json values of the wrong type, naming the key: transformers refuses `num_attention_heads: 4.0`
+    when it loads the output, and `"4"` would fail halfway through with a traceback."""
+    def bad(key: str, what: str) -> UpcycleError:
+        return UpcycleError(f"config.json: {key} must be {what}, got {cfg[key]!r}; fix config.json")
+
+    for key in _REQUIRED_INTS + _OPTIONAL_INTS:
+        value = cfg.get(key)
+        if value is None and key in _OPTIONAL_INTS:
+            continue
+        if type(value) is not int or value < 1:
+            raise bad(key, "a positive integer")
+    for key in _POSITIVE_FLOATS:
+        value = cfg.get(key)
+        if value is not None and (type(value) not in (int, float) or not 0 < value < float("inf")):
+            raise bad(key, "a positive finite number")
+    for key in _BOOLS:
+        if cfg.get(key) is not None and type(cfg[key]) is not bool:
+            raise bad(key, "true or false")
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if heads % kv_heads:
+        raise UpcycleError(f"config.json: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                           f"({kv_heads}); fix config.json")
+    if cfg.get("head_dim") is None and cfg["hidden_size"] % heads:
+        raise UpcycleError(f"config.json: hidden_size ({cfg['hidden_size']}) must be a multiple of "
+                           f"num_attention_heads ({heads}) when head_dim is not given; fix config.json")
+
+
 def check_dense_config(cfg: dict) -> None:
     """Refuse what we cannot upcycle, naming what is supported."""
     family = cfg.get("model_type")
@@ -184,10 +218,10 @@ def check_dense_config(cfg: dict) -> None:
             f"unsupported model_type {family!r} in config.json; supported dense families: {', '.join(DENSE_FAMILIES)} "
             "(decoders with a gated SwiGLU FFN)"
         )
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-               if k not in cfg]
+    missing = [k for k in _REQUIRED_INTS if k not in cfg]
     if missing:
         raise UpcycleError(f"config.json lacks {', '.join(missing)}; is this a complete {family} config?")
+    check_config_types(cfg)
     if cfg.get("mlp_bias"):
         raise UpcycleError("mlp_bias=true is not supported: Mixtral/Qwen-MoE experts have no biases")
     act = cfg.get("hidden_act", "silu")
