@@ -172,3 +172,14 @@ def test_a_million_experts_are_refused_before_any_work_on_a_machine_they_do_not_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     assert main(["convert", str(src), str(tmp_path / "out"), "--num-experts", "4", "--quiet"]) in (0, None)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("damage, which, message", [
+    (_pickle_only, "moe", "never unpickles"), (_truncate, "moe", "truncated"), (_truncate, "dense", "truncated"),
+])
+def test_check_refuses_pickle_and_truncated_checkpoints_like_convert(tmp_path, capsys, damage, which, message):
+    src = save_dense(tmp_path / "dense", "llama")
+    assert main(["convert", str(src), str(tmp_path / "moe"), "--num-experts", "2", "--quiet"]) in (0, None)
+    damage(tmp_path / which)
+    code, err = run_cli(capsys, "check", str(tmp_path / "moe"), "--dense", str(tmp_path / "dense"))
+    assert code == 2 and message in err and str(tmp_path / which) in err and len(err.strip().splitlines()) == 1

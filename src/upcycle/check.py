@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from upcycle.errors import UpcycleError
+from upcycle.safetensors_io import CheckpointReader
 
 PROBE_TEXT = """\
 The dense model is copied into every expert, and a router decides which experts see each token. In the first steps
@@ -84,6 +85,10 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
           tolerance: float = 1e-4) -> CheckReport:
     """Compare the MoE at `moe_dir` with the dense model at `dense_dir` on a probe text."""
     moe_path, dense_path = Path(moe_dir), Path(dense_dir)
+    for path in (moe_path, dense_path):
+        # the validation every other command does before work: config.json, safetensors headers against file sizes
+        # (a truncated file is named), pickle weights refused rather than handed to transformers
+        CheckpointReader(path)
     manifest_path = moe_path / "upcycle_manifest.json"
     method = json.loads(manifest_path.read_text())["options"]["method"] if manifest_path.is_file() else None
     dense, moe = _load(dense_path), _load(moe_path)
