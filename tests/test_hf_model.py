@@ -195,3 +195,15 @@ def test_llama_without_biases_exports_as_qwen2_moe_with_zero_biases(tmp_path):
 def _save(config, directory):
     build_hf(config).save_pretrained(directory)
     return directory
+
+
+def test_export_format_names_what_fits_the_checkpoint(tmp_path):
+    moe = load_model(_save(CASES["mixtral"][0](), tmp_path / "moe"))
+    with pytest.raises(UpcycleError, match=r"--format llama writes a dense model, but this checkpoint is an MoE"):
+        export_hf(moe, moe.config, tmp_path / "a", fmt="llama")
+    dense = load_model(_save(CASES["llama_gqa_llama3"][0](), tmp_path / "dense"))
+    with pytest.raises(UpcycleError, match=r"--format mixtral writes an MoE, but this checkpoint is dense"):
+        export_hf(dense, dense.config, tmp_path / "b", fmt="mixtral")
+    with pytest.raises(UpcycleError, match=r"unknown --format 'gpt2'; choose auto, mixtral"):
+        export_hf(dense, dense.config, tmp_path / "c", fmt="gpt2")
+    assert not list(tmp_path.glob("[abc]"))

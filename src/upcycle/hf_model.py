@@ -55,6 +55,10 @@ def experts_from_hf(gate_EFD: Tensor, up_EFD: Tensor, down_EDF: Tensor) -> tuple
     return gate_up_E2FD.transpose(1, 2).contiguous(), down_EDF.transpose(1, 2).contiguous()
 
 
+# What `upcycle export --format` writes besides auto (mistral is read, never written: a Llama config holds it).
+EXPORT_FORMATS = (*hf.MOE_FORMATS, *(f for f in hf.DENSE_FAMILIES if f != "mistral"))
+
+
 class _Taker:
     """Takes tensors out of a checkpoint by key, checking shapes, and remembers which keys were used."""
 
@@ -149,7 +153,15 @@ def load_hf(directory: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
 def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
     """(dense family, output model_type) for our config and the requested format."""
     family = hf.dense_family_for(qkv_bias=config.qkv_bias, o_bias=config.o_bias, qk_norm=config.qk_norm)
+    if fmt not in ("auto", *EXPORT_FORMATS):
+        raise UpcycleError(f"unknown --format {fmt!r}; choose auto, {', '.join(EXPORT_FORMATS)}")
+    if config.is_moe and fmt in hf.DENSE_FAMILIES:
+        raise UpcycleError(f"--format {fmt} writes a dense model, but this checkpoint is an MoE "
+                           f"({config.num_experts} experts); choose auto, {', '.join(hf.MOE_FORMATS)}")
     if not config.is_moe:
+        if fmt in hf.MOE_FORMATS:
+            raise UpcycleError(f"--format {fmt} writes an MoE, but this checkpoint is dense; choose auto or {family} "
+                               "(to make an MoE of it, use upcycle convert)")
         if fmt not in ("auto", family):
             raise UpcycleError(f"a dense model with these attention features exports as {family}; got --format {fmt!r}")
         return family, family
