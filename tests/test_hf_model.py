@@ -192,6 +192,23 @@ def test_llama_without_biases_exports_as_qwen2_moe_with_zero_biases(tmp_path):
     assert (hf_logits(reloaded) - our_logits(ours)).abs().max() <= 1e-4
 
 
+def test_tied_moe_exported_as_qwen2_moe_gets_an_untied_head_and_a_nonzero_shared_gate(tmp_path):
+    """What llama.cpp's qwen2moe needs (see hf_formats.untied_head and upcycling.init_shared_expert)."""
+    from safetensors.torch import load_file
+
+    ours = load_model(_save(transformers.MixtralConfig(**TINY, **MOE, num_key_value_heads=2, num_local_experts=4,
+                                                       tie_word_embeddings=True), tmp_path / "src"))
+    assert ours.config.tie_embeddings
+    out = export_hf(ours, ours.config, tmp_path / "q", fmt="qwen2_moe")
+    tensors = load_file(out / "model.safetensors")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    gate = tensors["model.layers.0.mlp.shared_expert_gate.weight"]
+    assert torch.count_nonzero(gate) == gate.numel()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (hf_logits(reloaded) - our_logits(ours)).abs().max() <= 1e-4
+
+
 def _save(config, directory):
     build_hf(config).save_pretrained(directory)
     return directory

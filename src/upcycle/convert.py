@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from upcycle.upcycling import (
     btx_source_of_expert,
     derived_generator,
     init_router,
+    init_shared_expert,
     scratch_tensor,
     upcycle_expert,
 )
@@ -191,7 +193,7 @@ def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int) -> l
 
 
 def _writes_lm_head(shapes: hf.Shapes, fmt: str) -> bool:
-    return not shapes.tie_embeddings
+    return not shapes.tie_embeddings or hf.untied_head(fmt, shapes.tie_embeddings)
 
 
 def _shapes_as_config(shapes: hf.Shapes) -> dict:
@@ -230,8 +232,10 @@ def _finite(reader: CheckpointReader, name: str) -> torch.Tensor:
 class _Producer:
     """Computes each output tensor (fp32) when its entry comes up, reading only what that tensor needs."""
 
-    def __init__(self, readers: list[CheckpointReader], shapes: hf.Shapes, opts: ConvertOptions, record: _Record):
+    def __init__(self, readers: list[CheckpointReader], shapes: hf.Shapes, opts: ConvertOptions, record: _Record,
+                 shared_dim: int = 0):
         self.readers = readers
+        self.shared_dim = shared_dim
         self.shapes = shapes
         self.opts = opts
         self.record = record
@@ -243,6 +247,7 @@ class _Producer:
                               else [0] * opts.num_experts)
         self._dense_ffn: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # only the current layer's
         self._expert = None  # (layer, expert, ExpertFFN or dict) cache while its three matrices are written
+        self._shared_cache = None  # (layer, role -> tensor) of the current layer's shared expert
 
     def _read(self, name: str, source: int | None = None) -> torch.Tensor:
         """The source tensor (or, for btx, the mean over sources when `source` is None), checked finite as it streams
@@ -287,12 +292,12 @@ class _Producer:
         return self._expert[2][entry.role]
 
     def _shared(self, entry: Entry) -> torch.Tensor:
-        # Qwen2-MoE always has a shared expert; a zero down projection makes it contribute exactly nothing at
-        # initialization while gate/up get the HF init, so it can learn from the first step.
-        if entry.role in ("shared_down", "shared_expert_gate"):
-            return torch.zeros(entry.shape)
-        gen = derived_generator(self.opts.seed, entry.layer, "shared", entry.role)
-        return torch.empty(entry.shape).normal_(0.0, self.init_std, generator=gen)
+        # Qwen2-MoE always has a shared expert; it contributes exactly nothing at initialization (init_shared_expert).
+        if self._shared_cache is None or self._shared_cache[0] != entry.layer:
+            shapes = hf.shared_expert_shapes(self.shapes.dim, self.shared_dim)
+            self._shared_cache = (entry.layer, init_shared_expert(shapes, std=self.init_std, seed=self.opts.seed,
+                                                                  layer=entry.layer))
+        return self._shared_cache[1][entry.role]
 
     def __call__(self, entry: Entry) -> torch.Tensor:
         if entry.kind == "embed":
@@ -300,6 +305,8 @@ class _Producer:
         if entry.kind in ("final_norm",):
             return self._copied(entry, "norm")
         if entry.kind == "lm_head":
+            if self.shapes.tie_embeddings:  # an untied copy of the embeddings (hf_formats.untied_head)
+                return self._copied(Entry(hf.EMBED_KEY, entry.shape, "embed"), "embedding")
             return self._copied(entry, "weight")
         if entry.kind == "attn":
             return self._copied(entry, _ROLE_KIND.get(entry.role, "weight"))
@@ -424,7 +431,7 @@ def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], 
     entries = _layout(shapes, fmt, opts.num_experts, shared_dim)
     record = _Record(redrawn_LEMF=np.zeros((shapes.num_layers, opts.num_experts, len(MATRICES), shapes.ffn_dim),
                                            dtype=bool))
-    produce = _Producer(readers, shapes, opts, record)
+    produce = _Producer(readers, shapes, opts, record, shared_dim)
     out_dtype = _out_dtype(opts, readers[0])
 
     def tensors() -> Iterator[tuple[Entry, torch.Tensor]]:
@@ -588,5 +595,7 @@ def convert_command(
         router_std=router_std, btx_sources=tuple(btx_sources or ()), format=format, dtype=dtype,
         max_shard_size=max_shard_size, shared_expert_dim=shared_expert_dim,
     )
+    if format_note := hf.ENGINE_NOTES.get(json.loads((path / "config.json").read_text())["model_type"]):
+        print(format_note, file=sys.stderr)
     if not quiet:
         print(f"wrote {path}")

@@ -253,6 +253,24 @@ _NOT_CARRIED = {"architectures", "model_type", "transformers_version", "mlp_bias
                 "auto_map", "qkv_bias", "attention_bias", "quantization_config", "torch_dtype"}
 
 
+def untied_head(fmt: str, tie_embeddings: bool) -> bool:
+    """Whether an MoE of format `fmt` made from a model with tied embeddings gets its own `lm_head.weight` (a copy of
+    the embeddings, config tie_word_embeddings false).
+
+    Only qwen2_moe does: llama.cpp's qwen2moe loader requires `output.weight` and has no tied-embedding fallback (its
+    mixtral/llama and qwen3moe loaders have one), so a tied Qwen2-MoE does not load there. A copy is the same function
+    in every engine; the two matrices are then trained separately."""
+    return tie_embeddings and fmt == "qwen2_moe"
+
+
+# One line per format whose semantics some engine does not reproduce: printed by convert and export.
+ENGINE_NOTES = {
+    "qwen2_moe": "note: llama.cpp's qwen2moe graph ignores norm_topk_prob=true (the top-k weights are not renormalized), "
+                 "so there this model computes another function; for llama.cpp convert a Llama/Mistral source to "
+                 "--format mixtral or a Qwen3 source to qwen3_moe (see docs/convert.md, where the output runs)",
+}
+
+
 def build_moe_config(
     dense: dict,
     fmt: str,
@@ -294,6 +312,8 @@ def build_moe_config(
         if fmt == "qwen2_moe":
             cfg["qkv_bias"] = True  # Qwen2-MoE always has q/k/v biases; a Llama source gets zeros
             cfg["shared_expert_intermediate_size"] = shared_expert_dim or shapes.ffn_dim
+            if shapes.tie_embeddings:
+                cfg["tie_word_embeddings"] = False  # see untied_head()
         else:
             cfg["attention_bias"] = shapes.qkv_bias
     return cfg

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +30,7 @@ from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir
 from upcycle.model import ModelConfig, Transformer
 from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader
+from upcycle.upcycling import init_shared_expert
 
 # Our state-dict names for the per-layer roles of hf_formats (the only place they are paired).
 _OUR_ATTN = {
@@ -200,6 +202,8 @@ def state_dict_to_hf(
     put(hf.FINAL_NORM_KEY, state_dict["norm.weight"])
     if not c.tie_embeddings:
         put(hf.LM_HEAD_KEY, state_dict["output.weight"])
+    elif not hf_cfg["tie_word_embeddings"]:  # a format that needs its own head (hf_formats.untied_head)
+        put(hf.LM_HEAD_KEY, state_dict["tok_embeddings.weight"].clone())  # its own storage: safetensors refuses shared
     for i in range(c.num_layers):
         p = f"layers.{i}."
         for role, shape in hf.attention_roles(shapes).items():
@@ -216,10 +220,11 @@ def state_dict_to_hf(
             for m in hf.FFN_MATRICES:
                 put(hf.expert_key(out_fmt, i, e, m), per[m][e])
         if out_fmt == "qwen2_moe":
-            # The shared expert is always present in Qwen2-MoE; all zeros (down_proj zero) makes it contribute 0.
-            shapes_by_role = hf.shared_expert_shapes(c.dim, hf_cfg["shared_expert_intermediate_size"])
+            # The shared expert is always present in Qwen2-MoE; as written by convert, it contributes exactly nothing.
+            shared = init_shared_expert(hf.shared_expert_shapes(c.dim, hf_cfg["shared_expert_intermediate_size"]),
+                                        std=c.init_std, seed=0, layer=i)
             for role, key in hf.shared_expert_keys(i).items():
-                put(key, torch.zeros(shapes_by_role[role]))
+                put(key, shared[role])
     return hf_cfg, out
 
 
@@ -310,4 +315,6 @@ def export_command(
     model = load_model(checkpoint)
     path = export_hf(model, model.config, out, fmt=format, dtype=dtype, tokenizer=tokenizer, force=force,
                      inputs=inputs)
+    if format_note := hf.ENGINE_NOTES.get(json.loads((path / "config.json").read_text())["model_type"]):
+        print(format_note, file=sys.stderr)
     print(f"wrote {path}")

@@ -229,6 +229,25 @@ def init_router(num_experts: int, dim: int, *, kind: str, std: float, generator:
     raise UpcycleError(f"unknown router init {kind!r}; choose one of {', '.join(ROUTER_INITS)}")
 
 
+def init_shared_expert(shapes: dict[str, tuple[int, int]], *, std: float, seed: int, layer: int
+                       ) -> dict[str, torch.Tensor]:
+    """Qwen2-MoE's always-present shared expert at initialization, by the roles of `hf_formats.shared_expert_keys`.
+
+    Its down projection is zeros, so it adds exactly nothing and the MoE computes what the experts compute. Its gate
+    and up projections get the HF init N(0, std^2), so it can learn. Its sigmoid gate [1, D] gets N(0, std^2) too,
+    not zeros: with down_proj zero any finite gate keeps the function, but llama.cpp evaluates that sigmoid as
+    silu(x) / x, which is NaN at x = 0 for every token when the gate is all zeros; with random weights x = 0 has
+    probability zero, as with any trained gate."""
+    out = {}
+    for role, shape in shapes.items():
+        if role == "shared_down":
+            out[role] = torch.zeros(shape, dtype=torch.float32)
+        else:
+            gen = derived_generator(seed, layer, "shared", role)
+            out[role] = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+    return out
+
+
 def scratch_tensor(
     shape: tuple[int, ...], kind: str, *, std: float, generator: torch.Generator, padding_idx: int | None = None
 ) -> torch.Tensor:
