@@ -9,7 +9,7 @@ Layout (HF nn.Linear): gate_FD and up_FD are [F, D], down_DF is [D, F]; the inte
 Drop-Upcycling re-draws whole neurons: rows of gate/up, columns of down. All math runs in fp32; callers cast to the
 checkpoint dtype at the end.
 
-Methods (PAPER.md):
+Methods (docs/method.md explains each, the index modes and the baselines they reproduce):
     naive   every expert an exact copy of the dense FFN (r = 0 of drop).
     drop    per expert, re-draw a fraction `ratio` of neurons from N(mu, sigma^2) matched to the dense weights.
     noise   like drop's index selection, but ADD N(0, noise_std^2) to the selected slice (random-noise upcycling).
