@@ -566,7 +566,7 @@ def convert_command(
 
     Args:
         source: Local dense checkpoint directory (config.json + safetensors).
-        output: Directory to create; refused if it exists and is not empty, unless --force.
+        output: Directory to create (parents too); refused if it exists, unless --force.
         method: drop (Drop-Upcycling), naive (exact copies), noise (add N(0, noise_std^2) to the selected neurons),
             scratch (HF default init everywhere) or btx (Branch-Train-MiX over --btx-sources).
         ratio: Fraction r of each expert's FFN neurons re-drawn (drop) or perturbed (noise), in [0, 1].
