@@ -95,3 +95,42 @@ def test_a_previous_output_moved_aside_is_kept_while_the_output_is_missing(tmp_p
 def test_sha256_file(tmp_path):
     (tmp_path / "x").write_bytes(b"abc")
     assert sha256_file(tmp_path / "x") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    import errno
+    import os
+
+    with pytest.raises(UpcycleError, match="cannot write OUTPUT .*: No space left on device; nothing was written"):
+        with publish_dir(tmp_path / "out", force=False) as tmp:
+            (tmp / "a").write_text("partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs, where the machine allows mounting (root, no sandbox); skipped elsewhere."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_convert_onto_a_full_disk_is_refused_up_front_or_fails_cleanly(tmp_path, small_tmpfs, monkeypatch):
+    from upcycle import convert as convert_module
+
+    dense = save_dense(tmp_path / "dense", "llama")  # its output needs ~0.5 MB, more than the tmpfs holds
+    with pytest.raises(UpcycleError, match="needs about .* of disk"):
+        convert(dense, small_tmpfs / "moe", num_experts=8, progress=False)
+    assert list(small_tmpfs.iterdir()) == []
+    monkeypatch.setattr(convert_module, "_free_disk_bytes", lambda path: 10**12)  # as if the estimate were wrong
+    with pytest.raises(UpcycleError, match="No space left on device; nothing was written"):
+        convert(dense, small_tmpfs / "moe", num_experts=8, progress=False)
+    assert list(small_tmpfs.iterdir()) == []

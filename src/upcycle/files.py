@@ -10,6 +10,7 @@ that publishes the same NAME.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -43,6 +44,7 @@ def refuse_output_over_inputs(out: str | os.PathLike, inputs: Iterable[str | os.
 
 
 TMP_TAG = "upcycle-tmp"
+_USER_FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 OLD_TAG = "upcycle-old"
 
 
@@ -122,6 +124,11 @@ def publish_dir(out: str | os.PathLike, *, force: bool, inputs: Iterable[str | o
                 _fsync_file(path)
         fsync_dir(tmp)
         replace_dir(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in _USER_FIXABLE:  # a full or read-only disk is the user's to fix, not a crash
+            raise UpcycleError(f"cannot write {flag} {out}: {exc.strerror}; nothing was written") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
