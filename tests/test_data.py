@@ -350,7 +350,7 @@ def test_bad_inputs(corpus, tokenizer_dir, prepared, tmp_path):
         with pytest.raises(UpcycleError, match=match):
             prepare(**{**args, **kwargs})
         assert not (tmp_path / "out").exists()
-        assert not list(tmp_path.glob(".out.tmp-*"))  # nothing half-written left behind
+        assert not list(tmp_path.glob(".out.upcycle-tmp-*"))  # nothing half-written left behind
 
     fails("does not exist", sources={"english": [tmp_path / "missing.txt"]})
     fails("tokenizer path", tokenizer=tmp_path / "no-tokenizer")
