@@ -163,7 +163,7 @@ def subprocess_env(threads: int = 1) -> dict:
 
 
 def train_cli(config: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "upcycle.train", "--config", str(config), "--out", str(out), *extra]
+    return [sys.executable, "-m", "upcycle", "train", "--config", str(config), "--out", str(out), *extra]
 
 
 def run_train(config: Path, out: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:

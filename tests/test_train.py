@@ -18,7 +18,8 @@ from helpers import (make_data_dir, read_metrics, subprocess_env, tiny_config, t
 from upcycle import checkpoint as ckpt
 from upcycle import losses
 from upcycle.errors import UpcycleError
-from upcycle.train import NonFiniteLoss, config_from_dict, load_config, lr_at, main, run_training, train_command
+from upcycle.cli import main
+from upcycle.train import NonFiniteLoss, config_from_dict, load_config, lr_at, run_training, train_command
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +62,9 @@ def test_bad_config_field_is_named_before_any_work(tmp_path, data_dir, override,
 
 
 def _cli(capsys, config: Path, out: Path, *extra: str) -> tuple[int, str]:
-    """`python -m upcycle.train ...` in this process: (exit status, stderr)."""
+    """`python -m upcycle train ...` in this process: (exit status, stderr)."""
     try:
-        main(["--config", str(config), "--out", str(out), *extra])
+        main(["train", "--config", str(config), "--out", str(out), *extra])
         code = 0
     except SystemExit as exit_info:
         code = exit_info.code
@@ -106,7 +107,7 @@ def test_run_logs_metrics_validation_and_loadable_checkpoints(tmp_path, data_dir
 
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_config(data_dir, train={"max_steps": 12}))
-    assert train_command(config=str(config), out=str(out)) == 0
+    train_command(config=str(config), out=str(out))
     records = read_metrics(out)
     assert [r["step"] for r in records] == list(range(1, 13))
     for key in ("loss", "ce", "aux", "z", "lr", "grad_norm", "tokens_per_s", "tokens"):
@@ -131,7 +132,7 @@ def test_run_logs_metrics_validation_and_loadable_checkpoints(tmp_path, data_dir
     assert state["step"] == 12 and state["data"]["step"] == 12 and state["tokens"] == 12 * 256
 
     # Re-running the finished command is a no-op, not a second run.
-    assert train_command(config=str(config), out=str(out)) == 0
+    train_command(config=str(config), out=str(out))
     assert len(read_metrics(out)) == 12
 
 
@@ -174,7 +175,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, da
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
 
     monkeypatch.setattr(losses, "cross_entropy", real_ce)
-    assert run_training(config, out) == 0  # re-running resumes from the good checkpoint and finishes
+    assert run_training(config, out)["step"] == 8  # re-running resumes from the good checkpoint and finishes
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 9))
 
 
@@ -268,12 +269,12 @@ def test_raw_sources_are_tokenized_into_out_once(tmp_path):
                                   "code": [str(tmp_path / "code.jsonl.gz")]},
                       "tokenizer": str(tmp_path / "tok"), "val_fraction": 0.1, "seq_len": 32}
     out = tmp_path / "run"
-    assert run_training(config_from_dict(values), out) == 0
+    run_training(config_from_dict(values), out)
     metadata = json.loads((out / "data" / "data.json").read_text())
     assert set(metadata["domains"]) == {"english", "code"} and metadata["domains"]["code"]["val"]["documents"] == 6
     assert set(read_metrics(out)[-1]["val"]) == {"english", "code"}
     prepared_at = (out / "data" / "data.json").stat().st_mtime_ns
     values["train"]["max_steps"] = 3
-    assert run_training(config_from_dict(values), out) == 0  # resumes; the data is not tokenized again
+    run_training(config_from_dict(values), out)  # resumes; the data is not tokenized again
     assert (out / "data" / "data.json").stat().st_mtime_ns == prepared_at
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]

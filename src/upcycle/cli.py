@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+import types
 import typing
 from collections.abc import Callable
 
@@ -83,7 +84,7 @@ def _add_function(parser: argparse.ArgumentParser, func: Callable) -> None:
         hint = hints.get(name, str)
         args = typing.get_args(hint)
         origin = typing.get_origin(hint)
-        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):  # X | None
+        if origin in (typing.Union, types.UnionType):  # X | None
             hint = next(a for a in args if a is not type(None))
             args, origin = typing.get_args(hint), typing.get_origin(hint)
         kwargs: dict = {"help": helps.get(name, "")}
@@ -169,14 +170,6 @@ def _call(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         sys.exit(130)
     if isinstance(result, int) and result != 0:
         sys.exit(result)
-
-
-def run_function(func: Callable, argv: list[str], prog: str) -> None:
-    """Run one command function with its own parser (for `python -m upcycle.train`, which torchrun launches)."""
-    parser = _Parser(prog=prog, description=_docstring(func)[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                     epilog=_epilog(func))
-    _add_function(parser, func)
-    _call(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
