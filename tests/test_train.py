@@ -278,3 +278,32 @@ def test_raw_sources_are_tokenized_into_out_once(tmp_path):
     run_training(config_from_dict(values), out)  # resumes; the data is not tokenized again
     assert (out / "data" / "data.json").stat().st_mtime_ns == prepared_at
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+# -- structure: entry points and the loop's parts ----------------------------------------------------------------------
+
+
+def test_one_entry_point_and_no_import_cycle():
+    import sys
+
+    code = "import sys, upcycle.train; assert 'upcycle.cli' not in sys.modules, 'train imports the CLI'"
+    subprocess.run([sys.executable, "-c", code], env=subprocess_env(), check=True)
+    shown = subprocess.run([sys.executable, "-m", "upcycle", "train", "--help"], env=subprocess_env(),
+                           capture_output=True, text=True, check=True).stdout
+    assert "--train.precision" in shown and "--init.index_mode" in shown
+
+
+def test_train_step_returns_a_record_and_run_training_a_summary(tmp_path, data_dir):
+    from upcycle.distributed import init_distributed
+    from upcycle.train import StepRecord, _StopRequest, setup, train_step
+
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_config(data_dir, train={"max_steps": 2})))
+    run = setup(config, tmp_path / "steps", init_distributed())
+    record = train_step(run, 0, stop=_StopRequest())
+    assert isinstance(record, StepRecord) and record.step == 1 and record.tokens == 256
+    assert math.isfinite(record.loss) and len(record.expert_load["max_share"]) == 2
+    assert record.to_json()["data_sha256"] == run.data_sha256
+
+    summary = run_training(config, tmp_path / "run")
+    assert summary["step"] == 2 and summary["stopped"] == "max_steps"
+    assert summary["checkpoint"].endswith("step_00000002")

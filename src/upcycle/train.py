@@ -113,9 +113,10 @@ def build_model(config: TrainConfig, *, resume_model_config: dict | None) -> tup
         return model, model.config
     from upcycle.convert import convert_in_memory
 
-    moe_config, hf_state = convert_in_memory(init.source, method=init.method, ratio=init.ratio,
-                                             index_mode=init.index_mode, seed=init.seed,
-                                             num_experts=init.num_experts, top_k=init.top_k, dtype="float32")
+    options = dataclasses.asdict(init.convert_options())
+    if options["dtype"] == "auto":  # training keeps fp32 master weights: no rounding to the source's dtype
+        options["dtype"] = "float32"
+    moe_config, hf_state = convert_in_memory(init.source, **options)
     model_config, state = hf_model.state_dict_from_hf(hf_state, moe_config)
     model = Transformer(model_config)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from upcycle.convert import ConvertOptions
 from upcycle.distributed import PARALLEL_MODES
 from upcycle.errors import UpcycleError
 from upcycle.model import ModelConfig
-from upcycle.upcycling import INDEX_MODES, METHODS
+from upcycle.upcycling import METHODS
 
 PRECISIONS = ("fp32", "bf16")
-# Online upcycling converts one dense source; btx merges several, which `upcycle convert` does.
-ONLINE_METHODS = tuple(m for m in METHODS if m != "btx")
 
 
 def _one_of(name: str, value: Any, choices: tuple) -> None:
@@ -30,31 +32,14 @@ def _one_of(name: str, value: Any, choices: tuple) -> None:
         raise UpcycleError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
-@dataclass
-class InitConfig:
-    """Where the weights come from. Empty `source`: from scratch, built from the `model` section.
+class _InitChecks:
+    """The behaviour of InitConfig (its fields are made from ConvertOptions below)."""
 
-    Attributes:
-        source: Checkpoint directory to start from: a Hugging Face model (dense or MoE; llama, mistral, qwen2, qwen3,
-            mixtral, qwen2_moe, qwen3_moe) or one of ours (a training checkpoint step_XXXXXXXX). The `model` section
-            must then be empty: the architecture comes from the checkpoint.
-        method: Online upcycling of a dense `source` into an MoE before training: drop (Drop-Upcycling), naive (every
-            expert a copy), noise (random-noise upcycling) or scratch. Empty: load `source` as it is.
-        ratio: Drop-Upcycling re-initialization ratio r in [0, 1]; 0 is naive upcycling.
-        index_mode: Which neurons are re-drawn: independent (a fresh set per matrix, the authors' released code and
-            every published number; default) or shared (one set per expert, the paper's Figure 1).
-        seed: Seed of every upcycling draw (router init, re-drawn neurons).
-        num_experts: Experts per MoE layer (online upcycling).
-        top_k: Experts per token (online upcycling).
-    """
-
-    source: str | None = None
-    method: str | None = None
-    ratio: float = 0.5
-    index_mode: str = "independent"
-    seed: int = 1234
-    num_experts: int = 8
-    top_k: int = 2
+    def convert_options(self) -> ConvertOptions:
+        """The upcycling fields of this section as the options of `upcycle convert`."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ConvertOptions)}
+        values["btx_sources"] = tuple(values["btx_sources"] or ())
+        return ConvertOptions(**values)
 
     def validate(self) -> None:
         if self.source is not None and not Path(self.source).exists():
@@ -63,16 +48,48 @@ class InitConfig:
             return
         if self.source is None:
             raise UpcycleError("init.method needs init.source (the dense checkpoint to upcycle)")
-        if self.method not in ONLINE_METHODS:
-            raise UpcycleError(f"init.method must be one of {', '.join(ONLINE_METHODS)} (btx needs several sources: "
-                               f"run `upcycle convert` first), got {self.method!r}")
-        if not 0.0 <= self.ratio <= 1.0:
-            raise UpcycleError(f"init.ratio must lie in [0, 1], got {self.ratio}")
-        _one_of("init.index_mode", self.index_mode, INDEX_MODES)
-        if self.num_experts < 1:
-            raise UpcycleError(f"init.num_experts must be >= 1, got {self.num_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise UpcycleError(f"init.top_k must lie in [1, init.num_experts={self.num_experts}], got {self.top_k}")
+        try:
+            self.convert_options().validate()
+        except UpcycleError as exc:  # convert's messages name its flags; here they are init fields
+            raise UpcycleError(re.sub(r"--([a-z][a-z0-9-]*)", lambda m: "init." + m.group(1).replace("-", "_"),
+                                      str(exc))) from None
+
+
+def _attribute_docs(cls: type, skip: tuple[str, ...]) -> str:
+    """The `Attributes:` entries of a Google-style class docstring, minus the fields named in `skip`."""
+    _, _, attributes = (inspect.getdoc(cls) or "").partition("\nAttributes:\n")
+    kept, keep = [], True
+    for line in attributes.splitlines():
+        head = line.strip().partition(":")[0]
+        if line.startswith("    ") and not line.startswith("     ") and head.isidentifier():
+            keep = head not in skip
+        if keep:
+            kept.append(line)
+    return textwrap.indent("\n".join(kept), "    ")
+
+
+# `init` = `source` + every option of `upcycle convert` (one declaration: ConvertOptions), with `method` empty by
+# default (load `source` as it is).
+InitConfig = dataclasses.make_dataclass(
+    "InitConfig",
+    [("source", "str | None", field(default=None)),
+     ("method", "str | None", field(default=None, metadata={"choices": METHODS}))]
+    + [(f.name, f.type, field(default=f.default, metadata=f.metadata))
+       for f in dataclasses.fields(ConvertOptions) if f.name != "method"],
+    bases=(_InitChecks,))
+InitConfig.__module__ = __name__
+InitConfig.__doc__ = f"""Where the weights come from. Empty `source`: from scratch, built from the `model` section.
+
+    Every field but `source` is an option of `upcycle convert` (ConvertOptions), used for online upcycling.
+
+    Attributes:
+        source: Checkpoint directory to start from: a Hugging Face model (dense or MoE; llama, mistral, qwen2, qwen3,
+            mixtral, qwen2_moe, qwen3_moe) or one of ours (a training checkpoint step_XXXXXXXX). The `model` section
+            must then be empty: the architecture comes from the checkpoint.
+        method: Online upcycling of a dense `source` into an MoE before training, as `upcycle convert --method`:
+            {", ".join(METHODS)}. Empty: load `source` as it is.
+{_attribute_docs(ConvertOptions, skip=("method",))}
+    """
 
 
 @dataclass
@@ -203,10 +220,10 @@ class TrainLoopConfig:
     global_batch_tokens: int = 65536
     micro_batch_size: int = 8
     seed: int = 0
-    precision: str = "fp32"
+    precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
     activation_checkpointing: bool = False
     compile: bool = False
-    parallel: str = "fsdp"
+    parallel: str = field(default="fsdp", metadata={"choices": PARALLEL_MODES})
     aux_coef: float = 0.02
     aux_per_layer: bool = False
     z_coef: float = 0.0
@@ -218,8 +235,6 @@ class TrainLoopConfig:
             raise UpcycleError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.micro_batch_size < 1:
             raise UpcycleError(f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        _one_of("train.precision", self.precision, PRECISIONS)
-        _one_of("train.parallel", self.parallel, PARALLEL_MODES)
         if self.aux_coef < 0 or self.z_coef < 0:
             raise UpcycleError("train.aux_coef and train.z_coef must be >= 0")
         if self.eval_every < 0 or self.eval_sequences < 1:
@@ -285,7 +300,10 @@ class TrainConfig:
             if section is None:  # only `model` may be absent
                 continue
             for f in dataclasses.fields(section):
-                _check_type(f"{name}.{f.name}", str(f.type), getattr(section, f.name))
+                value = getattr(section, f.name)
+                _check_type(f"{name}.{f.name}", str(f.type), value)
+                if "choices" in f.metadata and value is not None:
+                    _one_of(f"{name}.{f.name}", value, f.metadata["choices"])
             if name != "model":  # ModelConfig checks itself when built
                 section.validate()
         if self.init.source is None and self.model is None:
@@ -434,5 +452,7 @@ def config_fields_help() -> str:
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
             flag = f"--{name}.{f.name}"
-            lines.append(f"  {flag:<36} {str(f.type):<26} default: {default}")
+            choices = f.metadata.get("choices")
+            lines.append(f"  {flag:<36} {str(f.type):<26} default: {default}"
+                         + (f"; one of {', '.join(map(str, choices))}" if choices else ""))
     return "\n".join(lines)
