@@ -307,3 +307,27 @@ def test_train_step_returns_a_record_and_run_training_a_summary(tmp_path, data_d
     summary = run_training(config, tmp_path / "run")
     assert summary["step"] == 2 and summary["stopped"] == "max_steps"
     assert summary["checkpoint"].endswith("step_00000002")
+
+
+# -- precision: auto -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, requested, resolved, warned", [
+    (frozenset({"avx2"}), "auto", "fp32", False),
+    (frozenset({"avx2", "avx512_bf16"}), "auto", "bf16", False),
+    (frozenset({"avx2"}), "bf16", "bf16", True),
+    (frozenset({"avx512_bf16"}), "fp32", "fp32", False),
+])
+def test_precision_auto_resolves_per_cpu_warns_once_and_is_recorded(tmp_path, data_dir, monkeypatch, capsys, flags,
+                                                                     requested, resolved, warned):
+    from upcycle import hardware
+
+    monkeypatch.setattr(hardware, "cpu_info", lambda: ("test CPU", flags))
+    values = tiny_config(data_dir, train={"max_steps": 2, "eval_every": 0, "precision": requested})
+    if requested == "auto":
+        del values["train"]["precision"]  # the default
+    run_training(config_from_dict(values), tmp_path / "run")
+    err = capsys.readouterr().err
+    assert err.count("warning: precision bf16 on a CPU without native bf16") == (1 if warned else 0)
+    assert [r["precision"] for r in read_metrics(tmp_path / "run")] == [resolved] * 2
+    assert config_from_dict(values).train.precision == requested

@@ -213,6 +213,7 @@ class StepRecord:
     tokens: int  # tokens trained on so far
     step_time_s: float
     data_sha256: str  # running hash of every token consumed so far
+    precision: str  # what train.precision resolved to on this device
     expert_load: dict | None  # MoE only
     stop_requested: bool  # some rank got SIGTERM
 
@@ -220,7 +221,7 @@ class StepRecord:
         record = {"step": self.step, "loss": self.loss, "ce": self.ce, "aux": self.aux, "z": self.z, "lr": self.lr,
                   "grad_norm": self.grad_norm, "tokens": self.tokens,
                   "tokens_per_s": self.tokens / self.step / self.step_time_s if self.step_time_s else 0.0,
-                  "step_time_s": self.step_time_s, "data_sha256": self.data_sha256}
+                  "step_time_s": self.step_time_s, "data_sha256": self.data_sha256, "precision": self.precision}
         if self.expert_load is not None:
             record["expert_load"] = self.expert_load
         return record
@@ -232,6 +233,7 @@ class Run:
 
     config: TrainConfig
     config_dict: dict
+    loop: TrainLoopConfig  # config.train with everything "auto" resolved for this world (precision, ...)
     out: Path
     world: World
     model: torch.nn.Module
@@ -264,7 +266,7 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
     run.data_sha256 = hashlib.sha256(run.data_sha256.encode() + batch_BT.numpy().tobytes()).hexdigest()
     mc = run.model_config
     num_moe = mc.num_layers if mc.is_moe else 0
-    sums, counts_LE = forward_backward(run.model, batch_BT.to(world.device), loop=config.train, top_k=mc.top_k,
+    sums, counts_LE = forward_backward(run.model, batch_BT.to(world.device), loop=run.loop, top_k=mc.top_k,
                                        num_moe=num_moe, num_experts=mc.num_experts, autocast=run.autocast)
     flag = torch.tensor([1.0 if stop.signal_name else 0.0], dtype=torch.float64, device=world.device)
     reduced = all_reduce_sum(torch.cat([sums, counts_LE.flatten(), flag]), world)
@@ -284,6 +286,7 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
     return StepRecord(step=step + 1, loss=loss, ce=ce, aux=aux, z=z, lr=lr, grad_norm=grad_norm,
                       tokens=(step + 1) * config.train.global_batch_tokens,
                       step_time_s=time.perf_counter() - started, data_sha256=run.data_sha256,
+                      precision=run.loop.precision,
                       expert_load=expert_load(reduced[4:-1].view(num_moe, -1)) if num_moe else None,
                       stop_requested=bool(reduced[-1] > 0))
 
@@ -348,12 +351,23 @@ def _prepare_data(config: TrainConfig, out: Path, world: World) -> Path:
     return target
 
 
+def resolve_loop(loop: TrainLoopConfig, world: World) -> TrainLoopConfig:
+    """`loop` with its "auto" settings decided for this world; a warning about them is printed once (rank 0)."""
+    from upcycle.hardware import resolve_precision
+
+    precision, warning = resolve_precision(loop.precision, world.device)
+    if warning and world.is_main:
+        print(f"upcycle train: warning: {warning}", file=sys.stderr)
+    return dataclasses.replace(loop, precision=precision)
+
+
 def setup(config: TrainConfig, out: Path, world: World) -> Run:
     """Check the output directory, write OUT/config.yaml, build model, optimizer and data, restore a checkpoint."""
     from upcycle.data import MixtureLoader, read_metadata, validation_batches
     from upcycle.distributed import parallelize
 
-    loop, data_cfg = config.train, config.data
+    data_cfg = config.data
+    loop = resolve_loop(config.train, world)
     local_sequences = loop.global_batch_tokens // data_cfg.seq_len
     if local_sequences % (world.world_size * loop.micro_batch_size):
         raise UpcycleError(f"train.global_batch_tokens ({loop.global_batch_tokens}) must be a multiple of "
@@ -398,9 +412,9 @@ def setup(config: TrainConfig, out: Path, world: World) -> Run:
                                   max_sequences=loop.eval_sequences) if loop.eval_every else {}
     autocast = (lambda: torch.autocast(world.device.type, dtype=torch.bfloat16)) if loop.precision == "bf16" \
         else contextlib.nullcontext
-    run = Run(config=config, config_dict=config_dict, out=out, world=world, model=model, model_config=model_config,
-              optimizer=optimizer, loader=loader, val_sets=val_sets, autocast=autocast, start_step=0,
-              data_sha256=hashlib.sha256(DATA_SHA256_SEED).hexdigest())
+    run = Run(config=config, config_dict=config_dict, loop=loop, out=out, world=world, model=model,
+              model_config=model_config, optimizer=optimizer, loader=loader, val_sets=val_sets, autocast=autocast,
+              start_step=0, data_sha256=hashlib.sha256(DATA_SHA256_SEED).hexdigest())
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, world=world)
         loader.load_state_dict(state["data"])
@@ -459,7 +473,7 @@ def run_training(config: TrainConfig, out: str | Path) -> dict:
 
 
 def _loop(run: Run) -> dict:
-    config, world, loop = run.config, run.world, run.config.train
+    config, world, loop = run.config, run.world, run.loop
     if run.start_step >= loop.max_steps and world.is_main:
         print(f"upcycle train: already at train.max_steps={loop.max_steps}; nothing to do", file=sys.stderr)
     stop = _StopRequest()

@@ -24,7 +24,7 @@ from upcycle.errors import UpcycleError
 from upcycle.model import ModelConfig
 from upcycle.upcycling import METHODS
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: upcycle.hardware.resolve_precision decides per device
 
 
 def _one_of(name: str, value: Any, choices: tuple) -> None:
@@ -203,8 +203,9 @@ class TrainLoopConfig:
         micro_batch_size: Sequences per forward/backward pass on one rank; gradients of the micro-batches of one step
             are accumulated.
         seed: Seed of the from-scratch model init and of torch's RNG.
-        precision: fp32 (default; exact and reproducible on CPU) or bf16 (autocast; master weights and optimizer stay
-            fp32, routing and losses are computed in fp32).
+        precision: auto (default: bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs), fp32 (exact and
+            reproducible on CPU) or bf16 (autocast; master weights and optimizer stay fp32, routing and losses are
+            computed in fp32). The precision a run used is recorded in every metrics.jsonl record.
         activation_checkpointing: Recompute each block's activations in backward instead of storing them.
         compile: torch.compile each transformer block (needs a C++ compiler on CPU).
         parallel: With several ranks: fsdp (FSDP2 fully_shard per block, then the root) or ddp.
@@ -220,7 +221,7 @@ class TrainLoopConfig:
     global_batch_tokens: int = 65536
     micro_batch_size: int = 8
     seed: int = 0
-    precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     activation_checkpointing: bool = False
     compile: bool = False
     parallel: str = field(default="fsdp", metadata={"choices": PARALLEL_MODES})
