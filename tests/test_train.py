@@ -331,3 +331,30 @@ def test_precision_auto_resolves_per_cpu_warns_once_and_is_recorded(tmp_path, da
     assert err.count("warning: precision bf16 on a CPU without native bf16") == (1 if warned else 0)
     assert [r["precision"] for r in read_metrics(tmp_path / "run")] == [resolved] * 2
     assert config_from_dict(values).train.precision == requested
+
+
+# -- micro-batch size: auto from the world size -------------------------------------------------------------------------
+
+
+def test_auto_micro_batch_is_the_largest_divisor_of_the_per_rank_rows_up_to_the_cap():
+    from upcycle.train_config import AUTO_MICRO_BATCH_MAX, micro_batch_size_for
+
+    assert micro_batch_size_for(8, None) == 8 and micro_batch_size_for(4, None) == 4
+    assert micro_batch_size_for(12, None) == 6 and micro_batch_size_for(7, None) == 7
+    assert micro_batch_size_for(64, None) == AUTO_MICRO_BATCH_MAX and micro_batch_size_for(11, None) == 1
+    assert micro_batch_size_for(8, 2) == 2
+
+
+def test_a_pinned_micro_batch_that_does_not_split_over_the_ranks_is_refused_before_anything_is_written(tmp_path,
+                                                                                                       data_dir):
+    from upcycle.distributed import World
+    from upcycle.train import resolve_loop
+
+    two = World(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_config(data_dir)), ["train.micro_batch_size=8"])
+    with pytest.raises(UpcycleError, match="micro_batch_size 8 does not divide the 4 sequences.*null: auto"):
+        resolve_loop(config, two)
+    auto = load_config(write_config(tmp_path / "c.yaml", tiny_config(data_dir)), ["train.micro_batch_size=null"])
+    assert resolve_loop(auto, two).micro_batch_size == 4
+    with pytest.raises(UpcycleError, match="3 ranks cannot share"):
+        resolve_loop(auto, World(rank=0, world_size=3, local_rank=0, device=torch.device("cpu")))

@@ -48,6 +48,7 @@ from upcycle.train_config import (  # noqa: F401  (the config API is importable 
     config_from_dict,
     config_to_dict,
     load_config,
+    micro_batch_size_for,
     validate_config,
 )
 
@@ -351,14 +352,28 @@ def _prepare_data(config: TrainConfig, out: Path, world: World) -> Path:
     return target
 
 
-def resolve_loop(loop: TrainLoopConfig, world: World) -> TrainLoopConfig:
-    """`loop` with its "auto" settings decided for this world; a warning about them is printed once (rank 0)."""
+def resolve_loop(config: TrainConfig, world: World) -> TrainLoopConfig:
+    """config.train with its "auto" settings (precision, micro_batch_size) decided for this world; a warning about them
+    is printed once (rank 0). Raises when the global batch cannot be split evenly over the ranks."""
     from upcycle.hardware import resolve_precision
 
+    loop, seq_len, ranks = config.train, config.data.seq_len, world.world_size
+    sequences = loop.global_batch_tokens // seq_len
+    if sequences % ranks:
+        raise UpcycleError(f"train.global_batch_tokens ({loop.global_batch_tokens}) is {sequences} sequences of "
+                           f"data.seq_len {seq_len}, which {ranks} ranks cannot share evenly; make it a multiple of "
+                           f"data.seq_len * ranks = {seq_len * ranks}")
+    per_rank = sequences // ranks
+    if loop.micro_batch_size is not None and per_rank % loop.micro_batch_size:
+        raise UpcycleError(f"train.micro_batch_size {loop.micro_batch_size} does not divide the {per_rank} sequences "
+                           f"each of {ranks} ranks gets per step; leave it empty (null: auto) or make "
+                           f"train.global_batch_tokens a multiple of data.seq_len * micro_batch_size * ranks = "
+                           f"{seq_len * loop.micro_batch_size * ranks}")
     precision, warning = resolve_precision(loop.precision, world.device)
     if warning and world.is_main:
         print(f"upcycle train: warning: {warning}", file=sys.stderr)
-    return dataclasses.replace(loop, precision=precision)
+    return dataclasses.replace(loop, precision=precision,
+                               micro_batch_size=micro_batch_size_for(per_rank, loop.micro_batch_size))
 
 
 def setup(config: TrainConfig, out: Path, world: World) -> Run:
@@ -367,12 +382,7 @@ def setup(config: TrainConfig, out: Path, world: World) -> Run:
     from upcycle.distributed import parallelize
 
     data_cfg = config.data
-    loop = resolve_loop(config.train, world)
-    local_sequences = loop.global_batch_tokens // data_cfg.seq_len
-    if local_sequences % (world.world_size * loop.micro_batch_size):
-        raise UpcycleError(f"train.global_batch_tokens ({loop.global_batch_tokens}) must be a multiple of "
-                           f"data.seq_len * train.micro_batch_size * ranks = "
-                           f"{data_cfg.seq_len * loop.micro_batch_size * world.world_size}")
+    loop = resolve_loop(config, world)
     config_dict = config_to_dict(config)
     saved = _read_saved_config(out)
     if saved is None and out.exists() and any(out.iterdir()):
@@ -406,8 +416,8 @@ def setup(config: TrainConfig, out: Path, world: World) -> Run:
             block.compile()
     model = parallelize(model, bare_model.layers, mode=loop.parallel, world=world)
     optimizer = build_optimizer(model, config.optim)
-    loader = MixtureLoader(data_dir, seq_len=data_cfg.seq_len, global_batch_size=local_sequences,
-                           seed=data_cfg.seed, weights=data_cfg.weights, rank=world.rank, world_size=world.world_size)
+    loader = MixtureLoader(data_dir, seq_len=data_cfg.seq_len,
+                           global_batch_size=loop.global_batch_tokens // data_cfg.seq_len, seed=data_cfg.seed, weights=data_cfg.weights, rank=world.rank, world_size=world.world_size)
     val_sets = validation_batches(data_dir, seq_len=data_cfg.seq_len, batch_size=loop.micro_batch_size,
                                   max_sequences=loop.eval_sequences) if loop.eval_every else {}
     autocast = (lambda: torch.autocast(world.device.type, dtype=torch.bfloat16)) if loop.precision == "bf16" \

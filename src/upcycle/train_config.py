@@ -24,6 +24,8 @@ from upcycle.errors import UpcycleError
 from upcycle.model import ModelConfig
 from upcycle.upcycling import METHODS
 
+# train.micro_batch_size: empty picks the largest divisor of the per-rank sequences up to this many.
+AUTO_MICRO_BATCH_MAX = 8
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: upcycle.hardware.resolve_precision decides per device
 
 
@@ -198,10 +200,11 @@ class TrainLoopConfig:
 
     Attributes:
         max_steps: Optimizer steps to train for (the run ends there; resuming continues up to it).
-        global_batch_tokens: Tokens per optimizer step over all ranks; a multiple of
-            data.seq_len * micro_batch_size * number of ranks.
+        global_batch_tokens: Tokens per optimizer step over all ranks; a multiple of data.seq_len * number of ranks
+            (and of data.seq_len * micro_batch_size * ranks when micro_batch_size is set).
         micro_batch_size: Sequences per forward/backward pass on one rank; gradients of the micro-batches of one step
-            are accumulated.
+            are accumulated. Empty (default): auto, the largest divisor of the rank's sequences per step that is at
+            most 8, so the same config runs on any number of ranks that divides its sequences.
         seed: Seed of the from-scratch model init and of torch's RNG.
         precision: auto (default: bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs), fp32 (exact and
             reproducible on CPU) or bf16 (autocast; master weights and optimizer stay fp32, routing and losses are
@@ -219,7 +222,7 @@ class TrainLoopConfig:
 
     max_steps: int = 1000
     global_batch_tokens: int = 65536
-    micro_batch_size: int = 8
+    micro_batch_size: int | None = None
     seed: int = 0
     precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     activation_checkpointing: bool = False
@@ -234,7 +237,7 @@ class TrainLoopConfig:
     def validate(self) -> None:
         if self.max_steps < 1:
             raise UpcycleError(f"train.max_steps must be >= 1, got {self.max_steps}")
-        if self.micro_batch_size < 1:
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise UpcycleError(f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.aux_coef < 0 or self.z_coef < 0:
             raise UpcycleError("train.aux_coef and train.z_coef must be >= 0")
@@ -316,9 +319,19 @@ class TrainConfig:
         if self.model is not None and self.data.seq_len > self.model.max_seq_len:
             raise UpcycleError(f"data.seq_len {self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
         loop = self.train
-        if loop.global_batch_tokens % (self.data.seq_len * loop.micro_batch_size):
-            raise UpcycleError(f"train.global_batch_tokens ({loop.global_batch_tokens}) must be a multiple of "
-                               f"data.seq_len * train.micro_batch_size = {self.data.seq_len * loop.micro_batch_size}")
+        rows = self.data.seq_len * (loop.micro_batch_size or 1)
+        if loop.global_batch_tokens < 1 or loop.global_batch_tokens % rows:
+            what = "data.seq_len * train.micro_batch_size" if loop.micro_batch_size else "data.seq_len"
+            raise UpcycleError(f"train.global_batch_tokens ({loop.global_batch_tokens}) must be a positive multiple of "
+                               f"{what} = {rows}")
+
+
+def micro_batch_size_for(sequences_per_rank: int, requested: int | None) -> int:
+    """The micro-batch size a rank uses: `requested`, or (None, auto) the largest divisor of its sequences per step
+    that is at most AUTO_MICRO_BATCH_MAX, so the rest is gradient accumulation and no micro-batch is ragged."""
+    if requested is not None:
+        return requested
+    return max(d for d in range(1, min(sequences_per_rank, AUTO_MICRO_BATCH_MAX) + 1) if sequences_per_rank % d == 0)
 
 
 def validate_config(config: TrainConfig) -> None:
