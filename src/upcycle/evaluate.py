@@ -78,14 +78,6 @@ def check_model_dir(model_path: str | Path) -> Path:
     return path
 
 
-def _check_data_fits(model_config, metadata: dict, data_dir: Path, seq_len: int) -> None:
-    if metadata["vocab_size"] > model_config.vocab_size:
-        raise UpcycleError(f"{data_dir} was tokenized with {metadata['vocab_size']} token ids but the model has only "
-                           f"{model_config.vocab_size}; prepare the data with the model's tokenizer")
-    if seq_len > model_config.max_seq_len:
-        raise UpcycleError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
-
-
 @torch.no_grad()
 def evaluate(
     model_path: str | Path,
@@ -101,14 +93,15 @@ def evaluate(
     Returns {"model", "data", "seq_len", "max_sequences", "domains": {name: {"loss", "perplexity", "tokens",
     "sequences"}}, "overall": {...}}; "overall" weights every scored token equally, across domains.
     """
-    from upcycle.data import read_metadata, validation_batches
+    from upcycle.data import check_data_fits, read_metadata, validation_batches
     from upcycle.hf_model import load_model
 
     path = check_model_dir(model_path)
     data_dir = Path(data_dir).expanduser()
-    metadata = read_metadata(data_dir)
+    read_metadata(data_dir)
     model = load_model(path).eval()
-    _check_data_fits(model.config, metadata, data_dir, seq_len)
+    check_data_fits(data_dir, vocab_size=model.config.vocab_size, max_seq_len=model.config.max_seq_len,
+                    seq_len=seq_len, seq_len_name="--seq-len")
     batches = validation_batches(data_dir, seq_len=seq_len, batch_size=batch_size, max_sequences=max_sequences,
                                  domains=domains)
     results = score_domains(model, batches)

@@ -29,7 +29,7 @@ from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
 from upcycle.files import replace_dir
 from upcycle.model import ModelConfig, Transformer
-from upcycle.safetensors_io import CheckpointReader
+from upcycle.safetensors_io import CheckpointReader, read_header
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -266,6 +266,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transfor
         if not weights.exists():
             raise UpcycleError(f"{path} has our config.json but no model.safetensors")
         config = ModelConfig(**json.loads((path / "config.json").read_text())["model"])
+        read_header(weights)  # a truncated file: one line naming it, not safetensors' traceback
         state_dict = load_file(str(weights))
     else:
         config, state_dict = load_hf(path)
@@ -283,7 +284,9 @@ def save_model(model: Transformer, out_dir: str | Path) -> Path:
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps({"model": asdict(model.config)}, indent=2) + "\n")
+        from upcycle.checkpoint import model_config_record
+
+        (tmp / "config.json").write_text(json.dumps(model_config_record(asdict(model.config)), indent=2) + "\n")
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

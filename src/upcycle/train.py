@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from upcycle.train_config import (  # noqa: F401  (the config API is importable 
     config_to_dict,
     load_config,
     micro_batch_size_for,
+    read_yaml_config,
     validate_config,
 )
 
@@ -188,6 +190,28 @@ def forward_backward(model: torch.nn.Module, batch_BT: torch.Tensor, *, loop: Tr
     return sums / len(micro_batches), counts_LE
 
 
+# A step is a spike when its gradient norm exceeds GRAD_SPIKE_FACTOR times, or its loss LOSS_SPIKE_FACTOR times, the
+# median of the last HEALTH_WINDOW healthy steps (judged once at least HEALTH_MIN_HISTORY of them are known).
+HEALTH_WINDOW, HEALTH_MIN_HISTORY = 50, 10
+GRAD_SPIKE_FACTOR, LOSS_SPIKE_FACTOR = 10.0, 2.0
+
+
+def health_problem(loss: float, grad_norm: float, history: list[tuple[float, float]]) -> str | None:
+    """What is wrong with a step's loss and gradient norm (non-finite, or a spike against the running medians of the
+    healthy steps in `history`), or None when they look sane."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return f"non-finite loss {loss} or gradient norm {grad_norm}"
+    if len(history) < HEALTH_MIN_HISTORY:
+        return None
+    median_loss = statistics.median(pair[0] for pair in history)
+    median_grad = statistics.median(pair[1] for pair in history)
+    if grad_norm > GRAD_SPIKE_FACTOR * median_grad:
+        return f"gradient norm {grad_norm:.4g} above {GRAD_SPIKE_FACTOR:g}x the running median {median_grad:.4g}"
+    if loss > LOSS_SPIKE_FACTOR * median_loss:
+        return f"loss {loss:.4g} above {LOSS_SPIKE_FACTOR:g}x the running median {median_loss:.4g}"
+    return None
+
+
 def _grad_norm_value(norm) -> float:
     # Under FSDP2 the norm is a DTensor; full_tensor() makes it the same replicated number on every rank.
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -245,6 +269,9 @@ class Run:
     autocast: Callable
     start_step: int
     data_sha256: str
+    # (loss, grad norm) of the latest healthy steps, the reference for spotting a spike; carried in checkpoints
+    health_history: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    unverified: Path | None = None  # the newest checkpoint, until the step after it says whether it is healthy
 
     @property
     def checkpoints(self) -> Path:
@@ -275,13 +302,21 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
 
     max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
     grad_norm = _grad_norm_value(torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm))
+    unhealthy = health_problem(loss, grad_norm, run.health_history)
+    if run.unverified is not None and world.is_main:  # this step tested the newest checkpoint's weights
+        ckpt.mark_health(run.unverified, ckpt.HEALTH_SUSPECT if unhealthy else ckpt.HEALTH_GOOD,
+                         f"step {step + 1}: {unhealthy}" if unhealthy else None)
+    run.unverified = None
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        newest = ckpt.latest_checkpoint(run.checkpoints)
+        good = ckpt.last_good_checkpoint(run.checkpoints)
         raise NonFiniteLoss(
             f"loss became non-finite at step {step + 1} (loss={loss}, ce={ce}, aux={aux}, z={z}, "
             f"grad_norm={grad_norm}); stopped before the update, nothing saved. Last good checkpoint: "
-            f"{newest if newest else 'none'}. Lower optim.lr, raise schedule.warmup_steps, keep "
-            "optim.grad_clip > 0, or train in fp32; re-running resumes from that checkpoint")
+            f"{good if good else 'none'} (the newest whose next step had a finite loss and gradient norm without a "
+            "spike). Lower optim.lr, raise schedule.warmup_steps, keep optim.grad_clip > 0, or train in fp32; "
+            "re-running resumes from the newest checkpoint not marked suspect")
+    if unhealthy is None:
+        run.health_history = [*run.health_history, (loss, grad_norm)][-HEALTH_WINDOW:]
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return StepRecord(step=step + 1, loss=loss, ce=ce, aux=aux, z=z, lr=lr, grad_norm=grad_norm,
@@ -307,12 +342,16 @@ def validation_loss(run: Run) -> dict[str, float]:
     return {name: r["loss"] for name, r in results.items() if r["loss"] is not None}
 
 
-def save(run: Run, step: int) -> Path:
-    trainer_state = {"tokens": step * run.config.train.global_batch_tokens, "data": run.loader.state_dict(),
-                     "data_sha256": run.data_sha256}
-    return ckpt.save_checkpoint(run.checkpoints, step, model=run.model, optimizer=run.optimizer,
-                                model_config=dataclasses.asdict(run.model_config), trainer_state=trainer_state,
-                                train_config=run.config_dict, keep=run.config.checkpoint.keep, world=run.world)
+def save(run: Run, record: StepRecord) -> Path:
+    """Checkpoint after `record`'s step; it stays unverified until the next step has tested its weights."""
+    trainer_state = {"tokens": record.tokens, "data": run.loader.state_dict(), "data_sha256": run.data_sha256,
+                     "loss": record.loss, "grad_norm": record.grad_norm, "precision": record.precision,
+                     "health_history": [list(pair) for pair in run.health_history]}
+    run.unverified = ckpt.save_checkpoint(
+        run.checkpoints, record.step, model=run.model, optimizer=run.optimizer,
+        model_config=dataclasses.asdict(run.model_config), trainer_state=trainer_state, train_config=run.config_dict,
+        keep=run.config.checkpoint.keep, world=run.world)
+    return run.unverified
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -321,7 +360,7 @@ def save(run: Run, step: int) -> Path:
 
 def _read_saved_config(out: Path) -> dict | None:
     path = out / CONFIG_FILE
-    return yaml.safe_load(path.read_text()) if path.is_file() else None
+    return read_yaml_config(path) if path.is_file() else None
 
 
 def _check_resume_compatible(saved: dict, current: dict) -> None:
@@ -376,37 +415,64 @@ def resolve_loop(config: TrainConfig, world: World) -> TrainLoopConfig:
                                micro_batch_size=micro_batch_size_for(per_rank, loop.micro_batch_size))
 
 
-def setup(config: TrainConfig, out: Path, world: World) -> Run:
-    """Check the output directory, write OUT/config.yaml, build model, optimizer and data, restore a checkpoint."""
-    from upcycle.data import MixtureLoader, read_metadata, validation_batches
-    from upcycle.distributed import parallelize
-
-    data_cfg = config.data
-    loop = resolve_loop(config, world)
-    config_dict = config_to_dict(config)
+def _check_out(out: Path, config_dict: dict) -> None:
+    """OUT is new, empty, or a run of this same model/init/data (to resume); checked before anything is written."""
+    if out.exists() and not out.is_dir():
+        raise UpcycleError(f"--out {out} exists and is not a directory; choose a new or empty directory")
     saved = _read_saved_config(out)
     if saved is None and out.exists() and any(out.iterdir()):
         raise UpcycleError(f"--out {out} exists and is not a training directory (no {CONFIG_FILE}); "
                            "choose a new or empty directory")
     if saved is not None:
         _check_resume_compatible(saved, config_dict)
-    resume_from = ckpt.latest_checkpoint(out / ckpt.CHECKPOINT_DIR)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(yaml.safe_dump(config_dict, sort_keys=False))
-    data_dir = _prepare_data(config, out, world)
 
+
+def _check_data(config: TrainConfig, data_dir: Path | None, model_config: ModelConfig) -> None:
+    """The data fits the model: the prepared files (every token id < vocab_size, seq_len <= max_seq_len), or, before
+    raw sources are tokenized, the tokenizer's vocabulary."""
+    from upcycle import data as data_lib
+
+    if data_dir is not None:
+        data_lib.check_data_fits(data_dir, vocab_size=model_config.vocab_size, max_seq_len=model_config.max_seq_len,
+                                 seq_len=config.data.seq_len, seq_len_name="data.seq_len")
+        return
+    tokenizer, _ = data_lib.load_tokenizer(config.data.tokenizer)
+    ids = tokenizer.get_vocab_size(with_added_tokens=True)
+    if ids > model_config.vocab_size:
+        raise UpcycleError(f"data.tokenizer {config.data.tokenizer} has {ids} token ids but the model's vocab_size is "
+                           f"{model_config.vocab_size}; use a matching tokenizer or a larger model.vocab_size")
+    if config.data.seq_len > model_config.max_seq_len:
+        raise UpcycleError(f"data.seq_len {config.data.seq_len} exceeds the model's max_seq_len "
+                           f"{model_config.max_seq_len}")
+
+
+def setup(config: TrainConfig, out: Path, world: World) -> Run:
+    """Check everything (output directory, model, data) before writing anything, then write OUT/config.yaml, prepare
+    raw data, build optimizer and loaders, and restore the newest resumable checkpoint."""
+    from upcycle.data import METADATA_FILE, MixtureLoader, validation_batches
+    from upcycle.distributed import parallelize
+
+    data_cfg = config.data
+    loop = resolve_loop(config, world)
+    config_dict = config_to_dict(config)
+    _check_out(out, config_dict)
+    log = (lambda message: print(f"upcycle train: {message}", file=sys.stderr)) if world.is_main else (lambda m: None)
+    resume_from = ckpt.resumable_checkpoint(out / ckpt.CHECKPOINT_DIR, log)
     resume_model = None
     if resume_from is not None:
         resume_model = json.loads((resume_from / ckpt.MODEL_CONFIG).read_text())["model"]
     model, model_config = build_model(config, resume_model_config=resume_model)
-    metadata = read_metadata(data_dir)
-    if metadata["vocab_size"] > model_config.vocab_size:
-        raise UpcycleError(f"the data's tokenizer has {metadata['vocab_size']} ids but the model's vocab_size is "
-                           f"{model_config.vocab_size}; use a matching tokenizer or a larger model.vocab_size")
-    if data_cfg.seq_len > model_config.max_seq_len:
-        raise UpcycleError(f"data.seq_len {data_cfg.seq_len} exceeds the model's max_seq_len "
-                           f"{model_config.max_seq_len}")
+    prepared = Path(data_cfg.path) if data_cfg.path is not None else out / PREPARED_DATA_DIR
+    _check_data(config, prepared if (prepared / METADATA_FILE).is_file() else None, model_config)
+
+    # Everything is checked: only now is anything written under OUT.
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    data_dir = _prepare_data(config, out, world)
+    if data_cfg.path is None:
+        _check_data(config, data_dir, model_config)  # the freshly tokenized files
+
     model.to(world.device)
     bare_model = model
     if loop.activation_checkpointing:
@@ -417,7 +483,8 @@ def setup(config: TrainConfig, out: Path, world: World) -> Run:
     model = parallelize(model, bare_model.layers, mode=loop.parallel, world=world)
     optimizer = build_optimizer(model, config.optim)
     loader = MixtureLoader(data_dir, seq_len=data_cfg.seq_len,
-                           global_batch_size=loop.global_batch_tokens // data_cfg.seq_len, seed=data_cfg.seed, weights=data_cfg.weights, rank=world.rank, world_size=world.world_size)
+                           global_batch_size=loop.global_batch_tokens // data_cfg.seq_len, seed=data_cfg.seed,
+                           weights=data_cfg.weights, rank=world.rank, world_size=world.world_size)
     val_sets = validation_batches(data_dir, seq_len=data_cfg.seq_len, batch_size=loop.micro_batch_size,
                                   max_sequences=loop.eval_sequences) if loop.eval_every else {}
     autocast = (lambda: torch.autocast(world.device.type, dtype=torch.bfloat16)) if loop.precision == "bf16" \
@@ -430,6 +497,9 @@ def setup(config: TrainConfig, out: Path, world: World) -> Run:
         loader.load_state_dict(state["data"])
         run.start_step = int(state["step"])
         run.data_sha256 = state.get("data_sha256", run.data_sha256)
+        run.health_history = [tuple(pair) for pair in state.get("health_history", [])]
+        if state.get("health") == ckpt.HEALTH_UNVERIFIED:
+            run.unverified = resume_from
         if world.is_main:
             print(f"upcycle train: resuming from {resume_from} (step {run.start_step}, written by "
                   f"{state.get('world_size', 1)} rank(s))", file=sys.stderr)
@@ -501,7 +571,7 @@ def _loop(run: Run) -> dict:
             metrics.log(line)
             every = config.checkpoint.every
             if step == loop.max_steps or record.stop_requested or (every and step % every == 0):
-                save(run, step)
+                save(run, record)
             if record.stop_requested:
                 stopped = "SIGTERM"
                 if world.is_main:

@@ -412,11 +412,37 @@ def config_from_dict(values: dict) -> TrainConfig:
 # YAML and overrides
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.safe_load without aliases: `*name` refers back to an `&name` anchor, and nested aliases expand
+    exponentially (a "billion laughs" file of a few hundred bytes would become gigabytes when the config is copied
+    or written out). A training config has no use for them, so the first alias is refused before anything expands."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasFound(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not accepted in "
+                              "a training config; write the value out")
+        return super().compose_node(parent, index)
+
+
+class _AliasFound(Exception):
+    pass
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _AliasFound as exc:
+        raise UpcycleError(f"{where}, {exc}") from None
+    except yaml.YAMLError as exc:
+        raise UpcycleError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise UpcycleError(f"override {text!r} must look like section.field=value, e.g. optim.lr=1e-3")
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), _load_yaml(raw, f"override {text!r}")
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -437,10 +463,7 @@ def read_yaml_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UpcycleError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UpcycleError(f"{path} is not valid YAML: {exc}") from None
+    values = _load_yaml(path.read_text(), str(path))
     return {} if values is None else values
 
 
