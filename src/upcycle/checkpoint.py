@@ -306,17 +306,12 @@ def save_checkpoint(
     barrier(world)
 
     if world.is_main:
-        save_file(_untie(model_state), str(tmp / MODEL_WEIGHTS), metadata={"format": "pt"})
-        _write_json(tmp / MODEL_CONFIG, model_config_record(model_config, step=step))
-        optim_tensors, optim_meta = _flatten_optimizer_state(optim_state)
-        save_file(optim_tensors, str(tmp / OPTIMIZER_TENSORS))
-        _write_json(tmp / OPTIMIZER_META, optim_meta)
-        _write_json(tmp / TRAINER_STATE, {"health": HEALTH_UNVERIFIED, **trainer_state, "step": step,
-                                          "world_size": world.world_size})
-        (tmp / TRAIN_CONFIG).write_text(yaml.safe_dump(train_config, sort_keys=False))
-        for path in tmp.iterdir():
-            _fsync_file(path)
-        fsync_dir(tmp)
+        try:
+            _write_files(tmp, step, model_state=model_state, optim_state=optim_state, model_config=model_config,
+                         trainer_state=trainer_state, train_config=train_config, world=world)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: free what was written, publish nothing
+            raise
         if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -327,6 +322,39 @@ def save_checkpoint(
                 shutil.rmtree(old)
     barrier(world)
     return final
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (a full disk) raised as the OSError they are, naming the file."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as exc:  # safetensors raises its own SafetensorError, with the OS error only in the text
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def _write_files(tmp: Path, step: int, *, model_state: dict, optim_state: dict, model_config: dict,
+                 trainer_state: dict, train_config: dict, world: World) -> None:
+    """Every file of checkpoint `step` into `tmp`, each fsynced, then the directory."""
+    try:
+        _save_tensors(_untie(model_state), tmp / MODEL_WEIGHTS, metadata={"format": "pt"})
+        _write_json(tmp / MODEL_CONFIG, model_config_record(model_config, step=step))
+        optim_tensors, optim_meta = _flatten_optimizer_state(optim_state)
+        _save_tensors(optim_tensors, tmp / OPTIMIZER_TENSORS)
+        _write_json(tmp / OPTIMIZER_META, optim_meta)
+        _write_json(tmp / TRAINER_STATE, {"health": HEALTH_UNVERIFIED, **trainer_state, "step": step,
+                                          "world_size": world.world_size})
+        (tmp / TRAIN_CONFIG).write_text(yaml.safe_dump(train_config, sort_keys=False))
+        for path in tmp.iterdir():
+            _fsync_file(path)
+        fsync_dir(tmp)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write() names no file: name the checkpoint being written
+            raise OSError(exc.errno, exc.strerror, str(tmp)) from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,13 +9,15 @@ allowed choices, and the docstring's `Args:` section becomes the help text.
 A command with an `override: list[str]` parameter also accepts `--section.field VALUE` for any field of its config
 file; those arrive in `override` as `section.field=VALUE`.
 
-Library code raises `UpcycleError` for bad input; only here is it turned into one line on stderr and exit status 2.
+Library code raises `UpcycleError` for bad input; only here is it turned into one line on stderr and exit status 2. So
+is an OSError (a full disk, a read-only file system, a file where a directory should be): one line naming the path.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import inspect
 import sys
 import types
@@ -212,6 +214,15 @@ def _dotted_overrides(parser: argparse.ArgumentParser, extra: list[str]) -> list
     return out
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the path(s) involved, the system's reason and its errno name."""
+    reason = exc.strerror or str(exc)
+    code = errno.errorcode.get(exc.errno) if exc.errno else None
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    line = f"{paths}: {reason}" if paths else reason
+    return line + (f" ({code})" if code else "") + "; check the path, its permissions and the free space"
+
+
 def _call(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     args, extra = parser.parse_known_args(argv)
     args = vars(args)
@@ -227,6 +238,9 @@ def _call(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         result = func(**kwargs)
     except UpcycleError as exc:
         print(f"upcycle: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # a full disk, a read-only or /proc path, a file where a directory should be, ...
+        print(f"upcycle: error: {os_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("upcycle: interrupted", file=sys.stderr)
