@@ -309,7 +309,7 @@ def test_train_step_returns_a_record_and_run_training_a_summary(tmp_path, data_d
     assert summary["checkpoint"].endswith("step_00000002")
 
 
-# -- precision: auto -----------------------------------------------------------------------------------------------------
+# -- precision: auto ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("flags, requested, resolved, warned", [
@@ -333,7 +333,7 @@ def test_precision_auto_resolves_per_cpu_warns_once_and_is_recorded(tmp_path, da
     assert config_from_dict(values).train.precision == requested
 
 
-# -- micro-batch size: auto from the world size -------------------------------------------------------------------------
+# -- micro-batch size: auto from the world size -----------------------------------------------------------------------
 
 
 def test_auto_micro_batch_is_the_largest_divisor_of_the_per_rank_rows_up_to_the_cap():

@@ -76,7 +76,8 @@ class ConvertOptions:
         noise_std: Standard deviation of the noise added by --method noise.
         router_init: uniform (zero-mean uniform, as the released runs) or normal.
         router_std: Standard deviation of the router weights.
-        format: auto (llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe), mixtral, qwen2_moe or qwen3_moe.
+        format: auto (llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe), mixtral, qwen2_moe or
+            qwen3_moe.
         dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
         router_aux_loss_coef: The load-balancing coefficient written into the output's config.json.
         shared_expert_dim: qwen2_moe only: size of its always-present shared expert (default: the dense FFN size); its
