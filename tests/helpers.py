@@ -119,7 +119,8 @@ def make_data_dir(root: Path, *, train_tokens: int = 12_000, val_tokens: int = 1
 
 
 def tiny_config(data_dir: Path, *, moe: bool = True, **sections) -> dict:
-    """A 2-layer, dim-32 model with 4 experts (top-2) trained on 8 x 32-token sequences per step."""
+    """A 2-layer, dim-32 model with 4 experts (top-2) trained on 8 x 32-token sequences per step, in fp32 (exact
+    comparisons; `precision: auto` would pick bf16 on a CPU with native bf16)."""
     config = {
         "model": {"vocab_size": VOCAB, "dim": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "ffn_dim": 48,
                   "max_seq_len": 64, "num_experts": 4 if moe else 0, "top_k": 2},
@@ -127,7 +128,7 @@ def tiny_config(data_dir: Path, *, moe: bool = True, **sections) -> dict:
         "optim": {"lr": 3e-3, "min_lr": 3e-4},
         "schedule": {"warmup_steps": 2},
         "train": {"max_steps": 8, "global_batch_tokens": 256, "micro_batch_size": 2, "eval_every": 4,
-                  "eval_sequences": 4},
+                  "eval_sequences": 4, "precision": "fp32"},
         "checkpoint": {"every": 4, "keep": 2},
         "logging": {"progress": False, "tensorboard": False},
     }
@@ -163,7 +164,7 @@ def subprocess_env(threads: int = 1) -> dict:
 
 
 def train_cli(config: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "upcycle.train", "--config", str(config), "--out", str(out), *extra]
+    return [sys.executable, "-m", "upcycle", "train", "--config", str(config), "--out", str(out), *extra]
 
 
 def run_train(config: Path, out: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -183,3 +183,83 @@ def test_check_refuses_pickle_and_truncated_checkpoints_like_convert(tmp_path, c
     damage(tmp_path / which)
     code, err = run_cli(capsys, "check", str(tmp_path / "moe"), "--dense", str(tmp_path / "dense"))
     assert code == 2 and message in err and str(tmp_path / which) in err and len(err.strip().splitlines()) == 1
+
+
+# -- OS errors at the command boundary: one line naming the path and the reason, exit 2 ------------------------------
+# Tests run as root, which ignores permission bits; /proc, a file used as a directory and small tmpfs mounts give
+# errors that root gets too.
+
+
+@pytest.fixture
+def train_config_file(tmp_path):
+    from helpers import make_data_dir, tiny_config, write_config
+
+    data = make_data_dir(tmp_path / "data")
+    return write_config(tmp_path / "c.yaml", tiny_config(data, train={"max_steps": 2, "eval_every": 0},
+                                                         checkpoint={"every": 1}))
+
+
+def _one_line(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("where, needle", [
+    ("file", "is not a directory"),  # --out names an existing file
+    ("file/run", "Not a directory"),  # ENOTDIR: a path through a file
+    ("/proc/upcycle-test/run", "/proc/upcycle-test"),  # a /proc path nothing may be created in
+])
+def test_train_out_that_cannot_be_a_directory_is_one_line(tmp_path, capsys, train_config_file, where, needle):
+    (tmp_path / "file").write_text("x")
+    out = where if where.startswith("/") else str(tmp_path / where)
+    code, err = run_cli(capsys, "train", "--config", str(train_config_file), "--out", out)
+    _one_line(code, err, needle)
+
+
+def test_convert_into_proc_is_one_line(tmp_path, capsys):
+    src = save_dense(tmp_path / "src", "llama")
+    code, err = run_cli(capsys, "convert", str(src), "/proc/upcycle-test-out", "--quiet")
+    _one_line(code, err, "/proc")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A mount factory: mount(options) -> a directory on a fresh tmpfs (skipped where mounting is not allowed)."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        target = tmp_path / f"mnt{len(mounted)}"
+        target.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); needs root and "
+                        "CAP_SYS_ADMIN")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", str(target)], check=False)
+
+
+def test_train_on_a_full_disk_is_one_line_and_publishes_no_partial_checkpoint(capsys, train_config_file,
+                                                                              small_tmpfs):
+    disk = small_tmpfs("size=160k")
+    out = disk / "run"
+    code, err = run_cli(capsys, "train", "--config", str(train_config_file), "--out", str(out))
+    _one_line(code, err, "No space left on device", "ENOSPC", str(out / "checkpoints"))
+    checkpoints = out / "checkpoints"
+    assert not checkpoints.exists() or not list(checkpoints.iterdir())  # no step_* and no leftover .tmp-*
+
+
+def test_train_and_convert_on_a_read_only_file_system_are_one_line(tmp_path, capsys, train_config_file,
+                                                                  small_tmpfs):
+    disk = small_tmpfs("ro,size=1m")
+    code, err = run_cli(capsys, "train", "--config", str(train_config_file), "--out", str(disk / "run"))
+    _one_line(code, err, "Read-only file system", "EROFS", str(disk / "run"))
+    src = save_dense(tmp_path / "src", "llama")
+    code, err = run_cli(capsys, "convert", str(src), str(disk / "moe"), "--quiet")
+    _one_line(code, err, "Read-only file system")

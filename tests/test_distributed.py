@@ -21,7 +21,7 @@ REL = 1e-5
 
 def torchrun(config: Path, out: Path, *extra: str) -> str:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "upcycle.train", "--config", str(config), "--out", str(out), *extra]
+               "-m", "upcycle", "train", "--config", str(config), "--out", str(out), *extra]
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr

@@ -18,7 +18,8 @@ from helpers import (make_data_dir, read_metrics, subprocess_env, tiny_config, t
 from upcycle import checkpoint as ckpt
 from upcycle import losses
 from upcycle.errors import UpcycleError
-from upcycle.train import NonFiniteLoss, config_from_dict, load_config, lr_at, main, run_training, train_command
+from upcycle.cli import main
+from upcycle.train import NonFiniteLoss, config_from_dict, load_config, lr_at, run_training, train_command
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +62,9 @@ def test_bad_config_field_is_named_before_any_work(tmp_path, data_dir, override,
 
 
 def _cli(capsys, config: Path, out: Path, *extra: str) -> tuple[int, str]:
-    """`python -m upcycle.train ...` in this process: (exit status, stderr)."""
+    """`python -m upcycle train ...` in this process: (exit status, stderr)."""
     try:
-        main(["--config", str(config), "--out", str(out), *extra])
+        main(["train", "--config", str(config), "--out", str(out), *extra])
         code = 0
     except SystemExit as exit_info:
         code = exit_info.code
@@ -106,7 +107,7 @@ def test_run_logs_metrics_validation_and_loadable_checkpoints(tmp_path, data_dir
 
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_config(data_dir, train={"max_steps": 12}))
-    assert train_command(config=str(config), out=str(out)) == 0
+    train_command(config=str(config), out=str(out))
     records = read_metrics(out)
     assert [r["step"] for r in records] == list(range(1, 13))
     for key in ("loss", "ce", "aux", "z", "lr", "grad_norm", "tokens_per_s", "tokens"):
@@ -131,7 +132,7 @@ def test_run_logs_metrics_validation_and_loadable_checkpoints(tmp_path, data_dir
     assert state["step"] == 12 and state["data"]["step"] == 12 and state["tokens"] == 12 * 256
 
     # Re-running the finished command is a no-op, not a second run.
-    assert train_command(config=str(config), out=str(out)) == 0
+    train_command(config=str(config), out=str(out))
     assert len(read_metrics(out)) == 12
 
 
@@ -174,7 +175,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, da
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
 
     monkeypatch.setattr(losses, "cross_entropy", real_ce)
-    assert run_training(config, out) == 0  # re-running resumes from the good checkpoint and finishes
+    assert run_training(config, out)["step"] == 8  # re-running resumes from the good checkpoint and finishes
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 9))
 
 
@@ -268,12 +269,92 @@ def test_raw_sources_are_tokenized_into_out_once(tmp_path):
                                   "code": [str(tmp_path / "code.jsonl.gz")]},
                       "tokenizer": str(tmp_path / "tok"), "val_fraction": 0.1, "seq_len": 32}
     out = tmp_path / "run"
-    assert run_training(config_from_dict(values), out) == 0
+    run_training(config_from_dict(values), out)
     metadata = json.loads((out / "data" / "data.json").read_text())
     assert set(metadata["domains"]) == {"english", "code"} and metadata["domains"]["code"]["val"]["documents"] == 6
     assert set(read_metrics(out)[-1]["val"]) == {"english", "code"}
     prepared_at = (out / "data" / "data.json").stat().st_mtime_ns
     values["train"]["max_steps"] = 3
-    assert run_training(config_from_dict(values), out) == 0  # resumes; the data is not tokenized again
+    run_training(config_from_dict(values), out)  # resumes; the data is not tokenized again
     assert (out / "data" / "data.json").stat().st_mtime_ns == prepared_at
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+# -- structure: entry points and the loop's parts ----------------------------------------------------------------------
+
+
+def test_one_entry_point_and_no_import_cycle():
+    import sys
+
+    code = "import sys, upcycle.train; assert 'upcycle.cli' not in sys.modules, 'train imports the CLI'"
+    subprocess.run([sys.executable, "-c", code], env=subprocess_env(), check=True)
+    shown = subprocess.run([sys.executable, "-m", "upcycle", "train", "--help"], env=subprocess_env(),
+                           capture_output=True, text=True, check=True).stdout
+    assert "--train.precision" in shown and "--init.index_mode" in shown
+
+
+def test_train_step_returns_a_record_and_run_training_a_summary(tmp_path, data_dir):
+    from upcycle.distributed import init_distributed
+    from upcycle.train import StepRecord, _StopRequest, setup, train_step
+
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_config(data_dir, train={"max_steps": 2})))
+    run = setup(config, tmp_path / "steps", init_distributed())
+    record = train_step(run, 0, stop=_StopRequest())
+    assert isinstance(record, StepRecord) and record.step == 1 and record.tokens == 256
+    assert math.isfinite(record.loss) and len(record.expert_load["max_share"]) == 2
+    assert record.to_json()["data_sha256"] == run.data_sha256
+
+    summary = run_training(config, tmp_path / "run")
+    assert summary["step"] == 2 and summary["stopped"] == "max_steps"
+    assert summary["checkpoint"].endswith("step_00000002")
+
+
+# -- precision: auto ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, requested, resolved, warned", [
+    (frozenset({"avx2"}), "auto", "fp32", False),
+    (frozenset({"avx2", "avx512_bf16"}), "auto", "bf16", False),
+    (frozenset({"avx2"}), "bf16", "bf16", True),
+    (frozenset({"avx512_bf16"}), "fp32", "fp32", False),
+])
+def test_precision_auto_resolves_per_cpu_warns_once_and_is_recorded(tmp_path, data_dir, monkeypatch, capsys, flags,
+                                                                     requested, resolved, warned):
+    from upcycle import hardware
+
+    monkeypatch.setattr(hardware, "cpu_info", lambda: ("test CPU", flags))
+    values = tiny_config(data_dir, train={"max_steps": 2, "eval_every": 0, "precision": requested})
+    if requested == "auto":
+        del values["train"]["precision"]  # the default
+    run_training(config_from_dict(values), tmp_path / "run")
+    err = capsys.readouterr().err
+    assert err.count("warning: precision bf16 on a CPU without native bf16") == (1 if warned else 0)
+    assert [r["precision"] for r in read_metrics(tmp_path / "run")] == [resolved] * 2
+    assert config_from_dict(values).train.precision == requested
+
+
+# -- micro-batch size: auto from the world size -----------------------------------------------------------------------
+
+
+def test_auto_micro_batch_is_the_largest_divisor_of_the_per_rank_rows_up_to_the_cap():
+    from upcycle.train_config import AUTO_MICRO_BATCH_MAX, micro_batch_size_for
+
+    assert micro_batch_size_for(8, None) == 8 and micro_batch_size_for(4, None) == 4
+    assert micro_batch_size_for(12, None) == 6 and micro_batch_size_for(7, None) == 7
+    assert micro_batch_size_for(64, None) == AUTO_MICRO_BATCH_MAX and micro_batch_size_for(11, None) == 1
+    assert micro_batch_size_for(8, 2) == 2
+
+
+def test_a_pinned_micro_batch_that_does_not_split_over_the_ranks_is_refused_before_anything_is_written(tmp_path,
+                                                                                                       data_dir):
+    from upcycle.distributed import World
+    from upcycle.train import resolve_loop
+
+    two = World(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_config(data_dir)), ["train.micro_batch_size=8"])
+    with pytest.raises(UpcycleError, match="micro_batch_size 8 does not divide the 4 sequences.*null: auto"):
+        resolve_loop(config, two)
+    auto = load_config(write_config(tmp_path / "c.yaml", tiny_config(data_dir)), ["train.micro_batch_size=null"])
+    assert resolve_loop(auto, two).micro_batch_size == 4
+    with pytest.raises(UpcycleError, match="3 ranks cannot share"):
+        resolve_loop(auto, World(rank=0, world_size=3, local_rank=0, device=torch.device("cpu")))

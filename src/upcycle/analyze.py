@@ -238,7 +238,7 @@ def analyze(
     else the source recorded in the convert manifest (in the model directory or `manifest_dir`), else drift is skipped.
     """
     from upcycle.convert import MANIFEST_NAME, load_redrawn
-    from upcycle.data import read_metadata, validation_batches
+    from upcycle.data import check_data_fits, read_metadata, validation_batches
     from upcycle.evaluate import check_model_dir
     from upcycle.hf_model import load_model
     from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP
@@ -251,9 +251,8 @@ def analyze(
     config = model.config
     if not config.is_moe:
         raise UpcycleError(f"{path} has no MoE layers (a dense model); analyze an upcycled or trained MoE checkpoint")
-    if metadata["vocab_size"] > config.vocab_size:
-        raise UpcycleError(f"{data_dir} was tokenized with {metadata['vocab_size']} token ids but the model has only "
-                           f"{config.vocab_size}; prepare the data with the model's tokenizer")
+    check_data_fits(data_dir, vocab_size=config.vocab_size, max_seq_len=config.max_seq_len,
+                    seq_len=min(seq_len, config.max_seq_len))  # analyze clamps --seq-len to the model's
     L, E = config.num_layers, config.num_experts
     plot_layers = default_plot_layers(L) if layers is None else list(layers)
     bad = [i for i in plot_layers if not 0 <= i < L]

@@ -7,7 +7,8 @@ Layout of one checkpoint (`OUT/checkpoints/step_00001000/`):
                            our model format, so `upcycle export` / `hf_model.load_model` read a checkpoint directly
     optimizer.safetensors  every optimizer state tensor, keyed "state/{param name}/{field}" (AdamW: step, exp_avg, ...)
     optimizer.json         the optimizer's param groups (hyper-parameters, parameter names) and non-tensor state
-    trainer_state.json     step, tokens seen, data loader position, anything else the trainer needs (JSON)
+    trainer_state.json     step, tokens seen, data loader position, anything else the trainer needs (JSON), and
+                           "health": unverified when written; good or suspect once the step after it ran (below)
     rng_rank{R}.json       RNG states of rank R: python, numpy, torch CPU, CUDA (byte states in base64)
     train_config.yaml      the resolved training config of the run
 
@@ -15,6 +16,11 @@ Atomicity: everything is written into `.tmp-step_XXXXXXXX`, every file and the d
 directory is renamed to `step_XXXXXXXX` (a rename within one file system is atomic) and the parent fsynced. A run killed
 at any moment leaves either the complete new checkpoint or none, never a partial one that looks valid; leftover
 `.tmp-*` directories are removed by the next save.
+
+Health: the weights of checkpoint s are only tested by step s + 1 (its loss and gradient norm). The trainer then marks
+the checkpoint good, or suspect when that step was non-finite or a spike (`mark_health`, an atomic rewrite of its
+trainer_state.json). `keep` never deletes the newest good checkpoint, so while newer ones are unverified or suspect the
+last one known to be healthy survives; `last_good_checkpoint` names it, and resuming skips suspect checkpoints.
 
 Distributed (FSDP2 / DDP): the weights and optimizer state are gathered to full, unsharded CPU tensors with
 torch.distributed.checkpoint.state_dict (`full_state_dict=True, cpu_offload=True`) and written by rank 0, so a
@@ -56,6 +62,12 @@ MODEL_FORMAT = "upcycle"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
+def model_config_record(model_config: dict, **extra) -> dict:
+    """config.json of our model format: {"format": "upcycle", "model": ModelConfig fields, ...}; every writer of the
+    format (training checkpoints, hf_model.save_model) writes it through this."""
+    return {"format": MODEL_FORMAT, "model": model_config, **extra}
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -76,6 +88,73 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     checkpoints = list_checkpoints(root)
     return checkpoints[-1][1] if checkpoints else None
+
+
+HEALTH_UNVERIFIED, HEALTH_GOOD, HEALTH_SUSPECT = "unverified", "good", "suspect"
+
+
+def health(path: str | os.PathLike) -> str:
+    """good, suspect or unverified (see the module docstring); checkpoints written before health existed are good."""
+    try:
+        return read_trainer_state(path).get("health", HEALTH_GOOD)
+    except (OSError, ValueError):
+        return HEALTH_SUSPECT  # unreadable: never the one to trust
+
+
+def mark_health(path: str | os.PathLike, value: str, reason: str | None = None) -> None:
+    """Record whether the step after checkpoint `path` was healthy: rewrite its trainer_state.json atomically."""
+    path = Path(path)
+    state = read_trainer_state(path)
+    state["health"] = value
+    if reason:
+        state["health_reason"] = reason
+    tmp = path / f".{TRAINER_STATE}.tmp"
+    _write_json(tmp, state)
+    _fsync_file(tmp)
+    os.replace(tmp, path / TRAINER_STATE)
+    fsync_dir(path)
+
+
+def last_good_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest checkpoint whose next step had a finite, spike-free loss and gradient norm."""
+    good = [path for _, path in list_checkpoints(root) if health(path) == HEALTH_GOOD]
+    return good[-1] if good else None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise UpcycleError naming the file if checkpoint `path` is incomplete, truncated or unreadable (headers and
+    sizes of its safetensors files, its JSON files), without loading any tensor."""
+    from upcycle.safetensors_io import read_header
+
+    path = Path(path)
+    for name in (MODEL_WEIGHTS, MODEL_CONFIG, OPTIMIZER_TENSORS, OPTIMIZER_META, TRAINER_STATE):
+        file = path / name
+        if not file.is_file():
+            raise UpcycleError(f"checkpoint {path} has no {name}; it is incomplete or not a training checkpoint")
+        if name.endswith(".json"):
+            try:
+                json.loads(file.read_text())
+            except (ValueError, UnicodeDecodeError):
+                raise UpcycleError(f"{file} is truncated or not JSON") from None
+        else:
+            read_header(file)
+
+
+def resumable_checkpoint(root: str | os.PathLike, log=print) -> Path | None:
+    """The newest checkpoint to resume from: complete and readable (a damaged one is named through `log` and the
+    previous one is taken) and not suspect (its next step diverged or spiked: resuming there would diverge again)."""
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+        except UpcycleError as exc:
+            log(f"cannot resume from {path.name}: {exc}; falling back to the previous checkpoint")
+            continue
+        if health(path) == HEALTH_SUSPECT:
+            log(f"skipping {path.name}: the step after it diverged or spiked "
+                f"({read_trainer_state(path).get('health_reason', 'suspect')})")
+            continue
+        return path
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,24 +306,55 @@ def save_checkpoint(
     barrier(world)
 
     if world.is_main:
-        save_file(_untie(model_state), str(tmp / MODEL_WEIGHTS), metadata={"format": "pt"})
-        _write_json(tmp / MODEL_CONFIG, {"format": MODEL_FORMAT, "model": model_config, "step": step})
-        optim_tensors, optim_meta = _flatten_optimizer_state(optim_state)
-        save_file(optim_tensors, str(tmp / OPTIMIZER_TENSORS))
-        _write_json(tmp / OPTIMIZER_META, optim_meta)
-        _write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step, "world_size": world.world_size})
-        (tmp / TRAIN_CONFIG).write_text(yaml.safe_dump(train_config, sort_keys=False))
-        for path in tmp.iterdir():
-            _fsync_file(path)
-        fsync_dir(tmp)
+        try:
+            _write_files(tmp, step, model_state=model_state, optim_state=optim_state, model_config=model_config,
+                         trainer_state=trainer_state, train_config=train_config, world=world)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: free what was written, publish nothing
+            raise
         if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
         fsync_dir(root)
+        protected = last_good_checkpoint(root)  # while newer ones are unverified or suspect, the last healthy one
         for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
+            if old != protected:
+                shutil.rmtree(old)
     barrier(world)
     return final
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (a full disk) raised as the OSError they are, naming the file."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as exc:  # safetensors raises its own SafetensorError, with the OS error only in the text
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def _write_files(tmp: Path, step: int, *, model_state: dict, optim_state: dict, model_config: dict,
+                 trainer_state: dict, train_config: dict, world: World) -> None:
+    """Every file of checkpoint `step` into `tmp`, each fsynced, then the directory."""
+    try:
+        _save_tensors(_untie(model_state), tmp / MODEL_WEIGHTS, metadata={"format": "pt"})
+        _write_json(tmp / MODEL_CONFIG, model_config_record(model_config, step=step))
+        optim_tensors, optim_meta = _flatten_optimizer_state(optim_state)
+        _save_tensors(optim_tensors, tmp / OPTIMIZER_TENSORS)
+        _write_json(tmp / OPTIMIZER_META, optim_meta)
+        _write_json(tmp / TRAINER_STATE, {"health": HEALTH_UNVERIFIED, **trainer_state, "step": step,
+                                          "world_size": world.world_size})
+        (tmp / TRAIN_CONFIG).write_text(yaml.safe_dump(train_config, sort_keys=False))
+        for path in tmp.iterdir():
+            _fsync_file(path)
+        fsync_dir(tmp)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write() names no file: name the checkpoint being written
+            raise OSError(exc.errno, exc.strerror, str(tmp)) from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,9 +378,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     )
 
     path = Path(path)
-    for name in (MODEL_WEIGHTS, OPTIMIZER_TENSORS, OPTIMIZER_META, TRAINER_STATE):
-        if not (path / name).is_file():
-            raise UpcycleError(f"checkpoint {path} has no {name}; it is incomplete or not a training checkpoint")
+    verify_checkpoint(path)
     options = StateDictOptions(full_state_dict=True)
     model_state = load_file(str(path / MODEL_WEIGHTS))
     set_model_state_dict(model, model_state, options=options)

@@ -9,14 +9,18 @@ allowed choices, and the docstring's `Args:` section becomes the help text.
 A command with an `override: list[str]` parameter also accepts `--section.field VALUE` for any field of its config
 file; those arrive in `override` as `section.field=VALUE`.
 
-Library code raises `UpcycleError` for bad input; only here is it turned into one line on stderr and exit status 2.
+Library code raises `UpcycleError` for bad input; only here is it turned into one line on stderr and exit status 2. So
+is an OSError (a full disk, a read-only file system, a file where a directory should be): one line naming the path.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import inspect
 import sys
+import types
 import typing
 from collections.abc import Callable
 
@@ -51,10 +55,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _docstring(func: Callable) -> tuple[str, dict[str, str]]:
-    """(description, {parameter: help}) from a Google-style docstring."""
+def _docstring(func: Callable | type) -> tuple[str, dict[str, str]]:
+    """(description, {name: help}) from a Google-style docstring: a function's `Args:` or a dataclass's
+    `Attributes:` section."""
     doc = inspect.getdoc(func) or ""
-    description, _, args = doc.partition("\nArgs:\n")
+    section = "\nAttributes:\n" if isinstance(func, type) else "\nArgs:\n"
+    description, _, args = doc.partition(section)
     helps: dict[str, str] = {}
     current = None
     for line in args.splitlines():
@@ -76,35 +82,94 @@ def _epilog(func: Callable) -> str | None:
     return epilog() if epilog else None
 
 
+def _add_argument(parser: argparse.ArgumentParser, name: str, hint, default, help_text: str, *,
+                  positional: bool, required: bool, choices: tuple = (), dest: str | None = None) -> None:
+    """One flag (or positional) for a parameter or dataclass field `name` of type `hint`."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        hint = next(a for a in args if a is not type(None))
+        args, origin = typing.get_args(hint), typing.get_origin(hint)
+    kwargs: dict = {"help": help_text}
+    if origin is typing.Literal:
+        choices = args
+    if choices:
+        kwargs.update(choices=list(choices), type=type(choices[0]))
+    elif origin in (list, tuple):
+        kwargs.update(nargs="+", type=args[0] if args else str)
+    elif hint is bool:
+        kwargs.update(action=argparse.BooleanOptionalAction)
+    else:
+        kwargs["type"] = hint
+    if positional:
+        kwargs.pop("action", None)
+        parser.add_argument(name, **kwargs)
+        return
+    flag = "--" + name.replace("_", "-")
+    if dest is not None and not choices and kwargs.get("action") is None:
+        kwargs["metavar"] = name.upper()
+    if required:
+        parser.add_argument(flag, dest=dest or name, required=True, **kwargs)
+        return
+    if default is not None and default != () and hint is not bool:
+        kwargs["help"] += f" (default: {default})"
+    parser.add_argument(flag, dest=dest or name, default=default, **kwargs)
+
+
+_FIELD_DEST = "{param}:{field}"
+
+
 def _add_function(parser: argparse.ArgumentParser, func: Callable) -> None:
+    """Flags from `func`'s signature; a parameter typed as a dataclass becomes one flag per field of it."""
     hints = typing.get_type_hints(func)
     _, helps = _docstring(func)
     for name, param in inspect.signature(func).parameters.items():
         hint = hints.get(name, str)
-        args = typing.get_args(hint)
-        origin = typing.get_origin(hint)
-        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):  # X | None
-            hint = next(a for a in args if a is not type(None))
-            args, origin = typing.get_args(hint), typing.get_origin(hint)
-        kwargs: dict = {"help": helps.get(name, "")}
-        if origin is typing.Literal:
-            kwargs.update(choices=list(args), type=type(args[0]))
-        elif origin in (list, tuple):
-            kwargs.update(nargs="+", type=args[0] if args else str)
-        elif hint is bool:
-            kwargs.update(action=argparse.BooleanOptionalAction)
-        else:
-            kwargs["type"] = hint
-        if param.default is inspect.Parameter.empty and param.kind is not inspect.Parameter.KEYWORD_ONLY:
-            kwargs.pop("action", None)
-            parser.add_argument(name, **kwargs)
-        elif param.default is inspect.Parameter.empty:  # keyword-only without default: a required option
-            parser.add_argument("--" + name.replace("_", "-"), dest=name, required=True, **kwargs)
-        else:
-            if param.default is not None and hint is not bool:
-                kwargs["help"] += f" (default: {param.default})"
-            parser.add_argument("--" + name.replace("_", "-"), dest=name, default=param.default, **kwargs)
+        if dataclasses.is_dataclass(hint):
+            field_hints = typing.get_type_hints(hint)
+            _, field_helps = _docstring(hint)
+            for f in dataclasses.fields(hint):
+                _add_argument(parser, f.name, field_hints[f.name], f.default, field_helps.get(f.name, ""),
+                              positional=False, required=False, choices=f.metadata.get("choices", ()),
+                              dest=_FIELD_DEST.format(param=name, field=f.name))
+            continue
+        no_default = param.default is inspect.Parameter.empty
+        keyword_only = param.kind is inspect.Parameter.KEYWORD_ONLY
+        _add_argument(parser, name, hint, None if no_default else param.default, helps.get(name, ""),
+                      positional=no_default and not keyword_only, required=no_default and keyword_only)
     parser.set_defaults(_func=func, _parser=parser)
+
+
+def _collect_dataclasses(func: Callable, args: dict) -> dict:
+    """Gather the per-field flags of each dataclass parameter back into one instance of it."""
+    hints = typing.get_type_hints(func)
+    for name in inspect.signature(func).parameters:
+        cls = hints.get(name)
+        if not dataclasses.is_dataclass(cls):
+            continue
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = args.pop(_FIELD_DEST.format(param=name, field=f.name))
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+        args[name] = cls(**values)
+    return args
+
+
+def options_table(cls: type) -> str:
+    """The markdown table (flag, default, choices, meaning) of a dataclass of command options, for the docs."""
+    field_hints = typing.get_type_hints(cls)
+    _, helps = _docstring(cls)
+    lines = ["| flag | default | choices | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        default = "none" if f.default is None else ("-" if f.default == () else f"`{f.default}`")
+        choices = ", ".join(f"`{c}`" for c in f.metadata.get("choices", ())) or "-"
+        hint = field_hints[f.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        kind = "list" if typing.get_origin(hint) in (list, tuple) else hint.__name__
+        flag = f"`--{f.name.replace('_', '-')}`" + ("" if f.metadata.get("choices") else f" ({kind})")
+        lines.append(f"| {flag} | {default} | {choices} | {helps.get(f.name, '')} |")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,10 +214,20 @@ def _dotted_overrides(parser: argparse.ArgumentParser, extra: list[str]) -> list
     return out
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the path(s) involved, the system's reason and its errno name."""
+    reason = exc.strerror or str(exc)
+    code = errno.errorcode.get(exc.errno) if exc.errno else None
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    line = f"{paths}: {reason}" if paths else reason
+    return line + (f" ({code})" if code else "") + "; check the path, its permissions and the free space"
+
+
 def _call(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     args, extra = parser.parse_known_args(argv)
     args = vars(args)
     func, own_parser = args.pop("_func"), args.pop("_parser")
+    args = _collect_dataclasses(func, args)
     parameters = inspect.signature(func).parameters
     kwargs = {k: v for k, v in args.items() if k in parameters}
     if extra:
@@ -164,19 +239,14 @@ def _call(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     except UpcycleError as exc:
         print(f"upcycle: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:  # a full disk, a read-only or /proc path, a file where a directory should be, ...
+        print(f"upcycle: error: {os_error_line(exc)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("upcycle: interrupted", file=sys.stderr)
         sys.exit(130)
     if isinstance(result, int) and result != 0:
         sys.exit(result)
-
-
-def run_function(func: Callable, argv: list[str], prog: str) -> None:
-    """Run one command function with its own parser (for `python -m upcycle.train`, which torchrun launches)."""
-    parser = _Parser(prog=prog, description=_docstring(func)[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                     epilog=_epilog(func))
-    _add_function(parser, func)
-    _call(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,6 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -41,8 +40,11 @@ from upcycle.safetensors_io import (
     save_tensors,
 )
 from upcycle.upcycling import (
+    INDEX_MODES,
     MATRICES,
+    METHODS,
     ROUTER_INITS,
+    STATS_MODES,
     UpcycleOptions,
     btx_mean,
     btx_source_of_expert,
@@ -61,24 +63,50 @@ DEFAULT_SEED = 1234
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    """Every choice of a conversion; recorded verbatim in the manifest."""
+    """Every choice of a conversion; recorded verbatim in the manifest.
 
-    method: str = "drop"
+    The one declaration of convert's options: each field is an `upcycle convert` flag (`--snake-case`), a field of the
+    train config's `init` section and a row of docs/convert.md's option table, all made from this class (a field's
+    help is its entry below, its choices the `choices` metadata).
+
+    Attributes:
+        method: drop (Drop-Upcycling), naive (exact copies), noise (add N(0, noise_std^2) to the selected neurons),
+            scratch (HF default init everywhere) or btx (Branch-Train-MiX over --btx-sources).
+        ratio: Fraction r of each expert's FFN neurons re-drawn (drop) or perturbed (noise), in [0, 1].
+        num_experts: Number of experts E per layer.
+        top_k: Experts per token K (1 <= K <= E).
+        seed: Seed from which every (layer, expert, matrix) draw derives its own generator.
+        index_mode: independent (a fresh neuron set for gate, up and down, as the authors' released code behind every
+            published number; the default) or shared (one set per expert for all three, as the paper's text).
+        stats: Where mu and sigma of the re-drawn values come from: slice (the selected neurons of the dense matrix,
+            as the released code) or matrix (the whole dense matrix).
+        noise_std: Standard deviation of the noise added by --method noise.
+        router_init: uniform (zero-mean uniform, as the released runs) or normal.
+        router_std: Standard deviation of the router weights.
+        format: auto (llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe), mixtral, qwen2_moe or
+            qwen3_moe.
+        dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
+        router_aux_loss_coef: The load-balancing coefficient written into the output's config.json.
+        shared_expert_dim: qwen2_moe only: size of its always-present shared expert (default: the dense FFN size); its
+            down projection is zero, so it contributes nothing at initialization.
+        btx_sources: For --method btx: the other dense checkpoints (SOURCE is the first source).
+        max_shard_size: Largest output shard, e.g. 5GB or 500MB.
+    """
+
+    method: str = field(default="drop", metadata={"choices": METHODS})
     ratio: float = 0.5
     num_experts: int = 8
     top_k: int = 2
     seed: int = DEFAULT_SEED
-    # independent: a fresh index set per matrix, as the authors' released code that produced every published number;
-    # shared: one set per expert for gate rows, up rows and down columns, as the paper's text and Figure 1.
-    index_mode: str = "independent"
-    stats: str = "slice"
+    index_mode: str = field(default="independent", metadata={"choices": INDEX_MODES})
+    stats: str = field(default="slice", metadata={"choices": STATS_MODES})
     noise_std: float = 0.02
-    router_init: str = "uniform"
+    router_init: str = field(default="uniform", metadata={"choices": ROUTER_INITS})
     router_std: float = 0.02
-    format: str = "auto"
-    dtype: str = "auto"
+    format: str = field(default="auto", metadata={"choices": ("auto", *hf.MOE_FORMATS)})
+    dtype: str = field(default="auto", metadata={"choices": ("auto", *DTYPE_NAMES)})
     router_aux_loss_coef: float = 0.02
-    shared_expert_dim: int | None = None  # qwen2_moe only; default: the dense ffn_dim
+    shared_expert_dim: int | None = None
     btx_sources: tuple[str, ...] = ()
     max_shard_size: str = "5GB"
 
@@ -544,21 +572,7 @@ def load_redrawn(directory: str | os.PathLike) -> torch.Tensor:
 def convert_command(
     source: str,
     output: str,
-    method: Literal["drop", "naive", "noise", "scratch", "btx"] = "drop",
-    ratio: float = 0.5,
-    num_experts: int = 8,
-    top_k: int = 2,
-    seed: int = DEFAULT_SEED,
-    index_mode: Literal["independent", "shared"] = "independent",
-    stats: Literal["slice", "matrix"] = "slice",
-    noise_std: float = 0.02,
-    router_init: Literal["uniform", "normal"] = "uniform",
-    router_std: float = 0.02,
-    btx_sources: list[str] | None = None,
-    format: Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe"] = "auto",
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
-    max_shard_size: str = "5GB",
-    shared_expert_dim: int | None = None,
+    options: ConvertOptions = ConvertOptions(),
     force: bool = False,
     quiet: bool = False,
 ) -> None:
@@ -567,34 +581,11 @@ def convert_command(
     Args:
         source: Local dense checkpoint directory (config.json + safetensors).
         output: Directory to create (parents too); refused if it exists, unless --force.
-        method: drop (Drop-Upcycling), naive (exact copies), noise (add N(0, noise_std^2) to the selected neurons),
-            scratch (HF default init everywhere) or btx (Branch-Train-MiX over --btx-sources).
-        ratio: Fraction r of each expert's FFN neurons re-drawn (drop) or perturbed (noise), in [0, 1].
-        num_experts: Number of experts E per layer.
-        top_k: Experts per token K (1 <= K <= E).
-        seed: Seed from which every (layer, expert, matrix) draw derives its own generator.
-        index_mode: independent (a fresh neuron set for gate, up and down, as the authors' released code behind every
-            published number; the default) or shared (one set per expert for all three, as the paper's text).
-        stats: Where mu and sigma of the re-drawn values come from: slice (the selected neurons of the dense matrix,
-            as the released code) or matrix (the whole dense matrix).
-        noise_std: Standard deviation of the noise added by --method noise.
-        router_init: uniform (zero-mean uniform, as the released runs) or normal.
-        router_std: Standard deviation of the router weights.
-        btx_sources: For --method btx: the other dense checkpoints (SOURCE is the first source).
-        format: auto (llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe), mixtral, qwen2_moe or qwen3_moe.
-        dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
-        max_shard_size: Largest output shard, e.g. 5GB or 500MB.
-        shared_expert_dim: qwen2_moe only: size of its always-present shared expert (default: the dense FFN size); its
-            down projection is zero, so it contributes nothing at initialization.
+        options: The conversion's choices: one flag per field of ConvertOptions.
         force: Replace an existing OUTPUT (only once the new one is complete).
         quiet: No progress bar.
     """
-    path = convert(
-        source, output, force=force, progress=not quiet, method=method, ratio=ratio, num_experts=num_experts,
-        top_k=top_k, seed=seed, index_mode=index_mode, stats=stats, noise_std=noise_std, router_init=router_init,
-        router_std=router_std, btx_sources=tuple(btx_sources or ()), format=format, dtype=dtype,
-        max_shard_size=max_shard_size, shared_expert_dim=shared_expert_dim,
-    )
+    path = convert(source, output, force=force, progress=not quiet, **asdict(options))
     if format_note := hf.ENGINE_NOTES.get(json.loads((path / "config.json").read_text())["model_type"]):
         print(format_note, file=sys.stderr)
     if not quiet:

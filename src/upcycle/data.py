@@ -459,6 +459,28 @@ def read_tokens(data_dir: str | Path, domain: str, split: str = "train", metadat
     return np.memmap(path, dtype=dtype, mode="r", shape=(info["tokens"],))
 
 
+def check_data_fits(data_dir: str | Path, *, vocab_size: int, max_seq_len: int, seq_len: int,
+                    seq_len_name: str = "seq_len", chunk_tokens: int = 1 << 24) -> dict:
+    """Refuse, before any work, prepared data that a model with `vocab_size` ids and `max_seq_len` positions cannot
+    read: a larger tokenizer vocabulary, any token id >= vocab_size in a token file (each file's maximum, scanned once
+    in chunks of `chunk_tokens`), or sequences longer than the model's. Returns the data's metadata."""
+    metadata = read_metadata(data_dir)
+    if metadata["vocab_size"] > vocab_size:
+        raise UpcycleError(f"{data_dir} was tokenized with {metadata['vocab_size']} token ids but the model has only "
+                           f"{vocab_size}; prepare the data with the model's tokenizer (or a larger vocab_size)")
+    if seq_len > max_seq_len:
+        raise UpcycleError(f"{seq_len_name} {seq_len} exceeds the model's max_seq_len {max_seq_len}")
+    for domain in sorted(metadata["domains"]):
+        for split in SPLITS:
+            tokens = read_tokens(data_dir, domain, split, metadata)
+            top = max((int(tokens[i:i + chunk_tokens].max()) for i in range(0, len(tokens), chunk_tokens)), default=-1)
+            if top >= vocab_size:
+                file = Path(data_dir).expanduser() / metadata["domains"][domain][split]["file"]
+                raise UpcycleError(f"{file} holds token id {top}, beyond the model's vocab_size {vocab_size}; the "
+                                   "file does not match data.json, re-run `upcycle data prepare`")
+    return metadata
+
+
 def num_chunks(num_tokens: int, seq_len: int) -> int:
     """Chunks of seq_len + 1 tokens at stride seq_len: consecutive chunks share one token (last target = next input)."""
     return max(0, (num_tokens - 1) // seq_len)

@@ -14,6 +14,7 @@ Run: `upcycle eval MODEL_DIR --data DATA_DIR [--json-output] [--lm-eval-tasks up
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -77,14 +78,6 @@ def check_model_dir(model_path: str | Path) -> Path:
     return path
 
 
-def _check_data_fits(model_config, metadata: dict, data_dir: Path, seq_len: int) -> None:
-    if metadata["vocab_size"] > model_config.vocab_size:
-        raise UpcycleError(f"{data_dir} was tokenized with {metadata['vocab_size']} token ids but the model has only "
-                           f"{model_config.vocab_size}; prepare the data with the model's tokenizer")
-    if seq_len > model_config.max_seq_len:
-        raise UpcycleError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
-
-
 @torch.no_grad()
 def evaluate(
     model_path: str | Path,
@@ -100,33 +93,46 @@ def evaluate(
     Returns {"model", "data", "seq_len", "max_sequences", "domains": {name: {"loss", "perplexity", "tokens",
     "sequences"}}, "overall": {...}}; "overall" weights every scored token equally, across domains.
     """
-    from upcycle.data import read_metadata, validation_batches
+    from upcycle.data import check_data_fits, read_metadata, validation_batches
     from upcycle.hf_model import load_model
 
     path = check_model_dir(model_path)
     data_dir = Path(data_dir).expanduser()
-    metadata = read_metadata(data_dir)
+    read_metadata(data_dir)
     model = load_model(path).eval()
-    _check_data_fits(model.config, metadata, data_dir, seq_len)
+    check_data_fits(data_dir, vocab_size=model.config.vocab_size, max_seq_len=model.config.max_seq_len,
+                    seq_len=seq_len, seq_len_name="--seq-len")
     batches = validation_batches(data_dir, seq_len=seq_len, batch_size=batch_size, max_sequences=max_sequences,
                                  domains=domains)
-    results, total_sum, total_tokens, total_sequences = {}, 0.0, 0, 0
-    for name, domain_batches in batches.items():
-        loss_sum, num_tokens, num_sequences = 0.0, 0, 0
-        for batch_BT in domain_batches:
-            output = model(batch_BT[:, :-1])
-            batch_sum, batch_tokens = summed_next_token_loss(output.logits, batch_BT[:, 1:])
-            loss_sum, num_tokens, num_sequences = loss_sum + batch_sum, num_tokens + batch_tokens, \
-                num_sequences + batch_BT.shape[0]
-        results[name] = domain_result(loss_sum, num_tokens, num_sequences)
-        total_sum, total_tokens, total_sequences = total_sum + loss_sum, total_tokens + num_tokens, \
-            total_sequences + num_sequences
+    results = score_domains(model, batches)
+    total_sum = sum(r["loss"] * r["tokens"] for r in results.values() if r["tokens"])
+    total_tokens = sum(r["tokens"] for r in results.values())
+    total_sequences = sum(r["sequences"] for r in results.values())
     if not total_tokens:
         raise UpcycleError(f"no domain of {data_dir} has a validation split of at least seq_len + 1 = {seq_len + 1} "
                            "tokens; lower --seq-len or prepare with a larger val_fraction")
     return {"model": str(path), "data": str(data_dir), "seq_len": seq_len, "max_sequences": max_sequences,
             "num_experts": model.config.num_experts, "domains": results,
             "overall": domain_result(total_sum, total_tokens, total_sequences)}
+
+
+@torch.no_grad()
+def score_domains(model: torch.nn.Module, batches: dict[str, list[Tensor]], *, device: torch.device | None = None,
+                  autocast=contextlib.nullcontext) -> dict[str, dict]:
+    """`domain_result` of every domain's batches (rows of seq_len + 1 tokens) under `model`, which must be in eval
+    mode; the trainer's validation and `upcycle eval` both score through this."""
+    results = {}
+    for name, domain_batches in batches.items():
+        loss_sum, num_tokens, num_sequences = 0.0, 0, 0
+        for batch_BT in domain_batches:
+            batch_BT = batch_BT if device is None else batch_BT.to(device)
+            with autocast():
+                output = model(batch_BT[:, :-1])
+            batch_sum, batch_tokens = summed_next_token_loss(output.logits, batch_BT[:, 1:])
+            loss_sum, num_tokens, num_sequences = loss_sum + batch_sum, num_tokens + batch_tokens, \
+                num_sequences + batch_BT.shape[0]
+        results[name] = domain_result(loss_sum, num_tokens, num_sequences)
+    return results
 
 
 def format_table(result: dict) -> str:

@@ -29,7 +29,7 @@ from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir
 from upcycle.model import ModelConfig, Transformer
-from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader
+from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader, read_header
 from upcycle.upcycling import init_shared_expert
 
 # Our state-dict names for the per-layer roles of hf_formats (the only place they are paired).
@@ -266,6 +266,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transfor
         if not weights.exists():
             raise UpcycleError(f"{path} has our config.json but no model.safetensors")
         config = ModelConfig(**json.loads((path / "config.json").read_text())["model"])
+        read_header(weights)  # a truncated file: one line naming it, not safetensors' traceback
         state_dict = load_file(str(weights))
     else:
         config, state_dict = load_hf(path)
@@ -283,7 +284,9 @@ def save_model(model: Transformer, out_dir: str | Path, *, force: bool = False) 
     with publish_dir(out_dir, force=force, flag="OUT") as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps({"model": asdict(model.config)}, indent=2) + "\n")
+        from upcycle.checkpoint import model_config_record
+
+        (tmp / "config.json").write_text(json.dumps(model_config_record(asdict(model.config)), indent=2) + "\n")
     return out_dir
 
 

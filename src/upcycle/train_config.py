@@ -1,0 +1,495 @@
+"""The training config: one dataclass per YAML section, each checking its own fields in `validate()`; reading YAML,
+applying `section.field=value` overrides, and the field list `upcycle train --help` shows.
+
+A config is data only: nothing here touches the output directory, the data or the model weights. `TrainConfig.validate`
+runs every check that needs no more than the config and the file system, before any work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import re
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from upcycle.convert import ConvertOptions
+from upcycle.distributed import PARALLEL_MODES
+from upcycle.errors import UpcycleError
+from upcycle.model import ModelConfig
+from upcycle.upcycling import METHODS
+
+# train.micro_batch_size: empty picks the largest divisor of the per-rank sequences up to this many.
+AUTO_MICRO_BATCH_MAX = 8
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: upcycle.hardware.resolve_precision decides per device
+
+
+def _one_of(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise UpcycleError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+class _InitChecks:
+    """The behaviour of InitConfig (its fields are made from ConvertOptions below)."""
+
+    def convert_options(self) -> ConvertOptions:
+        """The upcycling fields of this section as the options of `upcycle convert`."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ConvertOptions)}
+        values["btx_sources"] = tuple(values["btx_sources"] or ())
+        return ConvertOptions(**values)
+
+    def validate(self) -> None:
+        if self.source is not None and not Path(self.source).exists():
+            raise UpcycleError(f"init.source {self.source} does not exist")
+        if self.method is None:
+            return
+        if self.source is None:
+            raise UpcycleError("init.method needs init.source (the dense checkpoint to upcycle)")
+        try:
+            self.convert_options().validate()
+        except UpcycleError as exc:  # convert's messages name its flags; here they are init fields
+            raise UpcycleError(re.sub(r"--([a-z][a-z0-9-]*)", lambda m: "init." + m.group(1).replace("-", "_"),
+                                      str(exc))) from None
+
+
+def _attribute_docs(cls: type, skip: tuple[str, ...]) -> str:
+    """The `Attributes:` entries of a Google-style class docstring, minus the fields named in `skip`."""
+    _, _, attributes = (inspect.getdoc(cls) or "").partition("\nAttributes:\n")
+    kept, keep = [], True
+    for line in attributes.splitlines():
+        head = line.strip().partition(":")[0]
+        if line.startswith("    ") and not line.startswith("     ") and head.isidentifier():
+            keep = head not in skip
+        if keep:
+            kept.append(line)
+    return textwrap.indent("\n".join(kept), "    ")
+
+
+# `init` = `source` + every option of `upcycle convert` (one declaration: ConvertOptions), with `method` empty by
+# default (load `source` as it is).
+InitConfig = dataclasses.make_dataclass(
+    "InitConfig",
+    [("source", "str | None", field(default=None)),
+     ("method", "str | None", field(default=None, metadata={"choices": METHODS}))]
+    + [(f.name, f.type, field(default=f.default, metadata=f.metadata))
+       for f in dataclasses.fields(ConvertOptions) if f.name != "method"],
+    bases=(_InitChecks,))
+InitConfig.__module__ = __name__
+InitConfig.__doc__ = f"""Where the weights come from. Empty `source`: from scratch, built from the `model` section.
+
+    Every field but `source` is an option of `upcycle convert` (ConvertOptions), used for online upcycling.
+
+    Attributes:
+        source: Checkpoint directory to start from: a Hugging Face model (dense or MoE; llama, mistral, qwen2, qwen3,
+            mixtral, qwen2_moe, qwen3_moe) or one of ours (a training checkpoint step_XXXXXXXX). The `model` section
+            must then be empty: the architecture comes from the checkpoint.
+        method: Online upcycling of a dense `source` into an MoE before training, as `upcycle convert --method`:
+            {", ".join(METHODS)}. Empty: load `source` as it is.
+{_attribute_docs(ConvertOptions, skip=("method",))}
+    """
+
+
+@dataclass
+class DataConfig:
+    """Training and validation tokens. Either `path` (already prepared) or `sources` + `tokenizer` (raw text).
+
+    Attributes:
+        path: A directory written by `upcycle data prepare` (holds data.json). Relative paths are relative to the
+            current directory.
+        sources: Raw text per domain, {name: [file or directory, ...]} (.jsonl with a "text" field or plain files,
+            optionally .gz). Tokenized on the first run into OUT/data, so no separate preparation step is needed.
+        tokenizer: Tokenizer directory (with tokenizer.json) used to tokenize `sources`.
+        val_fraction: Share of each domain's documents held out for validation when tokenizing `sources`.
+        weights: Domain sampling weights {name: weight}; empty: proportional to each domain's size (the paper).
+        seq_len: Tokens per training sequence (documents are packed, separated by EOS).
+        seed: Seed of the data order (which domain and chunk fills each row of each batch) and of the validation
+            split when tokenizing `sources`.
+    """
+
+    path: str | None = None
+    sources: dict[str, list[str]] | None = None
+    tokenizer: str | None = None
+    val_fraction: float = 0.01
+    weights: dict[str, float] | None = None
+    seq_len: int = 512
+    seed: int = 0
+
+    def validate(self) -> None:
+        if (self.path is None) == (self.sources is None):
+            raise UpcycleError("data: set exactly one of data.path (a prepared directory) or data.sources (raw text)")
+        if self.path is not None and not (Path(self.path) / "data.json").is_file():
+            raise UpcycleError(f"data.path {self.path} is not a prepared data directory (no data.json); run "
+                               "`upcycle data prepare` or use data.sources")
+        if self.sources is not None:
+            if not self.tokenizer:
+                raise UpcycleError("data.tokenizer is required with data.sources (a directory holding tokenizer.json)")
+            if not Path(self.tokenizer).exists():
+                raise UpcycleError(f"data.tokenizer {self.tokenizer} does not exist")
+            for name, paths in self.sources.items():
+                for p in [paths] if isinstance(paths, str) else paths:
+                    if not Path(p).exists():
+                        raise UpcycleError(f"data.sources.{name}: {p} does not exist")
+        if self.seq_len < 1:
+            raise UpcycleError(f"data.seq_len must be >= 1, got {self.seq_len}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, with the paper's recipe as defaults.
+
+    Attributes:
+        lr: Peak learning rate, reached at the end of warmup.
+        min_lr: Final learning rate of the cosine decay (and, by default, the first warmup learning rate).
+        betas: AdamW (beta1, beta2).
+        eps: AdamW epsilon.
+        weight_decay: Decoupled weight decay, applied to all parameters as in the paper.
+        grad_clip: Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged).
+    """
+
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise UpcycleError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UpcycleError(f"optim.min_lr must lie in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UpcycleError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise UpcycleError("optim.eps must be > 0, optim.weight_decay and optim.grad_clip >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate: linear warmup from `warmup_start_lr` to optim.lr, then cosine decay to optim.min_lr.
+
+    Attributes:
+        warmup_steps: Optimizer steps of linear warmup.
+        decay_steps: Step at which the cosine reaches optim.min_lr (counted from step 0, warmup included); empty:
+            train.max_steps. The learning rate stays at optim.min_lr afterwards.
+        warmup_start_lr: Learning rate of the first step; empty: optim.min_lr (the paper warms up from 2e-5).
+    """
+
+    warmup_steps: int = 2000
+    decay_steps: int | None = None
+    warmup_start_lr: float | None = None
+
+    def validate(self) -> None:
+        if self.warmup_steps < 0:
+            raise UpcycleError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay_steps is not None and self.decay_steps < self.warmup_steps:
+            raise UpcycleError(f"schedule.decay_steps ({self.decay_steps}) must be >= schedule.warmup_steps "
+                               f"({self.warmup_steps})")
+        if self.warmup_start_lr is not None and self.warmup_start_lr < 0:
+            raise UpcycleError("schedule.warmup_start_lr must be >= 0")
+
+
+@dataclass
+class TrainLoopConfig:
+    """The training loop.
+
+    Attributes:
+        max_steps: Optimizer steps to train for (the run ends there; resuming continues up to it).
+        global_batch_tokens: Tokens per optimizer step over all ranks; a multiple of data.seq_len * number of ranks
+            (and of data.seq_len * micro_batch_size * ranks when micro_batch_size is set).
+        micro_batch_size: Sequences per forward/backward pass on one rank; gradients of the micro-batches of one step
+            are accumulated. Empty (default): auto, the largest divisor of the rank's sequences per step that is at
+            most 8, so the same config runs on any number of ranks that divides its sequences.
+        seed: Seed of the from-scratch model init and of torch's RNG.
+        precision: auto (default: bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs), fp32 (exact and
+            reproducible on CPU) or bf16 (autocast; master weights and optimizer stay fp32, routing and losses are
+            computed in fp32). The precision a run used is recorded in every metrics.jsonl record.
+        activation_checkpointing: Recompute each block's activations in backward instead of storing them.
+        compile: torch.compile each transformer block (needs a C++ compiler on CPU).
+        parallel: With several ranks: fsdp (FSDP2 fully_shard per block, then the root) or ddp.
+        aux_coef: Weight of the Switch load-balancing loss (MoE only; the paper: 0.02).
+        aux_per_layer: false: router logits of all layers pooled into one matrix (the paper, HF Mixtral);
+            true: the loss of each layer on its own, averaged over layers.
+        z_coef: Weight of the router z-loss (the paper: 0, it is logged anyway).
+        eval_every: Per-domain validation loss every this many steps and at the end; 0 disables validation.
+        eval_sequences: Validation sequences per domain (fixed, evenly spread over the held-out documents).
+    """
+
+    max_steps: int = 1000
+    global_batch_tokens: int = 65536
+    micro_batch_size: int | None = None
+    seed: int = 0
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
+    activation_checkpointing: bool = False
+    compile: bool = False
+    parallel: str = field(default="fsdp", metadata={"choices": PARALLEL_MODES})
+    aux_coef: float = 0.02
+    aux_per_layer: bool = False
+    z_coef: float = 0.0
+    eval_every: int = 200
+    eval_sequences: int = 64
+
+    def validate(self) -> None:
+        if self.max_steps < 1:
+            raise UpcycleError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise UpcycleError(f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.aux_coef < 0 or self.z_coef < 0:
+            raise UpcycleError("train.aux_coef and train.z_coef must be >= 0")
+        if self.eval_every < 0 or self.eval_sequences < 1:
+            raise UpcycleError("train.eval_every must be >= 0 and train.eval_sequences >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under OUT/checkpoints/step_XXXXXXXX (see checkpoint.py for what each holds).
+
+    Attributes:
+        every: Save every this many optimizer steps, and always at the end; 0: only at the end (and on SIGTERM).
+        keep: Keep the newest this many checkpoints, delete older ones.
+    """
+
+    every: int = 500
+    keep: int = 3
+
+    def validate(self) -> None:
+        if self.every < 0 or self.keep < 1:
+            raise UpcycleError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got {self.every}, "
+                               f"{self.keep}")
+
+
+@dataclass
+class LoggingConfig:
+    """What is reported besides OUT/metrics.jsonl (always written, one JSON object per optimizer step).
+
+    Attributes:
+        progress: Show a tqdm progress bar.
+        tensorboard: Also write TensorBoard events to OUT/tensorboard when the tensorboard package is installed.
+    """
+
+    progress: bool = True
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        pass  # two booleans; their types are checked with every other field's
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "init": InitConfig, "data": DataConfig, "optim": OptimConfig,
+                             "schedule": ScheduleConfig, "train": TrainLoopConfig, "checkpoint": CheckpointConfig,
+                             "logging": LoggingConfig}
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run: the YAML file's top-level sections."""
+
+    model: ModelConfig | None = None
+    init: InitConfig = field(default_factory=InitConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        """Every field's type, then each section's own checks, then the checks that span sections."""
+        for name in SECTIONS:
+            section = getattr(self, name)
+            if section is None:  # only `model` may be absent
+                continue
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                _check_type(f"{name}.{f.name}", str(f.type), value)
+                if "choices" in f.metadata and value is not None:
+                    _one_of(f"{name}.{f.name}", value, f.metadata["choices"])
+            if name != "model":  # ModelConfig checks itself when built
+                section.validate()
+        if self.init.source is None and self.model is None:
+            raise UpcycleError("model: give the architecture (vocab_size, dim, num_layers, ...) to train from scratch, "
+                               "or set init.source to start from a checkpoint")
+        if self.init.source is not None and self.model is not None:
+            raise UpcycleError("model: leave this section out when init.source is set; the architecture comes from "
+                               "the checkpoint")
+        if self.model is not None and self.data.seq_len > self.model.max_seq_len:
+            raise UpcycleError(f"data.seq_len {self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        loop = self.train
+        rows = self.data.seq_len * (loop.micro_batch_size or 1)
+        if loop.global_batch_tokens < 1 or loop.global_batch_tokens % rows:
+            what = "data.seq_len * train.micro_batch_size" if loop.micro_batch_size else "data.seq_len"
+            raise UpcycleError(f"train.global_batch_tokens ({loop.global_batch_tokens}) must be a positive multiple of "
+                               f"{what} = {rows}")
+
+
+def micro_batch_size_for(sequences_per_rank: int, requested: int | None) -> int:
+    """The micro-batch size a rank uses: `requested`, or (None, auto) the largest divisor of its sequences per step
+    that is at most AUTO_MICRO_BATCH_MAX, so the rest is gradient accumulation and no micro-batch is ragged."""
+    if requested is not None:
+        return requested
+    return max(d for d in range(1, min(sequences_per_rank, AUTO_MICRO_BATCH_MAX) + 1) if sequences_per_rank % d == 0)
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Check every setting before any work starts; each error names the field and says what to do."""
+    config.validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dict <-> config
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """Plain YAML-safe dict (tuples become lists) of a config, for OUT/config.yaml and checkpoints."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+_SCALAR_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_type(name: str, annotation: str, value: Any) -> None:
+    """Reject a value of the wrong scalar type (YAML gives whatever it parsed), naming the field."""
+    optional = "None" in annotation
+    base = annotation.replace(" | None", "")
+    if value is None:
+        if not optional:
+            raise UpcycleError(f"{name} must be set (got null)")
+        return
+    if base in _SCALAR_TYPES and (not isinstance(value, _SCALAR_TYPES[base])
+                                  or (base != "bool" and isinstance(value, bool))):
+        raise UpcycleError(f"{name} must be {base}, got {value!r}")
+
+
+def _section(cls: type, values: Any, name: str):
+    """Build dataclass `cls` from a dict, naming the offending field of section `name` in errors."""
+    if values is None:
+        return None if cls is ModelConfig else cls()
+    if isinstance(values, cls):
+        return values
+    if not isinstance(values, dict):
+        raise UpcycleError(f"config section {name!r} must be a mapping, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UpcycleError(f"unknown config field {name}.{unknown[0]}; {name} accepts: {', '.join(sorted(known))}")
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    values = dict(values)
+    for key, value in values.items():
+        if types[key].startswith("float") and isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string; accept it as the number it obviously is.
+            with contextlib.suppress(ValueError):
+                values[key] = float(value)
+        _check_type(f"{name}.{key}", types[key], values[key])
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a missing required field (ModelConfig's sizes)
+        raise UpcycleError(f"config section {name!r}: {exc}") from None
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """A TrainConfig from a parsed YAML mapping; unknown sections or fields are errors that name them."""
+    if not isinstance(values, dict):
+        raise UpcycleError("a training config must be a YAML mapping of sections (model, init, data, ...)")
+    unknown = sorted(set(values) - set(SECTIONS))
+    if unknown:
+        raise UpcycleError(f"unknown config section {unknown[0]!r}; sections are: {', '.join(SECTIONS)}")
+    return TrainConfig(**{name: _section(cls, values.get(name), name) for name, cls in SECTIONS.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# YAML and overrides
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.safe_load without aliases: `*name` refers back to an `&name` anchor, and nested aliases expand
+    exponentially (a "billion laughs" file of a few hundred bytes would become gigabytes when the config is copied
+    or written out). A training config has no use for them, so the first alias is refused before anything expands."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasFound(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not accepted in "
+                              "a training config; write the value out")
+        return super().compose_node(parent, index)
+
+
+class _AliasFound(Exception):
+    pass
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _AliasFound as exc:
+        raise UpcycleError(f"{where}, {exc}") from None
+    except yaml.YAMLError as exc:
+        raise UpcycleError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UpcycleError(f"override {text!r} must look like section.field=value, e.g. optim.lr=1e-3")
+    return key.strip().split("."), _load_yaml(raw, f"override {text!r}")
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Set each `section.field=value` (value read as YAML) in the parsed config mapping `values`, in place."""
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise UpcycleError(f"override {text!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return values
+
+
+def read_yaml_config(path: str | Path) -> dict:
+    """The parsed mapping of a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UpcycleError(f"config file {path} does not exist")
+    values = _load_yaml(path.read_text(), str(path))
+    return {} if values is None else values
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML training config and apply `section.field=value` overrides (values parsed as YAML), then validate.
+
+    This is the Python-API twin of the CLI's `--config FILE --section.field VALUE`.
+    """
+    values = read_yaml_config(path)
+    if not isinstance(values, dict):
+        raise UpcycleError(f"{path}: a training config must be a YAML mapping of sections (model, init, data, ...), "
+                           f"not a {type(values).__name__}")
+    config = config_from_dict(apply_overrides(values, list(overrides)))
+    validate_config(config)
+    return config
+
+
+def config_fields_help() -> str:
+    """Every overridable field with its type and default, for `upcycle train --help`."""
+    lines = ["config fields (override any with --section.field VALUE; each is documented in docs/training.md):"]
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+            flag = f"--{name}.{f.name}"
+            choices = f.metadata.get("choices")
+            lines.append(f"  {flag:<36} {str(f.type):<26} default: {default}"
+                         + (f"; one of {', '.join(map(str, choices))}" if choices else ""))
+    return "\n".join(lines)
