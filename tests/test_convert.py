@@ -219,10 +219,10 @@ def test_nan_in_a_source_is_named_and_nothing_is_published(tmp_path):
 def test_qwen2_moe_output_has_what_llama_cpp_needs_and_stays_the_dense_function(tmp_path, capsys):
     """llama.cpp's qwen2moe loader needs output.weight (no tied fallback) and computes the shared-expert sigmoid as
     silu(x)/x (NaN at 0 for an all-zero gate); the output must satisfy both and still be the dense function."""
-    from upcycle.convert import convert_command
+    from upcycle.convert import ConvertOptions, convert_command
 
     dense = save_dense(tmp_path / "dense", "qwen2", tied=True)
-    convert_command(str(dense), str(tmp_path / "moe"), method="naive", num_experts=4)
+    convert_command(str(dense), str(tmp_path / "moe"), ConvertOptions(method="naive", num_experts=4))
     assert "llama.cpp's qwen2moe graph ignores norm_topk_prob" in capsys.readouterr().err
     out, tensors = tmp_path / "moe", _tensors(tmp_path / "moe")
     assert read_config(out)["tie_word_embeddings"] is False
@@ -232,6 +232,6 @@ def test_qwen2_moe_output_has_what_llama_cpp_needs_and_stays_the_dense_function(
         assert torch.count_nonzero(gate) == gate.numel() and torch.isfinite(gate).all()
     assert (logits(dense, IDS) - logits(out, IDS)).abs().max().item() <= 1e-4
     llama = save_dense(tmp_path / "llama", "llama", tied=True)
-    convert_command(str(llama), str(tmp_path / "mix"), num_experts=2)
+    convert_command(str(llama), str(tmp_path / "mix"), ConvertOptions(num_experts=2))
     assert "note:" not in capsys.readouterr().err
     assert read_config(tmp_path / "mix")["tie_word_embeddings"] is True  # formats with a tied fallback stay tied

@@ -53,9 +53,10 @@ def test_choices_come_from_the_constants():
         assert tuple(flags[flag].choices) == tuple(choices), flag
 
 
-def test_convert_flags_build_one_options_object(monkeypatch):
+def test_convert_flags_build_one_options_object(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr("upcycle.convert.convert", lambda source, output, **kw: seen.update(kw) or output)
+    (tmp_path / "config.json").write_text('{"model_type": "mixtral"}')  # what the command reads after converting
+    monkeypatch.setattr("upcycle.convert.convert", lambda source, output, **kw: seen.update(kw) or tmp_path)
     cli.main(["convert", "src", "out", "--method", "btx", "--btx-sources", "a", "b", "--router-aux-loss-coef", "0.1",
               "--quiet"])
     assert seen["method"] == "btx" and seen["btx_sources"] == ("a", "b") and seen["router_aux_loss_coef"] == 0.1
