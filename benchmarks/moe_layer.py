@@ -29,7 +29,7 @@ import torch
 
 from upcycle.hardware import cpu_description, cpu_has_native_bf16
 from upcycle.model import FeedForward
-from upcycle.moe import MoE, expert_ffn_sorted, resolve_impl
+from upcycle.moe import MoE, expert_ffn_sorted, resolve_impl, sort_by_expert
 
 
 def hf_block(moe: MoE, impl: str) -> torch.nn.Module:
@@ -62,9 +62,9 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, call
 def experts_only_step(moe: MoE, x_TD: torch.Tensor, impl: str) -> Callable[[], None]:
     """Just the expert matmuls + SwiGLU on rows already sorted by expert: the floor of any dropless MoE."""
     with torch.no_grad():
-        ids_S = moe(x_TD).router_logits_TE.topk(moe.top_k, dim=-1).indices.reshape(-1)
-    counts_E = torch.bincount(ids_S, minlength=moe.num_experts)
-    x_SD = x_TD[torch.argsort(ids_S, stable=True) // moe.top_k].contiguous()
+        ids_TK = moe(x_TD).router_logits_TE.topk(moe.top_k, dim=-1).indices
+    order_S, counts_E = sort_by_expert(ids_TK, moe.num_experts)
+    x_SD = x_TD[order_S // moe.top_k].contiguous()
     grad_SD = torch.randn_like(x_SD)
 
     def step() -> None:

@@ -122,16 +122,18 @@ def _segments(counts: list[int]) -> list[tuple[int, tuple[int, int]]]:
     return out
 
 
-# The fused expert FFN is a pair of torch.library custom ops (forward, backward) tied together by register_autograd,
-# so torch.compile sees one opaque node with a fake (shape-only) implementation instead of breaking the graph at the
-# per-expert Python loop and the host read of the counts. Why fused at all: on CPU, torch 2.13's grouped_mm is itself a
-# loop of mm, so this does the same matmuls; what it saves is the autograd graph around them, notably the `cat` that
-# the backward of `chunk(2)` in `swiglu` runs on (S, 2F). The forward returns what the backward needs (x is an input):
-# [gate | up], silu(gate) and the activation, which is what autograd would save for the same graph.
+# The fused expert FFN: a forward and a backward written by hand (per-expert mm into preallocated buffers). Why fused
+# at all: on CPU, torch 2.13's grouped_mm is itself a loop of mm, so this does the same matmuls; what it saves is the
+# autograd graph around them, notably the `cat` that the backward of `chunk(2)` in `swiglu` runs on (S, 2F). The
+# forward returns what the backward needs (x is an input): [gate | up], silu(gate) and the activation, which is what
+# autograd would save for the same graph.
+# Two bindings of the same two functions: under torch.compile a pair of torch.library custom ops tied together by
+# register_autograd (one opaque node with a fake, shape-only implementation, instead of a graph break at the
+# per-expert Python loop and the host read of the counts); in eager mode a plain autograd.Function, which skips the
+# custom ops' per-call dispatch overhead (a few hundred microseconds of CPU per forward+backward).
 
-@torch.library.custom_op("upcycle::expert_ffn_forward", mutates_args=())
-def _expert_ffn_forward(x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor,
-                        counts_E: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _expert_ffn_forward_impl(x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor,
+                             counts_E: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y_SD, h_S2F, silu_SF, act_SF): per-expert mm into preallocated buffers."""
     S, F_ = x_SD.shape[0], down_EFD.shape[1]
     h_S2F = x_SD.new_empty(S, 2 * F_)
@@ -149,17 +151,9 @@ def _expert_ffn_forward(x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor,
     return y_SD, h_S2F, silu_SF, act_SF
 
 
-@_expert_ffn_forward.register_fake
-def _(x_SD, gate_up_ED2F, down_EFD, counts_E):
-    S, F_ = x_SD.shape[0], down_EFD.shape[1]
-    return (x_SD.new_empty(S, down_EFD.shape[2]), x_SD.new_empty(S, 2 * F_), x_SD.new_empty(S, F_),
-            x_SD.new_empty(S, F_))
-
-
-@torch.library.custom_op("upcycle::expert_ffn_backward", mutates_args=())
-def _expert_ffn_backward(grad_SD: Tensor, x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, h_S2F: Tensor,
-                         silu_SF: Tensor, act_SF: Tensor, counts_E: Tensor, need_x: bool, need_gate_up: bool,
-                         need_down: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _expert_ffn_backward_impl(grad_SD: Tensor, x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, h_S2F: Tensor,
+                              silu_SF: Tensor, act_SF: Tensor, counts_E: Tensor, need_x: bool, need_gate_up: bool,
+                              need_down: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_gate_up, grad_down), each empty (0 elements) where not needed: 2 mm per matmul, SwiGLU's
     gradient written straight into one (S, 2F) buffer."""
     F_ = down_EFD.shape[1]
@@ -190,6 +184,19 @@ def _expert_ffn_backward(grad_SD: Tensor, x_SD: Tensor, gate_up_ED2F: Tensor, do
     return grad_x_SD, grad_gate_up_ED2F, grad_down_EFD
 
 
+_expert_ffn_forward = torch.library.custom_op("upcycle::expert_ffn_forward", _expert_ffn_forward_impl,
+                                              mutates_args=())
+_expert_ffn_backward = torch.library.custom_op("upcycle::expert_ffn_backward", _expert_ffn_backward_impl,
+                                               mutates_args=())
+
+
+@_expert_ffn_forward.register_fake
+def _(x_SD, gate_up_ED2F, down_EFD, counts_E):
+    S, F_ = x_SD.shape[0], down_EFD.shape[1]
+    return (x_SD.new_empty(S, down_EFD.shape[2]), x_SD.new_empty(S, 2 * F_), x_SD.new_empty(S, F_),
+            x_SD.new_empty(S, F_))
+
+
 @_expert_ffn_backward.register_fake
 def _(grad_SD, x_SD, gate_up_ED2F, down_EFD, h_S2F, silu_SF, act_SF, counts_E, need_x, need_gate_up, need_down):
     def maybe(t: Tensor, needed: bool) -> Tensor:
@@ -205,17 +212,33 @@ def _expert_ffn_setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # the saved intermediates get no gradient: don't allocate zeros for them
 
 
-def _expert_ffn_autograd(ctx, grad_SD, *_intermediate_grads):
+def _expert_ffn_grads(ctx, grad_SD: Tensor | None, backward) -> tuple[Tensor | None, ...]:
+    """The input gradients from the saved tensors, with `backward` the custom op or its plain implementation."""
     x_SD, gate_up_ED2F, down_EFD, h_S2F, silu_SF, act_SF, counts_E = ctx.saved_tensors
     need_x, need_gate_up, need_down = ctx.needs_input_grad[:3]
     if grad_SD is None:  # the output was not used
         return None, None, None, None
-    grads = _expert_ffn_backward(grad_SD, x_SD, gate_up_ED2F, down_EFD, h_S2F, silu_SF, act_SF, counts_E,
-                                 need_x, need_gate_up, need_down)
+    grads = backward(grad_SD, x_SD, gate_up_ED2F, down_EFD, h_S2F, silu_SF, act_SF, counts_E,
+                     need_x, need_gate_up, need_down)
     return (*(g if needed else None for g, needed in zip(grads, (need_x, need_gate_up, need_down))), None)
 
 
-_expert_ffn_forward.register_autograd(_expert_ffn_autograd, setup_context=_expert_ffn_setup_context)
+_expert_ffn_forward.register_autograd(lambda ctx, grad_SD, *_: _expert_ffn_grads(ctx, grad_SD, _expert_ffn_backward),
+                                      setup_context=_expert_ffn_setup_context)
+
+
+class _FusedExpertFFN(torch.autograd.Function):
+    """The eager binding: the same forward and backward as the custom ops, without their dispatch overhead."""
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, counts_E: Tensor) -> Tensor:
+        output = _expert_ffn_forward_impl(x_SD, gate_up_ED2F, down_EFD, counts_E)
+        _expert_ffn_setup_context(ctx, (x_SD, gate_up_ED2F, down_EFD, counts_E), output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_SD: Tensor):
+        return _expert_ffn_grads(ctx, grad_SD, _expert_ffn_backward_impl)
 
 
 def _autocast_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -229,10 +252,13 @@ def _autocast_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def fused_expert_ffn(x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, counts_E: Tensor) -> Tensor:
-    """The fused expert FFN (one custom op forward, one backward), autocast applied as it would be to `x @ w`."""
+    """The fused expert FFN (custom ops under torch.compile, an autograd.Function in eager mode), autocast applied as
+    it would be to `x @ w`."""
     x_SD, gate_up_ED2F, down_EFD = _autocast_operands(x_SD, gate_up_ED2F, down_EFD)
     with torch.autocast(x_SD.device.type, enabled=False):
-        return _expert_ffn_forward(x_SD, gate_up_ED2F, down_EFD, counts_E)[0]
+        if torch.compiler.is_compiling():
+            return _expert_ffn_forward(x_SD, gate_up_ED2F, down_EFD, counts_E)[0]
+        return _FusedExpertFFN.apply(x_SD, gate_up_ED2F, down_EFD, counts_E)
 
 
 def expert_ffn_sorted(x_SD: Tensor, counts_E: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, *, impl: str) -> Tensor:
