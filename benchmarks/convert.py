@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
                                    seconds=converted["seconds"], copy_seconds=copy_seconds, output_mb=size / 1e6)
             shutil.rmtree(tmp / f"copy{layers}")
             shutil.rmtree(out)
+    from upcycle.hardware import cpu_description
+
+    print(f"CPU: {cpu_description()}")
     print(f"width dim={dim} ffn_dim={ffn_dim}, 8 experts, drop r=0.5; import-only peak {baseline:.0f} MB")
     print(f"{'layers':>6}{'output MB':>11}{'peak MB':>9}{'above import':>14}{'convert s':>11}{'copy s':>8}{'ratio':>7}")
     for layers, r in results.items():
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak_ratio_16_vs_4": round(results[16]["peak_mb"] / results[4]["peak_mb"], 3),
         "output_ratio_16_vs_4": round(results[16]["output_mb"] / results[4]["output_mb"], 3),
         "convert_vs_copy_16_layers": round(results[16]["seconds"] / results[16]["copy_seconds"], 2),
+        "cpu": cpu_description(),
     }
     print(json.dumps(summary))
 

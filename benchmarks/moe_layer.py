@@ -1,7 +1,12 @@
 """Forward+backward time of our MoE layer against an equal-FLOP dense SwiGLU and transformers' Mixtral block.
 
     python benchmarks/moe_layer.py            # T=4096, D=512, F=1408, E=8, k=2, fp32 and bf16
-    python benchmarks/moe_layer.py --quick    # fewer repeats
+    python benchmarks/moe_layer.py --quick    # fewer repeats (about a minute of fp32 on 2 cores)
+
+bf16 runs only where the CPU has native bf16 (upcycle.hardware.cpu_has_native_bf16: avx512_bf16, AMX or Arm bf16);
+elsewhere torch emulates it (~70x slower than fp32 on an AVX2-only CPU) and the bf16 half is skipped with a note
+(--force-bf16 runs it anyway). The CPU model and the flags that decide matmul speed are printed first and recorded in
+the JSON line.
 
 All variants are measured side by side in one process, interleaved (each repeat runs every variant once, in a shuffled order) so that drift in clock speed or
 memory state hits every variant alike; each reported time is the median over repeats. The dense reference has
@@ -22,8 +27,9 @@ from collections.abc import Callable
 
 import torch
 
+from upcycle.hardware import cpu_description, cpu_has_native_bf16
 from upcycle.model import FeedForward
-from upcycle.moe import MoE, expert_ffn_sorted, resolve_impl
+from upcycle.moe import MoE, expert_ffn_sorted, resolve_impl, sort_by_expert
 
 
 def hf_block(moe: MoE, impl: str) -> torch.nn.Module:
@@ -56,9 +62,9 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, call
 def experts_only_step(moe: MoE, x_TD: torch.Tensor, impl: str) -> Callable[[], None]:
     """Just the expert matmuls + SwiGLU on rows already sorted by expert: the floor of any dropless MoE."""
     with torch.no_grad():
-        ids_S = moe(x_TD).router_logits_TE.topk(moe.top_k, dim=-1).indices.reshape(-1)
-    counts_E = torch.bincount(ids_S, minlength=moe.num_experts)
-    x_SD = x_TD[torch.argsort(ids_S, stable=True) // moe.top_k].contiguous()
+        ids_TK = moe(x_TD).router_logits_TE.topk(moe.top_k, dim=-1).indices
+    order_S, counts_E = sort_by_expert(ids_TK, moe.num_experts)
+    x_SD = x_TD[order_S // moe.top_k].contiguous()
     grad_SD = torch.randn_like(x_SD)
 
     def step() -> None:
@@ -106,7 +112,7 @@ def run(dtype: torch.dtype, T: int, D: int, F: int, E: int, K: int, repeats: int
         return m(x).out_TD
 
     steps = {"dense": make_step(dense, x_TD, grad_TD, lambda m, x: m(x))}
-    auto = resolve_impl("auto")
+    auto = resolve_impl("auto", "cpu")
     steps["ours_auto"] = make_step(moe, x_TD, grad_TD, ours)
     for impl in ("fused", "grouped_mm", "loop"):
         m = MoE(D, F, E, K, impl=impl).to(dtype)
@@ -130,14 +136,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="5 repeats instead of --repeats")
+    parser.add_argument("--force-bf16", action="store_true", help="run bf16 even where the CPU has no native bf16")
     args = parser.parse_args(argv)
     repeats = 5 if args.quick else args.repeats
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"T={args.tokens} D={args.dim} F={args.ffn_dim} E={args.experts} k={args.top_k} "
           f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={repeats} (fwd+bwd, median ms)")
-    summary: dict[str, float] = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    print(f"CPU: {cpu_description()}")
+    summary: dict[str, float | str] = {"cpu": cpu_description()}
+    dtypes = [("fp32", torch.float32)]
+    if cpu_has_native_bf16() or args.force_bf16:
+        dtypes.append(("bf16", torch.bfloat16))
+    else:
+        print("  bf16 skipped: this CPU has no native bf16 (no avx512_bf16 / amx_bf16 / bf16 flag), so torch emulates "
+              "it, measured ~70x slower than fp32 on an AVX2-only CPU; --force-bf16 runs it anyway")
+        summary["bf16"] = "skipped: no native bf16 on this CPU"
+    for name, dtype in dtypes:
         both = run(dtype, args.tokens, args.dim, args.ffn_dim, args.experts, args.top_k, repeats)
         t = {k: v[0] for k, v in both.items()}
         c = {k: v[1] for k, v in both.items()}
@@ -146,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"   cpu {c[variant] * 1e3:8.1f} ms {c[variant] / c['dense']:5.2f}x dense")
         best_hf = min(t["hf_eager"], t["hf_grouped_mm"])
         best_hf_cpu = min(c["hf_eager"], c["hf_grouped_mm"])
-        impl = resolve_impl("auto")
+        impl = resolve_impl("auto", "cpu")
         overhead = t["ours_auto"] - t[f"experts_only_{impl}"]
         overhead_cpu = c["ours_auto"] - c[f"experts_only_{impl}"]
         print(f"  {name} routing overhead (route+sort+gather+scatter) {overhead * 1e3:.1f} ms = "
@@ -163,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             f"dense_ms_{name}": round(t["dense"] * 1e3, 1),
             f"hf_best_ms_{name}": round(best_hf * 1e3, 1),
         })
-    summary["impl"] = resolve_impl("auto")
+    summary["impl"] = resolve_impl("auto", "cpu")
     summary["threads"] = torch.get_num_threads()
     summary["load_average_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(summary))

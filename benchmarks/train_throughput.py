@@ -12,7 +12,9 @@ clipping and AdamW; its default experts backend (grouped_mm) and SDPA attention.
 with --precision bf16) on CPU, same batch.
 The two are interleaved round by round (alternating which goes first) so machine-load drift hits both alike;
 reported times are medians of wall time and of process CPU time (less sensitive to other processes on the cores).
-The last line is one JSON object with both throughputs and their ratio (ours / transformers).
+The last line is one JSON object with both throughputs and their ratio (ours / transformers), and the CPU.
+--precision bf16 is skipped with a note where the CPU has no native bf16 (upcycle.hardware.cpu_has_native_bf16):
+torch emulates bf16 there, ~70x slower than fp32 on an AVX2-only CPU (--force-bf16 runs it anyway).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import statistics
 import time
 
 import torch
+
+from upcycle.hardware import cpu_description, cpu_has_native_bf16
 
 
 def build_ours(args):
@@ -74,7 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every block of both models (ours as train.compile does, HF's layers)")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 2 steps")
+    parser.add_argument("--force-bf16", action="store_true", help="run bf16 even where the CPU has no native bf16")
     args = parser.parse_args(argv)
+    print(f"CPU: {cpu_description()}")
+    if args.precision == "bf16" and not (cpu_has_native_bf16() or args.force_bf16):
+        print("bf16 skipped: this CPU has no native bf16 (no avx512_bf16 / amx_bf16 / bf16 flag), so torch emulates "
+              "it, measured ~70x slower than fp32 on an AVX2-only CPU; use --precision fp32, or --force-bf16")
+        print(json.dumps({"precision": "bf16", "skipped": "no native bf16 on this CPU", "cpu": cpu_description()}))
+        return
     if args.quick:
         args.rounds, args.steps = 3, 2
     if args.threads:
@@ -148,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ratio ours / transformers: {ratio:.2f}x wall, {cpu_ratio:.2f}x cpu time")
     print(json.dumps({"tokens_per_step": tokens, "ours_tokens_per_s": round(throughput["ours"], 1),
                       "transformers_tokens_per_s": round(throughput["transformers"], 1), "ratio": round(ratio, 3),
-                      "ratio_cpu_time": round(cpu_ratio, 3), "precision": args.precision,
+                      "ratio_cpu_time": round(cpu_ratio, 3), "precision": args.precision, "cpu": cpu_description(),
                       "threads": torch.get_num_threads(), "params": n_ours, "compile": args.compile,
                       "load_average_1min": round(os.getloadavg()[0], 2)}))
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from upcycle.errors import UpcycleError
 from upcycle.losses import cross_entropy, load_balancing_loss, router_z_loss
-from upcycle.moe import MoE, expert_ffn_sorted, route
+from upcycle.moe import MoE, expert_ffn_sorted, experts_grouped, resolve_impl, route, sort_by_expert
 
 T, D, FFN, E, K = 24, 16, 12, 4, 2
 
@@ -108,6 +108,91 @@ def test_fused_path_under_cpu_autocast_runs_experts_in_bf16_with_fp32_grads():
     torch.testing.assert_close(out_TD.float(), expected, rtol=0.05, atol=0.05)
     out_TD.float().square().sum().backward()
     assert moe.gate_up_ED2F.grad.dtype == torch.float32 and moe.gate_up_ED2F.grad.abs().sum() > 0
+
+
+def test_every_kernel_under_cpu_autocast_matches_the_reference_and_keeps_the_router_in_fp32():
+    """Under autocast the expert kernels run in bf16 (the operands are cast as `x @ w` would be) while the router
+    logits stay fp32 (an autocast F.linear would otherwise compute them in bf16 and could flip top-k choices)."""
+    moe = make_moe()
+    torch.manual_seed(11)
+    x_TD = torch.randn(T, D)
+    results = {}
+    for impl in ("reference", "fused", "grouped_mm", "loop"):
+        moe.impl = impl
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = moe(x_TD)
+        assert out.router_logits_TE.dtype == torch.float32, impl
+        assert out.out_TD.dtype == torch.bfloat16, impl
+        results[impl] = out
+    fp32_logits = F.linear(x_TD, moe.router.weight)
+    torch.testing.assert_close(results["fused"].router_logits_TE, fp32_logits, rtol=1e-6, atol=1e-6)
+    for impl in ("fused", "grouped_mm", "loop"):
+        torch.testing.assert_close(results[impl].out_TD.float(), results["reference"].out_TD.float(), rtol=2e-2,
+                                   atol=2e-2, msg=impl)
+
+
+def test_auto_picks_grouped_mm_on_cuda_and_fused_on_cpu():
+    assert resolve_impl("auto", torch.device("cpu")) == "fused"
+    assert resolve_impl("auto", "cuda") == "grouped_mm"  # resolving needs no GPU
+    assert resolve_impl("loop", "cuda") == "loop"
+    with pytest.raises(UpcycleError, match="unknown MoE implementation"):
+        resolve_impl("fast", "cpu")
+
+
+def test_experts_grouped_defaults_to_the_same_kernel_as_the_module():
+    """experts_grouped's default is "auto" like MoE's, not a different kernel: same numbers as the module's path."""
+    moe = make_moe()
+    torch.manual_seed(12)
+    x_TD = torch.randn(T, D)
+    weights_TK, ids_TK = route(F.linear(x_TD, moe.router.weight), top_k=K, renormalize=True)
+    out_TD, counts_E = experts_grouped(x_TD, weights_TK, ids_TK, moe.gate_up_ED2F, moe.down_EFD)
+    moe.impl = "auto"
+    assert torch.equal(out_TD, moe(x_TD).out_TD)
+    with pytest.raises(UpcycleError, match="experts_reference"):
+        experts_grouped(x_TD, weights_TK, ids_TK, moe.gate_up_ED2F, moe.down_EFD, impl="reference")
+
+
+@pytest.mark.parametrize("num_experts", [1, 4, 9])
+def test_sort_by_expert_is_a_stable_counting_sort(num_experts):
+    torch.manual_seed(13)
+    ids_TK = torch.randint(num_experts, (37, min(2, num_experts)))
+    ids_TK[:, 0] = ids_TK[:, 0].clamp(max=num_experts - 2) if num_experts > 2 else ids_TK[:, 0]  # some expert empty
+    order_S, counts_E = sort_by_expert(ids_TK, num_experts)
+    ids_S = ids_TK.reshape(-1)
+    assert torch.equal(order_S, torch.argsort(ids_S, stable=True))
+    assert torch.equal(counts_E, torch.bincount(ids_S, minlength=num_experts))
+    assert counts_E.dtype == torch.int64 and order_S.dtype == torch.int64
+
+
+@pytest.mark.parametrize("impl", ["fused", "grouped_mm"])
+def test_compiled_block_has_no_graph_break_and_matches_eager(impl):
+    """The fused kernel is a torch.library custom op with a fake implementation, and routing has static shapes
+    (no bincount, no host read of the counts), so a whole MoE block compiles as one graph (fullgraph=True raises on a
+    break). aot_eager runs dynamo and AOTAutograd (fake tensors, the registered backward) without a C++ compiler.
+    grouped_mm only traces in bf16, as its fake implementation requires: it runs under autocast here."""
+    from upcycle.model import ModelConfig, Transformer
+
+    torch.manual_seed(14)
+    model = Transformer(ModelConfig(vocab_size=32, dim=D, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=FFN,
+                                    num_experts=E, top_k=K, max_seq_len=12))
+    block = model.layers[0]
+    block.ffn.impl = impl
+    x_BTD = torch.randn(2, 12, D)
+    cos, sin = model.rope_cos_sin(12, torch.float32)
+    grad_BTD = torch.randn(2, 12, D)
+    autocast = impl == "grouped_mm"
+    results = []
+    torch._dynamo.reset()
+    for module in (block, torch.compile(block, fullgraph=True, backend="aot_eager")):
+        block.zero_grad(set_to_none=True)
+        x = x_BTD.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            hidden, logits_TE, counts_E = module(x, cos, sin)
+        (hidden.float() * grad_BTD).sum().backward()
+        results.append((hidden.detach().float(), counts_E, x.grad, block.ffn.gate_up_ED2F.grad.clone()))
+    torch._dynamo.reset()
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_paths_agree_with_fp32_reference():
@@ -254,3 +339,33 @@ def test_cross_entropy_and_empty_inputs():
         load_balancing_loss(router_logits=[], top_k=2)
     with pytest.raises(UpcycleError):
         load_balancing_loss(router_logits=layer_logits(0), top_k=E + 1)
+
+
+@pytest.mark.parametrize("impl", ["fused", "loop"])
+def test_dispatch_and_combine_gradients_pass_gradcheck(impl):
+    """The token gather and the unsort are autograd Functions whose backward is a gather through the inverse
+    permutation (no scatter-add): checked against finite differences for x, the routing weights and both weights."""
+    torch.manual_seed(15)
+    T_, D_, F_, E_, K_ = 7, 4, 3, 3, 2
+    x_TD = torch.randn(T_, D_, dtype=torch.float64, requires_grad=True)
+    ids_TK = torch.stack([torch.tensor([0, 2, 2, 1, 0, 2, 1]), torch.tensor([1, 0, 1, 2, 2, 0, 0])], dim=1)
+    weights_TK = torch.rand(T_, K_, dtype=torch.float64, requires_grad=True)
+    gate_up = torch.randn(E_, D_, 2 * F_, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(E_, F_, D_, dtype=torch.float64, requires_grad=True)
+
+    def layer(x, w, gu, dn):
+        return experts_grouped(x, w, ids_TK, gu, dn, impl=impl)[0]
+
+    assert torch.autograd.gradcheck(layer, (x_TD, weights_TK, gate_up, down))
+
+
+def test_no_tokens_gives_an_empty_output_and_gradients():
+    moe = make_moe()
+    for impl in ("fused", "grouped_mm", "loop"):
+        moe.zero_grad(set_to_none=True)
+        moe.impl = impl
+        x_TD = torch.randn(0, D, requires_grad=True)
+        out = moe(x_TD)
+        assert out.out_TD.shape == (0, D) and out.counts_E.tolist() == [0] * E, impl
+        out.out_TD.sum().backward()
+        assert x_TD.grad.shape == (0, D), impl

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 PARALLEL_MODES = ("fsdp", "ddp")
+PRECISIONS = ("fp32", "bf16")  # what parallelize accepts; "auto" is resolved before (upcycle.hardware)
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,24 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
-def parallelize(model: nn.Module, blocks: Iterable[nn.Module], *, mode: str, world: World) -> nn.Module:
+def parallelize(model: nn.Module, blocks: Iterable[nn.Module], *, mode: str, world: World,
+                precision: str = "fp32") -> nn.Module:
     """Apply data parallelism to `model` and return the module to train (the same object for FSDP2, a wrapper for DDP).
 
     `blocks` are the transformer blocks (`model.layers`): FSDP2 shards each one as its own group so only one block's
     full parameters exist at a time, then shards the root for the remaining parameters. A world of one returns the model
     untouched, so single-process runs take exactly the code path a user would write by hand.
+
+    precision "bf16" with FSDP2: every group (each block and the root) gets a mixed-precision policy: parameters are
+    all-gathered and computed in bf16, gradients are reduce-scattered in fp32 and the sharded master weights (and so
+    the optimizer state) stay fp32. "fp32" shards and computes in fp32. DDP and a world of one ignore `precision`:
+    there the trainer's bf16 autocast does the casting. Activation checkpointing and torch.compile, applied per block
+    before this call (checkpoint_wrapper, then `block.compile()`), compose with either policy.
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel mode must be one of {PARALLEL_MODES}, not {mode!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if not world.distributed:
         return model
     if mode == "ddp":
@@ -93,11 +103,13 @@ def parallelize(model: nn.Module, blocks: Iterable[nn.Module], *, mode: str, wor
 
         device_ids = [world.device.index] if world.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+        else MixedPrecisionPolicy()
     for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 

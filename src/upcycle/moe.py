@@ -14,9 +14,11 @@ grouped matmul (T=4096, D=512, F=1408, E=8, k=2, fwd+bwd, 2 CPU cores) this was 
 transformers' [E, 2F, D] layout read through a transposed view on an idle machine, and equal within noise under load.
 hf_model.py converts between the two layouts.
 
-Expert kernels (`impl`): "fused" (the default behind "auto") is one custom autograd Function doing per-expert mm into
-preallocated buffers with a hand-written backward; "grouped_mm" and "loop" go through autograd; "reference" is the
-obvious per-expert loop the tests compare all of them to. Measurements are in docs/performance.md.
+Expert kernels (`impl`): "fused" is a pair of custom ops (`torch.library`, so torch.compile keeps the graph whole)
+doing per-expert mm into preallocated buffers with a hand-written backward; "grouped_mm" (one grouped GEMM per matmul,
+no host synchronization) and "loop" go through autograd; "reference" is the obvious per-expert loop the tests compare
+all of them to. "auto" is "grouped_mm" on CUDA and "fused" on CPU (`resolve_impl`). Measurements are in
+docs/performance.md.
 
 Run the layer benchmark with `python benchmarks/moe_layer.py --quick`.
 """
@@ -75,15 +77,21 @@ def grouped_mm_available() -> bool:
 
 
 def _aligned_for_grouped_mm(t: Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned pointers and strides (e.g. bf16 with an odd multiple of 8 columns fails)."""
+    """grouped_mm needs 16-byte aligned pointers and strides (e.g. bf16 with an odd multiple of 8 columns fails).
+
+    Under torch.compile only the strides are checked: a data pointer cannot be traced, and the compiler allocates
+    aligned buffers."""
     size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
+    if not all(s * size % 16 == 0 for s in t.stride() if s != 1):
+        return False
+    return torch.compiler.is_compiling() or t.data_ptr() % 16 == 0
 
 
 def grouped_matmul(x_SI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
     """Rows of x_SI sorted by expert; rows offs_E[e-1]:offs_E[e] are multiplied by w_EIO[e]. Returns (S, O).
 
-    One kernel call; misaligned operands (grouped_mm needs 16-byte aligned strides) fall back to a loop of mm.
+    One kernel call, with the group ends `offs_E` read on the device (no host synchronization); misaligned operands
+    (grouped_mm needs 16-byte aligned strides) fall back to a loop of mm, which reads the sizes on the host.
     """
     if grouped_mm_available() and _aligned_for_grouped_mm(x_SI) and _aligned_for_grouped_mm(w_EIO):
         if hasattr(F, "grouped_mm"):
@@ -93,71 +101,15 @@ def grouped_matmul(x_SI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
     return torch.cat([x_SI[a:b] @ w_EIO[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], dim=0)
 
 
-def resolve_impl(impl: str) -> str:
-    """Pick the expert-compute kernel; "auto" is "fused" (plain mm on every torch build, and the fastest on CPU)."""
+def resolve_impl(impl: str, device: torch.device | str = "cpu") -> str:
+    """The expert kernel that `impl` means on `device`. "auto": "grouped_mm" on CUDA (one grouped GEMM per matmul,
+    no per-expert Python loop, no host synchronization), "fused" elsewhere (measured fastest on CPU, where torch's
+    grouped_mm is itself a loop of mm)."""
     if impl not in IMPLEMENTATIONS:
         raise UpcycleError(f"unknown MoE implementation {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
-    return "fused" if impl == "auto" else impl
-
-
-class _FusedExpertFFN(torch.autograd.Function):
-    """The whole sorted-expert SwiGLU FFN as one autograd node: per-expert `torch.mm` into preallocated buffers, with a
-    hand-written backward (2 mm per matmul, SwiGLU's gradient written straight into one (S, 2F) buffer).
-
-    Why: on CPU, torch 2.13's grouped_mm is itself a loop of mm, so this does the same matmuls; what it saves is the
-    autograd graph around them, notably the `cat` that the backward of `chunk(2)` in `swiglu` runs on (S, 2F).
-    Saves what autograd would save for the same graph: x, [gate | up], silu(gate) and the activation.
-    """
-
-    @staticmethod
-    def forward(ctx, x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, counts: list[int]) -> Tensor:
-        S, F_ = x_SD.shape[0], down_EFD.shape[1]
-        h_S2F = x_SD.new_empty(S, 2 * F_)
-        y_SD = x_SD.new_empty(S, down_EFD.shape[2])
-        bounds = _segments(counts)
-        for e, (a, b) in bounds:
-            torch.mm(x_SD[a:b], gate_up_ED2F[e], out=h_S2F[a:b])
-        gate_SF, up_SF = h_S2F[:, :F_], h_S2F[:, F_:]
-        silu_SF = F.silu(gate_SF)
-        act_SF = silu_SF * up_SF
-        for e, (a, b) in bounds:
-            torch.mm(act_SF[a:b], down_EFD[e], out=y_SD[a:b])
-        if S == 0:
-            y_SD.zero_()
-        ctx.save_for_backward(x_SD, gate_up_ED2F, down_EFD, h_S2F, silu_SF, act_SF)
-        ctx.bounds = bounds
-        return y_SD
-
-    @staticmethod
-    def backward(ctx, grad_SD: Tensor):
-        x_SD, gate_up_ED2F, down_EFD, h_S2F, silu_SF, act_SF = ctx.saved_tensors
-        F_ = down_EFD.shape[1]
-        grad_SD = grad_SD.contiguous()  # e.g. the stride-0 gradient of .sum()
-        need_x, need_gate_up, need_down = ctx.needs_input_grad[:3]
-        # experts without tokens get exact zeros; the others are fully overwritten by mm(out=)
-        full = len(ctx.bounds) == gate_up_ED2F.shape[0]
-        new = torch.empty_like if full else torch.zeros_like
-        grad_down_EFD = new(down_EFD) if need_down else None
-        grad_gate_up_ED2F = new(gate_up_ED2F) if need_gate_up else None
-        grad_act_SF = torch.empty_like(act_SF)
-        for e, (a, b) in ctx.bounds:
-            torch.mm(grad_SD[a:b], down_EFD[e].T, out=grad_act_SF[a:b])
-            if need_down:
-                torch.mm(act_SF[a:b].T, grad_SD[a:b], out=grad_down_EFD[e])
-        # act = silu(gate) * up: d/d up = silu(gate); d/d gate = silu'(gate) * up
-        grad_h_S2F = torch.empty_like(h_S2F)
-        torch.mul(grad_act_SF, silu_SF, out=grad_h_S2F[:, F_:])
-        grad_act_SF.mul_(h_S2F[:, F_:])
-        torch.ops.aten.silu_backward.grad_input(grad_act_SF, h_S2F[:, :F_], grad_input=grad_h_S2F[:, :F_])
-        grad_x_SD = torch.empty_like(x_SD) if need_x else None
-        for e, (a, b) in ctx.bounds:
-            if need_gate_up:
-                torch.mm(x_SD[a:b].T, grad_h_S2F[a:b], out=grad_gate_up_ED2F[e])
-            if need_x:
-                torch.mm(grad_h_S2F[a:b], gate_up_ED2F[e].T, out=grad_x_SD[a:b])
-        if need_x and x_SD.shape[0] == 0:
-            grad_x_SD.zero_()
-        return grad_x_SD, grad_gate_up_ED2F, grad_down_EFD, None
+    if impl != "auto":
+        return impl
+    return "grouped_mm" if torch.device(device).type == "cuda" and grouped_mm_available() else "fused"
 
 
 def _segments(counts: list[int]) -> list[tuple[int, tuple[int, int]]]:
@@ -170,25 +122,156 @@ def _segments(counts: list[int]) -> list[tuple[int, tuple[int, int]]]:
     return out
 
 
-def fused_expert_ffn(x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, counts: list[int]) -> Tensor:
-    """`_FusedExpertFFN` with autocast applied as it would be to `x @ w`: the custom Function's mm(out=) calls are
-    not autocast ops, so under CPU autocast the operands are cast here (the casts' backward returns fp32 grads)."""
-    if torch.is_autocast_enabled(x_SD.device.type):
-        dtype = torch.get_autocast_dtype(x_SD.device.type)
-        x_SD, gate_up_ED2F, down_EFD = x_SD.to(dtype), gate_up_ED2F.to(dtype), down_EFD.to(dtype)
+# The fused expert FFN: a forward and a backward written by hand (per-expert mm into preallocated buffers). Why fused
+# at all: on CPU, torch 2.13's grouped_mm is itself a loop of mm, so this does the same matmuls; what it saves is the
+# autograd graph around them, notably the `cat` that the backward of `chunk(2)` in `swiglu` runs on (S, 2F). The
+# forward returns what the backward needs (x is an input): [gate | up], silu(gate) and the activation, which is what
+# autograd would save for the same graph.
+# Two bindings of the same two functions: under torch.compile a pair of torch.library custom ops tied together by
+# register_autograd (one opaque node with a fake, shape-only implementation, instead of a graph break at the
+# per-expert Python loop and the host read of the counts); in eager mode a plain autograd.Function, which skips the
+# custom ops' per-call dispatch overhead (a few hundred microseconds of CPU per forward+backward).
+
+def _expert_ffn_forward_impl(x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor,
+                             counts_E: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y_SD, h_S2F, silu_SF, act_SF): per-expert mm into preallocated buffers."""
+    S, F_ = x_SD.shape[0], down_EFD.shape[1]
+    h_S2F = x_SD.new_empty(S, 2 * F_)
+    y_SD = x_SD.new_empty(S, down_EFD.shape[2])
+    bounds = _segments(counts_E.tolist())  # one host read of the sizes; the op is opaque to the compiler
+    for e, (a, b) in bounds:
+        torch.mm(x_SD[a:b], gate_up_ED2F[e], out=h_S2F[a:b])
+    gate_SF, up_SF = h_S2F[:, :F_], h_S2F[:, F_:]
+    silu_SF = F.silu(gate_SF)
+    act_SF = silu_SF * up_SF
+    for e, (a, b) in bounds:
+        torch.mm(act_SF[a:b], down_EFD[e], out=y_SD[a:b])
+    if S == 0:
+        y_SD.zero_()
+    return y_SD, h_S2F, silu_SF, act_SF
+
+
+def _expert_ffn_backward_impl(grad_SD: Tensor, x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, h_S2F: Tensor,
+                              silu_SF: Tensor, act_SF: Tensor, counts_E: Tensor, need_x: bool, need_gate_up: bool,
+                              need_down: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_gate_up, grad_down), each empty (0 elements) where not needed: 2 mm per matmul, SwiGLU's
+    gradient written straight into one (S, 2F) buffer."""
+    F_ = down_EFD.shape[1]
+    grad_SD = grad_SD.contiguous()  # e.g. the stride-0 gradient of .sum()
+    bounds = _segments(counts_E.tolist())
+    # experts without tokens get exact zeros; the others are fully overwritten by mm(out=)
+    new = torch.empty_like if len(bounds) == gate_up_ED2F.shape[0] else torch.zeros_like
+    grad_down_EFD = new(down_EFD) if need_down else x_SD.new_empty(0)  # outputs may not alias: one empty each
+    grad_gate_up_ED2F = new(gate_up_ED2F) if need_gate_up else x_SD.new_empty(0)
+    grad_act_SF = torch.empty_like(act_SF)
+    for e, (a, b) in bounds:
+        torch.mm(grad_SD[a:b], down_EFD[e].T, out=grad_act_SF[a:b])
+        if need_down:
+            torch.mm(act_SF[a:b].T, grad_SD[a:b], out=grad_down_EFD[e])
+    # act = silu(gate) * up: d/d up = silu(gate); d/d gate = silu'(gate) * up
+    grad_h_S2F = torch.empty_like(h_S2F)
+    torch.mul(grad_act_SF, silu_SF, out=grad_h_S2F[:, F_:])
+    grad_act_SF.mul_(h_S2F[:, F_:])
+    torch.ops.aten.silu_backward.grad_input(grad_act_SF, h_S2F[:, :F_], grad_input=grad_h_S2F[:, :F_])
+    grad_x_SD = torch.empty_like(x_SD) if need_x else x_SD.new_empty(0)
+    for e, (a, b) in bounds:
+        if need_gate_up:
+            torch.mm(x_SD[a:b].T, grad_h_S2F[a:b], out=grad_gate_up_ED2F[e])
+        if need_x:
+            torch.mm(grad_h_S2F[a:b], gate_up_ED2F[e].T, out=grad_x_SD[a:b])
+    if need_x and x_SD.shape[0] == 0:
+        grad_x_SD.zero_()
+    return grad_x_SD, grad_gate_up_ED2F, grad_down_EFD
+
+
+_expert_ffn_forward = torch.library.custom_op("upcycle::expert_ffn_forward", _expert_ffn_forward_impl,
+                                              mutates_args=())
+_expert_ffn_backward = torch.library.custom_op("upcycle::expert_ffn_backward", _expert_ffn_backward_impl,
+                                               mutates_args=())
+
+
+@_expert_ffn_forward.register_fake
+def _(x_SD, gate_up_ED2F, down_EFD, counts_E):
+    S, F_ = x_SD.shape[0], down_EFD.shape[1]
+    return (x_SD.new_empty(S, down_EFD.shape[2]), x_SD.new_empty(S, 2 * F_), x_SD.new_empty(S, F_),
+            x_SD.new_empty(S, F_))
+
+
+@_expert_ffn_backward.register_fake
+def _(grad_SD, x_SD, gate_up_ED2F, down_EFD, h_S2F, silu_SF, act_SF, counts_E, need_x, need_gate_up, need_down):
+    def maybe(t: Tensor, needed: bool) -> Tensor:
+        return torch.empty_like(t) if needed else x_SD.new_empty(0)
+
+    return maybe(x_SD, need_x), maybe(gate_up_ED2F, need_gate_up), maybe(down_EFD, need_down)
+
+
+def _expert_ffn_setup_context(ctx, inputs, output) -> None:
+    x_SD, gate_up_ED2F, down_EFD, counts_E = inputs
+    _, h_S2F, silu_SF, act_SF = output
+    ctx.save_for_backward(x_SD, gate_up_ED2F, down_EFD, h_S2F, silu_SF, act_SF, counts_E)
+    ctx.set_materialize_grads(False)  # the saved intermediates get no gradient: don't allocate zeros for them
+
+
+def _expert_ffn_grads(ctx, grad_SD: Tensor | None, backward) -> tuple[Tensor | None, ...]:
+    """The input gradients from the saved tensors, with `backward` the custom op or its plain implementation."""
+    x_SD, gate_up_ED2F, down_EFD, h_S2F, silu_SF, act_SF, counts_E = ctx.saved_tensors
+    need_x, need_gate_up, need_down = ctx.needs_input_grad[:3]
+    if grad_SD is None:  # the output was not used
+        return None, None, None, None
+    grads = backward(grad_SD, x_SD, gate_up_ED2F, down_EFD, h_S2F, silu_SF, act_SF, counts_E,
+                     need_x, need_gate_up, need_down)
+    return (*(g if needed else None for g, needed in zip(grads, (need_x, need_gate_up, need_down))), None)
+
+
+_expert_ffn_forward.register_autograd(lambda ctx, grad_SD, *_: _expert_ffn_grads(ctx, grad_SD, _expert_ffn_backward),
+                                      setup_context=_expert_ffn_setup_context)
+
+
+class _FusedExpertFFN(torch.autograd.Function):
+    """The eager binding: the same forward and backward as the custom ops, without their dispatch overhead."""
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, counts_E: Tensor) -> Tensor:
+        output = _expert_ffn_forward_impl(x_SD, gate_up_ED2F, down_EFD, counts_E)
+        _expert_ffn_setup_context(ctx, (x_SD, gate_up_ED2F, down_EFD, counts_E), output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_SD: Tensor):
+        return _expert_ffn_grads(ctx, grad_SD, _expert_ffn_backward_impl)
+
+
+def _autocast_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Cast to the autocast dtype where autocast is on, as it would be for `x @ w`: the expert kernels (mm(out=),
+    custom ops, grouped_mm) are not autocast ops. The casts' backward returns grads in the original (fp32) dtype."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def fused_expert_ffn(x_SD: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, counts_E: Tensor) -> Tensor:
+    """The fused expert FFN (custom ops under torch.compile, an autograd.Function in eager mode), autocast applied as
+    it would be to `x @ w`."""
+    x_SD, gate_up_ED2F, down_EFD = _autocast_operands(x_SD, gate_up_ED2F, down_EFD)
     with torch.autocast(x_SD.device.type, enabled=False):
-        return _FusedExpertFFN.apply(x_SD, gate_up_ED2F, down_EFD, counts)
+        if torch.compiler.is_compiling():
+            return _expert_ffn_forward(x_SD, gate_up_ED2F, down_EFD, counts_E)[0]
+        return _FusedExpertFFN.apply(x_SD, gate_up_ED2F, down_EFD, counts_E)
 
 
 def expert_ffn_sorted(x_SD: Tensor, counts_E: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, *, impl: str) -> Tensor:
     """SwiGLU FFN of expert e on its contiguous segment of rows (counts_E[e] rows). Returns (S, D).
 
-    "fused": one custom autograd node, per-expert mm into preallocated buffers (see `_FusedExpertFFN`).
-    "grouped_mm": one grouped matmul for gate and up together, SwiGLU, one for down. "loop": the whole FFN per expert
-    with plain mm under autograd, concatenating only the (S, D) outputs (not the (S, 2F) hidden).
+    "fused": one custom op forward and one backward, per-expert mm into preallocated buffers (see the custom ops).
+    "grouped_mm": one grouped matmul for gate and up together, SwiGLU, one for down; the counts stay on the device.
+    "loop": the whole FFN per expert with plain mm under autograd, concatenating only the (S, D) outputs (not the
+    (S, 2F) hidden). All three cast to the autocast dtype where autocast is on.
     """
     if impl == "fused":
-        return fused_expert_ffn(x_SD, gate_up_ED2F, down_EFD, counts_E.tolist())  # one host sync for the sizes
+        return fused_expert_ffn(x_SD, gate_up_ED2F, down_EFD, counts_E)
+    x_SD, gate_up_ED2F, down_EFD = _autocast_operands(x_SD, gate_up_ED2F, down_EFD)
     if impl == "grouped_mm":
         offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         h_SF = swiglu(grouped_matmul(x_SD, gate_up_ED2F, offs_E))
@@ -197,29 +280,81 @@ def expert_ffn_sorted(x_SD: Tensor, counts_E: Tensor, gate_up_ED2F: Tensor, down
     return torch.cat([swiglu(x_ND @ gate_up_ED2F[e]) @ down_EFD[e] for e, x_ND in enumerate(segments)], dim=0)
 
 
+def sort_by_expert(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """(order_S, counts_E): the (token, slot) pairs in expert order (stable: token order inside each expert) and the
+    number of pairs per expert, without a host synchronization and with shapes fixed by the inputs.
+
+    The sort runs on int32 keys (expert ids fit easily) and the counts come from a binary search of the sorted ids
+    (E searches) instead of `bincount`, which reads the maximum id on the host and has a data-dependent output size.
+    """
+    ids_S = ids_TK.reshape(-1).to(torch.int32)
+    sorted_S, order_S = torch.sort(ids_S, stable=True)
+    ends_E = torch.searchsorted(sorted_S, torch.arange(1, num_experts + 1, dtype=torch.int32, device=ids_S.device))
+    counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
+    return order_S, counts_E
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x_SD[s] = x_TD[token_S[s]] for the (token, slot) pairs in expert order; the backward is a gather too.
+
+    Autograd's backward of index_select is an index_add (a scatter-add into (T, D), which the CPU runs as a
+    scatter_add over an index expanded to (S, D)). Here the pairs are a permutation of the T*K (token, slot) rows, so
+    the gradient of token t is the sum of its K rows of grad_x_SD, read in (token, slot) order through the inverse
+    permutation: one index_select and a sum over K, both vectorized and parallel, no scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, token_S: Tensor, inverse_S: Tensor, top_k: int) -> Tensor:
+        ctx.save_for_backward(inverse_S)
+        ctx.shape = (x_TD.shape[0], top_k, x_TD.shape[1])
+        return x_TD.index_select(0, token_S)
+
+    @staticmethod
+    def backward(ctx, grad_SD: Tensor):
+        (inverse_S,) = ctx.saved_tensors
+        # (S, D) in expert order -> (T*K, D) in (token, slot) order -> (T, K, D) -> sum over the K slots
+        grad_TKD = grad_SD.index_select(0, inverse_S).view(ctx.shape)
+        return grad_TKD.sum(1), None, None, None
+
+
+class _UnsortRows(torch.autograd.Function):
+    """rows_PD[p] = y_SD[inverse_S[p]]: expert order back to (token, slot) order; the backward gathers with order_S."""
+
+    @staticmethod
+    def forward(ctx, y_SD: Tensor, order_S: Tensor, inverse_S: Tensor) -> Tensor:
+        ctx.save_for_backward(order_S)
+        return y_SD.index_select(0, inverse_S)
+
+    @staticmethod
+    def backward(ctx, grad_PD: Tensor):
+        (order_S,) = ctx.saved_tensors
+        return grad_PD.index_select(0, order_S), None, None
+
+
 def experts_grouped(
-    x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, *, impl: str = "grouped_mm"
+    x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, *, impl: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     """The fast path: all (token, slot) pairs sorted by expert, each expert's rows one contiguous block of matmuls.
+    `impl` as in `MoE` ("auto" resolves on x's device, like everywhere else).
 
     Returns (out_TD, counts_E) with counts_E the (token, slot) pairs per expert.
     """
-    K = ids_TK.shape[1]
-    E = gate_up_ED2F.shape[0]
-    # sort: (token, slot) pairs grouped by expert; a stable sort keeps token order inside each expert
-    ids_S = ids_TK.reshape(-1)
-    order_S = torch.argsort(ids_S, stable=True)
-    counts_E = torch.bincount(ids_S, minlength=E)
-    token_S = order_S // K
-    # gather: each pair's token row, in expert order
-    x_SD = x_TD.index_select(0, token_S)
+    impl = resolve_impl(impl, x_TD.device)
+    if impl == "reference":
+        raise UpcycleError("experts_grouped runs the fast kernels; call experts_reference for the reference loop")
+    T, K = ids_TK.shape
+    order_S, counts_E = sort_by_expert(ids_TK, gate_up_ED2F.shape[0])
+    # inverse_S[p] = the sorted position of (token, slot) pair p = t*K + k
+    inverse_S = torch.empty_like(order_S).index_copy_(0, order_S, torch.arange(order_S.shape[0], device=order_S.device))
+    token_S = order_S.div(K, rounding_mode="floor")
+    # gather: each pair's token row, in expert order (forward and backward are row gathers, no scatter-add)
+    x_SD = _GatherTokens.apply(x_TD, token_S, inverse_S, K)
     # expert compute
     y_SD = expert_ffn_sorted(x_SD, counts_E, gate_up_ED2F, down_EFD, impl=impl)
-    # scatter: weight each pair's output and add it to its token's row. index_add beat "inverse permutation + bmm
-    # over K" by 1.4x (fp32) to 2.3x (bf16) forward+backward on CPU; its backward is a plain gather.
-    weights_S = weights_TK.reshape(-1)[order_S].to(y_SD.dtype)
-    # in y's dtype: under CPU autocast the experts run in bf16 and, like an autocast F.linear, return bf16
-    out_TD = y_SD.new_zeros(x_TD.shape).index_add(0, token_S, y_SD * weights_S[:, None])
+    # combine: back to (token, slot) order, weight, sum the K slots of each token. Both directions are gathers and
+    # elementwise ops; weights in y's dtype (under autocast the experts return bf16, like an autocast F.linear)
+    y_TKD = _UnsortRows.apply(y_SD, order_S, inverse_S).view(T, K, y_SD.shape[1])
+    out_TD = (y_TKD * weights_TK.to(y_TKD.dtype).unsqueeze(-1)).sum(1)
     return out_TD, counts_E
 
 
@@ -227,14 +362,16 @@ def experts_reference(
     x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor
 ) -> Tensor:
     """The slow, obvious definition: for each expert, find its tokens, run the SwiGLU FFN, add weighted results."""
-    out_TD = torch.zeros_like(x_TD)
+    out_TD = None  # in the experts' output dtype, as the fast path (under autocast: bf16 from fp32 inputs)
     for e in range(gate_up_ED2F.shape[0]):
         token_N, slot_N = torch.where(ids_TK == e)
         if token_N.numel() == 0:
             continue
         y_ND = swiglu(x_TD[token_N] @ gate_up_ED2F[e]) @ down_EFD[e]
+        if out_TD is None:
+            out_TD = y_ND.new_zeros(x_TD.shape)
         out_TD = out_TD.index_add(0, token_N, y_ND * weights_TK[token_N, slot_N, None].to(y_ND.dtype))
-    return out_TD
+    return torch.zeros_like(x_TD) if out_TD is None else out_TD
 
 
 class MoE(nn.Module):
@@ -254,10 +391,12 @@ class MoE(nn.Module):
             nn.init.normal_(w, mean=0.0, std=std)
 
     def forward(self, x_TD: Tensor) -> MoEOutput:
-        # route: logits in fp32 (see `route`), computed from fp32 copies so bf16 rounding cannot flip top-k choices
-        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+        # route: logits in fp32 (see `route`), computed from fp32 copies so bf16 rounding cannot flip top-k choices;
+        # autocast off here, or it would run this F.linear in bf16 anyway
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.router.weight.float())
         weights_TK, ids_TK = route(logits_TE, top_k=self.top_k, renormalize=self.renormalize)
-        impl = resolve_impl(self.impl)
+        impl = resolve_impl(self.impl, x_TD.device)
         if impl == "reference":
             out_TD = experts_reference(x_TD, weights_TK, ids_TK, self.gate_up_ED2F, self.down_EFD)
             counts_E = torch.bincount(ids_TK.reshape(-1), minlength=self.num_experts)
