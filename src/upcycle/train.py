@@ -480,7 +480,7 @@ def setup(config: TrainConfig, out: Path, world: World) -> Run:
     if loop.compile:
         for block in model.layers:
             block.compile()
-    model = parallelize(model, bare_model.layers, mode=loop.parallel, world=world)
+    model = parallelize(model, bare_model.layers, mode=loop.parallel, world=world, precision=loop.precision)
     optimizer = build_optimizer(model, config.optim)
     loader = MixtureLoader(data_dir, seq_len=data_cfg.seq_len,
                            global_batch_size=loop.global_batch_tokens // data_cfg.seq_len, seed=data_cfg.seed,
