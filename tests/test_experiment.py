@@ -246,7 +246,7 @@ def test_an_existing_non_experiment_directory_is_refused(tiny, tmp_path):
 def test_sigkill_then_rerun_with_parallel_finishes_exactly_as_an_uninterrupted_run(tiny, tmp_path):
     """A real SIGKILL of the experiment process in the middle of an arm's training; the re-run (two arms at once, one
     thread each) resumes that arm from its checkpoint and ends with the uninterrupted run's numbers, bit for bit."""
-    config = experiment_dict(tiny, budget_tokens=8 * 256, eval={"points": [512, 1024], "sequences": 4},
+    config = experiment_dict(tiny, budget_tokens=12 * 256, eval={"points": [512, 1024], "sequences": 4},
                              arms=[{"name": "naive", "kind": "naive"}, {"name": "dense", "kind": "dense"}])
     config["recipe"]["checkpoint"] = {"every": 1}  # a checkpoint between evaluation points, to resume from
     reference = _run(tiny, tmp_path / "reference", config)
@@ -255,13 +255,14 @@ def test_sigkill_then_rerun_with_parallel_finishes_exactly_as_an_uninterrupted_r
     path = write_config(tmp_path / "killed.yaml", config)
     command = [sys.executable, "-m", "upcycle", "experiment", "--config", str(path), "--out", str(out), "--threads", "1"]
     process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # kill once the first arm has passed its first evaluation point and saved a checkpoint beyond it
+    # kill once the first arm has passed its first evaluation point (step 2) and saved a checkpoint beyond it, well
+    # before its last step (12)
     run = out / "arms" / "naive" / "run" / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if any(int(p.name.split("_")[1]) > 2 for p in run.glob("step_*")) if run.is_dir() else False:
+        if any(2 < int(p.name.split("_")[1]) < 12 for p in run.glob("step_*")):
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()

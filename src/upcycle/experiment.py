@@ -31,7 +31,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -806,14 +805,25 @@ def _setup(config: ExperimentConfig, out: Path) -> Path:
     return data_dir
 
 
-def _die_with_parent() -> None:
-    """In a child arm process: be killed when the experiment process dies (even by SIGKILL), so a re-run never
-    races an orphan still training the same arm (Linux; elsewhere the arm lock refuses the race instead)."""
+def _die_with_parent():
+    """A preexec_fn for an arm process: be killed when the experiment process dies (even by SIGKILL), so a re-run never
+    races an orphan still training the same arm. Linux only (elsewhere the arm's lock refuses the race instead). The
+    libc function is looked up here, in the parent: the child only calls it."""
     import ctypes
     import signal
 
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def _run_parallel(config_path: str, out: Path, arms: list[ArmSpec], parallel: int, threads: int) -> None:
@@ -823,6 +833,7 @@ def _run_parallel(config_path: str, out: Path, arms: list[ArmSpec], parallel: in
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     pending, running, failed = list(arms), {}, []
+    preexec = _die_with_parent()
     try:
         while pending or running:
             while pending and len(running) < parallel:
@@ -833,7 +844,7 @@ def _run_parallel(config_path: str, out: Path, arms: list[ArmSpec], parallel: in
                 _log(f"{arm.name}: started in a separate process ({per_child} thread(s)), log in "
                      f"{out / 'arms' / arm.name / 'log.txt'}")
                 running[arm.name] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                      preexec_fn=_die_with_parent), log)
+                                                      preexec_fn=preexec), log)
             time.sleep(0.2)
             for name, (process, log) in list(running.items()):
                 if process.poll() is not None:
@@ -927,7 +938,13 @@ def experiment_command(
     results = run_experiment(experiment, out, config_path=str(Path(config).resolve()), parallel=parallel, only=only,
                              threads=threads)
     if results is not None:
-        _log(f"wrote {Path(out) / RESULTS_FILE} and {Path(out) / REPORT_FILE}")
+        reference = results["reference"]["arm"]
+        print(f"{'arm':<20}{'final mean loss':>16}  tokens to {reference or 'naive'}'s final")
+        for arm in results["arms"]:
+            reach = arm["tokens_to_naive_final"]
+            reach_text = "-" if reference is None else ("not reached" if reach is None else f"{reach:,}")
+            print(f"{arm['name']:<20}{arm['final']['mean']:>16.4f}  {reach_text}")
+        _log(f"wrote {Path(out) / RESULTS_FILE}, {Path(out) / REPORT_FILE} and the figures")
 
 
 experiment_command.help_epilog = config_help
