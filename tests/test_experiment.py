@@ -229,9 +229,25 @@ def test_rerun_skips_finished_arms_and_a_changed_config_is_refused(finished, tin
     assert {p: p.stat().st_mtime_ns for p in done} == done
     assert again["arms"] == json.loads(json.dumps(finished["results"]["arms"]))
     changed = experiment_dict(tiny, seed=1)
-    with pytest.raises(UpcycleError, match="different config .*seed"):
+    with pytest.raises(UpcycleError, match=r"different config \(first difference: seed\)"):
         _run(tiny, out, changed)
     assert yaml.safe_load((out / "experiment.yaml").read_text())["seed"] == 0
+    arms = experiment_dict(tiny)["arms"]
+    with pytest.raises(UpcycleError, match=r"first difference: arms \(drop\)\.ratio"):
+        _run(tiny, out, experiment_dict(tiny, arms=[*arms[:3], {**arms[3], "ratio": 0.75}, *arms[4:]]))
+    with pytest.raises(UpcycleError, match=r"first difference: arms \(fs was removed\)"):
+        _run(tiny, out, experiment_dict(tiny, arms=[a for a in arms if a["name"] != "fs"]))
+
+
+def test_arms_can_be_added_to_a_finished_experiment(finished, tiny):
+    out = finished["out"]
+    done = {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/arm.json")}
+    extended = experiment_dict(tiny, arms=[*experiment_dict(tiny)["arms"], {"name": "noise", "kind": "noise"}])
+    results = _run(tiny, out, extended)
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # the earlier arms were not redone
+    assert [a["name"] for a in results["arms"]] == ["dense", "fs", "naive", "drop", "btx", "noise"]
+    assert results["arms"][-1]["data_sha256"] == results["arms"][0]["data_sha256"]
+    assert [a["name"] for a in yaml.safe_load((out / "experiment.yaml").read_text())["arms"]][-1] == "noise"
 
 
 def test_an_existing_non_experiment_directory_is_refused(tiny, tmp_path):

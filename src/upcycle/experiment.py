@@ -525,11 +525,13 @@ def measure_model(model, val_sets: dict) -> dict:
 
     config = model.config
     model.eval()
+    device = next(model.parameters()).device
     val, sums = {}, {}
     with torch.no_grad():
         for domain, batches in val_sets.items():
             total, count, per_layer = 0.0, 0, [None] * config.num_layers
             for batch_BT in batches:
+                batch_BT = batch_BT.to(device)
                 output = model(batch_BT[:, :-1])
                 n = batch_BT[:, 1:].numel()
                 total += float(cross_entropy(logits_BTV=output.logits, labels_BT=batch_BT[:, 1:])) * n
@@ -545,7 +547,7 @@ def measure_model(model, val_sets: dict) -> dict:
     if config.is_moe:
         shares = [{d: routing_stats(per_layer[i])["share"] for d, per_layer in sums.items()}
                   for i in range(config.num_layers)]
-        state = model.state_dict()
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
         cosines = [mean_offdiagonal(expert_similarity(expert_matrices(state[f"layers.{i}.{OUR_GATE_UP}"],
                                                                       state[f"layers.{i}.{OUR_DOWN}"])))
                    for i in range(config.num_layers)]
@@ -578,6 +580,15 @@ class _Context:
 
 def _log(message: str) -> None:
     print(f"upcycle experiment: {message}", file=sys.stderr, flush=True)
+
+
+def _load(path: str | Path):
+    """A model (ours or HF) for measuring, on the GPU when there is one."""
+    import torch
+
+    from upcycle.hf_model import load_model
+
+    return load_model(path).to("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _latest_step(run: Path) -> int:
@@ -688,13 +699,13 @@ def run_arm(ctx: _Context, arm: ArmSpec) -> dict:
         return measure_dir / f"step_{step:08d}.json"
 
     if not measured(0).is_file():
-        model = load_model(init_dir)
+        model = _load(init_dir)
         _write_json(measured(0), {"step": 0, "tokens": 0, **measure_model(model, val_sets)})
     for step in ctx.steps:
         if measured(step).is_file():
             continue
         _train_to(ctx, train, run, step, arm.name)
-        record = measure_model(load_model(_checkpoint(run, step)), val_sets)
+        record = measure_model(_load(_checkpoint(run, step)), val_sets)
         _write_json(measured(step), {"step": step, "tokens": step * ctx.tokens_per_step, **record})
         _log(f"{arm.name}: step {step}: mean validation CE {record['mean']:.4f}")
 
@@ -771,27 +782,45 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     return None if a == b else (prefix or "(top level)")
 
 
+def config_change(saved: dict, record: dict) -> str | None:
+    """The first field in which config `record` differs from the config `saved` an OUT was made with, or None if it
+    may run there: the same config, or the same with arms added (every saved arm still present and unchanged)."""
+    difference = _first_difference({k: v for k, v in saved.items() if k != "arms"},
+                                   {k: v for k, v in record.items() if k != "arms"})
+    if difference:
+        return difference
+    arms = {arm["name"]: arm for arm in record["arms"]}
+    for arm in saved["arms"]:
+        if arm["name"] not in arms:
+            return f"arms ({arm['name']} was removed)"
+        if arms[arm["name"]] != arm:
+            return f"arms ({arm['name']}).{_first_difference(arm, arms[arm['name']])}"
+    return None
+
+
 def _check_out(config: ExperimentConfig, out: Path) -> None:
-    """OUT must be new, empty, or hold an experiment with exactly this config (then the run resumes)."""
+    """OUT must be new, empty, or hold an experiment with this config or this config minus some arms (then the
+    run resumes, and runs the added arms)."""
     saved_path = out / CONFIG_FILE
     if saved_path.is_file():
-        saved = yaml.safe_load(saved_path.read_text())
-        record = config_record(config)
-        if saved != record:
+        change = config_change(yaml.safe_load(saved_path.read_text()), config_record(config))
+        if change:
             raise UpcycleError(f"--out {out} holds an experiment with a different config (first difference: "
-                               f"{_first_difference(saved, record)}); re-run with the same config to resume, or use a "
-                               "new --out")
+                               f"{change}); re-run with the same config (arms may be added) to resume, or use a new "
+                               "--out")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UpcycleError(f"--out {out} exists and is not an experiment directory (no {CONFIG_FILE}); choose a new "
                            "or empty directory")
 
 
 def _setup(config: ExperimentConfig, out: Path) -> Path:
-    """Record the config in OUT and prepare the data once (both atomic); returns the data directory."""
+    """Record the config in OUT (new, or with arms added) and prepare the data once (both atomic); returns the data
+    directory."""
     saved_path = out / CONFIG_FILE
-    if not saved_path.is_file():
+    record = config_record(config)
+    if not saved_path.is_file() or yaml.safe_load(saved_path.read_text()) != record:
         tmp = out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(yaml.safe_dump(config_record(config), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(record, sort_keys=False))
         os.replace(tmp, saved_path)
     if config.data.path is not None:
         return Path(config.data.path)
