@@ -691,9 +691,9 @@ def run_arm(ctx: _Context, arm: ArmSpec) -> dict:
     measure_dir.mkdir(exist_ok=True)
     train = train_config_dict(ctx.config, init_source=init_dir, max_steps=ctx.total_steps,
                               data_path=str(ctx.data_dir))
-    loop = train["train"]
     val_sets = validation_batches(ctx.data_dir, seq_len=ctx.config.data.seq_len,
-                                  batch_size=loop.get("micro_batch_size", 8), max_sequences=ctx.config.eval_sequences)
+                                  batch_size=_recipe_as_train_config(ctx.config).train.micro_batch_size,
+                                  max_sequences=ctx.config.eval_sequences)
 
     def measured(step: int) -> Path:
         return measure_dir / f"step_{step:08d}.json"
