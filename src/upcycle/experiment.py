@@ -882,6 +882,8 @@ def _run_parallel(config_path: str, out: Path, arms: list[ArmSpec], parallel: in
                     if process.returncode != 0:
                         failed.append(name)
                         _log(f"{name}: failed (exit {process.returncode}), see {out / 'arms' / name / 'log.txt'}")
+                    else:
+                        _log(f"{name}: done")
     finally:
         for process, log in running.values():
             process.kill()
