@@ -60,8 +60,9 @@ def routing_sums(logits_TE: Tensor, *, top_k: int, renormalize: bool = True) -> 
     probs_TE = torch.softmax(logits_TE, dim=-1)
     # xlogy: 0 * log 0 = 0 for experts with underflowed probability
     token_entropy_T = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1)
-    return {"counts_E": torch.bincount(ids_TK.reshape(-1), minlength=E).numpy().astype(np.int64),
-            "prob_sum_E": probs_TE.sum(dim=0).double().numpy(),
+    # .cpu(): the sums leave the device here (the model may run on a GPU); they are E numbers per batch.
+    return {"counts_E": torch.bincount(ids_TK.reshape(-1), minlength=E).cpu().numpy().astype(np.int64),
+            "prob_sum_E": probs_TE.sum(dim=0).double().cpu().numpy(),
             "entropy_sum": float(token_entropy_T.double().sum()),
             "tokens": logits_TE.shape[0]}
 
@@ -155,7 +156,7 @@ def expert_similarity(experts: dict[str, Tensor]) -> np.ndarray:
     # (E, F, D), (E, F, D), (E, D, F) -> (E, 3*F*D)
     flat_EN = torch.cat([experts[m].reshape(experts[m].shape[0], -1) for m in MATRIX_NAMES], dim=1).double()
     unit_EN = flat_EN / flat_EN.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    return (unit_EN @ unit_EN.T).numpy()
+    return (unit_EN @ unit_EN.T).cpu().numpy()
 
 
 def redrawn_shares(redrawn_LEMF: Tensor) -> dict[str, np.ndarray]:

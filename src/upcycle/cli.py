@@ -34,6 +34,7 @@ def _commands() -> dict[str, Callable | dict[str, Callable]]:
     from upcycle.convert import convert_command
     from upcycle.data import prepare_command
     from upcycle.evaluate import eval_command
+    from upcycle.experiment import experiment_command
     from upcycle.hf_model import export_command
     from upcycle.train import train_command
 
@@ -45,6 +46,7 @@ def _commands() -> dict[str, Callable | dict[str, Callable]]:
         "data": {"prepare": prepare_command},
         "eval": eval_command,
         "analyze": analyze_command,
+        "experiment": experiment_command,
     }
 
 

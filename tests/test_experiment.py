@@ -1,0 +1,302 @@
+"""`upcycle experiment`: the derived numbers, config validation, and the whole pipeline at a tiny size (every arm
+kind, identical data order, resume, refusal of a changed config, a real SIGKILL with --parallel)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from helpers import make_data_dir, save_dense, subprocess_env, write_config, write_tokenizer
+from upcycle.errors import UpcycleError
+from upcycle.experiment import (
+    eval_steps,
+    mean_offdiagonal,
+    parse_config,
+    run_experiment,
+    tokens_to_target,
+    training_flops,
+)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_tokens_to_target_interpolates_between_the_points_around_the_first_crossing():
+    curve = [(0, 5.0), (100, 4.0), (300, 3.0), (400, 3.5), (500, 2.0)]
+    assert tokens_to_target(curve, 3.5) == 200  # halfway between 4.0 at 100 and 3.0 at 300
+    assert tokens_to_target(curve, 3.0) == 300  # reached exactly at a point
+    assert tokens_to_target(curve, 6.0) == 0  # already below before training
+    assert tokens_to_target(curve, 1.9) is None  # never reached
+    assert tokens_to_target(curve, 2.0) == 500  # reached only at the end, not at the bump at 400
+
+
+def test_training_flops_is_six_times_active_parameters_times_tokens():
+    assert training_flops(1_000, 2_048) == 6 * 1_000 * 2_048
+    assert training_flops(0, 10) == 0
+
+
+def test_mean_offdiagonal_ignores_each_expert_with_itself():
+    assert mean_offdiagonal(np.ones((4, 4))) == pytest.approx(1.0)
+    assert mean_offdiagonal(np.eye(3)) == pytest.approx(0.0)
+    sim = np.array([[1.0, 0.2, 0.4], [0.2, 1.0, 0.6], [0.4, 0.6, 1.0]])
+    assert mean_offdiagonal(sim) == pytest.approx(0.4)
+
+
+def test_eval_steps_are_log_spaced_and_end_at_the_budget():
+    assert eval_steps(5, 16, 256) == [1, 2, 4, 8, 16]
+    assert eval_steps(3, 6, 256)[-1] == 6
+    assert eval_steps([512, 1024], 8, 256) == [2, 4, 8]  # the budget is always measured
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A tiny experiment: a 2-layer seed built here, two synthetic domains
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("experiment")
+    seed = save_dense(root / "seed", "llama")
+    write_tokenizer(seed)
+    data = make_data_dir(root / "data")
+    return {"root": root, "seed": seed, "data": data}
+
+
+def experiment_dict(tiny: dict, arms: list[dict] | None = None, **changes) -> dict:
+    config = {
+        "seed_model": str(tiny["seed"]), "seed": 0,
+        "data": {"path": str(tiny["data"]), "seq_len": 32},
+        "moe": {"num_experts": 4, "top_k": 2},
+        "budget_tokens": 4 * 256,
+        "eval": {"points": 3, "sequences": 4},
+        "arms": arms or [{"name": "dense", "kind": "dense"}, {"name": "fs", "kind": "fs"},
+                         {"name": "naive", "kind": "naive"}, {"name": "drop", "kind": "drop", "ratio": 0.5},
+                         {"name": "btx", "kind": "btx", "branch_tokens": 512, "include_seed": False}],
+        "recipe": {"optim": {"lr": 3e-3, "min_lr": 3e-4}, "schedule": {"warmup_steps": 1},
+                   # fp32 pinned: the exact comparisons below need it (auto means bf16 on a CPU with native bf16)
+                   "train": {"global_batch_tokens": 256, "micro_batch_size": 8, "precision": "fp32"},
+                   "logging": {"progress": False}},
+    }
+    config.update(changes)
+    return config
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"arms": [{"name": "a", "kind": "moe"}]}, "arms[0] (a).kind"),
+    ({"arms": [{"name": "a", "kind": "drop", "ratio": 1.5}]}, "arms[0] (a).ratio"),
+    ({"arms": [{"name": "a", "kind": "noise", "ratio": -0.1}]}, "arms[0] (a).ratio"),
+    ({"arms": [{"name": "a", "kind": "drop", "index_mode": "both"}]}, "arms[0] (a).index_mode"),
+    ({"arms": [{"name": "a", "kind": "btx", "branch_tokens": 512, "domains": ["code"]}]}, "arms[0] (a).domains"),
+    ({"arms": [{"name": "a", "kind": "btx"}]}, "arms[0] (a).branch_tokens"),
+    ({"arms": [{"name": "a", "kind": "btx", "branch_tokens": 300, "include_seed": False}]}, "arms[0] (a).branch_tokens"),
+    ({"arms": [{"name": "a", "kind": "btx", "branch_tokens": 512}]}, "arms[0] (a)"),  # 3 sources, 4 experts
+    ({"arms": [{"name": "a", "kind": "naive", "ratio": 0.5}]}, "arms[0] (a).ratio"),
+    ({"arms": [{"name": "a", "kind": "naive"}, {"name": "a", "kind": "fs"}]}, "arms"),
+    ({"arms": [{"name": "../x", "kind": "naive"}]}, "arms[0].name"),
+    ({"budget_tokens": 1000}, "budget_tokens"),
+    ({"eval": {"points": [300]}}, "eval.points"),
+    ({"moe": {"num_experts": 2, "top_k": 3}}, "moe.top_k"),
+    ({"recipe": {"train": {"max_steps": 5}}}, "recipe.train.max_steps"),
+    ({"recipe": {"optim": {"lr": -1.0}}}, "recipe: optim.lr"),
+    ({"recipe": {"schedule": {"warmup_steps": 100}}}, "recipe.schedule.warmup_steps"),
+    ({"recipe": {"schedule": {"warmup_steps": 3}}}, "arms[4] (btx).branch_tokens"),  # branches have 2 steps
+    ({"recipe": {"train": {"global_batch_tokens": 100}}}, "recipe: train.global_batch_tokens"),
+    ({"seed_model": "/nonexistent"}, "seed_model"),
+    ({"data": {"path": "/nonexistent", "seq_len": 32}}, "data.path"),
+    ({"data": {"path": "DATA", "weights": {"klingon": 1.0}}}, "data.weights"),
+    ({"colour": "blue"}, "colour"),
+])
+def test_invalid_configs_name_the_field(tiny, change, field):
+    config = experiment_dict(tiny)
+    for key, value in change.items():
+        if key == "recipe":  # one field changed in the otherwise valid recipe
+            for section, fields in value.items():
+                config["recipe"].setdefault(section, {}).update(fields)
+        else:
+            config[key] = value
+    if config["data"].get("path") == "DATA":
+        config["data"]["path"] = str(tiny["data"])
+    with pytest.raises(UpcycleError) as error:
+        parse_config(config)
+    assert str(error.value).startswith(field), str(error.value)
+
+
+def test_cli_refuses_an_invalid_config_with_one_line_and_writes_nothing(tiny, tmp_path):
+    config = write_config(tmp_path / "bad.yaml", experiment_dict(tiny, arms=[{"name": "d", "kind": "drop",
+                                                                              "ratio": 2}]))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "upcycle", "experiment", "--config", str(config), "--out", str(out)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "upcycle: error: arms[0] (d).ratio: must lie in [0, 1], got 2"]
+    assert not out.exists()
+
+
+def _run(tiny: dict, out: Path, config: dict, **kwargs) -> dict | None:
+    path = write_config(out.parent / f"{out.name}.yaml", config)
+    return run_experiment(parse_config(config), out, config_path=str(path), threads=1, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def finished(tiny) -> dict:
+    out = tiny["root"] / "run"
+    results = _run(tiny, out, experiment_dict(tiny))
+    return {"out": out, "results": results}
+
+
+def test_every_arm_kind_runs_and_results_hold_the_issue_schema(finished):
+    results = finished["results"]
+    out = finished["out"]
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["budget_tokens"] == 1024 and results["seed"] == 0
+    assert [a["name"] for a in results["arms"]] == ["dense", "fs", "naive", "drop", "btx"]
+    for arm in results["arms"]:
+        assert {"name", "method", "ratio", "index_mode", "tokens", "flops", "final", "curve",
+                "tokens_to_naive_final", "specialization", "similarity", "data_sha256"} <= set(arm)
+        assert set(arm["final"]) == {"code", "english", "mean"}
+        assert arm["final"]["mean"] == pytest.approx((arm["final"]["code"] + arm["final"]["english"]) / 2)
+        assert [p["tokens"] for p in arm["curve"]] == [0, 256, 512, 1024]
+        assert arm["curve"][-1]["mean"] == arm["final"]["mean"]
+        assert arm["tokens"] == 1024
+        if arm["method"] == "dense":
+            assert arm["specialization"] == [] and arm["similarity"] == []
+        else:
+            assert [p["tokens"] for p in arm["specialization"]] == [0, 256, 512, 1024]
+            assert all(0 <= p["jsd"] <= 1 for p in arm["specialization"])
+    arms = {a["name"]: a for a in results["arms"]}
+    assert arms["drop"]["ratio"] == 0.5 and arms["drop"]["index_mode"] == "independent"
+    # Naive upcycling starts as copies; re-drawn and from-scratch experts do not.
+    assert arms["naive"]["similarity"][0]["cosine"] == pytest.approx(1.0, abs=1e-9)
+    assert arms["drop"]["similarity"][0]["cosine"] < 0.9
+    assert abs(arms["fs"]["similarity"][0]["cosine"]) < 0.2
+    # Naive's own curve reaches its final loss at the end at the latest; training helped every arm.
+    assert arms["naive"]["tokens_to_naive_final"] <= 1024
+    assert all(a["final"]["mean"] < a["curve"][0]["mean"] for a in results["arms"])
+    # The dense arm's FLOPs use all its parameters; the MoE arms only the active ones; btx adds its branches.
+    assert arms["naive"]["flops"] == 6 * arms["naive"]["active_params"] * 1024
+    assert arms["naive"]["active_params"] < arms["naive"]["total_params"]
+    assert arms["btx"]["flops"] == 6 * arms["btx"]["active_params"] * 1024 + 6 * arms["dense"]["active_params"] * 1024
+    for name in ("report.md", "loss_curves.png", "specialization.png", "similarity.png", "routing_naive.png",
+                 "routing_btx.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "routing_dense.png" not in {p.name for p in out.iterdir()}
+
+
+def test_all_arms_consumed_the_identical_token_stream(finished):
+    arms = finished["results"]["arms"]
+    hashes = {a["name"]: a["data_sha256"] for a in arms}
+    assert all(len(h) == 64 for h in hashes.values())
+    assert len(set(hashes.values())) == 1, hashes
+    assert finished["results"]["same_data_order"] is True
+    # the hash does depend on the data: each btx branch saw one domain only, so its stream differs from the mixture
+    btx = next(a for a in arms if a["method"] == "btx")
+    branch_hashes = btx["branches"]["data_sha256"]
+    assert set(branch_hashes) == {"code", "english"}
+    assert len({*branch_hashes.values(), hashes["naive"]}) == 3
+
+
+def test_measured_loss_equals_the_trainers_own_validation_of_one_uninterrupted_run(finished, tiny, tmp_path):
+    """The experiment trains in segments and measures validation loss itself (so the untrained point is measured the
+    same way). An ordinary single `run_training` of the same arm config, with the trainer's own evaluation on the same
+    sequences, ends with the same numbers."""
+    from upcycle.experiment import train_config_dict
+    from upcycle.train import config_from_dict, run_training
+
+    from helpers import read_metrics
+
+    config = parse_config(experiment_dict(tiny))
+    values = train_config_dict(config, init_source=str(finished["out"] / "arms" / "naive" / "init"), max_steps=4,
+                               data_path=str(tiny["data"]))
+    values["train"].update(eval_every=4, eval_sequences=4)
+    run_training(config_from_dict(values), tmp_path / "direct")
+    last = read_metrics(tmp_path / "direct")[-1]
+    naive = next(a for a in finished["results"]["arms"] if a["name"] == "naive")
+    assert naive["final"]["code"] == pytest.approx(last["val"]["code"], rel=1e-6)
+    assert naive["final"]["english"] == pytest.approx(last["val"]["english"], rel=1e-6)
+    assert naive["data_sha256"] == last["data_sha256"]
+
+
+def test_rerun_skips_finished_arms_and_a_changed_config_is_refused(finished, tiny):
+    out = finished["out"]
+    done = {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/arm.json")}
+    again = _run(tiny, out, experiment_dict(tiny))
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+    assert again["arms"] == json.loads(json.dumps(finished["results"]["arms"]))
+    changed = experiment_dict(tiny, seed=1)
+    with pytest.raises(UpcycleError, match=r"different config \(first difference: seed\)"):
+        _run(tiny, out, changed)
+    assert yaml.safe_load((out / "experiment.yaml").read_text())["seed"] == 0
+    arms = experiment_dict(tiny)["arms"]
+    with pytest.raises(UpcycleError, match=r"first difference: arms \(drop\)\.ratio"):
+        _run(tiny, out, experiment_dict(tiny, arms=[*arms[:3], {**arms[3], "ratio": 0.75}, *arms[4:]]))
+    with pytest.raises(UpcycleError, match=r"first difference: arms \(fs was removed\)"):
+        _run(tiny, out, experiment_dict(tiny, arms=[a for a in arms if a["name"] != "fs"]))
+
+
+def test_arms_can_be_added_to_a_finished_experiment(finished, tiny):
+    out = finished["out"]
+    done = {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/arm.json")}
+    extended = experiment_dict(tiny, arms=[*experiment_dict(tiny)["arms"], {"name": "noise", "kind": "noise"}])
+    results = _run(tiny, out, extended)
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # the earlier arms were not redone
+    assert [a["name"] for a in results["arms"]] == ["dense", "fs", "naive", "drop", "btx", "noise"]
+    assert results["arms"][-1]["data_sha256"] == results["arms"][0]["data_sha256"]
+    assert [a["name"] for a in yaml.safe_load((out / "experiment.yaml").read_text())["arms"]][-1] == "noise"
+
+
+def test_an_existing_non_experiment_directory_is_refused(tiny, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(UpcycleError, match="not an experiment directory"):
+        _run(tiny, tmp_path / "out", experiment_dict(tiny, arms=[{"name": "n", "kind": "naive"}]))
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_with_parallel_finishes_exactly_as_an_uninterrupted_run(tiny, tmp_path):
+    """A real SIGKILL of the experiment process in the middle of an arm's training; the re-run (two arms at once, one
+    thread each) resumes that arm from its checkpoint and ends with the uninterrupted run's numbers, bit for bit."""
+    config = experiment_dict(tiny, budget_tokens=12 * 256, eval={"points": [512, 1024], "sequences": 4},
+                             arms=[{"name": "naive", "kind": "naive"}, {"name": "dense", "kind": "dense"}])
+    config["recipe"]["checkpoint"] = {"every": 1}  # a checkpoint between evaluation points, to resume from
+    reference = _run(tiny, tmp_path / "reference", config)
+
+    out = tmp_path / "killed"
+    path = write_config(tmp_path / "killed.yaml", config)
+    command = [sys.executable, "-m", "upcycle", "experiment", "--config", str(path), "--out", str(out), "--threads", "1"]
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill once the first arm has passed its first evaluation point (step 2) and saved a checkpoint beyond it, well
+    # before its last step (12)
+    run = out / "arms" / "naive" / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if any(2 < int(p.name.split("_")[1]) < 12 for p in run.glob("step_*")):
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "arms" / "naive" / "arm.json").exists()
+    assert not (out / "results.json").exists()
+    killed_at = sorted(run.glob("step_*"))[-1].name
+
+    done = subprocess.run(command + ["--parallel", "2", "--threads", "2"], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    resumed = json.loads((out / "results.json").read_text())
+    log = (out / "arms" / "naive" / "log.txt").read_text()
+    first_resume = next(line for line in log.splitlines() if "resuming from" in line)
+    assert killed_at in first_resume  # continued from the checkpoint the kill left, not from scratch
+    for mine, theirs in zip(resumed["arms"], reference["arms"]):
+        assert mine["name"] == theirs["name"]
+        assert mine["curve"] == theirs["curve"]
+        assert mine["similarity"] == theirs["similarity"]
+        assert mine["data_sha256"] == theirs["data_sha256"]
