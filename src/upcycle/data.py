@@ -133,7 +133,7 @@ def iter_documents(path: Path, *, text_field: str = "text") -> Iterator[str]:
                     raise UpcycleError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     raise UpcycleError(f"{path}:{line_number}: expected a JSON object with a string field "
-                                       f"{text_field!r} (choose another field with --text_field)")
+                                       f"{text_field!r} (choose another field with --text-field)")
                 if record[text_field]:
                     yield record[text_field]
     except UnicodeDecodeError as exc:
@@ -203,7 +203,7 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None):
         if eos_id is not None:
             return tokenizer, eos_id
     raise UpcycleError(f"cannot find an EOS token for the tokenizer at {path} (tried {candidates}); "
-                       "pass --eos_token with a token from its vocabulary")
+                       "pass --eos-token with a token from its vocabulary")
 
 
 def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
