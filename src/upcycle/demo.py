@@ -104,6 +104,14 @@ def _table(evals: dict[str, dict]) -> list[str]:
     return lines
 
 
+def dead_expert_cells(layer: dict) -> tuple[str, str]:
+    """Two table cells from one layer of analysis.json: the experts no token of any domain reaches (`all_domains`),
+    and each domain's own dead experts (`routing.DOMAIN`); "none" where there are none."""
+    pooled = layer["all_domains"]["dead_experts"]
+    per_domain = [f"{d}: {r['dead_experts']}" for d, r in sorted(layer["routing"].items()) if r["dead_experts"]]
+    return (str(pooled) if pooled else "none"), ("; ".join(per_domain) or "none")
+
+
 def write_report(out: Path, *, seed_dir: Path, steps: int, tokens: int, evals: dict, analyses: dict, seconds: float) -> Path:
     seed_info = json.loads((seed_dir / "upcycle_seed.json").read_text()) if (seed_dir / "upcycle_seed.json").is_file() \
         else {}
@@ -136,12 +144,12 @@ def write_report(out: Path, *, seed_dir: Path, steps: int, tokens: int, evals: d
         lines += [f"### {arm}", "", f"![routing {arm}](routing_{arm}.png)", ""]
         spec = analysis.get("layers", [])
         if spec:
-            lines.append("| layer | domain specialization (mean JSD) | dead experts (any domain) |")
-            lines.append("| --- | --- | --- |")
+            lines.append("| layer | domain specialization (mean JSD) | dead experts (all domains) | "
+                         "dead experts per domain |")
+            lines.append("| --- | --- | --- | --- |")
             for layer in spec:
-                dead = sorted({e for d in layer.get("dead_experts", {}).values() for e in d}) \
-                    if isinstance(layer.get("dead_experts"), dict) else layer.get("dead_experts", [])
-                lines.append(f"| {layer['layer']} | {layer['specialization_jsd']:.4f} | {dead or '-'} |")
+                pooled, per_domain = dead_expert_cells(layer)
+                lines.append(f"| {layer['layer']} | {layer['specialization_jsd']:.4f} | {pooled} | {per_domain} |")
             lines.append("")
     lines += [
         "Files: `naive/`, `drop/` (converted checkpoints with their manifests), `train-naive/`, `train-drop/` "
