@@ -489,6 +489,16 @@ def read_metadata(data_dir: str | Path) -> dict:
     return metadata
 
 
+def check_fits_model(metadata: dict, model_config, data_dir: str | Path, seq_len: int | None = None) -> None:
+    """Refuse data tokenized with more ids than the model's vocabulary (an embedding lookup would fail mid-run), and
+    a sequence length beyond the model's max_seq_len. `model_config` needs vocab_size and max_seq_len."""
+    if metadata["vocab_size"] > model_config.vocab_size:
+        raise UpcycleError(f"{data_dir} was tokenized with {metadata['vocab_size']} token ids but the model has only "
+                           f"{model_config.vocab_size}; prepare the data with the model's tokenizer")
+    if seq_len is not None and seq_len > model_config.max_seq_len:
+        raise UpcycleError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
+
+
 def read_tokens(data_dir: str | Path, domain: str, split: str = "train", metadata: dict | None = None) -> np.ndarray:
     """A read-only memmap of one domain's split (an empty array for an empty split: mmap cannot map 0 bytes)."""
     metadata = read_metadata(data_dir) if metadata is None else metadata

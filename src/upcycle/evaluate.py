@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from upcycle.errors import UpcycleError
+from upcycle.hf_model import check_model_dir
 
 SHIPPED_TASK = "upcycle_continuations"
 _TASK_DIR = Path(__file__).parent / "assets" / "lm_eval"
@@ -67,24 +68,6 @@ def domain_result(loss_sum: float, num_tokens: int, num_sequences: int) -> dict:
 # I/O
 
 
-def check_model_dir(model_path: str | Path) -> Path:
-    """The checkpoint directory, or an UpcycleError that says what a checkpoint directory must hold."""
-    path = Path(model_path).expanduser()
-    if not path.is_dir():
-        raise UpcycleError(f"model {path} does not exist; pass a checkpoint directory (ours or Hugging Face)")
-    if not (path / "config.json").is_file():
-        raise UpcycleError(f"{path} has no config.json; pass a checkpoint directory (ours or Hugging Face)")
-    return path
-
-
-def _check_data_fits(model_config, metadata: dict, data_dir: Path, seq_len: int) -> None:
-    if metadata["vocab_size"] > model_config.vocab_size:
-        raise UpcycleError(f"{data_dir} was tokenized with {metadata['vocab_size']} token ids but the model has only "
-                           f"{model_config.vocab_size}; prepare the data with the model's tokenizer")
-    if seq_len > model_config.max_seq_len:
-        raise UpcycleError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
-
-
 @torch.no_grad()
 def evaluate(
     model_path: str | Path,
@@ -100,14 +83,14 @@ def evaluate(
     Returns {"model", "data", "seq_len", "max_sequences", "domains": {name: {"loss", "perplexity", "tokens",
     "sequences"}}, "overall": {...}}; "overall" weights every scored token equally, across domains.
     """
-    from upcycle.data import read_metadata, validation_batches
+    from upcycle.data import check_fits_model, read_metadata, validation_batches
     from upcycle.hf_model import load_model
 
     path = check_model_dir(model_path)
     data_dir = Path(data_dir).expanduser()
     metadata = read_metadata(data_dir)
     model = load_model(path).eval()
-    _check_data_fits(model.config, metadata, data_dir, seq_len)
+    check_fits_model(metadata, model.config, data_dir, seq_len)
     batches = validation_batches(data_dir, seq_len=seq_len, batch_size=batch_size, max_sequences=max_sequences,
                                  domains=domains)
     results, total_sum, total_tokens, total_sequences = {}, 0.0, 0, 0
