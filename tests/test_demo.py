@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,33 @@ import pytest
 import torch
 
 from upcycle.analyze import mean_pairwise_jsd, routing_stats, routing_sums
-from upcycle.demo import DOMAINS, REPO, main, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "demo.py"
+
+
+def _load_script():
+    """scripts/demo.py as a module: the demo is a script of the checkout, not part of the installed package."""
+    spec = importlib.util.spec_from_file_location("upcycle_demo_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load_script()
+DOMAINS, main, write_report = demo.DOMAINS, demo.main, demo.write_report
+
+
+def test_the_demo_is_a_script_of_the_checkout_not_a_package_module(tmp_path):
+    """`python -m upcycle.demo` does not exist (an installed package has no seed model or corpus to run it on), and
+    scripts/demo.py finds the checkout's files through its own path, whatever the working directory."""
+    assert importlib.util.find_spec("upcycle.demo") is None
+    assert demo.REPO == REPO
+    for path in (demo.SEED_DIR / "config.json", demo.DEMO_CONFIG, *(demo.SAMPLE_DIR / f"{d}.train.jsonl.gz"
+                                                                   for d in DOMAINS)):
+        assert path.is_file(), path
+    makefile = (REPO / "Makefile").read_text()
+    assert "$(PY) scripts/demo.py" in makefile and "upcycle.demo" not in makefile
 
 
 def _layer(index: int, logits_by_domain: dict[str, torch.Tensor]) -> dict:
@@ -35,6 +62,9 @@ def test_report_shows_the_dead_experts_of_the_analysis(tmp_path):
     evals = {"dense seed": {"domains": {d: {"loss": 2.0, "perplexity": 7.4} for d in DOMAINS}}}
     report = write_report(tmp_path, seed_dir=tmp_path, steps=3, tokens=100, evals=evals,
                           analyses={"naive": analysis}, seconds=1.0).read_text()
+    assert "[docs/experiments.md](" in report
+    link = report.split("[docs/experiments.md](")[1].split(")")[0]
+    assert (tmp_path / link).resolve() == REPO / "docs" / "experiments.md"  # relative to the report
     rows = [line for line in report.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     assert rows[0] == ("| 0 | 0.6667 | [2, 3] | code: [1, 2, 3]; english: [1, 2, 3]; japanese: [0, 2, 3] |")
     assert rows[1] == "| 1 | 0.0000 | none | none |"
