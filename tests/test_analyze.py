@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import save_dense
-from test_evaluate import make_prepared, tiny_moe
+from helpers import make_prepared, save_dense, tiny_moe
 from upcycle.analyze import (
     analyze,
     analyze_command,
