@@ -204,6 +204,10 @@ def test_input_errors(dense_dir, data, tmp_path):
         _run(moe_dir, data, tmp_path / "out", dense_path=dense_dir)  # 3 layers vs the parent's 2
     with pytest.raises(UpcycleError, match="does not exist"):
         _run(tmp_path / "missing", data, tmp_path / "out")
+    small_vocab = save_model(tiny_moe(vocab_size=64), tmp_path / "small_vocab")
+    with pytest.raises(UpcycleError, match="prepare the data with the model's tokenizer"):
+        _run(small_vocab, data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # ---- the output directory: one policy (refuse without --force), published whole or not at all ---------------------
