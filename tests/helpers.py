@@ -170,3 +170,66 @@ def train_cli(config: Path, out: Path, *extra: str) -> list[str]:
 def run_train(config: Path, out: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(train_cli(config, out, *extra), env=subprocess_env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+# ---- a tiny prepared data directory (three domains, a 300-id BPE) and a tiny MoE of ours: eval and analyze tests ----
+
+
+EVAL_VOCAB = 320  # model vocabulary; the tokenizer below has at most 300 ids
+EVAL_ENGLISH = ["The quick brown fox jumps over the lazy dog.", "Please read the manual carefully before using it.",
+                "The router sends every token to two of its experts.", "Water boils at one hundred degrees Celsius."]
+EVAL_JAPANESE = ["吾輩は猫である。名前はまだ無い。", "東京は日本の首都である。", "このコマンドはファイルを一覧表示します。",
+                 "設定ファイルを編集してから、サービスを再起動してください。"]
+
+
+def _stdlib_json_sources() -> list[str]:
+    import json as json_module
+
+    return [p.read_text(encoding="utf-8") for p in sorted(Path(json_module.__file__).parent.glob("*.py"))]
+
+
+def _numbered_documents(sentences: list[str], count: int) -> list[str]:
+    return [f"{i}: " + " ".join(sentences[(i + j) % len(sentences)] for j in range(1 + i % 4)) for i in range(count)]
+
+
+def make_tokenizer(directory: Path) -> Path:
+    """A 300-id byte-level BPE over the three domains, saved as an HF tokenizer directory (transformers loads it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(EVAL_ENGLISH + EVAL_JAPANESE + _stdlib_json_sources(), trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(directory)
+    return directory
+
+
+def make_prepared(root: Path) -> tuple[Path, Path]:
+    """(prepared data dir with domains code/english/japanese, tokenizer dir)."""
+    from upcycle.data import prepare
+
+    tokenizer = make_tokenizer(root / "tokenizer")
+    sources = {}
+    documents = {"english": _numbered_documents(EVAL_ENGLISH, 60), "japanese": _numbered_documents(EVAL_JAPANESE, 60),
+                 "code": _stdlib_json_sources()}
+    for name, docs in documents.items():
+        (root / name).mkdir()
+        for i, text in enumerate(docs):
+            (root / name / f"{i:03d}.txt").write_text(text, encoding="utf-8")
+        sources[name] = [root / name]
+    prepare(sources, root / "data", tokenizer, val_fraction=0.25, seed=0, progress=False)
+    return root / "data", tokenizer
+
+
+def tiny_moe(seed: int = 0, **overrides):
+    """A randomly initialised 3-layer, 4-expert top-2 MoE of ours (upcycle.model.Transformer), in eval mode."""
+    from upcycle.model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    config = ModelConfig(**{"vocab_size": EVAL_VOCAB, "dim": 32, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
+                            "ffn_dim": 48, "max_seq_len": 128, "num_experts": 4, "top_k": 2, "init_std": 0.1,
+                            **overrides})
+    return Transformer(config).eval()

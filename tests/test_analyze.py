@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import save_dense
-from test_evaluate import make_prepared, tiny_moe
+from helpers import make_prepared, save_dense, tiny_moe
 from upcycle.analyze import (
     analyze,
     analyze_command,
@@ -46,7 +45,7 @@ def dense_dir(tmp_path_factory) -> Path:
 
 
 def _run(model_dir, data, out, **kwargs) -> dict:
-    return analyze(model_dir, data, out, seq_len=SEQ_LEN, max_sequences=4, **kwargs)
+    return analyze(model_dir, data, out, **{"seq_len": SEQ_LEN, "max_sequences": 4, **kwargs})
 
 
 # ---- pure math ---------------------------------------------------------------------------------------------------
@@ -205,3 +204,78 @@ def test_input_errors(dense_dir, data, tmp_path):
         _run(moe_dir, data, tmp_path / "out", dense_path=dense_dir)  # 3 layers vs the parent's 2
     with pytest.raises(UpcycleError, match="does not exist"):
         _run(tmp_path / "missing", data, tmp_path / "out")
+    small_vocab = save_model(tiny_moe(vocab_size=64), tmp_path / "small_vocab")
+    with pytest.raises(UpcycleError, match="prepare the data with the model's tokenizer"):
+        _run(small_vocab, data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- the output directory: one policy (refuse without --force), published whole or not at all ---------------------
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_existing_output_is_refused_without_force(data, tmp_path, capsys):
+    from upcycle.cli import main
+
+    model_dir = save_model(tiny_moe(seed=2), tmp_path / "moe")
+    out = tmp_path / "out"
+    _run(model_dir, data, out, plots=False)
+    before = _files(out)
+    with pytest.raises(UpcycleError, match="already exists; choose another --out or pass --force"):
+        _run(model_dir, data, out, plots=False, max_sequences=2)
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", str(model_dir), "--data", str(data), "--out", str(out), "--seq-len", str(SEQ_LEN)])
+    assert exc.value.code == 2 and "pass --force" in capsys.readouterr().err
+    assert _files(out) == before
+    with pytest.raises(UpcycleError, match="--out .* contains the input"):  # --force must not delete the model
+        _run(model_dir, data, tmp_path, force=True)
+
+
+def test_force_replaces_the_whole_directory(data, tmp_path, capsys):
+    from upcycle.cli import main
+
+    model_dir = save_model(tiny_moe(seed=2), tmp_path / "moe")
+    out = tmp_path / "out"
+    _run(model_dir, data, out, layers=[0])
+    assert sorted(_files(out)) == ["analysis.json", "expert_similarity.png", "layers.png", "routing.png"]
+    main(["analyze", str(model_dir), "--data", str(data), "--out", str(out), "--seq-len", str(SEQ_LEN),
+          "--max-sequences", "2", "--force"])
+    assert json.loads((out / "analysis.json").read_text())["max_sequences"] == 2
+    _run(model_dir, data, out, plots=False, force=True)
+    assert sorted(_files(out)) == ["analysis.json"]  # no stale figures of the previous analysis
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe", "out"]  # no temporary directory left
+
+
+def test_a_failed_run_leaves_the_previous_analysis_intact(data, tmp_path, monkeypatch):
+    import errno
+
+    import upcycle.analyze
+
+    model_dir = save_model(tiny_moe(seed=2), tmp_path / "moe")
+    out = tmp_path / "out"
+    _run(model_dir, data, out, layers=[0])
+    before = _files(out)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(upcycle.analyze, "plot_similarity", disk_full)  # the last file written
+    with pytest.raises(UpcycleError, match="No space left on device; nothing was written"):
+        _run(model_dir, data, out, layers=[1], max_sequences=2, force=True)
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe", "out"]
+
+
+def test_analyze_does_not_import_evaluate():
+    """analyze and evaluate share the checkpoint and data checks through hf_model and data, not through each other."""
+    import ast
+
+    import upcycle.analyze
+
+    tree = ast.parse(Path(upcycle.analyze.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | \
+        {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "upcycle.evaluate" not in imported

@@ -2,16 +2,72 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from upcycle.demo import REPO, main
+from upcycle.analyze import mean_pairwise_jsd, routing_stats, routing_sums
 
-pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "demo.py"
+
+
+def _load_script():
+    """scripts/demo.py as a module: the demo is a script of the checkout, not part of the installed package."""
+    spec = importlib.util.spec_from_file_location("upcycle_demo_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load_script()
+DOMAINS, main, write_report = demo.DOMAINS, demo.main, demo.write_report
+
+
+def test_the_demo_is_a_script_of_the_checkout_not_a_package_module(tmp_path):
+    """`python -m upcycle.demo` does not exist (an installed package has no seed model or corpus to run it on), and
+    scripts/demo.py finds the checkout's files through its own path, whatever the working directory."""
+    assert importlib.util.find_spec("upcycle.demo") is None
+    assert demo.REPO == REPO
+    for path in (demo.SEED_DIR / "config.json", demo.DEMO_CONFIG, *(demo.SAMPLE_DIR / f"{d}.train.jsonl.gz"
+                                                                   for d in DOMAINS)):
+        assert path.is_file(), path
+    makefile = (REPO / "Makefile").read_text()
+    assert "$(PY) scripts/demo.py" in makefile and "upcycle.demo" not in makefile
+
+
+def _layer(index: int, logits_by_domain: dict[str, torch.Tensor]) -> dict:
+    """One layer entry of analysis.json, computed by analyze's own functions from given router logits."""
+    sums = {d: routing_sums(logits_TE, top_k=1) for d, logits_TE in logits_by_domain.items()}
+    routing = {d: routing_stats(s) for d, s in sums.items()}
+    pooled = routing_stats(routing_sums(torch.cat(list(logits_by_domain.values())), top_k=1))
+    return {"layer": index, "routing": routing, "all_domains": pooled,
+            "specialization_jsd": mean_pairwise_jsd({d: np.array(r["share"]) for d, r in routing.items()})}
+
+
+def test_report_shows_the_dead_experts_of_the_analysis(tmp_path):
+    """analysis.json keeps dead experts under `all_domains` and per domain; the report's table must show them."""
+    one_hot = torch.eye(4) * 10.0  # logits that send every token of a row's domain to one expert
+    layers = [
+        # english -> expert 0, japanese -> 1, code -> 0: expert 2 and 3 are dead everywhere, 1 is dead in two domains
+        _layer(0, {"english": one_hot[[0, 0]], "japanese": one_hot[[1, 1]], "code": one_hot[[0, 0]]}),
+        _layer(1, {d: one_hot[[0, 1, 2, 3]] for d in DOMAINS}),  # every expert used by every domain
+    ]
+    analysis = {"layers": layers}
+    evals = {"dense seed": {"domains": {d: {"loss": 2.0, "perplexity": 7.4} for d in DOMAINS}}}
+    report = write_report(tmp_path, seed_dir=tmp_path, steps=3, tokens=100, evals=evals,
+                          analyses={"naive": analysis}, seconds=1.0).read_text()
+    assert "[docs/experiments.md](" in report
+    link = report.split("[docs/experiments.md](")[1].split(")")[0]
+    assert (tmp_path / link).resolve() == REPO / "docs" / "experiments.md"  # relative to the report
+    rows = [line for line in report.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    assert rows[0] == ("| 0 | 0.6667 | [2, 3] | code: [1, 2, 3]; english: [1, 2, 3]; japanese: [0, 2, 3] |")
+    assert rows[1] == "| 1 | 0.0000 | none | none |"
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +86,7 @@ def tiny_seed(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_the_report(tiny_seed, tmp_path, capsys):
     out = tmp_path / "demo"
     main(["--seed-model", str(tiny_seed), "--out", str(out), "--steps", "3"])

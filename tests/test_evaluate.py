@@ -1,7 +1,7 @@
 """Tests for upcycle.evaluate: per-domain loss/perplexity against a hand computation, the CLI, input errors, and the
 lm-evaluation-harness bridge on the shipped local task (skipped when lm-eval is not installed).
 
-The module-level helpers (`make_tokenizer`, `make_prepared`, `tiny_moe`) are shared with test_analyze.py.
+The tiny data directory and MoE (`make_prepared`, `tiny_moe`) come from tests/helpers.py, shared with test_analyze.py.
 """
 
 from __future__ import annotations
@@ -14,67 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from upcycle.data import prepare, validation_batches
+from helpers import EVAL_VOCAB as VOCAB
+from helpers import make_prepared, tiny_moe
+from upcycle.data import validation_batches
 from upcycle.errors import UpcycleError
 from upcycle.evaluate import SHIPPED_TASK, eval_command, evaluate, perplexity, summed_next_token_loss
 from upcycle.hf_model import export_hf, save_model
-from upcycle.model import ModelConfig, Transformer
+from upcycle.model import Transformer
 
-EOS = "<|endoftext|>"
-VOCAB = 320  # model vocabulary; the tokenizer below has at most 300 ids
 SEQ_LEN = 32
-ENGLISH = ["The quick brown fox jumps over the lazy dog.", "Please read the manual carefully before using it.",
-           "The router sends every token to two of its experts.", "Water boils at one hundred degrees Celsius."]
-JAPANESE = ["吾輩は猫である。名前はまだ無い。", "東京は日本の首都である。", "このコマンドはファイルを一覧表示します。",
-            "設定ファイルを編集してから、サービスを再起動してください。"]
-
-
-def _code_documents() -> list[str]:
-    import json as json_module
-
-    return [p.read_text(encoding="utf-8") for p in sorted(Path(json_module.__file__).parent.glob("*.py"))]
-
-
-def _documents(sentences: list[str], count: int) -> list[str]:
-    return [f"{i}: " + " ".join(sentences[(i + j) % len(sentences)] for j in range(1 + i % 4)) for i in range(count)]
-
-
-def make_tokenizer(directory: Path) -> Path:
-    """A 300-id byte-level BPE over the three domains, saved as an HF tokenizer directory (transformers loads it)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(ENGLISH + JAPANESE + _code_documents(), trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS).save_pretrained(directory)
-    return directory
-
-
-def make_prepared(root: Path) -> tuple[Path, Path]:
-    """(prepared data dir with domains code/english/japanese, tokenizer dir)."""
-    tokenizer = make_tokenizer(root / "tokenizer")
-    sources = {}
-    for name, docs in {"english": _documents(ENGLISH, 60), "japanese": _documents(JAPANESE, 60),
-                       "code": _code_documents()}.items():
-        (root / name).mkdir()
-        for i, text in enumerate(docs):
-            (root / name / f"{i:03d}.txt").write_text(text, encoding="utf-8")
-        sources[name] = [root / name]
-    prepare(sources, root / "data", tokenizer, val_fraction=0.25, seed=0, progress=False)
-    return root / "data", tokenizer
-
-
-def tiny_moe(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    config = ModelConfig(**{"vocab_size": VOCAB, "dim": 32, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
-                            "ffn_dim": 48, "max_seq_len": 128, "num_experts": 4, "top_k": 2, "init_std": 0.1,
-                            **overrides})
-    return Transformer(config).eval()
-
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> tuple[Path, Path]:

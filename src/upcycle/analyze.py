@@ -19,7 +19,7 @@ Definitions (per MoE layer; for routing also per validation domain):
     redrawn_share    fraction of the F neurons of gate, up, down re-drawn at conversion (from upcycle_redrawn.safetensors).
     similarity_EE    cosine between experts' flattened weights (gate, up, down concatenated).
 
-Run: `upcycle analyze MODEL_DIR --data DATA_DIR --out OUT [--dense DENSE_DIR] [--upcycled-from CONVERT_DIR]`.
+Run: `upcycle analyze MODEL_DIR --data DATA_DIR --out OUT [--dense DENSE_DIR] [--upcycled-from CONVERT_DIR] [--force]`.
 Shape legend: T tokens, D dim, F ffn_dim, E experts, K top_k, L layers.
 """
 
@@ -231,21 +231,27 @@ def analyze(
     dense_path: str | Path | None = None,
     dead_threshold: float = DEFAULT_DEAD_THRESHOLD,
     plots: bool = True,
+    force: bool = False,
 ) -> dict:
     """Routing, drift and expert-similarity analysis of an MoE checkpoint; writes OUT/analysis.json and PNGs.
 
     Statistics are computed for every MoE layer (one forward pass yields all of them); `layers` picks the layers drawn
     in the routing and similarity figures (default: first, middle, last). The dense parent for drift is `dense_path`,
     else the source recorded in the convert manifest (in the model directory or `manifest_dir`), else drift is skipped.
+
+    An existing, non-empty OUT is refused unless `force`. The output is built in a temporary sibling directory and
+    renamed into place when complete: a failed run leaves the previous analysis as it was, and a replaced one keeps
+    none of its old files.
     """
     from upcycle.convert import MANIFEST_NAME, load_redrawn
     from upcycle.data import check_data_fits, read_metadata, validation_batches
-    from upcycle.evaluate import check_model_dir
-    from upcycle.hf_model import load_model
-    from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP
+    from upcycle.files import check_output
+    from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP, check_model_dir, load_model
 
     path = check_model_dir(model_path)
     data_dir = Path(data_dir).expanduser()
+    inputs = [path, data_dir, *(Path(p).expanduser() for p in (manifest_dir, dense_path) if p is not None)]
+    out = check_output(out_dir, force=force, inputs=inputs, flag="--out")
     metadata = read_metadata(data_dir)
     manifest_path = _manifest_dir(path, manifest_dir)
     model = load_model(path).eval()
@@ -303,14 +309,26 @@ def analyze(
                 "dense": str(dense_source) if dense_source is not None else None,
                 "manifest": str(manifest_path) if manifest_path is not None else None,
                 "plot_layers": plot_layers, "layers": layer_results}
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+    figures = _publish_analysis(analysis, out, plot_layers if plots else None, inputs=inputs, force=force)
     if plots:
-        analysis["figures"] = [str(p) for p in (plot_routing(analysis, out / "routing.png", plot_layers),
-                                                plot_layer_summary(analysis, out / "layers.png"),
-                                                plot_similarity(analysis, out / "expert_similarity.png", plot_layers))]
+        analysis["figures"] = [str(out / name) for name in figures]
     return analysis
+
+
+def _publish_analysis(analysis: dict, out: Path, plot_layers: list[int] | None, *, inputs: list[Path],
+                      force: bool) -> list[str]:
+    """Write analysis.json (and the figures unless `plot_layers` is None) and publish them as `out` in one rename
+    (files.publish_dir); returns the figures' file names."""
+    from upcycle.files import publish_dir
+
+    with publish_dir(out, force=force, inputs=inputs, flag="--out") as tmp:
+        (tmp / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+        figures = []
+        if plot_layers is not None:
+            figures = [p.name for p in (plot_routing(analysis, tmp / "routing.png", plot_layers),
+                                        plot_layer_summary(analysis, tmp / "layers.png"),
+                                        plot_similarity(analysis, tmp / "expert_similarity.png", plot_layers))]
+    return figures
 
 
 def _pool(sums: list[dict]) -> dict:
@@ -427,13 +445,15 @@ def analyze_command(
     max_sequences: int = 32,
     batch_size: int = 8,
     domains: list[str] | None = None,
+    force: bool = False,
 ) -> None:
     """Routing per domain, expert drift from the dense parent and expert similarity of an MoE checkpoint.
 
     Args:
         model: MoE checkpoint directory: our training checkpoint or an HF MoE (e.g. the output of upcycle convert).
         data: Prepared data directory (data.json); each domain's validation sequences are routed.
-        out: Output directory for analysis.json, routing.png, layers.png and expert_similarity.png.
+        out: Output directory for analysis.json, routing.png, layers.png and expert_similarity.png; refused if it
+            exists and is not empty, unless --force.
         layers: MoE layers drawn in the routing and similarity figures (default: first, middle, last); statistics
             cover every layer.
         dense: Dense parent for expert drift (default: the source recorded in the convert manifest, if any).
@@ -443,9 +463,11 @@ def analyze_command(
         max_sequences: Validation sequences per domain.
         batch_size: Sequences per forward pass.
         domains: Only these domains (default: all in data.json).
+        force: Replace an existing output directory (only once the new analysis is complete).
     """
     analysis = analyze(model, data, out, layers=layers, seq_len=seq_len, max_sequences=max_sequences,
-                       batch_size=batch_size, domains=domains, manifest_dir=upcycled_from, dense_path=dense)
+                       batch_size=batch_size, domains=domains, manifest_dir=upcycled_from, dense_path=dense,
+                       force=force)
     print(f"{'layer':>5}{'JSD':>8}{'tok.H':>8}{'imbal.':>8}  dead experts (all domains)")
     for entry in analysis["layers"]:
         jsd = entry["specialization_jsd"]

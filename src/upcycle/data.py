@@ -130,7 +130,7 @@ def iter_documents(path: Path, *, text_field: str = "text") -> Iterator[str]:
                     raise UpcycleError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     raise UpcycleError(f"{path}:{line_number}: expected a JSON object with a string field "
-                                       f"{text_field!r} (choose another field with --text_field)")
+                                       f"{text_field!r} (choose another field with --text-field)")
                 if record[text_field]:
                     yield record[text_field]
     except UnicodeDecodeError as exc:
@@ -178,8 +178,10 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None):
             from transformers import AutoTokenizer
 
             hf_tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        except Exception as exc:
-            raise UpcycleError(f"no tokenizer.json in {directory} and transformers could not load one offline: {exc}")
+        except Exception as exc:  # transformers' reasons run over several lines; the first one names the cause
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(": ")
+            raise UpcycleError(f"no tokenizer.json in {directory} and transformers could not load a tokenizer from it "
+                               f"offline ({reason}); pass a directory with tokenizer.json or the file itself") from None
         if not getattr(hf_tokenizer, "is_fast", False):
             raise UpcycleError(f"the tokenizer in {directory} is not a fast tokenizer; save it with tokenizer.json")
         tokenizer = hf_tokenizer.backend_tokenizer
@@ -200,7 +202,7 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None):
         if eos_id is not None:
             return tokenizer, eos_id
     raise UpcycleError(f"cannot find an EOS token for the tokenizer at {path} (tried {candidates}); "
-                       "pass --eos_token with a token from its vocabulary")
+                       "pass --eos-token with a token from its vocabulary")
 
 
 def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
@@ -251,6 +253,31 @@ def _parse_sources(sources: Mapping[str, Sequence[str | Path]]) -> dict[str, lis
     return files
 
 
+def _refuse_repeated_files(files: Mapping[str, list[Path]], val_files: Mapping[str, list[Path]]) -> None:
+    """A file read twice is counted twice, and one in a domain's training and validation inputs leaks into its
+    validation loss: refuse any file (after resolving symlinks, and directories into their files) given twice."""
+    seen: dict[Path, str] = {}
+    for split, group in (("training", files), ("validation", val_files)):
+        for name, paths in group.items():
+            for path in paths:
+                where, real = f"{split} input of domain {name!r}", path.resolve()
+                if real in seen:
+                    raise UpcycleError(f"{path} is given twice (as {seen[real]} and as {where}); "
+                                       "list each input file once")
+                seen[real] = where
+
+
+def _refuse_output_in_input_dirs(out: Path, groups) -> None:
+    """An OUT inside an input directory would be read back as input (its .bin files as text) by the next run."""
+    out_real = out.resolve()
+    for paths in groups:
+        for path in [paths] if isinstance(paths, (str, Path)) else paths:
+            directory = Path(path).expanduser().resolve()
+            if directory.is_dir() and directory in out_real.parents:
+                raise UpcycleError(f"OUT {out} lies inside the input directory {path}; its files would be read as "
+                                   "input by the next run, choose an OUT outside the inputs")
+
+
 def prepare(
     sources: Mapping[str, Sequence[str | Path]],
     out: str | Path,
@@ -281,6 +308,8 @@ def prepare(
     val_files = _parse_sources(val_sources) if val_sources else {}
     inputs = [*(path for group in (files, val_files) for paths in group.values() for path in paths), tokenizer]
     check_output(out, force=force, inputs=inputs, flag="OUT")
+    _refuse_repeated_files(files, val_files)
+    _refuse_output_in_input_dirs(out, [*sources.values(), *(val_sources or {}).values()])
     if set(val_files) - set(files):
         raise UpcycleError(f"validation sources for {sorted(set(val_files) - set(files))} have no training sources")
     tok, eos_id = load_tokenizer(tokenizer, eos_token)
@@ -376,7 +405,11 @@ def _parse_domain_args(values: list[str] | None, flag: str) -> dict[str, list[st
         name, sep, paths = value.partition("=")
         if not sep or not name.strip() or not paths.strip():
             raise UpcycleError(f"{flag} {value!r} is not NAME=PATH[,PATH...]; e.g. {flag} english=corpus/en.jsonl.gz")
-        out.setdefault(name.strip(), []).extend(p.strip() for p in paths.split(",") if p.strip())
+        name = name.strip()
+        if name in out:  # two lists for one domain is almost always a typo for another domain's name
+            raise UpcycleError(f"{flag} names domain {name!r} twice; give all its paths once, "
+                               f"e.g. {flag} {name}=PATH,PATH")
+        out[name] = [p.strip() for p in paths.split(",") if p.strip()]
     return out
 
 

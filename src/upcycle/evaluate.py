@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from upcycle.errors import UpcycleError
+from upcycle.hf_model import check_model_dir
 
 SHIPPED_TASK = "upcycle_continuations"
 _TASK_DIR = Path(__file__).parent / "assets" / "lm_eval"
@@ -66,16 +67,6 @@ def domain_result(loss_sum: float, num_tokens: int, num_sequences: int) -> dict:
 
 # --------------------------------------------------------------------------------------------------------------------
 # I/O
-
-
-def check_model_dir(model_path: str | Path) -> Path:
-    """The checkpoint directory, or an UpcycleError that says what a checkpoint directory must hold."""
-    path = Path(model_path).expanduser()
-    if not path.is_dir():
-        raise UpcycleError(f"model {path} does not exist; pass a checkpoint directory (ours or Hugging Face)")
-    if not (path / "config.json").is_file():
-        raise UpcycleError(f"{path} has no config.json; pass a checkpoint directory (ours or Hugging Face)")
-    return path
 
 
 @torch.no_grad()

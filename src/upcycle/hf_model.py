@@ -256,6 +256,16 @@ def is_our_checkpoint(path: str | Path) -> bool:
     return config_path.exists() and "model" in json.loads(config_path.read_text())
 
 
+def check_model_dir(model_path: str | Path) -> Path:
+    """The checkpoint directory, or an UpcycleError that says what a checkpoint directory must hold."""
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        raise UpcycleError(f"model {path} does not exist; pass a checkpoint directory (ours or Hugging Face)")
+    if not (path / "config.json").is_file():
+        raise UpcycleError(f"{path} has no config.json; pass a checkpoint directory (ours or Hugging Face)")
+    return path
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
     """Our Transformer from either our checkpoint directory or an HF one, detected by config.json's "model" key."""
     path = Path(path)

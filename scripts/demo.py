@@ -5,13 +5,16 @@ top-2 MoE twice, with Drop-Upcycling (r = 0.5) and naively; both are trained for
 committed corpus sample; the dense seed and both MoEs are evaluated per domain; the routing of both MoEs is analysed;
 and runs/demo/report.md is written with its plots.
 
-Run: `python -m upcycle.demo [--out runs/demo] [--steps N]`.
+Run: `python scripts/demo.py [--out runs/demo] [--steps N] [--seed-model DIR]` (what `make demo` runs), with the
+`upcycle` package installed. The demo is a script of the source checkout, not part of the installed package: it needs
+the checkout's committed seed model, corpus sample and config, found beside this file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,10 +25,11 @@ from upcycle.convert import convert
 from upcycle.data import prepare
 from upcycle.errors import UpcycleError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]  # scripts/demo.py -> the checkout
 SEED_DIR = REPO / "assets" / "seed"
 SAMPLE_DIR = REPO / "data" / "sample"
 DEMO_CONFIG = REPO / "configs" / "demo-moe.yaml"
+EXPERIMENTS = REPO / "docs" / "experiments.md"
 DOMAINS = ("english", "japanese", "code")
 ARMS = {"naive": dict(method="naive"), "drop": dict(method="drop", ratio=0.5, index_mode="independent")}
 
@@ -104,6 +108,19 @@ def _table(evals: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _link(out: Path, target: Path) -> str:
+    """`target` relative to the report's directory, so the link works in the checkout and on a forge."""
+    return Path(os.path.relpath(target.resolve(), out.resolve())).as_posix()
+
+
+def dead_expert_cells(layer: dict) -> tuple[str, str]:
+    """Two table cells from one layer of analysis.json: the experts no token of any domain reaches (`all_domains`),
+    and each domain's own dead experts (`routing.DOMAIN`); "none" where there are none."""
+    pooled = layer["all_domains"]["dead_experts"]
+    per_domain = [f"{d}: {r['dead_experts']}" for d, r in sorted(layer["routing"].items()) if r["dead_experts"]]
+    return (str(pooled) if pooled else "none"), ("; ".join(per_domain) or "none")
+
+
 def write_report(out: Path, *, seed_dir: Path, steps: int, tokens: int, evals: dict, analyses: dict, seconds: float) -> Path:
     seed_info = json.loads((seed_dir / "upcycle_seed.json").read_text()) if (seed_dir / "upcycle_seed.json").is_file() \
         else {}
@@ -121,6 +138,8 @@ def write_report(out: Path, *, seed_dir: Path, steps: int, tokens: int, evals: d
         "each expert. The paper's claim is about the long run (Drop-Upcycling overtakes after tens of billions of "
         "tokens); nothing here tests that claim.",
         "",
+        f"The paper's long-run claim is tested in the comparison study, [docs/experiments.md]({_link(out, EXPERIMENTS)}).",
+        "",
         "## Training loss",
         "",
         "![training loss](loss.png)",
@@ -136,12 +155,12 @@ def write_report(out: Path, *, seed_dir: Path, steps: int, tokens: int, evals: d
         lines += [f"### {arm}", "", f"![routing {arm}](routing_{arm}.png)", ""]
         spec = analysis.get("layers", [])
         if spec:
-            lines.append("| layer | domain specialization (mean JSD) | dead experts (any domain) |")
-            lines.append("| --- | --- | --- |")
+            lines.append("| layer | domain specialization (mean JSD) | dead experts (all domains) | "
+                         "dead experts per domain |")
+            lines.append("| --- | --- | --- | --- |")
             for layer in spec:
-                dead = sorted({e for d in layer.get("dead_experts", {}).values() for e in d}) \
-                    if isinstance(layer.get("dead_experts"), dict) else layer.get("dead_experts", [])
-                lines.append(f"| {layer['layer']} | {layer['specialization_jsd']:.4f} | {dead or '-'} |")
+                pooled, per_domain = dead_expert_cells(layer)
+                lines.append(f"| {layer['layer']} | {layer['specialization_jsd']:.4f} | {pooled} | {per_domain} |")
             lines.append("")
     lines += [
         "Files: `naive/`, `drop/` (converted checkpoints with their manifests), `train-naive/`, `train-drop/` "
