@@ -224,3 +224,25 @@ def test_export_format_names_what_fits_the_checkpoint(tmp_path):
     with pytest.raises(UpcycleError, match=r"unknown --format 'gpt2'; choose auto, mixtral"):
         export_hf(dense, dense.config, tmp_path / "c", fmt="gpt2")
     assert not list(tmp_path.glob("[abc]"))
+
+
+def test_export_and_save_model_write_byte_identical_world_readable_files(tmp_path):
+    """Users compare hashes: two exports of one checkpoint are byte-identical, and every file is 0644 like the rest
+    of a checkpoint directory (safetensors' own writer made model.safetensors 0600)."""
+    import hashlib
+    import os
+    import stat
+
+    model = build_hf(CASES["qwen3_moe_tied_no_renorm"][0]())
+    model.save_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
+    save_model(ours, tmp_path / "ours")
+    for name in ("a", "b"):
+        export_command(str(tmp_path / "ours"), str(tmp_path / name))
+    umask = os.umask(0)
+    os.umask(umask)
+    for directory in ("ours", "a"):
+        for path in (tmp_path / directory).iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    digest = {n: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / n).iterdir()} for n in "ab"}
+    assert digest["a"] == digest["b"]

@@ -29,7 +29,7 @@ from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir
 from upcycle.model import ModelConfig, Transformer
-from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader, read_header
+from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader, read_header, save_tensors
 from upcycle.upcycling import init_shared_expert
 
 # Our state-dict names for the per-layer roles of hf_formats (the only place they are paired).
@@ -236,14 +236,12 @@ def export_hf(
     """Write an HF checkpoint directory (config.json + model.safetensors) that AutoModelForCausalLM loads; with
     `tokenizer`, that directory's tokenizer files are copied in too, so the export is usable on its own. An existing
     `out_dir` is refused unless `force`; `inputs` (the directories read) must not be or lie inside `out_dir`."""
-    from safetensors.torch import save_file
-
     state_dict = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
                   else model_or_state_dict)
     hf_cfg, tensors = state_dict_to_hf(state_dict, config, fmt, dtype)
     out_dir = Path(out_dir)
     with publish_dir(out_dir, force=force, inputs=inputs, flag="OUT") as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(tmp / "model.safetensors", tensors, {"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         for name in hf.TOKENIZER_FILES if tokenizer is not None else ():
             if (Path(tokenizer) / name).is_file() and name != "generation_config.json":
@@ -288,12 +286,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transfor
 def save_model(model: Transformer, out_dir: str | Path, *, force: bool = False) -> Path:
     """Our own checkpoint format (model.safetensors + config.json {"model": ModelConfig}); the trainer adds to it.
     An existing `out_dir` is refused unless `force`."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     with publish_dir(out_dir, force=force, flag="OUT") as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(tmp / "model.safetensors", tensors, {"format": "pt"})
         from upcycle.checkpoint import model_config_record
 
         (tmp / "config.json").write_text(json.dumps(model_config_record(asdict(model.config)), indent=2) + "\n")
