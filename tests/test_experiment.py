@@ -80,7 +80,8 @@ def experiment_dict(tiny: dict, arms: list[dict] | None = None, **changes) -> di
                          {"name": "naive", "kind": "naive"}, {"name": "drop", "kind": "drop", "ratio": 0.5},
                          {"name": "btx", "kind": "btx", "branch_tokens": 512, "include_seed": False}],
         "recipe": {"optim": {"lr": 3e-3, "min_lr": 3e-4}, "schedule": {"warmup_steps": 1},
-                   "train": {"global_batch_tokens": 256, "micro_batch_size": 8}, "logging": {"progress": False}},
+                   "train": {"global_batch_tokens": 256, "micro_batch_size": 8, "precision": "fp32"},
+                   "logging": {"progress": False}},
     }
     config.update(changes)
     return config

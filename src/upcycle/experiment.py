@@ -417,15 +417,13 @@ def steps_tokens(config: ExperimentConfig) -> int:
     return _recipe_as_train_config(config).train.global_batch_tokens
 
 
-def _validate_train_config(values: dict, where: str) -> dict:
-    from upcycle.train import config_from_dict, config_to_dict, validate_config
+def _validate_train_config(values: dict, where: str) -> None:
+    from upcycle.train import config_from_dict, validate_config
 
     try:
-        config = config_from_dict(copy.deepcopy(values))
-        validate_config(config)
+        validate_config(config_from_dict(copy.deepcopy(values)))
     except UpcycleError as exc:
         raise UpcycleError(f"{where}: {exc}") from None
-    return config_to_dict(config)
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
@@ -692,7 +690,8 @@ def run_arm(ctx: _Context, arm: ArmSpec) -> dict:
     train = train_config_dict(ctx.config, init_source=init_dir, max_steps=ctx.total_steps,
                               data_path=str(ctx.data_dir))
     val_sets = validation_batches(ctx.data_dir, seq_len=ctx.config.data.seq_len,
-                                  batch_size=_recipe_as_train_config(ctx.config).train.micro_batch_size,
+                                  # only the speed of measuring depends on the batch size (empty: the trainer picks)
+                                  batch_size=_recipe_as_train_config(ctx.config).train.micro_batch_size or 8,
                                   max_sequences=ctx.config.eval_sequences)
 
     def measured(step: int) -> Path:
