@@ -241,6 +241,23 @@ def _parse_data(values: Any, seed_model: str) -> DataSpec:
     return spec
 
 
+def _check_data_fits_seed(spec: DataSpec, seed_config: dict) -> None:
+    """Token ids and sequence length the seed model can take (checked here, before any work)."""
+    if spec.path is not None:
+        vocab_size, where = json.loads((Path(spec.path) / "data.json").read_text())["vocab_size"], "data.path"
+    else:
+        from upcycle.data import load_tokenizer
+
+        tokenizer, _ = load_tokenizer(spec.tokenizer)
+        vocab_size, where = tokenizer.get_vocab_size(with_added_tokens=True), "data.tokenizer"
+    if vocab_size > seed_config.get("vocab_size", 0):
+        raise _fail(where, f"has {vocab_size} token ids but seed_model's vocab_size is {seed_config.get('vocab_size')}; "
+                    "use the seed's tokenizer")
+    max_positions = seed_config.get("max_position_embeddings")
+    if max_positions is not None and spec.seq_len > max_positions:
+        raise _fail("data.seq_len", f"{spec.seq_len} exceeds seed_model's max_position_embeddings {max_positions}")
+
+
 def _data_domains(spec: DataSpec) -> list[str]:
     if spec.path is not None:
         return sorted(json.loads((Path(spec.path) / "data.json").read_text())["domains"])
@@ -328,6 +345,7 @@ def parse_config(values: Any) -> ExperimentConfig:
     seed = _int(values.get("seed", 0), "seed", 0)
     data = _parse_data(values.get("data"), seed_model)
     domains = _data_domains(data)
+    _check_data_fits_seed(data, seed_config)
     if data.weights is not None:
         unknown = sorted(set(data.weights) - set(domains))
         if unknown:
