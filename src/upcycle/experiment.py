@@ -10,7 +10,7 @@ Run:
 
 Layout of OUT (everything is written atomically; re-running the same command resumes):
 
-    experiment.yaml           the resolved config; a different config on the same OUT is refused
+    experiment.yaml           the resolved config; a different config on the same OUT is refused (added arms are not)
     data/                     the tokenized data, when the config gives raw `sources`
     arms/NAME/init/           the arm's model before training (upcycle convert's output; not for `dense`)
     arms/NAME/run/            an ordinary `upcycle train` run directory (config.yaml, metrics.jsonl, checkpoints/)
