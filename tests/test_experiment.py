@@ -80,7 +80,6 @@ def experiment_dict(tiny: dict, arms: list[dict] | None = None, **changes) -> di
                          {"name": "naive", "kind": "naive"}, {"name": "drop", "kind": "drop", "ratio": 0.5},
                          {"name": "btx", "kind": "btx", "branch_tokens": 512, "include_seed": False}],
         "recipe": {"optim": {"lr": 3e-3, "min_lr": 3e-4}, "schedule": {"warmup_steps": 1},
-                   # fp32 pinned: the exact comparisons below need it (auto means bf16 on a CPU with native bf16)
                    "train": {"global_batch_tokens": 256, "micro_batch_size": 8, "precision": "fp32"},
                    "logging": {"progress": False}},
     }
@@ -110,8 +109,9 @@ def experiment_dict(tiny: dict, arms: list[dict] | None = None, **changes) -> di
     ({"recipe": {"train": {"global_batch_tokens": 100}}}, "recipe: train.global_batch_tokens"),
     ({"seed_model": "/nonexistent"}, "seed_model"),
     ({"data": {"path": "/nonexistent", "seq_len": 32}}, "data.path"),
-    ({"data": {"path": "DATA", "weights": {"klingon": 1.0}}}, "data.weights"),
+    ({"data": {"path": "DATA", "seq_len": 32, "weights": {"klingon": 1.0}}}, "data.weights"),
     ({"colour": "blue"}, "colour"),
+    ({"data": {"path": "DATA", "seq_len": 256}}, "data.seq_len"),  # the tiny seed takes 128 positions
 ])
 def test_invalid_configs_name_the_field(tiny, change, field):
     config = experiment_dict(tiny)
@@ -300,3 +300,9 @@ def test_sigkill_then_rerun_with_parallel_finishes_exactly_as_an_uninterrupted_r
         assert mine["curve"] == theirs["curve"]
         assert mine["similarity"] == theirs["similarity"]
         assert mine["data_sha256"] == theirs["data_sha256"]
+
+
+def test_data_with_more_token_ids_than_the_seed_is_refused_before_any_work(tiny, tmp_path):
+    small = save_dense(tmp_path / "small-seed", "llama", vocab_size=32)  # the data uses 64 ids
+    with pytest.raises(UpcycleError, match="^data.path: has 64 token ids but seed_model's vocab_size is 32"):
+        parse_config(experiment_dict(tiny, seed_model=str(small)))

@@ -10,7 +10,7 @@ Run:
 
 Layout of OUT (everything is written atomically; re-running the same command resumes):
 
-    experiment.yaml           the resolved config; a different config on the same OUT is refused
+    experiment.yaml           the resolved config; a different config on the same OUT is refused (added arms are not)
     data/                     the tokenized data, when the config gives raw `sources`
     arms/NAME/init/           the arm's model before training (upcycle convert's output; not for `dense`)
     arms/NAME/run/            an ordinary `upcycle train` run directory (config.yaml, metrics.jsonl, checkpoints/)
@@ -241,6 +241,23 @@ def _parse_data(values: Any, seed_model: str) -> DataSpec:
     return spec
 
 
+def _check_data_fits_seed(spec: DataSpec, seed_config: dict) -> None:
+    """Token ids and sequence length the seed model can take (checked here, before any work)."""
+    if spec.path is not None:
+        vocab_size, where = json.loads((Path(spec.path) / "data.json").read_text())["vocab_size"], "data.path"
+    else:
+        from upcycle.data import load_tokenizer
+
+        tokenizer, _ = load_tokenizer(spec.tokenizer)
+        vocab_size, where = tokenizer.get_vocab_size(with_added_tokens=True), "data.tokenizer"
+    if vocab_size > seed_config.get("vocab_size", 0):
+        raise _fail(where, f"has {vocab_size} token ids but seed_model's vocab_size is {seed_config.get('vocab_size')}; "
+                    "use the seed's tokenizer")
+    max_positions = seed_config.get("max_position_embeddings")
+    if max_positions is not None and spec.seq_len > max_positions:
+        raise _fail("data.seq_len", f"{spec.seq_len} exceeds seed_model's max_position_embeddings {max_positions}")
+
+
 def _data_domains(spec: DataSpec) -> list[str]:
     if spec.path is not None:
         return sorted(json.loads((Path(spec.path) / "data.json").read_text())["domains"])
@@ -328,6 +345,7 @@ def parse_config(values: Any) -> ExperimentConfig:
     seed = _int(values.get("seed", 0), "seed", 0)
     data = _parse_data(values.get("data"), seed_model)
     domains = _data_domains(data)
+    _check_data_fits_seed(data, seed_config)
     if data.weights is not None:
         unknown = sorted(set(data.weights) - set(domains))
         if unknown:
@@ -417,15 +435,13 @@ def steps_tokens(config: ExperimentConfig) -> int:
     return _recipe_as_train_config(config).train.global_batch_tokens
 
 
-def _validate_train_config(values: dict, where: str) -> dict:
-    from upcycle.train import config_from_dict, config_to_dict, validate_config
+def _validate_train_config(values: dict, where: str) -> None:
+    from upcycle.train import config_from_dict, validate_config
 
     try:
-        config = config_from_dict(copy.deepcopy(values))
-        validate_config(config)
+        validate_config(config_from_dict(copy.deepcopy(values)))
     except UpcycleError as exc:
         raise UpcycleError(f"{where}: {exc}") from None
-    return config_to_dict(config)
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
@@ -692,7 +708,8 @@ def run_arm(ctx: _Context, arm: ArmSpec) -> dict:
     train = train_config_dict(ctx.config, init_source=init_dir, max_steps=ctx.total_steps,
                               data_path=str(ctx.data_dir))
     val_sets = validation_batches(ctx.data_dir, seq_len=ctx.config.data.seq_len,
-                                  batch_size=_recipe_as_train_config(ctx.config).train.micro_batch_size,
+                                  # only the speed of measuring depends on the batch size (empty: the trainer picks)
+                                  batch_size=_recipe_as_train_config(ctx.config).train.micro_batch_size or 8,
                                   max_sequences=ctx.config.eval_sequences)
 
     def measured(step: int) -> Path:

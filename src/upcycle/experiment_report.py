@@ -21,6 +21,12 @@ RESULT_FIELDS = ("name", "method", "ratio", "index_mode", "tokens", "steps", "ac
                  "data_sha256", "data_sha256_by_step", "branches", "seconds")
 
 
+def display_path(path: str) -> str:
+    """A path relative to the current directory when it lies below it (results read the same on every machine)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(path)
+
+
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
@@ -39,7 +45,7 @@ def build_results(config: ExperimentConfig, arms: list[dict], *, tokens_per_step
         out_arms.append(entry)
     moe_hashes = {arm["data_sha256"] for arm in arms if arm["method"] in MOE_KINDS}
     return {
-        "seed_model": config.seed_model, "seed": config.seed, "num_experts": config.num_experts,
+        "seed_model": display_path(config.seed_model), "seed": config.seed, "num_experts": config.num_experts,
         "top_k": config.top_k, "domains": config.domains, "budget_tokens": config.budget_tokens,
         "tokens_per_step": tokens_per_step,
         "eval_tokens": [p["tokens"] for p in arms[0]["curve"]] if arms else [],
@@ -104,9 +110,10 @@ def plot_loss_curves(results: dict, path: Path) -> Path:
         ax.grid(alpha=0.3, which="both")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes[0, 0].legend(fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
     fig.suptitle("validation loss against training tokens (same recipe, data order and budget)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
