@@ -18,6 +18,7 @@ from helpers import make_data_dir, save_dense, subprocess_env, write_config, wri
 from upcycle.errors import UpcycleError
 from upcycle.experiment import (
     eval_steps,
+    gap_to_reference,
     mean_offdiagonal,
     parse_config,
     run_experiment,
@@ -27,6 +28,15 @@ from upcycle.experiment import (
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure functions
+
+
+def test_gap_to_reference_is_the_loss_difference_at_shared_points_negative_when_ahead():
+    reference = [{"tokens": 0, "mean": 3.0}, {"tokens": 10, "mean": 2.5}, {"tokens": 20, "mean": 2.0}]
+    arm = [{"tokens": 0, "mean": 6.0}, {"tokens": 10, "mean": 2.75}, {"tokens": 20, "mean": 1.9}, {"tokens": 30, "mean": 1}]
+    gap = gap_to_reference(arm, reference)
+    assert [p["tokens"] for p in gap] == [0, 10, 20]  # 30: the reference has no point there
+    assert [p["mean"] for p in gap] == pytest.approx([3.0, 0.25, -0.1])
+    assert gap_to_reference(reference, reference) == [{"tokens": t, "mean": 0.0} for t in (0, 10, 20)]
 
 
 def test_tokens_to_target_interpolates_between_the_points_around_the_first_crossing():
@@ -184,8 +194,12 @@ def test_every_arm_kind_runs_and_results_hold_the_issue_schema(finished):
     assert arms["naive"]["flops"] == 6 * arms["naive"]["active_params"] * 1024
     assert arms["naive"]["active_params"] < arms["naive"]["total_params"]
     assert arms["btx"]["flops"] == 6 * arms["btx"]["active_params"] * 1024 + 6 * arms["dense"]["active_params"] * 1024
-    for name in ("report.md", "loss_curves.png", "specialization.png", "similarity.png", "routing_naive.png",
-                 "routing_btx.png"):
+    drop_gap = arms["drop"]["gap_to_naive"]
+    assert [p["tokens"] for p in drop_gap] == [p["tokens"] for p in arms["naive"]["curve"]]
+    assert drop_gap[-1]["mean"] == pytest.approx(arms["drop"]["final"]["mean"] - arms["naive"]["final"]["mean"])
+    assert f"{drop_gap[-1]['mean']:+.3f}" in (out / "report.md").read_text()
+    for name in ("report.md", "loss_curves.png", "gap_to_naive.png", "specialization.png", "similarity.png",
+                 "routing_naive.png", "routing_btx.png"):
         assert (out / name).stat().st_size > 0, name
     assert "routing_dense.png" not in {p.name for p in out.iterdir()}
 

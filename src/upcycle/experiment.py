@@ -510,6 +510,13 @@ def tokens_to_target(curve: list[tuple[int, float]], target: float) -> int | Non
     return None
 
 
+def gap_to_reference(curve: list[dict], reference: list[dict], key: str = "mean") -> list[dict]:
+    """An arm's loss minus the reference arm's at every evaluation point both measured (same tokens): negative where
+    the arm is ahead. Both curves are lists of {"tokens", key: loss}."""
+    at = {p["tokens"]: p[key] for p in reference}
+    return [{"tokens": p["tokens"], key: p[key] - at[p["tokens"]]} for p in curve if p["tokens"] in at]
+
+
 def mean_offdiagonal(similarity_EE: np.ndarray) -> float:
     """Mean pairwise cosine similarity between experts: the mean of the off-diagonal entries (1.0 for copies)."""
     similarity_EE = np.asarray(similarity_EE, dtype=np.float64)

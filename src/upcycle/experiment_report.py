@@ -14,7 +14,8 @@ import math
 import os
 from pathlib import Path
 
-from upcycle.experiment import MOE_KINDS, RESULTS_FILE, REPORT_FILE, ExperimentConfig, tokens_to_target
+from upcycle.experiment import (MOE_KINDS, RESULTS_FILE, REPORT_FILE, ExperimentConfig, gap_to_reference,
+                                 tokens_to_target)
 
 RESULT_FIELDS = ("name", "method", "ratio", "index_mode", "tokens", "steps", "active_params", "total_params", "flops",
                  "final", "curve", "tokens_to_naive_final", "specialization", "similarity", "routing_final",
@@ -42,6 +43,7 @@ def build_results(config: ExperimentConfig, arms: list[dict], *, tokens_per_step
         entry = {key: arm.get(key) for key in RESULT_FIELDS if key in arm or key == "tokens_to_naive_final"}
         entry["tokens_to_naive_final"] = None if target is None else tokens_to_target(
             [(p["tokens"], p["mean"]) for p in arm["curve"]], target)
+        entry["gap_to_naive"] = None if naive is None else gap_to_reference(arm["curve"], naive["curve"])
         out_arms.append(entry)
     moe_hashes = {arm["data_sha256"] for arm in arms if arm["method"] in MOE_KINDS}
     return {
@@ -59,6 +61,8 @@ def write_outputs(out: Path, config: ExperimentConfig, arms: list[dict], *, toke
                   threads: int) -> dict:
     results = build_results(config, arms, tokens_per_step=tokens_per_step)
     figures = [plot_loss_curves(results, out / "loss_curves.png")]
+    if results["reference"]["arm"] is not None:
+        figures.append(plot_gap_to_naive(results, out / "gap_to_naive.png"))
     moe = [arm for arm in results["arms"] if arm["method"] in MOE_KINDS]
     if moe:
         figures.append(plot_over_training(results, out / "specialization.png", "specialization", "jsd",
@@ -114,6 +118,31 @@ def plot_loss_curves(results: dict, path: Path) -> Path:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8)
     fig.suptitle("validation loss against training tokens (same recipe, data order and budget)", fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_gap_to_naive(results: dict, path: Path) -> Path:
+    """Each arm's mean validation loss minus naive upcycling's at the same tokens: where the loss curves of the arms
+    near the end crowd together, this shows who is ahead and whether a gap is closing. Symmetric-log loss axis, so a
+    gap of 5 nats early and of 0.01 late are both readable; below 0 the arm is ahead of naive."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for index, arm in enumerate(results["arms"]):
+        if arm["name"] == results["reference"]["arm"] or not arm.get("gap_to_naive"):
+            continue
+        points = [(p["tokens"], p["mean"]) for p in arm["gap_to_naive"] if p["tokens"] > 0]
+        if points:
+            ax.plot(*zip(*points), label=arm["name"], **_style(arm, index))
+    ax.axhline(0.0, color="gray", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=0.05)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(f"mean loss minus {results['reference']['arm']}'s (nats; symlog)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -210,6 +239,21 @@ def report_markdown(results: dict, config: ExperimentConfig, *, threads: int) ->
         "![loss curves](loss_curves.png)",
         "",
     ]
+    if reference["final_mean"] is not None:
+        others = [arm for arm in results["arms"] if arm["name"] != reference["arm"]]
+        lines += [
+            f"## Gap to `{reference['arm']}` (mean loss minus its, nats; negative: ahead)",
+            "",
+            "![gap to naive](gap_to_naive.png)",
+            "",
+            "| tokens | " + " | ".join(arm["name"] for arm in others) + " |",
+            "| --- |" + " --- |" * len(others),
+        ]
+        gaps = [{p["tokens"]: p["mean"] for p in arm["gap_to_naive"]} for arm in others]
+        for tokens in results["eval_tokens"]:
+            cells = [f"{gap[tokens]:+.3f}" if tokens in gap else "-" for gap in gaps]
+            lines.append(f"| {tokens:,} | " + " | ".join(cells) + " |")
+        lines.append("")
     moe = [arm for arm in results["arms"] if arm["method"] in MOE_KINDS]
     if moe:
         lines += [
