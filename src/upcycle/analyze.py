@@ -198,9 +198,9 @@ def _dense_ffns(dense_path: Path, config) -> list[dict[str, Tensor]]:
     c = dense.config
     if c.is_moe:
         raise UpcycleError(f"--dense {dense_path} is an MoE model; pass the dense parent the MoE was upcycled from")
-    if (c.num_layers, c.dim, c.ffn_dim) != (config.num_layers, config.dim, config.ffn_dim):
+    if (c.num_layers, c.dim) != (config.num_layers, config.dim) or c.ffn_dim % config.expert_dim:
         raise UpcycleError(f"--dense {dense_path} has (layers, dim, ffn_dim) = {(c.num_layers, c.dim, c.ffn_dim)} but "
-                           f"the MoE has {(config.num_layers, config.dim, config.ffn_dim)}; it is not the parent")
+                           f"the MoE has {(config.num_layers, config.dim, config.expert_dim)}; it is not the parent")
     return [{"gate": layer.ffn.gate.weight.detach(), "up": layer.ffn.up.weight.detach(),
              "down": layer.ffn.down.weight.detach()} for layer in dense.layers]
 
@@ -273,9 +273,9 @@ def analyze(
         if dense_source is None and manifest["options"]["method"] != "btx":  # btx experts come from several parents
             dense_source = Path(manifest["sources"][0]["path"])
         redrawn = load_redrawn(manifest_path)
-        if tuple(redrawn.shape) != (L, E, 3, config.ffn_dim):
+        if tuple(redrawn.shape) != (L, E, 3, config.expert_dim):
             raise UpcycleError(f"the re-drawn masks in {manifest_path} have shape {tuple(redrawn.shape)}, the model "
-                               f"needs {(L, E, 3, config.ffn_dim)}; --upcycled-from names a different conversion")
+                               f"needs {(L, E, 3, config.expert_dim)}; --upcycled-from names a different conversion")
     if dense_source is not None and not dense_source.is_dir():
         raise UpcycleError(f"dense parent {dense_source} does not exist; pass --dense DIR")
     dense = _dense_ffns(dense_source, config) if dense_source is not None else None
@@ -290,8 +290,8 @@ def analyze(
         entry = {"layer": i, "routing": routing, "all_domains": pooled,
                  "specialization_jsd": mean_pairwise_jsd({d: np.array(r["share"]) for d, r in routing.items()}),
                  "expert_similarity": expert_similarity(experts).tolist()}
-        if dense is not None:
-            entry["drift"] = expert_drift(experts, dense[i])
+        if dense is not None and dense[i]["gate"].shape == experts["gate"].shape[1:]:
+            entry["drift"] = expert_drift(experts, dense[i])  # fine-grained experts (F/G) have no whole dense twin
         if redrawn_by is not None:
             entry["redrawn_share"] = [{k: float(v[i, e]) for k, v in redrawn_by.items()} for e in range(E)]
         layer_results.append(entry)

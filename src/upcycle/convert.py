@@ -13,6 +13,7 @@ Run: `upcycle convert DENSE_DIR OUT_DIR --method drop --ratio 0.5 --num-experts 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -49,10 +50,14 @@ from upcycle.upcycling import (
     btx_mean,
     btx_source_of_expert,
     derived_generator,
+    fine_grained_slice,
+    granular_scale,
     init_router,
     init_shared_expert,
     scratch_tensor,
+    segment_neurons,
     upcycle_expert,
+    virtual_group_router,
 )
 
 MANIFEST_NAME = "upcycle_manifest.json"
@@ -73,8 +78,11 @@ class ConvertOptions:
         method: drop (Drop-Upcycling), naive (exact copies), noise (add N(0, noise_std^2) to the selected neurons),
             scratch (HF default init everywhere) or btx (Branch-Train-MiX over --btx-sources).
         ratio: Fraction r of each expert's FFN neurons re-drawn (drop) or perturbed (noise), in [0, 1].
-        num_experts: Number of experts E per layer.
-        top_k: Experts per token K (1 <= K <= E).
+        num_experts: Number of experts E per layer (fine-grained experts: a multiple of --granularity).
+        top_k: Experts per token K (1 <= K <= E; a multiple of --granularity).
+        granularity: G: split the dense FFN's F neurons into G segments of F/G (a seeded permutation, recorded in the
+            manifest); every expert is one segment, E / G copies of the dense FFN, one router row per copy (virtual
+            groups) and down projections times G, so r = 0 is still the dense function.
         seed: Seed from which every (layer, expert, matrix) draw derives its own generator.
         index_mode: independent (a fresh neuron set for gate, up and down, as the authors' released code behind every
             published number; the default) or shared (one set per expert for all three, as the paper's text).
@@ -97,6 +105,7 @@ class ConvertOptions:
     ratio: float = 0.5
     num_experts: int = 8
     top_k: int = 2
+    granularity: int = 1
     seed: int = DEFAULT_SEED
     index_mode: str = field(default="independent", metadata={"choices": INDEX_MODES})
     stats: str = field(default="slice", metadata={"choices": STATS_MODES})
@@ -120,6 +129,7 @@ class ConvertOptions:
             raise UpcycleError(f"--num-experts must be at least 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
             raise UpcycleError(f"--top-k must lie in [1, num_experts={self.num_experts}], got {self.top_k}")
+        self._validate_granularity()
         if self.router_init not in ROUTER_INITS:
             raise UpcycleError(f"unknown --router-init {self.router_init!r}; choose one of {', '.join(ROUTER_INITS)}")
         if self.router_std < 0:
@@ -135,6 +145,28 @@ class ConvertOptions:
         if self.shared_expert_dim is not None and self.shared_expert_dim < 1:
             raise UpcycleError("--shared-expert-dim must be at least 1")
         parse_size(self.max_shard_size)
+
+    def _validate_granularity(self) -> None:
+        g = self.granularity
+        if g < 1:
+            raise UpcycleError(f"--granularity must be at least 1, got {g}")
+        if g == 1:
+            return
+        if self.num_experts % g:
+            raise UpcycleError(f"--num-experts {self.num_experts} is not a multiple of --granularity {g}; use "
+                               f"--num-experts {g * max(1, round(self.num_experts / g))}")
+        if self.top_k % g:
+            raise UpcycleError(f"--top-k {self.top_k} is not a multiple of --granularity {g} (tokens must pick whole "
+                               f"copies of the dense FFN); use --top-k {g * max(1, round(self.top_k / g))}")
+        if self.method == "btx":
+            raise UpcycleError("--granularity above 1 does not combine with --method btx; use --granularity 1")
+
+    def check_shapes(self, shapes: hf.Shapes) -> None:
+        """What can only be checked against the source's sizes (before anything is written)."""
+        if shapes.ffn_dim % self.granularity:
+            divisors = [g for g in range(2, 17) if shapes.ffn_dim % g == 0]
+            raise UpcycleError(f"the dense FFN size {shapes.ffn_dim} is not divisible by --granularity "
+                               f"{self.granularity}; choose one of {', '.join(map(str, divisors)) or '1'}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -200,8 +232,9 @@ class Entry:
     expert: int = -1
 
 
-def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int) -> list[Entry]:
+def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int, granularity: int = 1) -> list[Entry]:
     out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
+    expert_shapes = dataclasses.replace(shapes, ffn_dim=shapes.ffn_dim // granularity)
     entries = [Entry(hf.EMBED_KEY, (shapes.vocab_size, shapes.dim), "embed")]
     for layer in range(shapes.num_layers):
         for role, shape in hf.attention_roles(out_shapes).items():
@@ -209,7 +242,8 @@ def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int) -> l
         entries.append(Entry(hf.router_key(fmt, layer), (num_experts, shapes.dim), "router", layer))
         for e in range(num_experts):
             for m in MATRICES:
-                entries.append(Entry(hf.expert_key(fmt, layer, e, m), hf.ffn_shape(shapes, m), "expert", layer, m, e))
+                entries.append(Entry(hf.expert_key(fmt, layer, e, m), hf.ffn_shape(expert_shapes, m), "expert", layer,
+                                     m, e))
         if fmt == "qwen2_moe":
             keys = hf.shared_expert_keys(layer)
             sizes = hf.shared_expert_shapes(shapes.dim, shared_dim)
@@ -242,7 +276,7 @@ class _Record:
     """What the manifest says about the conversion, filled while producing."""
 
     layers: list[dict] = field(default_factory=list)
-    redrawn_LEMF: np.ndarray | None = None  # (L, E, 3, F) bool
+    redrawn_LEMF: np.ndarray | None = None  # (L, E, 3, F / G) bool
 
 
 _ROLE_KIND = {"attn_norm": "norm", "ffn_norm": "norm", "q_norm": "norm", "k_norm": "norm",
@@ -273,6 +307,10 @@ class _Producer:
         self.upcycle_opts = opts.upcycle_options(self.init_std)
         self.expert_source = (btx_source_of_expert(opts.num_experts, len(readers)) if opts.method == "btx"
                               else [0] * opts.num_experts)
+        # fine-grained experts: expert e is segment e % G of copy e // G, its down projection scaled (granular_scale)
+        self.scale = (granular_scale(opts.granularity, renormalize=True)
+                      if opts.granularity > 1 and opts.method != "scratch" else 1.0)
+        self._segments: tuple[int, torch.Tensor] | None = None  # (layer, (G, F/G) neuron indices)
         self._dense_ffn: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # only the current layer's
         self._expert = None  # (layer, expert, ExpertFFN or dict) cache while its three matrices are written
         self._shared_cache = None  # (layer, role -> tensor) of the current layer's shared expert
@@ -310,14 +348,26 @@ class _Producer:
                 tensors = dict(dense)
                 records = {m: {"mean": None, "std": None, "redrawn": 0, "source": source} for m in MATRICES}
             else:
-                x = upcycle_expert(dense["gate"], dense["up"], dense["down"], layer=layer, expert=e,
-                                   opts=self.upcycle_opts)
+                segment = {}
+                matrices = (dense["gate"], dense["up"], dense["down"])
+                if self.opts.granularity > 1:
+                    s = e % self.opts.granularity
+                    matrices = fine_grained_slice(*matrices, self._segment_neurons(layer)[s], self.scale)
+                    segment = {"copy": e // self.opts.granularity, "segment": s}
+                x = upcycle_expert(*matrices, layer=layer, expert=e, opts=self.upcycle_opts)
                 tensors = {"gate": x.gate_FD, "up": x.up_FD, "down": x.down_DF}
-                records = x.records
+                records = {**segment, **x.records}
                 self.record.redrawn_LEMF[layer, e] = x.redrawn_MF.numpy()
             self.record.layers[layer]["experts"].append({"expert": e, **records})
             self._expert = (layer, e, tensors)
         return self._expert[2][entry.role]
+
+    def _segment_neurons(self, layer: int) -> torch.Tensor:
+        if self._segments is None or self._segments[0] != layer:
+            neurons = segment_neurons(self.shapes.ffn_dim, self.opts.granularity, seed=self.opts.seed, layer=layer)
+            self.record.layers[layer]["segments"] = neurons.tolist()
+            self._segments = (layer, neurons)
+        return self._segments[1]
 
     def _shared(self, entry: Entry) -> torch.Tensor:
         # Qwen2-MoE always has a shared expert; it contributes exactly nothing at initialization (init_shared_expert).
@@ -341,8 +391,10 @@ class _Producer:
         if entry.kind == "router":
             self.record.layers.append({"layer": entry.layer, "experts": []})
             gen = derived_generator(self.opts.seed, entry.layer, "router")
-            return init_router(self.opts.num_experts, self.shapes.dim, kind=self.opts.router_init,
-                               std=self.opts.router_std, generator=gen)
+            copies = self.opts.num_experts // self.opts.granularity
+            router = init_router(copies, self.shapes.dim, kind=self.opts.router_init, std=self.opts.router_std,
+                                 generator=gen)
+            return virtual_group_router(router, self.opts.granularity)
         if entry.kind == "expert":
             return self._expert_matrix(entry)
         if entry.kind == "shared":
@@ -358,6 +410,7 @@ def _open_sources(source: str | os.PathLike, opts: ConvertOptions) -> tuple[list
     opts.validate()
     first = CheckpointReader(source)
     shapes = _check_source(first)
+    opts.check_shapes(shapes)
     readers = [first]
     if opts.method == "btx":
         readers += [CheckpointReader(s) for s in opts.btx_sources]
@@ -383,21 +436,24 @@ _MEMORY_PER_TENSOR = 1024
 _MEMORY_PER_EXPERT = 4096
 _HEADER_BYTES_PER_TENSOR = 160
 _MANIFEST_BYTES_PER_EXPERT = 800
+_MANIFEST_BYTES_PER_NEURON = 8  # the segments' neuron indices, as JSON text
 
 
 def estimate(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, value_bytes: int, num_sources: int = 1) -> Estimate:
     """Output size and peak memory of a conversion, from the shapes alone (nothing is allocated)."""
-    L, E, D, F, V = shapes.num_layers, opts.num_experts, shapes.dim, shapes.ffn_dim, shapes.vocab_size
-    shared = (opts.shared_expert_dim or F) if fmt == "qwen2_moe" else 0
+    L, E, D, V = shapes.num_layers, opts.num_experts, shapes.dim, shapes.vocab_size
+    shared = (opts.shared_expert_dim or shapes.ffn_dim) if fmt == "qwen2_moe" else 0
+    F, dense_F = shapes.ffn_dim // opts.granularity, shapes.ffn_dim  # expert and dense FFN sizes
     out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
     attn = [math.prod(shape) for shape in hf.attention_roles(out_shapes).values()]
     per_layer = sum(attn) + E * D + E * 3 * F * D + (3 * shared * D + D if shared else 0)
     heads = (2 if _writes_lm_head(shapes, fmt) else 1) * V * D + D
     tensors = 2 + _writes_lm_head(shapes, fmt) + L * (len(attn) + 1 + 3 * E + (4 if shared else 0))
     output = ((heads + L * per_layer) * value_bytes + L * E * 3 * math.ceil(F / 8)
-              + tensors * _HEADER_BYTES_PER_TENSOR + L * E * _MANIFEST_BYTES_PER_EXPERT)
-    largest = max(V * D, E * D, 3 * F * D, 3 * shared * D)
-    working = (num_sources + 2) * largest * 4 + 3 * 3 * F * D * 4  # reads, fp32 result, cast; dense FFN + one expert
+              + tensors * _HEADER_BYTES_PER_TENSOR + L * E * _MANIFEST_BYTES_PER_EXPERT
+              + (L * dense_F * _MANIFEST_BYTES_PER_NEURON if opts.granularity > 1 else 0))
+    largest = max(V * D, E * D, 3 * dense_F * D, 3 * shared * D)
+    working = (num_sources + 2) * largest * 4 + 3 * 3 * dense_F * D * 4  # reads, fp32 result, cast; dense FFN + expert
     memory = working + L * E * 3 * F + tensors * _MEMORY_PER_TENSOR + L * E * _MEMORY_PER_EXPERT
     return Estimate(output_bytes=output, memory_bytes=memory)
 
@@ -453,11 +509,12 @@ def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], 
     moe_config = hf.build_moe_config(
         readers[0].config, fmt, num_experts=opts.num_experts, top_k=opts.top_k,
         router_aux_loss_coef=opts.router_aux_loss_coef, shared_expert_dim=opts.shared_expert_dim,
-        dtype=dtype_name(_out_dtype(opts, readers[0])),
+        dtype=dtype_name(_out_dtype(opts, readers[0])), expert_ffn_dim=shapes.ffn_dim // opts.granularity,
     )
     shared_dim = moe_config.get("shared_expert_intermediate_size", 0)
-    entries = _layout(shapes, fmt, opts.num_experts, shared_dim)
-    record = _Record(redrawn_LEMF=np.zeros((shapes.num_layers, opts.num_experts, len(MATRICES), shapes.ffn_dim),
+    entries = _layout(shapes, fmt, opts.num_experts, shared_dim, opts.granularity)
+    expert_dim = shapes.ffn_dim // opts.granularity
+    record = _Record(redrawn_LEMF=np.zeros((shapes.num_layers, opts.num_experts, len(MATRICES), expert_dim),
                                            dtype=bool))
     produce = _Producer(readers, shapes, opts, record, shared_dim)
     out_dtype = _out_dtype(opts, readers[0])
@@ -557,7 +614,8 @@ def _write_manifest(directory: Path, readers, opts: ConvertOptions, fmt: str, mo
 
 
 def load_redrawn(directory: str | os.PathLike) -> torch.Tensor:
-    """The re-drawn neuron masks of a conversion: bool (layers, experts, 3 [gate, up, down], ffn_dim)."""
+    """The re-drawn neuron masks of a conversion: bool (layers, experts, 3 [gate, up, down], expert ffn_dim); with
+    --granularity G, neuron j of expert e is dense neuron `segments[e % G][j]` of the layer's manifest record."""
     from safetensors import safe_open
 
     path = Path(directory) / REDRAWN_NAME

@@ -280,12 +280,15 @@ def build_moe_config(
     router_aux_loss_coef: float = 0.02,
     shared_expert_dim: int | None = None,
     dtype: str | None = None,
+    expert_ffn_dim: int | None = None,
 ) -> dict:
     """The MoE config.json as a dictionary: every dense field carried over, then the MoE fields.
 
     transformers' MoE configs default to other values than the dense ones (Mixtral: rope theta 1e6, eps 1e-5, aux
     coefficient 0.001), so nothing may be left to defaults. Top-k weights are renormalized (Mixtral always does;
     Qwen-MoE via norm_topk_prob) so that naive upcycling reproduces the dense function exactly.
+    `expert_ffn_dim` (default: the dense FFN size) is each expert's size: Mixtral's intermediate_size, Qwen-MoE's
+    moe_intermediate_size (intermediate_size there stays the dense size, used by dense layers).
     """
     shapes = read_shapes(dense)
     cfg = {k: v for k, v in dense.items() if k not in _NOT_CARRIED and not k.startswith("_")}
@@ -298,14 +301,16 @@ def build_moe_config(
     cfg["output_router_logits"] = False
     if dtype is not None:
         cfg["dtype"] = dtype
+    expert_ffn_dim = expert_ffn_dim or shapes.ffn_dim
     if fmt == "mixtral":
+        cfg["intermediate_size"] = expert_ffn_dim
         cfg["num_local_experts"] = num_experts
         cfg["router_jitter_noise"] = 0.0
         if dense.get("model_type") != "mistral":
             cfg["sliding_window"] = None  # Llama attends to the whole context
     else:
         cfg["num_experts"] = num_experts
-        cfg["moe_intermediate_size"] = shapes.ffn_dim
+        cfg["moe_intermediate_size"] = expert_ffn_dim
         cfg["norm_topk_prob"] = True
         cfg["decoder_sparse_step"] = 1
         cfg["mlp_only_layers"] = []
@@ -367,6 +372,9 @@ def read_model_fields(cfg: dict) -> dict:
             # Qwen3-MoE configs written by transformers 5.x spell it num_local_experts, older ones num_experts
             num_experts = cfg.get("num_experts", cfg.get("num_local_experts"))
             fields.update(num_experts=num_experts, renormalize=bool(cfg.get("norm_topk_prob", False)))
+            # dense size from intermediate_size, expert size from moe_intermediate_size (None when they agree)
+            dense_ffn = cfg.get("intermediate_size", shapes.ffn_dim)
+            fields.update(ffn_dim=dense_ffn, expert_ffn_dim=None if dense_ffn == shapes.ffn_dim else shapes.ffn_dim)
         fields["top_k"] = cfg["num_experts_per_tok"]
     if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias"):
         raise UpcycleError(f"{family} config has hidden_act={cfg.get('hidden_act')!r} mlp_bias={cfg.get('mlp_bias')}; "

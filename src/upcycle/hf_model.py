@@ -88,7 +88,7 @@ class _Taker:
 
 def _take_experts(taker: _Taker, fmt: str, layer: int, config: ModelConfig) -> dict[str, Tensor]:
     """Router [E, D] and the experts in our layout, from per-expert or fused keys."""
-    E, D, Fd = config.num_experts, config.dim, config.ffn_dim
+    E, D, Fd = config.num_experts, config.dim, config.expert_dim
     fused_router, fused_gate_up, fused_down = hf.fused_expert_keys(layer)
     router_key = hf.router_key(fmt, layer)
     router = taker.take(router_key if router_key in taker else fused_router, (E, D))
@@ -189,7 +189,8 @@ def state_dict_to_hf(
         rope_theta=c.rope_theta, rope_scaling=c.rope_scaling, max_seq_len=c.max_seq_len,
         tie_embeddings=c.tie_embeddings, attention_bias=c.qkv_bias, init_std=c.init_std, dtype=dtype)
     if c.is_moe:
-        hf_cfg = hf.build_moe_config(hf_cfg, out_fmt, num_experts=c.num_experts, top_k=c.top_k, dtype=dtype)
+        hf_cfg = hf.build_moe_config(hf_cfg, out_fmt, num_experts=c.num_experts, top_k=c.top_k, dtype=dtype,
+                                     expert_ffn_dim=c.expert_dim)
         hf.set_moe_routing(hf_cfg, renormalize=c.renormalize)
     shapes = hf.read_shapes(hf_cfg)
     cast = DTYPE_NAMES[dtype]

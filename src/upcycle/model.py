@@ -32,7 +32,7 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     ffn_dim: int
-    """Hidden size of the dense FFN, and of every expert in an MoE (experts keep the dense size, as in the paper)."""
+    """Hidden size of the dense FFN, and of every expert unless expert_ffn_dim says otherwise."""
     head_dim: int | None = None
     """None -> dim // num_heads."""
     norm_eps: float = 1e-6
@@ -55,6 +55,9 @@ class ModelConfig:
     """Experts per token."""
     renormalize: bool = True
     """Renormalize the top-k routing weights to sum to 1 (Mixtral; Qwen-MoE's norm_topk_prob)."""
+    expert_ffn_dim: int | None = None
+    """Hidden size of each expert; None -> ffn_dim (coarse experts, as in the paper). Fine-grained experts
+    (upcycle convert --granularity G) have ffn_dim / G."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights (norms start at 1, biases at 0)."""
 
@@ -67,6 +70,8 @@ class ModelConfig:
             raise UpcycleError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         if self.num_experts:
             check_moe_sizes(num_experts=self.num_experts, top_k=self.top_k)
+        if self.expert_ffn_dim is not None and self.expert_ffn_dim < 1:
+            raise UpcycleError(f"expert_ffn_dim must be at least 1, got {self.expert_ffn_dim}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in STATIC_ROPE_TYPES:
             raise UpcycleError(f"rope_type {rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}")
@@ -74,6 +79,11 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def expert_dim(self) -> int:
+        """Hidden size of each expert."""
+        return self.expert_ffn_dim or self.ffn_dim
 
 
 @dataclass
@@ -170,7 +180,7 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         if config.is_moe:
-            self.ffn = MoE(config.dim, config.ffn_dim, config.num_experts, config.top_k, config.renormalize)
+            self.ffn = MoE(config.dim, config.expert_dim, config.num_experts, config.top_k, config.renormalize)
         else:
             self.ffn = FeedForward(config.dim, config.ffn_dim)
 
@@ -254,5 +264,5 @@ class Transformer(nn.Module):
         c = self.config
         if not c.is_moe:
             return self.num_params()
-        expert_params = 3 * c.dim * c.ffn_dim
+        expert_params = 3 * c.dim * c.expert_dim
         return self.num_params() - c.num_layers * (c.num_experts - c.top_k) * expert_params

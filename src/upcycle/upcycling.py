@@ -15,6 +15,10 @@ Methods (docs/method.md explains each, the index modes and the baselines they re
     noise   like drop's index selection, but ADD N(0, noise_std^2) to the selected slice (random-noise upcycling).
     scratch every weight N(0, init_std^2), norms 1, biases 0 (HF default init): the from-scratch baseline.
     btx     non-FFN tensors averaged over several dense sources; expert e takes the FFN of source e // (E / S).
+
+Granularity G (fine-grained experts): the F neurons are split into G segments of F/G by a seeded permutation, expert
+e = c * G + s holds segment s of copy c, every copy's G experts share one router row (virtual groups), and each
+expert's down projection is multiplied by `granular_scale` so that the MoE still computes the dense function.
 """
 
 from __future__ import annotations
@@ -91,6 +95,51 @@ def add_noise(
     noise = torch.empty(selected.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
     out.index_copy_(axis, indices, selected + noise)
     return out
+
+
+def segment_neurons(ffn_dim: int, granularity: int, *, seed: int, layer: int) -> torch.Tensor:
+    """(G, F/G) int64: row s lists, sorted, the dense neurons that fine-grained segment s holds.
+
+    G = 1 is the identity (one segment, every neuron in order). Otherwise a permutation drawn from (seed, layer,
+    "segments") picks which neurons go together, so segments are not contiguous runs of the dense FFN (whose
+    neighbouring neurons are unrelated anyway, but a fixed split would tie every layer to the same partition)."""
+    if granularity < 1 or ffn_dim % granularity:
+        raise UpcycleError(f"the FFN size {ffn_dim} is not divisible by --granularity {granularity}; choose a "
+                           "divisor of it")
+    if granularity == 1:
+        return torch.arange(ffn_dim).unsqueeze(0)
+    perm = torch.randperm(ffn_dim, generator=derived_generator(seed, layer, "segments"))
+    return perm.view(granularity, ffn_dim // granularity).sort(dim=1).values
+
+
+def granular_scale(granularity: int, *, renormalize: bool) -> float:
+    """The factor on each fine-grained expert's down projection that makes the MoE the dense function at r = 0.
+
+    Routing is softmax over all E = C * G experts, top K = k * G, then (renormalize) division by the sum of the K
+    chosen weights. The G experts of copy c share one router row, so each gets p_c / G, p_c being the softmax over
+    copies, and top-k takes whole copies (a copy's G equal values rank together). After renormalization each expert of
+    a chosen copy c weighs w_c = p_c / (G * P), P the sum of the k chosen p_c, so sum over chosen c of G * w_c = 1.
+    Copy c's G segments add up to the dense output y, hence the MoE outputs sum_c w_c * y = y / G, and multiplying
+    every down projection by G restores y (exactly, for a power of two). Without renormalization the weights sum to
+    P / G, which depends on the token, so no constant restores y; every format we write renormalizes (Mixtral always,
+    Qwen-MoE with norm_topk_prob true).
+    """
+    if not renormalize:
+        raise UpcycleError("granular upcycling needs renormalized top-k weights (norm_topk_prob true)")
+    return float(granularity)
+
+
+def virtual_group_router(router_CD: torch.Tensor, granularity: int) -> torch.Tensor:
+    """Router [C * G, D] from one row per copy: the G fine-grained experts of copy c (rows c*G .. c*G+G-1) get copy
+    c's row, so at initialization every token picks whole copies of the dense FFN."""
+    return router_CD.repeat_interleave(granularity, dim=0)
+
+
+def fine_grained_slice(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, neurons: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dense neurons `neurons` as one fine-grained expert (fp32): rows of gate/up, columns of down times `scale`."""
+    return (gate_FD.index_select(0, neurons).float(), up_FD.index_select(0, neurons).float(),
+            down_DF.index_select(1, neurons).float() * scale)
 
 
 @dataclass
