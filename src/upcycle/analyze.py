@@ -180,7 +180,7 @@ def collect_routing(model, batches: dict[str, list[Tensor]]) -> dict[str, list[d
     config = model.config
     out = {}
     for domain, domain_batches in batches.items():
-        per_layer: list[dict | None] = [None] * config.num_layers
+        per_layer: list[dict | None] = [None] * len(config.moe_layer_ids)
         for batch_BT in domain_batches:
             output = model(batch_BT[:, :-1])
             for i, logits_TE in enumerate(output.router_logits):
@@ -253,11 +253,12 @@ def analyze(
         raise UpcycleError(f"{path} has no MoE layers (a dense model); analyze an upcycled or trained MoE checkpoint")
     check_data_fits(data_dir, vocab_size=config.vocab_size, max_seq_len=config.max_seq_len,
                     seq_len=min(seq_len, config.max_seq_len))  # analyze clamps --seq-len to the model's
-    L, E = config.num_layers, config.num_experts
-    plot_layers = default_plot_layers(L) if layers is None else list(layers)
-    bad = [i for i in plot_layers if not 0 <= i < L]
+    L, E, moe_ids = config.num_layers, config.num_experts, config.moe_layer_ids  # dense layers are skipped
+    plot_layers = [moe_ids[j] for j in default_plot_layers(len(moe_ids))] if layers is None else list(layers)
+    bad = [i for i in plot_layers if i not in moe_ids]
     if bad:
-        raise UpcycleError(f"--layers {bad} out of range; the model has MoE layers 0..{L - 1}")
+        span = f"0..{L - 1}" if len(moe_ids) == L else ",".join(map(str, moe_ids))
+        raise UpcycleError(f"--layers {bad} out of range; the model has MoE layers {span}")
 
     batches = validation_batches(data_dir, seq_len=min(seq_len, config.max_seq_len), batch_size=batch_size,
                                  max_sequences=max_sequences, domains=domains)
@@ -283,9 +284,9 @@ def analyze(
 
     state = model.state_dict()
     layer_results = []
-    for i in range(L):
-        routing = {d: routing_stats(per_layer[i], dead_threshold=dead_threshold) for d, per_layer in sums.items()}
-        pooled = routing_stats(_pool([per_layer[i] for per_layer in sums.values()]), dead_threshold=dead_threshold)
+    for j, i in enumerate(moe_ids):  # j: position among the MoE layers (router outputs), i: layer index
+        routing = {d: routing_stats(per_layer[j], dead_threshold=dead_threshold) for d, per_layer in sums.items()}
+        pooled = routing_stats(_pool([per_layer[j] for per_layer in sums.values()]), dead_threshold=dead_threshold)
         experts = expert_matrices(state[f"layers.{i}.{OUR_GATE_UP}"], state[f"layers.{i}.{OUR_DOWN}"])
         entry = {"layer": i, "routing": routing, "all_domains": pooled,
                  "specialization_jsd": mean_pairwise_jsd({d: np.array(r["share"]) for d, r in routing.items()}),

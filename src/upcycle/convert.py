@@ -54,6 +54,7 @@ from upcycle.upcycling import (
     granular_scale,
     init_router,
     init_shared_expert,
+    parse_moe_layers,
     scratch_tensor,
     segment_neurons,
     upcycle_expert,
@@ -83,6 +84,8 @@ class ConvertOptions:
         granularity: G: split the dense FFN's F neurons into G segments of F/G (a seeded permutation, recorded in the
             manifest); every expert is one segment, E / G copies of the dense FFN, one router row per copy (virtual
             groups) and down projections times G, so r = 0 is still the dense function.
+        moe_layers: Which layers become MoE: all, or indices and ranges (0-3,8), or every:N (layers N-1, 2N-1, ...);
+            the other layers keep the dense FFN. qwen2_moe and qwen3_moe only (their mlp_only_layers).
         seed: Seed from which every (layer, expert, matrix) draw derives its own generator.
         index_mode: independent (a fresh neuron set for gate, up and down, as the authors' released code behind every
             published number; the default) or shared (one set per expert for all three, as the paper's text).
@@ -106,6 +109,7 @@ class ConvertOptions:
     num_experts: int = 8
     top_k: int = 2
     granularity: int = 1
+    moe_layers: str = "all"
     seed: int = DEFAULT_SEED
     index_mode: str = field(default="independent", metadata={"choices": INDEX_MODES})
     stats: str = field(default="slice", metadata={"choices": STATS_MODES})
@@ -130,6 +134,7 @@ class ConvertOptions:
         if not 1 <= self.top_k <= self.num_experts:
             raise UpcycleError(f"--top-k must lie in [1, num_experts={self.num_experts}], got {self.top_k}")
         self._validate_granularity()
+        parse_moe_layers(self.moe_layers)
         if self.router_init not in ROUTER_INITS:
             raise UpcycleError(f"unknown --router-init {self.router_init!r}; choose one of {', '.join(ROUTER_INITS)}")
         if self.router_std < 0:
@@ -161,12 +166,18 @@ class ConvertOptions:
         if self.method == "btx":
             raise UpcycleError("--granularity above 1 does not combine with --method btx; use --granularity 1")
 
-    def check_shapes(self, shapes: hf.Shapes) -> None:
-        """What can only be checked against the source's sizes (before anything is written)."""
+    def check_source(self, shapes: hf.Shapes, fmt: str) -> tuple[int, ...]:
+        """What can only be checked against the source's sizes and the resolved format, before anything is written.
+        Returns the MoE layers."""
         if shapes.ffn_dim % self.granularity:
             divisors = [g for g in range(2, 17) if shapes.ffn_dim % g == 0]
             raise UpcycleError(f"the dense FFN size {shapes.ffn_dim} is not divisible by --granularity "
                                f"{self.granularity}; choose one of {', '.join(map(str, divisors)) or '1'}")
+        moe_layers = parse_moe_layers(self.moe_layers, shapes.num_layers)
+        if fmt == "mixtral" and len(moe_layers) < shapes.num_layers:
+            raise UpcycleError("mixtral has an MoE FFN in every layer and cannot keep dense layers; use --format "
+                               "qwen2_moe (or qwen3_moe for a Qwen3 source) with --moe-layers, or leave --moe-layers out")
+        return moe_layers
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -226,19 +237,24 @@ def _check_btx_sources(first: CheckpointReader, others: list[CheckpointReader], 
 class Entry:
     name: str
     shape: tuple[int, ...]
-    kind: str  # embed | final_norm | lm_head | attn | router | expert | shared
+    kind: str  # embed | final_norm | lm_head | attn | dense_ffn | router | expert | shared
     layer: int = -1
     role: str = ""  # attention role, FFN matrix, or shared-expert part
     expert: int = -1
 
 
-def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int, granularity: int = 1) -> list[Entry]:
+def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int, granularity: int = 1,
+            moe_layers: tuple[int, ...] | None = None) -> list[Entry]:
     out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
     expert_shapes = dataclasses.replace(shapes, ffn_dim=shapes.ffn_dim // granularity)
     entries = [Entry(hf.EMBED_KEY, (shapes.vocab_size, shapes.dim), "embed")]
     for layer in range(shapes.num_layers):
         for role, shape in hf.attention_roles(out_shapes).items():
             entries.append(Entry(hf.attention_key(layer, role), shape, "attn", layer, role))
+        if moe_layers is not None and layer not in moe_layers:  # stays dense: its FFN is copied
+            entries += [Entry(hf.dense_ffn_key(layer, m), hf.ffn_shape(shapes, m), "dense_ffn", layer, m)
+                        for m in MATRICES]
+            continue
         entries.append(Entry(hf.router_key(fmt, layer), (num_experts, shapes.dim), "router", layer))
         for e in range(num_experts):
             for m in MATRICES:
@@ -275,7 +291,7 @@ def _shapes_as_config(shapes: hf.Shapes) -> dict:
 class _Record:
     """What the manifest says about the conversion, filled while producing."""
 
-    layers: list[dict] = field(default_factory=list)
+    layers: dict[int, dict] = field(default_factory=dict)  # MoE layer -> its record
     redrawn_LEMF: np.ndarray | None = None  # (L, E, 3, F / G) bool
 
 
@@ -386,10 +402,10 @@ class _Producer:
             if self.shapes.tie_embeddings:  # an untied copy of the embeddings (hf_formats.untied_head)
                 return self._copied(Entry(hf.EMBED_KEY, entry.shape, "embed"), "embedding")
             return self._copied(entry, "weight")
-        if entry.kind == "attn":
+        if entry.kind in ("attn", "dense_ffn"):
             return self._copied(entry, _ROLE_KIND.get(entry.role, "weight"))
         if entry.kind == "router":
-            self.record.layers.append({"layer": entry.layer, "experts": []})
+            self.record.layers[entry.layer] = {"layer": entry.layer, "experts": []}
             gen = derived_generator(self.opts.seed, entry.layer, "router")
             copies = self.opts.num_experts // self.opts.granularity
             router = init_router(copies, self.shapes.dim, kind=self.opts.router_init, std=self.opts.router_std,
@@ -410,12 +426,12 @@ def _open_sources(source: str | os.PathLike, opts: ConvertOptions) -> tuple[list
     opts.validate()
     first = CheckpointReader(source)
     shapes = _check_source(first)
-    opts.check_shapes(shapes)
     readers = [first]
     if opts.method == "btx":
         readers += [CheckpointReader(s) for s in opts.btx_sources]
         _check_btx_sources(first, readers[1:], shapes)
     fmt = hf.resolve_format(first.config, opts.format)
+    opts.check_source(shapes, fmt)
     return readers, shapes, fmt
 
 
@@ -446,15 +462,17 @@ def estimate(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, value_bytes: int
     F, dense_F = shapes.ffn_dim // opts.granularity, shapes.ffn_dim  # expert and dense FFN sizes
     out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
     attn = [math.prod(shape) for shape in hf.attention_roles(out_shapes).values()]
-    per_layer = sum(attn) + E * D + E * 3 * F * D + (3 * shared * D + D if shared else 0)
+    M = len(parse_moe_layers(opts.moe_layers, L))  # MoE layers; the other L - M keep their dense FFN
+    per_moe_layer = E * D + E * 3 * F * D + (3 * shared * D + D if shared else 0)
     heads = (2 if _writes_lm_head(shapes, fmt) else 1) * V * D + D
-    tensors = 2 + _writes_lm_head(shapes, fmt) + L * (len(attn) + 1 + 3 * E + (4 if shared else 0))
-    output = ((heads + L * per_layer) * value_bytes + L * E * 3 * math.ceil(F / 8)
-              + tensors * _HEADER_BYTES_PER_TENSOR + L * E * _MANIFEST_BYTES_PER_EXPERT
-              + (L * dense_F * _MANIFEST_BYTES_PER_NEURON if opts.granularity > 1 else 0))
+    tensors = (2 + _writes_lm_head(shapes, fmt) + L * len(attn) + M * (1 + 3 * E + (4 if shared else 0))
+               + (L - M) * 3)
+    output = ((heads + L * sum(attn) + M * per_moe_layer + (L - M) * 3 * dense_F * D) * value_bytes
+              + L * E * 3 * math.ceil(F / 8) + tensors * _HEADER_BYTES_PER_TENSOR + M * E * _MANIFEST_BYTES_PER_EXPERT
+              + (M * dense_F * _MANIFEST_BYTES_PER_NEURON if opts.granularity > 1 else 0))
     largest = max(V * D, E * D, 3 * dense_F * D, 3 * shared * D)
     working = (num_sources + 2) * largest * 4 + 3 * 3 * dense_F * D * 4  # reads, fp32 result, cast; dense FFN + expert
-    memory = working + L * E * 3 * F + tensors * _MEMORY_PER_TENSOR + L * E * _MEMORY_PER_EXPERT
+    memory = working + L * E * 3 * F + tensors * _MEMORY_PER_TENSOR + M * E * _MEMORY_PER_EXPERT
     return Estimate(output_bytes=output, memory_bytes=memory)
 
 
@@ -506,13 +524,15 @@ def _estimate_for(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions) ->
 
 
 def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], Iterator, _Record, dict]:
+    moe_layers = opts.check_source(shapes, fmt)
     moe_config = hf.build_moe_config(
         readers[0].config, fmt, num_experts=opts.num_experts, top_k=opts.top_k,
         router_aux_loss_coef=opts.router_aux_loss_coef, shared_expert_dim=opts.shared_expert_dim,
         dtype=dtype_name(_out_dtype(opts, readers[0])), expert_ffn_dim=shapes.ffn_dim // opts.granularity,
+        moe_layers=moe_layers,
     )
     shared_dim = moe_config.get("shared_expert_intermediate_size", 0)
-    entries = _layout(shapes, fmt, opts.num_experts, shared_dim, opts.granularity)
+    entries = _layout(shapes, fmt, opts.num_experts, shared_dim, opts.granularity, moe_layers)
     expert_dim = shapes.ffn_dim // opts.granularity
     record = _Record(redrawn_LEMF=np.zeros((shapes.num_layers, opts.num_experts, len(MATRICES), expert_dim),
                                            dtype=bool))
@@ -523,7 +543,7 @@ def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], 
         bar = tqdm(total=shapes.num_layers, desc="convert", unit="layer", disable=not progress)
         for entry in entries:
             yield entry, produce(entry).to(out_dtype)
-            if entry.kind == "expert" and entry.expert == opts.num_experts - 1 and entry.role == "down":
+            if entry.role == "down" and (entry.kind == "dense_ffn" or entry.expert == opts.num_experts - 1):
                 bar.update(1)
         bar.close()
 
@@ -608,7 +628,7 @@ def _write_manifest(directory: Path, readers, opts: ConvertOptions, fmt: str, mo
                     for r in readers],
         "shards": shards,
         "redrawn_file": REDRAWN_NAME,
-        "layers": record.layers,
+        "layers": [record.layers[i] for i in sorted(record.layers)],
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -14,6 +14,7 @@ holding our ModelConfig under "model"; `load_model` reads either kind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -121,6 +122,7 @@ def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[Mod
     fields = hf.read_model_fields(hf_cfg)
     config = ModelConfig(**fields)
     shapes = hf.read_shapes(hf_cfg)
+    dense_shapes = dataclasses.replace(shapes, ffn_dim=config.ffn_dim)  # the dense layers' FFN (Qwen-MoE: not experts')
     family = hf_cfg["model_type"]
     taker = _Taker(tensors)
     sd: dict[str, Tensor] = {"tok_embeddings.weight": taker.take(hf.EMBED_KEY, (config.vocab_size, config.dim)),
@@ -135,13 +137,13 @@ def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[Mod
         p = f"layers.{i}."
         for role, shape in hf.attention_roles(shapes).items():
             sd[p + _OUR_ATTN[role]] = taker.take(hf.attention_key(i, role), shape)
-        if config.is_moe:
+        if i in config.moe_layer_ids:
             sd.update({p + k: v for k, v in _take_experts(taker, family, i, config).items()})
             if family == "qwen2_moe":
                 _take_shared_expert(taker, i, config, hf_cfg)
         else:
             for m in hf.FFN_MATRICES:
-                sd[p + _OUR_DENSE_FFN[m]] = taker.take(hf.dense_ffn_key(i, m), hf.ffn_shape(shapes, m))
+                sd[p + _OUR_DENSE_FFN[m]] = taker.take(hf.dense_ffn_key(i, m), hf.ffn_shape(dense_shapes, m))
     taker.check_all_used()
     return config, sd
 
@@ -171,6 +173,8 @@ def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
                   "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
                   "vocab_size": config.vocab_size, "head_dim": config.head_dim,
                   "attention_bias": config.qkv_bias, "qkv_bias": config.qkv_bias}
+    if fmt == "auto" and family == "llama" and config.moe_layers is not None:
+        fmt = "qwen2_moe"  # mixtral cannot keep dense layers; qwen2_moe holds Llama attention (zero q/k/v biases)
     return family, hf.resolve_format(dense_like, fmt)
 
 
@@ -190,7 +194,7 @@ def state_dict_to_hf(
         tie_embeddings=c.tie_embeddings, attention_bias=c.qkv_bias, init_std=c.init_std, dtype=dtype)
     if c.is_moe:
         hf_cfg = hf.build_moe_config(hf_cfg, out_fmt, num_experts=c.num_experts, top_k=c.top_k, dtype=dtype,
-                                     expert_ffn_dim=c.expert_dim)
+                                     expert_ffn_dim=c.expert_dim, moe_layers=c.moe_layers)
         hf.set_moe_routing(hf_cfg, renormalize=c.renormalize)
     shapes = hf.read_shapes(hf_cfg)
     cast = DTYPE_NAMES[dtype]
@@ -211,7 +215,7 @@ def state_dict_to_hf(
             ours = p + _OUR_ATTN[role]
             # Qwen2-MoE always has q/k/v biases: a model without them gets zeros (the same function).
             put(hf.attention_key(i, role), state_dict[ours] if ours in state_dict else torch.zeros(shape))
-        if not c.is_moe:
+        if i not in c.moe_layer_ids:
             for m in hf.FFN_MATRICES:
                 put(hf.dense_ffn_key(i, m), state_dict[p + _OUR_DENSE_FFN[m]])
             continue
@@ -305,9 +309,9 @@ def export_command(
         checkpoint: Directory of our training checkpoint (model.safetensors + config.json with "model") or of an HF
             checkpoint.
         out: Output directory to create, written atomically; refused if it exists, unless --force.
-        format: auto (dense -> llama/qwen2/qwen3 by attention features; MoE -> mixtral for Llama-like attention,
-            qwen2_moe with q/k/v biases, qwen3_moe with q/k norms), or one of mixtral, qwen2_moe, qwen3_moe, llama,
-            qwen2, qwen3.
+        format: auto (dense -> llama/qwen2/qwen3 by attention features; MoE -> mixtral for Llama-like attention
+            (qwen2_moe when some layers stay dense), qwen2_moe with q/k/v biases, qwen3_moe with q/k norms), or one of
+            mixtral, qwen2_moe, qwen3_moe, llama, qwen2, qwen3.
         dtype: Weight dtype in the output: float32 (exact), bfloat16 or float16.
         tokenizer: A directory whose tokenizer files (tokenizer.json, tokenizer_config.json, ...) are copied into OUT.
         force: Replace an existing OUT (only once the new one is complete).

@@ -58,6 +58,8 @@ class ModelConfig:
     expert_ffn_dim: int | None = None
     """Hidden size of each expert; None -> ffn_dim (coarse experts, as in the paper). Fine-grained experts
     (upcycle convert --granularity G) have ffn_dim / G."""
+    moe_layers: list[int] | None = None
+    """Which layers hold the MoE FFN (the others a dense FFN of ffn_dim); None -> every layer. Ignored when dense."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights (norms start at 1, biases at 0)."""
 
@@ -72,6 +74,13 @@ class ModelConfig:
             check_moe_sizes(num_experts=self.num_experts, top_k=self.top_k)
         if self.expert_ffn_dim is not None and self.expert_ffn_dim < 1:
             raise UpcycleError(f"expert_ffn_dim must be at least 1, got {self.expert_ffn_dim}")
+        if self.moe_layers is not None:
+            layers = list(self.moe_layers)
+            if (not layers or len(set(layers)) != len(layers)
+                    or not all(type(i) is int and 0 <= i < self.num_layers for i in layers)):
+                raise UpcycleError(f"moe_layers must list distinct layers in [0, {self.num_layers - 1}] (at least "
+                                   f"one), got {self.moe_layers}")
+            self.moe_layers = sorted(layers)
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in STATIC_ROPE_TYPES:
             raise UpcycleError(f"rope_type {rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}")
@@ -79,6 +88,13 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """The layers with an MoE FFN, ascending (none for a dense model)."""
+        if not self.is_moe:
+            return ()
+        return tuple(range(self.num_layers)) if self.moe_layers is None else tuple(self.moe_layers)
 
     @property
     def expert_dim(self) -> int:
@@ -174,12 +190,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        if config.is_moe:
+        if layer in config.moe_layer_ids:
             self.ffn = MoE(config.dim, config.expert_dim, config.num_experts, config.top_k, config.renormalize)
         else:
             self.ffn = FeedForward(config.dim, config.ffn_dim)
@@ -201,7 +217,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("rope_inv_freq", torch.empty(config.head_dim // 2), persistent=False)
@@ -265,4 +281,4 @@ class Transformer(nn.Module):
         if not c.is_moe:
             return self.num_params()
         expert_params = 3 * c.dim * c.expert_dim
-        return self.num_params() - c.num_layers * (c.num_experts - c.top_k) * expert_params
+        return self.num_params() - len(c.moe_layer_ids) * (c.num_experts - c.top_k) * expert_params

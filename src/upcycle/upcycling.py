@@ -135,6 +135,43 @@ def virtual_group_router(router_CD: torch.Tensor, granularity: int) -> torch.Ten
     return router_CD.repeat_interleave(granularity, dim=0)
 
 
+def parse_moe_layers(spec: str | None, num_layers: int | None = None) -> tuple[int, ...] | None:
+    """The layers a `--moe-layers` spec names, ascending; None (every layer) for an empty spec or "all".
+
+    `0-3,8`: indices and inclusive ranges. `every:N`: layers N-1, 2N-1, ... (Qwen-MoE's decoder_sparse_step N: every
+    N-th layer is MoE, the first at index N-1). Without `num_layers` only the syntax is checked."""
+    if spec is None or spec.strip() in ("", "all"):
+        return None if num_layers is None else tuple(range(num_layers))
+    text = spec.replace(" ", "")
+    example = "e.g. --moe-layers 0-3,8 or --moe-layers every:2"
+    layers: set[int] = set()
+    try:
+        if text.startswith("every:"):
+            step = int(text.removeprefix("every:"))
+            if step < 1:
+                raise ValueError
+            if num_layers is None:
+                return None
+            layers = set(range(step - 1, num_layers, step))
+        else:
+            for part in text.split(","):
+                first, _, last = part.partition("-")
+                a, b = int(first), int(last or first)
+                if a < 0 or b < a:
+                    raise ValueError
+                layers.update(range(a, b + 1))
+    except ValueError:
+        raise UpcycleError(f"cannot read --moe-layers {spec!r}; {example}") from None
+    if num_layers is None:
+        return tuple(sorted(layers))
+    if not layers:
+        raise UpcycleError(f"--moe-layers {spec!r} selects no layer of the {num_layers}; {example}")
+    if max(layers) >= num_layers:
+        raise UpcycleError(f"--moe-layers {spec!r} names layer {max(layers)}, but the model has layers 0-"
+                           f"{num_layers - 1}; name layers in that range")
+    return tuple(sorted(layers))
+
+
 def fine_grained_slice(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, neurons: torch.Tensor,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The dense neurons `neurons` as one fine-grained expert (fp32): rows of gate/up, columns of down times `scale`."""
