@@ -45,10 +45,12 @@ from upcycle.upcycling import (
     MATRICES,
     METHODS,
     ROUTER_INITS,
+    SHARED_EXPERT_MODES,
     STATS_MODES,
     UpcycleOptions,
     btx_mean,
     btx_source_of_expert,
+    dense_shared_expert,
     derived_generator,
     fine_grained_slice,
     granular_scale,
@@ -98,8 +100,12 @@ class ConvertOptions:
             qwen3_moe.
         dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
         router_aux_loss_coef: The load-balancing coefficient written into the output's config.json.
-        shared_expert_dim: qwen2_moe only: size of its always-present shared expert (default: the dense FFN size); its
-            down projection is zero, so it contributes nothing at initialization.
+        shared_expert: qwen2_moe only: its always-present shared expert is zero (down projection zero: it adds nothing
+            at initialization) or dense (one of the --granularity segments of the dense FFN, never re-drawn, its down
+            projection doubled and its sigmoid gate near 0, so r = 0 is still the dense function; the other G - 1
+            segments make the routed experts; needs --granularity 2 or more).
+        shared_expert_dim: qwen2_moe with --shared-expert zero only: size of its shared expert (default: the dense
+            FFN size).
         btx_sources: For --method btx: the other dense checkpoints (SOURCE is the first source).
         max_shard_size: Largest output shard, e.g. 5GB or 500MB.
     """
@@ -119,6 +125,7 @@ class ConvertOptions:
     format: str = field(default="auto", metadata={"choices": ("auto", *hf.MOE_FORMATS)})
     dtype: str = field(default="auto", metadata={"choices": ("auto", *DTYPE_NAMES)})
     router_aux_loss_coef: float = 0.02
+    shared_expert: str = field(default="zero", metadata={"choices": SHARED_EXPERT_MODES})
     shared_expert_dim: int | None = None
     btx_sources: tuple[str, ...] = ()
     max_shard_size: str = "5GB"
@@ -151,18 +158,42 @@ class ConvertOptions:
             raise UpcycleError("--shared-expert-dim must be at least 1")
         parse_size(self.max_shard_size)
 
+    @property
+    def shared_dense(self) -> bool:
+        return self.shared_expert == "dense"
+
+    @property
+    def routed_segments(self) -> int:
+        """Fine-grained experts per copy of the dense FFN: G, or G - 1 when one segment is the shared expert."""
+        return self.granularity - self.shared_dense
+
     def _validate_granularity(self) -> None:
         g = self.granularity
         if g < 1:
             raise UpcycleError(f"--granularity must be at least 1, got {g}")
+        if self.shared_expert not in SHARED_EXPERT_MODES:
+            raise UpcycleError(f"unknown --shared-expert {self.shared_expert!r}; choose one of "
+                               f"{', '.join(SHARED_EXPERT_MODES)}")
+        if self.shared_dense:
+            if g < 2:
+                raise UpcycleError("--shared-expert dense makes one of the --granularity segments the shared expert; "
+                                   "use --granularity 2 or more")
+            if self.method not in ("drop", "naive", "noise"):
+                raise UpcycleError(f"--shared-expert dense copies dense neurons, --method {self.method} does not; use "
+                                   "drop, naive or noise")
+            if self.shared_expert_dim is not None:
+                raise UpcycleError("--shared-expert dense sizes the shared expert as one segment (F / G); leave out "
+                                   "--shared-expert-dim")
         if g == 1:
             return
-        if self.num_experts % g:
-            raise UpcycleError(f"--num-experts {self.num_experts} is not a multiple of --granularity {g}; use "
-                               f"--num-experts {g * max(1, round(self.num_experts / g))}")
-        if self.top_k % g:
-            raise UpcycleError(f"--top-k {self.top_k} is not a multiple of --granularity {g} (tokens must pick whole "
-                               f"copies of the dense FFN); use --top-k {g * max(1, round(self.top_k / g))}")
+        r, what = self.routed_segments, ("--granularity - 1 (one segment is shared)" if self.shared_dense
+                                         else "--granularity")
+        if self.num_experts % r:
+            raise UpcycleError(f"--num-experts {self.num_experts} is not a multiple of {what} = {r}; use "
+                               f"--num-experts {r * max(1, round(self.num_experts / r))}")
+        if self.top_k % r:
+            raise UpcycleError(f"--top-k {self.top_k} is not a multiple of {what} = {r} (tokens must pick whole "
+                               f"copies of the dense FFN); use --top-k {r * max(1, round(self.top_k / r))}")
         if self.method == "btx":
             raise UpcycleError("--granularity above 1 does not combine with --method btx; use --granularity 1")
 
@@ -173,6 +204,9 @@ class ConvertOptions:
             divisors = [g for g in range(2, 17) if shapes.ffn_dim % g == 0]
             raise UpcycleError(f"the dense FFN size {shapes.ffn_dim} is not divisible by --granularity "
                                f"{self.granularity}; choose one of {', '.join(map(str, divisors)) or '1'}")
+        if self.shared_dense and fmt != "qwen2_moe":
+            raise UpcycleError(f"--shared-expert dense needs --format qwen2_moe, the only format with a shared expert "
+                               f"(got {fmt})")
         moe_layers = parse_moe_layers(self.moe_layers, shapes.num_layers)
         if fmt == "mixtral" and len(moe_layers) < shapes.num_layers:
             raise UpcycleError("mixtral has an MoE FFN in every layer and cannot keep dense layers; use --format "
@@ -323,8 +357,9 @@ class _Producer:
         self.upcycle_opts = opts.upcycle_options(self.init_std)
         self.expert_source = (btx_source_of_expert(opts.num_experts, len(readers)) if opts.method == "btx"
                               else [0] * opts.num_experts)
-        # fine-grained experts: expert e is segment e % G of copy e // G, its down projection scaled (granular_scale)
-        self.scale = (granular_scale(opts.granularity, renormalize=True)
+        # fine-grained experts: expert e is segment e % R of copy e // R, R = opts.routed_segments (segments 1..G-1 when
+        # segment 0 is the dense shared expert), its down projection scaled by R (granular_scale)
+        self.scale = (granular_scale(opts.routed_segments, renormalize=True)
                       if opts.granularity > 1 and opts.method != "scratch" else 1.0)
         self._segments: tuple[int, torch.Tensor] | None = None  # (layer, (G, F/G) neuron indices)
         self._dense_ffn: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # only the current layer's
@@ -367,9 +402,10 @@ class _Producer:
                 segment = {}
                 matrices = (dense["gate"], dense["up"], dense["down"])
                 if self.opts.granularity > 1:
-                    s = e % self.opts.granularity
+                    r = self.opts.routed_segments
+                    s = e % r + self.opts.shared_dense
                     matrices = fine_grained_slice(*matrices, self._segment_neurons(layer)[s], self.scale)
-                    segment = {"copy": e // self.opts.granularity, "segment": s}
+                    segment = {"copy": e // r, "segment": s}
                 x = upcycle_expert(*matrices, layer=layer, expert=e, opts=self.upcycle_opts)
                 tensors = {"gate": x.gate_FD, "up": x.up_FD, "down": x.down_DF}
                 records = {**segment, **x.records}
@@ -386,11 +422,19 @@ class _Producer:
         return self._segments[1]
 
     def _shared(self, entry: Entry) -> torch.Tensor:
-        # Qwen2-MoE always has a shared expert; it contributes exactly nothing at initialization (init_shared_expert).
+        # Qwen2-MoE always has a shared expert: contributing exactly nothing at initialization (init_shared_expert), or
+        # with --shared-expert dense, segment 0 of the dense FFN, never re-drawn (dense_shared_expert)
         if self._shared_cache is None or self._shared_cache[0] != entry.layer:
-            shapes = hf.shared_expert_shapes(self.shapes.dim, self.shared_dim)
-            self._shared_cache = (entry.layer, init_shared_expert(shapes, std=self.init_std, seed=self.opts.seed,
-                                                                  layer=entry.layer))
+            if self.opts.shared_dense:
+                dense = self._dense(entry.layer, 0)
+                tensors = dense_shared_expert(dense["gate"], dense["up"], dense["down"],
+                                              self._segment_neurons(entry.layer)[0], seed=self.opts.seed,
+                                              layer=entry.layer)
+                self.record.layers[entry.layer]["shared_expert"] = {"segment": 0, "down_scale": 2.0}
+            else:
+                shapes = hf.shared_expert_shapes(self.shapes.dim, self.shared_dim)
+                tensors = init_shared_expert(shapes, std=self.init_std, seed=self.opts.seed, layer=entry.layer)
+            self._shared_cache = (entry.layer, tensors)
         return self._shared_cache[1][entry.role]
 
     def __call__(self, entry: Entry) -> torch.Tensor:
@@ -407,10 +451,10 @@ class _Producer:
         if entry.kind == "router":
             self.record.layers[entry.layer] = {"layer": entry.layer, "experts": []}
             gen = derived_generator(self.opts.seed, entry.layer, "router")
-            copies = self.opts.num_experts // self.opts.granularity
+            copies = self.opts.num_experts // self.opts.routed_segments
             router = init_router(copies, self.shapes.dim, kind=self.opts.router_init, std=self.opts.router_std,
                                  generator=gen)
-            return virtual_group_router(router, self.opts.granularity)
+            return virtual_group_router(router, self.opts.routed_segments)
         if entry.kind == "expert":
             return self._expert_matrix(entry)
         if entry.kind == "shared":
@@ -458,7 +502,7 @@ _MANIFEST_BYTES_PER_NEURON = 8  # the segments' neuron indices, as JSON text
 def estimate(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, value_bytes: int, num_sources: int = 1) -> Estimate:
     """Output size and peak memory of a conversion, from the shapes alone (nothing is allocated)."""
     L, E, D, V = shapes.num_layers, opts.num_experts, shapes.dim, shapes.vocab_size
-    shared = (opts.shared_expert_dim or shapes.ffn_dim) if fmt == "qwen2_moe" else 0
+    shared = (opts.shared_expert_dim or shapes.ffn_dim) if fmt == "qwen2_moe" else 0  # an upper bound for dense
     F, dense_F = shapes.ffn_dim // opts.granularity, shapes.ffn_dim  # expert and dense FFN sizes
     out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
     attn = [math.prod(shape) for shape in hf.attention_roles(out_shapes).values()]
@@ -527,7 +571,8 @@ def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], 
     moe_layers = opts.check_source(shapes, fmt)
     moe_config = hf.build_moe_config(
         readers[0].config, fmt, num_experts=opts.num_experts, top_k=opts.top_k,
-        router_aux_loss_coef=opts.router_aux_loss_coef, shared_expert_dim=opts.shared_expert_dim,
+        router_aux_loss_coef=opts.router_aux_loss_coef,
+        shared_expert_dim=shapes.ffn_dim // opts.granularity if opts.shared_dense else opts.shared_expert_dim,
         dtype=dtype_name(_out_dtype(opts, readers[0])), expert_ffn_dim=shapes.ffn_dim // opts.granularity,
         moe_layers=moe_layers,
     )
@@ -635,7 +680,8 @@ def _write_manifest(directory: Path, readers, opts: ConvertOptions, fmt: str, mo
 
 def load_redrawn(directory: str | os.PathLike) -> torch.Tensor:
     """The re-drawn neuron masks of a conversion: bool (layers, experts, 3 [gate, up, down], expert ffn_dim); with
-    --granularity G, neuron j of expert e is dense neuron `segments[e % G][j]` of the layer's manifest record."""
+    --granularity G, neuron j of expert e is dense neuron `segments[s][j]` of the layer's manifest record, s the
+    expert's `segment` there."""
     from safetensors import safe_open
 
     path = Path(directory) / REDRAWN_NAME

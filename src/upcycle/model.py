@@ -60,6 +60,9 @@ class ModelConfig:
     (upcycle convert --granularity G) have ffn_dim / G."""
     moe_layers: list[int] | None = None
     """Which layers hold the MoE FFN (the others a dense FFN of ffn_dim); None -> every layer. Ignored when dense."""
+    shared_expert_dim: int = 0
+    """Hidden size of an always-active shared expert in every MoE layer, added as sigmoid(gate . x) * FFN(x) (Qwen2-MoE);
+    0 -> none."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights (norms start at 1, biases at 0)."""
 
@@ -72,6 +75,8 @@ class ModelConfig:
             raise UpcycleError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         if self.num_experts:
             check_moe_sizes(num_experts=self.num_experts, top_k=self.top_k)
+        if self.shared_expert_dim < 0:
+            raise UpcycleError(f"shared_expert_dim must be >= 0, got {self.shared_expert_dim}")
         if self.expert_ffn_dim is not None and self.expert_ffn_dim < 1:
             raise UpcycleError(f"expert_ffn_dim must be at least 1, got {self.expert_ffn_dim}")
         if self.moe_layers is not None:
@@ -199,6 +204,10 @@ class Block(nn.Module):
             self.ffn = MoE(config.dim, config.expert_dim, config.num_experts, config.top_k, config.renormalize)
         else:
             self.ffn = FeedForward(config.dim, config.ffn_dim)
+        self.shared = self.shared_gate = None
+        if layer in config.moe_layer_ids and config.shared_expert_dim:
+            self.shared = FeedForward(config.dim, config.shared_expert_dim)
+            self.shared_gate = nn.Linear(config.dim, 1, bias=False)
 
     def forward(self, x_BTD: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Returns (hidden, router logits (B*T, E) or None, expert counts (E,) or None)."""
@@ -208,7 +217,10 @@ class Block(nn.Module):
             B, T, D = h_BTD.shape
             # (B, T, D) -> (B*T, D): routing is per token
             out_TD, logits_TE, counts_E = self.ffn(h_BTD.reshape(B * T, D))
-            return x_BTD + out_TD.view(B, T, D), logits_TE, counts_E
+            out_BTD = out_TD.view(B, T, D)
+            if self.shared is not None:
+                out_BTD = out_BTD + torch.sigmoid(self.shared_gate(h_BTD)) * self.shared(h_BTD)
+            return x_BTD + out_BTD, logits_TE, counts_E
         return x_BTD + self.ffn(h_BTD), None, None
 
 

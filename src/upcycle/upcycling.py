@@ -35,6 +35,10 @@ METHODS = ("drop", "naive", "noise", "scratch", "btx")
 INDEX_MODES = ("independent", "shared")
 STATS_MODES = ("slice", "matrix")
 ROUTER_INITS = ("uniform", "normal")
+SHARED_EXPERT_MODES = ("zero", "dense")
+# |weights| of a dense shared expert's sigmoid gate: sigmoid(g . x) is then 1/2 to within fp32 rounding for any
+# realistic hidden state (|g . x| < 1e-6), yet the gate is not all zeros (llama.cpp's silu(x)/x would be NaN at 0).
+DENSE_SHARED_GATE_STD = 1e-9
 MATRICES = ("gate", "up", "down")
 # Which axis of each HF-layout matrix is the intermediate (neuron) axis.
 NEURON_AXIS = {"gate": 0, "up": 0, "down": 1}
@@ -332,6 +336,22 @@ def init_shared_expert(shapes: dict[str, tuple[int, int]], *, std: float, seed: 
             gen = derived_generator(seed, layer, "shared", role)
             out[role] = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
     return out
+
+
+def dense_shared_expert(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, neurons: torch.Tensor, *,
+                        seed: int, layer: int) -> dict[str, torch.Tensor]:
+    """Qwen2-MoE's shared expert made of the dense neurons `neurons` (never re-drawn), by the roles of
+    `hf_formats.shared_expert_keys`.
+
+    Qwen2-MoE adds sigmoid(g . x) * shared(x). Only g = 0 makes that factor a constant (there is no bias), and
+    sigmoid(0) = 1/2, so the down projection is doubled (exact in floating point). The gate is drawn from
+    N(0, DENSE_SHARED_GATE_STD^2) rather than set to zero, so that sigmoid(g . x) = 1/2 up to fp32 rounding while no
+    engine meets an all-zero gate (llama.cpp's sigmoid is silu(x) / x); training moves it from there."""
+    gen = derived_generator(seed, layer, "shared", "shared_expert_gate")
+    return {"shared_gate": gate_FD.index_select(0, neurons).float(),
+            "shared_up": up_FD.index_select(0, neurons).float(),
+            "shared_down": down_DF.index_select(1, neurons).float() * 2.0,
+            "shared_expert_gate": torch.empty(1, gate_FD.shape[1]).normal_(0.0, DENSE_SHARED_GATE_STD, generator=gen)}
 
 
 def scratch_tensor(
