@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import upcycle
 from upcycle import hf_formats as hf
+from upcycle.calibration import BATCH_TOKENS, calibration_token_ids, data_router_rows
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir
 from upcycle.safetensors_io import (
@@ -94,8 +95,13 @@ class ConvertOptions:
         stats: Where mu and sigma of the re-drawn values come from: slice (the selected neurons of the dense matrix,
             as the released code) or matrix (the whole dense matrix).
         noise_std: Standard deviation of the noise added by --method noise.
-        router_init: uniform (zero-mean uniform, as the released runs) or normal.
-        router_std: Standard deviation of the router weights.
+        router_init: uniform (zero-mean uniform, as the released runs), normal, or data (rows from k-means centroids
+            of the hidden states entering each layer's FFN when the dense model reads --calibration, scaled to the
+            uniform rows' norm).
+        router_std: Standard deviation of the router weights (data: rows get the norm router_std * sqrt(D)).
+        calibration: For --router-init data: calibration text, a JSONL file (a "text" field per line), a plain text
+            file or a directory of them, as upcycle data prepare reads; tokenized with SOURCE's tokenizer.
+        calibration_tokens: For --router-init data: run the dense model on at most this many calibration tokens.
         format: auto (llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe), mixtral, qwen2_moe or
             qwen3_moe.
         dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
@@ -122,6 +128,8 @@ class ConvertOptions:
     noise_std: float = 0.02
     router_init: str = field(default="uniform", metadata={"choices": ROUTER_INITS})
     router_std: float = 0.02
+    calibration: str | None = None
+    calibration_tokens: int = 16384
     format: str = field(default="auto", metadata={"choices": ("auto", *hf.MOE_FORMATS)})
     dtype: str = field(default="auto", metadata={"choices": ("auto", *DTYPE_NAMES)})
     router_aux_loss_coef: float = 0.02
@@ -146,6 +154,13 @@ class ConvertOptions:
             raise UpcycleError(f"unknown --router-init {self.router_init!r}; choose one of {', '.join(ROUTER_INITS)}")
         if self.router_std < 0:
             raise UpcycleError("--router-std must be non-negative")
+        if self.router_init == "data" and self.calibration is None:
+            raise UpcycleError("--router-init data needs --calibration FILE (JSONL or text, as upcycle data prepare "
+                               "reads)")
+        if self.router_init != "data" and self.calibration is not None:
+            raise UpcycleError("--calibration is only used with --router-init data; add --router-init data")
+        if self.calibration_tokens < 1:
+            raise UpcycleError(f"--calibration-tokens must be at least 1, got {self.calibration_tokens}")
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise UpcycleError(f"unknown --dtype {self.dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
         if self.method == "btx" and not self.btx_sources:
@@ -327,6 +342,7 @@ class _Record:
 
     layers: dict[int, dict] = field(default_factory=dict)  # MoE layer -> its record
     redrawn_LEMF: np.ndarray | None = None  # (L, E, 3, F / G) bool
+    calibration: object | None = None  # calibration.RouterCalibration for --router-init data
 
 
 _ROLE_KIND = {"attn_norm": "norm", "ffn_norm": "norm", "q_norm": "norm", "k_norm": "norm",
@@ -452,8 +468,13 @@ class _Producer:
             self.record.layers[entry.layer] = {"layer": entry.layer, "experts": []}
             gen = derived_generator(self.opts.seed, entry.layer, "router")
             copies = self.opts.num_experts // self.opts.routed_segments
-            router = init_router(copies, self.shapes.dim, kind=self.opts.router_init, std=self.opts.router_std,
-                                 generator=gen)
+            if self.record.calibration is not None:
+                router = self.record.calibration.rows[entry.layer]
+                self.record.layers[entry.layer]["router_cluster_sizes"] = (
+                    self.record.calibration.cluster_sizes[entry.layer])
+            else:
+                router = init_router(copies, self.shapes.dim, kind=self.opts.router_init, std=self.opts.router_std,
+                                     generator=gen)
             return virtual_group_router(router, self.opts.routed_segments)
         if entry.kind == "expert":
             return self._expert_matrix(entry)
@@ -476,6 +497,8 @@ def _open_sources(source: str | os.PathLike, opts: ConvertOptions) -> tuple[list
         _check_btx_sources(first, readers[1:], shapes)
     fmt = hf.resolve_format(first.config, opts.format)
     opts.check_source(shapes, fmt)
+    if opts.router_init == "data":  # the text is there (cheap, before any work); clustering comes in _generate
+        calibration_token_ids(opts.calibration, first.dir, opts.calibration_tokens)
     return readers, shapes, fmt
 
 
@@ -517,6 +540,9 @@ def estimate(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, value_bytes: int
     largest = max(V * D, E * D, 3 * dense_F * D, 3 * shared * D)
     working = (num_sources + 2) * largest * 4 + 3 * 3 * dense_F * D * 4  # reads, fp32 result, cast; dense FFN + expert
     memory = working + L * E * 3 * F + tensors * _MEMORY_PER_TENSOR + M * E * _MEMORY_PER_EXPERT
+    if opts.router_init == "data":  # the dense model in fp32 once, plus one batch of hidden states per MoE layer
+        dense_params = (1 if shapes.tie_embeddings else 2) * V * D + L * (sum(attn) + 3 * dense_F * D)
+        memory += 4 * dense_params + 8 * BATCH_TOKENS * M * D
     return Estimate(output_bytes=output, memory_bytes=memory)
 
 
@@ -581,6 +607,10 @@ def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], 
     expert_dim = shapes.ffn_dim // opts.granularity
     record = _Record(redrawn_LEMF=np.zeros((shapes.num_layers, opts.num_experts, len(MATRICES), expert_dim),
                                            dtype=bool))
+    if opts.router_init == "data":  # runs the dense model once, before any tensor is produced
+        record.calibration = data_router_rows(readers[0].dir, opts.calibration, max_tokens=opts.calibration_tokens,
+                                              copies=opts.num_experts // opts.routed_segments, layers=moe_layers,
+                                              seed=opts.seed, std=opts.router_std)
     produce = _Producer(readers, shapes, opts, record, shared_dim)
     out_dtype = _out_dtype(opts, readers[0])
 
@@ -668,12 +698,14 @@ def _write_manifest(directory: Path, readers, opts: ConvertOptions, fmt: str, mo
         "tool": "upcycle",
         "version": upcycle.__version__,
         "options": {**asdict(opts), "format": fmt, "dtype": moe_config["dtype"],
-                    "btx_sources": [str(Path(s).absolute()) for s in opts.btx_sources]},
+                    "btx_sources": [str(Path(s).absolute()) for s in opts.btx_sources],
+                    "calibration": str(Path(opts.calibration).absolute()) if opts.calibration else None},
         "sources": [{"path": str(r.dir.absolute()), "model_type": r.config.get("model_type"), "sha256": r.sha256()}
                     for r in readers],
         "shards": shards,
         "redrawn_file": REDRAWN_NAME,
         "layers": [record.layers[i] for i in sorted(record.layers)],
+        **({"calibration_tokens_used": record.calibration.tokens} if record.calibration is not None else {}),
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -34,7 +34,7 @@ from upcycle.errors import UpcycleError
 METHODS = ("drop", "naive", "noise", "scratch", "btx")
 INDEX_MODES = ("independent", "shared")
 STATS_MODES = ("slice", "matrix")
-ROUTER_INITS = ("uniform", "normal")
+ROUTER_INITS = ("uniform", "normal", "data")  # data: k-means of calibration hidden states (upcycle.calibration)
 SHARED_EXPERT_MODES = ("zero", "dense")
 # |weights| of a dense shared expert's sigmoid gate: sigmoid(g . x) is then 1/2 to within fp32 rounding for any
 # realistic hidden state (|g . x| < 1e-6), yet the gate is not all zeros (llama.cpp's silu(x)/x would be NaN at 0).
@@ -316,7 +316,7 @@ def init_router(num_experts: int, dim: int, *, kind: str, std: float, generator:
         return (u - 0.5) * (std * math.sqrt(12.0))
     if kind == "normal":
         return torch.randn(num_experts, dim, generator=generator, dtype=torch.float32) * std
-    raise UpcycleError(f"unknown router init {kind!r}; choose one of {', '.join(ROUTER_INITS)}")
+    raise UpcycleError(f"router init {kind!r} is not drawn at random; choose uniform or normal")
 
 
 def init_shared_expert(shapes: dict[str, tuple[int, int]], *, std: float, seed: int, layer: int
