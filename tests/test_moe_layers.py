@@ -94,3 +94,22 @@ def test_bad_moe_layers_are_one_line_exit_2_and_nothing_written(tmp_path, family
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["dense"]
+
+
+def test_online_upcycling_with_every_new_option_starts_at_the_dense_loss(tmp_path, llama_dir):
+    """The train config's init section has the same options (one declaration): granular experts, a dense shared
+    expert and a dense layer, upcycled online, start at the dense model's loss."""
+    from helpers import read_metrics, tiny_config
+    from upcycle.train import run_training
+    from upcycle.train_config import config_from_dict
+
+    data_dir = make_data_dir(tmp_path / "data")
+    def first_ce(name: str, init: dict) -> float:
+        values = tiny_config(data_dir, model=None, init=init, train={"max_steps": 1, "eval_every": 0})
+        run_training(config_from_dict(values), tmp_path / name)
+        return read_metrics(tmp_path / name)[0]["ce"]
+
+    dense = first_ce("dense", {"source": str(llama_dir)})
+    moe = first_ce("moe", {"source": str(llama_dir), "method": "naive", "num_experts": 4, "top_k": 2,
+                           "granularity": 3, "shared_expert": "dense", "moe_layers": "1", "format": "qwen2_moe"})
+    assert moe == pytest.approx(dense, rel=1e-6, abs=1e-6)
