@@ -466,15 +466,14 @@ class _Producer:
             return self._copied(entry, _ROLE_KIND.get(entry.role, "weight"))
         if entry.kind == "router":
             self.record.layers[entry.layer] = {"layer": entry.layer, "experts": []}
-            gen = derived_generator(self.opts.seed, entry.layer, "router")
-            copies = self.opts.num_experts // self.opts.routed_segments
-            if self.record.calibration is not None:
+            if self.record.calibration is not None:  # --router-init data: one k-means row per copy
                 router = self.record.calibration.rows[entry.layer]
                 self.record.layers[entry.layer]["router_cluster_sizes"] = (
                     self.record.calibration.cluster_sizes[entry.layer])
-            else:
-                router = init_router(copies, self.shapes.dim, kind=self.opts.router_init, std=self.opts.router_std,
-                                     generator=gen)
+            else:  # one random row per copy of the dense FFN
+                gen = derived_generator(self.opts.seed, entry.layer, "router")
+                router = init_router(self.opts.num_experts // self.opts.routed_segments, self.shapes.dim,
+                                     kind=self.opts.router_init, std=self.opts.router_std, generator=gen)
             return virtual_group_router(router, self.opts.routed_segments)
         if entry.kind == "expert":
             return self._expert_matrix(entry)
