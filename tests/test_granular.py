@@ -193,3 +193,15 @@ def test_analyze_reads_a_granular_conversion(tmp_path):
     layer = result["layers"][0]
     assert "drift" not in layer and len(layer["redrawn_share"]) == 8
     assert layer["redrawn_share"][0]["gate"] == pytest.approx(0.5)
+
+
+def test_the_size_estimate_bounds_granular_partial_and_shared_outputs(tmp_path):
+    from upcycle import hf_formats as hf
+    from upcycle.convert import ConvertOptions, estimate
+
+    dense = save_dense(tmp_path / "dense", "qwen2", num_hidden_layers=4)
+    options = dict(method="drop", num_experts=6, top_k=3, granularity=4, shared_expert="dense", moe_layers="1-2")
+    out = convert(dense, tmp_path / "moe", progress=False, **options)
+    written = sum(f.stat().st_size for f in out.iterdir())
+    predicted = estimate(hf.read_shapes(read_config(dense)), "qwen2_moe", ConvertOptions(**options), 4).output_bytes
+    assert written <= predicted <= 1.5 * written + 20_000, (written, predicted)

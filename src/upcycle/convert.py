@@ -519,12 +519,14 @@ _MEMORY_PER_EXPERT = 4096
 _HEADER_BYTES_PER_TENSOR = 160
 _MANIFEST_BYTES_PER_EXPERT = 800
 _MANIFEST_BYTES_PER_NEURON = 8  # the segments' neuron indices, as JSON text
+_MEMORY_PER_NEURON_INDEX = 48  # the same indices as Python ints in the manifest record while converting
 
 
 def estimate(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, value_bytes: int, num_sources: int = 1) -> Estimate:
     """Output size and peak memory of a conversion, from the shapes alone (nothing is allocated)."""
     L, E, D, V = shapes.num_layers, opts.num_experts, shapes.dim, shapes.vocab_size
-    shared = (opts.shared_expert_dim or shapes.ffn_dim) if fmt == "qwen2_moe" else 0  # an upper bound for dense
+    shared = 0 if fmt != "qwen2_moe" else (shapes.ffn_dim // opts.granularity if opts.shared_dense
+                                           else opts.shared_expert_dim or shapes.ffn_dim)
     F, dense_F = shapes.ffn_dim // opts.granularity, shapes.ffn_dim  # expert and dense FFN sizes
     out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
     attn = [math.prod(shape) for shape in hf.attention_roles(out_shapes).values()]
@@ -538,7 +540,8 @@ def estimate(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, value_bytes: int
               + (M * dense_F * _MANIFEST_BYTES_PER_NEURON if opts.granularity > 1 else 0))
     largest = max(V * D, E * D, 3 * dense_F * D, 3 * shared * D)
     working = (num_sources + 2) * largest * 4 + 3 * 3 * dense_F * D * 4  # reads, fp32 result, cast; dense FFN + expert
-    memory = working + L * E * 3 * F + tensors * _MEMORY_PER_TENSOR + M * E * _MEMORY_PER_EXPERT
+    memory = (working + L * E * 3 * F + tensors * _MEMORY_PER_TENSOR + M * E * _MEMORY_PER_EXPERT
+              + (M * dense_F * _MEMORY_PER_NEURON_INDEX if opts.granularity > 1 else 0))
     if opts.router_init == "data":  # the dense model in fp32 once, plus one batch of hidden states per MoE layer
         dense_params = (1 if shapes.tie_embeddings else 2) * V * D + L * (sum(attn) + 3 * dense_F * D)
         memory += 4 * dense_params + 8 * BATCH_TOKENS * M * D
