@@ -113,3 +113,15 @@ def test_online_upcycling_with_every_new_option_starts_at_the_dense_loss(tmp_pat
     moe = first_ce("moe", {"source": str(llama_dir), "method": "naive", "num_experts": 4, "top_k": 2,
                            "granularity": 3, "shared_expert": "dense", "moe_layers": "1", "format": "qwen2_moe"})
     assert moe == pytest.approx(dense, rel=1e-6, abs=1e-6)
+
+
+def test_eval_of_a_mixed_stack_with_a_shared_expert_equals_the_dense_models(tmp_path):
+    from upcycle.evaluate import evaluate
+
+    data = make_data_dir(tmp_path / "data")
+    dense = save_dense(tmp_path / "dense", "qwen2", num_hidden_layers=3)
+    moe = convert(dense, tmp_path / "moe", progress=False, method="naive", num_experts=4, top_k=2, granularity=3,
+                  shared_expert="dense", moe_layers="every:2")
+    dense_eval = evaluate(dense, data, seq_len=16, max_sequences=8)
+    moe_eval = evaluate(moe, data, seq_len=16, max_sequences=8)
+    assert moe_eval["overall"]["loss"] == pytest.approx(dense_eval["overall"]["loss"], abs=1e-5)
