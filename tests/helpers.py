@@ -55,15 +55,17 @@ def save_dense(directory: Path, family: str = "llama", *, tied: bool = False, dt
     return Path(directory)
 
 
-def write_tokenizer(directory: Path) -> None:
-    """A tiny word-level tokenizer so tokenizer files exist to be copied and used."""
+def write_tokenizer(directory: Path, *, eos: bool = False) -> None:
+    """A tiny word-level tokenizer (words w0 .. w89 are ids 0 .. 89) so tokenizer files exist to be copied and used;
+    with `eos`, "</s>" (id 91) is its EOS token, so `upcycle data prepare` and calibration can use it."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"w{i}": i for i in range(90)} | {"[UNK]": 90}
+    vocab = {f"w{i}": i for i in range(90)} | {"[UNK]": 90} | ({"</s>": 91} if eos else {})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(directory)
+    extra = {"eos_token": "</s>"} if eos else {}
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", **extra).save_pretrained(directory)
 
 
 def logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:

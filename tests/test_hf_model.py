@@ -121,13 +121,19 @@ def test_sharded_checkpoint_loads(tmp_path):
     assert (our_logits(load_model(tmp_path)) - hf_logits(model)).abs().max() <= 1e-4
 
 
-def test_nonzero_qwen2_shared_expert_is_refused(tmp_path):
+def test_live_qwen2_shared_expert_is_loaded_and_exported_back(tmp_path):
     model = build_hf(CASES["qwen2_moe"][0]())
     with torch.no_grad():
-        model.model.layers[1].mlp.shared_expert.down_proj.weight.normal_()
-    model.save_pretrained(tmp_path)
-    with pytest.raises(UpcycleError, match="shared expert"):
-        load_hf(tmp_path)
+        model.model.layers[1].mlp.shared_expert.down_proj.weight.normal_(0.0, 0.15)
+    model.save_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
+    assert ours.config.shared_expert_dim == 40
+    assert (our_logits(ours) - hf_logits(model)).abs().max() <= 1e-4
+    export_hf(ours, ours.config, tmp_path / "out")
+    assert (our_logits(ours) - hf_logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+            ).abs().max() <= 1e-5
+    with pytest.raises(UpcycleError, match="shared expert, which only qwen2_moe holds"):
+        export_hf(ours, ours.config, tmp_path / "mixtral", fmt="mixtral")
 
 
 def test_unknown_or_misshaped_tensors_are_refused(tmp_path):

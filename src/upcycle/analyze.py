@@ -181,7 +181,7 @@ def collect_routing(model, batches: dict[str, list[Tensor]]) -> dict[str, list[d
     config = model.config
     out = {}
     for domain, domain_batches in batches.items():
-        per_layer: list[dict | None] = [None] * config.num_layers
+        per_layer: list[dict | None] = [None] * len(config.moe_layer_ids)
         for batch_BT in domain_batches:
             output = model(batch_BT[:, :-1])
             for i, logits_TE in enumerate(output.router_logits):
@@ -199,9 +199,9 @@ def _dense_ffns(dense_path: Path, config) -> list[dict[str, Tensor]]:
     c = dense.config
     if c.is_moe:
         raise UpcycleError(f"--dense {dense_path} is an MoE model; pass the dense parent the MoE was upcycled from")
-    if (c.num_layers, c.dim, c.ffn_dim) != (config.num_layers, config.dim, config.ffn_dim):
+    if (c.num_layers, c.dim) != (config.num_layers, config.dim) or c.ffn_dim % config.expert_dim:
         raise UpcycleError(f"--dense {dense_path} has (layers, dim, ffn_dim) = {(c.num_layers, c.dim, c.ffn_dim)} but "
-                           f"the MoE has {(config.num_layers, config.dim, config.ffn_dim)}; it is not the parent")
+                           f"the MoE has {(config.num_layers, config.dim, config.expert_dim)}; it is not the parent")
     return [{"gate": layer.ffn.gate.weight.detach(), "up": layer.ffn.up.weight.detach(),
              "down": layer.ffn.down.weight.detach()} for layer in dense.layers]
 
@@ -260,11 +260,12 @@ def analyze(
         raise UpcycleError(f"{path} has no MoE layers (a dense model); analyze an upcycled or trained MoE checkpoint")
     check_data_fits(data_dir, vocab_size=config.vocab_size, max_seq_len=config.max_seq_len,
                     seq_len=min(seq_len, config.max_seq_len))  # analyze clamps --seq-len to the model's
-    L, E = config.num_layers, config.num_experts
-    plot_layers = default_plot_layers(L) if layers is None else list(layers)
-    bad = [i for i in plot_layers if not 0 <= i < L]
+    L, E, moe_ids = config.num_layers, config.num_experts, config.moe_layer_ids  # dense layers are skipped
+    plot_layers = [moe_ids[j] for j in default_plot_layers(len(moe_ids))] if layers is None else list(layers)
+    bad = [i for i in plot_layers if i not in moe_ids]
     if bad:
-        raise UpcycleError(f"--layers {bad} out of range; the model has MoE layers 0..{L - 1}")
+        span = f"0..{L - 1}" if len(moe_ids) == L else ",".join(map(str, moe_ids))
+        raise UpcycleError(f"--layers {bad} out of range; the model has MoE layers {span}")
 
     batches = validation_batches(data_dir, seq_len=min(seq_len, config.max_seq_len), batch_size=batch_size,
                                  max_sequences=max_sequences, domains=domains)
@@ -280,9 +281,9 @@ def analyze(
         if dense_source is None and manifest["options"]["method"] != "btx":  # btx experts come from several parents
             dense_source = Path(manifest["sources"][0]["path"])
         redrawn = load_redrawn(manifest_path)
-        if tuple(redrawn.shape) != (L, E, 3, config.ffn_dim):
+        if tuple(redrawn.shape) != (L, E, 3, config.expert_dim):
             raise UpcycleError(f"the re-drawn masks in {manifest_path} have shape {tuple(redrawn.shape)}, the model "
-                               f"needs {(L, E, 3, config.ffn_dim)}; --upcycled-from names a different conversion")
+                               f"needs {(L, E, 3, config.expert_dim)}; --upcycled-from names a different conversion")
     if dense_source is not None and not dense_source.is_dir():
         raise UpcycleError(f"dense parent {dense_source} does not exist; pass --dense DIR")
     dense = _dense_ffns(dense_source, config) if dense_source is not None else None
@@ -290,15 +291,15 @@ def analyze(
 
     state = model.state_dict()
     layer_results = []
-    for i in range(L):
-        routing = {d: routing_stats(per_layer[i], dead_threshold=dead_threshold) for d, per_layer in sums.items()}
-        pooled = routing_stats(_pool([per_layer[i] for per_layer in sums.values()]), dead_threshold=dead_threshold)
+    for j, i in enumerate(moe_ids):  # j: position among the MoE layers (router outputs), i: layer index
+        routing = {d: routing_stats(per_layer[j], dead_threshold=dead_threshold) for d, per_layer in sums.items()}
+        pooled = routing_stats(_pool([per_layer[j] for per_layer in sums.values()]), dead_threshold=dead_threshold)
         experts = expert_matrices(state[f"layers.{i}.{OUR_GATE_UP}"], state[f"layers.{i}.{OUR_DOWN}"])
         entry = {"layer": i, "routing": routing, "all_domains": pooled,
                  "specialization_jsd": mean_pairwise_jsd({d: np.array(r["share"]) for d, r in routing.items()}),
                  "expert_similarity": expert_similarity(experts).tolist()}
-        if dense is not None:
-            entry["drift"] = expert_drift(experts, dense[i])
+        if dense is not None and dense[i]["gate"].shape == experts["gate"].shape[1:]:
+            entry["drift"] = expert_drift(experts, dense[i])  # fine-grained experts (F/G) have no whole dense twin
         if redrawn_by is not None:
             entry["redrawn_share"] = [{k: float(v[i, e]) for k, v in redrawn_by.items()} for e in range(E)]
         layer_results.append(entry)

@@ -13,6 +13,7 @@ Run: `upcycle convert DENSE_DIR OUT_DIR --method drop --ratio 0.5 --num-experts 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 import upcycle
 from upcycle import hf_formats as hf
+from upcycle.calibration import BATCH_TOKENS, calibration_token_ids, data_router_rows
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir
 from upcycle.safetensors_io import (
@@ -44,15 +46,22 @@ from upcycle.upcycling import (
     MATRICES,
     METHODS,
     ROUTER_INITS,
+    SHARED_EXPERT_MODES,
     STATS_MODES,
     UpcycleOptions,
     btx_mean,
     btx_source_of_expert,
+    dense_shared_expert,
     derived_generator,
+    fine_grained_slice,
+    granular_scale,
     init_router,
     init_shared_expert,
+    parse_moe_layers,
     scratch_tensor,
+    segment_neurons,
     upcycle_expert,
+    virtual_group_router,
 )
 
 MANIFEST_NAME = "upcycle_manifest.json"
@@ -73,22 +82,36 @@ class ConvertOptions:
         method: drop (Drop-Upcycling), naive (exact copies), noise (add N(0, noise_std^2) to the selected neurons),
             scratch (HF default init everywhere) or btx (Branch-Train-MiX over --btx-sources).
         ratio: Fraction r of each expert's FFN neurons re-drawn (drop) or perturbed (noise), in [0, 1].
-        num_experts: Number of experts E per layer.
-        top_k: Experts per token K (1 <= K <= E).
+        num_experts: Number of experts E per layer (fine-grained experts: a multiple of --granularity).
+        top_k: Experts per token K (1 <= K <= E; a multiple of --granularity).
+        granularity: G: split the dense FFN's F neurons into G segments of F/G (a seeded permutation, recorded in the
+            manifest); every expert is one segment, E / G copies of the dense FFN, one router row per copy (virtual
+            groups) and down projections times G, so r = 0 is still the dense function.
+        moe_layers: Which layers become MoE: all, or indices and ranges (0-3,8), or every:N (layers N-1, 2N-1, ...);
+            the other layers keep the dense FFN. qwen2_moe and qwen3_moe only (their mlp_only_layers).
         seed: Seed from which every (layer, expert, matrix) draw derives its own generator.
         index_mode: independent (a fresh neuron set for gate, up and down, as the authors' released code behind every
             published number; the default) or shared (one set per expert for all three, as the paper's text).
         stats: Where mu and sigma of the re-drawn values come from: slice (the selected neurons of the dense matrix,
             as the released code) or matrix (the whole dense matrix).
         noise_std: Standard deviation of the noise added by --method noise.
-        router_init: uniform (zero-mean uniform, as the released runs) or normal.
-        router_std: Standard deviation of the router weights.
+        router_init: uniform (zero-mean uniform, as the released runs), normal, or data (rows from k-means centroids
+            of the hidden states entering each layer's FFN when the dense model reads --calibration, scaled to the
+            uniform rows' norm).
+        router_std: Standard deviation of the router weights (data: rows get the norm router_std * sqrt(D)).
+        calibration: For --router-init data: calibration text, a JSONL file (a "text" field per line), a plain text
+            file or a directory of them, as upcycle data prepare reads; tokenized with SOURCE's tokenizer.
+        calibration_tokens: For --router-init data: run the dense model on at most this many calibration tokens.
         format: auto (llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe), mixtral, qwen2_moe or
             qwen3_moe.
         dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
         router_aux_loss_coef: The load-balancing coefficient written into the output's config.json.
-        shared_expert_dim: qwen2_moe only: size of its always-present shared expert (default: the dense FFN size); its
-            down projection is zero, so it contributes nothing at initialization.
+        shared_expert: qwen2_moe only: its always-present shared expert is zero (down projection zero: it adds nothing
+            at initialization) or dense (one of the --granularity segments of the dense FFN, never re-drawn, its down
+            projection doubled and its sigmoid gate near 0, so r = 0 is still the dense function; the other G - 1
+            segments make the routed experts; needs --granularity 2 or more).
+        shared_expert_dim: qwen2_moe with --shared-expert zero only: size of its shared expert (default: the dense
+            FFN size).
         btx_sources: For --method btx: the other dense checkpoints (SOURCE is the first source).
         max_shard_size: Largest output shard, e.g. 5GB or 500MB.
     """
@@ -97,15 +120,20 @@ class ConvertOptions:
     ratio: float = 0.5
     num_experts: int = 8
     top_k: int = 2
+    granularity: int = 1
+    moe_layers: str = "all"
     seed: int = DEFAULT_SEED
     index_mode: str = field(default="independent", metadata={"choices": INDEX_MODES})
     stats: str = field(default="slice", metadata={"choices": STATS_MODES})
     noise_std: float = 0.02
     router_init: str = field(default="uniform", metadata={"choices": ROUTER_INITS})
     router_std: float = 0.02
+    calibration: str | None = None
+    calibration_tokens: int = 16384
     format: str = field(default="auto", metadata={"choices": ("auto", *hf.MOE_FORMATS)})
     dtype: str = field(default="auto", metadata={"choices": ("auto", *DTYPE_NAMES)})
     router_aux_loss_coef: float = 0.02
+    shared_expert: str = field(default="zero", metadata={"choices": SHARED_EXPERT_MODES})
     shared_expert_dim: int | None = None
     btx_sources: tuple[str, ...] = ()
     max_shard_size: str = "5GB"
@@ -120,10 +148,19 @@ class ConvertOptions:
             raise UpcycleError(f"--num-experts must be at least 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
             raise UpcycleError(f"--top-k must lie in [1, num_experts={self.num_experts}], got {self.top_k}")
+        self._validate_granularity()
+        parse_moe_layers(self.moe_layers)
         if self.router_init not in ROUTER_INITS:
             raise UpcycleError(f"unknown --router-init {self.router_init!r}; choose one of {', '.join(ROUTER_INITS)}")
         if self.router_std < 0:
             raise UpcycleError("--router-std must be non-negative")
+        if self.router_init == "data" and self.calibration is None:
+            raise UpcycleError("--router-init data needs --calibration FILE (JSONL or text, as upcycle data prepare "
+                               "reads)")
+        if self.router_init != "data" and self.calibration is not None:
+            raise UpcycleError("--calibration is only used with --router-init data; add --router-init data")
+        if self.calibration_tokens < 1:
+            raise UpcycleError(f"--calibration-tokens must be at least 1, got {self.calibration_tokens}")
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise UpcycleError(f"unknown --dtype {self.dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
         if self.method == "btx" and not self.btx_sources:
@@ -135,6 +172,61 @@ class ConvertOptions:
         if self.shared_expert_dim is not None and self.shared_expert_dim < 1:
             raise UpcycleError("--shared-expert-dim must be at least 1")
         parse_size(self.max_shard_size)
+
+    @property
+    def shared_dense(self) -> bool:
+        return self.shared_expert == "dense"
+
+    @property
+    def routed_segments(self) -> int:
+        """Fine-grained experts per copy of the dense FFN: G, or G - 1 when one segment is the shared expert."""
+        return self.granularity - self.shared_dense
+
+    def _validate_granularity(self) -> None:
+        g = self.granularity
+        if g < 1:
+            raise UpcycleError(f"--granularity must be at least 1, got {g}")
+        if self.shared_expert not in SHARED_EXPERT_MODES:
+            raise UpcycleError(f"unknown --shared-expert {self.shared_expert!r}; choose one of "
+                               f"{', '.join(SHARED_EXPERT_MODES)}")
+        if self.shared_dense:
+            if g < 2:
+                raise UpcycleError("--shared-expert dense makes one of the --granularity segments the shared expert; "
+                                   "use --granularity 2 or more")
+            if self.method not in ("drop", "naive", "noise"):
+                raise UpcycleError(f"--shared-expert dense copies dense neurons, --method {self.method} does not; use "
+                                   "drop, naive or noise")
+            if self.shared_expert_dim is not None:
+                raise UpcycleError("--shared-expert dense sizes the shared expert as one segment (F / G); leave out "
+                                   "--shared-expert-dim")
+        if g == 1:
+            return
+        r, what = self.routed_segments, ("--granularity - 1 (one segment is shared)" if self.shared_dense
+                                         else "--granularity")
+        if self.num_experts % r:
+            raise UpcycleError(f"--num-experts {self.num_experts} is not a multiple of {what} = {r}; use "
+                               f"--num-experts {r * max(1, round(self.num_experts / r))}")
+        if self.top_k % r:
+            raise UpcycleError(f"--top-k {self.top_k} is not a multiple of {what} = {r} (tokens must pick whole "
+                               f"copies of the dense FFN); use --top-k {r * max(1, round(self.top_k / r))}")
+        if self.method == "btx":
+            raise UpcycleError("--granularity above 1 does not combine with --method btx; use --granularity 1")
+
+    def check_source(self, shapes: hf.Shapes, fmt: str) -> tuple[int, ...]:
+        """What can only be checked against the source's sizes and the resolved format, before anything is written.
+        Returns the MoE layers."""
+        if shapes.ffn_dim % self.granularity:
+            divisors = [g for g in range(2, 17) if shapes.ffn_dim % g == 0]
+            raise UpcycleError(f"the dense FFN size {shapes.ffn_dim} is not divisible by --granularity "
+                               f"{self.granularity}; choose one of {', '.join(map(str, divisors)) or '1'}")
+        if self.shared_dense and fmt != "qwen2_moe":
+            raise UpcycleError(f"--shared-expert dense needs --format qwen2_moe, the only format with a shared expert "
+                               f"(got {fmt})")
+        moe_layers = parse_moe_layers(self.moe_layers, shapes.num_layers)
+        if fmt == "mixtral" and len(moe_layers) < shapes.num_layers:
+            raise UpcycleError("mixtral has an MoE FFN in every layer and cannot keep dense layers; use --format "
+                               "qwen2_moe (or qwen3_moe for a Qwen3 source) with --moe-layers, or leave --moe-layers out")
+        return moe_layers
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -194,22 +286,29 @@ def _check_btx_sources(first: CheckpointReader, others: list[CheckpointReader], 
 class Entry:
     name: str
     shape: tuple[int, ...]
-    kind: str  # embed | final_norm | lm_head | attn | router | expert | shared
+    kind: str  # embed | final_norm | lm_head | attn | dense_ffn | router | expert | shared
     layer: int = -1
     role: str = ""  # attention role, FFN matrix, or shared-expert part
     expert: int = -1
 
 
-def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int) -> list[Entry]:
+def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int, granularity: int = 1,
+            moe_layers: tuple[int, ...] | None = None) -> list[Entry]:
     out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
+    expert_shapes = dataclasses.replace(shapes, ffn_dim=shapes.ffn_dim // granularity)
     entries = [Entry(hf.EMBED_KEY, (shapes.vocab_size, shapes.dim), "embed")]
     for layer in range(shapes.num_layers):
         for role, shape in hf.attention_roles(out_shapes).items():
             entries.append(Entry(hf.attention_key(layer, role), shape, "attn", layer, role))
+        if moe_layers is not None and layer not in moe_layers:  # stays dense: its FFN is copied
+            entries += [Entry(hf.dense_ffn_key(layer, m), hf.ffn_shape(shapes, m), "dense_ffn", layer, m)
+                        for m in MATRICES]
+            continue
         entries.append(Entry(hf.router_key(fmt, layer), (num_experts, shapes.dim), "router", layer))
         for e in range(num_experts):
             for m in MATRICES:
-                entries.append(Entry(hf.expert_key(fmt, layer, e, m), hf.ffn_shape(shapes, m), "expert", layer, m, e))
+                entries.append(Entry(hf.expert_key(fmt, layer, e, m), hf.ffn_shape(expert_shapes, m), "expert", layer,
+                                     m, e))
         if fmt == "qwen2_moe":
             keys = hf.shared_expert_keys(layer)
             sizes = hf.shared_expert_shapes(shapes.dim, shared_dim)
@@ -241,8 +340,9 @@ def _shapes_as_config(shapes: hf.Shapes) -> dict:
 class _Record:
     """What the manifest says about the conversion, filled while producing."""
 
-    layers: list[dict] = field(default_factory=list)
-    redrawn_LEMF: np.ndarray | None = None  # (L, E, 3, F) bool
+    layers: dict[int, dict] = field(default_factory=dict)  # MoE layer -> its record
+    redrawn_LEMF: np.ndarray | None = None  # (L, E, 3, F / G) bool
+    calibration: object | None = None  # calibration.RouterCalibration for --router-init data
 
 
 _ROLE_KIND = {"attn_norm": "norm", "ffn_norm": "norm", "q_norm": "norm", "k_norm": "norm",
@@ -273,6 +373,11 @@ class _Producer:
         self.upcycle_opts = opts.upcycle_options(self.init_std)
         self.expert_source = (btx_source_of_expert(opts.num_experts, len(readers)) if opts.method == "btx"
                               else [0] * opts.num_experts)
+        # fine-grained experts: expert e is segment e % R of copy e // R, R = opts.routed_segments (segments 1..G-1 when
+        # segment 0 is the dense shared expert), its down projection scaled by R (granular_scale)
+        self.scale = (granular_scale(opts.routed_segments, renormalize=True)
+                      if opts.granularity > 1 and opts.method != "scratch" else 1.0)
+        self._segments: tuple[int, torch.Tensor] | None = None  # (layer, (G, F/G) neuron indices)
         self._dense_ffn: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # only the current layer's
         self._expert = None  # (layer, expert, ExpertFFN or dict) cache while its three matrices are written
         self._shared_cache = None  # (layer, role -> tensor) of the current layer's shared expert
@@ -310,21 +415,42 @@ class _Producer:
                 tensors = dict(dense)
                 records = {m: {"mean": None, "std": None, "redrawn": 0, "source": source} for m in MATRICES}
             else:
-                x = upcycle_expert(dense["gate"], dense["up"], dense["down"], layer=layer, expert=e,
-                                   opts=self.upcycle_opts)
+                segment = {}
+                matrices = (dense["gate"], dense["up"], dense["down"])
+                if self.opts.granularity > 1:
+                    r = self.opts.routed_segments
+                    s = e % r + self.opts.shared_dense
+                    matrices = fine_grained_slice(*matrices, self._segment_neurons(layer)[s], self.scale)
+                    segment = {"copy": e // r, "segment": s}
+                x = upcycle_expert(*matrices, layer=layer, expert=e, opts=self.upcycle_opts)
                 tensors = {"gate": x.gate_FD, "up": x.up_FD, "down": x.down_DF}
-                records = x.records
+                records = {**segment, **x.records}
                 self.record.redrawn_LEMF[layer, e] = x.redrawn_MF.numpy()
             self.record.layers[layer]["experts"].append({"expert": e, **records})
             self._expert = (layer, e, tensors)
         return self._expert[2][entry.role]
 
+    def _segment_neurons(self, layer: int) -> torch.Tensor:
+        if self._segments is None or self._segments[0] != layer:
+            neurons = segment_neurons(self.shapes.ffn_dim, self.opts.granularity, seed=self.opts.seed, layer=layer)
+            self.record.layers[layer]["segments"] = neurons.tolist()
+            self._segments = (layer, neurons)
+        return self._segments[1]
+
     def _shared(self, entry: Entry) -> torch.Tensor:
-        # Qwen2-MoE always has a shared expert; it contributes exactly nothing at initialization (init_shared_expert).
+        # Qwen2-MoE always has a shared expert: contributing exactly nothing at initialization (init_shared_expert), or
+        # with --shared-expert dense, segment 0 of the dense FFN, never re-drawn (dense_shared_expert)
         if self._shared_cache is None or self._shared_cache[0] != entry.layer:
-            shapes = hf.shared_expert_shapes(self.shapes.dim, self.shared_dim)
-            self._shared_cache = (entry.layer, init_shared_expert(shapes, std=self.init_std, seed=self.opts.seed,
-                                                                  layer=entry.layer))
+            if self.opts.shared_dense:
+                dense = self._dense(entry.layer, 0)
+                tensors = dense_shared_expert(dense["gate"], dense["up"], dense["down"],
+                                              self._segment_neurons(entry.layer)[0], seed=self.opts.seed,
+                                              layer=entry.layer)
+                self.record.layers[entry.layer]["shared_expert"] = {"segment": 0, "down_scale": 2.0}
+            else:
+                shapes = hf.shared_expert_shapes(self.shapes.dim, self.shared_dim)
+                tensors = init_shared_expert(shapes, std=self.init_std, seed=self.opts.seed, layer=entry.layer)
+            self._shared_cache = (entry.layer, tensors)
         return self._shared_cache[1][entry.role]
 
     def __call__(self, entry: Entry) -> torch.Tensor:
@@ -336,13 +462,19 @@ class _Producer:
             if self.shapes.tie_embeddings:  # an untied copy of the embeddings (hf_formats.untied_head)
                 return self._copied(Entry(hf.EMBED_KEY, entry.shape, "embed"), "embedding")
             return self._copied(entry, "weight")
-        if entry.kind == "attn":
+        if entry.kind in ("attn", "dense_ffn"):
             return self._copied(entry, _ROLE_KIND.get(entry.role, "weight"))
         if entry.kind == "router":
-            self.record.layers.append({"layer": entry.layer, "experts": []})
-            gen = derived_generator(self.opts.seed, entry.layer, "router")
-            return init_router(self.opts.num_experts, self.shapes.dim, kind=self.opts.router_init,
-                               std=self.opts.router_std, generator=gen)
+            self.record.layers[entry.layer] = {"layer": entry.layer, "experts": []}
+            if self.record.calibration is not None:  # --router-init data: one k-means row per copy
+                router = self.record.calibration.rows[entry.layer]
+                self.record.layers[entry.layer]["router_cluster_sizes"] = (
+                    self.record.calibration.cluster_sizes[entry.layer])
+            else:  # one random row per copy of the dense FFN
+                gen = derived_generator(self.opts.seed, entry.layer, "router")
+                router = init_router(self.opts.num_experts // self.opts.routed_segments, self.shapes.dim,
+                                     kind=self.opts.router_init, std=self.opts.router_std, generator=gen)
+            return virtual_group_router(router, self.opts.routed_segments)
         if entry.kind == "expert":
             return self._expert_matrix(entry)
         if entry.kind == "shared":
@@ -363,6 +495,9 @@ def _open_sources(source: str | os.PathLike, opts: ConvertOptions) -> tuple[list
         readers += [CheckpointReader(s) for s in opts.btx_sources]
         _check_btx_sources(first, readers[1:], shapes)
     fmt = hf.resolve_format(first.config, opts.format)
+    opts.check_source(shapes, fmt)
+    if opts.router_init == "data":  # the text is there (cheap, before any work); clustering comes in _generate
+        calibration_token_ids(opts.calibration, first.dir, opts.calibration_tokens)
     return readers, shapes, fmt
 
 
@@ -383,22 +518,33 @@ _MEMORY_PER_TENSOR = 1024
 _MEMORY_PER_EXPERT = 4096
 _HEADER_BYTES_PER_TENSOR = 160
 _MANIFEST_BYTES_PER_EXPERT = 800
+_MANIFEST_BYTES_PER_NEURON = 8  # the segments' neuron indices, as JSON text
+_MEMORY_PER_NEURON_INDEX = 48  # the same indices as Python ints in the manifest record while converting
 
 
 def estimate(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, value_bytes: int, num_sources: int = 1) -> Estimate:
     """Output size and peak memory of a conversion, from the shapes alone (nothing is allocated)."""
-    L, E, D, F, V = shapes.num_layers, opts.num_experts, shapes.dim, shapes.ffn_dim, shapes.vocab_size
-    shared = (opts.shared_expert_dim or F) if fmt == "qwen2_moe" else 0
+    L, E, D, V = shapes.num_layers, opts.num_experts, shapes.dim, shapes.vocab_size
+    shared = 0 if fmt != "qwen2_moe" else (shapes.ffn_dim // opts.granularity if opts.shared_dense
+                                           else opts.shared_expert_dim or shapes.ffn_dim)
+    F, dense_F = shapes.ffn_dim // opts.granularity, shapes.ffn_dim  # expert and dense FFN sizes
     out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
     attn = [math.prod(shape) for shape in hf.attention_roles(out_shapes).values()]
-    per_layer = sum(attn) + E * D + E * 3 * F * D + (3 * shared * D + D if shared else 0)
+    M = len(parse_moe_layers(opts.moe_layers, L))  # MoE layers; the other L - M keep their dense FFN
+    per_moe_layer = E * D + E * 3 * F * D + (3 * shared * D + D if shared else 0)
     heads = (2 if _writes_lm_head(shapes, fmt) else 1) * V * D + D
-    tensors = 2 + _writes_lm_head(shapes, fmt) + L * (len(attn) + 1 + 3 * E + (4 if shared else 0))
-    output = ((heads + L * per_layer) * value_bytes + L * E * 3 * math.ceil(F / 8)
-              + tensors * _HEADER_BYTES_PER_TENSOR + L * E * _MANIFEST_BYTES_PER_EXPERT)
-    largest = max(V * D, E * D, 3 * F * D, 3 * shared * D)
-    working = (num_sources + 2) * largest * 4 + 3 * 3 * F * D * 4  # reads, fp32 result, cast; dense FFN + one expert
-    memory = working + L * E * 3 * F + tensors * _MEMORY_PER_TENSOR + L * E * _MEMORY_PER_EXPERT
+    tensors = (2 + _writes_lm_head(shapes, fmt) + L * len(attn) + M * (1 + 3 * E + (4 if shared else 0))
+               + (L - M) * 3)
+    output = ((heads + L * sum(attn) + M * per_moe_layer + (L - M) * 3 * dense_F * D) * value_bytes
+              + L * E * 3 * math.ceil(F / 8) + tensors * _HEADER_BYTES_PER_TENSOR + M * E * _MANIFEST_BYTES_PER_EXPERT
+              + (M * dense_F * _MANIFEST_BYTES_PER_NEURON if opts.granularity > 1 else 0))
+    largest = max(V * D, E * D, 3 * dense_F * D, 3 * shared * D)
+    working = (num_sources + 2) * largest * 4 + 3 * 3 * dense_F * D * 4  # reads, fp32 result, cast; dense FFN + expert
+    memory = (working + L * E * 3 * F + tensors * _MEMORY_PER_TENSOR + M * E * _MEMORY_PER_EXPERT
+              + (M * dense_F * _MEMORY_PER_NEURON_INDEX if opts.granularity > 1 else 0))
+    if opts.router_init == "data":  # the dense model in fp32 once, plus one batch of hidden states per MoE layer
+        dense_params = (1 if shapes.tie_embeddings else 2) * V * D + L * (sum(attn) + 3 * dense_F * D)
+        memory += 4 * dense_params + 8 * BATCH_TOKENS * M * D
     return Estimate(output_bytes=output, memory_bytes=memory)
 
 
@@ -450,15 +596,23 @@ def _estimate_for(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions) ->
 
 
 def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], Iterator, _Record, dict]:
+    moe_layers = opts.check_source(shapes, fmt)
     moe_config = hf.build_moe_config(
         readers[0].config, fmt, num_experts=opts.num_experts, top_k=opts.top_k,
-        router_aux_loss_coef=opts.router_aux_loss_coef, shared_expert_dim=opts.shared_expert_dim,
-        dtype=dtype_name(_out_dtype(opts, readers[0])),
+        router_aux_loss_coef=opts.router_aux_loss_coef,
+        shared_expert_dim=shapes.ffn_dim // opts.granularity if opts.shared_dense else opts.shared_expert_dim,
+        dtype=dtype_name(_out_dtype(opts, readers[0])), expert_ffn_dim=shapes.ffn_dim // opts.granularity,
+        moe_layers=moe_layers,
     )
     shared_dim = moe_config.get("shared_expert_intermediate_size", 0)
-    entries = _layout(shapes, fmt, opts.num_experts, shared_dim)
-    record = _Record(redrawn_LEMF=np.zeros((shapes.num_layers, opts.num_experts, len(MATRICES), shapes.ffn_dim),
+    entries = _layout(shapes, fmt, opts.num_experts, shared_dim, opts.granularity, moe_layers)
+    expert_dim = shapes.ffn_dim // opts.granularity
+    record = _Record(redrawn_LEMF=np.zeros((shapes.num_layers, opts.num_experts, len(MATRICES), expert_dim),
                                            dtype=bool))
+    if opts.router_init == "data":  # runs the dense model once, before any tensor is produced
+        record.calibration = data_router_rows(readers[0].dir, opts.calibration, max_tokens=opts.calibration_tokens,
+                                              copies=opts.num_experts // opts.routed_segments, layers=moe_layers,
+                                              seed=opts.seed, std=opts.router_std)
     produce = _Producer(readers, shapes, opts, record, shared_dim)
     out_dtype = _out_dtype(opts, readers[0])
 
@@ -466,7 +620,7 @@ def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], 
         bar = tqdm(total=shapes.num_layers, desc="convert", unit="layer", disable=not progress)
         for entry in entries:
             yield entry, produce(entry).to(out_dtype)
-            if entry.kind == "expert" and entry.expert == opts.num_experts - 1 and entry.role == "down":
+            if entry.role == "down" and (entry.kind == "dense_ffn" or entry.expert == opts.num_experts - 1):
                 bar.update(1)
         bar.close()
 
@@ -546,18 +700,22 @@ def _write_manifest(directory: Path, readers, opts: ConvertOptions, fmt: str, mo
         "tool": "upcycle",
         "version": upcycle.__version__,
         "options": {**asdict(opts), "format": fmt, "dtype": moe_config["dtype"],
-                    "btx_sources": [str(Path(s).absolute()) for s in opts.btx_sources]},
+                    "btx_sources": [str(Path(s).absolute()) for s in opts.btx_sources],
+                    "calibration": str(Path(opts.calibration).absolute()) if opts.calibration else None},
         "sources": [{"path": str(r.dir.absolute()), "model_type": r.config.get("model_type"), "sha256": r.sha256()}
                     for r in readers],
         "shards": shards,
         "redrawn_file": REDRAWN_NAME,
-        "layers": record.layers,
+        "layers": [record.layers[i] for i in sorted(record.layers)],
+        **({"calibration_tokens_used": record.calibration.tokens} if record.calibration is not None else {}),
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def load_redrawn(directory: str | os.PathLike) -> torch.Tensor:
-    """The re-drawn neuron masks of a conversion: bool (layers, experts, 3 [gate, up, down], ffn_dim)."""
+    """The re-drawn neuron masks of a conversion: bool (layers, experts, 3 [gate, up, down], expert ffn_dim); with
+    --granularity G, neuron j of expert e is dense neuron `segments[s][j]` of the layer's manifest record, s the
+    expert's `segment` there."""
     from safetensors import safe_open
 
     path = Path(directory) / REDRAWN_NAME

@@ -280,12 +280,17 @@ def build_moe_config(
     router_aux_loss_coef: float = 0.02,
     shared_expert_dim: int | None = None,
     dtype: str | None = None,
+    expert_ffn_dim: int | None = None,
+    moe_layers: tuple[int, ...] | list[int] | None = None,
 ) -> dict:
     """The MoE config.json as a dictionary: every dense field carried over, then the MoE fields.
 
     transformers' MoE configs default to other values than the dense ones (Mixtral: rope theta 1e6, eps 1e-5, aux
     coefficient 0.001), so nothing may be left to defaults. Top-k weights are renormalized (Mixtral always does;
     Qwen-MoE via norm_topk_prob) so that naive upcycling reproduces the dense function exactly.
+    `expert_ffn_dim` (default: the dense FFN size) is each expert's size: Mixtral's intermediate_size, Qwen-MoE's
+    moe_intermediate_size (intermediate_size there stays the dense size, used by dense layers). `moe_layers` (default:
+    every layer) become MoE; Qwen-MoE lists the others in mlp_only_layers, Mixtral cannot hold dense layers.
     """
     shapes = read_shapes(dense)
     cfg = {k: v for k, v in dense.items() if k not in _NOT_CARRIED and not k.startswith("_")}
@@ -298,17 +303,23 @@ def build_moe_config(
     cfg["output_router_logits"] = False
     if dtype is not None:
         cfg["dtype"] = dtype
+    expert_ffn_dim = expert_ffn_dim or shapes.ffn_dim
+    dense_layers = [i for i in range(shapes.num_layers) if moe_layers is not None and i not in moe_layers]
+    if fmt == "mixtral" and dense_layers:
+        raise UpcycleError("mixtral has an MoE FFN in every layer and cannot keep dense layers; use --format qwen2_moe "
+                           "(or qwen3_moe for a Qwen3 model)")
     if fmt == "mixtral":
+        cfg["intermediate_size"] = expert_ffn_dim
         cfg["num_local_experts"] = num_experts
         cfg["router_jitter_noise"] = 0.0
         if dense.get("model_type") != "mistral":
             cfg["sliding_window"] = None  # Llama attends to the whole context
     else:
         cfg["num_experts"] = num_experts
-        cfg["moe_intermediate_size"] = shapes.ffn_dim
+        cfg["moe_intermediate_size"] = expert_ffn_dim
         cfg["norm_topk_prob"] = True
         cfg["decoder_sparse_step"] = 1
-        cfg["mlp_only_layers"] = []
+        cfg["mlp_only_layers"] = dense_layers
         if fmt == "qwen2_moe":
             cfg["qkv_bias"] = True  # Qwen2-MoE always has q/k/v biases; a Llama source gets zeros
             cfg["shared_expert_intermediate_size"] = shared_expert_dim or shapes.ffn_dim
@@ -361,12 +372,19 @@ def read_model_fields(cfg: dict) -> dict:
         if family == "mixtral":
             fields.update(num_experts=cfg["num_local_experts"], renormalize=True)
         else:
-            if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
-                raise UpcycleError(f"{family} checkpoints with dense layers (decoder_sparse_step != 1 or "
-                                   "mlp_only_layers) are not supported: every layer must be an MoE layer")
+            step, dense_only = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or ())
+            # transformers' rule: a layer is MoE unless listed in mlp_only_layers, and only every step-th layer
+            moe = [i for i in range(shapes.num_layers) if i not in dense_only and (i + 1) % step == 0]
+            if not moe:
+                raise UpcycleError(f"this {family} config has no MoE layer (decoder_sparse_step {step}, "
+                                   f"mlp_only_layers {sorted(dense_only)}); load it as a dense model")
+            fields["moe_layers"] = None if len(moe) == shapes.num_layers else moe
             # Qwen3-MoE configs written by transformers 5.x spell it num_local_experts, older ones num_experts
             num_experts = cfg.get("num_experts", cfg.get("num_local_experts"))
             fields.update(num_experts=num_experts, renormalize=bool(cfg.get("norm_topk_prob", False)))
+            # dense size from intermediate_size, expert size from moe_intermediate_size (None when they agree)
+            dense_ffn = cfg.get("intermediate_size", shapes.ffn_dim)
+            fields.update(ffn_dim=dense_ffn, expert_ffn_dim=None if dense_ffn == shapes.ffn_dim else shapes.ffn_dim)
         fields["top_k"] = cfg["num_experts_per_tok"]
     if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias"):
         raise UpcycleError(f"{family} config has hidden_act={cfg.get('hidden_act')!r} mlp_bias={cfg.get('mlp_bias')}; "

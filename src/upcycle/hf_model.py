@@ -14,6 +14,7 @@ holding our ModelConfig under "model"; `load_model` reads either kind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -41,6 +42,9 @@ _OUR_ATTN = {
 }
 _OUR_DENSE_FFN = {"gate": "ffn.gate.weight", "up": "ffn.up.weight", "down": "ffn.down.weight"}
 OUR_ROUTER, OUR_GATE_UP, OUR_DOWN = "ffn.router.weight", "ffn.gate_up_ED2F", "ffn.down_EFD"
+# Qwen2-MoE's shared expert, by the roles of hf_formats.shared_expert_keys
+_OUR_SHARED = {"shared_gate": "shared.gate.weight", "shared_up": "shared.up.weight", "shared_down": "shared.down.weight",
+               "shared_expert_gate": "shared_gate.weight"}
 
 
 def experts_to_hf(gate_up_ED2F: Tensor, down_EFD: Tensor) -> dict[str, Tensor]:
@@ -88,7 +92,7 @@ class _Taker:
 
 def _take_experts(taker: _Taker, fmt: str, layer: int, config: ModelConfig) -> dict[str, Tensor]:
     """Router [E, D] and the experts in our layout, from per-expert or fused keys."""
-    E, D, Fd = config.num_experts, config.dim, config.ffn_dim
+    E, D, Fd = config.num_experts, config.dim, config.expert_dim
     fused_router, fused_gate_up, fused_down = hf.fused_expert_keys(layer)
     router_key = hf.router_key(fmt, layer)
     router = taker.take(router_key if router_key in taker else fused_router, (E, D))
@@ -103,24 +107,35 @@ def _take_experts(taker: _Taker, fmt: str, layer: int, config: ModelConfig) -> d
     return {OUR_ROUTER: router, OUR_GATE_UP: gate_up_ED2F, OUR_DOWN: down_EFD}
 
 
-def _take_shared_expert(taker: _Taker, layer: int, config: ModelConfig, hf_cfg: dict) -> None:
-    """Qwen2-MoE's shared expert: accepted only when it contributes nothing (down_proj all zeros)."""
+def _has_live_shared_expert(tensors: Mapping[str, Tensor], hf_cfg: dict, moe_layers: tuple[int, ...]) -> bool:
+    """Whether a Qwen2-MoE checkpoint's shared expert contributes anything (a non-zero down_proj in some layer).
+    One that contributes exactly nothing (`upcycle convert --shared-expert zero`) is dropped on load, as before."""
+    keys = [hf.shared_expert_keys(i)["shared_down"] for i in moe_layers]
+    return any(key in tensors and bool(torch.count_nonzero(tensors[key])) for key in keys)
+
+
+def _take_shared_expert(taker: _Taker, layer: int, config: ModelConfig, hf_cfg: dict) -> dict[str, Tensor]:
+    """Qwen2-MoE's shared expert as our tensors when the model has one (config.shared_expert_dim), else checked to
+    contribute nothing (down_proj all zeros) and dropped."""
     keys = hf.shared_expert_keys(layer)
     shapes = hf.shared_expert_shapes(config.dim, hf_cfg["shared_expert_intermediate_size"])
     tensors = {role: taker.take(key, shapes[role]) for role, key in keys.items()}
-    if torch.count_nonzero(tensors["shared_down"]):
-        raise UpcycleError(
-            f"layer {layer} of this qwen2_moe checkpoint has a non-zero shared expert "
-            f"({keys['shared_down']}); our model has no shared expert, so loading it would change the function. "
-            "Only checkpoints written by `upcycle convert` (shared down_proj all zeros) are supported.")
+    if config.shared_expert_dim:
+        return {_OUR_SHARED[role]: t for role, t in tensors.items()}
+    assert not torch.count_nonzero(tensors["shared_down"])  # _has_live_shared_expert decided so
+    return {}
 
 
 def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Our ModelConfig and state dict (checkpoint dtype) from HF tensors (any mapping, e.g. safetensors_io.CheckpointReader) and the
     config.json dictionary. Every tensor must be used and have the shape the config implies."""
     fields = hf.read_model_fields(hf_cfg)
+    if hf_cfg["model_type"] == "qwen2_moe" and _has_live_shared_expert(tensors, hf_cfg,
+                                                                      ModelConfig(**fields).moe_layer_ids):
+        fields["shared_expert_dim"] = hf_cfg["shared_expert_intermediate_size"]
     config = ModelConfig(**fields)
     shapes = hf.read_shapes(hf_cfg)
+    dense_shapes = dataclasses.replace(shapes, ffn_dim=config.ffn_dim)  # the dense layers' FFN (Qwen-MoE: not experts')
     family = hf_cfg["model_type"]
     taker = _Taker(tensors)
     sd: dict[str, Tensor] = {"tok_embeddings.weight": taker.take(hf.EMBED_KEY, (config.vocab_size, config.dim)),
@@ -135,13 +150,13 @@ def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[Mod
         p = f"layers.{i}."
         for role, shape in hf.attention_roles(shapes).items():
             sd[p + _OUR_ATTN[role]] = taker.take(hf.attention_key(i, role), shape)
-        if config.is_moe:
+        if i in config.moe_layer_ids:
             sd.update({p + k: v for k, v in _take_experts(taker, family, i, config).items()})
             if family == "qwen2_moe":
-                _take_shared_expert(taker, i, config, hf_cfg)
+                sd.update({p + k: v for k, v in _take_shared_expert(taker, i, config, hf_cfg).items()})
         else:
             for m in hf.FFN_MATRICES:
-                sd[p + _OUR_DENSE_FFN[m]] = taker.take(hf.dense_ffn_key(i, m), hf.ffn_shape(shapes, m))
+                sd[p + _OUR_DENSE_FFN[m]] = taker.take(hf.dense_ffn_key(i, m), hf.ffn_shape(dense_shapes, m))
     taker.check_all_used()
     return config, sd
 
@@ -171,6 +186,13 @@ def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
                   "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
                   "vocab_size": config.vocab_size, "head_dim": config.head_dim,
                   "attention_bias": config.qkv_bias, "qkv_bias": config.qkv_bias}
+    if config.shared_expert_dim:
+        if fmt not in ("auto", "qwen2_moe"):
+            raise UpcycleError(f"this MoE has a shared expert, which only qwen2_moe holds; got --format {fmt}, use "
+                               "--format qwen2_moe")
+        fmt = "qwen2_moe"
+    elif fmt == "auto" and family == "llama" and config.moe_layers is not None:
+        fmt = "qwen2_moe"  # mixtral cannot keep dense layers; qwen2_moe holds Llama attention (zero q/k/v biases)
     return family, hf.resolve_format(dense_like, fmt)
 
 
@@ -189,7 +211,9 @@ def state_dict_to_hf(
         rope_theta=c.rope_theta, rope_scaling=c.rope_scaling, max_seq_len=c.max_seq_len,
         tie_embeddings=c.tie_embeddings, attention_bias=c.qkv_bias, init_std=c.init_std, dtype=dtype)
     if c.is_moe:
-        hf_cfg = hf.build_moe_config(hf_cfg, out_fmt, num_experts=c.num_experts, top_k=c.top_k, dtype=dtype)
+        hf_cfg = hf.build_moe_config(hf_cfg, out_fmt, num_experts=c.num_experts, top_k=c.top_k, dtype=dtype,
+                                     expert_ffn_dim=c.expert_dim, moe_layers=c.moe_layers,
+                                     shared_expert_dim=c.shared_expert_dim or None)
         hf.set_moe_routing(hf_cfg, renormalize=c.renormalize)
     shapes = hf.read_shapes(hf_cfg)
     cast = DTYPE_NAMES[dtype]
@@ -210,7 +234,7 @@ def state_dict_to_hf(
             ours = p + _OUR_ATTN[role]
             # Qwen2-MoE always has q/k/v biases: a model without them gets zeros (the same function).
             put(hf.attention_key(i, role), state_dict[ours] if ours in state_dict else torch.zeros(shape))
-        if not c.is_moe:
+        if i not in c.moe_layer_ids:
             for m in hf.FFN_MATRICES:
                 put(hf.dense_ffn_key(i, m), state_dict[p + _OUR_DENSE_FFN[m]])
             continue
@@ -220,9 +244,12 @@ def state_dict_to_hf(
             for m in hf.FFN_MATRICES:
                 put(hf.expert_key(out_fmt, i, e, m), per[m][e])
         if out_fmt == "qwen2_moe":
-            # The shared expert is always present in Qwen2-MoE; as written by convert, it contributes exactly nothing.
-            shared = init_shared_expert(hf.shared_expert_shapes(c.dim, hf_cfg["shared_expert_intermediate_size"]),
-                                        std=c.init_std, seed=0, layer=i)
+            # The shared expert is always present in Qwen2-MoE: ours, or one that contributes exactly nothing.
+            if c.shared_expert_dim:
+                shared = {role: state_dict[p + ours] for role, ours in _OUR_SHARED.items()}
+            else:
+                shared = init_shared_expert(hf.shared_expert_shapes(c.dim, hf_cfg["shared_expert_intermediate_size"]),
+                                            std=c.init_std, seed=0, layer=i)
             for role, key in hf.shared_expert_keys(i).items():
                 put(key, shared[role])
     return hf_cfg, out
@@ -310,9 +337,9 @@ def export_command(
         checkpoint: Directory of our training checkpoint (model.safetensors + config.json with "model") or of an HF
             checkpoint.
         out: Output directory to create, written atomically; refused if it exists, unless --force.
-        format: auto (dense -> llama/qwen2/qwen3 by attention features; MoE -> mixtral for Llama-like attention,
-            qwen2_moe with q/k/v biases, qwen3_moe with q/k norms), or one of mixtral, qwen2_moe, qwen3_moe, llama,
-            qwen2, qwen3.
+        format: auto (dense -> llama/qwen2/qwen3 by attention features; MoE -> mixtral for Llama-like attention
+            (qwen2_moe with dense layers or a shared expert), qwen2_moe with q/k/v biases, qwen3_moe with q/k norms), or one of
+            mixtral, qwen2_moe, qwen3_moe, llama, qwen2, qwen3.
         dtype: Weight dtype in the output: float32 (exact), bfloat16 or float16.
         tokenizer: A directory whose tokenizer files (tokenizer.json, tokenizer_config.json, ...) are copied into OUT.
         force: Replace an existing OUT (only once the new one is complete).

@@ -32,7 +32,7 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     ffn_dim: int
-    """Hidden size of the dense FFN, and of every expert in an MoE (experts keep the dense size, as in the paper)."""
+    """Hidden size of the dense FFN, and of every expert unless expert_ffn_dim says otherwise."""
     head_dim: int | None = None
     """None -> dim // num_heads."""
     norm_eps: float = 1e-6
@@ -55,6 +55,14 @@ class ModelConfig:
     """Experts per token."""
     renormalize: bool = True
     """Renormalize the top-k routing weights to sum to 1 (Mixtral; Qwen-MoE's norm_topk_prob)."""
+    expert_ffn_dim: int | None = None
+    """Hidden size of each expert; None -> ffn_dim (coarse experts, as in the paper). Fine-grained experts
+    (upcycle convert --granularity G) have ffn_dim / G."""
+    moe_layers: list[int] | None = None
+    """Which layers hold the MoE FFN (the others a dense FFN of ffn_dim); None -> every layer. Ignored when dense."""
+    shared_expert_dim: int = 0
+    """Hidden size of an always-active shared expert in every MoE layer, added as sigmoid(gate . x) * FFN(x) (Qwen2-MoE);
+    0 -> none."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights (norms start at 1, biases at 0)."""
 
@@ -67,6 +75,17 @@ class ModelConfig:
             raise UpcycleError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         if self.num_experts:
             check_moe_sizes(num_experts=self.num_experts, top_k=self.top_k)
+        if self.shared_expert_dim < 0:
+            raise UpcycleError(f"shared_expert_dim must be >= 0, got {self.shared_expert_dim}")
+        if self.expert_ffn_dim is not None and self.expert_ffn_dim < 1:
+            raise UpcycleError(f"expert_ffn_dim must be at least 1, got {self.expert_ffn_dim}")
+        if self.moe_layers is not None:
+            layers = list(self.moe_layers)
+            if (not layers or len(set(layers)) != len(layers)
+                    or not all(type(i) is int and 0 <= i < self.num_layers for i in layers)):
+                raise UpcycleError(f"moe_layers must list distinct layers in [0, {self.num_layers - 1}] (at least "
+                                   f"one), got {self.moe_layers}")
+            self.moe_layers = sorted(layers)
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in STATIC_ROPE_TYPES:
             raise UpcycleError(f"rope_type {rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}")
@@ -74,6 +93,18 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """The layers with an MoE FFN, ascending (none for a dense model)."""
+        if not self.is_moe:
+            return ()
+        return tuple(range(self.num_layers)) if self.moe_layers is None else tuple(self.moe_layers)
+
+    @property
+    def expert_dim(self) -> int:
+        """Hidden size of each expert."""
+        return self.expert_ffn_dim or self.ffn_dim
 
 
 @dataclass
@@ -164,15 +195,19 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        if config.is_moe:
-            self.ffn = MoE(config.dim, config.ffn_dim, config.num_experts, config.top_k, config.renormalize)
+        if layer in config.moe_layer_ids:
+            self.ffn = MoE(config.dim, config.expert_dim, config.num_experts, config.top_k, config.renormalize)
         else:
             self.ffn = FeedForward(config.dim, config.ffn_dim)
+        self.shared = self.shared_gate = None
+        if layer in config.moe_layer_ids and config.shared_expert_dim:
+            self.shared = FeedForward(config.dim, config.shared_expert_dim)
+            self.shared_gate = nn.Linear(config.dim, 1, bias=False)
 
     def forward(self, x_BTD: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Returns (hidden, router logits (B*T, E) or None, expert counts (E,) or None)."""
@@ -182,7 +217,10 @@ class Block(nn.Module):
             B, T, D = h_BTD.shape
             # (B, T, D) -> (B*T, D): routing is per token
             out_TD, logits_TE, counts_E = self.ffn(h_BTD.reshape(B * T, D))
-            return x_BTD + out_TD.view(B, T, D), logits_TE, counts_E
+            out_BTD = out_TD.view(B, T, D)
+            if self.shared is not None:
+                out_BTD = out_BTD + torch.sigmoid(self.shared_gate(h_BTD)) * self.shared(h_BTD)
+            return x_BTD + out_BTD, logits_TE, counts_E
         return x_BTD + self.ffn(h_BTD), None, None
 
 
@@ -191,7 +229,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("rope_inv_freq", torch.empty(config.head_dim // 2), persistent=False)
@@ -254,5 +292,5 @@ class Transformer(nn.Module):
         c = self.config
         if not c.is_moe:
             return self.num_params()
-        expert_params = 3 * c.dim * c.ffn_dim
-        return self.num_params() - c.num_layers * (c.num_experts - c.top_k) * expert_params
+        expert_params = 3 * c.dim * c.expert_dim
+        return self.num_params() - len(c.moe_layer_ids) * (c.num_experts - c.top_k) * expert_params

@@ -293,7 +293,7 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
     batch_BT = run.loader.next_batch()
     run.data_sha256 = hashlib.sha256(run.data_sha256.encode() + batch_BT.numpy().tobytes()).hexdigest()
     mc = run.model_config
-    num_moe = mc.num_layers if mc.is_moe else 0
+    num_moe = len(mc.moe_layer_ids)
     sums, counts_LE = forward_backward(run.model, batch_BT.to(world.device), loop=run.loop, top_k=mc.top_k,
                                        num_moe=num_moe, num_experts=mc.num_experts, autocast=run.autocast)
     flag = torch.tensor([1.0 if stop.signal_name else 0.0], dtype=torch.float64, device=world.device)

@@ -15,6 +15,10 @@ Methods (docs/method.md explains each, the index modes and the baselines they re
     noise   like drop's index selection, but ADD N(0, noise_std^2) to the selected slice (random-noise upcycling).
     scratch every weight N(0, init_std^2), norms 1, biases 0 (HF default init): the from-scratch baseline.
     btx     non-FFN tensors averaged over several dense sources; expert e takes the FFN of source e // (E / S).
+
+Granularity G (fine-grained experts): the F neurons are split into G segments of F/G by a seeded permutation, expert
+e = c * G + s holds segment s of copy c, every copy's G experts share one router row (virtual groups), and each
+expert's down projection is multiplied by `granular_scale` so that the MoE still computes the dense function.
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ from upcycle.errors import UpcycleError
 METHODS = ("drop", "naive", "noise", "scratch", "btx")
 INDEX_MODES = ("independent", "shared")
 STATS_MODES = ("slice", "matrix")
-ROUTER_INITS = ("uniform", "normal")
+ROUTER_INITS = ("uniform", "normal", "data")  # data: k-means of calibration hidden states (upcycle.calibration)
+SHARED_EXPERT_MODES = ("zero", "dense")
+# |weights| of a dense shared expert's sigmoid gate: sigmoid(g . x) is then 1/2 to within fp32 rounding for any
+# realistic hidden state (|g . x| < 1e-6), yet the gate is not all zeros (llama.cpp's silu(x)/x would be NaN at 0).
+DENSE_SHARED_GATE_STD = 1e-9
 MATRICES = ("gate", "up", "down")
 # Which axis of each HF-layout matrix is the intermediate (neuron) axis.
 NEURON_AXIS = {"gate": 0, "up": 0, "down": 1}
@@ -91,6 +99,88 @@ def add_noise(
     noise = torch.empty(selected.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
     out.index_copy_(axis, indices, selected + noise)
     return out
+
+
+def segment_neurons(ffn_dim: int, granularity: int, *, seed: int, layer: int) -> torch.Tensor:
+    """(G, F/G) int64: row s lists, sorted, the dense neurons that fine-grained segment s holds.
+
+    G = 1 is the identity (one segment, every neuron in order). Otherwise a permutation drawn from (seed, layer,
+    "segments") picks which neurons go together, so segments are not contiguous runs of the dense FFN (whose
+    neighbouring neurons are unrelated anyway, but a fixed split would tie every layer to the same partition)."""
+    if granularity < 1 or ffn_dim % granularity:
+        raise UpcycleError(f"the FFN size {ffn_dim} is not divisible by --granularity {granularity}; choose a "
+                           "divisor of it")
+    if granularity == 1:
+        return torch.arange(ffn_dim).unsqueeze(0)
+    perm = torch.randperm(ffn_dim, generator=derived_generator(seed, layer, "segments"))
+    return perm.view(granularity, ffn_dim // granularity).sort(dim=1).values
+
+
+def granular_scale(granularity: int, *, renormalize: bool) -> float:
+    """The factor on each fine-grained expert's down projection that makes the MoE the dense function at r = 0.
+
+    Routing is softmax over all E = C * G experts, top K = k * G, then (renormalize) division by the sum of the K
+    chosen weights. The G experts of copy c share one router row, so each gets p_c / G, p_c being the softmax over
+    copies, and top-k takes whole copies (a copy's G equal values rank together). After renormalization each expert of
+    a chosen copy c weighs w_c = p_c / (G * P), P the sum of the k chosen p_c, so sum over chosen c of G * w_c = 1.
+    Copy c's G segments add up to the dense output y, hence the MoE outputs sum_c w_c * y = y / G, and multiplying
+    every down projection by G restores y (exactly, for a power of two). Without renormalization the weights sum to
+    P / G, which depends on the token, so no constant restores y; every format we write renormalizes (Mixtral always,
+    Qwen-MoE with norm_topk_prob true).
+    """
+    if not renormalize:
+        raise UpcycleError("granular upcycling needs renormalized top-k weights (norm_topk_prob true)")
+    return float(granularity)
+
+
+def virtual_group_router(router_CD: torch.Tensor, granularity: int) -> torch.Tensor:
+    """Router [C * G, D] from one row per copy: the G fine-grained experts of copy c (rows c*G .. c*G+G-1) get copy
+    c's row, so at initialization every token picks whole copies of the dense FFN."""
+    return router_CD.repeat_interleave(granularity, dim=0)
+
+
+def parse_moe_layers(spec: str | None, num_layers: int | None = None) -> tuple[int, ...] | None:
+    """The layers a `--moe-layers` spec names, ascending; None (every layer) for an empty spec or "all".
+
+    `0-3,8`: indices and inclusive ranges. `every:N`: layers N-1, 2N-1, ... (Qwen-MoE's decoder_sparse_step N: every
+    N-th layer is MoE, the first at index N-1). Without `num_layers` only the syntax is checked."""
+    if spec is None or spec.strip() in ("", "all"):
+        return None if num_layers is None else tuple(range(num_layers))
+    text = spec.replace(" ", "")
+    example = "e.g. --moe-layers 0-3,8 or --moe-layers every:2"
+    layers: set[int] = set()
+    try:
+        if text.startswith("every:"):
+            step = int(text.removeprefix("every:"))
+            if step < 1:
+                raise ValueError
+            if num_layers is None:
+                return None
+            layers = set(range(step - 1, num_layers, step))
+        else:
+            for part in text.split(","):
+                first, _, last = part.partition("-")
+                a, b = int(first), int(last or first)
+                if a < 0 or b < a:
+                    raise ValueError
+                layers.update(range(a, b + 1))
+    except ValueError:
+        raise UpcycleError(f"cannot read --moe-layers {spec!r}; {example}") from None
+    if num_layers is None:
+        return tuple(sorted(layers))
+    if not layers:
+        raise UpcycleError(f"--moe-layers {spec!r} selects no layer of the {num_layers}; {example}")
+    if max(layers) >= num_layers:
+        raise UpcycleError(f"--moe-layers {spec!r} names layer {max(layers)}, but the model has layers 0-"
+                           f"{num_layers - 1}; name layers in that range")
+    return tuple(sorted(layers))
+
+
+def fine_grained_slice(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, neurons: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dense neurons `neurons` as one fine-grained expert (fp32): rows of gate/up, columns of down times `scale`."""
+    return (gate_FD.index_select(0, neurons).float(), up_FD.index_select(0, neurons).float(),
+            down_DF.index_select(1, neurons).float() * scale)
 
 
 @dataclass
@@ -226,7 +316,7 @@ def init_router(num_experts: int, dim: int, *, kind: str, std: float, generator:
         return (u - 0.5) * (std * math.sqrt(12.0))
     if kind == "normal":
         return torch.randn(num_experts, dim, generator=generator, dtype=torch.float32) * std
-    raise UpcycleError(f"unknown router init {kind!r}; choose one of {', '.join(ROUTER_INITS)}")
+    raise UpcycleError(f"router init {kind!r} is not drawn at random; choose uniform or normal")
 
 
 def init_shared_expert(shapes: dict[str, tuple[int, int]], *, std: float, seed: int, layer: int
@@ -246,6 +336,22 @@ def init_shared_expert(shapes: dict[str, tuple[int, int]], *, std: float, seed: 
             gen = derived_generator(seed, layer, "shared", role)
             out[role] = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
     return out
+
+
+def dense_shared_expert(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, neurons: torch.Tensor, *,
+                        seed: int, layer: int) -> dict[str, torch.Tensor]:
+    """Qwen2-MoE's shared expert made of the dense neurons `neurons` (never re-drawn), by the roles of
+    `hf_formats.shared_expert_keys`.
+
+    Qwen2-MoE adds sigmoid(g . x) * shared(x). Only g = 0 makes that factor a constant (there is no bias), and
+    sigmoid(0) = 1/2, so the down projection is doubled (exact in floating point). The gate is drawn from
+    N(0, DENSE_SHARED_GATE_STD^2) rather than set to zero, so that sigmoid(g . x) = 1/2 up to fp32 rounding while no
+    engine meets an all-zero gate (llama.cpp's sigmoid is silu(x) / x); training moves it from there."""
+    gen = derived_generator(seed, layer, "shared", "shared_expert_gate")
+    return {"shared_gate": gate_FD.index_select(0, neurons).float(),
+            "shared_up": up_FD.index_select(0, neurons).float(),
+            "shared_down": down_DF.index_select(1, neurons).float() * 2.0,
+            "shared_expert_gate": torch.empty(1, gate_FD.shape[1]).normal_(0.0, DENSE_SHARED_GATE_STD, generator=gen)}
 
 
 def scratch_tensor(
