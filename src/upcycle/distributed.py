@@ -2,7 +2,7 @@
 
 Launch with torchrun; a plain `python` run is a world of one and skips every collective:
 
-    torchrun --nproc_per_node=2 -m upcycle.train --config configs/tiny-moe.yaml --out runs/tiny
+    torchrun --nproc_per_node=2 -m upcycle train --config configs/tiny-moe.yaml --out runs/tiny
 
 Backends: gloo on CPU (each rank then runs with OMP_NUM_THREADS=1, which torchrun sets), nccl when CUDA is present.
 FSDP2 (`fully_shard`) wraps every transformer block, then the root, so parameters are gathered one block at a time and
