@@ -109,6 +109,12 @@ def experiment_dict(tiny: dict, arms: list[dict] | None = None, **changes) -> di
     ({"arms": [{"name": "a", "kind": "naive", "ratio": 0.5}]}, "arms[0] (a).ratio"),
     ({"arms": [{"name": "a", "kind": "naive"}, {"name": "a", "kind": "fs"}]}, "arms"),
     ({"arms": [{"name": "../x", "kind": "naive"}]}, "arms[0].name"),
+    ({"arms": [{"name": "a", "kind": "naive", "convert": {"ratio": 0.1}}]}, "arms[0] (a).convert.ratio"),
+    ({"arms": [{"name": "a", "kind": "naive", "convert": {"colour": 1}}]}, "arms[0] (a).convert.colour"),
+    ({"arms": [{"name": "a", "kind": "dense", "convert": {"router_std": 0.1}}]}, "arms[0] (a).convert"),
+    ({"arms": [{"name": "a", "kind": "naive", "convert": {"router_init": "data"}}]}, "arms[0] (a).convert"),
+    ({"arms": [{"name": "a", "kind": "naive", "convert": {"router_init": "data", "calibration": "/nonexistent"}}]},
+     "arms[0] (a).convert.calibration"),
     ({"budget_tokens": 1000}, "budget_tokens"),
     ({"eval": {"points": [300]}}, "eval.points"),
     ({"moe": {"num_experts": 2, "top_k": 3}}, "moe.top_k"),
@@ -124,6 +130,7 @@ def experiment_dict(tiny: dict, arms: list[dict] | None = None, **changes) -> di
     ({"data": {"path": "DATA", "seq_len": 256}}, "data.seq_len"),  # the tiny seed takes 128 positions
 ])
 def test_invalid_configs_name_the_field(tiny, change, field):
+    """Each bad field is refused by parse_config, before any work, with a message that starts with its name."""
     config = experiment_dict(tiny)
     for key, value in change.items():
         if key == "recipe":  # one field changed in the otherwise valid recipe
@@ -320,3 +327,25 @@ def test_data_with_more_token_ids_than_the_seed_is_refused_before_any_work(tiny,
     small = save_dense(tmp_path / "small-seed", "llama", vocab_size=32)  # the data uses 64 ids
     with pytest.raises(UpcycleError, match="^data.path: has 64 token ids but seed_model's vocab_size is 32"):
         parse_config(experiment_dict(tiny, seed_model=str(small)))
+
+
+def test_an_arm_can_carry_further_convert_options_such_as_a_data_initialized_router(tiny, tmp_path):
+    """`convert:` passes ConvertOptions fields to the arm's conversion: here --router-init data, whose routers differ
+    from the uniform init's while a naive upcycle stays the dense function whatever its router."""
+    seed = save_dense(tmp_path / "seed", "llama")
+    write_tokenizer(seed, eos=True)  # calibration text is read with the seed's tokenizer, documents end with EOS
+    tiny = {**tiny, "seed": seed}
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("\n".join(" ".join(f"w{(7 * i + j) % 90}" for j in range(40)) for i in range(30)))
+    arms = [{"name": "naive", "kind": "naive"},
+            {"name": "naive-data", "kind": "naive",
+             "convert": {"router_init": "data", "calibration": str(calibration), "calibration_tokens": 600}}]
+    results = _run(tiny, tmp_path / "out", experiment_dict(tiny, arms=arms, budget_tokens=256))
+    by_name = {a["name"]: a for a in results["arms"]}
+    assert by_name["naive"]["convert"] is None
+    assert by_name["naive-data"]["convert"]["router_init"] == "data"
+    manifest = json.loads((tmp_path / "out" / "arms" / "naive-data" / "init" / "upcycle_manifest.json").read_text())
+    assert manifest["options"]["router_init"] == "data" and manifest["calibration_tokens_used"] == 600
+    assert by_name["naive-data"]["curve"][0]["mean"] == pytest.approx(by_name["naive"]["curve"][0]["mean"], abs=1e-5)
+    assert by_name["naive-data"]["routing_final"] != by_name["naive"]["routing_final"]
+    assert "router_init data" in (tmp_path / "out" / "report.md").read_text()

@@ -83,6 +83,10 @@ class ArmSpec:
         branch_tokens: btx: training tokens of each dense branch (a whole number of steps).
         domains: btx: the domains that get a branch (default: every domain of the data; at least 2).
         include_seed: btx: the seed itself is one more source, as in the paper (default true).
+        convert: MoE arms: further `upcycle convert` options for this arm's initial model, by their field names in
+            `ConvertOptions` (e.g. {router_init: data, calibration: FILE}, {granularity: 2}); the fields the
+            experiment itself sets (method, ratio, index_mode, num_experts, top_k, seed, dtype, btx_sources) are not
+            allowed. Paths are relative to the working directory.
     """
 
     name: str
@@ -92,6 +96,11 @@ class ArmSpec:
     branch_tokens: int | None = None
     domains: list[str] | None = None
     include_seed: bool | None = None
+    convert: dict[str, Any] | None = None
+
+
+# ConvertOptions fields an arm's `convert` mapping may not set: the experiment sets them from the arm and the config.
+EXPERIMENT_CONVERT_FIELDS = ("method", "ratio", "index_mode", "num_experts", "top_k", "seed", "dtype", "btx_sources")
 
 
 @dataclass
@@ -312,7 +321,42 @@ def _parse_arm(values: Any, index: int, domains: list[str], num_experts: int) ->
             raise _fail(f"{where}", f"btx gives each of its {sources} sources (branches"
                         f"{' + seed' if arm.include_seed else ''}) num_experts / sources experts, but "
                         f"moe.num_experts = {num_experts} is not divisible by {sources}")
+    if arm.convert is not None:
+        arm.convert = _parse_convert_options(arm, f"{where}.convert")
     return arm
+
+
+def _display_convert(options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An arm's extra convert options as results.json records them (paths relative to the working directory)."""
+    if not options:
+        return None
+    from upcycle.experiment_report import display_path
+
+    return {k: display_path(v) if k == "calibration" and isinstance(v, str) else v for k, v in options.items()}
+
+
+def _parse_convert_options(arm: ArmSpec, where: str) -> dict[str, Any]:
+    """An arm's extra convert options, checked by ConvertOptions itself before any work (paths made absolute)."""
+    from upcycle.convert import ConvertOptions
+
+    if arm.kind == "dense":
+        raise _fail(where, "the dense arm is not converted; remove it")
+    values = dict(_mapping(arm.convert, where))
+    fields = [f.name for f in dataclasses.fields(ConvertOptions) if f.name not in EXPERIMENT_CONVERT_FIELDS]
+    for key in values:
+        if key in EXPERIMENT_CONVERT_FIELDS:
+            raise _fail(f"{where}.{key}", "is set by the experiment (from the arm's kind, ratio, index_mode and the "
+                        "moe/seed sections); remove it")
+    _unknown(values, fields, where)
+    if isinstance(values.get("calibration"), str):
+        if not Path(values["calibration"]).is_file():
+            raise _fail(f"{where}.calibration", f"{values['calibration']} is not a file")
+        values["calibration"] = str(Path(values["calibration"]).resolve())
+    try:
+        ConvertOptions(method=CONVERT_METHOD[arm.kind], **values).validate()
+    except (TypeError, UpcycleError) as exc:
+        raise _fail(where, str(exc)) from None
+    return values
 
 
 def eval_steps(points: int | list[int], total_steps: int, tokens_per_step: int) -> list[int]:
@@ -686,6 +730,7 @@ def _initial_model_dir(ctx: _Context, arm: ArmSpec, arm_dir: Path) -> tuple[str,
     source = ctx.config.seed_model
     if arm.kind in ("drop", "noise"):
         options.update(ratio=arm.ratio, index_mode=arm.index_mode)
+    options.update(arm.convert or {})
     if arm.kind == "btx":
         exports, branches = _btx_branches(ctx, arm, arm_dir)
         sources = exports + ([ctx.config.seed_model] if arm.include_seed else [])
@@ -750,6 +795,7 @@ def _arm_result(ctx: _Context, arm: ArmSpec, points: list[dict], metrics: list[d
     flops = training_flops(active, tokens)
     result = {
         "name": arm.name, "method": arm.kind, "ratio": arm.ratio, "index_mode": arm.index_mode,
+        "convert": _display_convert(arm.convert),
         "tokens": tokens, "steps": ctx.total_steps, "active_params": active, "total_params": model.num_params(),
         "flops": flops,
         "final": {**{d: points[-1]["val"][d] for d in domains}, "mean": points[-1]["mean"]},

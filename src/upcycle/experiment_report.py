@@ -17,8 +17,8 @@ from pathlib import Path
 from upcycle.experiment import (MOE_KINDS, RESULTS_FILE, REPORT_FILE, ExperimentConfig, gap_to_reference,
                                  tokens_to_target)
 
-RESULT_FIELDS = ("name", "method", "ratio", "index_mode", "tokens", "steps", "active_params", "total_params", "flops",
-                 "final", "curve", "tokens_to_naive_final", "specialization", "similarity", "routing_final",
+RESULT_FIELDS = ("name", "method", "ratio", "index_mode", "convert", "tokens", "steps", "active_params", "total_params",
+                 "flops", "final", "curve", "tokens_to_naive_final", "specialization", "similarity", "routing_final",
                  "data_sha256", "data_sha256_by_step", "branches", "seconds")
 
 
@@ -186,9 +186,11 @@ def plot_arm_routing(arm: dict, config: ExperimentConfig, path: Path) -> Path:
 
 
 def _arm_label(arm: dict) -> str:
+    label = arm["method"]
     if arm["method"] in ("drop", "noise"):
-        return f"{arm['method']} r={arm['ratio']:g} ({arm['index_mode']})"
-    return arm["method"]
+        label = f"{arm['method']} r={arm['ratio']:g} ({arm['index_mode']})"
+    extra = arm.get("convert") or {}
+    return label + "".join(f", {key} {value}" for key, value in extra.items())
 
 
 def _loss_cell(loss: float) -> str:
