@@ -49,7 +49,7 @@ from torch import nn
 
 from upcycle.distributed import World, barrier
 from upcycle.errors import UpcycleError
-from upcycle.files import fsync_dir
+from upcycle.files import fsync_path
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_WEIGHTS = "model.safetensors"
@@ -110,9 +110,9 @@ def mark_health(path: str | os.PathLike, value: str, reason: str | None = None) 
         state["health_reason"] = reason
     tmp = path / f".{TRAINER_STATE}.tmp"
     _write_json(tmp, state)
-    _fsync_file(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path / TRAINER_STATE)
-    fsync_dir(path)
+    fsync_path(path)
 
 
 def last_good_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -233,11 +233,6 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> 
 # Writing
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
@@ -302,7 +297,7 @@ def save_checkpoint(
 
     rng_file = tmp / f"rng_rank{world.rank}.json"
     _write_json(rng_file, capture_rng_state())
-    _fsync_file(rng_file)
+    fsync_path(rng_file)
     barrier(world)
 
     if world.is_main:
@@ -315,7 +310,7 @@ def save_checkpoint(
         if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        fsync_dir(root)
+        fsync_path(root)
         protected = last_good_checkpoint(root)  # while newer ones are unverified or suspect, the last healthy one
         for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
             if old != protected:
@@ -349,8 +344,8 @@ def _write_files(tmp: Path, step: int, *, model_state: dict, optim_state: dict, 
                                           "world_size": world.world_size})
         (tmp / TRAIN_CONFIG).write_text(yaml.safe_dump(train_config, sort_keys=False))
         for path in tmp.iterdir():
-            _fsync_file(path)
-        fsync_dir(tmp)
+            fsync_path(path)
+        fsync_path(tmp)
     except OSError as exc:
         if exc.filename is None:  # a failed write() names no file: name the checkpoint being written
             raise OSError(exc.errno, exc.strerror, str(tmp)) from None

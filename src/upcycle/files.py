@@ -22,8 +22,8 @@ from pathlib import Path
 from upcycle.errors import UpcycleError
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new files, renames) durable."""
+def fsync_path(path: Path) -> None:
+    """Make a file's contents, or a directory's entries (new files, renames), durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -121,8 +121,8 @@ def publish_dir(out: str | os.PathLike, *, force: bool, inputs: Iterable[str | o
         yield tmp
         for path in tmp.rglob("*"):
             if path.is_file():
-                _fsync_file(path)
-        fsync_dir(tmp)
+                fsync_path(path)
+        fsync_path(tmp)
         replace_dir(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,14 +134,6 @@ def publish_dir(out: str | os.PathLike, *, force: bool, inputs: Iterable[str | o
         raise
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished directory `tmp` to `out`; an existing `out` is removed only after the new one is in place."""
     if out.exists():
@@ -151,4 +143,4 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(out)
-    fsync_dir(out.parent)
+    fsync_path(out.parent)
