@@ -1040,11 +1040,12 @@ def experiment_command(
                              threads=threads)
     if results is not None:
         reference = results["reference"]["arm"]
-        print(f"{'arm':<20}{'final mean loss':>16}  tokens to {reference or 'naive'}'s final")
+        width = max(20, *(len(arm["name"]) + 2 for arm in results["arms"]))
+        print(f"{'arm':<{width}}{'final mean loss':>16}  tokens to {reference or 'naive'}'s final")
         for arm in results["arms"]:
             reach = arm["tokens_to_naive_final"]
             reach_text = "-" if reference is None else ("not reached" if reach is None else f"{reach:,}")
-            print(f"{arm['name']:<20}{arm['final']['mean']:>16.4f}  {reach_text}")
+            print(f"{arm['name']:<{width}}{arm['final']['mean']:>16.4f}  {reach_text}")
         _log(f"wrote {Path(out) / RESULTS_FILE}, {Path(out) / REPORT_FILE} and the figures")
 
 
