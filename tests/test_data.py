@@ -444,3 +444,16 @@ def test_committed_sample_with_project_tokenizer(tmp_path):
         decoded = [doc for split in ("train", "val")
                    for doc in _decode_documents(tokenizer, read_tokens(out, domain, split), eos_id)]
         assert sorted(decoded) == sorted(documents)
+
+
+def test_a_list_flag_given_twice_keeps_both(tmp_path):
+    """`--domain a=x --domain b=y` is two domains; argparse's plain nargs="+" used to keep only the last, silently."""
+    from upcycle.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    sample = repo / "data" / "sample"
+    out = tmp_path / "out"
+    main(["data", "prepare", str(out), str(repo / "assets" / "tokenizer"),
+          "--domain", f"code={sample / 'code.val.jsonl.gz'}", "--domain", f"english={sample / 'english.val.jsonl.gz'}",
+          "--val-fraction", "0.2"])
+    assert sorted(json.loads((out / "data.json").read_text())["domains"]) == ["code", "english"]

@@ -84,6 +84,16 @@ def _epilog(func: Callable) -> str | None:
     return epilog() if epilog else None
 
 
+class _ExtendList(argparse.Action):
+    """A list flag that may be given more than once: `--domain a=x --domain b=y` means both domains (argparse's plain
+    nargs="+" would silently keep only the last). The first use replaces the default, later ones add to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        current = [] if current is None or current is self.default else list(current)
+        setattr(namespace, self.dest, [*current, *values])
+
+
 def _add_argument(parser: argparse.ArgumentParser, name: str, hint, default, help_text: str, *,
                   positional: bool, required: bool, choices: tuple = (), dest: str | None = None) -> None:
     """One flag (or positional) for a parameter or dataclass field `name` of type `hint`."""
@@ -99,6 +109,8 @@ def _add_argument(parser: argparse.ArgumentParser, name: str, hint, default, hel
         kwargs.update(choices=list(choices), type=type(choices[0]))
     elif origin in (list, tuple):
         kwargs.update(nargs="+", type=args[0] if args else str)
+        if not positional:
+            kwargs["action"] = _ExtendList
     elif hint is bool:
         kwargs.update(action=argparse.BooleanOptionalAction)
     else:
@@ -108,7 +120,7 @@ def _add_argument(parser: argparse.ArgumentParser, name: str, hint, default, hel
         parser.add_argument(name, **kwargs)
         return
     flag = "--" + name.replace("_", "-")
-    if dest is not None and not choices and kwargs.get("action") is None:
+    if dest is not None and not choices and kwargs.get("action") is not argparse.BooleanOptionalAction:
         kwargs["metavar"] = name.upper()
     if required:
         parser.add_argument(flag, dest=dest or name, required=True, **kwargs)
