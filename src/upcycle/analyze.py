@@ -244,7 +244,7 @@ def analyze(
     none of its old files.
     """
     from upcycle.convert import MANIFEST_NAME, load_redrawn
-    from upcycle.data import check_data_fits, read_metadata, validation_batches
+    from upcycle.data import check_data_fits, validation_batches
     from upcycle.files import check_output
     from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP, check_model_dir, load_model
 
@@ -252,7 +252,6 @@ def analyze(
     data_dir = Path(data_dir).expanduser()
     inputs = [path, data_dir, *(Path(p).expanduser() for p in (manifest_dir, dense_path) if p is not None)]
     out = check_output(out_dir, force=force, inputs=inputs, flag="--out")
-    metadata = read_metadata(data_dir)
     manifest_path = _manifest_dir(path, manifest_dir)
     model = load_model(path).eval()
     config = model.config

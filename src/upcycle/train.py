@@ -39,7 +39,7 @@ import yaml
 from upcycle import checkpoint as ckpt
 from upcycle.distributed import World
 from upcycle.errors import UpcycleError
-from upcycle.metrics import METRICS_FILE, MetricsLog
+from upcycle.metrics import MetricsLog
 from upcycle.model import ModelConfig
 from upcycle.train_config import (  # noqa: F401  (the config API is importable from here too)
     OptimConfig,
