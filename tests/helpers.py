@@ -165,6 +165,24 @@ def subprocess_env(threads: int = 1) -> dict:
     return env
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_train(config: Path, out: Path, *extra: str, nproc: int = 2, timeout: float = 300) -> str:
+    """`torchrun --standalone --nproc_per_node=NPROC -m upcycle train ...` (one thread per rank); returns stderr."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "upcycle", "train", "--config", str(config), "--out", str(out), *extra]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
 def train_cli(config: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "upcycle", "train", "--config", str(config), "--out", str(out), *extra]
 

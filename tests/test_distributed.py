@@ -4,27 +4,17 @@ checkpoints move freely between world sizes (they hold full, unsharded tensors).
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import make_data_dir, read_metrics, subprocess_env, tiny_config, write_config
+from helpers import make_data_dir, read_metrics, tiny_config, torchrun_train, write_config
 from upcycle import checkpoint as ckpt
 from upcycle.train import load_config, run_training
 
 pytestmark = pytest.mark.slow
 STEPS = 8
 REL = 1e-5
-
-
-def torchrun(config: Path, out: Path, *extra: str) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "upcycle", "train", "--config", str(config), "--out", str(out), *extra]
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +32,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         run_training(load_config(config), root / "single")
     finally:
         torch.set_num_threads(threads)
-    torchrun(config, root / "fsdp")
+    torchrun_train(config, root / "fsdp")
     return {"config": config, "single": root / "single", "fsdp": root / "fsdp", "root": root}
 
 
@@ -69,7 +59,7 @@ def test_fsdp_two_ranks_match_one_process(runs):
 
 def test_ddp_two_ranks_match_one_process(runs):
     out = runs["root"] / "ddp"
-    torchrun(runs["config"], out, "--train.parallel", "ddp")
+    torchrun_train(runs["config"], out, "--train.parallel", "ddp")
     assert_close_runs(read_metrics(out), read_metrics(runs["single"]), range(1, STEPS + 1))
 
 
@@ -88,5 +78,5 @@ def test_two_rank_checkpoint_resumes_on_one_process(runs, tmp_path, capsys):
 
 def test_one_process_checkpoint_resumes_on_two_ranks(runs, tmp_path):
     out = _rewind_to_step_4(runs["single"], tmp_path / "resume")
-    assert "step_00000004 (step 4, written by 1 rank(s))" in torchrun(runs["config"], out)
+    assert "step_00000004 (step 4, written by 1 rank(s))" in torchrun_train(runs["config"], out)
     assert_close_runs(read_metrics(out), read_metrics(runs["single"]), range(5, STEPS + 1))

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import free_port
 from upcycle.model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.slow
@@ -83,12 +83,6 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     shutdown(world)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_bf16_mixed_precision_with_checkpointing_and_compile_matches_one_fp32_process(tmp_path):

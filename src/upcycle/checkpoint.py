@@ -252,12 +252,13 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, experts=None) -> tuple[dict, dict]:
     """Full, unsharded CPU copies of the model and optimizer state, keyed by parameter names of the bare model.
 
     A collective under FSDP2: every rank must call it; only rank 0 receives the tensors (cpu_offload keeps the
     gathered copies off other ranks). Wrapper prefixes (DDP's `module.`, activation checkpointing, torch.compile) are
-    stripped, so names match the unwrapped model whatever the training setup.
+    stripped, so names match the unwrapped model whatever the training setup. With expert parallelism (`experts`, an
+    expert_parallel.ExpertParallel) the expert shards are gathered into full tensors too.
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -268,6 +269,10 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if experts is not None:
+        from upcycle.expert_parallel import gather_full_experts
+
+        gather_full_experts(experts, optimizer, model_state, optim_state)
     return model_state, optim_state
 
 
@@ -282,12 +287,13 @@ def save_checkpoint(
     train_config: dict,
     keep: int,
     world: World,
+    experts=None,
 ) -> Path:
     """Write checkpoint `step` atomically under `root`, then delete all but the newest `keep`. Every rank calls this."""
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
-    model_state, optim_state = full_state_dicts(model, optimizer)
+    model_state, optim_state = full_state_dicts(model, optimizer, experts)
     if world.is_main:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-step_*"):
@@ -360,11 +366,13 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / TRAINER_STATE).read_text())
 
 
-def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> dict:
+def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer, world: World,
+                    experts=None) -> dict:
     """Load weights, optimizer state and this rank's RNG states from checkpoint `path`; return the trainer state.
 
     Every rank reads the full tensors and keeps its own shard (set_*_state_dict with full_state_dict=True), so the
-    number of ranks may differ from the run that wrote the checkpoint.
+    number of ranks may differ from the run that wrote the checkpoint; with expert parallelism (`experts`) each rank
+    also keeps only its own experts.
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -376,9 +384,13 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     verify_checkpoint(path)
     options = StateDictOptions(full_state_dict=True)
     model_state = load_file(str(path / MODEL_WEIGHTS))
-    set_model_state_dict(model, model_state, options=options)
     optim_state = _unflatten_optimizer_state(load_file(str(path / OPTIMIZER_TENSORS)),
                                              json.loads((path / OPTIMIZER_META).read_text()))
+    if experts is not None:
+        from upcycle.expert_parallel import keep_local_experts
+
+        keep_local_experts(experts, model_state, optim_state)
+    set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)
 
     trainer_state = read_trainer_state(path)

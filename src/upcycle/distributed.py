@@ -79,7 +79,7 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
 
 
 def parallelize(model: nn.Module, blocks: Iterable[nn.Module], *, mode: str, world: World,
-                precision: str = "fp32") -> nn.Module:
+                precision: str = "fp32", ignored: set[nn.Parameter] | None = None) -> nn.Module:
     """Apply data parallelism to `model` and return the module to train (the same object for FSDP2, a wrapper for DDP).
 
     `blocks` are the transformer blocks (`model.layers`): FSDP2 shards each one as its own group so only one block's
@@ -91,6 +91,9 @@ def parallelize(model: nn.Module, blocks: Iterable[nn.Module], *, mode: str, wor
     the optimizer state) stay fp32. "fp32" shards and computes in fp32. DDP and a world of one ignore `precision`:
     there the trainer's bf16 autocast does the casting. Activation checkpointing and torch.compile, applied per block
     before this call (checkpoint_wrapper, then `block.compile()`), compose with either policy.
+
+    `ignored`: parameters FSDP2 leaves alone (neither sharded nor reduced): the local expert shards of expert
+    parallelism, whose gradients expert_parallel.py reduces. Only FSDP2 takes them.
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel mode must be one of {PARALLEL_MODES}, not {mode!r}")
@@ -98,6 +101,8 @@ def parallelize(model: nn.Module, blocks: Iterable[nn.Module], *, mode: str, wor
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if not world.distributed:
         return model
+    if ignored and mode != "fsdp":
+        raise ValueError("parameters can only be left out of data parallelism under fsdp")
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -108,8 +113,8 @@ def parallelize(model: nn.Module, blocks: Iterable[nn.Module], *, mode: str, wor
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()
     for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, ignored_params=ignored)
+    fully_shard(model, mp_policy=policy, ignored_params=ignored)
     return model
 
 

@@ -317,25 +317,32 @@ class _GatherTokens(torch.autograd.Function):
         return grad_TKD.sum(1), None, None, None
 
 
-class _UnsortRows(torch.autograd.Function):
-    """rows_PD[p] = y_SD[inverse_S[p]]: expert order back to (token, slot) order; the backward gathers with order_S."""
+class PermuteRows(torch.autograd.Function):
+    """out[i] = x[perm[i]] for a permutation `perm` of x's rows; the backward gathers with the inverse permutation
+    (autograd's backward of index_select would be a scatter-add)."""
 
     @staticmethod
-    def forward(ctx, y_SD: Tensor, order_S: Tensor, inverse_S: Tensor) -> Tensor:
-        ctx.save_for_backward(order_S)
-        return y_SD.index_select(0, inverse_S)
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
 
     @staticmethod
-    def backward(ctx, grad_PD: Tensor):
-        (order_S,) = ctx.saved_tensors
-        return grad_PD.index_select(0, order_S), None, None
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def inverse_permutation(perm: Tensor) -> Tensor:
+    return torch.empty_like(perm).index_copy_(0, perm, torch.arange(perm.shape[0], device=perm.device))
 
 
 def experts_grouped(
-    x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, *, impl: str = "auto"
+    x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, *, impl: str = "auto",
+    shard=None,
 ) -> tuple[Tensor, Tensor]:
     """The fast path: all (token, slot) pairs sorted by expert, each expert's rows one contiguous block of matmuls.
-    `impl` as in `MoE` ("auto" resolves on x's device, like everywhere else).
+    `impl` as in `MoE` ("auto" resolves on x's device, like everywhere else). With an expert_parallel.ExpertShard
+    `shard`, the weights are this rank's experts only and each row is computed by the rank holding its expert.
 
     Returns (out_TD, counts_E) with counts_E the (token, slot) pairs per expert.
     """
@@ -343,17 +350,22 @@ def experts_grouped(
     if impl == "reference":
         raise UpcycleError("experts_grouped runs the fast kernels; call experts_reference for the reference loop")
     T, K = ids_TK.shape
-    order_S, counts_E = sort_by_expert(ids_TK, gate_up_ED2F.shape[0])
+    order_S, counts_E = sort_by_expert(ids_TK, gate_up_ED2F.shape[0] if shard is None else shard.num_experts)
     # inverse_S[p] = the sorted position of (token, slot) pair p = t*K + k
-    inverse_S = torch.empty_like(order_S).index_copy_(0, order_S, torch.arange(order_S.shape[0], device=order_S.device))
+    inverse_S = inverse_permutation(order_S)
     token_S = order_S.div(K, rounding_mode="floor")
     # gather: each pair's token row, in expert order (forward and backward are row gathers, no scatter-add)
     x_SD = _GatherTokens.apply(x_TD, token_S, inverse_S, K)
-    # expert compute
-    y_SD = expert_ffn_sorted(x_SD, counts_E, gate_up_ED2F, down_EFD, impl=impl)
+    # expert compute, here or on the ranks that hold the experts
+    if shard is None:
+        y_SD = expert_ffn_sorted(x_SD, counts_E, gate_up_ED2F, down_EFD, impl=impl)
+    else:
+        from upcycle.expert_parallel import exchange_and_compute
+
+        y_SD = exchange_and_compute(x_SD, counts_E, gate_up_ED2F, down_EFD, shard=shard, impl=impl)
     # combine: back to (token, slot) order, weight, sum the K slots of each token. Both directions are gathers and
     # elementwise ops; weights in y's dtype (under autocast the experts return bf16, like an autocast F.linear)
-    y_TKD = _UnsortRows.apply(y_SD, order_S, inverse_S).view(T, K, y_SD.shape[1])
+    y_TKD = PermuteRows.apply(y_SD, inverse_S, order_S).view(T, K, y_SD.shape[1])
     out_TD = (y_TKD * weights_TK.to(y_TKD.dtype).unsqueeze(-1)).sum(1)
     return out_TD, counts_E
 
@@ -382,6 +394,7 @@ class MoE(nn.Module):
         super().__init__()
         check_moe_sizes(num_experts=num_experts, top_k=top_k)
         self.num_experts, self.top_k, self.renormalize, self.impl = num_experts, top_k, renormalize, impl
+        self.expert_shard = None  # set by expert_parallel.shard_experts: the weights then hold this rank's experts
         self.router = nn.Linear(dim, num_experts, bias=False)  # weight [E, D]
         self.gate_up_ED2F = nn.Parameter(torch.empty(num_experts, dim, 2 * ffn_dim))
         self.down_EFD = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
@@ -397,9 +410,12 @@ class MoE(nn.Module):
             logits_TE = F.linear(x_TD.float(), self.router.weight.float())
         weights_TK, ids_TK = route(logits_TE, top_k=self.top_k, renormalize=self.renormalize)
         impl = resolve_impl(self.impl, x_TD.device)
-        if impl == "reference":
+        if impl == "reference" and self.expert_shard is None:
             out_TD = experts_reference(x_TD, weights_TK, ids_TK, self.gate_up_ED2F, self.down_EFD)
             counts_E = torch.bincount(ids_TK.reshape(-1), minlength=self.num_experts)
         else:
-            out_TD, counts_E = experts_grouped(x_TD, weights_TK, ids_TK, self.gate_up_ED2F, self.down_EFD, impl=impl)
+            if impl == "reference":  # the reference loop needs every expert; sharded, the loop kernel is the plain one
+                impl = "loop"
+            out_TD, counts_E = experts_grouped(x_TD, weights_TK, ids_TK, self.gate_up_ED2F, self.down_EFD, impl=impl,
+                                               shard=self.expert_shard)
         return MoEOutput(out_TD, logits_TE, counts_E)

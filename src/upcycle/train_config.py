@@ -212,6 +212,9 @@ class TrainLoopConfig:
         activation_checkpointing: Recompute each block's activations in backward instead of storing them.
         compile: torch.compile each transformer block (needs a C++ compiler on CPU).
         parallel: With several ranks: fsdp (FSDP2 fully_shard per block, then the root) or ddp.
+        expert_parallel: Split every MoE layer's experts over groups of this many ranks (expert parallelism; 1: off).
+            Must divide the number of ranks and the number of experts, and needs parallel: fsdp. Tokens travel to
+            their experts' ranks and back by all-to-all; see docs/training.md for choosing it.
         aux_coef: Weight of the Switch load-balancing loss (MoE only; the paper: 0.02).
         aux_per_layer: false: router logits of all layers pooled into one matrix (the paper, HF Mixtral);
             true: the loss of each layer on its own, averaged over layers.
@@ -228,6 +231,7 @@ class TrainLoopConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     parallel: str = field(default="fsdp", metadata={"choices": PARALLEL_MODES})
+    expert_parallel: int = 1
     aux_coef: float = 0.02
     aux_per_layer: bool = False
     z_coef: float = 0.0
@@ -239,6 +243,12 @@ class TrainLoopConfig:
             raise UpcycleError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise UpcycleError(f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.expert_parallel < 1:
+            raise UpcycleError(f"train.expert_parallel must be >= 1 (1: no expert parallelism), got "
+                               f"{self.expert_parallel}")
+        if self.expert_parallel > 1 and self.parallel != "fsdp":
+            raise UpcycleError(f"train.expert_parallel {self.expert_parallel} needs train.parallel: fsdp (the "
+                               f"non-expert weights are sharded by FSDP2), not {self.parallel}")
         if self.aux_coef < 0 or self.z_coef < 0:
             raise UpcycleError("train.aux_coef and train.z_coef must be >= 0")
         if self.eval_every < 0 or self.eval_sequences < 1:
