@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import free_port, make_data_dir, read_metrics, run_train, tiny_config, torchrun_train, write_config
+from helpers import (REPO, free_port, make_data_dir, read_metrics, run_train, subprocess_env, tiny_config,
+                     torchrun_train, write_config)
 from upcycle import checkpoint as ckpt
 from upcycle.errors import UpcycleError
 from upcycle.expert_parallel import check_degree, regroup_order
@@ -214,11 +217,54 @@ def test_four_ranks_two_expert_groups_sum_expert_gradients_over_replicas(runs, t
 
 
 @pytest.mark.slow
-def test_expert_parallel_in_bf16_with_activation_checkpointing_follows_one_process(runs, tmp_path):
+def test_expert_parallel_in_bf16_with_activation_checkpointing_and_compile_follows_one_process(runs, tmp_path):
     bf16 = ("--train.precision", "bf16")
     reference = tmp_path / "single-bf16"
     torchrun_train(runs["config"], reference, *bf16, nproc=1)
     out = tmp_path / "ep2-bf16"
     torchrun_train(runs["config"], out, *bf16, "--train.expert_parallel", "2", "--train.activation_checkpointing",
-                   "true")
+                   "true", "--train.compile", "true")
     assert_same_training(out, reference, range(1, STEPS + 1), rel=2e-3, same_routing=False)  # bf16 rounding of the exchanged rows
+
+
+@pytest.mark.slow
+def test_export_of_an_expert_parallel_checkpoint_equals_the_one_process_export(runs, tmp_path):
+    step = ckpt.step_dir_name(STEPS)
+    exported = {}
+    for name in ("single", "ep2"):
+        result = subprocess.run([sys.executable, "-m", "upcycle", "export", str(runs[name] / "checkpoints" / step),
+                                 str(tmp_path / name)], env=subprocess_env(), capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        exported[name] = {f.name: load_file(f) for f in sorted((tmp_path / name).glob("*.safetensors"))}
+    assert exported["ep2"].keys() == exported["single"].keys()
+    for file, tensors in exported["single"].items():
+        assert exported["ep2"][file].keys() == tensors.keys()
+        for key, tensor in tensors.items():
+            torch.testing.assert_close(exported["ep2"][file][key], tensor, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_nodes_with_a_c10d_rendezvous_train_expert_parallel(runs, tmp_path):
+    # the documented multi-node launch, as two single-rank "nodes" on this machine
+    out = tmp_path / "nodes"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=ep-test",
+               "-m", "upcycle", "train", "--config", str(runs["config"]), "--out", str(out),
+               "--train.expert_parallel", "2"]
+    nodes = [subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    errors = [node.communicate(timeout=300)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    assert_same_training(out, runs["single"], range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_reports_the_exchange(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "expert_parallel.py"), "--quick", "--shapes",
+                             "tiny"], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["tiny"]["ep1"]["all_to_all_s"] == 0  # no exchange without expert parallelism
+    assert 0 < figures["tiny"]["ep2"]["all_to_all_share"] < 1
+    assert figures["tiny"]["ep2"]["tokens_per_s"] > 0 and "flags" in figures["cpu"]

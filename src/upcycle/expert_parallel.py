@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from upcycle.errors import UpcycleError
 
-# The label of both row all-to-alls in torch.profiler traces (benchmarks/expert_parallel.py sums its time).
+# The label of every all-to-all (counts and rows) in torch.profiler traces; benchmarks/expert_parallel.py sums it.
 ALL_TO_ALL_LABEL = "upcycle::expert_all_to_all"
 
 
@@ -177,7 +177,8 @@ def exchange_and_compute(x_SD: Tensor, counts_E: Tensor, gate_up_LD2F: Tensor, d
     N, L = shard.size, shard.num_local
     send_counts_NL = counts_E.view(N, L)
     recv_counts_NL = torch.empty_like(send_counts_NL)
-    dist.all_to_all_single(recv_counts_NL, send_counts_NL.contiguous(), group=shard.group)
+    with torch.profiler.record_function(ALL_TO_ALL_LABEL):
+        dist.all_to_all_single(recv_counts_NL, send_counts_NL.contiguous(), group=shard.group)
     send_splits = send_counts_NL.sum(1).tolist()
     recv_splits = recv_counts_NL.sum(1).tolist()
     x_RD = _AllToAll.apply(x_SD, recv_splits, send_splits, shard.group)
