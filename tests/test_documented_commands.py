@@ -17,17 +17,21 @@ DOCS = ("README.md", "docs/training.md")
 PLACEHOLDERS = {"CFG": "configs/tiny-moe.yaml"}
 
 
-def documented_train_commands() -> list[tuple[str, str]]:
-    """(doc, command line) for every line of a fenced code block that runs the trainer."""
+def documented_train_commands(multi_node: bool = False) -> list[tuple[str, str]]:
+    """(doc, command line) for every line of a fenced code block that runs the trainer (a line ending in a backslash
+    continues on the next). Multi-node launches (`--nnodes`) are listed only with multi_node=True: they need several
+    machines, and test_expert_parallel runs them as single-rank "nodes" on this one."""
     found = []
     for doc in DOCS:
         for block in re.findall(r"```[^\n]*\n(.*?)```", (REPO / doc).read_text(), re.S):
-            for line in block.splitlines():
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
                 command = line.split("#", 1)[0].strip()
                 words = shlex.split(command)
                 if words and (words[0].endswith("upcycle") and words[1:2] == ["train"]
                               or words[0] == "torchrun" and "upcycle" in words and "train" in words):
                     command = re.sub(r"^\S*/upcycle ", "upcycle ", command)  # .venv/bin/upcycle: the same command
+                    if any(w == "--nnodes" or w.startswith("--nnodes=") for w in words) != multi_node:
+                        continue
                     if command not in [c for _, c in found]:
                         found.append((doc, command))
     return found

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -244,14 +245,27 @@ def test_export_of_an_expert_parallel_checkpoint_equals_the_one_process_export(r
             torch.testing.assert_close(exported["ep2"][file][key], tensor, rtol=1e-4, atol=1e-6)
 
 
+def multi_node_command(config: Path, out: Path, port: int) -> list[str]:
+    """docs/training.md's multi-node launch, scaled to this machine: NODE0_HOST -> 127.0.0.1, one rank per node,
+    expert parallel over the 2 "nodes", the test's config and output directory."""
+    from test_documented_commands import documented_train_commands
+
+    [(_, command)] = documented_train_commands(multi_node=True)
+    words = shlex.split(command)
+    replace = {"CFG": str(config), "--nproc_per_node=8": "--nproc_per_node=1",
+               "--rdzv_endpoint=NODE0_HOST:29500": f"--rdzv_endpoint=127.0.0.1:{port}"}
+    words = [replace.get(w, w) for w in words]
+    assert words != shlex.split(command) and "--nnodes=2" in words
+    words[words.index("--out") + 1] = str(out)
+    words[words.index("--train.expert_parallel") + 1] = "2"
+    return [sys.executable, "-m", "torch.distributed.run", *words[1:]]
+
+
 @pytest.mark.slow
-def test_two_nodes_with_a_c10d_rendezvous_train_expert_parallel(runs, tmp_path):
-    # the documented multi-node launch, as two single-rank "nodes" on this machine
+def test_the_documented_multi_node_launch_trains_expert_parallel(runs, tmp_path):
+    # two single-rank "nodes" on this machine meeting through the c10d rendezvous, as the docs launch them
     out = tmp_path / "nodes"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=ep-test",
-               "-m", "upcycle", "train", "--config", str(runs["config"]), "--out", str(out),
-               "--train.expert_parallel", "2"]
+    command = multi_node_command(runs["config"], out, free_port())
     nodes = [subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     errors = [node.communicate(timeout=300)[1] for node in nodes]
