@@ -137,16 +137,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="5 repeats instead of --repeats")
     parser.add_argument("--force-bf16", action="store_true", help="run bf16 even where the CPU has no native bf16")
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                        help="which halves to run (default both; fp32 alone e.g. with the ISA restricted by "
+                             "ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA, where bf16 is emulated whatever the flags say)")
     args = parser.parse_args(argv)
     repeats = 5 if args.quick else args.repeats
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"T={args.tokens} D={args.dim} F={args.ffn_dim} E={args.experts} k={args.top_k} "
           f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={repeats} (fwd+bwd, median ms)")
-    print(f"CPU: {cpu_description()}")
+    print(f"CPU: {cpu_description()}; ATen kernels: {torch.backends.cpu.get_cpu_capability()}")
     summary: dict[str, float | str] = {"cpu": cpu_description()}
-    dtypes = [("fp32", torch.float32)]
-    if cpu_has_native_bf16() or args.force_bf16:
+    dtypes = [("fp32", torch.float32)] if "fp32" in args.dtypes else []
+    if "bf16" not in args.dtypes:
+        summary["bf16"] = "skipped: not in --dtypes"
+    elif cpu_has_native_bf16() or args.force_bf16:
         dtypes.append(("bf16", torch.bfloat16))
     else:
         print("  bf16 skipped: this CPU has no native bf16 (no avx512_bf16 / amx_bf16 / bf16 flag), so torch emulates "
@@ -180,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         })
     summary["impl"] = resolve_impl("auto", "cpu")
     summary["threads"] = torch.get_num_threads()
+    summary["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # AVX2 where ATEN_CPU_CAPABILITY=avx2
     summary["load_average_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(summary))
 

@@ -25,6 +25,8 @@ last one known to be healthy survives; `last_good_checkpoint` names it, and resu
 Distributed (FSDP2 / DDP): the weights and optimizer state are gathered to full, unsharded CPU tensors with
 torch.distributed.checkpoint.state_dict (`full_state_dict=True, cpu_offload=True`) and written by rank 0, so a
 checkpoint is independent of the number of ranks: written by 2 ranks, it resumes on 1, and the other way round.
+With expert parallelism the local expert shards are gathered into the same full tensors (and one param group) on
+save and sliced per rank on load (expert_parallel.py), so the expert-parallel degree may change between runs too.
 Each rank writes its own RNG file; all ranks must see the same file system (one node, or a shared disk).
 
 Nothing here uses pickle: tensors go to safetensors, the rest to JSON / YAML, and no torch.load is involved.
