@@ -183,6 +183,40 @@ def torchrun_train(config: Path, out: Path, *extra: str, nproc: int = 2, timeout
     return result.stderr
 
 
+def train_one_process(config: Path, out: Path) -> None:
+    """`run_training` in this process with one torch thread: the reference that multi-rank runs (one thread per rank)
+    are compared with."""
+    from upcycle.train import load_config, run_training
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(load_config(config), out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_training(got: Path, expected: Path, steps: range, *, total_steps: int, rel: float,
+                         same_routing: bool = True) -> None:
+    """Run `got` logged the same loss, CE, aux loss, gradient norm, learning rate and validation losses as `expected`
+    (within `rel`) at `steps`, and the expert loads where `same_routing`; it logged every step 1..total_steps."""
+    import pytest
+
+    by_step = {r["step"]: r for r in read_metrics(got)}
+    for record in read_metrics(expected):
+        if record["step"] not in steps:
+            continue
+        other = by_step[record["step"]]
+        for key in ("loss", "ce", "aux", "grad_norm"):
+            assert other[key] == pytest.approx(record[key], rel=rel), (record["step"], key)
+        assert other["lr"] == record["lr"]
+        if same_routing:
+            assert other.get("expert_load") == record.get("expert_load"), record["step"]
+        for domain, value in record.get("val", {}).items():
+            assert other["val"][domain] == pytest.approx(value, rel=rel), (record["step"], domain)
+    assert sorted(by_step) == list(range(1, total_steps + 1))
+
+
 def train_cli(config: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "upcycle", "train", "--config", str(config), "--out", str(out), *extra]
 

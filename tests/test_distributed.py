@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_data_dir, read_metrics, tiny_config, torchrun_train, write_config
+from helpers import (assert_same_training, make_data_dir, tiny_config, torchrun_train, train_one_process,
+                     write_config)
 from upcycle import checkpoint as ckpt
 from upcycle.train import load_config, run_training
 
@@ -24,34 +25,17 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     data_dir = make_data_dir(root / "data")
     config = write_config(root / "c.yaml", tiny_config(data_dir, train={"max_steps": STEPS},
                                                        checkpoint={"every": 4, "keep": 5}))
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_training(load_config(config), root / "single")
-    finally:
-        torch.set_num_threads(threads)
+    train_one_process(config, root / "single")
     torchrun_train(config, root / "fsdp")
     return {"config": config, "single": root / "single", "fsdp": root / "fsdp", "root": root}
 
 
-def assert_close_runs(got: list[dict], expected: list[dict], steps: range) -> None:
-    by_step = {r["step"]: r for r in got}
-    for record in expected:
-        if record["step"] not in steps:
-            continue
-        other = by_step[record["step"]]
-        for key in ("loss", "ce", "aux", "grad_norm"):
-            assert other[key] == pytest.approx(record[key], rel=REL), (record["step"], key)
-        assert other["lr"] == record["lr"]
-        for domain, value in record.get("val", {}).items():
-            assert other["val"][domain] == pytest.approx(value, rel=REL)
-    assert sorted(by_step) == list(range(1, STEPS + 1))
+def assert_close_runs(got: Path, expected: Path, steps: range) -> None:
+    assert_same_training(got, expected, steps, total_steps=STEPS, rel=REL)
 
 
 def test_fsdp_two_ranks_match_one_process(runs):
-    assert_close_runs(read_metrics(runs["fsdp"]), read_metrics(runs["single"]), range(1, STEPS + 1))
+    assert_close_runs(runs["fsdp"], runs["single"], range(1, STEPS + 1))
     assert [step for step, _ in ckpt.list_checkpoints(runs["fsdp"] / "checkpoints")] == [4, 8]
     assert not (runs["fsdp"] / "checkpoints" / "step_00000008" / "rng_rank2.json").exists()
     assert (runs["fsdp"] / "checkpoints" / "step_00000008" / "rng_rank1.json").is_file()
@@ -60,7 +44,7 @@ def test_fsdp_two_ranks_match_one_process(runs):
 def test_ddp_two_ranks_match_one_process(runs):
     out = runs["root"] / "ddp"
     torchrun_train(runs["config"], out, "--train.parallel", "ddp")
-    assert_close_runs(read_metrics(out), read_metrics(runs["single"]), range(1, STEPS + 1))
+    assert_close_runs(out, runs["single"], range(1, STEPS + 1))
 
 
 def _rewind_to_step_4(source: Path, target: Path) -> Path:
@@ -73,10 +57,10 @@ def test_two_rank_checkpoint_resumes_on_one_process(runs, tmp_path, capsys):
     out = _rewind_to_step_4(runs["fsdp"], tmp_path / "resume")
     run_training(load_config(runs["config"]), out)
     assert "step_00000004 (step 4, written by 2 rank(s))" in capsys.readouterr().err
-    assert_close_runs(read_metrics(out), read_metrics(runs["single"]), range(5, STEPS + 1))
+    assert_close_runs(out, runs["single"], range(5, STEPS + 1))
 
 
 def test_one_process_checkpoint_resumes_on_two_ranks(runs, tmp_path):
     out = _rewind_to_step_4(runs["single"], tmp_path / "resume")
     assert "step_00000004 (step 4, written by 1 rank(s))" in torchrun_train(runs["config"], out)
-    assert_close_runs(read_metrics(out), read_metrics(runs["single"]), range(5, STEPS + 1))
+    assert_close_runs(out, runs["single"], range(5, STEPS + 1))

@@ -18,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import (REPO, free_port, make_data_dir, read_metrics, run_train, subprocess_env, tiny_config,
-                     torchrun_train, write_config)
+import helpers
+from helpers import (REPO, free_port, make_data_dir, run_train, subprocess_env, tiny_config, torchrun_train,
+                     train_one_process, write_config)
 from upcycle import checkpoint as ckpt
 from upcycle.errors import UpcycleError
 from upcycle.expert_parallel import check_degree, regroup_order
@@ -148,29 +149,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     data_dir = make_data_dir(root / "data")
     config = write_config(root / "c.yaml", tiny_config(data_dir, train={"max_steps": STEPS, "eval_every": 3},
                                                        checkpoint={"every": 3, "keep": 5}))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_training(load_config(config), root / "single")
-    finally:
-        torch.set_num_threads(threads)
+    train_one_process(config, root / "single")
     torchrun_train(config, root / "ep2", "--train.expert_parallel", "2")
     return {"config": config, "single": root / "single", "ep2": root / "ep2", "root": root}
 
 
 def assert_same_training(got: Path, expected: Path, steps: range, rel: float = REL, same_routing: bool = True) -> None:
-    by_step = {r["step"]: r for r in read_metrics(got)}
-    for record in read_metrics(expected):
-        if record["step"] not in steps:
-            continue
-        other = by_step[record["step"]]
-        for key in ("loss", "ce", "aux", "grad_norm"):
-            assert other[key] == pytest.approx(record[key], rel=rel), (record["step"], key)
-        if same_routing:
-            assert other["expert_load"] == record["expert_load"]
-        for domain, value in record.get("val", {}).items():
-            assert other["val"][domain] == pytest.approx(value, rel=rel)
-    assert sorted(by_step) == list(range(1, STEPS + 1))
+    helpers.assert_same_training(got, expected, steps, total_steps=STEPS, rel=rel, same_routing=same_routing)
 
 
 @pytest.mark.slow
