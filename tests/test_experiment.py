@@ -329,6 +329,17 @@ def test_data_with_more_token_ids_than_the_seed_is_refused_before_any_work(tiny,
         parse_config(experiment_dict(tiny, seed_model=str(small)))
 
 
+def test_an_empty_calibration_file_is_refused_before_any_work(tiny, tmp_path):
+    seed = save_dense(tmp_path / "seed", "llama")
+    write_tokenizer(seed, eos=True)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    arms = [{"name": "naive", "kind": "naive"},
+            {"name": "d", "kind": "naive", "convert": {"router_init": "data", "calibration": str(empty)}}]
+    with pytest.raises(UpcycleError, match=r"^arms\[1\] \(d\)\.convert\.calibration: .*has no text"):
+        parse_config(experiment_dict({**tiny, "seed": seed}, arms=arms))
+
+
 def test_an_arm_can_carry_further_convert_options_such_as_a_data_initialized_router(tiny, tmp_path):
     """`convert:` passes ConvertOptions fields to the arm's conversion: here --router-init data, whose routers differ
     from the uniform init's while a naive upcycle stays the dense function whatever its router."""

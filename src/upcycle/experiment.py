@@ -359,6 +359,21 @@ def _parse_convert_options(arm: ArmSpec, where: str) -> dict[str, Any]:
     return values
 
 
+def _check_calibration_text(arm: ArmSpec, seed_model: str, where: str) -> None:
+    """An arm's calibration file holds text the seed's tokenizer reads: tokenized now (up to the arm's
+    calibration_tokens, a fraction of a second) rather than when the arm converts, possibly hours into the run."""
+    if not arm.convert or not arm.convert.get("calibration"):
+        return
+    from upcycle.calibration import calibration_token_ids
+    from upcycle.convert import ConvertOptions
+
+    tokens = arm.convert.get("calibration_tokens", ConvertOptions.calibration_tokens)
+    try:
+        calibration_token_ids(arm.convert["calibration"], seed_model, tokens)
+    except UpcycleError as exc:
+        raise _fail(where, str(exc)) from None
+
+
 def eval_steps(points: int | list[int], total_steps: int, tokens_per_step: int) -> list[int]:
     """Optimizer steps at which every arm is measured (the end of the budget always among them).
 
@@ -406,6 +421,8 @@ def parse_config(values: Any) -> ExperimentConfig:
     if not isinstance(arms_values, list) or not arms_values:
         raise _fail("arms", "give a non-empty list of arms, e.g. [{name: naive, kind: naive}]")
     arms = [_parse_arm(a, i, domains, num_experts) for i, a in enumerate(arms_values)]
+    for index, arm in enumerate(arms):
+        _check_calibration_text(arm, seed_model, f"arms[{index}] ({arm.name}).convert.calibration")
     names = [a.name for a in arms]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
