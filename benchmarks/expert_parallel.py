@@ -70,7 +70,7 @@ def _setup(model_fields: dict, degree: int, world):
                                            num_experts=model.config.num_experts, device=world.device)
         experts = expert_parallel.shard_experts(model, shard)
     model = parallelize(model, model.layers, mode="fsdp", world=world,
-                        ignored=set(experts.params.values()) if experts else None)
+                        experts=experts)
     return model, build_optimizer(model, OptimConfig(), experts), experts
 
 
@@ -84,7 +84,7 @@ def _step(model, optimizer, experts, batch_BT, loop) -> None:
     if experts is None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     else:
-        expert_parallel.reduce_expert_grads(experts)
+        expert_parallel.finish_expert_grads(experts)
         expert_parallel.clip_grad_norm(model, 1.0, experts)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

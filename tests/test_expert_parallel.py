@@ -195,10 +195,13 @@ def test_expert_parallel_checkpoint_resumes_on_one_process_and_back(runs, tmp_pa
 
 
 @pytest.mark.slow
-def test_four_ranks_two_expert_groups_sum_expert_gradients_over_replicas(runs, tmp_path):
+def test_four_ranks_two_expert_groups_shard_experts_over_replicas_and_sum_their_gradients(runs, tmp_path):
     # 4 ranks, degree 2: two groups hold the same experts, so expert gradients are also summed across the groups
+    # (FSDP sums them), and each rank stores a quarter of the expert weights: its 2 experts, sharded over 2 replicas
     out = tmp_path / "ep2x2"
-    torchrun_train(runs["config"], out, "--train.expert_parallel", "2", nproc=4)
+    log = torchrun_train(runs["config"], out, "--train.expert_parallel", "2", nproc=4)
+    assert "2 group(s) of 2 ranks, 2 of 4 experts per rank" in log
+    assert "stores 9,216 of 36,864 expert weights (1/4)" in log
     assert_same_training(out, runs["single"], range(1, STEPS + 1))
 
 

@@ -79,7 +79,7 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
 
 
 def parallelize(model: nn.Module, blocks: Iterable[nn.Module], *, mode: str, world: World,
-                precision: str = "fp32", ignored: set[nn.Parameter] | None = None) -> nn.Module:
+                precision: str = "fp32", experts=None) -> nn.Module:
     """Apply data parallelism to `model` and return the module to train (the same object for FSDP2, a wrapper for DDP).
 
     `blocks` are the transformer blocks (`model.layers`): FSDP2 shards each one as its own group so only one block's
@@ -92,8 +92,8 @@ def parallelize(model: nn.Module, blocks: Iterable[nn.Module], *, mode: str, wor
     there the trainer's bf16 autocast does the casting. Activation checkpointing and torch.compile, applied per block
     before this call (checkpoint_wrapper, then `block.compile()`), compose with either policy.
 
-    `ignored`: parameters FSDP2 leaves alone (neither sharded nor reduced): the local expert shards of expert
-    parallelism, whose gradients expert_parallel.py reduces. Only FSDP2 takes them.
+    `experts` (an expert_parallel.ExpertParallel, FSDP2 only): the MoE layers' routers and local experts become FSDP2
+    units of their own first, on their own meshes, or the experts are left out (expert_parallel.fully_shard_experts).
     """
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel mode must be one of {PARALLEL_MODES}, not {mode!r}")
@@ -101,8 +101,8 @@ def parallelize(model: nn.Module, blocks: Iterable[nn.Module], *, mode: str, wor
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if not world.distributed:
         return model
-    if ignored and mode != "fsdp":
-        raise ValueError("parameters can only be left out of data parallelism under fsdp")
+    if experts is not None and mode != "fsdp":
+        raise ValueError("expert parallelism runs under fsdp only")
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -112,6 +112,11 @@ def parallelize(model: nn.Module, blocks: Iterable[nn.Module], *, mode: str, wor
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()
+    ignored = None
+    if experts is not None:
+        from upcycle.expert_parallel import fully_shard_experts
+
+        ignored = fully_shard_experts(experts, policy) or None
     for block in blocks:
         fully_shard(block, mp_policy=policy, ignored_params=ignored)
     fully_shard(model, mp_policy=policy, ignored_params=ignored)

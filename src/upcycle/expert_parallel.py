@@ -4,7 +4,7 @@ With `train.expert_parallel: N` the W ranks form a 2-D device mesh of shape (W /
 
     dim "expert"            N ranks that together hold all E experts of every MoE layer, E / N each (contiguous
                             ranks, so on GPUs one group sits inside a node, on its fast links)
-    dim "expert_replicate"  W / N groups holding the same experts; their expert gradients are summed (all-reduce)
+    dim "expert_replicate"  W / N groups ("replicas") holding the same experts, which FSDP2 shards over them
 
 Every rank still reads its own share of the global batch (data parallelism over all W ranks). In each MoE layer a rank
 routes its tokens, sorts the (token, slot) pairs by expert, sends each pair's row to the rank that holds its expert and
@@ -16,11 +16,13 @@ gets the results back, both with `all_to_all_single` on variable split sizes:
 The split sizes are read on the host (one synchronization per layer and direction; a collective with variable splits
 needs them). Both row all-to-alls are autograd functions whose backward is the reverse all-to-all.
 
-Everything that is not an expert weight (attention, norms, embeddings, routers, shared experts) stays under FSDP2 over
-all W ranks; the local expert weights are plain parameters that FSDP ignores. Gradients: FSDP averages its parameters
-over W ranks; an expert's gradient already holds the contributions of all N ranks of its group (the all-to-all's
-backward brings them), so it is summed over the W / N replicas and divided by W: the same average over the global
-batch as one process computes. Gradient clipping takes the norm over both kinds (`clip_grad_norm`).
+Sharding: everything that is not an expert weight (attention, norms, embeddings, shared experts) stays under FSDP2
+over all W ranks, each router is an FSDP2 unit of its own over all W ranks too (in fp32), and with more than one
+replica each MoE layer's local experts are an FSDP2 unit over the W / N replicas, so a rank stores 1 / W of all expert
+weights, gradients and optimizer state (with one replica they are plain parameters that FSDP ignores). Gradients: an expert's gradient already holds the contributions of all N ranks of its group (the
+all-to-all's backward brings them); FSDP averages it over the W / N replicas and `finish_expert_grads` divides by N:
+the same average over the global batch as one process computes. Gradient clipping takes the norm over both kinds
+(`clip_grad_norm`).
 
 Checkpoints keep our single full-tensor format: `gather_full_experts` collects every expert's weights and optimizer
 state on rank 0 when saving, `keep_local_experts` slices a full checkpoint when loading, so a run saved with N = 2
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from upcycle.errors import UpcycleError
 
@@ -46,10 +49,10 @@ class ExpertShard:
     """Which experts this rank holds and whom it exchanges tokens with."""
 
     group: dist.ProcessGroup  # the N ranks that hold all experts between them
-    replicate_group: dist.ProcessGroup | None  # the W / N ranks that hold the same experts as this one (None: W == N)
+    replicate_mesh: DeviceMesh  # the W / N ranks that hold the same experts as this one (FSDP shards them over it)
     size: int  # N
     rank: int  # position in `group`
-    replica: int  # position in `replicate_group` (0 when there is none)
+    replica: int  # position in `replicate_mesh`
     num_experts: int  # E: experts of one MoE layer, all ranks together
     world_size: int  # W
 
@@ -62,15 +65,35 @@ class ExpertShard:
         return slice(self.rank * self.num_local, (self.rank + 1) * self.num_local)
 
 
+EXPERT_WEIGHTS = ("gate_up_ED2F", "down_EFD")
+
+
 @dataclass
 class ExpertParallel:
-    """The expert shard plus the local expert parameters, by their names in the unwrapped model."""
+    """The expert shard and the MoE layers whose experts it splits (by their names in the unwrapped model)."""
 
     shard: ExpertShard
-    params: dict[str, nn.Parameter] = field(default_factory=dict)
+    layers: dict[str, nn.Module] = field(default_factory=dict)  # MoE module name -> MoE module
+
+    @property
+    def params(self) -> dict[str, nn.Parameter]:
+        """The local expert weights by parameter name, read from the modules each time (FSDP replaces them by
+        sharded DTensor parameters)."""
+        return {f"{name}.{weight}": getattr(module, weight) for name, module in self.layers.items()
+                for weight in EXPERT_WEIGHTS}
 
     def is_expert(self, param: nn.Parameter) -> bool:
         return any(param is p for p in self.params.values())
+
+    def describe(self) -> str:
+        """One line for the log: the layout, and the share of all expert weights this rank stores."""
+        shard = self.shard
+        stored = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.params.values())
+        total = sum(p.numel() // shard.num_local * shard.num_experts for p in self.params.values())  # global shapes
+        rank = shard.replica * shard.size + shard.rank
+        return (f"expert parallelism: {shard.world_size // shard.size} group(s) of {shard.size} ranks, "
+                f"{shard.num_local} of {shard.num_experts} experts per rank in each MoE layer; rank {rank} stores "
+                f"{stored:,} of {total:,} expert weights (1/{round(total / stored) if stored else 0})")
 
 
 def check_degree(degree: int, *, world_size: int, num_experts: int) -> None:
@@ -95,11 +118,8 @@ def make_shard(degree: int, *, world_size: int, rank: int, num_experts: int, dev
     check_degree(degree, world_size=world_size, num_experts=num_experts)
     mesh = init_device_mesh(device.type, (world_size // degree, degree),
                             mesh_dim_names=("expert_replicate", "expert"))
-    replicas = world_size // degree
-    return ExpertShard(group=mesh.get_group("expert"),
-                       replicate_group=mesh.get_group("expert_replicate") if replicas > 1 else None,
-                       size=degree, rank=rank % degree, replica=rank // degree, num_experts=num_experts,
-                       world_size=world_size)
+    return ExpertShard(group=mesh.get_group("expert"), replicate_mesh=mesh["expert_replicate"], size=degree,
+                       rank=rank % degree, replica=rank // degree, num_experts=num_experts, world_size=world_size)
 
 
 def _clean_name(name: str) -> str:
@@ -111,9 +131,7 @@ def _clean_name(name: str) -> str:
 
 def shard_experts(model: nn.Module, shard: ExpertShard) -> ExpertParallel:
     """Keep only this rank's experts in every MoE layer of `model` (built with all of them) and route through `shard`.
-
-    Returns the local expert parameters by name; FSDP must ignore them and the trainer reduces their gradients.
-    """
+    Call before `fully_shard_experts` (FSDP) and before building the optimizer."""
     from upcycle.moe import MoE
 
     parallel = ExpertParallel(shard)
@@ -123,13 +141,29 @@ def shard_experts(model: nn.Module, shard: ExpertShard) -> ExpertParallel:
         if module.num_experts != shard.num_experts:
             raise UpcycleError(f"MoE layer {module_name} has {module.num_experts} experts, the shard expects "
                                f"{shard.num_experts}")
-        for param_name in ("gate_up_ED2F", "down_EFD"):
-            full = getattr(module, param_name)
-            local = nn.Parameter(full.detach()[shard.local_slice].clone(), requires_grad=full.requires_grad)
-            setattr(module, param_name, local)
-            parallel.params[_clean_name(f"{module_name}.{param_name}")] = local
+        for weight in EXPERT_WEIGHTS:
+            full = getattr(module, weight)
+            setattr(module, weight, nn.Parameter(full.detach()[shard.local_slice].clone(),
+                                                 requires_grad=full.requires_grad))
         module.expert_shard = shard
+        parallel.layers[_clean_name(module_name)] = module
     return parallel
+
+
+def fully_shard_experts(parallel: ExpertParallel, mp_policy) -> set[nn.Parameter]:
+    """FSDP2 units for the MoE layers, before the blocks' own: each router over all ranks (in fp32), and with W / N > 1
+    replicas each layer's local experts over them with `mp_policy` (FSDP averages their gradients over the replicas;
+    `finish_expert_grads` completes the average). With one replica the experts stay plain parameters (an FSDP unit
+    over one rank would only add work); the returned set is what the blocks' fully_shard must then ignore."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    replicated = parallel.shard.replicate_mesh.size() > 1
+    for module in parallel.layers.values():
+        # the router stays fp32 whatever the policy: routing is computed in fp32 (see moe.MoE.forward)
+        fully_shard(module.router, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
+        if replicated:
+            fully_shard(module, mesh=parallel.shard.replicate_mesh, mp_policy=mp_policy)
+    return set() if replicated else set(parallel.params.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -194,38 +228,38 @@ def exchange_and_compute(x_SD: Tensor, counts_E: Tensor, gate_up_LD2F: Tensor, d
 # Gradients
 
 
-def reduce_expert_grads(parallel: ExpertParallel) -> None:
-    """Turn each local expert gradient (the sum over its group's tokens) into the global-batch average: sum over the
-    replicas, divide by W. Call once per optimizer step, after the last micro-batch's backward."""
+def finish_expert_grads(parallel: ExpertParallel) -> None:
+    """Complete the global-batch average of the expert gradients: FSDP averaged each over the W / N replicas, and it
+    already held the sum over its group's N ranks' tokens, so one more division by N. Once per optimizer step, after
+    the last micro-batch's backward, before clipping. (FSDP's own gradient divide factor would do this inside the
+    reduction, but it needs a pre-multiplied sum that gloo lacks.)"""
     grads = [p.grad for p in parallel.params.values() if p.grad is not None]
+    if grads:
+        torch._foreach_div_(grads, float(parallel.shard.size))
+
+
+def _total_norm(grads: list[Tensor]) -> float:
+    """The 2-norm of `grads` as one float; DTensor gradients (FSDP shards) are reduced over their mesh."""
     if not grads:
-        return
-    if parallel.shard.replicate_group is not None:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=parallel.shard.replicate_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-    torch._foreach_div_(grads, float(parallel.shard.world_size))
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, parallel: ExpertParallel) -> float:
-    """Global gradient norm over the FSDP parameters and the expert shards (each expert counted once), and every
-    gradient scaled by max_norm / norm when that is below 1, like torch.nn.utils.clip_grad_norm_."""
+    """Global gradient norm over the non-expert parameters and the expert shards (each expert counted once), and every
+    gradient scaled by max_norm / norm when that is below 1, like torch.nn.utils.clip_grad_norm_. The two kinds live on
+    different device meshes, so their norms are taken apart and combined."""
     others = [p.grad for p in model.parameters() if p.grad is not None and not parallel.is_expert(p)]
     experts = [p.grad for p in parallel.params.values() if p.grad is not None]
-    other_norm = torch.nn.utils.get_total_norm(others) if others else torch.zeros(())
-    if hasattr(other_norm, "full_tensor"):  # a DTensor under FSDP2: the norm over all ranks' shards
-        other_norm = other_norm.full_tensor()
-    expert_sq = torch.zeros((), dtype=torch.float64, device=experts[0].device if experts else "cpu")
-    for grad in experts:
-        expert_sq += grad.double().pow(2).sum()
-    dist.all_reduce(expert_sq, group=parallel.shard.group)  # replicas are equal: summing over the group covers all E
-    total = float((float(other_norm) ** 2 + float(expert_sq)) ** 0.5)
+    device = experts[0].device if experts else torch.device("cpu")
+    # the norm of this rank's experts (over their replica shards), summed in squares over the expert group: all E
+    expert_sq = torch.tensor([_total_norm(experts) ** 2], dtype=torch.float64, device=device)
+    dist.all_reduce(expert_sq, group=parallel.shard.group)
+    total = (_total_norm(others) ** 2 + float(expert_sq)) ** 0.5
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
-        for grads in (others, experts):  # DTensors and plain tensors cannot share one foreach call
+        for grads in (others, experts):  # tensors of different meshes cannot share one foreach call
             if grads:
                 torch._foreach_mul_(grads, coef)
     return total
@@ -237,24 +271,28 @@ def clip_grad_norm(model: nn.Module, max_norm: float, parallel: ExpertParallel) 
 
 def gather_full_experts(parallel: ExpertParallel, optimizer: torch.optim.Optimizer, model_state: dict,
                         optim_state: dict) -> None:
-    """Put every expert's weights and optimizer state, gathered from the group, into rank 0's full state dicts.
+    """Put every expert's weights and optimizer state, gathered from all ranks, into rank 0's full state dicts.
 
-    A collective over the first expert group (the one holding global rank 0); other groups hold equal replicas and
-    skip it. Other ranks' dicts are left as they are."""
+    A collective: every rank must call it. Each rank first assembles its experts from their replica shards, then the
+    first expert group (the one holding global rank 0) gathers them on rank 0; the other groups hold equal copies.
+    Other ranks' dicts are left as they are."""
     shard = parallel.shard
-    if shard.replica != 0:
-        return
-    if shard.rank == 0:
+    if shard.rank == 0 and shard.replica == 0:
         _merge_param_groups(optim_state, order=list(model_state))
     for name, param in parallel.params.items():
-        model_state_value = _gather(param.detach(), shard)
+        weights = _gather(_full(param.detach()), shard)
         state = optimizer.state.get(param, {})
-        gathered = {key: _gather(value, shard) if _is_per_expert(value, param) else value
+        gathered = {key: _gather(_full(value), shard) if _is_per_expert(value, param) else value
                     for key, value in sorted(state.items())}
-        if shard.rank == 0:
-            model_state[name] = model_state_value
+        if shard.rank == 0 and shard.replica == 0:
+            model_state[name] = weights
             optim_state["state"][name] = {key: value.detach().cpu() if isinstance(value, Tensor) else value
                                           for key, value in gathered.items()}
+
+
+def _full(tensor: Tensor) -> Tensor:
+    """This rank's experts whole: a DTensor sharded over the replicas is all-gathered (a collective over them)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _merge_param_groups(optim_state: dict, order: list[str]) -> None:
@@ -275,7 +313,9 @@ def _is_per_expert(value, param: nn.Parameter) -> bool:
 
 
 def _gather(local: Tensor, shard: ExpertShard) -> Tensor | None:
-    """The group's local tensors concatenated along dim 0 on the group's rank 0 (None elsewhere)."""
+    """In the first expert group: the group's local tensors concatenated along dim 0 on its rank 0 (None elsewhere)."""
+    if shard.replica != 0:
+        return None
     local = local.contiguous()
     parts = [torch.empty_like(local) for _ in range(shard.size)] if shard.rank == 0 else None
     dist.gather(local, gather_list=parts, group_dst=0, group=shard.group)

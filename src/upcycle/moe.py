@@ -407,7 +407,10 @@ class MoE(nn.Module):
         # route: logits in fp32 (see `route`), computed from fp32 copies so bf16 rounding cannot flip top-k choices;
         # autocast off here, or it would run this F.linear in bf16 anyway
         with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+            x32_TD, weight = x_TD.float(), self.router.weight
+            # through the module where its weight is fp32: under expert parallelism the router is an FSDP unit of its
+            # own (fp32), whose hooks gather the weight when the module is called
+            logits_TE = self.router(x32_TD) if weight.dtype == torch.float32 else F.linear(x32_TD, weight.float())
         weights_TK, ids_TK = route(logits_TE, top_k=self.top_k, renormalize=self.renormalize)
         impl = resolve_impl(self.impl, x_TD.device)
         if impl == "reference" and self.expert_shard is None:

@@ -131,8 +131,8 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, experts=None) ->
 
     fused=True: one kernel per parameter instead of a chain of foreach ops; on CPU it made the optimizer step ~4x
     faster (18M parameters: 67 ms -> 16 ms), about 7% of a whole training step of a small model.
-    With expert parallelism (`experts`) the local expert shards, plain tensors among FSDP's DTensors, get a param group
-    of their own with the same settings (one fused kernel cannot mix the two); checkpoints store one group either way.
+    With expert parallelism (`experts`) the expert shards, DTensors on a device mesh of their own, get a param group of
+    their own with the same settings (one fused kernel cannot mix meshes); checkpoints store one group either way.
     """
     params = model.parameters()
     if experts is not None:
@@ -313,7 +313,7 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
     else:
         from upcycle import expert_parallel
 
-        expert_parallel.reduce_expert_grads(run.experts)
+        expert_parallel.finish_expert_grads(run.experts)
         grad_norm = expert_parallel.clip_grad_norm(run.model, max_norm, run.experts)
     unhealthy = health_problem(loss, grad_norm, run.health_history)
     if run.unverified is not None and world.is_main:  # this step tested the newest checkpoint's weights
@@ -505,7 +505,9 @@ def setup(config: TrainConfig, out: Path, world: World) -> Run:
                                            num_experts=model_config.num_experts, device=world.device)
         experts = expert_parallel.shard_experts(model, shard)
     model = parallelize(model, bare_model.layers, mode=loop.parallel, world=world, precision=loop.precision,
-                        ignored=set(experts.params.values()) if experts else None)
+                        experts=experts)
+    if experts is not None:
+        log(experts.describe())
     optimizer = build_optimizer(model, config.optim, experts)
     loader = MixtureLoader(data_dir, seq_len=data_cfg.seq_len,
                            global_batch_size=loop.global_batch_tokens // data_cfg.seq_len, seed=data_cfg.seed,
