@@ -206,14 +206,19 @@ def test_four_ranks_two_expert_groups_shard_experts_over_replicas_and_sum_their_
 
 
 @pytest.mark.slow
-def test_expert_parallel_in_bf16_with_activation_checkpointing_and_compile_follows_one_process(runs, tmp_path):
+def test_expert_parallel_in_bf16_with_activation_checkpointing_follows_one_process(runs, tmp_path):
     bf16 = ("--train.precision", "bf16")
     reference = tmp_path / "single-bf16"
     torchrun_train(runs["config"], reference, *bf16, nproc=1)
+    ep2 = ("--train.expert_parallel", "2", "--train.activation_checkpointing", "true")
+    # 2 ranks: one replica, plain expert parameters under autocast, compiled blocks
     out = tmp_path / "ep2-bf16"
-    torchrun_train(runs["config"], out, *bf16, "--train.expert_parallel", "2", "--train.activation_checkpointing",
-                   "true", "--train.compile", "true")
-    assert_same_training(out, reference, range(1, STEPS + 1), rel=2e-3, same_routing=False)  # bf16 rounding of the exchanged rows
+    torchrun_train(runs["config"], out, *bf16, *ep2, "--train.compile", "true")
+    assert_same_training(out, reference, range(1, STEPS + 1), rel=2e-3, same_routing=False)  # bf16 rounding
+    # 4 ranks: experts sharded over 2 replicas under FSDP's bf16 policy
+    out = tmp_path / "ep2x2-bf16"
+    torchrun_train(runs["config"], out, *bf16, *ep2, nproc=4)
+    assert_same_training(out, reference, range(1, STEPS + 1), rel=2e-3, same_routing=False)
 
 
 @pytest.mark.slow
