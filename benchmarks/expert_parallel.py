@@ -56,36 +56,26 @@ def shapes() -> dict[str, dict]:
 
 def _setup(model_fields: dict, degree: int, world):
     """(model, optimizer, experts) as upcycle.train.setup builds them for `degree`-way expert parallelism."""
-    from upcycle import expert_parallel
     from upcycle.distributed import parallelize
+    from upcycle.expert_parallel import shard_experts
     from upcycle.model import ModelConfig, Transformer
     from upcycle.train import build_optimizer
     from upcycle.train_config import OptimConfig
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**model_fields))
-    experts = None
-    if degree > 1:
-        shard = expert_parallel.make_shard(degree, world_size=world.world_size, rank=world.rank,
-                                           num_experts=model.config.num_experts, device=world.device)
-        experts = expert_parallel.shard_experts(model, shard)
-    model = parallelize(model, model.layers, mode="fsdp", world=world,
-                        experts=experts)
+    experts = shard_experts(model, degree, world) if degree > 1 else None
+    model = parallelize(model, model.layers, mode="fsdp", world=world, experts=experts)
     return model, build_optimizer(model, OptimConfig(), experts), experts
 
 
 def _step(model, optimizer, experts, batch_BT, loop) -> None:
-    from upcycle import expert_parallel
-    from upcycle.train import forward_backward
+    from upcycle.train import clip_gradients, forward_backward
 
     config = model.config
     forward_backward(model, batch_BT, loop=loop, top_k=config.top_k, num_moe=len(config.moe_layer_ids),
                      num_experts=config.num_experts, autocast=contextlib.nullcontext)
-    if experts is None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    else:
-        expert_parallel.finish_expert_grads(experts)
-        expert_parallel.clip_grad_norm(model, 1.0, experts)
+    clip_gradients(model, 1.0, experts)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -83,7 +83,7 @@ def _layer_worker(rank: int, world_size: int, port: int, out: str, top_k: int) -
     import torch.distributed as dist
 
     from upcycle.distributed import init_distributed, shutdown
-    from upcycle.expert_parallel import make_shard, shard_experts
+    from upcycle.expert_parallel import shard_experts
     from upcycle.moe import MoE
 
     world = init_distributed()
@@ -103,8 +103,7 @@ def _layer_worker(rank: int, world_size: int, port: int, out: str, top_k: int) -
     (out_ref * g_TD).sum().backward()
 
     sharded = layer()
-    shard = make_shard(world_size, world_size=world_size, rank=rank, num_experts=4, device=world.device)
-    shard_experts(sharded, shard)
+    shard = shard_experts(sharded, world_size, world).shard
     rows = slice(rank * tokens, (rank + 1) * tokens)
     x = x_TD[rows].clone().requires_grad_()
     result = sharded(x)

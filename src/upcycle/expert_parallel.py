@@ -82,8 +82,10 @@ class ExpertParallel:
         return {f"{name}.{weight}": getattr(module, weight) for name, module in self.layers.items()
                 for weight in EXPERT_WEIGHTS}
 
-    def is_expert(self, param: nn.Parameter) -> bool:
-        return any(param is p for p in self.params.values())
+    def others(self, model: nn.Module) -> list[nn.Parameter]:
+        """The model's parameters that are not expert weights (FSDP's over all ranks), in model order."""
+        expert_ids = {id(p) for p in self.params.values()}
+        return [p for p in model.parameters() if id(p) not in expert_ids]
 
     def describe(self) -> str:
         """One line for the log: the layout, and the share of all expert weights this rank stores."""
@@ -129,11 +131,15 @@ def _clean_name(name: str) -> str:
     return name
 
 
-def shard_experts(model: nn.Module, shard: ExpertShard) -> ExpertParallel:
-    """Keep only this rank's experts in every MoE layer of `model` (built with all of them) and route through `shard`.
-    Call before `fully_shard_experts` (FSDP) and before building the optimizer."""
+def shard_experts(model: nn.Module, degree: int, world) -> ExpertParallel:
+    """Keep only this rank's experts in every MoE layer of `model` (built with all of them), `degree` ranks to a group
+    of the distributed.World `world`, and route tokens through the group. Every rank must call it (it creates the
+    mesh); call before `fully_shard_experts` (FSDP) and before building the optimizer."""
     from upcycle.moe import MoE
 
+    layers = [module for module in model.modules() if isinstance(module, MoE)]
+    shard = make_shard(degree, world_size=world.world_size, rank=world.rank,
+                       num_experts=layers[0].num_experts if layers else 0, device=world.device)
     parallel = ExpertParallel(shard)
     for module_name, module in model.named_modules():
         if not isinstance(module, MoE):
@@ -250,7 +256,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, parallel: ExpertParallel) 
     """Global gradient norm over the non-expert parameters and the expert shards (each expert counted once), and every
     gradient scaled by max_norm / norm when that is below 1, like torch.nn.utils.clip_grad_norm_. The two kinds live on
     different device meshes, so their norms are taken apart and combined."""
-    others = [p.grad for p in model.parameters() if p.grad is not None and not parallel.is_expert(p)]
+    others = [p.grad for p in parallel.others(model) if p.grad is not None]
     experts = [p.grad for p in parallel.params.values() if p.grad is not None]
     device = experts[0].device if experts else torch.device("cpu")
     # the norm of this rank's experts (over their replica shards), summed in squares over the expert group: all E

@@ -136,7 +136,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, experts=None) ->
     """
     params = model.parameters()
     if experts is not None:
-        params = [{"params": [p for p in model.parameters() if not experts.is_expert(p)]},
+        params = [{"params": experts.others(model)},
                   {"params": list(experts.params.values())}]
     return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                              weight_decay=optim.weight_decay, fused=True)
@@ -218,9 +218,17 @@ def health_problem(loss: float, grad_norm: float, history: list[tuple[float, flo
     return None
 
 
-def _grad_norm_value(norm) -> float:
-    # Under FSDP2 the norm is a DTensor; full_tensor() makes it the same replicated number on every rank.
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+def clip_gradients(model: torch.nn.Module, max_norm: float, experts=None) -> float:
+    """The global gradient norm before clipping, every gradient scaled down to `max_norm` where it exceeds it. With
+    expert parallelism (`experts`) the expert gradients' average is completed first and the norm spans both meshes."""
+    if experts is None:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        # Under FSDP2 the norm is a DTensor; full_tensor() makes it the same replicated number on every rank.
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    from upcycle import expert_parallel
+
+    expert_parallel.finish_expert_grads(experts)
+    return expert_parallel.clip_grad_norm(model, max_norm, experts)
 
 
 def expert_load(counts_LE: torch.Tensor) -> dict[str, list[float]]:
@@ -308,13 +316,7 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
     loss, ce, aux, z = (reduced[:4] / world.world_size).tolist()
 
     max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
-    if run.experts is None:
-        grad_norm = _grad_norm_value(torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm))
-    else:
-        from upcycle import expert_parallel
-
-        expert_parallel.finish_expert_grads(run.experts)
-        grad_norm = expert_parallel.clip_grad_norm(run.model, max_norm, run.experts)
+    grad_norm = clip_gradients(run.model, max_norm, run.experts)
     unhealthy = health_problem(loss, grad_norm, run.health_history)
     if run.unverified is not None and world.is_main:  # this step tested the newest checkpoint's weights
         ckpt.mark_health(run.unverified, ckpt.HEALTH_SUSPECT if unhealthy else ckpt.HEALTH_GOOD,
@@ -499,11 +501,9 @@ def setup(config: TrainConfig, out: Path, world: World) -> Run:
             block.compile()
     experts = None
     if loop.expert_parallel > 1:
-        from upcycle import expert_parallel
+        from upcycle.expert_parallel import shard_experts
 
-        shard = expert_parallel.make_shard(loop.expert_parallel, world_size=world.world_size, rank=world.rank,
-                                           num_experts=model_config.num_experts, device=world.device)
-        experts = expert_parallel.shard_experts(model, shard)
+        experts = shard_experts(model, loop.expert_parallel, world)
     model = parallelize(model, bare_model.layers, mode=loop.parallel, world=world, precision=loop.precision,
                         experts=experts)
     if experts is not None:
