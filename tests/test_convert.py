@@ -137,7 +137,7 @@ def test_btx_averages_non_ffn_tensors_and_maps_experts_to_sources(tmp_path):
         for m in ("gate", "up", "down"):
             assert torch.equal(moe[hf.expert_key("mixtral", 1, e, m)], src[hf.dense_ffn_key(1, m)])
     records = json.loads((out / MANIFEST_NAME).read_text())["layers"][0]["experts"]
-    assert [r["gate"]["source"] for r in records] == [0, 0, 1, 1]
+    assert [r["source"] for r in records] == [0, 0, 1, 1]
 
 
 def test_interrupted_conversion_leaves_no_output_and_force_replaces_only_when_complete(tmp_path, llama_dir,

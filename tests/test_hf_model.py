@@ -39,6 +39,14 @@ CASES = {
     "qwen3_moe_tied_no_renorm": (lambda: transformers.Qwen3MoeConfig(
         **TINY, **MOE, num_key_value_heads=2, num_experts=4, moe_intermediate_size=24, norm_topk_prob=False,
         tie_word_embeddings=True, rope_parameters=LLAMA3), "qwen3_moe"),
+    # every multiplier away from 1 and a live (ungated) shared expert, so each one's mapping matters
+    "granitemoeshared_multipliers": (lambda: transformers.GraniteMoeSharedConfig(
+        **TINY, **MOE, num_key_value_heads=2, num_local_experts=4, shared_intermediate_size=40, attention_bias=True,
+        embedding_multiplier=2.5, residual_multiplier=0.6, attention_multiplier=0.3, logits_scaling=1.5),
+        "granitemoeshared"),
+    "granitemoeshared_tied_no_shared": (lambda: transformers.GraniteMoeSharedConfig(
+        **TINY, **MOE, num_key_value_heads=2, num_local_experts=4, shared_intermediate_size=0,
+        tie_word_embeddings=True), "granitemoeshared"),
 }
 
 

@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -102,16 +102,17 @@ class ConvertOptions:
         calibration: For --router-init data: calibration text, a JSONL file (a "text" field per line), a plain text
             file or a directory of them, as upcycle data prepare reads; tokenized with SOURCE's tokenizer.
         calibration_tokens: For --router-init data: run the dense model on at most this many calibration tokens.
-        format: auto (llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe), mixtral, qwen2_moe or
-            qwen3_moe.
+        format: auto (llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe), mixtral, qwen2_moe,
+            qwen3_moe or granitemoeshared (fine-grained experts plus an ungated shared expert; llama, mistral and qwen2
+            sources).
         dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
         router_aux_loss_coef: The load-balancing coefficient written into the output's config.json.
-        shared_expert: qwen2_moe only: its always-present shared expert is zero (down projection zero: it adds nothing
-            at initialization) or dense (one of the --granularity segments of the dense FFN, never re-drawn, its down
-            projection doubled and its sigmoid gate near 0, so r = 0 is still the dense function; the other G - 1
-            segments make the routed experts; needs --granularity 2 or more).
-        shared_expert_dim: qwen2_moe with --shared-expert zero only: size of its shared expert (default: the dense
-            FFN size).
+        shared_expert: qwen2_moe and granitemoeshared: the shared expert is zero (down projection zero: it adds
+            nothing at initialization) or dense (one of the --granularity segments of the dense FFN, never re-drawn;
+            qwen2_moe: its down projection doubled and its sigmoid gate near 0; so r = 0 is still the dense function;
+            the other G - 1 segments make the routed experts; needs --granularity 2 or more).
+        shared_expert_dim: With --shared-expert zero: size of the shared expert (qwen2_moe, which always has one:
+            default the dense FFN size; granitemoeshared: default none).
         btx_sources: For --method btx: the other dense checkpoints (SOURCE is the first source).
         max_shard_size: Largest output shard, e.g. 5GB or 500MB.
     """
@@ -219,14 +220,64 @@ class ConvertOptions:
             divisors = [g for g in range(2, 17) if shapes.ffn_dim % g == 0]
             raise UpcycleError(f"the dense FFN size {shapes.ffn_dim} is not divisible by --granularity "
                                f"{self.granularity}; choose one of {', '.join(map(str, divisors)) or '1'}")
-        if self.shared_dense and fmt != "qwen2_moe":
-            raise UpcycleError(f"--shared-expert dense needs --format qwen2_moe, the only format with a shared expert "
-                               f"(got {fmt})")
+        if self.shared_dense and fmt not in hf.SHARED_EXPERT_FORMATS:
+            raise UpcycleError(f"--shared-expert dense needs --format qwen2_moe or granitemoeshared, the formats with a "
+                               f"shared expert (got {fmt})")
+        if self.shared_expert_dim is not None and fmt not in hf.SHARED_EXPERT_FORMATS:
+            raise UpcycleError(f"--shared-expert-dim sizes a shared expert, which {fmt} does not have; use --format "
+                               "qwen2_moe or granitemoeshared, or leave it out")
         moe_layers = parse_moe_layers(self.moe_layers, shapes.num_layers)
-        if fmt == "mixtral" and len(moe_layers) < shapes.num_layers:
-            raise UpcycleError("mixtral has an MoE FFN in every layer and cannot keep dense layers; use --format "
+        if fmt not in hf.DENSE_LAYER_FORMATS and len(moe_layers) < shapes.num_layers:
+            raise UpcycleError(f"{fmt} has an MoE FFN in every layer and cannot keep dense layers; use --format "
                                "qwen2_moe (or qwen3_moe for a Qwen3 source) with --moe-layers, or leave --moe-layers out")
         return moe_layers
+
+    def shared_dim(self, shapes: hf.Shapes, fmt: str) -> int:
+        """Size of the output's shared expert (0: none)."""
+        if fmt not in hf.SHARED_EXPERT_FORMATS:
+            return 0
+        if self.shared_dense:
+            return shapes.ffn_dim // self.granularity
+        return self.shared_expert_dim or (shapes.ffn_dim if fmt == "qwen2_moe" else 0)
+
+    def plan(self, num_sources: int) -> Plan:
+        """Where each tensor comes from: every copy of the dense FFN from SOURCE, or, for btx, the non-FFN tensors
+        averaged over the sources and blocks of E / S copies per source (exact copies)."""
+        copies = self.num_experts // self.routed_segments
+        if self.method == "btx":
+            return Plan(base=tuple(range(num_sources)),
+                        copies=tuple(CopyPlan(source=s, method="naive", ratio=0.0, index_mode=self.index_mode)
+                                     for s in btx_source_of_expert(copies, num_sources)))
+        return Plan(base=(0,), copies=(CopyPlan(0, self.method, self.ratio, self.index_mode),) * copies)
+
+
+@dataclass(frozen=True)
+class CopyPlan:
+    """One copy of a dense FFN in the MoE: made from `source`'s FFN by `method` (naive, drop, noise or scratch) with
+    `ratio` and `index_mode`, then cut into the copy's routed experts (its --granularity segments)."""
+
+    source: int
+    method: str
+    ratio: float
+    index_mode: str
+
+
+@dataclass
+class Plan:
+    """Where every output tensor comes from, decided before any work.
+
+    `base`: the sources whose non-FFN tensors (embeddings, attention, norms, head) are copied (one) or averaged
+    (several, as Branch-Train-MiX does). `copies`: one per router row, in expert order. `shared_source`: a source whose
+    whole dense FFN is the shared expert (then the shared expert and the routed mixture weigh 1/2 each, so that
+    composing copies of one model is still that model); None: ConvertOptions.shared_expert decides. `router_rows`:
+    MoE layer -> one row per copy, computed before the conversion (data, hidden, embed); None: drawn at random by
+    ConvertOptions.router_init. `upcycle convert` makes one from its options (`ConvertOptions.plan`), `upcycle compose`
+    from its spec."""
+
+    base: tuple[int, ...]
+    copies: tuple[CopyPlan, ...]
+    shared_source: int | None = None
+    router_rows: dict[int, torch.Tensor] | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -286,16 +337,17 @@ def _check_btx_sources(first: CheckpointReader, others: list[CheckpointReader], 
 class Entry:
     name: str
     shape: tuple[int, ...]
-    kind: str  # embed | final_norm | lm_head | attn | dense_ffn | router | expert | shared
+    kind: str  # embed | final_norm | lm_head | attn | dense_ffn | router | expert | experts | shared
     layer: int = -1
-    role: str = ""  # attention role, FFN matrix, or shared-expert part
-    expert: int = -1
+    role: str = ""  # attention role, FFN matrix (gate_up for a tensor holding gate and up), or shared-expert part
+    expert: int = -1  # kind expert; kind experts holds every expert of the layer, written one expert at a time
 
 
-def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int, granularity: int = 1,
+def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int, expert_dim: int,
             moe_layers: tuple[int, ...] | None = None) -> list[Entry]:
+    """The output's tensors in writing order. `shapes` are the dense model's (its FFN size is the dense layers');
+    every expert has `expert_dim` neurons, the shared expert `shared_dim` (0: none)."""
     out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
-    expert_shapes = dataclasses.replace(shapes, ffn_dim=shapes.ffn_dim // granularity)
     entries = [Entry(hf.EMBED_KEY, (shapes.vocab_size, shapes.dim), "embed")]
     for layer in range(shapes.num_layers):
         for role, shape in hf.attention_roles(out_shapes).items():
@@ -305,14 +357,10 @@ def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int, gran
                         for m in MATRICES]
             continue
         entries.append(Entry(hf.router_key(fmt, layer), (num_experts, shapes.dim), "router", layer))
-        for e in range(num_experts):
-            for m in MATRICES:
-                entries.append(Entry(hf.expert_key(fmt, layer, e, m), hf.ffn_shape(expert_shapes, m), "expert", layer,
-                                     m, e))
-        if fmt == "qwen2_moe":
-            keys = hf.shared_expert_keys(layer)
-            sizes = hf.shared_expert_shapes(shapes.dim, shared_dim)
-            entries += [Entry(keys[part], sizes[part], "shared", layer, part) for part in sizes]
+        for key, shape, e, m in hf.stored_experts(fmt, layer, num_experts, shapes.dim, expert_dim):
+            entries.append(Entry(key, shape, "expert" if e >= 0 else "experts", layer, m, e))
+        for role, (key, shape) in hf.shared_expert_layout(fmt, layer, shapes.dim, shared_dim).items():
+            entries.append(Entry(key, shape, "shared", layer, role))
     entries.append(Entry(hf.FINAL_NORM_KEY, (shapes.dim,), "final_norm"))
     if _writes_lm_head(shapes, fmt):
         entries.append(Entry(hf.LM_HEAD_KEY, (shapes.vocab_size, shapes.dim), "lm_head"))
@@ -360,9 +408,11 @@ def _finite(reader: CheckpointReader, name: str) -> torch.Tensor:
 class _Producer:
     """Computes each output tensor (fp32) when its entry comes up, reading only what that tensor needs."""
 
-    def __init__(self, readers: list[CheckpointReader], shapes: hf.Shapes, opts: ConvertOptions, record: _Record,
-                 shared_dim: int = 0):
+    def __init__(self, readers: list[CheckpointReader], shapes: hf.Shapes, opts: ConvertOptions, plan: Plan,
+                 record: _Record, fmt: str, shared_dim: int = 0):
         self.readers = readers
+        self.plan = plan
+        self.fmt = fmt
         self.shared_dim = shared_dim
         self.shapes = shapes
         self.opts = opts
@@ -371,87 +421,129 @@ class _Producer:
         self.init_std = float(cfg.get("initializer_range", 0.02))
         self.pad_id = cfg.get("pad_token_id")
         self.upcycle_opts = opts.upcycle_options(self.init_std)
-        self.expert_source = (btx_source_of_expert(opts.num_experts, len(readers)) if opts.method == "btx"
-                              else [0] * opts.num_experts)
         # fine-grained experts: expert e is segment e % R of copy e // R, R = opts.routed_segments (segments 1..G-1 when
-        # segment 0 is the dense shared expert), its down projection scaled by R (granular_scale)
+        # segment 0 is the dense shared expert), its down projection scaled by R (granular_scale); a whole FFN as the
+        # shared expert weighs 1/2 against the routed mixture's 1/2
         self.scale = (granular_scale(opts.routed_segments, renormalize=True)
                       if opts.granularity > 1 and opts.method != "scratch" else 1.0)
+        if plan.shared_source is not None:
+            self.scale *= 0.5
         self._segments: tuple[int, torch.Tensor] | None = None  # (layer, (G, F/G) neuron indices)
-        self._dense_ffn: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # only the current layer's
-        self._expert = None  # (layer, expert, ExpertFFN or dict) cache while its three matrices are written
+        self._dense_ffn: dict[tuple[int, int | None], dict[str, torch.Tensor]] = {}  # only the current layer's
+        self._expert = None  # (layer, expert, tensors) cache while its matrices are written
+        self._held_down: dict[int, torch.Tensor] = {}  # experts' down projections held for a tensor of all experts
         self._shared_cache = None  # (layer, role -> tensor) of the current layer's shared expert
 
     def _read(self, name: str, source: int | None = None) -> torch.Tensor:
-        """The source tensor (or, for btx, the mean over sources when `source` is None), checked finite as it streams
-        (a NaN or Inf fails the conversion, whose output is then never published)."""
+        """The source tensor (or, when `source` is None, the base's: the mean over the base sources when there are
+        several), checked finite as it streams (a NaN or Inf fails the conversion, whose output is then never
+        published)."""
         if source is not None:
             return _finite(self.readers[source], name).float()
-        if self.opts.method == "btx":
-            return btx_mean([_finite(r, name) for r in self.readers])
-        return _finite(self.readers[0], name).float()
+        if len(self.plan.base) > 1:
+            return btx_mean([_finite(self.readers[i], name) for i in self.plan.base])
+        return _finite(self.readers[self.plan.base[0]], name).float()
 
     def _copied(self, entry: Entry, kind: str) -> torch.Tensor:
         if self.opts.method == "scratch":
             gen = derived_generator(self.opts.seed, "scratch", entry.name)
             return scratch_tensor(entry.shape, kind, std=self.init_std, generator=gen,
                                   padding_idx=self.pad_id if kind == "embedding" else None)
-        if entry.name not in self.readers[0].tensors:
+        if entry.name not in self.readers[self.plan.base[0]].tensors:
             return torch.zeros(entry.shape)  # a bias the target format forces on a source without one
         return self._read(entry.name)
 
-    def _dense(self, layer: int, source: int) -> dict[str, torch.Tensor]:
+    def _dense(self, layer: int, source: int | None) -> dict[str, torch.Tensor]:
+        """A dense FFN of `layer`: of reader `source`, or of the base (None)."""
+        if source is None and len(self.plan.base) == 1:
+            source = self.plan.base[0]
         key = (layer, source)
         if key not in self._dense_ffn:
             self._dense_ffn = {key: {m: self._read(hf.dense_ffn_key(layer, m), source) for m in MATRICES}}
         return self._dense_ffn[key]
 
-    def _expert_matrix(self, entry: Entry) -> torch.Tensor:
-        layer, e = entry.layer, entry.expert
+    def _expert_tensors(self, layer: int, e: int) -> dict[str, torch.Tensor]:
+        """Expert e of `layer` (gate, up, down; fp32), computed once while its matrices are written."""
         if self._expert is None or self._expert[:2] != (layer, e):
-            source = self.expert_source[e]
-            dense = self._dense(layer, source)
-            if self.opts.method == "btx":
-                tensors = dict(dense)
-                records = {m: {"mean": None, "std": None, "redrawn": 0, "source": source} for m in MATRICES}
-            else:
-                segment = {}
-                matrices = (dense["gate"], dense["up"], dense["down"])
+            r = self.opts.routed_segments
+            copy = self.plan.copies[e // r]
+            dense = self._dense(layer, copy.source)
+            segment = {}
+            matrices = (dense["gate"], dense["up"], dense["down"])
+            if self.opts.granularity > 1 or self.scale != 1.0:
+                s = e % r + self.opts.shared_dense
+                matrices = fine_grained_slice(*matrices, self._segment_neurons(layer)[s], self.scale)
                 if self.opts.granularity > 1:
-                    r = self.opts.routed_segments
-                    s = e % r + self.opts.shared_dense
-                    matrices = fine_grained_slice(*matrices, self._segment_neurons(layer)[s], self.scale)
                     segment = {"copy": e // r, "segment": s}
-                x = upcycle_expert(*matrices, layer=layer, expert=e, opts=self.upcycle_opts)
-                tensors = {"gate": x.gate_FD, "up": x.up_FD, "down": x.down_DF}
-                records = {**segment, **x.records}
-                self.record.redrawn_LEMF[layer, e] = x.redrawn_MF.numpy()
-            self.record.layers[layer]["experts"].append({"expert": e, **records})
-            self._expert = (layer, e, tensors)
-        return self._expert[2][entry.role]
+            opts = dataclasses.replace(self.upcycle_opts, method=copy.method, ratio=copy.ratio,
+                                       index_mode=copy.index_mode)
+            x = upcycle_expert(*matrices, layer=layer, expert=e, opts=opts)
+            source = {"source": copy.source} if len(self.readers) > 1 else {}
+            self.record.layers[layer]["experts"].append({"expert": e, **source, **segment, **x.records})
+            self.record.redrawn_LEMF[layer, e] = x.redrawn_MF.numpy()
+            self._expert = (layer, e, {"gate": x.gate_FD, "up": x.up_FD, "down": x.down_DF})
+        return self._expert[2]
+
+    def _expert_matrix(self, entry: Entry) -> torch.Tensor:
+        return self._expert_tensors(entry.layer, entry.expert)[entry.role]
+
+    def expert_slice(self, entry: Entry, e: int, out_dtype: torch.dtype) -> torch.Tensor:
+        """Expert e's part [1, ...] of a tensor holding every expert of the layer (Granite: gate_up [E, 2F, D], gate
+        rows first, then down [E, D, F]). Each expert is computed once, while gate_up is written; its down projection
+        is held (in the output dtype) until the layer's down tensor is written."""
+        if entry.role == "down":
+            return self._held_down.pop(e).unsqueeze(0)
+        tensors = self._expert_tensors(entry.layer, e)
+        self._held_down[e] = tensors["down"].to(out_dtype)
+        return torch.cat([tensors["gate"], tensors["up"]]).unsqueeze(0)
 
     def _segment_neurons(self, layer: int) -> torch.Tensor:
         if self._segments is None or self._segments[0] != layer:
             neurons = segment_neurons(self.shapes.ffn_dim, self.opts.granularity, seed=self.opts.seed, layer=layer)
-            self.record.layers[layer]["segments"] = neurons.tolist()
+            if self.opts.granularity > 1:
+                self.record.layers[layer]["segments"] = neurons.tolist()
             self._segments = (layer, neurons)
         return self._segments[1]
 
     def _shared(self, entry: Entry) -> torch.Tensor:
-        # Qwen2-MoE always has a shared expert: contributing exactly nothing at initialization (init_shared_expert), or
-        # with --shared-expert dense, segment 0 of the dense FFN, never re-drawn (dense_shared_expert)
+        # The shared expert: contributing exactly nothing at initialization (init_shared_expert); with --shared-expert
+        # dense, segment 0 of the base's dense FFN, never re-drawn (dense_shared_expert); or a source's whole FFN
+        # weighing 1/2 (compose's shared_expert: {source: ...})
         if self._shared_cache is None or self._shared_cache[0] != entry.layer:
-            if self.opts.shared_dense:
-                dense = self._dense(entry.layer, 0)
-                tensors = dense_shared_expert(dense["gate"], dense["up"], dense["down"],
-                                              self._segment_neurons(entry.layer)[0], seed=self.opts.seed,
-                                              layer=entry.layer)
-                self.record.layers[entry.layer]["shared_expert"] = {"segment": 0, "down_scale": 2.0}
+            layer, gated = entry.layer, hf.GATED_SHARED_EXPERT[self.fmt]
+            if self.opts.shared_dense or self.plan.shared_source is not None:
+                if self.plan.shared_source is not None:
+                    dense, neurons, scale = self._dense(layer, self.plan.shared_source), None, 0.5
+                    self.record.layers[layer]["shared_expert"] = {"source": self.plan.shared_source}
+                else:
+                    dense, neurons, scale = self._dense(layer, None), self._segment_neurons(layer)[0], 1.0
+                    self.record.layers[layer]["shared_expert"] = {"segment": 0}
+                tensors = dense_shared_expert(dense["gate"], dense["up"], dense["down"], neurons, scale=scale,
+                                              gated=gated, seed=self.opts.seed, layer=layer)
+                self.record.layers[layer]["shared_expert"]["down_scale"] = (2.0 if gated else 1.0) * scale
             else:
-                shapes = hf.shared_expert_shapes(self.shapes.dim, self.shared_dim)
-                tensors = init_shared_expert(shapes, std=self.init_std, seed=self.opts.seed, layer=entry.layer)
-            self._shared_cache = (entry.layer, tensors)
+                shapes = {role: shape for role, (_, shape) in
+                          hf.shared_expert_layout(self.fmt, layer, self.shapes.dim, self.shared_dim).items()}
+                if "shared_gate_up" in shapes:  # drawn as gate and up, stored as one tensor
+                    half = (shapes["shared_gate_up"][0] // 2, self.shapes.dim)
+                    shapes = {"shared_gate": half, "shared_up": half, "shared_down": shapes["shared_down"]}
+                tensors = init_shared_expert(shapes, std=self.init_std, seed=self.opts.seed, layer=layer)
+            if not gated:  # Granite: gate and up stored as one tensor, gate rows first
+                tensors["shared_gate_up"] = torch.cat([tensors.pop("shared_gate"), tensors.pop("shared_up")])
+            self._shared_cache = (layer, tensors)
         return self._shared_cache[1][entry.role]
+
+    def _router(self, layer: int) -> torch.Tensor:
+        self.record.layers[layer] = {"layer": layer, "experts": []}
+        if self.plan.router_rows is not None:  # computed before the conversion: one row per copy
+            router = self.plan.router_rows[layer]
+            if self.record.calibration is not None:
+                self.record.layers[layer]["router_cluster_sizes"] = self.record.calibration.cluster_sizes[layer]
+        else:  # one random row per copy of the dense FFN
+            gen = derived_generator(self.opts.seed, layer, "router")
+            router = init_router(len(self.plan.copies), self.shapes.dim, kind=self.opts.router_init,
+                                 std=self.opts.router_std, generator=gen)
+        return virtual_group_router(router, self.opts.routed_segments)
 
     def __call__(self, entry: Entry) -> torch.Tensor:
         if entry.kind == "embed":
@@ -465,16 +557,7 @@ class _Producer:
         if entry.kind in ("attn", "dense_ffn"):
             return self._copied(entry, _ROLE_KIND.get(entry.role, "weight"))
         if entry.kind == "router":
-            self.record.layers[entry.layer] = {"layer": entry.layer, "experts": []}
-            if self.record.calibration is not None:  # --router-init data: one k-means row per copy
-                router = self.record.calibration.rows[entry.layer]
-                self.record.layers[entry.layer]["router_cluster_sizes"] = (
-                    self.record.calibration.cluster_sizes[entry.layer])
-            else:  # one random row per copy of the dense FFN
-                gen = derived_generator(self.opts.seed, entry.layer, "router")
-                router = init_router(self.opts.num_experts // self.opts.routed_segments, self.shapes.dim,
-                                     kind=self.opts.router_init, std=self.opts.router_std, generator=gen)
-            return virtual_group_router(router, self.opts.routed_segments)
+            return self._router(entry.layer)
         if entry.kind == "expert":
             return self._expert_matrix(entry)
         if entry.kind == "shared":
@@ -525,15 +608,16 @@ _MEMORY_PER_NEURON_INDEX = 48  # the same indices as Python ints in the manifest
 def estimate(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, value_bytes: int, num_sources: int = 1) -> Estimate:
     """Output size and peak memory of a conversion, from the shapes alone (nothing is allocated)."""
     L, E, D, V = shapes.num_layers, opts.num_experts, shapes.dim, shapes.vocab_size
-    shared = 0 if fmt != "qwen2_moe" else (shapes.ffn_dim // opts.granularity if opts.shared_dense
-                                           else opts.shared_expert_dim or shapes.ffn_dim)
+    shared = opts.shared_dim(shapes, fmt)
+    shared_tensors = len(hf.shared_expert_layout(fmt, 0, D, shared))
+    fused = fmt == "granitemoeshared"  # each layer's experts in two tensors: a layer's down projections held
     F, dense_F = shapes.ffn_dim // opts.granularity, shapes.ffn_dim  # expert and dense FFN sizes
     out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
     attn = [math.prod(shape) for shape in hf.attention_roles(out_shapes).values()]
     M = len(parse_moe_layers(opts.moe_layers, L))  # MoE layers; the other L - M keep their dense FFN
-    per_moe_layer = E * D + E * 3 * F * D + (3 * shared * D + D if shared else 0)
+    per_moe_layer = E * D + E * 3 * F * D + 3 * shared * D + (D if hf.GATED_SHARED_EXPERT.get(fmt) else 0)
     heads = (2 if _writes_lm_head(shapes, fmt) else 1) * V * D + D
-    tensors = (2 + _writes_lm_head(shapes, fmt) + L * len(attn) + M * (1 + 3 * E + (4 if shared else 0))
+    tensors = (2 + _writes_lm_head(shapes, fmt) + L * len(attn) + M * (1 + (2 if fused else 3 * E) + shared_tensors)
                + (L - M) * 3)
     output = ((heads + L * sum(attn) + M * per_moe_layer + (L - M) * 3 * dense_F * D) * value_bytes
               + L * E * 3 * math.ceil(F / 8) + tensors * _HEADER_BYTES_PER_TENSOR + M * E * _MANIFEST_BYTES_PER_EXPERT
@@ -541,7 +625,8 @@ def estimate(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, value_bytes: int
     largest = max(V * D, E * D, 3 * dense_F * D, 3 * shared * D)
     working = (num_sources + 2) * largest * 4 + 3 * 3 * dense_F * D * 4  # reads, fp32 result, cast; dense FFN + expert
     memory = (working + L * E * 3 * F + tensors * _MEMORY_PER_TENSOR + M * E * _MEMORY_PER_EXPERT
-              + (M * dense_F * _MEMORY_PER_NEURON_INDEX if opts.granularity > 1 else 0))
+              + (M * dense_F * _MEMORY_PER_NEURON_INDEX if opts.granularity > 1 else 0)
+              + (E * D * F * value_bytes if fused else 0))
     if opts.router_init == "data":  # the dense model in fp32 once, plus one batch of hidden states per MoE layer
         dense_params = (1 if shapes.tie_embeddings else 2) * V * D + L * (sum(attn) + 3 * dense_F * D)
         memory += 4 * dense_params + 8 * BATCH_TOKENS * M * D
@@ -595,36 +680,49 @@ def _estimate_for(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions) ->
     return estimate(shapes, fmt, opts, value_bytes, num_sources=len(readers))
 
 
-def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], Iterator, _Record, dict]:
+def _generate(readers, shapes, fmt, opts: ConvertOptions, plan: Plan, progress: bool
+              ) -> tuple[list[Entry], Iterator, _Record, dict]:
     moe_layers = opts.check_source(shapes, fmt)
+    shared_dim = shapes.ffn_dim if plan.shared_source is not None else opts.shared_dim(shapes, fmt)
+    out_dtype = _out_dtype(opts, readers[0])
     moe_config = hf.build_moe_config(
         readers[0].config, fmt, num_experts=opts.num_experts, top_k=opts.top_k,
-        router_aux_loss_coef=opts.router_aux_loss_coef,
-        shared_expert_dim=shapes.ffn_dim // opts.granularity if opts.shared_dense else opts.shared_expert_dim,
-        dtype=dtype_name(_out_dtype(opts, readers[0])), expert_ffn_dim=shapes.ffn_dim // opts.granularity,
-        moe_layers=moe_layers,
+        router_aux_loss_coef=opts.router_aux_loss_coef, shared_expert_dim=shared_dim or None,
+        dtype=dtype_name(out_dtype), expert_ffn_dim=shapes.ffn_dim // opts.granularity, moe_layers=moe_layers,
     )
-    shared_dim = moe_config.get("shared_expert_intermediate_size", 0)
-    entries = _layout(shapes, fmt, opts.num_experts, shared_dim, opts.granularity, moe_layers)
     expert_dim = shapes.ffn_dim // opts.granularity
+    entries = _layout(shapes, fmt, opts.num_experts, shared_dim, expert_dim, moe_layers)
     record = _Record(redrawn_LEMF=np.zeros((shapes.num_layers, opts.num_experts, len(MATRICES), expert_dim),
                                            dtype=bool))
-    if opts.router_init == "data":  # runs the dense model once, before any tensor is produced
-        record.calibration = data_router_rows(readers[0].dir, opts.calibration, max_tokens=opts.calibration_tokens,
-                                              copies=opts.num_experts // opts.routed_segments, layers=moe_layers,
-                                              seed=opts.seed, std=opts.router_std)
-    produce = _Producer(readers, shapes, opts, record, shared_dim)
-    out_dtype = _out_dtype(opts, readers[0])
+    if opts.router_init == "data" and plan.router_rows is None:  # runs the dense model once, before any tensor
+        record.calibration = data_router_rows(readers[plan.base[0]].dir, opts.calibration,
+                                              max_tokens=opts.calibration_tokens, copies=len(plan.copies),
+                                              layers=moe_layers, seed=opts.seed, std=opts.router_std)
+        plan = dataclasses.replace(plan, router_rows=record.calibration.rows)
+    produce = _Producer(readers, shapes, opts, plan, record, fmt, shared_dim)
 
     def tensors() -> Iterator[tuple[Entry, torch.Tensor]]:
+        """(entry, tensor) in layout order; a tensor that holds every expert comes as one slice per expert."""
         bar = tqdm(total=shapes.num_layers, desc="convert", unit="layer", disable=not progress)
         for entry in entries:
-            yield entry, produce(entry).to(out_dtype)
-            if entry.role == "down" and (entry.kind == "dense_ffn" or entry.expert == opts.num_experts - 1):
+            if entry.kind == "experts":
+                for e in range(opts.num_experts):
+                    yield entry, produce.expert_slice(entry, e, out_dtype).to(out_dtype)
+            else:
+                yield entry, produce(entry).to(out_dtype)
+            if entry.role == "down" and entry.kind != "shared" and entry.expert in (-1, opts.num_experts - 1):
                 bar.update(1)
         bar.close()
 
     return entries, tensors(), record, moe_config
+
+
+def _collect(tensors: Iterator[tuple[Entry, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The generated tensors by name, the slices of a tensor that holds every expert joined."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for entry, tensor in tensors:
+        parts.setdefault(entry.name, []).append(tensor)
+    return {name: p[0] if len(p) == 1 else torch.cat(p) for name, p in parts.items()}
 
 
 def convert_in_memory(source: str | os.PathLike, **options) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -636,8 +734,8 @@ def convert_in_memory(source: str | os.PathLike, **options) -> tuple[dict, dict[
     readers, shapes, fmt = _open_sources(source, opts)
     need = _estimate_for(readers, shapes, fmt, opts)
     _check_fits(Estimate(need.output_bytes, need.memory_bytes + need.output_bytes), opts, None)  # all kept in memory
-    _, tensors, _, moe_config = _generate(readers, shapes, fmt, opts, progress=False)
-    return moe_config, {entry.name: tensor for entry, tensor in tensors}
+    _, tensors, _, moe_config = _generate(readers, shapes, fmt, opts, opts.plan(len(readers)), progress=False)
+    return moe_config, _collect(tensors)
 
 
 def convert(
@@ -654,8 +752,14 @@ def convert(
     readers, shapes, fmt = _open_sources(source, opts)
     _check_fits(_estimate_for(readers, shapes, fmt, opts), opts, output)
     with _single_thread(), publish_dir(output, force=force, inputs=inputs) as tmp:
-        _write(readers, shapes, fmt, opts, tmp, progress)
+        _write(readers, shapes, fmt, opts, opts.plan(len(readers)), tmp, progress, _manifest_options(opts, fmt))
     return output
+
+
+def _manifest_options(opts: ConvertOptions, fmt: str) -> dict:
+    """Every option of a conversion, with format resolved and paths made absolute (dtype is resolved by _write)."""
+    return {**asdict(opts), "format": fmt, "btx_sources": [str(Path(s).absolute()) for s in opts.btx_sources],
+            "calibration": str(Path(opts.calibration).absolute()) if opts.calibration else None}
 
 
 @contextlib.contextmanager
@@ -671,24 +775,27 @@ def _single_thread():
         torch.set_num_threads(previous)
 
 
-def _write(readers, shapes, fmt: str, opts: ConvertOptions, directory: Path, progress: bool) -> None:
-    """Write the whole output into `directory` (the temporary directory that publish_dir renames into place)."""
-    entries, tensors, record, moe_config = _generate(readers, shapes, fmt, opts, progress)
+def _write(readers, shapes, fmt: str, opts: ConvertOptions, plan: Plan, directory: Path, progress: bool,
+           options: dict, finish: Callable[[Path, dict], dict] | None = None) -> None:
+    """Write the whole output into `directory` (the temporary directory that publish_dir renames into place).
+    `options` go into the manifest as they are; `finish(directory, moe_config)`, called once the weights are written,
+    returns more manifest fields (compose measures the routing of the finished model there)."""
+    entries, tensors, record, moe_config = _generate(readers, shapes, fmt, opts, plan, progress)
     out_dtype = DTYPE_NAMES[moe_config["dtype"]]
-    plan = [PlannedTensor(e.name, e.shape, out_dtype) for e in entries]
-    writer = ShardWriter(directory, plan, parse_size(opts.max_shard_size))
+    plan_tensors = [PlannedTensor(e.name, e.shape, out_dtype) for e in entries]
+    writer = ShardWriter(directory, plan_tensors, parse_size(opts.max_shard_size))
     for entry, tensor in tensors:
         writer.write(entry.name, tensor)
     shards = writer.close()
     (directory / "config.json").write_text(json.dumps(moe_config, indent=2, sort_keys=True) + "\n")
     for name in COPIED_FILES:
-        if (readers[0].dir / name).is_file():
-            shutil.copy2(readers[0].dir / name, directory / name)
-    _write_manifest(directory, readers, opts, fmt, moe_config, record, shards)
+        if (readers[plan.base[0]].dir / name).is_file():
+            shutil.copy2(readers[plan.base[0]].dir / name, directory / name)
+    extra = finish(directory, moe_config) if finish is not None else {}
+    _write_manifest(directory, readers, {**options, "dtype": moe_config["dtype"]}, record, shards, extra)
 
 
-def _write_manifest(directory: Path, readers, opts: ConvertOptions, fmt: str, moe_config: dict, record: _Record,
-                    shards: list[str]) -> None:
+def _write_manifest(directory: Path, readers, options: dict, record: _Record, shards: list[str], extra: dict) -> None:
     redrawn = record.redrawn_LEMF
     packed = np.packbits(redrawn, axis=-1)  # (L, E, 3, ceil(F / 8)), bit order big-endian as numpy's default
     save_tensors(directory / REDRAWN_NAME, {"redrawn_packed": torch.from_numpy(packed)},
@@ -699,15 +806,14 @@ def _write_manifest(directory: Path, readers, opts: ConvertOptions, fmt: str, mo
     manifest = {
         "tool": "upcycle",
         "version": upcycle.__version__,
-        "options": {**asdict(opts), "format": fmt, "dtype": moe_config["dtype"],
-                    "btx_sources": [str(Path(s).absolute()) for s in opts.btx_sources],
-                    "calibration": str(Path(opts.calibration).absolute()) if opts.calibration else None},
+        "options": options,
         "sources": [{"path": str(r.dir.absolute()), "model_type": r.config.get("model_type"), "sha256": r.sha256()}
                     for r in readers],
         "shards": shards,
         "redrawn_file": REDRAWN_NAME,
         "layers": [record.layers[i] for i in sorted(record.layers)],
         **({"calibration_tokens_used": record.calibration.tokens} if record.calibration is not None else {}),
+        **extra,
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 

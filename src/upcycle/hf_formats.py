@@ -11,8 +11,10 @@ Roles (our names for the tensors of one decoder layer):
 Shapes: gate/up [F, D], down [D, F], router [E, D] (HF's nn.Linear layout, out_features first).
 
 transformers 5.24 keeps experts fused in memory (`mlp.experts.gate_up_proj` [E, 2F, D], gate rows first;
-`mlp.experts.down_proj` [E, D, F]) but saves per-expert keys; we write the per-expert keys (what `save_pretrained`
-writes, and what other tools expect) and accept both when reading.
+`mlp.experts.down_proj` [E, D, F]) but saves per-expert keys for Mixtral and Qwen-MoE; we write the per-expert keys
+(what `save_pretrained` writes, and what other tools expect) and accept both when reading. Granite-MoE-Shared
+checkpoints store every layer's experts as two tensors (`block_sparse_moe.input_linear.weight` [E, 2F, D], gate rows
+first, and `output_linear.weight` [E, D, F]); that is the only layout of that format, read and written.
 """
 
 from __future__ import annotations
@@ -22,13 +24,23 @@ from dataclasses import dataclass
 from upcycle.errors import UpcycleError
 
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoeshared")
 AUTO_FORMAT = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 MOE_ARCHITECTURE = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "granitemoeshared": "GraniteMoeSharedForCausalLM",
 }
+# Formats with a shared expert beside the routed ones: Qwen2-MoE's is sigmoid-gated, Granite-MoE-Shared's is not.
+SHARED_EXPERT_FORMATS = ("qwen2_moe", "granitemoeshared")
+GATED_SHARED_EXPERT = {"qwen2_moe": True, "granitemoeshared": False}
+# Formats that can keep dense FFN layers between MoE layers (Qwen-MoE's mlp_only_layers).
+DENSE_LAYER_FORMATS = ("qwen2_moe", "qwen3_moe")
+# Granite's scalar multipliers, in our vocabulary (ModelConfig fields) -> config.json keys. Every other format computes
+# them as 1 (attention: 1/sqrt(head_dim)), which is what a conversion writes so that it keeps the dense function.
+GRANITE_MULTIPLIERS = {"embedding_multiplier": "embedding_multiplier", "residual_multiplier": "residual_multiplier",
+                       "logits_scaling": "logits_scaling", "attention_multiplier": "attention_multiplier"}
 FFN_MATRICES = ("gate", "up", "down")
 
 # Non-weight files of an HF checkpoint worth carrying along (tokenizer, chat template, generation defaults).
@@ -89,6 +101,7 @@ def read_shapes(cfg: dict) -> Shapes:
         qkv_bias, o_bias = bool(cfg.get("qkv_bias", True)), False
     else:
         qkv_bias, o_bias = attention_bias, attention_bias
+    # Qwen-MoE: the experts' size (intermediate_size is its dense layers'); Mixtral and Granite: intermediate_size
     ffn_dim = cfg["moe_intermediate_size"] if family in ("qwen2_moe", "qwen3_moe") else cfg["intermediate_size"]
     return Shapes(
         vocab_size=cfg["vocab_size"],
@@ -143,6 +156,8 @@ def ffn_shape(shapes: Shapes, matrix: str) -> tuple[int, int]:
 
 
 def router_key(fmt: str, layer: int) -> str:
+    if fmt == "granitemoeshared":
+        return f"{layer_prefix(layer)}block_sparse_moe.router.layer.weight"
     block = "block_sparse_moe" if fmt == "mixtral" else "mlp"
     return f"{layer_prefix(layer)}{block}.gate.weight"
 
@@ -150,7 +165,23 @@ def router_key(fmt: str, layer: int) -> str:
 def expert_key(fmt: str, layer: int, expert: int, matrix: str) -> str:
     if fmt == "mixtral":
         return f"{layer_prefix(layer)}block_sparse_moe.experts.{expert}.{_MIXTRAL_EXPERT[matrix]}.weight"
+    if fmt == "granitemoeshared":
+        raise AssertionError("granitemoeshared stores a layer's experts in two tensors: use stored_experts()")
     return f"{layer_prefix(layer)}mlp.experts.{expert}.{_QWEN_EXPERT[matrix]}.weight"
+
+
+def stored_experts(fmt: str, layer: int, num_experts: int, dim: int, ffn_dim: int
+                   ) -> list[tuple[str, tuple[int, ...], int, str]]:
+    """One MoE layer's expert tensors as format `fmt` stores them: (key, shape, expert, matrix), in writing order.
+
+    Per expert and matrix (gate, up, down) for Mixtral and Qwen-MoE; for Granite-MoE-Shared two tensors that hold
+    every expert (expert -1): `gate_up` [E, 2F, D], expert e's gate rows then its up rows, and `down` [E, D, F]."""
+    if fmt == "granitemoeshared":
+        p = f"{layer_prefix(layer)}block_sparse_moe."
+        return [(p + "input_linear.weight", (num_experts, 2 * ffn_dim, dim), -1, "gate_up"),
+                (p + "output_linear.weight", (num_experts, dim, ffn_dim), -1, "down")]
+    shapes = {"gate": (ffn_dim, dim), "up": (ffn_dim, dim), "down": (dim, ffn_dim)}
+    return [(expert_key(fmt, layer, e, m), shapes[m], e, m) for e in range(num_experts) for m in FFN_MATRICES]
 
 
 def fused_expert_keys(layer: int) -> tuple[str, str, str]:
@@ -163,6 +194,30 @@ def shared_expert_shapes(dim: int, shared_dim: int) -> dict[str, tuple[int, int]
     """Shapes of Qwen2-MoE's shared expert (size `shared_dim`) and its gate, by the roles of `shared_expert_keys`."""
     return {"shared_gate": (shared_dim, dim), "shared_up": (shared_dim, dim), "shared_down": (dim, shared_dim),
             "shared_expert_gate": (1, dim)}
+
+
+def shared_expert_layout(fmt: str, layer: int, dim: int, shared_dim: int) -> dict[str, tuple[str, tuple[int, int]]]:
+    """role -> (key, shape) of the shared expert of format `fmt` (size `shared_dim`; none when 0).
+
+    Qwen2-MoE: gate, up, down and the sigmoid gate [1, D] (`shared_expert_keys`). Granite-MoE-Shared: no gate, and
+    gate and up projections stored as one tensor, `shared_gate_up` [2 * shared_dim, D], gate rows first."""
+    if fmt == "qwen2_moe":
+        keys, shapes = shared_expert_keys(layer), shared_expert_shapes(dim, shared_dim)
+        return {role: (keys[role], shapes[role]) for role in keys}
+    if fmt == "granitemoeshared" and shared_dim:
+        p = f"{layer_prefix(layer)}shared_mlp."
+        return {"shared_gate_up": (p + "input_linear.weight", (2 * shared_dim, dim)),
+                "shared_down": (p + "output_linear.weight", (dim, shared_dim))}
+    return {}
+
+
+def shared_expert_dim(cfg: dict) -> int:
+    """The shared expert's size in an MoE config.json (0: none)."""
+    if cfg["model_type"] == "qwen2_moe":
+        return cfg["shared_expert_intermediate_size"]
+    if cfg["model_type"] == "granitemoeshared":
+        return cfg.get("shared_intermediate_size") or 0
+    return 0
 
 
 def shared_expert_keys(layer: int) -> dict[str, str]:
@@ -245,7 +300,19 @@ def resolve_format(cfg: dict, fmt: str) -> str:
         raise UpcycleError(f"qwen3_moe requires q/k norms, which {family} lacks; use --format mixtral or qwen2_moe")
     if fmt == "qwen2_moe" and shapes.o_bias:
         raise UpcycleError(f"{family} has an o_proj bias, which qwen2_moe cannot hold; use --format mixtral")
+    if fmt == "granitemoeshared" and _sliding_window(cfg):
+        raise UpcycleError(f"this {family} model attends through a sliding window of {cfg['sliding_window']} tokens, "
+                           "which granitemoeshared cannot hold; use --format mixtral")
     return fmt
+
+
+def _sliding_window(cfg: dict) -> int | None:
+    """The attention window a model actually uses (None: the whole context), as transformers decides it."""
+    window = cfg.get("sliding_window")
+    uses = cfg.get("model_type") in ("mistral", "mixtral") or cfg.get("use_sliding_window", False)
+    if uses and window is not None and window < cfg.get("max_position_embeddings", window + 1):
+        return window
+    return None
 
 
 # Fields that describe the dense FFN or transformers bookkeeping; everything else is carried over verbatim.
@@ -282,6 +349,7 @@ def build_moe_config(
     dtype: str | None = None,
     expert_ffn_dim: int | None = None,
     moe_layers: tuple[int, ...] | list[int] | None = None,
+    multipliers: dict[str, float] | None = None,
 ) -> dict:
     """The MoE config.json as a dictionary: every dense field carried over, then the MoE fields.
 
@@ -290,7 +358,10 @@ def build_moe_config(
     Qwen-MoE via norm_topk_prob) so that naive upcycling reproduces the dense function exactly.
     `expert_ffn_dim` (default: the dense FFN size) is each expert's size: Mixtral's intermediate_size, Qwen-MoE's
     moe_intermediate_size (intermediate_size there stays the dense size, used by dense layers). `moe_layers` (default:
-    every layer) become MoE; Qwen-MoE lists the others in mlp_only_layers, Mixtral cannot hold dense layers.
+    every layer) become MoE; Qwen-MoE lists the others in mlp_only_layers, Mixtral and Granite cannot hold dense
+    layers. `shared_expert_dim` sizes the shared expert of qwen2_moe (default: the dense FFN size) and
+    granitemoeshared (default: none). granitemoeshared gets Granite's `multipliers` (GRANITE_MULTIPLIERS; default:
+    1, and 1/sqrt(head_dim) for attention, the values that compute what the dense model computes).
     """
     shapes = read_shapes(dense)
     cfg = {k: v for k, v in dense.items() if k not in _NOT_CARRIED and not k.startswith("_")}
@@ -305,10 +376,22 @@ def build_moe_config(
         cfg["dtype"] = dtype
     expert_ffn_dim = expert_ffn_dim or shapes.ffn_dim
     dense_layers = [i for i in range(shapes.num_layers) if moe_layers is not None and i not in moe_layers]
-    if fmt == "mixtral" and dense_layers:
-        raise UpcycleError("mixtral has an MoE FFN in every layer and cannot keep dense layers; use --format qwen2_moe "
-                           "(or qwen3_moe for a Qwen3 model)")
-    if fmt == "mixtral":
+    if fmt not in DENSE_LAYER_FORMATS and dense_layers:
+        raise UpcycleError(f"{fmt} has an MoE FFN in every layer and cannot keep dense layers; use --format "
+                           "qwen2_moe (or qwen3_moe for a Qwen3 model)")
+    if multipliers and fmt != "granitemoeshared":
+        raise AssertionError("only granitemoeshared holds Granite's multipliers")
+    if fmt == "granitemoeshared":
+        for key in ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"):
+            cfg.pop(key, None)  # resolve_format refused a model that uses a window
+        cfg["intermediate_size"] = expert_ffn_dim
+        cfg["num_local_experts"] = num_experts
+        cfg["shared_intermediate_size"] = shared_expert_dim or 0
+        cfg["attention_bias"] = shapes.qkv_bias or shapes.o_bias  # Granite has all four or none; a missing one is 0
+        cfg.update({"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
+                    "attention_multiplier": shapes.head_dim ** -0.5})
+        cfg.update({GRANITE_MULTIPLIERS[k]: v for k, v in (multipliers or {}).items() if v is not None})
+    elif fmt == "mixtral":
         cfg["intermediate_size"] = expert_ffn_dim
         cfg["num_local_experts"] = num_experts
         cfg["router_jitter_noise"] = 0.0
@@ -356,9 +439,7 @@ def read_model_fields(cfg: dict) -> dict:
     shapes = read_shapes(cfg)
     theta, scaling = read_rope(cfg)
     max_seq_len = cfg.get("max_position_embeddings", 2048)
-    window = cfg.get("sliding_window")
-    uses_window = family in ("mistral", "mixtral") or cfg.get("use_sliding_window", False)
-    if uses_window and window is not None and window < max_seq_len:
+    if window := _sliding_window(cfg):
         # We attend to the whole context; within the window that is exactly what the checkpoint computes.
         max_seq_len = window
     fields = dict(
@@ -371,6 +452,9 @@ def read_model_fields(cfg: dict) -> dict:
     if family in MOE_FORMATS:
         if family == "mixtral":
             fields.update(num_experts=cfg["num_local_experts"], renormalize=True)
+        elif family == "granitemoeshared":  # softmax over the top-k logits: renormalized top-k weights
+            fields.update(num_experts=cfg["num_local_experts"], renormalize=True, shared_expert_gated=False)
+            fields.update({ours: float(cfg.get(key, 1.0)) for ours, key in GRANITE_MULTIPLIERS.items()})
         else:
             step, dense_only = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or ())
             # transformers' rule: a layer is MoE unless listed in mlp_only_layers, and only every step-th layer
@@ -430,10 +514,10 @@ def build_dense_config(
 
 
 def set_moe_routing(cfg: dict, *, renormalize: bool) -> None:
-    """Record whether top-k weights are renormalized; Mixtral always renormalizes."""
-    if cfg["model_type"] == "mixtral":
+    """Record whether top-k weights are renormalized; Mixtral and Granite always renormalize."""
+    if cfg["model_type"] in ("mixtral", "granitemoeshared"):
         if not renormalize:
-            raise UpcycleError("mixtral always renormalizes the top-k weights; export a renormalize=False model "
-                               "as qwen2_moe or qwen3_moe")
+            raise UpcycleError(f"{cfg['model_type']} always renormalizes the top-k weights; export a "
+                               "renormalize=False model as qwen2_moe or qwen3_moe")
     else:
         cfg["norm_topk_prob"] = renormalize

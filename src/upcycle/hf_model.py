@@ -1,11 +1,13 @@
 """Hugging Face checkpoints <-> our model, and the `upcycle export` command.
 
-Reading: dense llama/mistral/qwen2/qwen3 and MoE mixtral/qwen2_moe/qwen3_moe checkpoints, experts stored per expert
-(what transformers' save_pretrained writes) or fused (`mlp.experts.gate_up_proj` [E, 2F, D], `down_proj` [E, D, F]).
+Reading: dense llama/mistral/qwen2/qwen3 and MoE mixtral/qwen2_moe/qwen3_moe/granitemoeshared checkpoints, experts
+stored per expert (what transformers' save_pretrained writes for Mixtral and Qwen-MoE) or fused
+(`mlp.experts.gate_up_proj` [E, 2F, D], `down_proj` [E, D, F]; Granite's `input_linear`/`output_linear`).
 Files are opened lazily with safetensors (one file or an index of shards); pickles are never loaded. Every tensor is
 shape-checked and every key of the checkpoint must be used: unknown keys are errors, not silently dropped.
 
-Writing: a dense model becomes llama/qwen2/qwen3, an MoE mixtral/qwen2_moe/qwen3_moe, with per-expert keys and a
+Writing: a dense model becomes llama/qwen2/qwen3, an MoE mixtral/qwen2_moe/qwen3_moe (per-expert keys) or
+granitemoeshared (its fused keys), with a
 config.json that transformers 5.24 AutoModelForCausalLM loads. All HF key names come from hf_formats.py.
 
 Our own checkpoints (written by the trainer) are a directory with model.safetensors (our state dict) and config.json
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 from collections.abc import Mapping
@@ -42,7 +45,7 @@ _OUR_ATTN = {
 }
 _OUR_DENSE_FFN = {"gate": "ffn.gate.weight", "up": "ffn.up.weight", "down": "ffn.down.weight"}
 OUR_ROUTER, OUR_GATE_UP, OUR_DOWN = "ffn.router.weight", "ffn.gate_up_ED2F", "ffn.down_EFD"
-# Qwen2-MoE's shared expert, by the roles of hf_formats.shared_expert_keys
+# The shared expert (Qwen2-MoE's; Granite-MoE-Shared's has no gate), by the roles of hf_formats.shared_expert_layout
 _OUR_SHARED = {"shared_gate": "shared.gate.weight", "shared_up": "shared.up.weight", "shared_down": "shared.down.weight",
                "shared_expert_gate": "shared_gate.weight"}
 
@@ -96,33 +99,41 @@ def _take_experts(taker: _Taker, fmt: str, layer: int, config: ModelConfig) -> d
     fused_router, fused_gate_up, fused_down = hf.fused_expert_keys(layer)
     router_key = hf.router_key(fmt, layer)
     router = taker.take(router_key if router_key in taker else fused_router, (E, D))
-    if fused_gate_up in taker:
+    stored = hf.stored_experts(fmt, layer, E, D, Fd)
+    if stored[0][2] == -1:  # a format that stores each layer's experts as two tensors (Granite)
+        (gate_up_key, gate_up_shape, _, _), (down_key, down_shape, _, _) = stored
+        gate_up_E2FD = taker.take(gate_up_key, gate_up_shape)
+        per = {"gate": gate_up_E2FD[:, :Fd], "up": gate_up_E2FD[:, Fd:], "down": taker.take(down_key, down_shape)}
+    elif fused_gate_up in taker:
         gate_up_E2FD = taker.take(fused_gate_up, (E, 2 * Fd, D))
         per = {"gate": gate_up_E2FD[:, :Fd], "up": gate_up_E2FD[:, Fd:], "down": taker.take(fused_down, (E, D, Fd))}
     else:
-        shapes = {"gate": (Fd, D), "up": (Fd, D), "down": (D, Fd)}
-        per = {m: torch.stack([taker.take(hf.expert_key(fmt, layer, e, m), shapes[m]) for e in range(E)])
+        per = {m: torch.stack([taker.take(key, shape) for key, shape, _, matrix in stored if matrix == m])
                for m in hf.FFN_MATRICES}
     gate_up_ED2F, down_EFD = experts_from_hf(per["gate"], per["up"], per["down"])
     return {OUR_ROUTER: router, OUR_GATE_UP: gate_up_ED2F, OUR_DOWN: down_EFD}
 
 
 def _has_live_shared_expert(tensors: Mapping[str, Tensor], hf_cfg: dict, moe_layers: tuple[int, ...]) -> bool:
-    """Whether a Qwen2-MoE checkpoint's shared expert contributes anything (a non-zero down_proj in some layer).
-    One that contributes exactly nothing (`upcycle convert --shared-expert zero`) is dropped on load, as before."""
-    keys = [hf.shared_expert_keys(i)["shared_down"] for i in moe_layers]
+    """Whether a Qwen2-MoE or Granite-MoE-Shared checkpoint's shared expert contributes anything (a non-zero down
+    projection in some layer). One that contributes exactly nothing (`upcycle convert --shared-expert zero`) is dropped
+    on load, as before."""
+    fmt, shared_dim = hf_cfg["model_type"], hf.shared_expert_dim(hf_cfg)
+    keys = [hf.shared_expert_layout(fmt, i, hf_cfg["hidden_size"], shared_dim)["shared_down"][0]
+            for i in moe_layers] if shared_dim else []
     return any(key in tensors and bool(torch.count_nonzero(tensors[key])) for key in keys)
 
 
 def _take_shared_expert(taker: _Taker, layer: int, config: ModelConfig, hf_cfg: dict) -> dict[str, Tensor]:
-    """Qwen2-MoE's shared expert as our tensors when the model has one (config.shared_expert_dim), else checked to
-    contribute nothing (down_proj all zeros) and dropped."""
-    keys = hf.shared_expert_keys(layer)
-    shapes = hf.shared_expert_shapes(config.dim, hf_cfg["shared_expert_intermediate_size"])
-    tensors = {role: taker.take(key, shapes[role]) for role, key in keys.items()}
+    """The shared expert as our tensors when the model has one (config.shared_expert_dim), else checked to contribute
+    nothing (down projection all zeros) and dropped."""
+    layout = hf.shared_expert_layout(hf_cfg["model_type"], layer, config.dim, hf.shared_expert_dim(hf_cfg))
+    tensors = {role: taker.take(key, shape) for role, (key, shape) in layout.items()}
+    if "shared_gate_up" in tensors:  # Granite: gate rows, then up rows
+        tensors["shared_gate"], tensors["shared_up"] = tensors.pop("shared_gate_up").chunk(2, dim=0)
     if config.shared_expert_dim:
         return {_OUR_SHARED[role]: t for role, t in tensors.items()}
-    assert not torch.count_nonzero(tensors["shared_down"])  # _has_live_shared_expert decided so
+    assert not tensors or not torch.count_nonzero(tensors["shared_down"])  # _has_live_shared_expert decided so
     return {}
 
 
@@ -130,9 +141,8 @@ def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[Mod
     """Our ModelConfig and state dict (checkpoint dtype) from HF tensors (any mapping, e.g. safetensors_io.CheckpointReader) and the
     config.json dictionary. Every tensor must be used and have the shape the config implies."""
     fields = hf.read_model_fields(hf_cfg)
-    if hf_cfg["model_type"] == "qwen2_moe" and _has_live_shared_expert(tensors, hf_cfg,
-                                                                      ModelConfig(**fields).moe_layer_ids):
-        fields["shared_expert_dim"] = hf_cfg["shared_expert_intermediate_size"]
+    if _has_live_shared_expert(tensors, hf_cfg, ModelConfig(**fields).moe_layer_ids):
+        fields["shared_expert_dim"] = hf.shared_expert_dim(hf_cfg)
     config = ModelConfig(**fields)
     shapes = hf.read_shapes(hf_cfg)
     dense_shapes = dataclasses.replace(shapes, ffn_dim=config.ffn_dim)  # the dense layers' FFN (Qwen-MoE: not experts')
@@ -152,7 +162,7 @@ def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[Mod
             sd[p + _OUR_ATTN[role]] = taker.take(hf.attention_key(i, role), shape)
         if i in config.moe_layer_ids:
             sd.update({p + k: v for k, v in _take_experts(taker, family, i, config).items()})
-            if family == "qwen2_moe":
+            if family in hf.SHARED_EXPERT_FORMATS:
                 sd.update({p + k: v for k, v in _take_shared_expert(taker, i, config, hf_cfg).items()})
         else:
             for m in hf.FFN_MATRICES:
@@ -186,14 +196,34 @@ def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
                   "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
                   "vocab_size": config.vocab_size, "head_dim": config.head_dim,
                   "attention_bias": config.qkv_bias, "qkv_bias": config.qkv_bias}
-    if config.shared_expert_dim:
-        if fmt not in ("auto", "qwen2_moe"):
-            raise UpcycleError(f"this MoE has a shared expert, which only qwen2_moe holds; got --format {fmt}, use "
-                               "--format qwen2_moe")
-        fmt = "qwen2_moe"
+    # What only one format holds: a sigmoid-gated shared expert (qwen2_moe), an ungated one or Granite's multipliers
+    # (granitemoeshared)
+    only, what = None, ""
+    if config.shared_expert_dim and config.shared_expert_gated:
+        only, what = "qwen2_moe", "a sigmoid-gated shared expert"
+    elif config.shared_expert_dim:
+        only, what = "granitemoeshared", "an ungated shared expert"
+    elif _granite_multipliers(config):
+        only, what = "granitemoeshared", "Granite's embedding/residual/attention/logits multipliers"
+    if only is not None:
+        if fmt not in ("auto", only):
+            raise UpcycleError(f"this MoE has {what}, which only {only} holds; got --format {fmt}, use "
+                               f"--format {only}")
+        fmt = only
     elif fmt == "auto" and family == "llama" and config.moe_layers is not None:
         fmt = "qwen2_moe"  # mixtral cannot keep dense layers; qwen2_moe holds Llama attention (zero q/k/v biases)
     return family, hf.resolve_format(dense_like, fmt)
+
+
+def _granite_multipliers(config: ModelConfig) -> dict[str, float]:
+    """The multipliers of `config` that differ from what every other format computes ({} for a plain model)."""
+    plain = {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
+             "attention_multiplier": None}
+    out = {k: getattr(config, k) for k in plain if getattr(config, k) != plain[k]}
+    if out.get("attention_multiplier") is not None and math.isclose(out["attention_multiplier"],
+                                                                    config.head_dim ** -0.5, rel_tol=1e-12):
+        del out["attention_multiplier"]  # 1/sqrt(head_dim) is the default scale
+    return out
 
 
 def state_dict_to_hf(
@@ -213,7 +243,8 @@ def state_dict_to_hf(
     if c.is_moe:
         hf_cfg = hf.build_moe_config(hf_cfg, out_fmt, num_experts=c.num_experts, top_k=c.top_k, dtype=dtype,
                                      expert_ffn_dim=c.expert_dim, moe_layers=c.moe_layers,
-                                     shared_expert_dim=c.shared_expert_dim or None)
+                                     shared_expert_dim=c.shared_expert_dim or None,
+                                     multipliers=_granite_multipliers(c) if out_fmt == "granitemoeshared" else None)
         hf.set_moe_routing(hf_cfg, renormalize=c.renormalize)
     shapes = hf.read_shapes(hf_cfg)
     cast = DTYPE_NAMES[dtype]
@@ -240,18 +271,19 @@ def state_dict_to_hf(
             continue
         put(hf.router_key(out_fmt, i), state_dict[p + OUR_ROUTER])
         per = experts_to_hf(state_dict[p + OUR_GATE_UP], state_dict[p + OUR_DOWN])
-        for e in range(c.num_experts):
-            for m in hf.FFN_MATRICES:
-                put(hf.expert_key(out_fmt, i, e, m), per[m][e])
-        if out_fmt == "qwen2_moe":
-            # The shared expert is always present in Qwen2-MoE: ours, or one that contributes exactly nothing.
-            if c.shared_expert_dim:
-                shared = {role: state_dict[p + ours] for role, ours in _OUR_SHARED.items()}
-            else:
-                shared = init_shared_expert(hf.shared_expert_shapes(c.dim, hf_cfg["shared_expert_intermediate_size"]),
-                                            std=c.init_std, seed=0, layer=i)
-            for role, key in hf.shared_expert_keys(i).items():
-                put(key, shared[role])
+        per["gate_up"] = torch.cat([per["gate"], per["up"]], dim=1) if out_fmt == "granitemoeshared" else None
+        for key, _, e, m in hf.stored_experts(out_fmt, i, c.num_experts, c.dim, c.expert_dim):
+            put(key, per[m] if e == -1 else per[m][e])
+        layout = hf.shared_expert_layout(out_fmt, i, c.dim, hf.shared_expert_dim(hf_cfg))
+        if c.shared_expert_dim:
+            shared = {role: state_dict[p + ours] for role, ours in _OUR_SHARED.items() if p + ours in state_dict}
+        else:  # Qwen2-MoE always has one: it then contributes exactly nothing
+            shared = init_shared_expert({role: shape for role, (_, shape) in layout.items()}, std=c.init_std, seed=0,
+                                        layer=i)
+        if "shared_gate_up" in layout and "shared_gate_up" not in shared:
+            shared["shared_gate_up"] = torch.cat([shared["shared_gate"], shared["shared_up"]], dim=0)
+        for role, (key, _) in layout.items():
+            put(key, shared[role])
     return hf_cfg, out
 
 
@@ -326,7 +358,7 @@ def save_model(model: Transformer, out_dir: str | Path, *, force: bool = False) 
 def export_command(
     checkpoint: str,
     out: str,
-    format: Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe", "llama", "qwen2", "qwen3"] = "auto",
+    format: Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoeshared", "llama", "qwen2", "qwen3"] = "auto",
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     tokenizer: str | None = None,
     force: bool = False,
@@ -338,8 +370,9 @@ def export_command(
             checkpoint.
         out: Output directory to create, written atomically; refused if it exists, unless --force.
         format: auto (dense -> llama/qwen2/qwen3 by attention features; MoE -> mixtral for Llama-like attention
-            (qwen2_moe with dense layers or a shared expert), qwen2_moe with q/k/v biases, qwen3_moe with q/k norms), or one of
-            mixtral, qwen2_moe, qwen3_moe, llama, qwen2, qwen3.
+            (qwen2_moe with dense layers or a gated shared expert; granitemoeshared with an ungated shared expert or
+            Granite's multipliers), qwen2_moe with q/k/v biases, qwen3_moe with q/k norms), or one of mixtral,
+            qwen2_moe, qwen3_moe, granitemoeshared, llama, qwen2, qwen3.
         dtype: Weight dtype in the output: float32 (exact), bfloat16 or float16.
         tokenizer: A directory whose tokenizer files (tokenizer.json, tokenizer_config.json, ...) are copied into OUT.
         force: Replace an existing OUT (only once the new one is complete).

@@ -63,6 +63,16 @@ class ModelConfig:
     shared_expert_dim: int = 0
     """Hidden size of an always-active shared expert in every MoE layer, added as sigmoid(gate . x) * FFN(x) (Qwen2-MoE);
     0 -> none."""
+    shared_expert_gated: bool = True
+    """The shared expert's output is scaled by its sigmoid gate (Qwen2-MoE); false: added as it is (Granite-MoE-Shared)."""
+    embedding_multiplier: float = 1.0
+    """Granite: token embeddings are multiplied by this before the first layer."""
+    residual_multiplier: float = 1.0
+    """Granite: each attention and FFN output is multiplied by this before it is added to the residual stream."""
+    attention_multiplier: float | None = None
+    """Granite: the attention logits' scale; None -> 1/sqrt(head_dim)."""
+    logits_scaling: float = 1.0
+    """Granite: the output logits are divided by this."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights (norms start at 1, biases at 0)."""
 
@@ -77,6 +87,10 @@ class ModelConfig:
             check_moe_sizes(num_experts=self.num_experts, top_k=self.top_k)
         if self.shared_expert_dim < 0:
             raise UpcycleError(f"shared_expert_dim must be >= 0, got {self.shared_expert_dim}")
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < float("inf"):
+                raise UpcycleError(f"{name} must be a positive finite number, got {value}")
         if self.expert_ffn_dim is not None and self.expert_ffn_dim < 1:
             raise UpcycleError(f"expert_ffn_dim must be at least 1, got {self.expert_ffn_dim}")
         if self.moe_layers is not None:
@@ -164,6 +178,7 @@ class Attention(nn.Module):
         self.o = nn.Linear(config.num_heads * hd, d, bias=config.o_bias)
         self.q_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else None
+        self.scale = config.attention_multiplier  # None: SDPA's 1/sqrt(head_dim)
 
     def forward(self, x_BTD: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> Tensor:
         B, T, _ = x_BTD.shape
@@ -175,7 +190,7 @@ class Attention(nn.Module):
         # (B, T, H, Dh) -> (B, H, T, Dh)
         q, k, v = (t.transpose(1, 2) for t in (q_BTHDh, k_BTGDh, v_BTGDh))
         q, k = apply_rope(q, cos_TDh, sin_TDh), apply_rope(k, cos_TDh, sin_TDh)
-        out_BHTDh = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        out_BHTDh = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                                    enable_gqa=self.num_kv_heads != self.num_heads)
         # (B, H, T, Dh) -> (B, T, H*Dh)
         return self.o(out_BHTDh.transpose(1, 2).reshape(B, T, -1))
@@ -207,11 +222,16 @@ class Block(nn.Module):
         self.shared = self.shared_gate = None
         if layer in config.moe_layer_ids and config.shared_expert_dim:
             self.shared = FeedForward(config.dim, config.shared_expert_dim)
-            self.shared_gate = nn.Linear(config.dim, 1, bias=False)
+            if config.shared_expert_gated:
+                self.shared_gate = nn.Linear(config.dim, 1, bias=False)
+        self.residual_multiplier = config.residual_multiplier
+
+    def _residual(self, x_BTD: Tensor, out_BTD: Tensor) -> Tensor:
+        return x_BTD + (out_BTD if self.residual_multiplier == 1.0 else out_BTD * self.residual_multiplier)
 
     def forward(self, x_BTD: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Returns (hidden, router logits (B*T, E) or None, expert counts (E,) or None)."""
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TDh, sin_TDh)
+        x_BTD = self._residual(x_BTD, self.attn(self.attn_norm(x_BTD), cos_TDh, sin_TDh))
         h_BTD = self.ffn_norm(x_BTD)
         if isinstance(self.ffn, MoE):
             B, T, D = h_BTD.shape
@@ -219,9 +239,12 @@ class Block(nn.Module):
             out_TD, logits_TE, counts_E = self.ffn(h_BTD.reshape(B * T, D))
             out_BTD = out_TD.view(B, T, D)
             if self.shared is not None:
-                out_BTD = out_BTD + torch.sigmoid(self.shared_gate(h_BTD)) * self.shared(h_BTD)
-            return x_BTD + out_BTD, logits_TE, counts_E
-        return x_BTD + self.ffn(h_BTD), None, None
+                shared_BTD = self.shared(h_BTD)
+                if self.shared_gate is not None:  # Qwen2-MoE; Granite's shared expert has no gate
+                    shared_BTD = torch.sigmoid(self.shared_gate(h_BTD)) * shared_BTD
+                out_BTD = out_BTD + shared_BTD
+            return self._residual(x_BTD, out_BTD), logits_TE, counts_E
+        return self._residual(x_BTD, self.ffn(h_BTD)), None, None
 
 
 class Transformer(nn.Module):
@@ -271,6 +294,8 @@ class Transformer(nn.Module):
         if T > self.config.max_seq_len:
             raise UpcycleError(f"sequence of {T} tokens exceeds the model's max_seq_len {self.config.max_seq_len}")
         x_BTD = self.tok_embeddings(input_ids_BT)
+        if self.config.embedding_multiplier != 1.0:
+            x_BTD = x_BTD * self.config.embedding_multiplier
         cos_TDh, sin_TDh = self.rope_cos_sin(T, x_BTD.dtype)
         router_logits, counts = [], []
         for layer in self.layers:
@@ -281,6 +306,8 @@ class Transformer(nn.Module):
         h_BTD = self.norm(x_BTD)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits_BTV = F.linear(h_BTD, head)
+        if self.config.logits_scaling != 1.0:
+            logits_BTV = logits_BTV / self.config.logits_scaling
         return ModelOutput(logits_BTV, router_logits, torch.stack(counts) if counts else None)
 
     def num_params(self) -> int:

@@ -262,6 +262,7 @@ class ShardWriter:
             for i, group in enumerate(groups)
         ]
         self._next = 0  # index into plan
+        self._rows = 0  # rows (first-dimension slices) of plan[self._next] written so far
         self._shard = -1
         self._left_in_shard = 0
         self._file = None
@@ -282,17 +283,24 @@ class ShardWriter:
         self._file = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next planned tensor, whole or as consecutive slices along its first dimension (a tensor that
+        holds every expert of a layer can then be written one expert at a time)."""
         expected = self.plan[self._next]
-        if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+        rows, expected_rows = (tensor.shape[0] if tensor.dim() else 1), (expected.shape[0] if expected.shape else 1)
+        if (name != expected.name or tuple(tensor.shape[1:]) != expected.shape[1:] or tensor.dtype != expected.dtype
+                or tensor.dim() != len(expected.shape) or self._rows + rows > expected_rows):
             raise AssertionError(
-                f"writer expected {expected.name} {expected.shape} {expected.dtype}, got {name} "
-                f"{tuple(tensor.shape)} {tensor.dtype}"
+                f"writer expected {expected.name} {expected.shape} {expected.dtype} (from row {self._rows}), got "
+                f"{name} {tuple(tensor.shape)} {tensor.dtype}"
             )
-        if self._left_in_shard == 0:
+        if self._rows == 0 and self._left_in_shard == 0:
             self._open_next_shard()
         self._file.write(_tensor_bytes(tensor))
-        self._left_in_shard -= 1
-        self._next += 1
+        self._rows += rows
+        if self._rows == expected_rows:
+            self._rows = 0
+            self._left_in_shard -= 1
+            self._next += 1
 
     def close(self) -> list[str]:
         """Finish the last shard and write the index; returns the shard file names."""

@@ -321,7 +321,8 @@ def init_router(num_experts: int, dim: int, *, kind: str, std: float, generator:
 
 def init_shared_expert(shapes: dict[str, tuple[int, int]], *, std: float, seed: int, layer: int
                        ) -> dict[str, torch.Tensor]:
-    """Qwen2-MoE's always-present shared expert at initialization, by the roles of `hf_formats.shared_expert_keys`.
+    """A shared expert that contributes nothing at initialization, by the roles of `hf_formats.shared_expert_layout`
+    (Qwen2-MoE's always-present one; Granite's has no sigmoid gate).
 
     Its down projection is zeros, so it adds exactly nothing and the MoE computes what the experts compute. Its gate
     and up projections get the HF init N(0, std^2), so it can learn. Its sigmoid gate [1, D] gets N(0, std^2) too,
@@ -338,20 +339,27 @@ def init_shared_expert(shapes: dict[str, tuple[int, int]], *, std: float, seed: 
     return out
 
 
-def dense_shared_expert(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, neurons: torch.Tensor, *,
-                        seed: int, layer: int) -> dict[str, torch.Tensor]:
-    """Qwen2-MoE's shared expert made of the dense neurons `neurons` (never re-drawn), by the roles of
-    `hf_formats.shared_expert_keys`.
+def dense_shared_expert(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor,
+                        neurons: torch.Tensor | None, *, seed: int, layer: int, gated: bool = True, scale: float = 1.0
+                        ) -> dict[str, torch.Tensor]:
+    """A shared expert made of the dense neurons `neurons` (all of them when None), never re-drawn, that adds `scale`
+    times their output, by the roles of `hf_formats.shared_expert_layout` (gate and up kept apart).
 
+    Granite-MoE-Shared (`gated` false) adds shared(x) as it is, so the down projection is multiplied by `scale`.
     Qwen2-MoE adds sigmoid(g . x) * shared(x). Only g = 0 makes that factor a constant (there is no bias), and
-    sigmoid(0) = 1/2, so the down projection is doubled (exact in floating point). The gate is drawn from
-    N(0, DENSE_SHARED_GATE_STD^2) rather than set to zero, so that sigmoid(g . x) = 1/2 up to fp32 rounding while no
-    engine meets an all-zero gate (llama.cpp's sigmoid is silu(x) / x); training moves it from there."""
-    gen = derived_generator(seed, layer, "shared", "shared_expert_gate")
-    return {"shared_gate": gate_FD.index_select(0, neurons).float(),
-            "shared_up": up_FD.index_select(0, neurons).float(),
-            "shared_down": down_DF.index_select(1, neurons).float() * 2.0,
-            "shared_expert_gate": torch.empty(1, gate_FD.shape[1]).normal_(0.0, DENSE_SHARED_GATE_STD, generator=gen)}
+    sigmoid(0) = 1/2, so the down projection is multiplied by 2 * `scale` (exact in floating point for powers of two).
+    The gate is drawn from N(0, DENSE_SHARED_GATE_STD^2) rather than set to zero, so that sigmoid(g . x) = 1/2 up to
+    fp32 rounding while no engine meets an all-zero gate (llama.cpp's sigmoid is silu(x) / x); training moves it from
+    there."""
+    if neurons is not None:
+        gate_FD, up_FD, down_DF = gate_FD.index_select(0, neurons), up_FD.index_select(0, neurons), \
+            down_DF.index_select(1, neurons)
+    out = {"shared_gate": gate_FD.float(), "shared_up": up_FD.float(),
+           "shared_down": down_DF.float() * (2.0 * scale if gated else scale)}
+    if gated:
+        gen = derived_generator(seed, layer, "shared", "shared_expert_gate")
+        out["shared_expert_gate"] = torch.empty(1, gate_FD.shape[1]).normal_(0.0, DENSE_SHARED_GATE_STD, generator=gen)
+    return out
 
 
 def scratch_tensor(
