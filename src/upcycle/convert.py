@@ -4,7 +4,7 @@ Streaming: one layer at a time, one expert at a time. Every input tensor is read
 files and every output tensor is streamed into pre-planned shards, so peak memory is about one dense FFN plus one
 expert, whatever the depth of the model.
 
-Output layout, decided before any byte is written (`_layout`), is the single source of truth: the shard plan is made
+Output layout, decided before any byte is written (`layout`), is the single source of truth: the shard plan is made
 from it and the producer walks it in order, computing each tensor when its turn comes.
 
 Run: `upcycle convert DENSE_DIR OUT_DIR --method drop --ratio 0.5 --num-experts 8 --top-k 2`.
@@ -343,7 +343,7 @@ class Entry:
     expert: int = -1  # kind expert; kind experts holds every expert of the layer, written one expert at a time
 
 
-def _layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int, expert_dim: int,
+def layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int, expert_dim: int,
             moe_layers: tuple[int, ...] | None = None) -> list[Entry]:
     """The output's tensors in writing order. `shapes` are the dense model's (its FFN size is the dense layers');
     every expert has `expert_dim` neurons, the shared expert `shared_dim` (0: none)."""
@@ -397,7 +397,7 @@ _ROLE_KIND = {"attn_norm": "norm", "ffn_norm": "norm", "q_norm": "norm", "k_norm
               "q_bias": "bias", "k_bias": "bias", "v_bias": "bias", "o_bias": "bias"}
 
 
-def _finite(reader: CheckpointReader, name: str) -> torch.Tensor:
+def finite(reader: CheckpointReader, name: str) -> torch.Tensor:
     tensor = reader.get(name)
     if not torch.isfinite(tensor).all():
         raise UpcycleError(f"{name} in {reader.dir} holds NaN or Inf values; the source checkpoint is damaged, "
@@ -439,10 +439,10 @@ class _Producer:
         several), checked finite as it streams (a NaN or Inf fails the conversion, whose output is then never
         published)."""
         if source is not None:
-            return _finite(self.readers[source], name).float()
+            return finite(self.readers[source], name).float()
         if len(self.plan.base) > 1:
-            return btx_mean([_finite(self.readers[i], name) for i in self.plan.base])
-        return _finite(self.readers[self.plan.base[0]], name).float()
+            return btx_mean([finite(self.readers[i], name) for i in self.plan.base])
+        return finite(self.readers[self.plan.base[0]], name).float()
 
     def _copied(self, entry: Entry, kind: str) -> torch.Tensor:
         if self.opts.method == "scratch":
@@ -656,17 +656,18 @@ def _gb(size: int) -> str:
     return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
-def _check_fits(need: Estimate, opts: ConvertOptions, output: Path | None) -> None:
-    """Refuse, before any work, a conversion that cannot fit in memory or (when writing) on disk."""
+def check_fits(need: Estimate, output: Path | None, smaller: str) -> None:
+    """Refuse, before any work, a conversion that cannot fit in memory or (when writing) on disk; `smaller` names how
+    to make it smaller (e.g. "use fewer --num-experts")."""
     available = _available_memory_bytes()
     if available is not None and need.memory_bytes > available:
-        raise UpcycleError(f"this conversion needs about {_gb(need.memory_bytes)} of memory ({opts.num_experts} "
-                           f"experts), {_gb(available)} is available; use fewer --num-experts")
+        raise UpcycleError(f"this conversion needs about {_gb(need.memory_bytes)} of memory, {_gb(available)} is "
+                           f"available; {smaller}")
     if output is not None:
         free = _free_disk_bytes(output.parent)
         if need.output_bytes > free:
             raise UpcycleError(f"OUTPUT {output} needs about {_gb(need.output_bytes)} of disk, {_gb(free)} is free "
-                               f"there; free some space, choose another OUTPUT or use fewer --num-experts")
+                               f"there; free some space, choose another OUTPUT or {smaller}")
 
 
 def _out_dtype(opts: ConvertOptions, reader: CheckpointReader) -> torch.dtype:
@@ -691,7 +692,7 @@ def _generate(readers, shapes, fmt, opts: ConvertOptions, plan: Plan, progress: 
         dtype=dtype_name(out_dtype), expert_ffn_dim=shapes.ffn_dim // opts.granularity, moe_layers=moe_layers,
     )
     expert_dim = shapes.ffn_dim // opts.granularity
-    entries = _layout(shapes, fmt, opts.num_experts, shared_dim, expert_dim, moe_layers)
+    entries = layout(shapes, fmt, opts.num_experts, shared_dim, expert_dim, moe_layers)
     record = _Record(redrawn_LEMF=np.zeros((shapes.num_layers, opts.num_experts, len(MATRICES), expert_dim),
                                            dtype=bool))
     if opts.router_init == "data" and plan.router_rows is None:  # runs the dense model once, before any tensor
@@ -733,7 +734,8 @@ def convert_in_memory(source: str | os.PathLike, **options) -> tuple[dict, dict[
     opts = ConvertOptions(**{k: tuple(v) if k == "btx_sources" else v for k, v in options.items()})
     readers, shapes, fmt = _open_sources(source, opts)
     need = _estimate_for(readers, shapes, fmt, opts)
-    _check_fits(Estimate(need.output_bytes, need.memory_bytes + need.output_bytes), opts, None)  # all kept in memory
+    check_fits(Estimate(need.output_bytes, need.memory_bytes + need.output_bytes), None,  # all kept in memory
+               _smaller(opts))
     _, tensors, _, moe_config = _generate(readers, shapes, fmt, opts, opts.plan(len(readers)), progress=False)
     return moe_config, _collect(tensors)
 
@@ -750,10 +752,33 @@ def convert(
     inputs = [source, *opts.btx_sources]
     output = check_output(output, force=force, inputs=inputs)
     readers, shapes, fmt = _open_sources(source, opts)
-    _check_fits(_estimate_for(readers, shapes, fmt, opts), opts, output)
-    with _single_thread(), publish_dir(output, force=force, inputs=inputs) as tmp:
-        _write(readers, shapes, fmt, opts, opts.plan(len(readers)), tmp, progress, _manifest_options(opts, fmt))
+    return write_moe(readers, shapes, fmt, opts, opts.plan(len(readers)), output, force=force, inputs=inputs,
+                     progress=progress, options=_manifest_options(opts, fmt))
+
+
+def write_moe(readers: list[CheckpointReader], shapes: hf.Shapes, fmt: str, opts: ConvertOptions, plan: Plan,
+              output: Path, *, force: bool, inputs: list, progress: bool, options: dict,
+              finish: Callable[[Path, dict], dict] | None = None) -> Path:
+    """The MoE that `plan` describes, from validated sources, published atomically at `output` (convert and compose).
+
+    `options` go into the manifest as they are; `finish(directory, moe_config)`, called once the weights are written,
+    returns more manifest fields (compose measures the routing of the finished model there)."""
+    check_fits(_estimate_for(readers, shapes, fmt, opts), output, _smaller(opts))
+    with single_thread(), publish_dir(output, force=force, inputs=inputs) as tmp:
+        entries, tensors, record, moe_config = _generate(readers, shapes, fmt, opts, plan, progress)
+        shards = write_shards(tmp, entries, tensors, DTYPE_NAMES[moe_config["dtype"]], opts.max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(moe_config, indent=2, sort_keys=True) + "\n")
+        copy_tokenizer_files(readers[plan.base[0]].dir, tmp)
+        extra = finish(tmp, moe_config) if finish is not None else {}
+        if record.calibration is not None:
+            extra = {"calibration_tokens_used": record.calibration.tokens, **extra}
+        write_manifest(tmp, [source_record(r) for r in readers], {**options, "dtype": moe_config["dtype"]},
+                       record.layers, record.redrawn_LEMF, shards, extra)
     return output
+
+
+def _smaller(opts: ConvertOptions) -> str:
+    return f"use fewer --num-experts than {opts.num_experts}"
 
 
 def _manifest_options(opts: ConvertOptions, fmt: str) -> dict:
@@ -763,7 +788,7 @@ def _manifest_options(opts: ConvertOptions, fmt: str) -> dict:
 
 
 @contextlib.contextmanager
-def _single_thread():
+def single_thread():
     """Conversion is copies, index gathers and sampling over a few MB at a time: memory-bound work that extra intra-op
     threads only slow down. Measured on 2 cores (16 layers, 1.2 GB output): 2.0-2.6 s wall with one thread, 3.7-24.6 s
     with two when another process was busy."""
@@ -775,31 +800,33 @@ def _single_thread():
         torch.set_num_threads(previous)
 
 
-def _write(readers, shapes, fmt: str, opts: ConvertOptions, plan: Plan, directory: Path, progress: bool,
-           options: dict, finish: Callable[[Path, dict], dict] | None = None) -> None:
-    """Write the whole output into `directory` (the temporary directory that publish_dir renames into place).
-    `options` go into the manifest as they are; `finish(directory, moe_config)`, called once the weights are written,
-    returns more manifest fields (compose measures the routing of the finished model there)."""
-    entries, tensors, record, moe_config = _generate(readers, shapes, fmt, opts, plan, progress)
-    out_dtype = DTYPE_NAMES[moe_config["dtype"]]
-    plan_tensors = [PlannedTensor(e.name, e.shape, out_dtype) for e in entries]
-    writer = ShardWriter(directory, plan_tensors, parse_size(opts.max_shard_size))
+def write_shards(directory: Path, entries: list[Entry], tensors: Iterator[tuple[Entry, torch.Tensor]],
+                 dtype: torch.dtype, max_shard_size: str) -> list[str]:
+    """Stream the tensors, in layout order, into planned shards under `directory`; returns the shard file names."""
+    writer = ShardWriter(directory, [PlannedTensor(e.name, e.shape, dtype) for e in entries], parse_size(max_shard_size))
     for entry, tensor in tensors:
         writer.write(entry.name, tensor)
-    shards = writer.close()
-    (directory / "config.json").write_text(json.dumps(moe_config, indent=2, sort_keys=True) + "\n")
+    return writer.close()
+
+
+def copy_tokenizer_files(source: Path, directory: Path) -> None:
     for name in COPIED_FILES:
-        if (readers[plan.base[0]].dir / name).is_file():
-            shutil.copy2(readers[plan.base[0]].dir / name, directory / name)
-    extra = finish(directory, moe_config) if finish is not None else {}
-    _write_manifest(directory, readers, {**options, "dtype": moe_config["dtype"]}, record, shards, extra)
+        if (source / name).is_file():
+            shutil.copy2(source / name, directory / name)
 
 
-def _write_manifest(directory: Path, readers, options: dict, record: _Record, shards: list[str], extra: dict) -> None:
-    redrawn = record.redrawn_LEMF
-    packed = np.packbits(redrawn, axis=-1)  # (L, E, 3, ceil(F / 8)), bit order big-endian as numpy's default
+def source_record(reader: CheckpointReader) -> dict:
+    """What the manifest says about one input: its path, model_type and the sha256 of its files."""
+    return {"path": str(reader.dir.absolute()), "model_type": reader.config.get("model_type"), "sha256": reader.sha256()}
+
+
+def write_manifest(directory: Path, sources: list[dict], options: dict, layers: dict[int, dict],
+                   redrawn_LEMF: np.ndarray, shards: list[str], extra: dict) -> None:
+    """upcycle_manifest.json and the re-drawn neuron masks (upcycle_redrawn.safetensors), for convert, compose and
+    grow alike."""
+    packed = np.packbits(redrawn_LEMF, axis=-1)  # (L, E, 3, ceil(F / 8)), bit order big-endian as numpy's default
     save_tensors(directory / REDRAWN_NAME, {"redrawn_packed": torch.from_numpy(packed)},
-                 metadata={"ffn_dim": str(redrawn.shape[-1]), "matrices": ",".join(MATRICES),
+                 metadata={"ffn_dim": str(redrawn_LEMF.shape[-1]), "matrices": ",".join(MATRICES),
                            "layout": "layer,expert,matrix,neuron bits (numpy.packbits, big-endian)"})
     # Each fact once: every option (method, seed, index_mode, num_experts, ... with format and dtype resolved) under
     # "options", the inputs under "sources", the output files, then what was done per layer and expert.
@@ -807,12 +834,10 @@ def _write_manifest(directory: Path, readers, options: dict, record: _Record, sh
         "tool": "upcycle",
         "version": upcycle.__version__,
         "options": options,
-        "sources": [{"path": str(r.dir.absolute()), "model_type": r.config.get("model_type"), "sha256": r.sha256()}
-                    for r in readers],
+        "sources": sources,
         "shards": shards,
         "redrawn_file": REDRAWN_NAME,
-        "layers": [record.layers[i] for i in sorted(record.layers)],
-        **({"calibration_tokens_used": record.calibration.tokens} if record.calibration is not None else {}),
+        "layers": [layers[i] for i in sorted(layers)],
         **extra,
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

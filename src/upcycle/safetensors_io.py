@@ -171,6 +171,19 @@ class CheckpointReader(Mapping):
             return torch.empty(info.shape, dtype=CODE_DTYPES[info.dtype])
         return torch.frombuffer(buffer, dtype=CODE_DTYPES[info.dtype]).reshape(info.shape)
 
+    def get_row(self, name: str, index: int) -> torch.Tensor:
+        """Slice `index` of a tensor along its first dimension (one expert of a tensor that holds every expert), read
+        on its own: the slice's bytes are contiguous in the file."""
+        info = self.tensors[name]
+        row_shape = info.shape[1:]
+        row_bytes = (info.end - info.start) // info.shape[0]
+        buffer = bytearray(row_bytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.start + index * row_bytes)
+            if f.readinto(buffer) != len(buffer):
+                raise UpcycleError(f"{info.file} ended while reading {name}; the file changed or is truncated")
+        return torch.frombuffer(buffer, dtype=CODE_DTYPES[info.dtype]).reshape(row_shape)
+
     def sha256(self) -> dict[str, str]:
         """sha256 of config.json, the index and every weight file, for the manifest."""
         names = ["config.json", *([INDEX_NAME] if (self.dir / INDEX_NAME).is_file() else []),
