@@ -55,6 +55,32 @@ def save_dense(directory: Path, family: str = "llama", *, tied: bool = False, dt
     return Path(directory)
 
 
+MOE_CONFIGS = {
+    "mixtral": lambda **kw: ("MixtralConfig", dict(num_local_experts=4, **kw)),
+    "qwen2_moe": lambda **kw: ("Qwen2MoeConfig", dict(num_experts=4, moe_intermediate_size=24,
+                                                      shared_expert_intermediate_size=40, **kw)),
+    "qwen3_moe": lambda **kw: ("Qwen3MoeConfig", dict(num_experts=4, moe_intermediate_size=24, head_dim=16, **kw)),
+    "granitemoeshared": lambda **kw: ("GraniteMoeSharedConfig", dict(
+        num_local_experts=4, shared_intermediate_size=40, embedding_multiplier=2.0, residual_multiplier=0.7,
+        attention_multiplier=0.3, logits_scaling=1.5, **kw)),
+}
+
+
+def save_moe(directory: Path, family: str, *, seed: int = 0, **overrides) -> Path:
+    """A randomly initialised HF MoE (4 experts, top-2; every tensor random, the shared expert live) saved by
+    transformers' own save_pretrained."""
+    import transformers
+
+    cls, kwargs = MOE_CONFIGS[family](**{**TINY, "num_experts_per_tok": 2, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kwargs))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return Path(directory)
+
+
 def write_tokenizer(directory: Path, *, eos: bool = False) -> None:
     """A tiny word-level tokenizer (words w0 .. w89 are ids 0 .. 89) so tokenizer files exist to be copied and used;
     with `eos`, "</s>" (id 91) is its EOS token, so `upcycle data prepare` and calibration can use it."""

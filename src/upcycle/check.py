@@ -42,8 +42,8 @@ class CheckReport:
     dense_perplexity: float
     moe_perplexity: float
     num_tokens: int
-    method: str | None
-    equivalent: bool | None  # set when the conversion should preserve the function (naive)
+    method: str | None  # convert's --method, or the command (grow, compose) that wrote the MoE
+    equivalent: bool | None  # set when the output should preserve the function (naive convert, grow/compose at r = 0)
 
 
 def _load(path: Path):
@@ -90,7 +90,11 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
         # (a truncated file is named), pickle weights refused rather than handed to transformers
         CheckpointReader(path)
     manifest_path = moe_path / "upcycle_manifest.json"
-    method = json.loads(manifest_path.read_text())["options"]["method"] if manifest_path.is_file() else None
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    options = manifest.get("options", {})
+    method = options.get("method", options.get("command"))
+    # grow and compose say whether their output should compute the parent's function; convert: when it is naive
+    preserving = manifest.get("function_preserving", method == "naive")
     dense, moe = _load(dense_path), _load(moe_path)
     if dense.config.vocab_size != moe.config.vocab_size:
         raise UpcycleError(f"vocabularies differ ({dense.config.vocab_size} vs {moe.config.vocab_size}); "
@@ -110,7 +114,7 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
         moe_perplexity=_perplexity(moe_logits, ids),
         num_tokens=ids.shape[1],
         method=method,
-        equivalent=(max_diff <= tolerance) if method == "naive" else None,
+        equivalent=(max_diff <= tolerance) if preserving else None,
     )
 
 
@@ -118,12 +122,12 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
                   tolerance: float = 1e-4, json_output: bool = False) -> int:
     """Compare an upcycled MoE with its dense parent: max |logit diff| and perplexity of both on a probe text.
 
-    Exits with status 1 when the MoE comes from a naive conversion (read from its upcycle_manifest.json) and its
-    logits differ from the dense ones by more than --tolerance.
+    Exits with status 1 when the MoE should compute its parent's function (its upcycle_manifest.json says so: a naive
+    conversion, a grow or compose at r = 0) and its logits differ from the parent's by more than --tolerance.
 
     Args:
-        moe_dir: The MoE checkpoint directory (written by upcycle convert, or any HF MoE).
-        dense: The dense parent checkpoint directory.
+        moe_dir: The MoE checkpoint directory (written by upcycle convert, compose or grow, or any HF MoE).
+        dense: The parent checkpoint directory: the dense model (convert, compose) or the source MoE (grow).
         text: A UTF-8 text file to probe with (default: a built-in English/code/Japanese sample).
         max_tokens: Probe at most this many tokens.
         tolerance: Largest |logit diff| (float32) that counts as the same function.
@@ -147,5 +151,5 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
         print(f"perplexity dense/MoE:  {report.dense_perplexity:.4f} / {report.moe_perplexity:.4f}")
         if report.equivalent is not None:
             verdict = "EQUIVALENT" if report.equivalent else "NOT EQUIVALENT"
-            print(f"naive conversion:      {verdict} (tolerance {tolerance:g})")
+            print(f"function-preserving:   {verdict} (tolerance {tolerance:g})")
     return 1 if report.equivalent is False else 0

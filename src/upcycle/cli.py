@@ -35,12 +35,14 @@ def _commands() -> dict[str, Callable | dict[str, Callable]]:
     from upcycle.data import prepare_command
     from upcycle.evaluate import eval_command
     from upcycle.experiment import experiment_command
+    from upcycle.grow import grow_command
     from upcycle.hf_model import export_command
     from upcycle.train import train_command
 
     return {
         "convert": convert_command,
         "check": check_command,
+        "grow": grow_command,
         "train": train_command,
         "export": export_command,
         "data": {"prepare": prepare_command},

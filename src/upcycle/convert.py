@@ -405,6 +405,18 @@ def finite(reader: CheckpointReader, name: str) -> torch.Tensor:
     return tensor
 
 
+def fused_expert_slice(entry: Entry, e: int, expert_tensors: Callable[[int, int], dict[str, torch.Tensor]],
+                       held_down: dict[int, torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """Expert e's part [1, ...] of a tensor holding every expert of the layer (Granite: gate_up [E, 2F, D], gate rows
+    first, then down [E, D, F]). Each expert is computed once (`expert_tensors(layer, e)`), while gate_up is written;
+    its down projection is held in `held_down` (in the output dtype) until the layer's down tensor is written."""
+    if entry.role == "down":
+        return held_down.pop(e).unsqueeze(0)
+    tensors = expert_tensors(entry.layer, e)
+    held_down[e] = tensors["down"].to(out_dtype)
+    return torch.cat([tensors["gate"], tensors["up"]]).unsqueeze(0)
+
+
 class _Producer:
     """Computes each output tensor (fp32) when its entry comes up, reading only what that tensor needs."""
 
@@ -488,14 +500,7 @@ class _Producer:
         return self._expert_tensors(entry.layer, entry.expert)[entry.role]
 
     def expert_slice(self, entry: Entry, e: int, out_dtype: torch.dtype) -> torch.Tensor:
-        """Expert e's part [1, ...] of a tensor holding every expert of the layer (Granite: gate_up [E, 2F, D], gate
-        rows first, then down [E, D, F]). Each expert is computed once, while gate_up is written; its down projection
-        is held (in the output dtype) until the layer's down tensor is written."""
-        if entry.role == "down":
-            return self._held_down.pop(e).unsqueeze(0)
-        tensors = self._expert_tensors(entry.layer, e)
-        self._held_down[e] = tensors["down"].to(out_dtype)
-        return torch.cat([tensors["gate"], tensors["up"]]).unsqueeze(0)
+        return fused_expert_slice(entry, e, self._expert_tensors, self._held_down, out_dtype)
 
     def _segment_neurons(self, layer: int) -> torch.Tensor:
         if self._segments is None or self._segments[0] != layer:
