@@ -44,6 +44,9 @@ class CheckReport:
     num_tokens: int
     method: str | None  # convert's --method, or the command (grow, compose) that wrote the MoE
     equivalent: bool | None  # set when the output should preserve the function (naive convert, grow/compose at r = 0)
+    # compose with prompts: per MoE layer {"layer", "top1_share": [share of expert i's positive-prompt tokens whose
+    # top-1 expert is one of its own, for each i]}, measured through transformers
+    prompt_routing: list[dict] | None = None
 
 
 def _load(path: Path):
@@ -104,6 +107,7 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
     with torch.no_grad():
         dense_logits = dense(ids).logits.float()
         moe_logits = moe(ids).logits.float()
+    routing = _prompt_routing(moe, moe_path, manifest) if "prompts" in manifest else None
     diff = (dense_logits - moe_logits).abs()
     max_diff = diff.max().item()
     return CheckReport(
@@ -115,7 +119,26 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
         num_tokens=ids.shape[1],
         method=method,
         equivalent=(max_diff <= tolerance) if preserving else None,
+        prompt_routing=routing,
     )
+
+
+def _prompt_routing(moe, moe_path: Path, manifest: dict) -> list[dict]:
+    """What `upcycle compose` recorded as prompt_routing, measured again through transformers' own model."""
+    from upcycle.compose import Prompts, top1_shares
+
+    prompts = Prompts.tokenize(manifest["prompts"], moe_path, f"{moe_path}/upcycle_manifest.json")
+    per_layer: list[list[torch.Tensor]] = []
+    with torch.no_grad():
+        for ids in prompts.sequences:
+            router_logits = moe(ids.unsqueeze(0), output_router_logits=True).router_logits  # one per MoE layer
+            per_layer = per_layer or [[] for _ in router_logits]
+            for layer, logits in enumerate(router_logits):
+                per_layer[layer].append(logits.reshape(ids.numel(), -1))
+    routed = manifest["options"]["num_experts"] // len(prompts.texts)
+    layers = [record["layer"] for record in manifest["layers"]]
+    return [{"layer": layer, "top1_share": top1_shares(logits, prompts.owner, len(prompts.texts), routed)}
+            for layer, logits in zip(layers, per_layer)]
 
 
 def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_tokens: int = 512,
@@ -152,4 +175,8 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
         if report.equivalent is not None:
             verdict = "EQUIVALENT" if report.equivalent else "NOT EQUIVALENT"
             print(f"function-preserving:   {verdict} (tolerance {tolerance:g})")
+        for record in report.prompt_routing or []:
+            shares = " ".join(f"{s:.2f}" for s in record["top1_share"])
+            print(f"prompts routed home:   layer {record['layer']}: {shares} (each expert's share of its own "
+                  "prompt tokens at top-1)")
     return 1 if report.equivalent is False else 0

@@ -31,6 +31,7 @@ def _commands() -> dict[str, Callable | dict[str, Callable]]:
     # Imported here so `upcycle --help` stays fast and a broken optional extra only breaks the command that needs it.
     from upcycle.analyze import analyze_command
     from upcycle.check import check_command
+    from upcycle.compose import compose_command
     from upcycle.convert import convert_command
     from upcycle.data import prepare_command
     from upcycle.evaluate import eval_command
@@ -41,6 +42,7 @@ def _commands() -> dict[str, Callable | dict[str, Callable]]:
 
     return {
         "convert": convert_command,
+        "compose": compose_command,
         "check": check_command,
         "grow": grow_command,
         "train": train_command,

@@ -21,7 +21,7 @@ import json
 import math
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -137,16 +137,35 @@ def _take_shared_expert(taker: _Taker, layer: int, config: ModelConfig, hf_cfg: 
     return {}
 
 
-def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """Our ModelConfig and state dict (checkpoint dtype) from HF tensors (any mapping, e.g. safetensors_io.CheckpointReader) and the
-    config.json dictionary. Every tensor must be used and have the shape the config implies."""
+def model_config_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> ModelConfig:
+    """Our ModelConfig for an HF checkpoint (a shared expert that contributes nothing is left out)."""
     fields = hf.read_model_fields(hf_cfg)
     if _has_live_shared_expert(tensors, hf_cfg, ModelConfig(**fields).moe_layer_ids):
         fields["shared_expert_dim"] = hf.shared_expert_dim(hf_cfg)
-    config = ModelConfig(**fields)
+    return ModelConfig(**fields)
+
+
+def _take_layer(taker: _Taker, i: int, config: ModelConfig, hf_cfg: dict) -> dict[str, Tensor]:
+    """Decoder layer i's tensors by our names within the layer (attn.q.weight, ffn.router.weight, ...)."""
     shapes = hf.read_shapes(hf_cfg)
     dense_shapes = dataclasses.replace(shapes, ffn_dim=config.ffn_dim)  # the dense layers' FFN (Qwen-MoE: not experts')
     family = hf_cfg["model_type"]
+    sd = {_OUR_ATTN[role]: taker.take(hf.attention_key(i, role), shape)
+          for role, shape in hf.attention_roles(shapes).items()}
+    if i in config.moe_layer_ids:
+        sd.update(_take_experts(taker, family, i, config))
+        if family in hf.SHARED_EXPERT_FORMATS:
+            sd.update(_take_shared_expert(taker, i, config, hf_cfg))
+    else:
+        for m in hf.FFN_MATRICES:
+            sd[_OUR_DENSE_FFN[m]] = taker.take(hf.dense_ffn_key(i, m), hf.ffn_shape(dense_shapes, m))
+    return sd
+
+
+def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Our ModelConfig and state dict (checkpoint dtype) from HF tensors (any mapping, e.g. safetensors_io.CheckpointReader) and the
+    config.json dictionary. Every tensor must be used and have the shape the config implies."""
+    config = model_config_from_hf(tensors, hf_cfg)
     taker = _Taker(tensors)
     sd: dict[str, Tensor] = {"tok_embeddings.weight": taker.take(hf.EMBED_KEY, (config.vocab_size, config.dim)),
                              "norm.weight": taker.take(hf.FINAL_NORM_KEY, (config.dim,))}
@@ -157,18 +176,40 @@ def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[Mod
         if not torch.equal(head, sd["tok_embeddings.weight"]):
             raise UpcycleError(f"config.json says tie_word_embeddings but {hf.LM_HEAD_KEY} differs from the embeddings")
     for i in range(config.num_layers):
-        p = f"layers.{i}."
-        for role, shape in hf.attention_roles(shapes).items():
-            sd[p + _OUR_ATTN[role]] = taker.take(hf.attention_key(i, role), shape)
-        if i in config.moe_layer_ids:
-            sd.update({p + k: v for k, v in _take_experts(taker, family, i, config).items()})
-            if family in hf.SHARED_EXPERT_FORMATS:
-                sd.update({p + k: v for k, v in _take_shared_expert(taker, i, config, hf_cfg).items()})
-        else:
-            for m in hf.FFN_MATRICES:
-                sd[p + _OUR_DENSE_FFN[m]] = taker.take(hf.dense_ffn_key(i, m), hf.ffn_shape(dense_shapes, m))
+        sd.update({f"layers.{i}.{k}": v for k, v in _take_layer(taker, i, config, hf_cfg).items()})
     taker.check_all_used()
     return config, sd
+
+
+@torch.no_grad()
+def layer_by_layer(tensors: Mapping[str, Tensor], hf_cfg: dict, sequences: list[Tensor]
+                   ) -> Iterator[tuple[int, list[Tensor], list[Tensor | None]]]:
+    """Run an HF checkpoint on `sequences` (1-D token ids, one at a time) one decoder layer at a time, in fp32, holding
+    the token embeddings and one layer's weights, never the whole model. Yields, per layer in order: the FFN input of
+    each sequence ([T, D], the post-attention norm's output: what a router sees) and its router logits ([T, E] fp32;
+    None in a dense layer). For router rows and routing statistics of models of any size."""
+    from upcycle.model import Block, rope_inv_freq, rope_tables
+
+    config = model_config_from_hf(tensors, hf_cfg)
+    taker = _Taker(tensors)
+    embed = taker.take(hf.EMBED_KEY, (config.vocab_size, config.dim))
+    xs = [(embed[ids].float() * config.embedding_multiplier).unsqueeze(0) for ids in sequences]  # (1, T, D) each
+    del embed
+    inv_freq, scale = rope_inv_freq(config)
+    for i in range(config.num_layers):
+        with torch.device("meta"):
+            block = Block(config, i)
+        block.load_state_dict({k: v.float() for k, v in _take_layer(taker, i, config, hf_cfg).items()}, strict=True,
+                              assign=True)
+        inputs: list[Tensor] = []
+        handle = block.ffn.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].reshape(-1, config.dim)))
+        logits: list[Tensor | None] = []
+        for j, x_BTD in enumerate(xs):
+            cos_TDh, sin_TDh = rope_tables(inv_freq, scale, x_BTD.shape[1], torch.float32)
+            xs[j], logits_TE, _ = block(x_BTD, cos_TDh, sin_TDh)
+            logits.append(logits_TE)
+        handle.remove()
+        yield i, inputs, logits
 
 
 def load_hf(directory: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:

@@ -145,6 +145,14 @@ def rope_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
     return inv_freq.float(), float(scale)
 
 
+def rope_tables(inv_freq: Tensor, scale: float, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (T, Dh), computed in fp32 like transformers, then cast to the activation dtype."""
+    positions_T = torch.arange(seq_len, device=inv_freq.device, dtype=torch.float32)
+    freqs_TH = positions_T[:, None] * inv_freq.float()[None, :]
+    emb_TDh = torch.cat((freqs_TH, freqs_TH), dim=-1)
+    return (emb_TDh.cos() * scale).to(dtype), (emb_TDh.sin() * scale).to(dtype)
+
+
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -283,11 +291,7 @@ class Transformer(nn.Module):
         self.rope_inv_freq.copy_(inv_freq.to(self.rope_inv_freq.device))
 
     def rope_cos_sin(self, seq_len: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos/sin tables (T, Dh), computed in fp32 like transformers, then cast to the activation dtype."""
-        positions_T = torch.arange(seq_len, device=self.rope_inv_freq.device, dtype=torch.float32)
-        freqs_TH = positions_T[:, None] * self.rope_inv_freq.float()[None, :]
-        emb_TDh = torch.cat((freqs_TH, freqs_TH), dim=-1)
-        return (emb_TDh.cos() * self.rope_scale).to(dtype), (emb_TDh.sin() * self.rope_scale).to(dtype)
+        return rope_tables(self.rope_inv_freq, self.rope_scale, seq_len, dtype)
 
     def forward(self, input_ids_BT: Tensor) -> ModelOutput:
         T = input_ids_BT.shape[1]

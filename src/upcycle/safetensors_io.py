@@ -185,10 +185,12 @@ class CheckpointReader(Mapping):
         return torch.frombuffer(buffer, dtype=CODE_DTYPES[info.dtype]).reshape(row_shape)
 
     def sha256(self) -> dict[str, str]:
-        """sha256 of config.json, the index and every weight file, for the manifest."""
-        names = ["config.json", *([INDEX_NAME] if (self.dir / INDEX_NAME).is_file() else []),
-                 *(f.name for f in self.files)]
-        return {name: sha256_file(self.dir / name) for name in names}
+        """sha256 of config.json, the index and every weight file, for the manifest (computed once)."""
+        if getattr(self, "_sha256", None) is None:
+            names = ["config.json", *([INDEX_NAME] if (self.dir / INDEX_NAME).is_file() else []),
+                     *(f.name for f in self.files)]
+            self._sha256 = {name: sha256_file(self.dir / name) for name in names}
+        return dict(self._sha256)
 
 
 def parse_size(size: int | str) -> int:
