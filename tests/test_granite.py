@@ -119,3 +119,35 @@ def test_a_sliding_window_is_refused_for_granite(tmp_path):
     with pytest.raises(UpcycleError, match="sliding window of 16 tokens, which granitemoeshared cannot hold"):
         convert(dense, tmp_path / "out", progress=False, format="granitemoeshared")
     assert not (tmp_path / "out").exists()
+
+
+def test_trainer_eval_analyze_and_export_handle_granite(tmp_path):
+    """The whole path of the other formats: online-free training from the Granite checkpoint, `upcycle eval`,
+    `upcycle analyze` (with the convert manifest's dense parent) and `upcycle export`."""
+    from helpers import make_data_dir, tiny_config
+    from upcycle import checkpoint as ckpt
+    from upcycle.analyze import analyze
+    from upcycle.evaluate import evaluate
+    from upcycle.hf_model import export_command
+    from upcycle.train import config_from_dict, run_training
+
+    dense = save_dense(tmp_path / "dense", "llama")
+    out = convert(dense, tmp_path / "moe", progress=False, method="drop", ratio=0.5, num_experts=6, top_k=3,
+                  granularity=4, shared_expert="dense", format="granitemoeshared")
+    data = make_data_dir(tmp_path / "data")
+    values = tiny_config(data, model=None, init={"source": str(out)}, train={"max_steps": 4, "eval_every": 2})
+    run_training(config_from_dict(values), tmp_path / "run")
+    step = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    trained = load_model(step)
+    assert trained.config.shared_expert_gated is False and trained.config.shared_expert_dim == 12
+    before = load_model(out)
+    assert not torch.equal(trained.layers[0].shared.down.weight, before.layers[0].shared.down.weight)  # it trained
+    result = evaluate(step, data, seq_len=32, max_sequences=4)
+    assert set(result["domains"]) == {"code", "english"} and result["overall"]["loss"] > 0
+    report = analyze(out, data, tmp_path / "analysis", seq_len=32, max_sequences=4, plots=False)
+    assert len(report["layers"]) == 2
+    export_command(str(step), str(tmp_path / "export"))
+    assert read_config(tmp_path / "export")["model_type"] == "granitemoeshared"
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(logits(tmp_path / "export", ids), trained(ids).logits, atol=1e-4, rtol=0)

@@ -277,7 +277,8 @@ def analyze(
     redrawn = None
     if manifest_path is not None:
         manifest = json.loads((manifest_path / MANIFEST_NAME).read_text())
-        if dense_source is None and manifest["options"]["method"] != "btx":  # btx experts come from several parents
+        # convert's one dense parent; btx and compose experts come from several parents, grow's from an MoE
+        if dense_source is None and manifest["options"].get("method") not in (None, "btx"):
             dense_source = Path(manifest["sources"][0]["path"])
         redrawn = load_redrawn(manifest_path)
         if tuple(redrawn.shape) != (L, E, 3, config.expert_dim):
