@@ -175,3 +175,13 @@ def test_bad_spec_is_one_line_exit_2_and_nothing_written(tmp_path, case, message
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_docs_tables_are_the_generated_ones():
+    from helpers import generated_table
+    from upcycle.cli import options_table
+    from upcycle.compose import ComposeSpec, ExpertSpec
+
+    for cls in (ComposeSpec, ExpertSpec):
+        table = generated_table("docs/convert.md", f"upcycle.compose.{cls.__name__}, as_fields=True")
+        assert table == options_table(cls, as_fields=True), "regenerate with upcycle.cli.options_table"

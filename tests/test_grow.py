@@ -150,3 +150,16 @@ def test_bad_grow_input_is_one_line_exit_2_and_nothing_written(tmp_path, make, a
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_every_grow_option_is_a_flag_and_a_docs_row():
+    import dataclasses
+
+    from helpers import generated_table
+    from upcycle.cli import build_parser, options_table
+    from upcycle.grow import GrowOptions
+
+    assert generated_table("docs/convert.md", "upcycle.grow.GrowOptions") == options_table(GrowOptions)
+    help_text = build_parser().parse_args.__self__._subparsers._group_actions[0].choices["grow"].format_help()
+    for f in dataclasses.fields(GrowOptions):
+        assert "--" + f.name.replace("_", "-") in help_text, f.name

@@ -173,19 +173,25 @@ def _collect_dataclasses(func: Callable, args: dict) -> dict:
     return args
 
 
-def options_table(cls: type) -> str:
-    """The markdown table (flag, default, choices, meaning) of a dataclass of command options, for the docs."""
+def options_table(cls: type, *, as_fields: bool = False) -> str:
+    """The markdown table (flag, default, choices, meaning) of a dataclass of command options, for the docs;
+    `as_fields`: named as fields of a YAML file (`top_k`) rather than flags (`--top-k`)."""
     field_hints = typing.get_type_hints(cls)
     _, helps = _docstring(cls)
-    lines = ["| flag | default | choices | meaning |", "| --- | --- | --- | --- |"]
+    lines = [f"| {'field' if as_fields else 'flag'} | default | choices | meaning |", "| --- | --- | --- | --- |"]
     for f in dataclasses.fields(cls):
-        default = "none" if f.default is None else ("-" if f.default == () else f"`{f.default}`")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            default = "required"
+        else:
+            default = "none" if f.default is None else ("-" if f.default == () else f"`{f.default}`")
         choices = ", ".join(f"`{c}`" for c in f.metadata.get("choices", ())) or "-"
         hint = field_hints[f.name]
         if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
-        kind = "list" if typing.get_origin(hint) in (list, tuple) else hint.__name__
-        flag = f"`--{f.name.replace('_', '-')}`" + ("" if f.metadata.get("choices") else f" ({kind})")
+        kind = ("list" if typing.get_origin(hint) in (list, tuple)
+                else "/".join(getattr(a, "__name__", str(a)) for a in typing.get_args(hint)) or hint.__name__)
+        name = f"`{f.name}`" if as_fields else f"`--{f.name.replace('_', '-')}`"
+        flag = name + ("" if f.metadata.get("choices") else f" ({kind})")
         lines.append(f"| {flag} | {default} | {choices} | {helps.get(f.name, '')} |")
     return "\n".join(lines)
 

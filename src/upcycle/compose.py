@@ -59,7 +59,7 @@ class ExpertSpec:
 
     Attributes:
         source: A dense checkpoint directory of the base's architecture and shape (a fine-tune of it, typically):
-            its FFN in every MoE layer becomes this expert (one copy; --granularity G makes it G fine-grained experts).
+            its FFN in every MoE layer becomes this expert (one copy; granularity G makes it G fine-grained experts).
         positive: Prompts this expert should receive: a list of strings, or a path (a JSONL file with a "text" field
             per line, a plain text file, or a directory of them: each document one prompt). Needed by router hidden
             and embed.
@@ -89,11 +89,11 @@ class ComposeSpec:
             tokenizer reads the prompts and whose hidden states set router hidden rows. Leave out with average.
         average: Average every non-FFN tensor over the experts' distinct sources instead of taking a base's (as BTX
             does); that averaged model is then the base, and the first source's tokenizer reads the prompts.
-        shared_expert: Optional, qwen2_moe and granitemoeshared only: dense (one --granularity segment of the base's
+        shared_expert: Optional, qwen2_moe and granitemoeshared only: dense (one granularity segment of the base's
             FFN, never re-drawn, as upcycle convert --shared-expert dense) or {source: DIR} (that model's whole FFN;
             the shared expert and the routed mixture then weigh 1/2 each).
         router: hidden (rows from the base's hidden states on each expert's prompts; the default), embed (from the
-            prompts' token embeddings), data (k-means of --calibration text, as convert), uniform or normal (random,
+            prompts' token embeddings), data (k-means of the calibration text, as convert), uniform or normal (random,
             as convert).
     """
 

@@ -221,15 +221,16 @@ class ConvertOptions:
             raise UpcycleError(f"the dense FFN size {shapes.ffn_dim} is not divisible by --granularity "
                                f"{self.granularity}; choose one of {', '.join(map(str, divisors)) or '1'}")
         if self.shared_dense and fmt not in hf.SHARED_EXPERT_FORMATS:
-            raise UpcycleError(f"--shared-expert dense needs --format qwen2_moe or granitemoeshared, the formats with a "
-                               f"shared expert (got {fmt})")
+            raise UpcycleError(f"--shared-expert dense needs --format qwen2_moe or granitemoeshared, the formats "
+                               f"with a shared expert (got {fmt})")
         if self.shared_expert_dim is not None and fmt not in hf.SHARED_EXPERT_FORMATS:
             raise UpcycleError(f"--shared-expert-dim sizes a shared expert, which {fmt} does not have; use --format "
                                "qwen2_moe or granitemoeshared, or leave it out")
         moe_layers = parse_moe_layers(self.moe_layers, shapes.num_layers)
         if fmt not in hf.DENSE_LAYER_FORMATS and len(moe_layers) < shapes.num_layers:
             raise UpcycleError(f"{fmt} has an MoE FFN in every layer and cannot keep dense layers; use --format "
-                               "qwen2_moe (or qwen3_moe for a Qwen3 source) with --moe-layers, or leave --moe-layers out")
+                               "qwen2_moe (or qwen3_moe for a Qwen3 source) with --moe-layers, or leave --moe-layers "
+                               "out")
         return moe_layers
 
     def shared_dim(self, shapes: hf.Shapes, fmt: str) -> int:
@@ -808,7 +809,8 @@ def single_thread():
 def write_shards(directory: Path, entries: list[Entry], tensors: Iterator[tuple[Entry, torch.Tensor]],
                  dtype: torch.dtype, max_shard_size: str) -> list[str]:
     """Stream the tensors, in layout order, into planned shards under `directory`; returns the shard file names."""
-    writer = ShardWriter(directory, [PlannedTensor(e.name, e.shape, dtype) for e in entries], parse_size(max_shard_size))
+    plan = [PlannedTensor(e.name, e.shape, dtype) for e in entries]
+    writer = ShardWriter(directory, plan, parse_size(max_shard_size))
     for entry, tensor in tensors:
         writer.write(entry.name, tensor)
     return writer.close()
@@ -822,7 +824,8 @@ def copy_tokenizer_files(source: Path, directory: Path) -> None:
 
 def source_record(reader: CheckpointReader) -> dict:
     """What the manifest says about one input: its path, model_type and the sha256 of its files."""
-    return {"path": str(reader.dir.absolute()), "model_type": reader.config.get("model_type"), "sha256": reader.sha256()}
+    return {"path": str(reader.dir.absolute()), "model_type": reader.config.get("model_type"),
+            "sha256": reader.sha256()}
 
 
 def write_manifest(directory: Path, sources: list[dict], options: dict, layers: dict[int, dict],

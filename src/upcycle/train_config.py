@@ -86,8 +86,8 @@ InitConfig.__doc__ = f"""Where the weights come from. Empty `source`: from scrat
 
     Attributes:
         source: Checkpoint directory to start from: a Hugging Face model (dense or MoE; llama, mistral, qwen2, qwen3,
-            mixtral, qwen2_moe, qwen3_moe) or one of ours (a training checkpoint step_XXXXXXXX). The `model` section
-            must then be empty: the architecture comes from the checkpoint.
+            mixtral, qwen2_moe, qwen3_moe, granitemoeshared) or one of ours (a training checkpoint step_XXXXXXXX).
+            The `model` section must then be empty: the architecture comes from the checkpoint.
         method: Online upcycling of a dense `source` into an MoE before training, as `upcycle convert --method`:
             {", ".join(METHODS)}. Empty: load `source` as it is.
 {_attribute_docs(ConvertOptions, skip=("method",))}
