@@ -128,6 +128,16 @@ def experiment_dict(tiny: dict, arms: list[dict] | None = None, **changes) -> di
     ({"data": {"path": "DATA", "seq_len": 32, "weights": {"klingon": 1.0}}}, "data.weights"),
     ({"colour": "blue"}, "colour"),
     ({"data": {"path": "DATA", "seq_len": 256}}, "data.seq_len"),  # the tiny seed takes 128 positions
+    ({"arms": [{"name": "g", "kind": "grow", "from_arm": "a"}, {"name": "a", "kind": "naive"}]}, "arms[0] (g).from_arm"),
+    ({"arms": [{"name": "d", "kind": "dense"}, {"name": "g", "kind": "grow", "from_arm": "d"}]}, "arms[1] (g).from_arm"),
+    ({"arms": [{"name": "a", "kind": "naive"}, {"name": "g", "kind": "grow", "from_arm": "a", "factor": 1}]},
+     "arms[1] (g).factor"),
+    ({"arms": [{"name": "a", "kind": "naive"}, {"name": "g", "kind": "grow", "from_arm": "a", "top_k": 9}]},
+     "arms[1] (g).top_k"),
+    ({"arms": [{"name": "a", "kind": "naive"}, {"name": "c", "kind": "continue", "from_arm": "a", "ratio": 0.5}]},
+     "arms[1] (c).ratio"),
+    ({"arms": [{"name": "a", "kind": "naive", "from_arm": "b"}]}, "arms[0] (a).from_arm"),
+    ({"arms": [{"name": "c", "kind": "continue"}]}, "arms[0] (c).from_arm"),
 ])
 def test_invalid_configs_name_the_field(tiny, change, field):
     """Each bad field is refused by parse_config, before any work, with a message that starts with its name."""
@@ -360,3 +370,27 @@ def test_an_arm_can_carry_further_convert_options_such_as_a_data_initialized_rou
     assert by_name["naive-data"]["curve"][0]["mean"] == pytest.approx(by_name["naive"]["curve"][0]["mean"], abs=1e-5)
     assert by_name["naive-data"]["routing_final"] != by_name["naive"]["routing_final"]
     assert "router_init data" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_grow_and_continue_arms_start_from_another_arms_trained_model(tiny, tmp_path):
+    """kind grow: `upcycle grow` of an earlier arm's final model (r = 0: the same function, so its step-0 loss is that
+    arm's final loss); kind continue: that model as it is; both then trained with the same recipe and data order."""
+    arms = [{"name": "moe4", "kind": "naive"},
+            {"name": "more", "kind": "continue", "from_arm": "moe4"},
+            {"name": "grow-r0", "kind": "grow", "from_arm": "moe4", "ratio": 0.0},
+            {"name": "grow-r05-top2", "kind": "grow", "from_arm": "moe4", "ratio": 0.5, "top_k": 2}]
+    results = _run(tiny, tmp_path / "out", experiment_dict(tiny, arms=arms))
+    by_name = {a["name"]: a for a in results["arms"]}
+    source_final = by_name["moe4"]["final"]["mean"]
+    assert by_name["more"]["curve"][0]["mean"] == pytest.approx(source_final, abs=1e-5)
+    assert by_name["grow-r0"]["curve"][0]["mean"] == pytest.approx(source_final, abs=1e-4)
+    assert by_name["grow-r05-top2"]["curve"][0]["mean"] != pytest.approx(source_final, abs=1e-3)
+    assert (by_name["grow-r0"]["num_experts"], by_name["grow-r0"]["top_k"]) == (8, 4)
+    assert (by_name["grow-r05-top2"]["num_experts"], by_name["grow-r05-top2"]["top_k"]) == (8, 2)
+    assert (by_name["more"]["num_experts"], by_name["more"]["top_k"]) == (4, 2)
+    # top-2 of 8 uses as many expert parameters per token as top-2 of 4 (the router has 4 more rows of 32 per layer)
+    assert by_name["grow-r0"]["active_params"] > by_name["grow-r05-top2"]["active_params"] == \
+        by_name["more"]["active_params"] + 2 * 4 * 32
+    assert results["same_data_order"] is True
+    manifest = json.loads((tmp_path / "out" / "arms" / "grow-r0" / "init" / "upcycle_manifest.json").read_text())
+    assert manifest["options"]["command"] == "grow" and manifest["function_preserving"] is True

@@ -49,8 +49,10 @@ CONFIG_FILE = "experiment.yaml"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 ARM_DONE_FILE = "arm.json"
-ARM_KINDS = ("dense", "fs", "naive", "noise", "drop", "btx")
-MOE_KINDS = ("fs", "naive", "noise", "drop", "btx")
+ARM_KINDS = ("dense", "fs", "naive", "noise", "drop", "btx", "grow", "continue")
+MOE_KINDS = ("fs", "naive", "noise", "drop", "btx", "grow", "continue")
+# Kinds that start from another arm's trained model (from_arm) instead of the seed.
+FROM_ARM_KINDS = ("grow", "continue")
 INDEX_MODES = ("independent", "shared")
 # What each arm kind is called by `upcycle convert --method`.
 CONVERT_METHOD = {"fs": "scratch", "naive": "naive", "noise": "noise", "drop": "drop", "btx": "btx"}
@@ -76,10 +78,16 @@ class ArmSpec:
     Attributes:
         name: Unique name (a directory name: letters, digits, '.', '-', '_').
         kind: dense (the seed trained on: the compute reference), fs (MoE from scratch), naive (every expert a copy),
-            noise (random-noise upcycling), drop (Drop-Upcycling) or btx (Branch-Train-MiX).
-        ratio: r in [0, 1] for drop (default 0.5) and noise (default 0.5); not used by the other kinds.
-        index_mode: drop/noise: independent (a fresh neuron set per matrix, the authors' released code; default) or
-            shared (one set per expert, the paper's Figure 1).
+            noise (random-noise upcycling), drop (Drop-Upcycling), btx (Branch-Train-MiX), grow (`upcycle grow` of
+            another arm's trained MoE) or continue (another arm's trained model as it is: the control for grow).
+        ratio: r in [0, 1] for drop, noise and grow (default 0.5); not used by the other kinds.
+        index_mode: drop/noise/grow: independent (a fresh neuron set per matrix, the authors' released code; default)
+            or shared (one set per expert, the paper's Figure 1).
+        from_arm: grow and continue: the arm (listed earlier) whose final model this arm starts from; it is trained
+            again for budget_tokens with the same recipe (a fresh schedule).
+        factor: grow: every expert becomes factor experts (default 2).
+        top_k: grow: experts per token after growing (default factor * the source's top-k, which keeps r = 0 the
+            source's function).
         branch_tokens: btx: training tokens of each dense branch (a whole number of steps).
         domains: btx: the domains that get a branch (default: every domain of the data; at least 2).
         include_seed: btx: the seed itself is one more source, as in the paper (default true).
@@ -97,6 +105,9 @@ class ArmSpec:
     domains: list[str] | None = None
     include_seed: bool | None = None
     convert: dict[str, Any] | None = None
+    from_arm: str | None = None
+    factor: int | None = None
+    top_k: int | None = None
 
 
 # ConvertOptions fields an arm's `convert` mapping may not set: the experiment sets them from the arm and the config.
@@ -169,6 +180,9 @@ def config_help() -> str:
     kind noise                 ratio (0.5), index_mode (independent)
     kind drop                  ratio (0.5), index_mode (independent | shared)
     kind btx                   branch_tokens (required), domains (all), include_seed (true)
+    kind grow                  from_arm (required: an earlier MoE arm), factor (2), ratio (0.5), index_mode,
+                               top_k (factor * the source's)
+    kind continue              from_arm (required): that arm's final model trained again (the control for grow)
   recipe:                      ONE training recipe for every arm: the optim, schedule, train, checkpoint and
                                logging sections of an `upcycle train` config (see upcycle train --help), except
                                train.max_steps, train.eval_every, train.eval_sequences, train.seed, checkpoint.keep"""
@@ -287,11 +301,21 @@ def _parse_arm(values: Any, index: int, domains: list[str], num_experts: int) ->
         raise _fail(f"{where}.kind", f"must be one of {', '.join(ARM_KINDS)}, got {kind!r}")
     arm = ArmSpec(**values)
     allowed = {"dense": (), "fs": (), "naive": (), "noise": ("ratio", "index_mode"), "drop": ("ratio", "index_mode"),
-               "btx": ("branch_tokens", "domains", "include_seed")}[kind]
-    for f in ("ratio", "index_mode", "branch_tokens", "domains", "include_seed"):
+               "btx": ("branch_tokens", "domains", "include_seed"),
+               "grow": ("ratio", "index_mode", "from_arm", "factor", "top_k"), "continue": ("from_arm",)}[kind]
+    for f in ("ratio", "index_mode", "branch_tokens", "domains", "include_seed", "from_arm", "factor", "top_k"):
         if getattr(arm, f) is not None and f not in allowed:
             raise _fail(f"{where}.{f}", f"is not used by kind {kind}; remove it")
-    if kind in ("noise", "drop"):
+    if kind in FROM_ARM_KINDS:
+        if not isinstance(arm.from_arm, str):
+            raise _fail(f"{where}.from_arm", f"{kind} starts from another arm's trained model: name it")
+        if arm.convert is not None:
+            raise _fail(f"{where}.convert", f"a {kind} arm is not converted from the seed; remove it")
+    if kind == "grow":
+        arm.factor = 2 if arm.factor is None else _int(arm.factor, f"{where}.factor", 2)
+        if arm.top_k is not None:
+            _int(arm.top_k, f"{where}.top_k", 1)
+    if kind in ("noise", "drop", "grow"):
         arm.ratio = 0.5 if arm.ratio is None else arm.ratio
         if isinstance(arm.ratio, bool) or not isinstance(arm.ratio, (int, float)) or not 0 <= arm.ratio <= 1:
             raise _fail(f"{where}.ratio", f"must lie in [0, 1], got {arm.ratio!r}")
@@ -324,6 +348,37 @@ def _parse_arm(values: Any, index: int, domains: list[str], num_experts: int) ->
     if arm.convert is not None:
         arm.convert = _parse_convert_options(arm, f"{where}.convert")
     return arm
+
+
+def arm_moe_shape(arms: list[ArmSpec], name: str, num_experts: int, top_k: int) -> tuple[int, int]:
+    """(experts, top-k) of arm `name`'s model: moe.num_experts/top_k, grown by each grow arm on its from_arm chain."""
+    arm = next(a for a in arms if a.name == name)
+    if arm.kind not in FROM_ARM_KINDS:
+        return num_experts, top_k
+    experts, k = arm_moe_shape(arms, arm.from_arm, num_experts, top_k)
+    if arm.kind == "continue":
+        return experts, k
+    return arm.factor * experts, arm.top_k if arm.top_k is not None else arm.factor * k
+
+
+def _check_from_arms(arms: list[ArmSpec], num_experts: int, top_k: int) -> None:
+    """A from_arm names an earlier arm (so arms run in order), an MoE one for grow; a grow arm's top_k fits."""
+    for index, arm in enumerate(arms):
+        if arm.kind not in FROM_ARM_KINDS:
+            continue
+        where = f"arms[{index}] ({arm.name}).from_arm"
+        earlier = {a.name: a for a in arms[:index]}
+        if arm.from_arm not in earlier:
+            raise _fail(where, f"{arm.from_arm!r} is not an arm listed before this one; list the arm it starts from "
+                        "first")
+        if arm.kind == "grow" and earlier[arm.from_arm].kind == "dense":
+            raise _fail(where, f"{arm.from_arm} is the dense arm; grow needs an MoE arm")
+        if arm.kind == "grow":
+            source_experts, _ = arm_moe_shape(arms, arm.from_arm, num_experts, top_k)
+            experts, k = arm_moe_shape(arms, arm.name, num_experts, top_k)
+            if not 1 <= k <= experts:
+                raise _fail(f"arms[{index}] ({arm.name}).top_k", f"must lie in [1, {experts}] (factor "
+                            f"{arm.factor} x {source_experts} experts), got {k}")
 
 
 def _display_convert(options: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -427,6 +482,7 @@ def parse_config(values: Any) -> ExperimentConfig:
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise _fail("arms", f"two arms are named {duplicate!r}; names must be unique")
+    _check_from_arms(arms, num_experts, top_k)
 
     recipe = _mapping(values.get("recipe"), "recipe")
     _unknown(recipe, RECIPE_SECTIONS, "recipe")
@@ -735,12 +791,32 @@ def _btx_branches(ctx: _Context, arm: ArmSpec, arm_dir: Path) -> tuple[list[str]
     return exports, info
 
 
+def _from_arm_model(ctx: _Context, arm: ArmSpec) -> Path:
+    """The final checkpoint of the arm that `arm` starts from, which must be finished."""
+    if not (ctx.out / "arms" / arm.from_arm / ARM_DONE_FILE).is_file():
+        raise UpcycleError(f"{arm.name} starts from arm {arm.from_arm}, which has not finished; run it first (a run "
+                           "without --only runs the arms in order)")
+    return _checkpoint(ctx.out / "arms" / arm.from_arm / "run", ctx.total_steps)
+
+
 def _initial_model_dir(ctx: _Context, arm: ArmSpec, arm_dir: Path) -> tuple[str, dict | None]:
-    """The arm's model before training: the seed itself (dense) or an `upcycle convert` output in arm_dir/init."""
+    """The arm's model before training: the seed itself (dense), an `upcycle convert` output in arm_dir/init, or for
+    grow and continue the final model of another arm (grown into arm_dir/init, or as it is)."""
     from upcycle.convert import convert
 
     if arm.kind == "dense":
         return ctx.config.seed_model, None
+    if arm.kind == "continue":
+        return str(_from_arm_model(ctx, arm)), None
+    if arm.kind == "grow":
+        from upcycle.grow import grow
+
+        init = arm_dir / "init"
+        if not init.is_dir():  # grow publishes atomically: a directory that exists is complete
+            _log(f"{arm.name}: upcycle grow --factor {arm.factor} --ratio {arm.ratio:g} (from {arm.from_arm})")
+            grow(_from_arm_model(ctx, arm), init, factor=arm.factor, ratio=arm.ratio, index_mode=arm.index_mode,
+                 top_k=arm.top_k, seed=ctx.config.seed, dtype="float32", progress=False)
+        return str(init), None
     branches = None
     options: dict[str, Any] = dict(method=CONVERT_METHOD[arm.kind], num_experts=ctx.config.num_experts,
                                    top_k=ctx.config.top_k, seed=ctx.config.seed, dtype="float32", progress=False)
@@ -813,6 +889,8 @@ def _arm_result(ctx: _Context, arm: ArmSpec, points: list[dict], metrics: list[d
     result = {
         "name": arm.name, "method": arm.kind, "ratio": arm.ratio, "index_mode": arm.index_mode,
         "convert": _display_convert(arm.convert),
+        **({"from_arm": arm.from_arm, "num_experts": model.config.num_experts, "top_k": model.config.top_k}
+           if arm.kind in FROM_ARM_KINDS else {}),
         "tokens": tokens, "steps": ctx.total_steps, "active_params": active, "total_params": model.num_params(),
         "flops": flops,
         "final": {**{d: points[-1]["val"][d] for d in domains}, "mean": points[-1]["mean"]},
@@ -950,10 +1028,18 @@ def _run_parallel(config_path: str, out: Path, arms: list[ArmSpec], parallel: in
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     pending, running, failed = list(arms), {}, []
     preexec = _die_with_parent()
+
+    def ready(arm: ArmSpec) -> bool:  # grow and continue wait for the arm they start from
+        return arm.from_arm is None or (out / "arms" / arm.from_arm / ARM_DONE_FILE).is_file()
+
     try:
         while pending or running:
-            while pending and len(running) < parallel:
-                arm = pending.pop(0)
+            for arm in [a for a in pending if a.from_arm in failed]:  # never startable: its source failed
+                pending.remove(arm)
+                failed.append(arm.name)
+            while len(running) < parallel and any(ready(a) for a in pending):
+                arm = next(a for a in pending if ready(a))
+                pending.remove(arm)
                 log = open(out / "arms" / arm.name / "log.txt", "a")
                 command = [sys.executable, "-m", "upcycle", "experiment", "--config", config_path, "--out", str(out),
                            "--only", arm.name, "--threads", str(per_child)]

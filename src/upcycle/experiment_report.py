@@ -17,7 +17,8 @@ from pathlib import Path
 from upcycle.experiment import (MOE_KINDS, RESULTS_FILE, REPORT_FILE, ExperimentConfig, gap_to_reference,
                                  tokens_to_target)
 
-RESULT_FIELDS = ("name", "method", "ratio", "index_mode", "convert", "tokens", "steps", "active_params", "total_params",
+RESULT_FIELDS = ("name", "method", "ratio", "index_mode", "convert", "from_arm", "num_experts", "top_k", "tokens",
+                 "steps", "active_params", "total_params",
                  "flops", "final", "curve", "tokens_to_naive_final", "specialization", "similarity", "routing_final",
                  "data_sha256", "data_sha256_by_step", "branches", "seconds")
 
@@ -174,7 +175,8 @@ def plot_arm_routing(arm: dict, config: ExperimentConfig, path: Path) -> Path:
     from upcycle.analyze import default_plot_layers, plot_routing
 
     routing = arm["routing_final"]
-    analysis = {"num_experts": config.num_experts, "num_layers": len(routing), "domains": config.domains,
+    analysis = {"num_experts": arm.get("num_experts") or config.num_experts, "num_layers": len(routing),
+                "domains": config.domains,
                 "layers": [{"layer": i, "routing": {d: {"share": shares[d]} for d in config.domains}}
                            for i, shares in enumerate(routing)]}
     return plot_routing(analysis, path, default_plot_layers(len(routing)),
@@ -189,6 +191,11 @@ def _arm_label(arm: dict) -> str:
     label = arm["method"]
     if arm["method"] in ("drop", "noise"):
         label = f"{arm['method']} r={arm['ratio']:g} ({arm['index_mode']})"
+    if arm["method"] == "grow":
+        label = (f"grow of {arm['from_arm']} to {arm['num_experts']} experts, top-{arm['top_k']}, r={arm['ratio']:g} "
+                 f"({arm['index_mode']})")
+    if arm["method"] == "continue":
+        label = f"{arm['from_arm']} trained further ({arm['num_experts']} experts, top-{arm['top_k']})"
     extra = arm.get("convert") or {}
     return label + "".join(f", {key} {value}" for key, value in extra.items())
 
@@ -204,7 +211,8 @@ def report_markdown(results: dict, config: ExperimentConfig, *, threads: int) ->
     lines = [
         "# upcycle experiment",
         "",
-        f"Seed model `{results['seed_model']}`; MoE arms have {results['num_experts']} experts, top-{results['top_k']}. "
+        f"Seed model `{results['seed_model']}`; MoE arms have {results['num_experts']} experts, top-{results['top_k']} "
+        "(grow arms: as their row says). "
         f"Every arm trains {results['budget_tokens']:,} tokens ({results['budget_tokens'] // results['tokens_per_step']} "
         f"steps of {results['tokens_per_step']:,} tokens) with one recipe, seed {results['seed']}, and is measured at "
         f"{len(results['eval_tokens'])} points (0 = before training): "
