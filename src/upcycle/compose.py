@@ -40,7 +40,7 @@ import torch
 
 from upcycle import hf_formats as hf
 from upcycle.calibration import calibration_token_ids, rows_from_centroids
-from upcycle.convert import ConvertOptions, CopyPlan, Plan, check_source_dense, write_moe
+from upcycle.convert import ConvertOptions, CopyPlan, Plan, check_dense_source, write_moe
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output
 from upcycle.safetensors_io import CheckpointReader
@@ -193,9 +193,9 @@ def _open_sources(spec: ComposeSpec) -> _Sources:
             index[key] = len(readers)
             readers.append(CheckpointReader(path))
     first = readers[0]
-    shapes = check_source_dense(first)
+    shapes = check_dense_source(first)
     for reader in readers[1:]:
-        other = check_source_dense(reader)
+        other = check_dense_source(reader)
         if reader.config.get("model_type") != first.config.get("model_type") or other != shapes:
             raise UpcycleError(f"{reader.dir} ({reader.config.get('model_type')}, {_describe(other)}) does not match "
                                f"{first.dir} ({first.config.get('model_type')}, {_describe(shapes)}); every source "

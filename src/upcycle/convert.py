@@ -297,7 +297,7 @@ def _expected_dense_tensors(shapes: hf.Shapes) -> dict[str, tuple[int, ...]]:
     return expected
 
 
-def check_source_dense(reader: CheckpointReader) -> hf.Shapes:
+def check_dense_source(reader: CheckpointReader) -> hf.Shapes:
     """Every expected tensor present with its shape, nothing unknown: before any output is written."""
     hf.check_dense_config(reader.config)
     shapes = hf.read_shapes(reader.config)
@@ -324,7 +324,7 @@ def check_source_dense(reader: CheckpointReader) -> hf.Shapes:
 
 def _check_btx_sources(first: CheckpointReader, others: list[CheckpointReader], shapes: hf.Shapes) -> None:
     for other in others:
-        other_shapes = check_source_dense(other)
+        other_shapes = check_dense_source(other)
         if other.config.get("model_type") != first.config.get("model_type") or other_shapes != shapes:
             raise UpcycleError(f"btx source {other.dir} differs in shape or family from {first.dir}; all btx sources "
                                "must be continued from the same dense seed")
@@ -398,7 +398,7 @@ _ROLE_KIND = {"attn_norm": "norm", "ffn_norm": "norm", "q_norm": "norm", "k_norm
               "q_bias": "bias", "k_bias": "bias", "v_bias": "bias", "o_bias": "bias"}
 
 
-def finite(reader: CheckpointReader, name: str) -> torch.Tensor:
+def _finite(reader: CheckpointReader, name: str) -> torch.Tensor:
     tensor = reader.get(name)
     if not torch.isfinite(tensor).all():
         raise UpcycleError(f"{name} in {reader.dir} holds NaN or Inf values; the source checkpoint is damaged, "
@@ -452,10 +452,10 @@ class _Producer:
         several), checked finite as it streams (a NaN or Inf fails the conversion, whose output is then never
         published)."""
         if source is not None:
-            return finite(self.readers[source], name).float()
+            return _finite(self.readers[source], name).float()
         if len(self.plan.base) > 1:
-            return btx_mean([finite(self.readers[i], name) for i in self.plan.base])
-        return finite(self.readers[self.plan.base[0]], name).float()
+            return btx_mean([_finite(self.readers[i], name) for i in self.plan.base])
+        return _finite(self.readers[self.plan.base[0]], name).float()
 
     def _copied(self, entry: Entry, kind: str) -> torch.Tensor:
         if self.opts.method == "scratch":
@@ -578,7 +578,7 @@ class _Producer:
 def _open_sources(source: str | os.PathLike, opts: ConvertOptions) -> tuple[list[CheckpointReader], hf.Shapes, str]:
     opts.validate()
     first = CheckpointReader(source)
-    shapes = check_source_dense(first)
+    shapes = check_dense_source(first)
     readers = [first]
     if opts.method == "btx":
         readers += [CheckpointReader(s) for s in opts.btx_sources]
