@@ -89,7 +89,7 @@ def test_hidden_router_sends_each_experts_prompts_to_it(tmp_path):
         shares[router] = [r["top1_share"] for r in manifest["prompt_routing"]]
     # Chance is 1/3. These random tiny models mix tokens in attention, so not every prompt token goes home (the
     # measured shares were 0.42-0.94 per expert and layer), but every expert's prompts go home more often than by
-    # chance in every layer, and on average far more often than with random rows (0.03-0.51 here).
+    # chance in every layer, and on average far more often than with random rows (0.01-0.56 here).
     for hidden, uniform in zip(shares["hidden"], shares["uniform"]):
         assert min(hidden) > 0.4 and sum(hidden) / 3 > sum(uniform) / 3 + 0.25, (hidden, uniform)
     out = tmp_path / "hidden"
