@@ -40,7 +40,7 @@ import torch
 
 from upcycle import hf_formats as hf
 from upcycle.calibration import calibration_token_ids, rows_from_centroids
-from upcycle.convert import ConvertOptions, CopyPlan, Plan, check_dense_source, write_moe
+from upcycle.convert import ConvertOptions, CopyPlan, Plan, check_conversion_fits, check_dense_source, write_moe
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output
 from upcycle.safetensors_io import CheckpointReader
@@ -380,6 +380,7 @@ def compose(spec_path: str | os.PathLike, output: str | os.PathLike, *, force: b
                              for e in spec.experts),
                 shared_source=(sources.of(spec.shared_expert["source"]) if isinstance(spec.shared_expert, dict)
                                else None))
+    check_conversion_fits(sources.readers, sources.shapes, fmt, opts, output)  # before the prompts' model runs
     tokenizer_dir = sources.readers[plan.base[0]].dir
     has_prompts = any(e.positive or e.negative for e in spec.experts)
     prompts = (_read_prompts(spec, tokenizer_dir, spec_path) if has_prompts or spec.router in ("hidden", "embed")

@@ -769,7 +769,7 @@ def write_moe(readers: list[CheckpointReader], shapes: hf.Shapes, fmt: str, opts
 
     `options` go into the manifest as they are; `finish(directory, moe_config)`, called once the weights are written,
     returns more manifest fields (compose measures the routing of the finished model there)."""
-    check_fits(_estimate_for(readers, shapes, fmt, opts), output, _smaller(opts))
+    check_conversion_fits(readers, shapes, fmt, opts, output)
     with single_thread(), publish_dir(output, force=force, inputs=inputs) as tmp:
         entries, tensors, record, moe_config = _generate(readers, shapes, fmt, opts, plan, progress)
         shards = write_shards(tmp, entries, tensors, DTYPE_NAMES[moe_config["dtype"]], opts.max_shard_size)
@@ -781,6 +781,12 @@ def write_moe(readers: list[CheckpointReader], shapes: hf.Shapes, fmt: str, opts
         write_manifest(tmp, [source_record(r) for r in readers], {**options, "dtype": moe_config["dtype"]},
                        record.layers, record.redrawn_LEMF, shards, extra)
     return output
+
+
+def check_conversion_fits(readers: list[CheckpointReader], shapes: hf.Shapes, fmt: str, opts: ConvertOptions,
+                          output: Path) -> None:
+    """Refuse, before any work, a conversion whose output or peak memory cannot fit (`estimate`)."""
+    check_fits(_estimate_for(readers, shapes, fmt, opts), output, _smaller(opts))
 
 
 def _smaller(opts: ConvertOptions) -> str:
