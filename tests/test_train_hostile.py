@@ -132,7 +132,7 @@ def test_a_truncated_checkpoint_is_named_and_resume_falls_back(tmp_path, data_di
     out = tmp_path / "run"
     run_training(load_config(config), out)
     newest = out / "checkpoints" / "step_00000008"
-    weights = newest / "model.safetensors"
+    weights = newest / ckpt.STATE_DIR / "shard-00001-model-00001-of-00001.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
 
     code, err = cli(capsys, "export", str(newest), str(tmp_path / "hf"))

@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -344,6 +344,11 @@ class _Record:
     redrawn_LEMF: np.ndarray | None = None  # (L, E, 3, F / G) bool
     calibration: object | None = None  # calibration.RouterCalibration for --router-init data
 
+    def layer(self, index: int) -> dict:
+        """The record of MoE layer `index`, started when first needed (a lazy conversion may produce a layer's experts
+        without its router)."""
+        return self.layers.setdefault(index, {"layer": index, "experts": []})
+
 
 _ROLE_KIND = {"attn_norm": "norm", "ffn_norm": "norm", "q_norm": "norm", "k_norm": "norm",
               "q_bias": "bias", "k_bias": "bias", "v_bias": "bias", "o_bias": "bias"}
@@ -426,14 +431,14 @@ class _Producer:
                 tensors = {"gate": x.gate_FD, "up": x.up_FD, "down": x.down_DF}
                 records = {**segment, **x.records}
                 self.record.redrawn_LEMF[layer, e] = x.redrawn_MF.numpy()
-            self.record.layers[layer]["experts"].append({"expert": e, **records})
+            self.record.layer(layer)["experts"].append({"expert": e, **records})
             self._expert = (layer, e, tensors)
         return self._expert[2][entry.role]
 
     def _segment_neurons(self, layer: int) -> torch.Tensor:
         if self._segments is None or self._segments[0] != layer:
             neurons = segment_neurons(self.shapes.ffn_dim, self.opts.granularity, seed=self.opts.seed, layer=layer)
-            self.record.layers[layer]["segments"] = neurons.tolist()
+            self.record.layer(layer)["segments"] = neurons.tolist()
             self._segments = (layer, neurons)
         return self._segments[1]
 
@@ -446,7 +451,7 @@ class _Producer:
                 tensors = dense_shared_expert(dense["gate"], dense["up"], dense["down"],
                                               self._segment_neurons(entry.layer)[0], seed=self.opts.seed,
                                               layer=entry.layer)
-                self.record.layers[entry.layer]["shared_expert"] = {"segment": 0, "down_scale": 2.0}
+                self.record.layer(entry.layer)["shared_expert"] = {"segment": 0, "down_scale": 2.0}
             else:
                 shapes = hf.shared_expert_shapes(self.shapes.dim, self.shared_dim)
                 tensors = init_shared_expert(shapes, std=self.init_std, seed=self.opts.seed, layer=entry.layer)
@@ -465,10 +470,10 @@ class _Producer:
         if entry.kind in ("attn", "dense_ffn"):
             return self._copied(entry, _ROLE_KIND.get(entry.role, "weight"))
         if entry.kind == "router":
-            self.record.layers[entry.layer] = {"layer": entry.layer, "experts": []}
+            self.record.layer(entry.layer)
             if self.record.calibration is not None:  # --router-init data: one k-means row per copy
                 router = self.record.calibration.rows[entry.layer]
-                self.record.layers[entry.layer]["router_cluster_sizes"] = (
+                self.record.layer(entry.layer)["router_cluster_sizes"] = (
                     self.record.calibration.cluster_sizes[entry.layer])
             else:  # one random row per copy of the dense FFN
                 gen = derived_generator(self.opts.seed, entry.layer, "router")
@@ -595,24 +600,17 @@ def _estimate_for(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions) ->
     return estimate(shapes, fmt, opts, value_bytes, num_sources=len(readers))
 
 
-def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], Iterator, _Record, dict]:
+def _generate(readers, shapes, fmt, opts, progress: bool,
+              router_rows=None) -> tuple[list[Entry], Iterator, _Record, dict]:
     moe_layers = opts.check_source(shapes, fmt)
-    moe_config = hf.build_moe_config(
-        readers[0].config, fmt, num_experts=opts.num_experts, top_k=opts.top_k,
-        router_aux_loss_coef=opts.router_aux_loss_coef,
-        shared_expert_dim=shapes.ffn_dim // opts.granularity if opts.shared_dense else opts.shared_expert_dim,
-        dtype=dtype_name(_out_dtype(opts, readers[0])), expert_ffn_dim=shapes.ffn_dim // opts.granularity,
-        moe_layers=moe_layers,
-    )
+    moe_config = _moe_config(readers, shapes, fmt, opts)
     shared_dim = moe_config.get("shared_expert_intermediate_size", 0)
     entries = _layout(shapes, fmt, opts.num_experts, shared_dim, opts.granularity, moe_layers)
     expert_dim = shapes.ffn_dim // opts.granularity
     record = _Record(redrawn_LEMF=np.zeros((shapes.num_layers, opts.num_experts, len(MATRICES), expert_dim),
                                            dtype=bool))
     if opts.router_init == "data":  # runs the dense model once, before any tensor is produced
-        record.calibration = data_router_rows(readers[0].dir, opts.calibration, max_tokens=opts.calibration_tokens,
-                                              copies=opts.num_experts // opts.routed_segments, layers=moe_layers,
-                                              seed=opts.seed, std=opts.router_std)
+        record.calibration = router_rows or _calibrate(readers, opts, moe_layers)
     produce = _Producer(readers, shapes, opts, record, shared_dim)
     out_dtype = _out_dtype(opts, readers[0])
 
@@ -625,6 +623,82 @@ def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], 
         bar.close()
 
     return entries, tensors(), record, moe_config
+
+
+def _moe_config(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions) -> dict:
+    return hf.build_moe_config(
+        readers[0].config, fmt, num_experts=opts.num_experts, top_k=opts.top_k,
+        router_aux_loss_coef=opts.router_aux_loss_coef,
+        shared_expert_dim=shapes.ffn_dim // opts.granularity if opts.shared_dense else opts.shared_expert_dim,
+        dtype=dtype_name(_out_dtype(opts, readers[0])), expert_ffn_dim=shapes.ffn_dim // opts.granularity,
+        moe_layers=opts.check_source(shapes, fmt),
+    )
+
+
+def planned_moe_config(source: str | os.PathLike, **options) -> tuple[dict, bool]:
+    """(the config.json a conversion of `source` writes, whether its shared expert is live), from the source's config
+    and file headers alone: no tensor is produced and no calibration runs. A shared expert is live with
+    `--shared-expert dense`; the zero one adds nothing, and loading drops it."""
+    opts = _options(options)
+    readers, shapes, fmt = _open_sources(source, opts)
+    return _moe_config(readers, shapes, fmt, opts), fmt == "qwen2_moe" and opts.shared_dense
+
+
+def _calibrate(readers, opts: ConvertOptions, moe_layers: tuple[int, ...]):
+    return data_router_rows(readers[0].dir, opts.calibration, max_tokens=opts.calibration_tokens,
+                            copies=opts.num_experts // opts.routed_segments, layers=moe_layers, seed=opts.seed,
+                            std=opts.router_std)
+
+
+def router_calibration(source: str | os.PathLike, **options):
+    """The k-means router rows of `--router-init data` (calibration.RouterCalibration) for this conversion, or None for
+    any other router init: computed once (the dense model runs on the calibration text), then handed to `lazy_convert`
+    on every rank."""
+    opts = _options(options)
+    if opts.router_init != "data":
+        return None
+    readers, shapes, fmt = _open_sources(source, opts)
+    return _calibrate(readers, opts, opts.check_source(shapes, fmt))
+
+
+class LazyConversion(Mapping):
+    """The output of a conversion as a read-only mapping HF key -> tensor, each tensor computed when it is looked up
+    from the dense tensors it comes from (the same code and seeds as `convert`, so the same values), nothing kept.
+    `shape(key)` answers without computing."""
+
+    def __init__(self, entries: list[Entry], produce: _Producer, dtype: torch.dtype):
+        self._entries = {entry.name: entry for entry in entries}
+        self._produce, self._dtype = produce, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._produce(self._entries[name]).to(self._dtype)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's own would compute the tensor to find out
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+
+def lazy_convert(source: str | os.PathLike, *, router_rows=None, **options) -> tuple[dict, LazyConversion]:
+    """The same conversion as `convert`, as (MoE config.json as a dict, LazyConversion): for online upcycling, where each
+    rank computes only the tensors (and experts) it keeps. `router_rows`: `router_calibration`'s result, computed once
+    and shared; with `--router-init data` and none given, it is computed here."""
+    opts = _options(options)
+    readers, shapes, fmt = _open_sources(source, opts)
+    entries, _, record, moe_config = _generate(readers, shapes, fmt, opts, progress=False, router_rows=router_rows)
+    produce = _Producer(readers, shapes, opts, record, moe_config.get("shared_expert_intermediate_size", 0))
+    return moe_config, LazyConversion(entries, produce, _out_dtype(opts, readers[0]))
+
+
+def _options(options: dict) -> ConvertOptions:
+    return ConvertOptions(**{k: tuple(v) if k == "btx_sources" else v for k, v in options.items()})
 
 
 def convert_in_memory(source: str | os.PathLike, **options) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -146,6 +146,9 @@ class CheckpointReader(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.get(name)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor to find out
+        return name in self.tensors
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
 
@@ -158,18 +161,27 @@ class CheckpointReader(Mapping):
     def dtype(self, name: str) -> torch.dtype:
         return CODE_DTYPES[self.tensors[name].dtype]
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor with a plain positioned read: unlike a memory map, pages already read do not stay in this
-        process's resident set, so reading a whole model layer by layer keeps peak memory flat."""
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Read one tensor, or only its `rows` (a slice of dim 0, stored contiguously), with a plain positioned read:
+        unlike a memory map, pages already read do not stay in this process's resident set, so reading a whole model
+        layer by layer keeps peak memory flat, and a rank that keeps a few rows reads only those."""
         info = self.tensors[name]
-        buffer = bytearray(info.end - info.start)
+        shape = info.shape
+        start, end = info.start, info.end
+        if rows is not None and shape:
+            first, stop, _ = rows.indices(shape[0])
+            stop = max(stop, first)
+            row_bytes = (end - start) // shape[0] if shape[0] else 0
+            start, end = start + first * row_bytes, start + stop * row_bytes
+            shape = (stop - first, *shape[1:])
+        buffer = bytearray(end - start)
         with open(info.file, "rb") as f:
-            f.seek(info.start)
+            f.seek(start)
             if f.readinto(buffer) != len(buffer):
                 raise UpcycleError(f"{info.file} ended while reading {name}; the file changed or is truncated")
         if not buffer:
-            return torch.empty(info.shape, dtype=CODE_DTYPES[info.dtype])
-        return torch.frombuffer(buffer, dtype=CODE_DTYPES[info.dtype]).reshape(info.shape)
+            return torch.empty(shape, dtype=CODE_DTYPES[info.dtype])
+        return torch.frombuffer(buffer, dtype=CODE_DTYPES[info.dtype]).reshape(shape)
 
     def sha256(self) -> dict[str, str]:
         """sha256 of config.json, the index and every weight file, for the manifest."""

@@ -221,6 +221,9 @@ class TrainLoopConfig:
         z_coef: Weight of the router z-loss (the paper: 0, it is logged anyway).
         eval_every: Per-domain validation loss every this many steps and at the end; 0 disables validation.
         eval_sequences: Validation sequences per domain (fixed, evenly spread over the held-out documents).
+        collective_timeout_s: With several ranks, how long a rank waits in a collective for the others before the run
+            fails with a timeout (a frozen or lost rank); it must exceed the longest pause of any one rank, such as
+            rank 0 tokenizing data.sources or calibrating routers at start-up.
     """
 
     max_steps: int = 1000
@@ -237,8 +240,11 @@ class TrainLoopConfig:
     z_coef: float = 0.0
     eval_every: int = 200
     eval_sequences: int = 64
+    collective_timeout_s: float = 900.0
 
     def validate(self) -> None:
+        if not self.collective_timeout_s > 0:
+            raise UpcycleError(f"train.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.max_steps < 1:
             raise UpcycleError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -262,10 +268,14 @@ class CheckpointConfig:
     Attributes:
         every: Save every this many optimizer steps, and always at the end; 0: only at the end (and on SIGTERM).
         keep: Keep the newest this many checkpoints, delete older ones.
+        async_save: Write each checkpoint's state in a background thread while the next steps train (each rank first
+            copies its share of the state in memory); the checkpoint appears, complete, once every rank has written
+            its part. false: training waits for the write.
     """
 
     every: int = 500
     keep: int = 3
+    async_save: bool = False
 
     def validate(self) -> None:
         if self.every < 0 or self.keep < 1:
