@@ -157,10 +157,10 @@ class Plan:
 
     def node_host_bytes(self, phase: str) -> int:
         """Host memory of the busiest node in `phase` (build, save or train), its ranks' worst plans added up."""
-        per_rank = {"build": self.worst.host_build, "save": self.worst.host_save,
-                    "train": self.worst.device_total + RUNTIME_BYTES}[phase]
-        if self.device == "cpu" and phase != "train":
-            per_rank = max(per_rank, self.worst.device_total + RUNTIME_BYTES)
+        training = self.worst.device_total + RUNTIME_BYTES if self.device == "cpu" else RUNTIME_BYTES
+        per_rank = {"build": self.worst.host_build, "save": self.worst.host_save, "train": training}[phase]
+        if self.device == "cpu":  # the device is the host: training's memory is there in every phase
+            per_rank = max(per_rank, training)
         return per_rank * self.ranks_per_node
 
 
@@ -222,13 +222,15 @@ def format_plan(plan: Plan) -> str:
              f"checkpoint: {_gb(plan.checkpoint_bytes)} on disk (weights + AdamW), each rank writing its share",
              "", f"{'rank':>5} {'params':>15} {'weights':>11} {'grads':>11} {'AdamW':>11} {'gathered':>11} "
              f"{'activations':>11} {'device':>11} {'host build':>11} {'host save':>11}"]
-    shown = plan.ranks if len(plan.ranks) <= 8 else [*plan.ranks[:2], plan.worst]
+    shown = plan.ranks if len(plan.ranks) <= 8 else [*plan.ranks[:2], plan.ranks[-1]]
+    if plan.worst not in shown:
+        shown.append(plan.worst)
     for r in shown:
         lines.append(f"{r.rank:>5} {r.params:>15,} {_gb(r.weights):>11} {_gb(r.grads):>11} {_gb(r.optimizer):>11} "
                      f"{_gb(r.gathered):>11} {_gb(r.activations):>11} {_gb(r.device_total):>11} "
                      f"{_gb(r.host_build):>11} {_gb(r.host_save):>11}")
     if len(plan.ranks) > len(shown):
-        lines.append(f"  ({len(plan.ranks) - len(shown)} more ranks alike; the last line is the busiest)")
+        lines.append(f"  ({len(plan.ranks) - len(shown)} more ranks not shown; the busiest is rank {plan.worst.rank})")
     lines.append("")
     lines.append(f"per node ({plan.ranks_per_node} ranks): host at build {_gb(plan.node_host_bytes('build'))}, "
                  f"while training {_gb(plan.node_host_bytes('train'))}, at save {_gb(plan.node_host_bytes('save'))}")
