@@ -161,10 +161,12 @@ def _estimate(config: Path, world: int, degree: int, src: Path) -> int | None:
     return int(result.stdout.split()[-1]) if result.returncode == 0 else None
 
 
-def measure(work: Path, src: Path, quick: bool) -> dict:
+def measure(work: Path, src: Path, quick: bool, layouts: list[str]) -> dict:
     config = _prepare(work, SHAPES["quick" if quick else "full"])
     results = {}
     for name, world, degree in LAYOUTS:
+        if name not in layouts:
+            continue
         out, log = work / f"run-{world}-{degree}", work / f"log-{world}-{degree}.jsonl"
         shutil.rmtree(out, ignore_errors=True)
         log.unlink(missing_ok=True)
@@ -192,9 +194,9 @@ def _gb(size: float) -> str:
 
 
 def report(results: dict) -> str:
-    one = results[LAYOUTS[0][0]]["phases"]
-    lines = ["peak RSS in GB: the busiest rank (rank 0 / median rank where they differ); ratio = worst phase over the "
-             "1-process worst phase",
+    one = next(iter(results.values()))["phases"]
+    lines = ["peak RSS in GB: the busiest rank (rank 0 / median rank where they differ); worst/1 = its worst phase over "
+             "the first layout's worst phase",
              f"{'ranks':<9} {'build':>14} {'steps':>14} {'save':>14} {'resume':>14} {'worst/1':>8} {'save s':>7} "
              f"{'load s':>7} {'ckpt GB':>8} {'plan':>6}"]
     single_worst = max(max(p["peak_rss"]) for p in one.values())
@@ -223,6 +225,8 @@ def main() -> None:
                         help="working directory (the model, data and runs are kept there)")
     parser.add_argument("--src", type=Path, default=REPO / "src", help="the upcycle source tree the ranks import")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument("--layouts", default=",".join(name for name, _, _ in LAYOUTS),
+                        help="comma-separated layouts to run, of: " + ", ".join(name for name, _, _ in LAYOUTS))
     parser.add_argument("--worker", nargs=4, metavar=("CONFIG", "OUT", "STEPS", "LOG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -232,7 +236,11 @@ def main() -> None:
     from upcycle.hardware import cpu_description
 
     args.work.mkdir(parents=True, exist_ok=True)
-    results = measure(args.work, args.src.resolve(), args.quick)
+    layouts = [name.strip() for name in args.layouts.split(",")]
+    unknown = sorted(set(layouts) - {name for name, _, _ in LAYOUTS})
+    if unknown:
+        parser.error(f"unknown layout(s) {unknown}")
+    results = measure(args.work, args.src.resolve(), args.quick, layouts)
     print(cpu_description())
     print(report(results))
     if args.json:

@@ -35,13 +35,14 @@ def test_train_throughput_benchmark_reports_both_models():
 
 
 @pytest.mark.slow
-def test_memory_benchmark_measures_every_layout_and_phase(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory.py"), "--quick", "--work",
-                             str(tmp_path / "work"), "--json", str(tmp_path / "memory.json")],
+def test_memory_benchmark_measures_every_phase_of_every_rank(tmp_path):
+    # the most involved layout only (4 ranks, expert parallel 2): the whole run takes minutes
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory.py"), "--quick", "--layouts", "4 EP2",
+                             "--work", str(tmp_path / "work"), "--json", str(tmp_path / "memory.json")],
                             env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((tmp_path / "memory.json").read_text())["results"]
-    assert list(results) == ["1", "2 FSDP2", "4 FSDP2", "4 EP2"]
+    assert list(results) == ["4 EP2"]
     for name, layout in results.items():
         assert set(layout["phases"]) == {"build", "steps", "save", "resume", "save-2"}
         for phase in layout["phases"].values():
