@@ -7,6 +7,7 @@ Multi-rank checks run as gloo processes on this CPU (torch.multiprocessing or to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -188,6 +189,9 @@ def _rewind(source: Path, target: Path) -> Path:
 @pytest.mark.slow
 def test_four_ranks_train_like_one_process_and_their_checkpoint_resumes_on_two_and_on_one(runs, tmp_path):
     assert_same_training(runs["four"], runs["single"], range(1, STEPS + 1))
+    # the running hash of the tokens consumed does not depend on how many ranks read them
+    assert [r["data_sha256"] for r in read_metrics(runs["four"])] == \
+        [r["data_sha256"] for r in read_metrics(runs["single"])]
     out = _rewind(runs["four"], tmp_path / "to-two")
     assert "written by 4 rank(s)" in torchrun_train(runs["config"], out, nproc=2)
     assert_same_training(out, runs["single"], range(4, STEPS + 1))
@@ -413,3 +417,63 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0]
     except (OSError, IndexError):
         return "zombie"
+
+
+def test_a_truncated_rng_file_makes_resume_fall_back_in_one_line(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(make_data_dir(tmp_path / "data"), train={"eval_every": 0}))
+    out = tmp_path / "run"
+    assert run_train(config, out).returncode == 0
+    rng = out / "checkpoints" / "step_00000008" / "rng_rank0.json"
+    rng.write_text(rng.read_text()[:100])
+    result = run_train(config, out, "--train.max_steps", "9")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"cannot resume from step_00000008: {rng} is truncated or not JSON" in result.stderr
+    assert "(step 4," in result.stderr
+
+
+def test_export_of_a_checkpoint_whose_config_json_is_broken_or_another_models_is_one_line(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(make_data_dir(tmp_path / "data"),
+                                                          train={"max_steps": 1, "eval_every": 0}))
+    assert run_train(config, tmp_path / "run").returncode == 0
+    checkpoint = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    record = json.loads((checkpoint / "config.json").read_text())
+    for name, text, expected in (
+            ("other", json.dumps({**record, "model": {**record["model"], "dim": 64, "head_dim": 16}}),
+             "config.json implies"),
+            ("truncated", (checkpoint / "config.json").read_text()[:40], "is truncated or not JSON")):
+        broken = shutil.copytree(checkpoint, tmp_path / name)
+        (broken / "config.json").write_text(text)
+        result = subprocess.run([sys.executable, "-m", "upcycle", "export", str(broken), str(tmp_path / f"hf-{name}")],
+                                env=subprocess_env(), capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert expected in result.stderr and not (tmp_path / f"hf-{name}").exists()
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_makes_the_others_fail_after_the_collective_timeout(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_config(make_data_dir(tmp_path / "data"),
+                                                          train={"max_steps": 100000, "eval_every": 0,
+                                                                 "collective_timeout_s": 5},
+                                                          checkpoint={"every": 0}))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "upcycle",
+               "train", "--config", str(config), "--out", str(out)]
+    launcher = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.2)
+    workers = sorted(int(pid) for pid in
+                     Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split())
+    os.kill(workers[1], signal.SIGSTOP)  # rank 1 freezes; rank 0 waits for it in the next collective
+    frozen_at = time.monotonic()
+    try:
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert launcher.returncode != 0
+    assert time.monotonic() - frozen_at < 90  # the 5 s timeout, and torchrun's teardown, not gloo's 30 minutes
+    assert "timed out" in err.lower() or "timeout" in err.lower(), err[-2000:]

@@ -360,7 +360,13 @@ def export_hf(
 
 def is_our_checkpoint(path: str | Path) -> bool:
     config_path = Path(path) / "config.json"
-    return config_path.exists() and "model" in json.loads(config_path.read_text())
+    if not config_path.is_file():
+        return False
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UpcycleError(f"{config_path} is truncated or not JSON; restore it from the run or re-export") from None
+    return isinstance(config, dict) and "model" in config
 
 
 def check_model_dir(model_path: str | Path) -> Path:
@@ -405,12 +411,30 @@ def model_tensors(path: str | Path) -> tuple[ModelConfig, Mapping[str, Tensor]]:
     if is_our_checkpoint(path):
         tensors = CheckpointTensors(path)  # refuses a directory of no known format first
         try:
-            return ModelConfig(**model_config_of(path)), tensors
+            config = ModelConfig(**model_config_of(path))
         except TypeError as exc:
             raise UpcycleError(f"{path / 'config.json'} does not describe a model of ours ({exc})") from None
+        _check_shapes(config, tensors, path)
+        return config, tensors
     reader = CheckpointReader(path)
     config, sources = hf_sources(reader, reader.config)
     return config, _SourceTensors(sources)
+
+
+def _check_shapes(config: ModelConfig, tensors: Mapping[str, Tensor], path: Path) -> None:
+    """Every tensor of the model `config` describes is there with its shape, and nothing else (before any is read)."""
+    with torch.device("meta"):
+        expected = {name: tuple(p.shape) for name, p in Transformer(config).state_dict().items()}
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise UpcycleError(f"checkpoint {path} lacks tensor {name} that its config.json implies; the checkpoint "
+                               "is incomplete or its config.json belongs to another model")
+        if tuple(tensors.shape(name)) != shape:
+            raise UpcycleError(f"checkpoint {path}: tensor {name} has shape {tuple(tensors.shape(name))}, config.json "
+                               f"implies {shape}; its config.json belongs to another model")
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise UpcycleError(f"checkpoint {path} has tensors its config.json does not describe: {', '.join(unknown[:3])}")
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
