@@ -477,3 +477,28 @@ def test_a_frozen_rank_makes_the_others_fail_after_the_collective_timeout(tmp_pa
     assert launcher.returncode != 0
     assert time.monotonic() - frozen_at < 90  # the 5 s timeout, and torchrun's teardown, not gloo's 30 minutes
     assert "timed out" in err.lower() or "timeout" in err.lower(), err[-2000:]
+
+
+def test_check_eval_and_analyze_read_a_sharded_training_checkpoint(dense, tmp_path):
+    from upcycle.check import check
+    from upcycle.hf_model import load_model
+
+    data_dir = make_data_dir(tmp_path / "data")
+    config = tiny_config(data_dir, model=None, init={"source": str(dense["dense"]), "method": "naive",
+                                                      "num_experts": 4}, train={"max_steps": 1, "eval_every": 0},
+                         optim={"lr": 1e-9, "min_lr": 1e-9})
+    config["data"]["seq_len"] = 16
+    out = tmp_path / "run"
+    train_one_process(write_config(tmp_path / "c.yaml", config), out)
+    checkpoint = ckpt.latest_checkpoint(out / "checkpoints")
+    assert ckpt.checkpoint_format(checkpoint) == ckpt.SHARDED
+    report = check(str(checkpoint), str(dense["dense"]))  # exported on the fly, then loaded by transformers
+    assert report.max_abs_logit_diff < 1e-3  # naive upcycling after one step at a learning rate of 1e-9
+    model = load_model(checkpoint)
+    assert model.config.num_experts == 4
+    for command in (["eval", str(checkpoint), "--data", str(data_dir), "--seq-len", "32"],
+                    ["analyze", str(checkpoint), "--data", str(data_dir), "--seq-len", "32", "--out",
+                     str(tmp_path / "analysis")]):
+        result = subprocess.run([sys.executable, "-m", "upcycle", *command], env=subprocess_env(),
+                                capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, result.stderr[-2000:]

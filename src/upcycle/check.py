@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,14 +85,17 @@ def _perplexity(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> float:
 def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: int = 512,
           tolerance: float = 1e-4) -> CheckReport:
     """Compare the MoE at `moe_dir` with the dense model at `dense_dir` on a probe text."""
+    from upcycle.hf_model import as_hf_directory, is_our_checkpoint, model_tensors
+
     moe_path, dense_path = Path(moe_dir), Path(dense_dir)
     for path in (moe_path, dense_path):
         # the validation every other command does before work: config.json, safetensors headers against file sizes
         # (a truncated file is named), pickle weights refused rather than handed to transformers
-        CheckpointReader(path)
+        model_tensors(path) if is_our_checkpoint(path) else CheckpointReader(path)
     manifest_path = moe_path / "upcycle_manifest.json"
     method = json.loads(manifest_path.read_text())["options"]["method"] if manifest_path.is_file() else None
-    dense, moe = _load(dense_path), _load(moe_path)
+    with tempfile.TemporaryDirectory() as tmp:  # a training checkpoint of ours is exported there to be loaded
+        dense, moe = _load(as_hf_directory(dense_path, tmp)), _load(as_hf_directory(moe_path, tmp))
     if dense.config.vocab_size != moe.config.vocab_size:
         raise UpcycleError(f"vocabularies differ ({dense.config.vocab_size} vs {moe.config.vocab_size}); "
                            "is --dense the parent of this MoE?")
@@ -122,7 +126,8 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
     logits differ from the dense ones by more than --tolerance.
 
     Args:
-        moe_dir: The MoE checkpoint directory (written by upcycle convert, or any HF MoE).
+        moe_dir: The MoE checkpoint directory (written by upcycle convert, any HF MoE, or a training checkpoint of
+            ours, exported on the fly).
         dense: The dense parent checkpoint directory.
         text: A UTF-8 text file to probe with (default: a built-in English/code/Japanese sample).
         max_tokens: Probe at most this many tokens.

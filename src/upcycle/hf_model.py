@@ -437,6 +437,16 @@ def _check_shapes(config: ModelConfig, tensors: Mapping[str, Tensor], path: Path
         raise UpcycleError(f"checkpoint {path} has tensors its config.json does not describe: {', '.join(unknown[:3])}")
 
 
+def as_hf_directory(path: str | Path, tmp: str | Path) -> Path:
+    """An HF checkpoint directory of any checkpoint we read, for tools that load through transformers: an HF one as it
+    is, one of ours exported (streaming) into `tmp`."""
+    path = Path(path)
+    if not is_our_checkpoint(path):
+        return path
+    config, tensors = model_tensors(path)
+    return export_hf(tensors, config, Path(tmp) / f"hf-{path.name}")
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
     """Our Transformer from either our checkpoint directory (a training checkpoint of either format, or a saved model)
     or an HF one, detected by config.json's "model" key."""
