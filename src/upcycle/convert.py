@@ -173,6 +173,11 @@ class ConvertOptions:
             raise UpcycleError("--shared-expert-dim must be at least 1")
         parse_size(self.max_shard_size)
 
+    def input_paths(self) -> tuple[str, ...]:
+        """The files and directories these options make a conversion read besides SOURCE: an output must never be or
+        contain one of them."""
+        return (*self.btx_sources, *([self.calibration] if self.calibration is not None else []))
+
     @property
     def shared_dense(self) -> bool:
         return self.shared_expert == "dense"
@@ -649,7 +654,7 @@ def convert(
     written into a temporary sibling directory and renamed into place only when complete.
     """
     opts = ConvertOptions(**{k: tuple(v) if k == "btx_sources" else v for k, v in options.items()})
-    inputs = [source, *opts.btx_sources]
+    inputs = [source, *opts.input_paths()]
     output = check_output(output, force=force, inputs=inputs)
     readers, shapes, fmt = _open_sources(source, opts)
     _check_fits(_estimate_for(readers, shapes, fmt, opts), opts, output)

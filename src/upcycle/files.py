@@ -31,16 +31,44 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _real_paths(item: Path) -> Iterator[Path]:
+    """`item` after resolving symlinks and, for a directory, every file and directory below it, each resolved too: a
+    directory's files may be symlinks to elsewhere (Hugging Face's cache keeps a snapshot's files as symlinks into
+    blobs/), and replacing that elsewhere deletes the input as surely as replacing the directory itself."""
+    real = item.resolve()
+    yield real
+    if not real.is_dir():
+        return
+    seen = {real}
+    for root, dirs, files in os.walk(real, followlinks=True):
+        for name in files:
+            yield Path(root, name).resolve()
+        kept = []
+        for name in dirs:
+            target = Path(root, name).resolve()
+            yield target
+            if target not in seen:  # a symlinked directory that loops back is walked once
+                seen.add(target)
+                kept.append(name)
+        dirs[:] = kept
+
+
 def refuse_output_over_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, flag: str) -> None:
     """Refuse an output directory that is, or contains, one of the inputs: replacing it (--force) would delete the
-    very files the command reads. Paths are compared after resolving symlinks, so an alias of the input is caught."""
+    very files the command reads. Paths are compared after resolving symlinks (of the inputs and of every file inside
+    an input directory), so an alias of the input is caught."""
     out_real = Path(out).expanduser().resolve()
     for item in inputs:
-        item_real = Path(item).expanduser().resolve()
-        if item_real == out_real or out_real in item_real.parents:
+        item_path = Path(item).expanduser()
+        for item_real in _real_paths(item_path):
+            if item_real != out_real and out_real not in item_real.parents:
+                continue
             what = "is" if item_real == out_real else "contains"
-            raise UpcycleError(f"{flag} {out} {what} the input {item}; replacing it would delete the input, "
-                               f"choose another {flag}")
+            if item_real == item_path.resolve():
+                raise UpcycleError(f"{flag} {out} {what} the input {item}; replacing it would delete the input, "
+                                   f"choose another {flag}")
+            raise UpcycleError(f"{flag} {out} {what} {item_real}, which the input {item} reads through a symlink; "
+                               f"replacing {flag} would delete the input, choose another {flag}")
 
 
 TMP_TAG = "upcycle-tmp"
