@@ -87,6 +87,13 @@ CASES = {
     "heads not a multiple": (_config_value("num_key_value_heads", 3), ["{src}", "{out}"],
                              "must be a multiple of num_key_value_heads"),
     "NaN weight": (_nan_weight, ["{src}", "{out}"], "model.layers.1.mlp.down_proj.weight in"),
+    "NaN router std": (lambda d: None, ["{src}", "{out}", "--router-std", "nan"],
+                       "--router-std must be a finite number, got nan"),
+    "Inf router std": (lambda d: None, ["{src}", "{out}", "--router-std", "inf"],
+                       "--router-std must be a finite number, got inf"),
+    "NaN noise std": (lambda d: None, ["{src}", "{out}", "--method", "noise", "--noise-std", "nan"],
+                      "--noise-std must be a finite number, got nan"),
+    "NaN ratio": (lambda d: None, ["{src}", "{out}", "--ratio", "nan"], "--ratio must be a finite number"),
     "a billion experts": (lambda d: None, ["{src}", "{out}", "--num-experts", "1000000000"], "of memory"),
 }
 
@@ -263,3 +270,17 @@ def test_train_and_convert_on_a_read_only_file_system_are_one_line(tmp_path, cap
     src = save_dense(tmp_path / "src", "llama")
     code, err = run_cli(capsys, "convert", str(src), str(disk / "moe"), "--quiet")
     _one_line(code, err, "Read-only file system")
+
+
+def test_check_refuses_a_moe_with_nan_weights(tmp_path, capsys):
+    """A drop conversion has no exactness verdict, so before this check NaN logits printed "nan" and exited 0."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_dense(tmp_path / "src", "llama")
+    main(["convert", str(src), str(tmp_path / "moe"), "--num-experts", "2", "--quiet"])
+    weights = tmp_path / "moe" / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.1.block_sparse_moe.gate.weight"][0, 0] = float("nan")
+    save_file(state, weights, metadata={"format": "pt"})
+    code, err = run_cli(capsys, "check", str(tmp_path / "moe"), "--dense", str(src))
+    _one_line(code, err, "NaN or Inf logits", "model.layers.1.block_sparse_moe.gate.weight")

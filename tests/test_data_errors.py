@@ -83,6 +83,8 @@ CASES = {
                                            ["{out}", "{tok}", "--domain", OK, "--val-domain", "x={in}/v.jsonl"],
                                            "have no training sources"),
     "val fraction 1": (None, ["{out}", "{tok}", "--domain", OK, "--val-fraction", "1"], "val_fraction must be in"),
+    "val fraction NaN": (None, ["{out}", "{tok}", "--domain", OK, "--val-fraction", "nan"],
+                         "--val-fraction must be a finite number, got nan"),
     "missing tokenizer": (None, ["{out}", "{in}/no-tokenizer", "--domain", OK], "tokenizer path"),
     "tokenizer dir without tokenizer.json": (_tokenizer_without_json, ["{out}", "{in}/tok", "--domain", OK],
                                              "no tokenizer.json in"),

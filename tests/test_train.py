@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import time
@@ -54,11 +55,46 @@ def test_lr_schedule_warms_up_from_min_then_cosine_decays_to_min():
     ("optim.min_lr=1.0", "optim.min_lr"),
     ("train.max_steps=ten", "train.max_steps"),
     ("schedule.warmup_steps=-1", "schedule.warmup_steps"),
+    # NaN compares false with every bound, so range checks let it through; Inf passes `> 0` (issue 18)
+    ("optim.grad_clip=.nan", "optim.grad_clip must be a finite number"),
+    ("optim.eps=.nan", "optim.eps must be a finite number"),
+    ("optim.weight_decay=.nan", "optim.weight_decay must be a finite number"),
+    ("optim.lr=.inf", "optim.lr must be a finite number"),
+    ("train.aux_coef=.nan", "train.aux_coef must be a finite number"),
+    ("schedule.warmup_start_lr=.nan", "schedule.warmup_start_lr must be a finite number"),
+    ("data.weights={code: .nan, english: 1.0}", "data.weights.code must be a finite number"),
+    ("model.norm_eps=.inf", "model.norm_eps must be a finite number"),
+    ("init.noise_std=.nan", "init.noise_std must be a finite number"),
+    # values of the wrong shape: one line naming the field, not a TypeError from deep inside
+    ("optim.betas=ab", "optim.betas must be a list of 2 finite numbers"),
+    ("optim.betas=[[0.9], 0.95]", "optim.betas[0] must be a finite number"),
+    ("data.weights=[1, 2]", "data.weights must be a mapping"),
+    ("model.rope_scaling=[1]", "model.rope_scaling must be a mapping"),
+    ("model.dim=-4", "dim must be at least 1"),
+    ("model.moe_layers=[a]", "model.moe_layers[0] must be an integer"),
 ])
 def test_bad_config_field_is_named_before_any_work(tmp_path, data_dir, override, field):
     config = write_config(tmp_path / "c.yaml", tiny_config(data_dir))
-    with pytest.raises(UpcycleError, match=field.replace(".", r"\.")):
+    with pytest.raises(UpcycleError, match=re.escape(field)):
         load_config(config, [override])
+
+
+def test_sources_of_the_wrong_type_are_named(tmp_path, data_dir):
+    values = tiny_config(data_dir)
+    values["data"] = {"sources": {"english": [1, 2]}, "tokenizer": str(tmp_path), "seq_len": 32}
+    with pytest.raises(UpcycleError, match=re.escape("data.sources.english[0] must be a string, got 1")):
+        config_from_dict(values).validate()
+    values["data"]["sources"] = 5
+    with pytest.raises(UpcycleError, match=re.escape("data.sources must be a mapping")):
+        config_from_dict(values)
+
+
+def test_a_nan_domain_weight_is_refused_by_the_loader_too(data_dir):
+    """Before, `w < 0` let NaN through and `w > 0` then left the domain out: the stream was that of the other domain."""
+    from upcycle.data import MixtureLoader
+
+    with pytest.raises(UpcycleError, match="finite numbers >= 0"):
+        MixtureLoader(data_dir, seq_len=32, global_batch_size=4, weights={"code": math.nan, "english": 1.0})
 
 
 def _cli(capsys, config: Path, out: Path, *extra: str) -> tuple[int, str]:

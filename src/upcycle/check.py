@@ -61,6 +61,15 @@ def _load(path: Path):
     return model.eval()
 
 
+def _non_finite_cause(path: Path) -> str:
+    """Which tensor of a checkpoint holds NaN or Inf (read one at a time), or that all are finite."""
+    reader = CheckpointReader(path)
+    for name in reader.tensors:
+        if not torch.isfinite(reader.get(name)).all():
+            return f"its tensor {name} holds NaN or Inf values"
+    return "every tensor is finite: the forward pass overflows"
+
+
 def _token_ids(text: str, dirs: list[Path], vocab_size: int, max_tokens: int) -> torch.Tensor:
     """Tokenize with the checkpoint's tokenizer; without one, fall back to bytes folded into the vocabulary."""
     for d in dirs:
@@ -100,6 +109,10 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
     with torch.no_grad():
         dense_logits = dense(ids).logits.float()
         moe_logits = moe(ids).logits.float()
+    for what, path, logits_BTV in (("dense", dense_path, dense_logits), ("MoE", moe_path, moe_logits)):
+        if not torch.isfinite(logits_BTV).all():  # nan compares false with any tolerance: no verdict can be given
+            raise UpcycleError(f"the {what} model {path} gives NaN or Inf logits on the probe text "
+                               f"({_non_finite_cause(path)}); it computes no usable function, re-convert or re-save it")
     diff = (dense_logits - moe_logits).abs()
     max_diff = diff.max().item()
     return CheckReport(

@@ -63,6 +63,7 @@ from upcycle.upcycling import (
     upcycle_expert,
     virtual_group_router,
 )
+from upcycle.validation import check_fields
 
 MANIFEST_NAME = "upcycle_manifest.json"
 REDRAWN_NAME = "upcycle_redrawn.safetensors"
@@ -142,7 +143,12 @@ class ConvertOptions:
         return UpcycleOptions(method=self.method, ratio=self.ratio, index_mode=self.index_mode, stats=self.stats,
                               noise_std=self.noise_std, init_std=init_std, seed=self.seed)
 
+    def option_name(self, field_name: str) -> str:
+        """How messages spell one of these options: its flag."""
+        return "--" + field_name.replace("_", "-")
+
     def validate(self) -> None:
+        check_fields(self, self.option_name)  # types, choices, and no NaN/Inf in any float
         self.upcycle_options(0.02).validate()
         if self.num_experts < 1:
             raise UpcycleError(f"--num-experts must be at least 1, got {self.num_experts}")

@@ -55,6 +55,7 @@ import torch
 
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir, sha256_file
+from upcycle.validation import check_arguments
 
 FORMAT_VERSION = 1
 METADATA_FILE = "data.json"
@@ -279,7 +280,7 @@ def _refuse_output_in_input_dirs(out: Path, groups) -> None:
 
 
 def prepare(
-    sources: Mapping[str, Sequence[str | Path]],
+    sources: Mapping[str, Sequence[str | Path] | str | Path],
     out: str | Path,
     tokenizer: str | Path,
     *,
@@ -289,7 +290,7 @@ def prepare(
     text_field: str = "text",
     eos_token: str | None = None,
     force: bool = False,
-    val_sources: Mapping[str, Sequence[str | Path]] | None = None,
+    val_sources: Mapping[str, Sequence[str | Path] | str | Path] | None = None,
     batch_documents: int = 256,
     progress: bool = True,
 ) -> dict:
@@ -301,6 +302,7 @@ def prepare(
     The output appears atomically: everything is written to a temporary sibling directory that is renamed into place
     only when complete, so an interrupted run never leaves a half-written directory that looks usable.
     """
+    check_arguments(prepare, locals(), lambda name: "--" + name.replace("_", "-"))  # types; no NaN/Inf
     out = Path(out).expanduser()
     if not 0 <= val_fraction < 1:
         raise UpcycleError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -566,8 +568,9 @@ class MixtureLoader:
         unknown = sorted(set(weights) - set(available))
         if unknown:
             raise UpcycleError(f"weights name unknown domains {unknown}; {self.data_dir} has {sorted(available)}")
-        if any(w < 0 for w in weights.values()):
-            raise UpcycleError(f"domain weights must be >= 0, got {dict(weights)}")
+        if not all(isinstance(w, (int, float)) and 0 <= w < float("inf") for w in weights.values()):
+            # `w < 0` alone lets NaN through, and `w > 0` below would then silently leave that domain out
+            raise UpcycleError(f"domain weights must be finite numbers >= 0, got {dict(weights)}")
         # Sorted names make the domain index (and so every draw) independent of dict order in configs.
         self.domains = sorted(name for name, w in weights.items() if w > 0)
         if not self.domains:

@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import re
 import textwrap
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,11 @@ from upcycle.distributed import PARALLEL_MODES
 from upcycle.errors import UpcycleError
 from upcycle.model import ModelConfig
 from upcycle.upcycling import METHODS
+from upcycle.validation import check_fields, check_value, union_members
 
 # train.micro_batch_size: empty picks the largest divisor of the per-rank sequences up to this many.
 AUTO_MICRO_BATCH_MAX = 8
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: upcycle.hardware.resolve_precision decides per device
-
-
-def _one_of(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise UpcycleError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 class _InitChecks:
@@ -112,7 +109,7 @@ class DataConfig:
     """
 
     path: str | None = None
-    sources: dict[str, list[str]] | None = None
+    sources: dict[str, list[str] | str] | None = None
     tokenizer: str | None = None
     val_fraction: float = 0.01
     weights: dict[str, float] | None = None
@@ -313,11 +310,7 @@ class TrainConfig:
             section = getattr(self, name)
             if section is None:  # only `model` may be absent
                 continue
-            for f in dataclasses.fields(section):
-                value = getattr(section, f.name)
-                _check_type(f"{name}.{f.name}", str(f.type), value)
-                if "choices" in f.metadata and value is not None:
-                    _one_of(f"{name}.{f.name}", value, f.metadata["choices"])
+            check_fields(section, lambda field_name, section_name=name: f"{section_name}.{field_name}")
             if name != "model":  # ModelConfig checks itself when built
                 section.validate()
         if self.init.source is None and self.model is None:
@@ -366,22 +359,6 @@ def config_to_dict(config: TrainConfig) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-_SCALAR_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
-
-
-def _check_type(name: str, annotation: str, value: Any) -> None:
-    """Reject a value of the wrong scalar type (YAML gives whatever it parsed), naming the field."""
-    optional = "None" in annotation
-    base = annotation.replace(" | None", "")
-    if value is None:
-        if not optional:
-            raise UpcycleError(f"{name} must be set (got null)")
-        return
-    if base in _SCALAR_TYPES and (not isinstance(value, _SCALAR_TYPES[base])
-                                  or (base != "bool" and isinstance(value, bool))):
-        raise UpcycleError(f"{name} must be {base}, got {value!r}")
-
-
 def _section(cls: type, values: Any, name: str):
     """Build dataclass `cls` from a dict, naming the offending field of section `name` in errors."""
     if values is None:
@@ -394,18 +371,20 @@ def _section(cls: type, values: Any, name: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise UpcycleError(f"unknown config field {name}.{unknown[0]}; {name} accepts: {', '.join(sorted(known))}")
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     values = dict(values)
     for key, value in values.items():
-        if types[key].startswith("float") and isinstance(value, str):
+        if float in union_members(hints[key]) and isinstance(value, str):
             # PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string; accept it as the number it obviously is.
             with contextlib.suppress(ValueError):
                 values[key] = float(value)
-        _check_type(f"{name}.{key}", types[key], values[key])
+        check_value(f"{name}.{key}", hints[key], values[key])
     try:
         return cls(**values)
     except TypeError as exc:  # a missing required field (ModelConfig's sizes)
         raise UpcycleError(f"config section {name!r}: {exc}") from None
+    except UpcycleError as exc:  # ModelConfig checks its sizes when built
+        raise UpcycleError(f"{name}: {exc}") from None
 
 
 def config_from_dict(values: dict) -> TrainConfig:
