@@ -60,9 +60,14 @@ def test_virtual_groups_and_scale_make_the_routed_segments_sum_to_the_dense_ffn(
     # every segment weighs the same within a copy, and G * (sum of weights per segment) = 1 over the chosen copies
     total_per_segment = torch.zeros(50, G)
     total_per_segment.scatter_add_(1, ids_TK % G, weights_TK)
-    torch.testing.assert_close(total_per_segment * granular_scale(G, renormalize=True), torch.ones(50, G))
-    with pytest.raises(UpcycleError, match="renormalized"):
-        granular_scale(G, renormalize=False)
+    torch.testing.assert_close(total_per_segment * granular_scale(G), torch.ones(50, G))
+    # without renormalization the same factor makes every segment weigh P, the top-k probability mass of the coarse
+    # MoE (one router row per copy): the fine-grained MoE is then the coarse one, P * dense
+    logits_TE = torch.randn(50, 8) @ router.T
+    raw_TK, raw_ids_TK = route(logits_TE, top_k=k * G, renormalize=False)
+    raw_per_segment = torch.zeros(50, G).scatter_add_(1, raw_ids_TK % G, raw_TK)
+    coarse_P = torch.softmax(logits_TE[:, ::G], dim=-1).topk(k, dim=-1).values.sum(dim=-1)  # one logit per copy
+    torch.testing.assert_close(raw_per_segment * granular_scale(G), coarse_P[:, None].expand(50, G))
 
 
 @pytest.mark.parametrize("family, fmt, tied, overrides", FAMILIES)

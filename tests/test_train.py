@@ -265,6 +265,20 @@ def _wait_for_steps(out: Path, steps: int, process: subprocess.Popen, timeout: f
 # -- initialisation from checkpoints -----------------------------------------------------------------------------------
 
 
+def test_init_renormalize_reaches_the_online_upcycled_model(tmp_path, data_dir, llama_dir):
+    from upcycle.train import build_model
+
+    values = tiny_config(data_dir, model=None, init={"source": str(llama_dir), "method": "naive", "num_experts": 4,
+                                                     "top_k": 2, "format": "qwen2_moe", "renormalize": False})
+    config = config_from_dict(values)
+    config.validate()
+    _, model_config = build_model(config, resume_model_config=None)
+    assert model_config.renormalize is False
+    values["init"]["format"] = "auto"  # mixtral for a Llama source: it always renormalizes; refused before any work
+    with pytest.raises(UpcycleError, match="init.renormalize: false does not fit it; use init.format qwen2_moe"):
+        config_from_dict(values).validate()
+
+
 def test_online_naive_upcycling_starts_at_the_dense_loss(tmp_path, data_dir, llama_dir):
     def first_ce(name: str, init: dict) -> float:
         values = tiny_config(data_dir, model=None, init=init, train={"max_steps": 1, "eval_every": 0})

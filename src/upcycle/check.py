@@ -43,7 +43,8 @@ class CheckReport:
     moe_perplexity: float
     num_tokens: int
     method: str | None
-    equivalent: bool | None  # set when the conversion should preserve the function (naive)
+    renormalize: bool | None  # the conversion's top-k renormalization (manifest), None without a manifest
+    equivalent: bool | None  # set when the conversion should preserve the function (naive, top-k renormalized)
 
 
 def _load(path: Path):
@@ -99,7 +100,11 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
         # (a truncated file is named), pickle weights refused rather than handed to transformers
         CheckpointReader(path)
     manifest_path = moe_path / "upcycle_manifest.json"
-    method = json.loads(manifest_path.read_text())["options"]["method"] if manifest_path.is_file() else None
+    options = json.loads(manifest_path.read_text())["options"] if manifest_path.is_file() else {}
+    method = options.get("method")
+    # Only with renormalized top-k weights is a naive conversion the dense function; without (--no-renormalize) each
+    # token's FFN output is scaled by the sum of its top-k probabilities, so no tolerance applies.
+    exact_by_design = method == "naive" and options.get("renormalize", True)
     dense, moe = _load(dense_path), _load(moe_path)
     if dense.config.vocab_size != moe.config.vocab_size:
         raise UpcycleError(f"vocabularies differ ({dense.config.vocab_size} vs {moe.config.vocab_size}); "
@@ -123,7 +128,8 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
         moe_perplexity=_perplexity(moe_logits, ids),
         num_tokens=ids.shape[1],
         method=method,
-        equivalent=(max_diff <= tolerance) if method == "naive" else None,
+        renormalize=options.get("renormalize", True) if options else None,
+        equivalent=(max_diff <= tolerance) if exact_by_design else None,
     )
 
 
@@ -131,8 +137,9 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
                   tolerance: float = 1e-4, json_output: bool = False) -> int:
     """Compare an upcycled MoE with its dense parent: max |logit diff| and perplexity of both on a probe text.
 
-    Exits with status 1 when the MoE comes from a naive conversion (read from its upcycle_manifest.json) and its
-    logits differ from the dense ones by more than --tolerance.
+    Exits with status 1 when the MoE comes from a naive conversion (read from its upcycle_manifest.json) that
+    renormalizes the top-k weights and its logits differ from the dense ones by more than --tolerance (without
+    renormalization, --no-renormalize, naive is not exact by design and only the numbers are reported).
 
     Args:
         moe_dir: The MoE checkpoint directory (written by upcycle convert, or any HF MoE).
@@ -161,4 +168,6 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
         if report.equivalent is not None:
             verdict = "EQUIVALENT" if report.equivalent else "NOT EQUIVALENT"
             print(f"naive conversion:      {verdict} (tolerance {tolerance:g})")
+        elif report.method == "naive":
+            print("naive conversion:      not exact by design (top-k weights not renormalized)")
     return 1 if report.equivalent is False else 0

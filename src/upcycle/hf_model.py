@@ -191,8 +191,9 @@ def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
             raise UpcycleError(f"this MoE has a shared expert, which only qwen2_moe holds; got --format {fmt}, use "
                                "--format qwen2_moe")
         fmt = "qwen2_moe"
-    elif fmt == "auto" and family == "llama" and config.moe_layers is not None:
-        fmt = "qwen2_moe"  # mixtral cannot keep dense layers; qwen2_moe holds Llama attention (zero q/k/v biases)
+    elif fmt == "auto" and family == "llama" and (config.moe_layers is not None or not config.renormalize):
+        # mixtral cannot keep dense layers nor skip renormalization; qwen2_moe holds Llama attention (zero q/k/v biases)
+        fmt = "qwen2_moe"
     return family, hf.resolve_format(dense_like, fmt)
 
 
@@ -351,6 +352,6 @@ def export_command(
     model = load_model(checkpoint)
     path = export_hf(model, model.config, out, fmt=format, dtype=dtype, tokenizer=tokenizer, force=force,
                      inputs=inputs)
-    if format_note := hf.ENGINE_NOTES.get(json.loads((path / "config.json").read_text())["model_type"]):
+    if format_note := hf.engine_note(json.loads((path / "config.json").read_text())):
         print(format_note, file=sys.stderr)
     print(f"wrote {path}")

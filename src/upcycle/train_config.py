@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
-import re
-import textwrap
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import yaml
 from upcycle.convert import ConvertOptions
 from upcycle.distributed import PARALLEL_MODES
 from upcycle.errors import UpcycleError
+from upcycle.hf_formats import AUTO_FORMAT
 from upcycle.model import ModelConfig
 from upcycle.upcycling import METHODS
 from upcycle.validation import check_fields, check_value, union_members
@@ -31,8 +30,26 @@ AUTO_MICRO_BATCH_MAX = 8
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: upcycle.hardware.resolve_precision decides per device
 
 
-class _InitChecks:
-    """The behaviour of InitConfig (its fields are made from ConvertOptions below)."""
+@dataclass(frozen=True)
+class InitConfig(ConvertOptions):
+    """Where the weights come from. Empty `source`: from scratch, built from the `model` section.
+
+    Every other field is an option of `upcycle convert`, inherited from ConvertOptions (documented there and in
+    docs/convert.md's option table), used for online upcycling; only `method` differs: empty by default.
+
+    Attributes:
+        source: Checkpoint directory to start from: a Hugging Face model (dense or MoE; llama, mistral, qwen2, qwen3,
+            mixtral, qwen2_moe, qwen3_moe) or one of ours (a training checkpoint step_XXXXXXXX). The `model` section
+            must then be empty: the architecture comes from the checkpoint.
+        method: Online upcycling of a dense `source` into an MoE before training, as `upcycle convert --method`.
+            Empty: load `source` as it is.
+    """
+
+    method: str | None = field(default=None, metadata={"choices": METHODS})
+    source: str | None = None
+
+    def option_name(self, field_name: str) -> str:
+        return f"init.{field_name}"
 
     def convert_options(self) -> ConvertOptions:
         """The upcycling fields of this section as the options of `upcycle convert`."""
@@ -47,48 +64,19 @@ class _InitChecks:
             return
         if self.source is None:
             raise UpcycleError("init.method needs init.source (the dense checkpoint to upcycle)")
-        try:
-            self.convert_options().validate()
-        except UpcycleError as exc:  # convert's messages name its flags; here they are init fields
-            raise UpcycleError(re.sub(r"--([a-z][a-z0-9-]*)", lambda m: "init." + m.group(1).replace("-", "_"),
-                                      str(exc))) from None
+        super().validate()  # convert's checks, its messages naming init fields (option_name)
+        family = _model_type(Path(self.source))
+        if family in AUTO_FORMAT:  # a dense source: the format is known now, before any work
+            self.check_format(AUTO_FORMAT[family] if self.format == "auto" else self.format)
 
 
-def _attribute_docs(cls: type, skip: tuple[str, ...]) -> str:
-    """The `Attributes:` entries of a Google-style class docstring, minus the fields named in `skip`."""
-    _, _, attributes = (inspect.getdoc(cls) or "").partition("\nAttributes:\n")
-    kept, keep = [], True
-    for line in attributes.splitlines():
-        head = line.strip().partition(":")[0]
-        if line.startswith("    ") and not line.startswith("     ") and head.isidentifier():
-            keep = head not in skip
-        if keep:
-            kept.append(line)
-    return textwrap.indent("\n".join(kept), "    ")
-
-
-# `init` = `source` + every option of `upcycle convert` (one declaration: ConvertOptions), with `method` empty by
-# default (load `source` as it is).
-InitConfig = dataclasses.make_dataclass(
-    "InitConfig",
-    [("source", "str | None", field(default=None)),
-     ("method", "str | None", field(default=None, metadata={"choices": METHODS}))]
-    + [(f.name, f.type, field(default=f.default, metadata=f.metadata))
-       for f in dataclasses.fields(ConvertOptions) if f.name != "method"],
-    bases=(_InitChecks,))
-InitConfig.__module__ = __name__
-InitConfig.__doc__ = f"""Where the weights come from. Empty `source`: from scratch, built from the `model` section.
-
-    Every field but `source` is an option of `upcycle convert` (ConvertOptions), used for online upcycling.
-
-    Attributes:
-        source: Checkpoint directory to start from: a Hugging Face model (dense or MoE; llama, mistral, qwen2, qwen3,
-            mixtral, qwen2_moe, qwen3_moe) or one of ours (a training checkpoint step_XXXXXXXX). The `model` section
-            must then be empty: the architecture comes from the checkpoint.
-        method: Online upcycling of a dense `source` into an MoE before training, as `upcycle convert --method`:
-            {", ".join(METHODS)}. Empty: load `source` as it is.
-{_attribute_docs(ConvertOptions, skip=("method",))}
-    """
+def _model_type(checkpoint: Path) -> str | None:
+    """The model_type of a checkpoint's config.json, or None where there is none to read (conversion names why)."""
+    try:
+        cfg = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return cfg.get("model_type") if isinstance(cfg, dict) else None
 
 
 @dataclass
