@@ -27,6 +27,7 @@ from upcycle.validation import check_fields, check_value, union_members
 
 # train.micro_batch_size: empty picks the largest divisor of the per-rank sequences up to this many.
 AUTO_MICRO_BATCH_MAX = 8
+BALANCE_SCOPES = ("micro_batch", "global_batch")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: upcycle.hardware.resolve_precision decides per device
 
 
@@ -203,6 +204,12 @@ class TrainLoopConfig:
         aux_coef: Weight of the Switch load-balancing loss (MoE only; the paper: 0.02).
         aux_per_layer: false: router logits of all layers pooled into one matrix (the paper, HF Mixtral);
             true: the loss of each layer on its own, averaged over layers.
+        balance_scope: Over which tokens the load-balancing loss counts expert assignments. micro_batch (default,
+            the paper's recipe: HF Mixtral's loss on each forward pass): each micro-batch of each rank balances its
+            own tokens, so the loss depends on how the global batch is split (micro_batch_size, number of ranks).
+            global_batch: the assignment counts are summed over every micro-batch and rank of the step before the
+            loss is formed, so results do not depend on the split, and a micro-batch of one domain need not spread
+            over all experts; costs one extra forward pass per micro-batch (no gradients) when a rank has several.
         z_coef: Weight of the router z-loss (the paper: 0, it is logged anyway).
         eval_every: Per-domain validation loss every this many steps and at the end; 0 disables validation.
         eval_sequences: Validation sequences per domain (fixed, evenly spread over the held-out documents).
@@ -219,6 +226,7 @@ class TrainLoopConfig:
     expert_parallel: int = 1
     aux_coef: float = 0.02
     aux_per_layer: bool = False
+    balance_scope: str = field(default="micro_batch", metadata={"choices": BALANCE_SCOPES})
     z_coef: float = 0.0
     eval_every: int = 200
     eval_sequences: int = 64
