@@ -52,6 +52,12 @@ def _config_value(key, value):
     return edit
 
 
+def _deeply_nested_config(directory: Path) -> None:
+    """Valid JSON that Python's parser cannot read without recursing 100,000 levels (RecursionError)."""
+    text = (directory / "config.json").read_text().rstrip().rstrip("}")
+    (directory / "config.json").write_text(text + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
 def _nan_weight(directory: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -86,6 +92,9 @@ CASES = {
                    "config.json: tie_word_embeddings must be true or false"),
     "heads not a multiple": (_config_value("num_key_value_heads", 3), ["{src}", "{out}"],
                              "must be a multiple of num_key_value_heads"),
+    "deeply nested config.json": (_deeply_nested_config, ["{src}", "{out}"], "nests its JSON too deeply"),
+    "rope parameters not a mapping": (_config_value("rope_parameters", 5), ["{src}", "{out}"],
+                                      "config.json: rope_parameters must be a mapping or null, got 5"),
     "NaN weight": (_nan_weight, ["{src}", "{out}"], "model.layers.1.mlp.down_proj.weight in"),
     "NaN router std": (lambda d: None, ["{src}", "{out}", "--router-std", "nan"],
                        "--router-std must be a finite number, got nan"),
@@ -284,3 +293,21 @@ def test_check_refuses_a_moe_with_nan_weights(tmp_path, capsys):
     save_file(state, weights, metadata={"format": "pt"})
     code, err = run_cli(capsys, "check", str(tmp_path / "moe"), "--dense", str(src))
     _one_line(code, err, "NaN or Inf logits", "model.layers.1.block_sparse_moe.gate.weight")
+
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_config_value("hidden_size", "32"), "config.json: hidden_size must be a positive integer, got '32'"),
+    (_config_value("vocab_size", -1), "config.json: vocab_size must be a positive integer"),
+    (_config_value("rope_parameters", 5), "rope_parameters must be a mapping or null"),
+    (_config_value("num_hidden_layers", 1), "has tensors a plain llama model does not"),
+    (_config_value("model_type", "gpt2"), "supported dense families"),
+    (_deeply_nested_config, "nests its JSON too deeply"),
+])
+def test_check_with_a_broken_dense_config_is_one_line_naming_it(tmp_path, capsys, damage, message):
+    """Before, transformers met these configs: TypeError, RuntimeError or IndexError tracebacks."""
+    src = save_dense(tmp_path / "src", "llama")
+    main(["convert", str(src), str(tmp_path / "moe"), "--num-experts", "2", "--quiet"])
+    damage(src)
+    code, err = run_cli(capsys, "check", str(tmp_path / "moe"), "--dense", str(src))
+    _one_line(code, err, message, str(src))

@@ -8,6 +8,7 @@ function moved, which is what a user needs to choose r and the index mode.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -15,7 +16,10 @@ from pathlib import Path
 
 import torch
 
+from upcycle import hf_formats as hf
+from upcycle.convert import check_dense_source
 from upcycle.errors import UpcycleError
+from upcycle.files import read_json
 from upcycle.safetensors_io import CheckpointReader
 
 PROBE_TEXT = """\
@@ -57,9 +61,19 @@ def _load(path: Path):
         raise UpcycleError(f"{path} has no config.json; pass a checkpoint directory")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UpcycleError(f"transformers cannot load {path}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 (transformers raises many types; its first line names the cause)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UpcycleError(f"transformers cannot load {path}: {reason}") from None
     return model.eval()
+
+
+@contextlib.contextmanager
+def _naming(what: str, path: Path):
+    """Say which of the two checkpoints a validation error is about, when its message does not."""
+    try:
+        yield
+    except UpcycleError as exc:
+        raise UpcycleError(str(exc) if str(path) in str(exc) else f"{what} {path}: {exc}") from None
 
 
 def _non_finite_cause(path: Path) -> str:
@@ -95,12 +109,18 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
           tolerance: float = 1e-4) -> CheckReport:
     """Compare the MoE at `moe_dir` with the dense model at `dense_dir` on a probe text."""
     moe_path, dense_path = Path(moe_dir), Path(dense_dir)
-    for path in (moe_path, dense_path):
-        # the validation every other command does before work: config.json, safetensors headers against file sizes
-        # (a truncated file is named), pickle weights refused rather than handed to transformers
-        CheckpointReader(path)
+    # the validation every other command does before work: config.json, safetensors headers against file sizes (a
+    # truncated file is named), pickle weights refused rather than handed to transformers; the dense parent as convert
+    # checks its source (supported family, config types, every tensor with its shape), the MoE's config as the loader
+    # of our model reads it, so transformers never meets a config it cannot build
+    with _naming("MoE", moe_path):
+        moe_reader = CheckpointReader(moe_path)
+        hf.check_config_types(moe_reader.config)
+        hf.read_model_fields(moe_reader.config)
+    with _naming("--dense", dense_path):
+        check_dense_source(CheckpointReader(dense_path))
     manifest_path = moe_path / "upcycle_manifest.json"
-    options = json.loads(manifest_path.read_text())["options"] if manifest_path.is_file() else {}
+    options = read_json(manifest_path)["options"] if manifest_path.is_file() else {}
     method = options.get("method")
     # Only with renormalized top-k weights is a naive conversion the dense function; without (--no-renormalize) each
     # token's FFN output is scaled by the sum of its top-k probabilities, so no tolerance applies.

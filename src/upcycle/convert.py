@@ -281,7 +281,7 @@ def _expected_dense_tensors(shapes: hf.Shapes) -> dict[str, tuple[int, ...]]:
     return expected
 
 
-def _check_source(reader: CheckpointReader) -> hf.Shapes:
+def check_dense_source(reader: CheckpointReader) -> hf.Shapes:
     """Every expected tensor present with its shape, nothing unknown: before any output is written."""
     hf.check_dense_config(reader.config)
     shapes = hf.read_shapes(reader.config)
@@ -308,7 +308,7 @@ def _check_source(reader: CheckpointReader) -> hf.Shapes:
 
 def _check_btx_sources(first: CheckpointReader, others: list[CheckpointReader], shapes: hf.Shapes) -> None:
     for other in others:
-        other_shapes = _check_source(other)
+        other_shapes = check_dense_source(other)
         if other.config.get("model_type") != first.config.get("model_type") or other_shapes != shapes:
             raise UpcycleError(f"btx source {other.dir} differs in shape or family from {first.dir}; all btx sources "
                                "must be continued from the same dense seed")
@@ -525,7 +525,7 @@ class _Producer:
 def _open_sources(source: str | os.PathLike, opts: ConvertOptions) -> tuple[list[CheckpointReader], hf.Shapes, str]:
     opts.validate()
     first = CheckpointReader(source)
-    shapes = _check_source(first)
+    shapes = check_dense_source(first)
     readers = [first]
     if opts.method == "btx":
         readers += [CheckpointReader(s) for s in opts.btx_sources]

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from upcycle.errors import UpcycleError
-from upcycle.files import check_output, publish_dir, sha256_file
+from upcycle.files import check_output, publish_dir, read_json, sha256_file
 from upcycle.validation import check_arguments
 
 FORMAT_VERSION = 1
@@ -194,7 +194,8 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None):
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             config_file = directory / name
             if config_file.is_file():
-                found = _special_token_text(json.loads(config_file.read_text()).get("eos_token"))
+                config = read_json(config_file, fix="fix the tokenizer files or pass --eos-token")
+                found = _special_token_text(config.get("eos_token")) if isinstance(config, dict) else None
                 if found:
                     candidates.append(found)
         candidates.extend(_COMMON_EOS_TOKENS)
@@ -470,9 +471,10 @@ def read_metadata(data_dir: str | Path) -> dict:
     if not path.is_file():
         raise UpcycleError(f"{path.parent} is not a prepared data directory (no {METADATA_FILE}); "
                            "run `upcycle data prepare` first")
-    metadata = json.loads(path.read_text())
-    if metadata.get("format") != FORMAT_VERSION:
-        raise UpcycleError(f"{path} has format {metadata.get('format')}, this version reads {FORMAT_VERSION}; "
+    metadata = read_json(path, fix="re-run `upcycle data prepare`")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_VERSION:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise UpcycleError(f"{path} has format {found}, this version reads {FORMAT_VERSION}; "
                            "re-run `upcycle data prepare`")
     return metadata
 

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -74,6 +75,17 @@ def refuse_output_over_inputs(out: str | os.PathLike, inputs: Iterable[str | os.
 TMP_TAG = "upcycle-tmp"
 _USER_FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 OLD_TAG = "upcycle-old"
+
+
+def read_json(path: str | os.PathLike, *, fix: str = "fix or re-create it"):
+    """The parsed JSON file at `path`; a file that is not UTF-8 JSON, or nests too deeply for Python's parser (a few
+    hundred bytes of brackets raise RecursionError), is one UpcycleError naming it and `fix`."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UpcycleError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    except RecursionError:
+        raise UpcycleError(f"{path} nests its JSON too deeply to be read; {fix}") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -201,6 +201,9 @@ def check_config_types(cfg: dict) -> None:
     for key in _BOOLS:
         if cfg.get(key) is not None and type(cfg[key]) is not bool:
             raise bad(key, "true or false")
+    for key in ("rope_parameters", "rope_scaling"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise bad(key, "a mapping or null")
     heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     if heads % kv_heads:
         raise UpcycleError(f"config.json: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "

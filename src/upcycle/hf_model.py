@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
-from upcycle.files import check_output, publish_dir
+from upcycle.files import check_output, publish_dir, read_json
 from upcycle.model import ModelConfig, Transformer
 from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader, read_header, save_tensors
 from upcycle.upcycling import init_shared_expert
@@ -279,7 +279,10 @@ def export_hf(
 
 def is_our_checkpoint(path: str | Path) -> bool:
     config_path = Path(path) / "config.json"
-    return config_path.exists() and "model" in json.loads(config_path.read_text())
+    if not config_path.exists():
+        return False
+    config = read_json(config_path, fix="fix or re-save the checkpoint")
+    return isinstance(config, dict) and "model" in config
 
 
 def check_model_dir(model_path: str | Path) -> Path:
