@@ -68,6 +68,8 @@ def _nan_weight(directory: Path) -> None:
 
 CASES = {
     "missing source": (None, ["{tmp}/nowhere", "{out}"], "does not exist"),
+    "source is /dev/null": (None, ["/dev/null", "{out}"], "source /dev/null is a character device, not a directory"),
+    "source is a symlink to itself": (None, ["{tmp}/loop", "{out}"], "is a symlink loop, not a directory"),
     "source is a file": (lambda d: None, ["{src}/config.json", "{out}"], "not a directory"),
     "no config.json": (lambda d: (d / "config.json").unlink(), ["{src}", "{out}"], "no config.json"),
     "config not JSON": (lambda d: (d / "config.json").write_text("{oops"), ["{src}", "{out}"], "not valid JSON"),
@@ -115,6 +117,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case)
         prepare(src)
     qwen2 = save_dense(tmp_path / "qwen2", "qwen2") if "{qwen2}" in " ".join(argv) else None
     out = tmp_path / "out"
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     args = [a.format(tmp=tmp_path, src=src, out=out, qwen2=qwen2) for a in argv]
     code, err = run_cli(capsys, "convert", *args, "--quiet")
     assert code == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -64,6 +65,16 @@ CASES = {
     "truncated gzip": (_gzip("cut.jsonl.gz", b'{"text": "hello"}\n' * 200, truncate=20),
                        ["{out}", "{tok}", "--domain", "e={in}/cut.jsonl.gz"], "cannot read"),
     "missing input": (None, ["{out}", "{tok}", "--domain", "e={in}/nowhere.jsonl"], "does not exist"),
+    "lone surrogate escape": (_write("sur.jsonl", '{"text": "fine"}\n{"text": "half \\ud800 a pair"}\n'),
+                              ["{out}", "{tok}", "--domain", "e={in}/sur.jsonl"],
+                              "sur.jsonl:2: the text holds a lone surrogate escape (\\ud800)"),
+    "/dev/null as input": (None, ["{out}", "{tok}", "--domain", "e=/dev/null"],
+                           "input path /dev/null is a character device, not a file or a directory"),
+    "a FIFO as input": (lambda root: os.mkfifo(root / "fifo"), ["{out}", "{tok}", "--domain", "e={in}/fifo"],
+                        "is a FIFO, not a file or a directory"),
+    "a symlink to itself as input": (lambda root: (root / "loop").symlink_to(root / "loop"),
+                                     ["{out}", "{tok}", "--domain", "e={in}/loop"], "is a symlink loop"),
+    "/dev/null as tokenizer": (None, ["{out}", "/dev/null", "--domain", OK], "tokenizer path /dev/null is a character"),
     "empty input directory": (lambda root: (root / "void").mkdir(), ["{out}", "{tok}", "--domain", "e={in}/void"],
                               "contains no (non-hidden) files"),
     "no domains": (None, ["{out}", "{tok}"], "no domains given"),

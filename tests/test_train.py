@@ -87,6 +87,9 @@ def test_sources_of_the_wrong_type_are_named(tmp_path, data_dir):
     values["data"]["sources"] = 5
     with pytest.raises(UpcycleError, match=re.escape("data.sources must be a mapping")):
         config_from_dict(values)
+    values["data"]["sources"] = {"english": ["/dev/null"]}  # it exists, yet holds no text: not "does not exist"
+    with pytest.raises(UpcycleError, match="data.sources.english: /dev/null is a character device"):
+        config_from_dict(values).validate()
 
 
 def test_a_nan_domain_weight_is_refused_by_the_loader_too(data_dir):

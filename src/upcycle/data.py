@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from upcycle.errors import UpcycleError
-from upcycle.files import check_output, publish_dir, read_json, sha256_file
+from upcycle.files import check_output, not_an_input, publish_dir, read_json, sha256_file
 from upcycle.validation import check_arguments
 
 FORMAT_VERSION = 1
@@ -63,6 +63,7 @@ SPLITS = ("train", "val")
 # Tried in order when the tokenizer files do not name an EOS token.
 _COMMON_EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair decodes to one character, never to these
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
                 raise UpcycleError(f"directory {path} contains no (non-hidden) files")
             files.extend(found)
         else:
-            raise UpcycleError(f"input path {path} does not exist")
+            raise not_an_input("input path", path)
     return files
 
 
@@ -132,6 +133,11 @@ def iter_documents(path: Path, *, text_field: str = "text") -> Iterator[str]:
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     raise UpcycleError(f"{path}:{line_number}: expected a JSON object with a string field "
                                        f"{text_field!r} (choose another field with --text-field)")
+                surrogate = _LONE_SURROGATE.search(record[text_field])
+                if surrogate:  # a JSON \u escape may name half of a UTF-16 pair, which no tokenizer can encode
+                    raise UpcycleError(f"{path}:{line_number}: the text holds a lone surrogate escape "
+                                       f"(\\u{ord(surrogate.group()):04x}), which is not a Unicode character; "
+                                       "fix or drop that line")
                 if record[text_field]:
                     yield record[text_field]
     except UnicodeDecodeError as exc:
@@ -165,8 +171,8 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None):
     from tokenizers import Tokenizer
 
     path = Path(path).expanduser()
-    if not path.exists():
-        raise UpcycleError(f"tokenizer path {path} does not exist; pass a directory with tokenizer.json or the file")
+    if not (path.is_file() or path.is_dir()):
+        raise UpcycleError(f"{not_an_input('tokenizer path', path)}; pass a directory with tokenizer.json or the file")
     directory = path if path.is_dir() else path.parent
     json_file = path if path.is_file() else path / "tokenizer.json"
     if json_file.is_file():

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -32,21 +33,34 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _resolved(path: Path) -> Iterator[Path]:
+    try:
+        yield path.resolve()
+    except (RuntimeError, OSError):  # a symlink loop inside an input directory
+        return
+
+
 def _real_paths(item: Path) -> Iterator[Path]:
     """`item` after resolving symlinks and, for a directory, every file and directory below it, each resolved too: a
     directory's files may be symlinks to elsewhere (Hugging Face's cache keeps a snapshot's files as symlinks into
-    blobs/), and replacing that elsewhere deletes the input as surely as replacing the directory itself."""
-    real = item.resolve()
+    blobs/), and replacing that elsewhere deletes the input as surely as replacing the directory itself. A symlink
+    loop resolves to nothing (it holds no data; the command that reads it names it)."""
+    try:
+        real = item.resolve()
+    except (RuntimeError, OSError):  # a symlink loop: RuntimeError before Python 3.13, OSError(ELOOP) after
+        return
     yield real
     if not real.is_dir():
         return
     seen = {real}
     for root, dirs, files in os.walk(real, followlinks=True):
         for name in files:
-            yield Path(root, name).resolve()
+            yield from _resolved(Path(root, name))
         kept = []
         for name in dirs:
-            target = Path(root, name).resolve()
+            target = next(_resolved(Path(root, name)), None)
+            if target is None:
+                continue
             yield target
             if target not in seen:  # a symlinked directory that loops back is walked once
                 seen.add(target)
@@ -65,7 +79,7 @@ def refuse_output_over_inputs(out: str | os.PathLike, inputs: Iterable[str | os.
             if item_real != out_real and out_real not in item_real.parents:
                 continue
             what = "is" if item_real == out_real else "contains"
-            if item_real == item_path.resolve():
+            if item_real == next(_resolved(item_path), None):
                 raise UpcycleError(f"{flag} {out} {what} the input {item}; replacing it would delete the input, "
                                    f"choose another {flag}")
             raise UpcycleError(f"{flag} {out} {what} {item_real}, which the input {item} reads through a symlink; "
@@ -75,6 +89,31 @@ def refuse_output_over_inputs(out: str | os.PathLike, inputs: Iterable[str | os.
 TMP_TAG = "upcycle-tmp"
 _USER_FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 OLD_TAG = "upcycle-old"
+
+
+def path_kind(path: str | os.PathLike) -> str:
+    """What is at `path`, for messages: "a file", "a directory", "a character device" (/dev/null), "a FIFO",
+    "a socket", "a block device", "a symlink loop", "a broken symlink" or "nothing"."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symlink loop"
+        return "a broken symlink" if path.is_symlink() else "nothing"
+    for test, kind in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def not_an_input(what: str, path: str | os.PathLike, wanted: str = "a file or a directory") -> UpcycleError:
+    """The error for an input `path` that is not `wanted`: "does not exist", or what it is instead (/dev/null, a FIFO
+    or a symlink to itself exist, and are not inputs)."""
+    kind = path_kind(path)
+    found = "does not exist" if kind == "nothing" else f"is {kind}, not {wanted}"
+    return UpcycleError(f"{what} {path} {found}")
 
 
 def read_json(path: str | os.PathLike, *, fix: str = "fix or re-create it"):

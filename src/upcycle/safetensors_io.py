@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from upcycle.errors import UpcycleError
-from upcycle.files import read_json, sha256_file
+from upcycle.files import not_an_input, read_json, sha256_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SIDECAR_PREFIX = "upcycle_"
@@ -85,10 +85,9 @@ class CheckpointReader(Mapping):
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
-        if not self.dir.exists():
-            raise UpcycleError(f"source {self.dir} does not exist; pass a local HF checkpoint directory")
         if not self.dir.is_dir():
-            raise UpcycleError(f"source {self.dir} is not a directory; pass the checkpoint's directory, not a file")
+            raise UpcycleError(f"{not_an_input('source', self.dir, 'a directory')}; pass a local HF checkpoint "
+                               "directory (config.json + safetensors)")
         if not os.access(self.dir, os.R_OK | os.X_OK):
             raise UpcycleError(f"source {self.dir} is not readable; check its permissions")
         self.config = self._read_config()

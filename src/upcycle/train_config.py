@@ -20,6 +20,7 @@ import yaml
 from upcycle.convert import ConvertOptions
 from upcycle.distributed import PARALLEL_MODES
 from upcycle.errors import UpcycleError
+from upcycle.files import not_an_input
 from upcycle.hf_formats import AUTO_FORMAT
 from upcycle.model import ModelConfig
 from upcycle.upcycling import METHODS
@@ -59,8 +60,8 @@ class InitConfig(ConvertOptions):
         return ConvertOptions(**values)
 
     def validate(self) -> None:
-        if self.source is not None and not Path(self.source).exists():
-            raise UpcycleError(f"init.source {self.source} does not exist")
+        if self.source is not None and not Path(self.source).is_dir():
+            raise not_an_input("init.source", self.source, "a checkpoint directory")
         if self.method is None:
             return
         if self.source is None:
@@ -114,12 +115,12 @@ class DataConfig:
         if self.sources is not None:
             if not self.tokenizer:
                 raise UpcycleError("data.tokenizer is required with data.sources (a directory holding tokenizer.json)")
-            if not Path(self.tokenizer).exists():
-                raise UpcycleError(f"data.tokenizer {self.tokenizer} does not exist")
+            if not (Path(self.tokenizer).is_dir() or Path(self.tokenizer).is_file()):
+                raise not_an_input("data.tokenizer", self.tokenizer, "a tokenizer directory or tokenizer.json")
             for name, paths in self.sources.items():
                 for p in [paths] if isinstance(paths, str) else paths:
-                    if not Path(p).exists():
-                        raise UpcycleError(f"data.sources.{name}: {p} does not exist")
+                    if not (Path(p).is_file() or Path(p).is_dir()):
+                        raise not_an_input(f"data.sources.{name}:", p)
         if self.seq_len < 1:
             raise UpcycleError(f"data.seq_len must be >= 1, got {self.seq_len}")
 
