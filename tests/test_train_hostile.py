@@ -98,6 +98,20 @@ def test_token_ids_beyond_the_vocabulary_are_found_at_start(tmp_path, capsys):
     check_data_fits(data, vocab_size=VOCAB + 6, max_seq_len=64, seq_len=32, chunk_tokens=1000)  # a model that fits
 
 
+def test_the_one_data_fits_check_also_covers_raw_text_before_tokenizing():
+    """The trainer's raw-sources branch goes through data.check_data_fits too (no second copy of the check)."""
+    from upcycle.data import check_data_fits
+
+    tokenizer = REPO / "assets" / "tokenizer"
+    with pytest.raises(UpcycleError, match=r"data\.tokenizer .* has 8192 token ids but the model's vocab_size is 100"):
+        check_data_fits(None, tokenizer=tokenizer, tokenizer_name="data.tokenizer", vocab_size=100, max_seq_len=64,
+                        seq_len=32)
+    with pytest.raises(UpcycleError, match="data.seq_len 128 exceeds the model's max_seq_len 64"):
+        check_data_fits(None, tokenizer=tokenizer, vocab_size=8192, max_seq_len=64, seq_len=128,
+                        seq_len_name="data.seq_len")
+    assert check_data_fits(None, tokenizer=tokenizer, vocab_size=8192, max_seq_len=64, seq_len=32) is None
+
+
 def test_divergence_names_and_keeps_the_last_healthy_checkpoint(tmp_path, data_dir, capsys):
     config = write_config(tmp_path / "c.yaml", tiny_config(data_dir, train={"max_steps": 12, "eval_every": 0},
                                                            checkpoint={"every": 4, "keep": 2}))

@@ -534,17 +534,28 @@ def read_tokens(data_dir: str | Path, domain: str, split: str = "train", metadat
     return np.memmap(path, dtype=dtype, mode="r", shape=(info["tokens"],))
 
 
-def check_data_fits(data_dir: str | Path, *, vocab_size: int, max_seq_len: int, seq_len: int,
-                    seq_len_name: str = "seq_len", chunk_tokens: int = 1 << 24) -> dict:
-    """Refuse, before any work, prepared data that a model with `vocab_size` ids and `max_seq_len` positions cannot
-    read: a larger tokenizer vocabulary, any token id >= vocab_size in a token file (each file's maximum, scanned once
-    in chunks of `chunk_tokens`), or sequences longer than the model's. Returns the data's metadata."""
+def check_data_fits(data_dir: str | Path | None, *, vocab_size: int, max_seq_len: int, seq_len: int,
+                    seq_len_name: str = "seq_len", tokenizer: str | Path | None = None,
+                    tokenizer_name: str = "tokenizer", chunk_tokens: int = 1 << 24) -> dict | None:
+    """The one check that data fits a model with `vocab_size` ids and `max_seq_len` positions, before any work:
+    sequences no longer than the model's, and either prepared data (`data_dir`: a tokenizer vocabulary no larger than
+    the model's, and every token id < vocab_size in every token file, each file's maximum scanned once in chunks of
+    `chunk_tokens`) or, before raw text is tokenized (`data_dir` None), the vocabulary of `tokenizer` (called
+    `tokenizer_name` in messages). Returns the prepared data's metadata (None for raw text)."""
+    if seq_len > max_seq_len:
+        raise UpcycleError(f"{seq_len_name} {seq_len} exceeds the model's max_seq_len {max_seq_len}")
+    if data_dir is None:
+        if tokenizer is None:
+            raise UpcycleError("check_data_fits needs a prepared data directory or the tokenizer of the raw text")
+        ids = load_tokenizer(tokenizer)[0].get_vocab_size(with_added_tokens=True)
+        if ids > vocab_size:
+            raise UpcycleError(f"{tokenizer_name} {tokenizer} has {ids} token ids but the model's vocab_size is "
+                               f"{vocab_size}; use a matching tokenizer or a larger model.vocab_size")
+        return None
     metadata = read_metadata(data_dir)
     if metadata["vocab_size"] > vocab_size:
         raise UpcycleError(f"{data_dir} was tokenized with {metadata['vocab_size']} token ids but the model has only "
                            f"{vocab_size}; prepare the data with the model's tokenizer (or a larger vocab_size)")
-    if seq_len > max_seq_len:
-        raise UpcycleError(f"{seq_len_name} {seq_len} exceeds the model's max_seq_len {max_seq_len}")
     for domain in sorted(metadata["domains"]):
         for split in SPLITS:
             tokens = read_tokens(data_dir, domain, split, metadata)

@@ -476,22 +476,13 @@ def _check_out(out: Path, config_dict: dict) -> None:
 
 
 def _check_data(config: TrainConfig, data_dir: Path | None, model_config: ModelConfig) -> None:
-    """The data fits the model: the prepared files (every token id < vocab_size, seq_len <= max_seq_len), or, before
-    raw sources are tokenized, the tokenizer's vocabulary."""
+    """The data fits the model (data.check_data_fits): the prepared files, or before raw sources are tokenized, the
+    tokenizer's vocabulary."""
     from upcycle import data as data_lib
 
-    if data_dir is not None:
-        data_lib.check_data_fits(data_dir, vocab_size=model_config.vocab_size, max_seq_len=model_config.max_seq_len,
-                                 seq_len=config.data.seq_len, seq_len_name="data.seq_len")
-        return
-    tokenizer, _ = data_lib.load_tokenizer(config.data.tokenizer)
-    ids = tokenizer.get_vocab_size(with_added_tokens=True)
-    if ids > model_config.vocab_size:
-        raise UpcycleError(f"data.tokenizer {config.data.tokenizer} has {ids} token ids but the model's vocab_size is "
-                           f"{model_config.vocab_size}; use a matching tokenizer or a larger model.vocab_size")
-    if config.data.seq_len > model_config.max_seq_len:
-        raise UpcycleError(f"data.seq_len {config.data.seq_len} exceeds the model's max_seq_len "
-                           f"{model_config.max_seq_len}")
+    data_lib.check_data_fits(data_dir, vocab_size=model_config.vocab_size, max_seq_len=model_config.max_seq_len,
+                             seq_len=config.data.seq_len, seq_len_name="data.seq_len", tokenizer=config.data.tokenizer,
+                             tokenizer_name="data.tokenizer")
 
 
 def setup(config: TrainConfig, out: Path, world: World) -> Run:
