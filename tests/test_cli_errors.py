@@ -9,15 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import save_dense
+from helpers import assert_convert_refused, assert_one_line_error, run_cli, save_dense
 from upcycle.cli import main
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    err = capsys.readouterr().err
-    return exc.value.code, err
 
 
 def _truncate(directory: Path) -> None:
@@ -116,16 +109,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case)
     if prepare is not None:
         prepare(src)
     qwen2 = save_dense(tmp_path / "qwen2", "qwen2") if "{qwen2}" in " ".join(argv) else None
-    out = tmp_path / "out"
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    args = [a.format(tmp=tmp_path, src=src, out=out, qwen2=qwen2) for a in argv]
-    code, err = run_cli(capsys, "convert", *args, "--quiet")
-    assert code == 2
-    assert message in err
-    assert len(err.strip().splitlines()) == 1, err
-    assert "Traceback" not in err
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    source, *flags = [a.format(tmp=tmp_path, src=src, out="", qwen2=qwen2) for a in argv if a != "{out}"]
+    assert_convert_refused(capsys, source, tmp_path / "out", *flags, message=message)
 
 
 def test_btx_sources_with_different_shapes_are_refused(tmp_path, capsys):
@@ -218,29 +204,22 @@ def train_config_file(tmp_path):
                                                          checkpoint={"every": 1}))
 
 
-def _one_line(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-
-
 @pytest.mark.parametrize("where, needle", [
     ("file", "is not a directory"),  # --out names an existing file
     ("file/run", "Not a directory"),  # ENOTDIR: a path through a file
     ("/proc/upcycle-test/run", "/proc/upcycle-test"),  # a /proc path nothing may be created in
 ])
-def test_train_out_that_cannot_be_a_directory_is_one_line(tmp_path, capsys, train_config_file, where, needle):
+def test_train_out_that_cannot_be_a_directory_isassert_one_line_error(tmp_path, capsys, train_config_file, where, needle):
     (tmp_path / "file").write_text("x")
     out = where if where.startswith("/") else str(tmp_path / where)
     code, err = run_cli(capsys, "train", "--config", str(train_config_file), "--out", out)
-    _one_line(code, err, needle)
+    assert_one_line_error(code, err, needle)
 
 
-def test_convert_into_proc_is_one_line(tmp_path, capsys):
+def test_convert_into_proc_isassert_one_line_error(tmp_path, capsys):
     src = save_dense(tmp_path / "src", "llama")
     code, err = run_cli(capsys, "convert", str(src), "/proc/upcycle-test-out", "--quiet")
-    _one_line(code, err, "/proc")
+    assert_one_line_error(code, err, "/proc")
 
 
 @pytest.fixture
@@ -269,19 +248,19 @@ def test_train_on_a_full_disk_is_one_line_and_publishes_no_partial_checkpoint(ca
     disk = small_tmpfs("size=160k")
     out = disk / "run"
     code, err = run_cli(capsys, "train", "--config", str(train_config_file), "--out", str(out))
-    _one_line(code, err, "No space left on device", "ENOSPC", str(out / "checkpoints"))
+    assert_one_line_error(code, err, "No space left on device", "ENOSPC", str(out / "checkpoints"))
     checkpoints = out / "checkpoints"
     assert not checkpoints.exists() or not list(checkpoints.iterdir())  # no step_* and no leftover .tmp-*
 
 
-def test_train_and_convert_on_a_read_only_file_system_are_one_line(tmp_path, capsys, train_config_file,
+def test_train_and_convert_on_a_read_only_file_system_areassert_one_line_error(tmp_path, capsys, train_config_file,
                                                                   small_tmpfs):
     disk = small_tmpfs("ro,size=1m")
     code, err = run_cli(capsys, "train", "--config", str(train_config_file), "--out", str(disk / "run"))
-    _one_line(code, err, "Read-only file system", "EROFS", str(disk / "run"))
+    assert_one_line_error(code, err, "Read-only file system", "EROFS", str(disk / "run"))
     src = save_dense(tmp_path / "src", "llama")
     code, err = run_cli(capsys, "convert", str(src), str(disk / "moe"), "--quiet")
-    _one_line(code, err, "Read-only file system")
+    assert_one_line_error(code, err, "Read-only file system")
 
 
 def test_check_refuses_a_moe_with_nan_weights(tmp_path, capsys):
@@ -295,7 +274,7 @@ def test_check_refuses_a_moe_with_nan_weights(tmp_path, capsys):
     state["model.layers.1.block_sparse_moe.gate.weight"][0, 0] = float("nan")
     save_file(state, weights, metadata={"format": "pt"})
     code, err = run_cli(capsys, "check", str(tmp_path / "moe"), "--dense", str(src))
-    _one_line(code, err, "NaN or Inf logits", "model.layers.1.block_sparse_moe.gate.weight")
+    assert_one_line_error(code, err, "NaN or Inf logits", "model.layers.1.block_sparse_moe.gate.weight")
 
 
 
@@ -313,4 +292,4 @@ def test_check_with_a_broken_dense_config_is_one_line_naming_it(tmp_path, capsys
     main(["convert", str(src), str(tmp_path / "moe"), "--num-experts", "2", "--quiet"])
     damage(src)
     code, err = run_cli(capsys, "check", str(tmp_path / "moe"), "--dense", str(src))
-    _one_line(code, err, message, str(src))
+    assert_one_line_error(code, err, message, str(src))

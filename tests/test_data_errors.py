@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from upcycle.cli import main
+from helpers import assert_one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "assets" / "tokenizer"
@@ -120,13 +120,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     out = tmp_path / "out"
     args = [a.format(out=out, tok=TOKENIZER, **{"in": inputs}) for a in argv]
-    with pytest.raises(SystemExit) as exc:
-        main(["data", "prepare", *args])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2
-    assert message in err
-    assert len(err.strip().splitlines()) == 1, err
-    assert "Traceback" not in err
+    assert_one_line_error(*run_cli(capsys, "data", "prepare", *args), message)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written, nothing left
 
 
@@ -135,7 +129,6 @@ def test_existing_output_is_refused_without_force_and_left_untouched(tmp_path, c
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    with pytest.raises(SystemExit) as exc:
-        main(["data", "prepare", str(out), str(TOKENIZER), "--domain", f"e={tmp_path / 'ok.jsonl'}"])
-    assert exc.value.code == 2 and "pass --force" in capsys.readouterr().err
+    code, err = run_cli(capsys, "data", "prepare", str(out), str(TOKENIZER), "--domain", f"e={tmp_path / 'ok.jsonl'}")
+    assert_one_line_error(code, err, "pass --force")
     assert [p.name for p in out.iterdir()] == ["mine.txt"]

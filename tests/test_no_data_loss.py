@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import save_dense
-from upcycle.cli import main
+from helpers import assert_one_line_error, run_cli, save_dense
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -18,11 +17,8 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def _refused(capsys, *argv: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
+    code, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err)
     return err
 
 

@@ -14,12 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (make_data_dir, read_metrics, subprocess_env, tiny_config, train_cli,
-                           write_config)
+from helpers import make_data_dir, read_metrics, run_cli, subprocess_env, tiny_config, train_cli, write_config
 from upcycle import checkpoint as ckpt
 from upcycle import losses
 from upcycle.errors import UpcycleError
-from upcycle.cli import main
 from upcycle.train import NonFiniteLoss, config_from_dict, load_config, lr_at, run_training, train_command
 
 
@@ -101,13 +99,8 @@ def test_a_nan_domain_weight_is_refused_by_the_loader_too(data_dir):
 
 
 def _cli(capsys, config: Path, out: Path, *extra: str) -> tuple[int, str]:
-    """`python -m upcycle train ...` in this process: (exit status, stderr)."""
-    try:
-        main(["train", "--config", str(config), "--out", str(out), *extra])
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
+    """`upcycle train --config CONFIG --out OUT ...` in this process: (exit status, stderr)."""
+    return run_cli(capsys, "train", "--config", str(config), "--out", str(out), *extra)
 
 
 def test_cli_rejects_bad_field_before_creating_out_and_accepts_dotted_overrides(tmp_path, data_dir, capsys):
