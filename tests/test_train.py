@@ -329,7 +329,7 @@ def test_raw_sources_are_tokenized_into_out_once(tmp_path):
 # -- structure: entry points and the loop's parts ----------------------------------------------------------------------
 
 
-def test_one_entry_point_and_no_import_cycle():
+def test_one_entry_point_and_train_does_not_import_the_cli():
     import sys
 
     code = "import sys, upcycle.train; assert 'upcycle.cli' not in sys.modules, 'train imports the CLI'"
@@ -337,6 +337,67 @@ def test_one_entry_point_and_no_import_cycle():
     shown = subprocess.run([sys.executable, "-m", "upcycle", "train", "--help"], env=subprocess_env(),
                            capture_output=True, text=True, check=True).stdout
     assert "--train.precision" in shown and "--init.index_mode" in shown
+
+
+def import_cycles() -> list[list[str]]:
+    """Every import cycle among the package's modules: the strongly connected groups (Tarjan) of the graph of
+    `import upcycle.x` / `from upcycle(.x) import ...` statements anywhere in a module, function bodies included (a
+    function-level import hides a cycle from Python, not from the design)."""
+    import ast
+
+    from helpers import REPO
+
+    modules = {path.stem: path for path in (REPO / "src" / "upcycle").glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("upcycle."))
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                parts = node.module.split(".")
+                if parts[0] == "upcycle":
+                    deps.update(parts[1:2] or [a.name for a in node.names if a.name in modules])
+        graph[name] = (deps & set(modules)) - {name}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in sorted(modules):
+        if v not in index:
+            visit(v)
+    return sorted(cycles)
+
+
+KNOWN_CYCLES = [["experiment", "experiment_report"], ["expert_parallel", "moe"]]
+
+
+def test_no_import_cycle_beyond_the_two_being_removed():
+    assert all(cycle in KNOWN_CYCLES for cycle in import_cycles()), import_cycles()
+
+
+@pytest.mark.xfail(strict=True, reason="moe <-> expert_parallel (the lead, issue 15) and experiment <-> "
+                                       "experiment_report (the science engineer) import each other until their "
+                                       "rewrites land; this test then passes and strict xfail flags it to unmark")
+def test_the_package_has_no_import_cycle():
+    assert import_cycles() == []
 
 
 def test_train_step_returns_a_record_and_run_training_a_summary(tmp_path, data_dir):
