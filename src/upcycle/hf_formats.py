@@ -283,8 +283,8 @@ def engine_note(cfg: dict) -> str | None:
         return None
     if renormalize:  # qwen2_moe
         return ("note: llama.cpp's qwen2moe graph never renormalizes the top-k weights, so there this qwen2_moe model "
-                "computes another function; for llama.cpp convert with --no-renormalize (naive upcycling is then no "
-                "longer exact) or, from a Llama/Mistral source, with --format mixtral (see docs/convert.md)")
+                "computes another function; for llama.cpp upcycle with --no-renormalize (naive upcycling is then no "
+                "longer exact) or, with Llama/Mistral attention, use --format mixtral (see docs/convert.md)")
     return ("note: llama.cpp's qwen3moe graph always renormalizes the top-k weights, so there this qwen3_moe model "
             "(norm_topk_prob false) computes another function; for llama.cpp keep renormalization (leave out "
             "--no-renormalize; see docs/convert.md)")
