@@ -440,7 +440,7 @@ def test_export_of_a_checkpoint_whose_config_json_is_broken_or_another_models_is
     for name, text, expected in (
             ("other", json.dumps({**record, "model": {**record["model"], "dim": 64, "head_dim": 16}}),
              "config.json implies"),
-            ("truncated", (checkpoint / "config.json").read_text()[:40], "is truncated or not JSON")):
+            ("truncated", (checkpoint / "config.json").read_text()[:40], "is not valid JSON")):
         broken = shutil.copytree(checkpoint, tmp_path / name)
         (broken / "config.json").write_text(text)
         result = subprocess.run([sys.executable, "-m", "upcycle", "export", str(broken), str(tmp_path / f"hf-{name}")],

@@ -63,6 +63,7 @@ from upcycle.upcycling import (
     upcycle_expert,
     virtual_group_router,
 )
+from upcycle.validation import check_fields
 
 MANIFEST_NAME = "upcycle_manifest.json"
 REDRAWN_NAME = "upcycle_redrawn.safetensors"
@@ -106,6 +107,11 @@ class ConvertOptions:
             qwen3_moe.
         dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
         router_aux_loss_coef: The load-balancing coefficient written into the output's config.json.
+        renormalize: Renormalize the top-k routing weights to sum to 1 (Mixtral always does; Qwen-MoE's
+            norm_topk_prob). Only with renormalization is naive upcycling exactly the dense function: without it a
+            token's FFN output is scaled by the sum of its top-k probabilities (about K / E at initialization).
+            --no-renormalize (qwen2_moe, qwen3_moe) makes a qwen2_moe output compute the same function in llama.cpp,
+            whose qwen2moe graph never renormalizes.
         shared_expert: qwen2_moe only: its always-present shared expert is zero (down projection zero: it adds nothing
             at initialization) or dense (one of the --granularity segments of the dense FFN, never re-drawn, its down
             projection doubled and its sigmoid gate near 0, so r = 0 is still the dense function; the other G - 1
@@ -133,6 +139,7 @@ class ConvertOptions:
     format: str = field(default="auto", metadata={"choices": ("auto", *hf.MOE_FORMATS)})
     dtype: str = field(default="auto", metadata={"choices": ("auto", *DTYPE_NAMES)})
     router_aux_loss_coef: float = 0.02
+    renormalize: bool = True
     shared_expert: str = field(default="zero", metadata={"choices": SHARED_EXPERT_MODES})
     shared_expert_dim: int | None = None
     btx_sources: tuple[str, ...] = ()
@@ -142,36 +149,55 @@ class ConvertOptions:
         return UpcycleOptions(method=self.method, ratio=self.ratio, index_mode=self.index_mode, stats=self.stats,
                               noise_std=self.noise_std, init_std=init_std, seed=self.seed)
 
+    def option_name(self, field_name: str) -> str:
+        """How messages spell one of these options: its flag (the train config's `init` section: its field)."""
+        return "--" + field_name.replace("_", "-")
+
     def validate(self) -> None:
+        n = self.option_name
+        check_fields(self, n)  # types, choices, and no NaN/Inf in any float
+        if not 0 <= self.ratio <= 1:
+            raise UpcycleError(f"{n('ratio')} must lie in [0, 1], got {self.ratio}")
+        if self.noise_std < 0:
+            raise UpcycleError(f"{n('noise_std')} must be non-negative, got {self.noise_std}")
         self.upcycle_options(0.02).validate()
         if self.num_experts < 1:
-            raise UpcycleError(f"--num-experts must be at least 1, got {self.num_experts}")
+            raise UpcycleError(f"{n('num_experts')} must be at least 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise UpcycleError(f"--top-k must lie in [1, num_experts={self.num_experts}], got {self.top_k}")
+            raise UpcycleError(f"{n('top_k')} must lie in [1, num_experts={self.num_experts}], got {self.top_k}")
         self._validate_granularity()
-        parse_moe_layers(self.moe_layers)
-        if self.router_init not in ROUTER_INITS:
-            raise UpcycleError(f"unknown --router-init {self.router_init!r}; choose one of {', '.join(ROUTER_INITS)}")
+        parse_moe_layers(self.moe_layers, name=n("moe_layers"))
         if self.router_std < 0:
-            raise UpcycleError("--router-std must be non-negative")
+            raise UpcycleError(f"{n('router_std')} must be non-negative, got {self.router_std}")
         if self.router_init == "data" and self.calibration is None:
-            raise UpcycleError("--router-init data needs --calibration FILE (JSONL or text, as upcycle data prepare "
-                               "reads)")
+            raise UpcycleError(f"{n('router_init')} data needs {n('calibration')} FILE (JSONL or text, as upcycle "
+                               "data prepare reads)")
         if self.router_init != "data" and self.calibration is not None:
-            raise UpcycleError("--calibration is only used with --router-init data; add --router-init data")
+            raise UpcycleError(f"{n('calibration')} is only used with {n('router_init')} data; add "
+                               f"{n('router_init')} data")
         if self.calibration_tokens < 1:
-            raise UpcycleError(f"--calibration-tokens must be at least 1, got {self.calibration_tokens}")
-        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
-            raise UpcycleError(f"unknown --dtype {self.dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
+            raise UpcycleError(f"{n('calibration_tokens')} must be at least 1, got {self.calibration_tokens}")
         if self.method == "btx" and not self.btx_sources:
-            raise UpcycleError("--method btx needs --btx-sources DIR [DIR ...] (SOURCE is the first source)")
+            raise UpcycleError(f"{n('method')} btx needs {n('btx_sources')} DIR [DIR ...] (SOURCE is the first "
+                               "source)")
         if self.method != "btx" and self.btx_sources:
-            raise UpcycleError("--btx-sources is only used with --method btx")
-        if self.method == "btx":
-            btx_source_of_expert(self.num_experts, 1 + len(self.btx_sources))
+            raise UpcycleError(f"{n('btx_sources')} is only used with {n('method')} btx")
+        sources = 1 + len(self.btx_sources)
+        if self.method == "btx" and self.num_experts % sources:
+            raise UpcycleError(f"btx needs {n('num_experts')} divisible by the number of sources; got "
+                               f"{self.num_experts} experts and {sources} sources (for example use "
+                               f"{n('num_experts')} {sources * max(1, self.num_experts // sources)})")
         if self.shared_expert_dim is not None and self.shared_expert_dim < 1:
-            raise UpcycleError("--shared-expert-dim must be at least 1")
-        parse_size(self.max_shard_size)
+            raise UpcycleError(f"{n('shared_expert_dim')} must be at least 1")
+        try:
+            parse_size(self.max_shard_size)
+        except UpcycleError as exc:
+            raise UpcycleError(f"{n('max_shard_size')}: {exc}") from None
+
+    def input_paths(self) -> tuple[str, ...]:
+        """The files and directories these options make a conversion read besides SOURCE: an output must never be or
+        contain one of them."""
+        return (*self.btx_sources, *([self.calibration] if self.calibration is not None else []))
 
     @property
     def shared_dense(self) -> bool:
@@ -183,49 +209,59 @@ class ConvertOptions:
         return self.granularity - self.shared_dense
 
     def _validate_granularity(self) -> None:
-        g = self.granularity
+        g, n = self.granularity, self.option_name
         if g < 1:
-            raise UpcycleError(f"--granularity must be at least 1, got {g}")
-        if self.shared_expert not in SHARED_EXPERT_MODES:
-            raise UpcycleError(f"unknown --shared-expert {self.shared_expert!r}; choose one of "
-                               f"{', '.join(SHARED_EXPERT_MODES)}")
+            raise UpcycleError(f"{n('granularity')} must be at least 1, got {g}")
         if self.shared_dense:
             if g < 2:
-                raise UpcycleError("--shared-expert dense makes one of the --granularity segments the shared expert; "
-                                   "use --granularity 2 or more")
+                raise UpcycleError(f"{n('shared_expert')} dense makes one of the {n('granularity')} segments the "
+                                   f"shared expert; use {n('granularity')} 2 or more")
             if self.method not in ("drop", "naive", "noise"):
-                raise UpcycleError(f"--shared-expert dense copies dense neurons, --method {self.method} does not; use "
-                                   "drop, naive or noise")
+                raise UpcycleError(f"{n('shared_expert')} dense copies dense neurons, {n('method')} {self.method} "
+                                   "does not; use drop, naive or noise")
             if self.shared_expert_dim is not None:
-                raise UpcycleError("--shared-expert dense sizes the shared expert as one segment (F / G); leave out "
-                                   "--shared-expert-dim")
+                raise UpcycleError(f"{n('shared_expert')} dense sizes the shared expert as one segment (F / G); "
+                                   f"leave out {n('shared_expert_dim')}")
         if g == 1:
             return
-        r, what = self.routed_segments, ("--granularity - 1 (one segment is shared)" if self.shared_dense
-                                         else "--granularity")
+        r = self.routed_segments
+        what = f"{n('granularity')} - 1 (one segment is shared)" if self.shared_dense else n("granularity")
         if self.num_experts % r:
-            raise UpcycleError(f"--num-experts {self.num_experts} is not a multiple of {what} = {r}; use "
-                               f"--num-experts {r * max(1, round(self.num_experts / r))}")
+            raise UpcycleError(f"{n('num_experts')} {self.num_experts} is not a multiple of {what} = {r}; use "
+                               f"{n('num_experts')} {r * max(1, round(self.num_experts / r))}")
         if self.top_k % r:
-            raise UpcycleError(f"--top-k {self.top_k} is not a multiple of {what} = {r} (tokens must pick whole "
-                               f"copies of the dense FFN); use --top-k {r * max(1, round(self.top_k / r))}")
+            raise UpcycleError(f"{n('top_k')} {self.top_k} is not a multiple of {what} = {r} (tokens must pick whole "
+                               f"copies of the dense FFN); use {n('top_k')} {r * max(1, round(self.top_k / r))}")
         if self.method == "btx":
-            raise UpcycleError("--granularity above 1 does not combine with --method btx; use --granularity 1")
+            raise UpcycleError(f"{n('granularity')} above 1 does not combine with {n('method')} btx; use "
+                               f"{n('granularity')} 1")
+
+    def check_format(self, fmt: str) -> None:
+        """What the resolved output format `fmt` must hold of these options."""
+        n = self.option_name
+        if not self.renormalize and fmt == "mixtral":
+            flag = n("renormalize")
+            off = f"--no-{flag[2:]}" if flag.startswith("--") else f"{flag}: false"
+            raise UpcycleError(f"mixtral always renormalizes the top-k weights, so {off} does not fit it; use "
+                               f"{n('format')} qwen2_moe (or qwen3_moe for a Qwen3 source)")
+        if self.shared_dense and fmt != "qwen2_moe":
+            raise UpcycleError(f"{n('shared_expert')} dense needs {n('format')} qwen2_moe, the only format with a "
+                               f"shared expert (got {fmt})")
 
     def check_source(self, shapes: hf.Shapes, fmt: str) -> tuple[int, ...]:
         """What can only be checked against the source's sizes and the resolved format, before anything is written.
         Returns the MoE layers."""
+        n = self.option_name
         if shapes.ffn_dim % self.granularity:
             divisors = [g for g in range(2, 17) if shapes.ffn_dim % g == 0]
-            raise UpcycleError(f"the dense FFN size {shapes.ffn_dim} is not divisible by --granularity "
+            raise UpcycleError(f"the dense FFN size {shapes.ffn_dim} is not divisible by {n('granularity')} "
                                f"{self.granularity}; choose one of {', '.join(map(str, divisors)) or '1'}")
-        if self.shared_dense and fmt != "qwen2_moe":
-            raise UpcycleError(f"--shared-expert dense needs --format qwen2_moe, the only format with a shared expert "
-                               f"(got {fmt})")
-        moe_layers = parse_moe_layers(self.moe_layers, shapes.num_layers)
+        self.check_format(fmt)
+        moe_layers = parse_moe_layers(self.moe_layers, shapes.num_layers, name=n("moe_layers"))
         if fmt == "mixtral" and len(moe_layers) < shapes.num_layers:
-            raise UpcycleError("mixtral has an MoE FFN in every layer and cannot keep dense layers; use --format "
-                               "qwen2_moe (or qwen3_moe for a Qwen3 source) with --moe-layers, or leave --moe-layers out")
+            raise UpcycleError(f"mixtral has an MoE FFN in every layer and cannot keep dense layers; use {n('format')} "
+                               f"qwen2_moe (or qwen3_moe for a Qwen3 source) with {n('moe_layers')}, or leave "
+                               f"{n('moe_layers')} out")
         return moe_layers
 
 
@@ -245,7 +281,7 @@ def _expected_dense_tensors(shapes: hf.Shapes) -> dict[str, tuple[int, ...]]:
     return expected
 
 
-def _check_source(reader: CheckpointReader) -> hf.Shapes:
+def check_dense_source(reader: CheckpointReader) -> hf.Shapes:
     """Every expected tensor present with its shape, nothing unknown: before any output is written."""
     hf.check_dense_config(reader.config)
     shapes = hf.read_shapes(reader.config)
@@ -272,7 +308,7 @@ def _check_source(reader: CheckpointReader) -> hf.Shapes:
 
 def _check_btx_sources(first: CheckpointReader, others: list[CheckpointReader], shapes: hf.Shapes) -> None:
     for other in others:
-        other_shapes = _check_source(other)
+        other_shapes = check_dense_source(other)
         if other.config.get("model_type") != first.config.get("model_type") or other_shapes != shapes:
             raise UpcycleError(f"btx source {other.dir} differs in shape or family from {first.dir}; all btx sources "
                                "must be continued from the same dense seed")
@@ -380,7 +416,7 @@ class _Producer:
                               else [0] * opts.num_experts)
         # fine-grained experts: expert e is segment e % R of copy e // R, R = opts.routed_segments (segments 1..G-1 when
         # segment 0 is the dense shared expert), its down projection scaled by R (granular_scale)
-        self.scale = (granular_scale(opts.routed_segments, renormalize=True)
+        self.scale = (granular_scale(opts.routed_segments)
                       if opts.granularity > 1 and opts.method != "scratch" else 1.0)
         self._segments: tuple[int, torch.Tensor] | None = None  # (layer, (G, F/G) neuron indices)
         self._dense_ffn: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # only the current layer's
@@ -494,7 +530,7 @@ class _Producer:
 def _open_sources(source: str | os.PathLike, opts: ConvertOptions) -> tuple[list[CheckpointReader], hf.Shapes, str]:
     opts.validate()
     first = CheckpointReader(source)
-    shapes = _check_source(first)
+    shapes = check_dense_source(first)
     readers = [first]
     if opts.method == "btx":
         readers += [CheckpointReader(s) for s in opts.btx_sources]
@@ -631,7 +667,7 @@ def _moe_config(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions) -> d
         router_aux_loss_coef=opts.router_aux_loss_coef,
         shared_expert_dim=shapes.ffn_dim // opts.granularity if opts.shared_dense else opts.shared_expert_dim,
         dtype=dtype_name(_out_dtype(opts, readers[0])), expert_ffn_dim=shapes.ffn_dim // opts.granularity,
-        moe_layers=opts.check_source(shapes, fmt),
+        moe_layers=opts.check_source(shapes, fmt), renormalize=opts.renormalize,
     )
 
 
@@ -723,7 +759,7 @@ def convert(
     written into a temporary sibling directory and renamed into place only when complete.
     """
     opts = ConvertOptions(**{k: tuple(v) if k == "btx_sources" else v for k, v in options.items()})
-    inputs = [source, *opts.btx_sources]
+    inputs = [source, *opts.input_paths()]
     output = check_output(output, force=force, inputs=inputs)
     readers, shapes, fmt = _open_sources(source, opts)
     _check_fits(_estimate_for(readers, shapes, fmt, opts), opts, output)
@@ -818,7 +854,7 @@ def convert_command(
         quiet: No progress bar.
     """
     path = convert(source, output, force=force, progress=not quiet, **asdict(options))
-    if format_note := hf.ENGINE_NOTES.get(json.loads((path / "config.json").read_text())["model_type"]):
+    if format_note := hf.engine_note(json.loads((path / "config.json").read_text())):
         print(format_note, file=sys.stderr)
     if not quiet:
         print(f"wrote {path}")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
-from upcycle.files import check_output, publish_dir
+from upcycle.files import check_output, publish_dir, read_json
 from upcycle.model import ModelConfig, Transformer
 from upcycle.safetensors_io import (
     DTYPE_NAMES,
@@ -222,8 +222,9 @@ def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
             raise UpcycleError(f"this MoE has a shared expert, which only qwen2_moe holds; got --format {fmt}, use "
                                "--format qwen2_moe")
         fmt = "qwen2_moe"
-    elif fmt == "auto" and family == "llama" and config.moe_layers is not None:
-        fmt = "qwen2_moe"  # mixtral cannot keep dense layers; qwen2_moe holds Llama attention (zero q/k/v biases)
+    elif fmt == "auto" and family == "llama" and (config.moe_layers is not None or not config.renormalize):
+        # mixtral cannot keep dense layers nor skip renormalization; qwen2_moe holds Llama attention (zero q/k/v biases)
+        fmt = "qwen2_moe"
     return family, hf.resolve_format(dense_like, fmt)
 
 
@@ -362,10 +363,7 @@ def is_our_checkpoint(path: str | Path) -> bool:
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         return False
-    try:
-        config = json.loads(config_path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise UpcycleError(f"{config_path} is truncated or not JSON; restore it from the run or re-export") from None
+    config = read_json(config_path, fix="restore it from the run or re-export")
     return isinstance(config, dict) and "model" in config
 
 
@@ -501,6 +499,6 @@ def export_command(
     config, tensors = model_tensors(checkpoint)  # read one tensor at a time while writing
     path = export_hf(tensors, config, out, fmt=format, dtype=dtype, tokenizer=tokenizer, force=force, inputs=inputs,
                      max_shard_size=max_shard_size)
-    if format_note := hf.ENGINE_NOTES.get(json.loads((path / "config.json").read_text())["model_type"]):
+    if format_note := hf.engine_note(json.loads((path / "config.json").read_text())):
         print(format_note, file=sys.stderr)
     print(f"wrote {path}")

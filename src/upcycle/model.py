@@ -67,6 +67,16 @@ class ModelConfig:
     """Std of the normal init of linear and embedding weights (norms start at 1, biases at 0)."""
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise UpcycleError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise UpcycleError(f"head_dim must be at least 1 (or empty: dim // num_heads), got {self.head_dim}")
+        if not (self.norm_eps > 0 and self.rope_theta > 0 and self.init_std >= 0):
+            raise UpcycleError(f"norm_eps and rope_theta must be > 0 and init_std >= 0, got {self.norm_eps}, "
+                               f"{self.rope_theta}, {self.init_std}")
+        if self.num_experts < 0:
+            raise UpcycleError(f"num_experts must be >= 0 (0: dense), got {self.num_experts}")
         if self.head_dim is None:
             if self.dim % self.num_heads:
                 raise UpcycleError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}; set head_dim")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from upcycle.errors import UpcycleError
-from upcycle.files import sha256_file
+from upcycle.files import not_an_input, read_json, sha256_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SIDECAR_PREFIX = "upcycle_"
@@ -63,7 +63,7 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise UpcycleError(f"{path} is truncated or not a safetensors file; re-save or re-download it")
         try:
             header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise UpcycleError(f"{path} has a corrupt safetensors header; re-save or re-download it") from None
     header.pop("__metadata__", None)
     data_len = size - 8 - header_len
@@ -85,10 +85,9 @@ class CheckpointReader(Mapping):
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
-        if not self.dir.exists():
-            raise UpcycleError(f"source {self.dir} does not exist; pass a local HF checkpoint directory")
         if not self.dir.is_dir():
-            raise UpcycleError(f"source {self.dir} is not a directory; pass the checkpoint's directory, not a file")
+            raise UpcycleError(f"{not_an_input('source', self.dir, 'a directory')}; pass a local HF checkpoint "
+                               "directory (config.json + safetensors)")
         if not os.access(self.dir, os.R_OK | os.X_OK):
             raise UpcycleError(f"source {self.dir} is not readable; check its permissions")
         self.config = self._read_config()
@@ -110,9 +109,7 @@ class CheckpointReader(Mapping):
         if not path.is_file():
             raise UpcycleError(f"{self.dir} has no config.json; pass a directory written by save_pretrained")
         try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UpcycleError(f"{path} is not valid JSON ({exc}); fix or re-save the config") from None
+            cfg = read_json(path, fix="fix or re-save the config")
         except OSError as exc:
             raise UpcycleError(f"cannot read {path}: {exc.strerror}") from None
         if not isinstance(cfg, dict):
@@ -123,8 +120,10 @@ class CheckpointReader(Mapping):
         index = self.dir / INDEX_NAME
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+                weight_map = read_json(index, fix="re-save the checkpoint")["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError
+            except (KeyError, TypeError):
                 raise UpcycleError(f"{index} is not a valid safetensors index; re-save the checkpoint") from None
             files = sorted({self.dir / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]

@@ -221,15 +221,17 @@ def _apply_activation_checkpointing(model: torch.nn.Module) -> None:
 # One step
 
 
-def loss_parts(output, labels_BT: torch.Tensor, loop: TrainLoopConfig, top_k: int) -> dict[str, torch.Tensor]:
-    """{"loss", "ce", "aux", "z"} of one micro-batch: loss = ce + aux_coef * aux + z_coef * z."""
+def loss_parts(output, labels_BT: torch.Tensor, loop: TrainLoopConfig, top_k: int,
+               global_counts_LE: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """{"loss", "ce", "aux", "z"} of one micro-batch: loss = ce + aux_coef * aux + z_coef * z. With
+    `global_counts_LE` (balance_scope global_batch) the load-balancing loss takes f from the whole global batch."""
     from upcycle import losses
 
     ce = losses.cross_entropy(logits_BTV=output.logits, labels_BT=labels_BT)
     zero = ce.new_zeros(())
     if output.router_logits:
         aux = losses.load_balancing_loss(router_logits=output.router_logits, top_k=top_k,
-                                         per_layer=loop.aux_per_layer)
+                                         per_layer=loop.aux_per_layer, global_counts_LE=global_counts_LE)
         z = losses.router_z_loss(router_logits=output.router_logits)
     else:
         aux, z = zero, zero
@@ -238,23 +240,53 @@ def loss_parts(output, labels_BT: torch.Tensor, loop: TrainLoopConfig, top_k: in
     return {"loss": total, "ce": ce, "aux": aux, "z": z}
 
 
+def _global_assignment_counts(model: torch.nn.Module, micro_batches, *, top_k: int, autocast,
+                              world: World | None) -> torch.Tensor:
+    """balance_scope global_batch: the (L, E) expert assignment counts of every micro-batch of every rank, before any
+    backward. Routing in layer l depends on every layer below it, so the counts need a forward pass; it runs without
+    gradients, over the same weights and inputs as the training forward, so it routes identically."""
+    from upcycle import losses
+    from upcycle.distributed import all_reduce_sum
+
+    counts_LE = None
+    with torch.no_grad(), autocast():
+        for micro_BT in micro_batches:
+            counts = losses.assignment_counts(router_logits=model(micro_BT[:, :-1]).router_logits, top_k=top_k)
+            counts_LE = counts if counts_LE is None else counts_LE + counts
+    return counts_LE if world is None else all_reduce_sum(counts_LE, world)
+
+
 def forward_backward(model: torch.nn.Module, batch_BT: torch.Tensor, *, loop: TrainLoopConfig, top_k: int,
-                     num_moe: int, num_experts: int, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_moe: int, num_experts: int, autocast, world: World | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over this rank's rows of one global batch, in micro-batches of loop.micro_batch_size.
 
     Gradients accumulate in the parameters, each micro-batch's scaled by 1 / micro-batches so they average; the
     gradient reduction across ranks happens once, on the last micro-batch. Returns the mean [loss, ce, aux, z] over the
-    micro-batches (fp64, detached) and the summed expert counts (L_moe, E).
+    micro-batches (fp64, detached) and the summed expert counts (L_moe, E). With loop.balance_scope global_batch the
+    load-balancing loss uses the assignment counts of the whole global batch (summed over `world`'s ranks): from a
+    gradient-free forward pass first when this rank has several micro-batches, from the training forward itself when
+    it has one.
     """
-    from upcycle.distributed import gradient_sync
+    from upcycle import losses
+    from upcycle.distributed import all_reduce_sum, gradient_sync
 
     micro_batches = batch_BT.split(loop.micro_batch_size)
+    global_scope = num_moe > 0 and loop.balance_scope == "global_batch"
+    global_counts_LE = None
+    if global_scope and len(micro_batches) > 1:
+        global_counts_LE = _global_assignment_counts(model, micro_batches, top_k=top_k, autocast=autocast,
+                                                     world=world)
     sums = torch.zeros(4, dtype=torch.float64, device=batch_BT.device)
     counts_LE = torch.zeros(num_moe, max(num_experts, 1), dtype=torch.float64, device=batch_BT.device)
     for index, micro_BT in enumerate(micro_batches):
         with gradient_sync(model, index == len(micro_batches) - 1), autocast():
             output = model(micro_BT[:, :-1])
-            parts = loss_parts(output, micro_BT[:, 1:], loop, top_k)
+            if global_scope and len(micro_batches) == 1:  # the only forward of this rank: its counts suffice
+                global_counts_LE = losses.assignment_counts(router_logits=output.router_logits, top_k=top_k)
+                if world is not None:
+                    all_reduce_sum(global_counts_LE, world)
+            parts = loss_parts(output, micro_BT[:, 1:], loop, top_k, global_counts_LE)
         (parts["loss"] / len(micro_batches)).backward()
         sums += torch.stack([parts[k].detach().double() for k in ("loss", "ce", "aux", "z")])
         if output.expert_counts is not None:
@@ -394,7 +426,8 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
     mc = run.model_config
     num_moe = len(mc.moe_layer_ids)
     sums, counts_LE = forward_backward(run.model, batch_BT.to(world.device), loop=config.train, top_k=mc.top_k,
-                                       num_moe=num_moe, num_experts=mc.num_experts, autocast=run.autocast)
+                                       num_moe=num_moe, num_experts=mc.num_experts, autocast=run.autocast,
+                                       world=world)
     flag = torch.tensor([1.0 if stop.signal_name else 0.0], dtype=torch.float64, device=world.device)
     reduced = all_reduce_sum(torch.cat([sums, counts_LE.flatten(), flag]), world)
     loss, ce, aux, z = (reduced[:4] / world.world_size).tolist()
@@ -527,22 +560,13 @@ def _check_out(out: Path, config_dict: dict) -> None:
 
 
 def _check_data(config: TrainConfig, data_dir: Path | None, model_config: ModelConfig) -> None:
-    """The data fits the model: the prepared files (every token id < vocab_size, seq_len <= max_seq_len), or, before
-    raw sources are tokenized, the tokenizer's vocabulary."""
+    """The data fits the model (data.check_data_fits): the prepared files, or before raw sources are tokenized, the
+    tokenizer's vocabulary."""
     from upcycle import data as data_lib
 
-    if data_dir is not None:
-        data_lib.check_data_fits(data_dir, vocab_size=model_config.vocab_size, max_seq_len=model_config.max_seq_len,
-                                 seq_len=config.data.seq_len, seq_len_name="data.seq_len")
-        return
-    tokenizer, _ = data_lib.load_tokenizer(config.data.tokenizer)
-    ids = tokenizer.get_vocab_size(with_added_tokens=True)
-    if ids > model_config.vocab_size:
-        raise UpcycleError(f"data.tokenizer {config.data.tokenizer} has {ids} token ids but the model's vocab_size is "
-                           f"{model_config.vocab_size}; use a matching tokenizer or a larger model.vocab_size")
-    if config.data.seq_len > model_config.max_seq_len:
-        raise UpcycleError(f"data.seq_len {config.data.seq_len} exceeds the model's max_seq_len "
-                           f"{model_config.max_seq_len}")
+    data_lib.check_data_fits(data_dir, vocab_size=model_config.vocab_size, max_seq_len=model_config.max_seq_len,
+                             seq_len=config.data.seq_len, seq_len_name="data.seq_len", tokenizer=config.data.tokenizer,
+                             tokenizer_name="data.tokenizer")
 
 
 def _lock_out(out: Path, world: World) -> IO | None:
