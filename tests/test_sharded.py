@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import save_file
 
 import helpers
-from helpers import (REPO, free_port, make_data_dir, read_metrics, run_train, save_dense, subprocess_env, tiny_config,
+from helpers import (free_port, make_data_dir, read_metrics, run_train, save_dense, subprocess_env, tiny_config,
                      torchrun_train, train_one_process, write_config)
 from upcycle import checkpoint as ckpt
 from upcycle.convert import convert

@@ -753,7 +753,7 @@ def validation_batches(
 _FINGERPRINT_BLOCKS, _FINGERPRINT_BLOCK_BYTES = 16, 1 << 16
 
 
-def fingerprint(data_dir: str | os.PathLike) -> str:
+def fingerprint(data_dir: str | Path) -> str:
     """A cheap identity of a prepared data directory: sha256 of data.json and, for each token file, its size and 16
     blocks of 64 KiB spread over it. Re-preparing the directory in place with other text changes it (the token counts
     or the sampled bytes), while reading it costs ~1 MB per file whatever the data's size."""

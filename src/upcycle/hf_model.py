@@ -36,7 +36,6 @@ from upcycle.safetensors_io import (
     PlannedTensor,
     ShardWriter,
     parse_size,
-    read_header,
     save_tensors,
 )
 from upcycle.shards import ExpertStack, Rows, Source, full_box

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -602,7 +601,6 @@ def setup(config: TrainConfig, out: Path, world: World) -> Run:
     """Check everything (output directory, model, data), lock OUT, then prepare raw data, build the model sharded on
     every rank, the optimizer and loaders, restore the newest resumable checkpoint and write OUT/config.yaml. A refusal
     or failure before that leaves a new OUT as it was (removed)."""
-    from upcycle import data as data_lib
 
     config_dict = config_to_dict(config)
     config = dataclasses.replace(config, train=resolve_loop(config, world))
