@@ -47,12 +47,49 @@ class TensorInfo:
     start: int  # absolute byte offset of the tensor's data in the file
     end: int
 
+    def read(self, rows: slice | None = None, *, name: str = "") -> torch.Tensor:
+        """The tensor, or only its `rows` (a slice of dim 0, stored contiguously), with a plain positioned read: unlike
+        a memory map, pages already read do not stay in this process's resident set, so reading a whole model layer
+        by layer keeps peak memory flat, and a rank that keeps a few rows reads only those."""
+        shape, start, end = self.shape, self.start, self.end
+        if rows is not None and shape:
+            first, stop, _ = rows.indices(shape[0])
+            stop = max(stop, first)
+            row_bytes = (end - start) // shape[0] if shape[0] else 0
+            start, end = start + first * row_bytes, start + stop * row_bytes
+            shape = (stop - first, *shape[1:])
+        buffer = bytearray(end - start)
+        with open(self.file, "rb") as f:
+            f.seek(start)
+            if f.readinto(buffer) != len(buffer):
+                raise UpcycleError(f"{self.file} ended while reading {name}; the file changed or is truncated")
+        if not buffer:
+            return torch.empty(shape, dtype=CODE_DTYPES[self.dtype])
+        return torch.frombuffer(buffer, dtype=CODE_DTYPES[self.dtype]).reshape(shape)
+
+
+def tensor_infos(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Every tensor of one safetensors file (validated as read_header does), and the file's metadata."""
+    header, data_start, metadata = _parse_header(Path(path))
+    infos = {}
+    for name, meta in header.items():
+        if meta.get("dtype") not in CODE_DTYPES:
+            raise UpcycleError(f"tensor {name} in {path.name} has unsupported dtype {meta.get('dtype')}")
+        begin, end = meta["data_offsets"]
+        infos[name] = TensorInfo(Path(path), tuple(meta["shape"]), meta["dtype"], data_start + begin, data_start + end)
+    return infos, metadata
+
 
 def read_header(path: Path) -> tuple[dict, int]:
     """Parse and validate one safetensors header; raise UpcycleError if the file is truncated or not safetensors.
 
     Returns the header (tensor name -> dtype, shape, data_offsets) and the absolute offset where the data begins.
     """
+    header, data_start, _ = _parse_header(path)
+    return header, data_start
+
+
+def _parse_header(path: Path) -> tuple[dict, int, dict]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -65,14 +102,14 @@ def read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise UpcycleError(f"{path} has a corrupt safetensors header; re-save or re-download it") from None
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     data_len = size - 8 - header_len
     end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
     if end > data_len:
         raise UpcycleError(
             f"{path} is truncated ({data_len} data bytes, header needs {end}); re-save or re-download it"
         )
-    return header, 8 + header_len
+    return header, 8 + header_len, metadata
 
 
 class CheckpointReader(Mapping):
@@ -161,26 +198,8 @@ class CheckpointReader(Mapping):
         return CODE_DTYPES[self.tensors[name].dtype]
 
     def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """Read one tensor, or only its `rows` (a slice of dim 0, stored contiguously), with a plain positioned read:
-        unlike a memory map, pages already read do not stay in this process's resident set, so reading a whole model
-        layer by layer keeps peak memory flat, and a rank that keeps a few rows reads only those."""
-        info = self.tensors[name]
-        shape = info.shape
-        start, end = info.start, info.end
-        if rows is not None and shape:
-            first, stop, _ = rows.indices(shape[0])
-            stop = max(stop, first)
-            row_bytes = (end - start) // shape[0] if shape[0] else 0
-            start, end = start + first * row_bytes, start + stop * row_bytes
-            shape = (stop - first, *shape[1:])
-        buffer = bytearray(end - start)
-        with open(info.file, "rb") as f:
-            f.seek(start)
-            if f.readinto(buffer) != len(buffer):
-                raise UpcycleError(f"{info.file} ended while reading {name}; the file changed or is truncated")
-        if not buffer:
-            return torch.empty(shape, dtype=CODE_DTYPES[info.dtype])
-        return torch.frombuffer(buffer, dtype=CODE_DTYPES[info.dtype]).reshape(shape)
+        """Read one tensor, or only its `rows` (TensorInfo.read)."""
+        return self.tensors[name].read(rows, name=name)
 
     def sha256(self) -> dict[str, str]:
         """sha256 of config.json, the index and every weight file, for the manifest."""
@@ -234,7 +253,7 @@ def _header_bytes(items: list[PlannedTensor], metadata: dict[str, str]) -> bytes
 
 
 def _tensor_bytes(tensor: torch.Tensor):
-    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data  # reshape: 0-d too
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
