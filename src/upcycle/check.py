@@ -8,14 +8,18 @@ function moved, which is what a user needs to choose r and the index mode.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from upcycle.convert import check_dense_source
 from upcycle.errors import UpcycleError
+from upcycle.files import read_json
 from upcycle.safetensors_io import CheckpointReader
 
 PROBE_TEXT = """\
@@ -43,6 +47,7 @@ class CheckReport:
     moe_perplexity: float
     num_tokens: int
     method: str | None  # convert's --method, or the command (grow, compose) that wrote the MoE
+    renormalize: bool | None  # the conversion's top-k renormalization (manifest), None without a manifest
     equivalent: bool | None  # set when the output should preserve the function (naive convert, grow/compose at r = 0)
     # compose with prompts: per MoE layer {"layer", "top1_share": [share of expert i's positive-prompt tokens whose
     # top-1 expert is one of its own, for each i]}, measured through transformers
@@ -59,9 +64,28 @@ def _load(path: Path):
         raise UpcycleError(f"{path} has no config.json; pass a checkpoint directory")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UpcycleError(f"transformers cannot load {path}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 (transformers raises many types; its first line names the cause)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UpcycleError(f"transformers cannot load {path}: {reason}") from None
     return model.eval()
+
+
+@contextlib.contextmanager
+def _naming(what: str, path: Path):
+    """Say which of the two checkpoints a validation error is about, when its message does not."""
+    try:
+        yield
+    except UpcycleError as exc:
+        raise UpcycleError(str(exc) if str(path) in str(exc) else f"{what} {path}: {exc}") from None
+
+
+def _non_finite_cause(path: Path) -> str:
+    """Which tensor of a checkpoint holds NaN or Inf (read one at a time), or that all are finite."""
+    reader = CheckpointReader(path)
+    for name in reader.tensors:
+        if not torch.isfinite(reader.get(name)).all():
+            return f"its tensor {name} holds NaN or Inf values"
+    return "every tensor is finite: the forward pass overflows"
 
 
 def _token_ids(text: str, dirs: list[Path], vocab_size: int, max_tokens: int) -> torch.Tensor:
@@ -87,18 +111,28 @@ def _perplexity(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> float:
 def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: int = 512,
           tolerance: float = 1e-4) -> CheckReport:
     """Compare the MoE at `moe_dir` with the dense model at `dense_dir` on a probe text."""
+    from upcycle.hf_model import as_hf_directory, is_our_checkpoint, model_tensors
+
     moe_path, dense_path = Path(moe_dir), Path(dense_dir)
-    for path in (moe_path, dense_path):
-        # the validation every other command does before work: config.json, safetensors headers against file sizes
-        # (a truncated file is named), pickle weights refused rather than handed to transformers
-        CheckpointReader(path)
+    # the validation every other command does before work: config.json, safetensors headers against file sizes (a
+    # truncated file is named), pickle weights refused rather than handed to transformers; the dense parent as convert
+    # checks its source (supported family, config types, every tensor with its shape). The MoE may be any HF MoE
+    # (what transformers cannot build from it is named by _load) or a training checkpoint of ours (exported first).
+    with _naming("MoE", moe_path):
+        model_tensors(moe_path) if is_our_checkpoint(moe_path) else CheckpointReader(moe_path)
     manifest_path = moe_path / "upcycle_manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
     options = manifest.get("options", {})
     method = options.get("method", options.get("command"))
-    # grow and compose say whether their output should compute the parent's function; convert: when it is naive
-    preserving = manifest.get("function_preserving", method == "naive")
-    dense, moe = _load(dense_path), _load(moe_path)
+    with _naming("--dense", dense_path):  # grow's parent is the MoE it grew
+        CheckpointReader(dense_path) if method == "grow" else check_dense_source(CheckpointReader(dense_path))
+    # Only with renormalized top-k weights is a naive conversion the dense function; without (--no-renormalize) each
+    # token's FFN output is scaled by the sum of its top-k probabilities, so no tolerance applies. grow and compose
+    # record whether their output should compute the parent's function (r = 0, copies of one model).
+    exact_by_design = manifest.get("function_preserving", method == "naive" and options.get("renormalize", True))
+    with tempfile.TemporaryDirectory() as tmp:  # a training checkpoint of ours is exported there to be loaded
+        dense, moe = _load(dense_path), _load(moe_hf := as_hf_directory(moe_path, tmp))
+        routing = _prompt_routing(moe, moe_hf, manifest) if "prompts" in manifest else None
     if dense.config.vocab_size != moe.config.vocab_size:
         raise UpcycleError(f"vocabularies differ ({dense.config.vocab_size} vs {moe.config.vocab_size}); "
                            "is --dense the parent of this MoE?")
@@ -107,7 +141,10 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
     with torch.no_grad():
         dense_logits = dense(ids).logits.float()
         moe_logits = moe(ids).logits.float()
-    routing = _prompt_routing(moe, moe_path, manifest) if "prompts" in manifest else None
+    for what, path, logits_BTV in (("dense", dense_path, dense_logits), ("MoE", moe_path, moe_logits)):
+        if not torch.isfinite(logits_BTV).all():  # nan compares false with any tolerance: no verdict can be given
+            raise UpcycleError(f"the {what} model {path} gives NaN or Inf logits on the probe text "
+                               f"({_non_finite_cause(path)}); it computes no usable function, re-convert or re-save it")
     diff = (dense_logits - moe_logits).abs()
     max_diff = diff.max().item()
     return CheckReport(
@@ -118,7 +155,8 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
         moe_perplexity=_perplexity(moe_logits, ids),
         num_tokens=ids.shape[1],
         method=method,
-        equivalent=(max_diff <= tolerance) if preserving else None,
+        renormalize=options.get("renormalize", True) if options else None,
+        equivalent=(max_diff <= tolerance) if exact_by_design else None,
         prompt_routing=routing,
     )
 
@@ -143,13 +181,16 @@ def _prompt_routing(moe, moe_path: Path, manifest: dict) -> list[dict]:
 
 def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_tokens: int = 512,
                   tolerance: float = 1e-4, json_output: bool = False) -> int:
-    """Compare an upcycled MoE with its dense parent: max |logit diff| and perplexity of both on a probe text.
+    """Compare an upcycled MoE with its parent: max |logit diff| and perplexity of both on a probe text.
 
     Exits with status 1 when the MoE should compute its parent's function (its upcycle_manifest.json says so: a naive
-    conversion, a grow or compose at r = 0) and its logits differ from the parent's by more than --tolerance.
+    conversion that renormalizes the top-k weights, a grow or compose at r = 0) and its logits differ from the parent's
+    by more than --tolerance (without renormalization, --no-renormalize, naive is not exact by design and only the
+    numbers are reported).
 
     Args:
-        moe_dir: The MoE checkpoint directory (written by upcycle convert, compose or grow, or any HF MoE).
+        moe_dir: The MoE checkpoint directory (written by upcycle convert, compose or grow, any HF MoE, or a training
+            checkpoint of ours, exported on the fly).
         dense: The parent checkpoint directory: the dense model (convert, compose) or the source MoE (grow).
         text: A UTF-8 text file to probe with (default: a built-in English/code/Japanese sample).
         max_tokens: Probe at most this many tokens.
@@ -175,6 +216,8 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
         if report.equivalent is not None:
             verdict = "EQUIVALENT" if report.equivalent else "NOT EQUIVALENT"
             print(f"function-preserving:   {verdict} (tolerance {tolerance:g})")
+        elif report.method == "naive":
+            print("naive conversion:      not exact by design (top-k weights not renormalized)")
         for record in report.prompt_routing or []:
             shares = " ".join(f"{s:.2f}" for s in record["top1_share"])
             print(f"prompts routed home:   layer {record['layer']}: {shares} (each expert's share of its own "

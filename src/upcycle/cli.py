@@ -38,6 +38,7 @@ def _commands() -> dict[str, Callable | dict[str, Callable]]:
     from upcycle.experiment import experiment_command
     from upcycle.grow import grow_command
     from upcycle.hf_model import export_command
+    from upcycle.plan import plan_command
     from upcycle.train import train_command
 
     return {
@@ -46,6 +47,7 @@ def _commands() -> dict[str, Callable | dict[str, Callable]]:
         "check": check_command,
         "grow": grow_command,
         "train": train_command,
+        "plan": plan_command,
         "export": export_command,
         "data": {"prepare": prepare_command},
         "eval": eval_command,

@@ -437,7 +437,7 @@ def compose_command(spec: str, output: str, force: bool = False, quiet: bool = F
 
     path = compose(spec, output, force=force, progress=not quiet)
     manifest = json.loads((path / "upcycle_manifest.json").read_text())
-    if format_note := hf.ENGINE_NOTES.get(json.loads((path / "config.json").read_text())["model_type"]):
+    if format_note := hf.engine_note(json.loads((path / "config.json").read_text())):
         print(format_note, file=sys.stderr)
     if not quiet:
         for record in manifest.get("prompt_routing", []):

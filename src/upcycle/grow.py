@@ -205,7 +205,7 @@ class _Experts:
 
     def _row(self, name: str, e: int) -> torch.Tensor:
         if isinstance(self.tensors, CheckpointReader):
-            return self.tensors.get_row(name, e)
+            return self.tensors.get(name, slice(e, e + 1))[0]
         return self.tensors[name][e]
 
     def __call__(self, e: int) -> dict[str, torch.Tensor]:
@@ -379,7 +379,7 @@ def grow_command(moe: str, output: str, options: GrowOptions = GrowOptions(), fo
         quiet: No progress bar.
     """
     path = grow(moe, output, force=force, progress=not quiet, **asdict(options))
-    if format_note := hf.ENGINE_NOTES.get(json.loads((path / "config.json").read_text())["model_type"]):
+    if format_note := hf.engine_note(json.loads((path / "config.json").read_text())):
         print(format_note, file=sys.stderr)
     if not quiet:
         print(f"wrote {path}")
