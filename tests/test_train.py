@@ -19,7 +19,8 @@ from upcycle import checkpoint as ckpt
 from upcycle import losses
 from upcycle.errors import UpcycleError
 from upcycle.cli import main
-from upcycle.train import NonFiniteLoss, config_from_dict, load_config, lr_at, run_training, train_command
+from upcycle.schedule import lr_at
+from upcycle.train import NonFiniteLoss, config_from_dict, load_config, run_training, train_command
 
 
 @pytest.fixture(scope="module")
