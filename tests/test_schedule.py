@@ -21,9 +21,10 @@ def test_wsd_warms_up_holds_the_peak_then_decays_linearly_over_its_last_fraction
     assert lrs[:4] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4])
     assert wsd_decay_start(40, warmup_steps=4, decay_fraction=0.25) == 30
     assert lrs[4:30] == [1e-3] * 26  # stable
-    assert lrs[30] == 1e-3 and lrs[35] == pytest.approx(1e-3 - 0.5 * 9e-4)  # halfway through the 10 decay steps
-    assert all(a > b for a, b in zip(lrs[30:40], lrs[31:41]))
-    assert lrs[40:] == [1e-4] * 10
+    assert lrs[30] == pytest.approx(1e-3 - 0.1 * 9e-4)  # the first of the 10 decay steps is below the peak
+    assert lrs[34] == pytest.approx(1e-3 - 0.5 * 9e-4)
+    assert all(a > b for a, b in zip(lrs[29:39], lrs[30:40]))
+    assert lrs[39:] == [1e-4] * 11  # the decay's last step reaches min_lr
     # the decay never eats into the warmup: with fraction 1 it starts right after it
     assert wsd_decay_start(10, warmup_steps=4, decay_fraction=1.0) == 4
 
@@ -53,5 +54,5 @@ def test_the_trainer_logs_the_wsd_learning_rates(tmp_path):
     expected = [lr_at(s, lr=3e-3, min_lr=3e-4, warmup_steps=2, decay_steps=6, warmup_start_lr=3e-4, kind="wsd",
                       decay_fraction=0.5) for s in range(6)]
     assert [r["lr"] for r in read_metrics(tmp_path / "run")] == expected
-    # stable through step 3, the decay's first step (6 - round(0.5 * 6)), which still has the peak rate
-    assert expected[2] == expected[3] == 3e-3 and expected[3] > expected[4] > expected[5] > 3e-4
+    # stable through step 2; the decay's 3 steps (6 - round(0.5 * 6) = 3 on) end at min_lr
+    assert expected[2] == 3e-3 > expected[3] > expected[4] > expected[5] == 3e-4

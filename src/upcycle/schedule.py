@@ -3,8 +3,9 @@
 Two kinds, both after a linear warmup from `warmup_start_lr` to the peak `lr` over `warmup_steps`:
 
     cosine   cosine from lr down to min_lr, reached at step `decay_steps`; min_lr afterwards (the paper's schedule).
-    wsd      warmup-stable-decay: lr held constant, then a linear decay to min_lr over the last `decay_fraction` of the
-             `decay_steps` steps (round(decay_fraction * decay_steps) steps, never into the warmup); min_lr afterwards.
+    wsd      warmup-stable-decay: lr held constant, then a linear decay over the last `decay_fraction` of the
+             `decay_steps` steps (round(decay_fraction * decay_steps) steps, never into the warmup) whose last step uses
+             min_lr; min_lr afterwards.
 
 Why wsd: its stable phase does not depend on where the run will end, so runs of several lengths share it. A run of
 N steps is the stable run up to `wsd_decay_start(N, ...)` plus its own decay: `upcycle experiment` trains one stable
@@ -23,8 +24,9 @@ SCHEDULE_KINDS = ("cosine", "wsd")
 
 
 def wsd_decay_start(decay_steps: int, *, warmup_steps: int, decay_fraction: float) -> int:
-    """The first step of a wsd schedule's decay: `decay_steps` minus round(decay_fraction * decay_steps), and not before
-    the end of the warmup. Steps before it use the peak learning rate whatever `decay_steps` is."""
+    """The first step of a wsd schedule's decay (the first below the peak): `decay_steps` minus
+    round(decay_fraction * decay_steps), and not before the end of the warmup. Steps before it use the peak learning
+    rate whatever `decay_steps` is."""
     return max(warmup_steps, decay_steps - round(decay_fraction * decay_steps))
 
 
@@ -39,7 +41,8 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps
         start = wsd_decay_start(decay_steps, warmup_steps=warmup_steps, decay_fraction=decay_fraction)
         if step < start:
             return lr
-        return lr + (min_lr - lr) * (step - start) / (decay_steps - start)
+        # the decay's k-th step (k = 1 .. its length) is k / length of the way down: the last one is exactly min_lr
+        return min_lr + (lr - min_lr) * (1 - (step - start + 1) / (decay_steps - start))
     if kind != "cosine":
         raise ValueError(f"unknown schedule kind {kind!r}; choose one of {', '.join(SCHEDULE_KINDS)}")
     progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)

@@ -177,7 +177,8 @@ class ScheduleConfig:
 
     Attributes:
         kind: cosine (cosine decay from the end of warmup to decay_steps; the paper) or wsd (warmup-stable-decay:
-            optim.lr held, then a linear decay to optim.min_lr over the last decay_fraction of decay_steps).
+            optim.lr held, then a linear decay over the last decay_fraction of decay_steps, reaching optim.min_lr on
+            its last step).
         warmup_steps: Optimizer steps of linear warmup.
         decay_steps: Step at which the schedule reaches optim.min_lr (counted from step 0, warmup included); empty:
             train.max_steps. The learning rate stays at optim.min_lr afterwards.
