@@ -475,3 +475,37 @@ def test_calibration_text_shared_with_the_validation_split_is_refused_naming_bot
     assert message.startswith("arms[1] (routed).convert.calibration: ") and "\n" not in message
     assert str(calibration) in message and str(files["english.val"]) in message and "1 document" in message
     assert not out.exists()  # refused before anything was kept
+
+
+def test_every_config_field_is_in_the_help_and_the_docs():
+    import dataclasses
+
+    from helpers import REPO
+    from upcycle.experiment_config import ArmSpec, DataSection, EvalSection, ExperimentConfig, MoESection, config_help
+
+    docs = (REPO / "docs" / "experiments.md").read_text()
+    help_text = config_help()
+    for prefix, cls in (("", ExperimentConfig), ("data.", DataSection), ("moe.", MoESection), ("eval.", EvalSection),
+                        ("", ArmSpec)):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("derived"):
+                continue
+            assert f"{f.name}:" in help_text, f.name
+            if f.name not in ("data", "moe", "eval"):  # sections: their fields are the docs' rows
+                assert f"`{prefix}{f.name}`" in docs, f"{prefix}{f.name}"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rescore", "--out", "x"], "--rescore needs --data DIR"),
+    (["--rescore", "--data", "d", "--config", "c.yaml", "--out", "x"], "--rescore re-measures the experiment"),
+    (["--data", "d", "--config", "c.yaml", "--out", "x"], "--data is only used with --rescore"),
+    (["--out", "x"], "give --config FILE"),
+])
+def test_cli_flag_combinations_are_refused_in_one_line(flags, message, capsys):
+    from upcycle.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["experiment", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
