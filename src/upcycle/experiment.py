@@ -312,11 +312,11 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
     def point(step: int) -> Path:
         return unit / "measure" / f"step_{step:08d}.json"
 
+    model = load_model(init_dir).to(_device())
     if not point(0).is_file():
-        _write_json(point(0), {"step": 0, "tokens": 0, **measure_model(load_model(init_dir).to(_device()), ctx.val)})
-    model = load_model(init_dir)
-    flops_per_token = 6 * model.num_active_params()
+        _write_json(point(0), {"step": 0, "tokens": 0, **measure_model(model, ctx.val)})
     active, total = model.num_active_params(), model.num_params()
+    flops_per_token = stats.training_flops(active, 1)
     del model
     extra_flops = 0
     if branches is not None:
@@ -483,7 +483,7 @@ def _setup(config: ExperimentConfig, out: Path) -> Path:
         created = True
     try:
         if config.data.path is None:
-            seed = load_model_config(config.seed_model)
+            seed = json.loads((Path(config.seed_model) / "config.json").read_text())  # validated by the config
             data_lib.check_data_fits(data_dir, vocab_size=seed["vocab_size"], seq_len=config.data.seq_len,
                                      max_seq_len=seed.get("max_position_embeddings") or config.data.seq_len,
                                      seq_len_name="data.seq_len")
@@ -503,10 +503,6 @@ def _yaml(record: dict) -> str:
     import yaml
 
     return yaml.safe_dump(record, sort_keys=False)
-
-
-def load_model_config(directory: str) -> dict:
-    return json.loads((Path(directory) / "config.json").read_text())
 
 
 def _die_with_parent():
@@ -628,8 +624,9 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, config_path: st
         try:
             with _exclusive(out / ".setup.lock", f"--out {out}", wait=True):
                 data_dir = _setup(config, out)
+                ctx = _context(config, out, data_dir)
                 if not (out / VALIDATION_FILE).is_file():
-                    _write_json(out / VALIDATION_FILE, _context(config, out, data_dir).val.record)
+                    _write_json(out / VALIDATION_FILE, ctx.val.record)
         except UpcycleError:
             if created and all(p.name in LOCK_FILES for p in out.iterdir()):
                 shutil.rmtree(out, ignore_errors=True)  # refused before anything was written: leave no OUT behind
@@ -642,7 +639,6 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, config_path: st
         if parallel > 1 and todo:
             _run_parallel(config_path, out, todo, parallel, threads)
         elif todo:
-            ctx = _context(config, out, data_dir)
             for arm, seed in todo:
                 unit = out / "arms" / arm.name / f"seed_{seed}"
                 unit.mkdir(parents=True, exist_ok=True)

@@ -197,10 +197,9 @@ def _end_curve(unit: dict, key: str) -> list[tuple[int, float]]:
 
 def _gap_at_equal_flops(unit: dict, ref: dict, index: int) -> float | None:
     """The arm's end-of-schedule mean loss at budget `index` minus naive's at the same training FLOPs, naive's
-    end-of-schedule curve (untrained model at 0 FLOPs included) interpolated linearly in FLOPs; None outside its
-    range. Both of the same seed."""
-    start = [(0, _untrained(ref)["mean"])] if _untrained(ref) else []
-    curve = start + [(b["flops"], b["mean"]) for b in ref["budgets"]]
+    end-of-schedule values interpolated linearly in FLOPs between its budgets; None outside them (below naive's
+    first budget the curve is not known well enough to interpolate). Both of the same seed."""
+    curve = [(b["flops"], b["mean"]) for b in ref["budgets"]]
     at = stats.interpolate([x for x, _ in curve], [y for _, y in curve], unit["budgets"][index]["flops"])
     return None if at is None else unit["budgets"][index]["mean"] - at
 
