@@ -509,3 +509,17 @@ def test_cli_flag_combinations_are_refused_in_one_line(flags, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_the_report_config_and_statistics_never_import_the_runner():
+    """experiment.py imports experiment_config, experiment_stats and experiment_report; none of them imports it back
+    (the old experiment <-> experiment_report cycle)."""
+    import ast
+
+    from helpers import REPO
+
+    for name in ("experiment_config", "experiment_stats", "experiment_report"):
+        tree = ast.parse((REPO / "src" / "upcycle" / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | \
+            {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert "upcycle.experiment" not in imported, name

@@ -413,17 +413,15 @@ def _gap_text(gap: dict) -> str:
 
 
 def _reach_text(reach: dict | None) -> str:
-    """Tokens (per seed, or their mean and interval), or how many seeds got there."""
+    """Tokens (one seed's, or the seeds' mean and interval), or in how many seeds it happened and where."""
     if reach is None:
         return "-"
-    if reach["reached"] < reach["of"]:
-        return f"reached in {reach['reached']} of {reach['of']} seeds"
+    values = ", ".join("none" if v is None else f"{v:,}" for v in reach["per_seed"])
     if reach["of"] == 1:
-        return f"{reach['per_seed'][0]:,}"
-    text = f"{reach['mean']:,.0f}"
-    if reach.get("low") is not None:
-        text += f" [{reach['low']:,.0f}, {reach['high']:,.0f}]"
-    return text
+        return values
+    if reach["reached"] < reach["of"]:
+        return f"in {reach['reached']} of {reach['of']} seeds ({values})"
+    return f"{reach['mean']:,.0f} [{reach['low']:,.0f}, {reach['high']:,.0f}]"
 
 
 def report_markdown(results: dict, *, title: str = "upcycle experiment", recipe: dict | None = None) -> str:
@@ -443,8 +441,8 @@ def report_markdown(results: dict, *, title: str = "upcycle experiment", recipe:
         f"Budgets: {', '.join(f'{t:,}' for t in results['budgets'])} tokens "
         f"({', '.join(str(t // results['tokens_per_step']) for t in results['budgets'])} steps of "
         f"{results['tokens_per_step']:,} tokens), each ending its own learning-rate schedule: "
-        + (f"warmup-stable-decay, every budget a decay branch (the last {schedule['decay_fraction']:g} of its steps) "
-           "taken off one stable run per arm and seed." if schedule["kind"] == "wsd"
+        + (f"warmup-stable-decay, every budget a decay branch (over the last {schedule['decay_fraction']:.0%} of its "
+           "steps) taken off one stable run per arm and seed." if schedule["kind"] == "wsd"
            else "a cosine schedule of the budget's length, one run per budget.")
         + f" Domains: {', '.join(domains)}.",
         "",
@@ -508,7 +506,8 @@ def report_markdown(results: dict, *, title: str = "upcycle experiment", recipe:
             "",
             f"From end-of-schedule values only (the untrained model and each budget's end, interpolated linearly in "
             f"tokens between them): the tokens at which the arm's mean loss reaches `{reference}`'s at the largest "
-            f"budget, and where its gap to `{reference}` first reaches zero.",
+            f"budget, and where a positive gap to `{reference}` first falls to zero (none: never behind, or never "
+            "caught up).",
             "",
             f"| arm | tokens to {reference}'s end-of-schedule loss at {results['budgets'][-1]:,} "
             "| crossing of the gap |",
@@ -530,7 +529,7 @@ def report_markdown(results: dict, *, title: str = "upcycle experiment", recipe:
             ]
             for j, t in enumerate(tokens):
                 cells = [_gap_text(arm["curve"][j]["gap"]["mean"]) if j < len(arm["curve"]) else "-" for arm in others]
-                lines.append(f"| {t:,} | " + " | ".join(cells) + " |")
+                lines.append(f"| {t:,}{' (untrained)' if t == 0 else ''} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["## Validation loss against training tokens", "", "![loss curves](loss_curves.png)", ""]
     moe = [arm for arm in results["arms"] if arm["method"] in MOE_KINDS]

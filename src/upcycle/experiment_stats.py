@@ -115,9 +115,12 @@ def tokens_to_target(curve: Sequence[tuple[float, float]], target: float) -> int
 
 
 def crossing(points: Sequence[tuple[float, float]]) -> int | None:
-    """Tokens at which a gap [(tokens, gap)] first falls from above zero to zero or below (linear interpolation), or
-    None if it never does; 0 when it starts at or below zero."""
-    return tokens_to_target(points, 0.0)
+    """Tokens at which a gap [(tokens, gap)] first falls from above zero to zero or below, interpolated linearly
+    between the two points around it; None if a positive gap never does (an arm never behind has no crossing)."""
+    for (t0, g0), (t1, g1) in zip(points, points[1:]):
+        if g0 > 0 >= g1:
+            return int(round(t0 + (t1 - t0) * g0 / (g0 - g1)))
+    return None
 
 
 def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float | None:
