@@ -488,8 +488,8 @@ def report_markdown(results: dict, *, title: str = "upcycle experiment", recipe:
             f"{intervals}; `docs [low, high]`: paired bootstrap over validation documents "
             f"({results['bootstrap_resamples']} resamples of the documents of each domain, the same for every arm and "
             "seed). The verdict is ahead or behind only where every interval excludes zero, level otherwise. At equal "
-            f"FLOPs: the arm's mean loss minus `{reference}`'s end-of-schedule loss interpolated (linearly in FLOPs) "
-            "at the arm's FLOPs, where that lies within its budgets.",
+            f"FLOPs: the arm's mean loss minus `{reference}`'s end-of-schedule loss interpolated linearly in FLOPs "
+            "between its budgets, at the arm's FLOPs (`-` outside them).",
             "",
             "| arm | budget (tokens) | gap, mean over domains | gap, mixture-weighted | "
             + " | ".join(f"gap {d}" for d in domains) + " | gap at equal FLOPs |",
@@ -518,12 +518,13 @@ def report_markdown(results: dict, *, title: str = "upcycle experiment", recipe:
         lines += ["", "![gap to naive](gap_to_naive.png)", ""]
         if any(arm["curve"] for arm in others):
             tokens = [p["tokens"] for p in others[0]["curve"]]
-            lines += [
+            lines += ([
                 "### Mid-schedule gaps along the longest run (mean over domains, nats)",
                 "",
                 "Inside one schedule: the learning rate is still high at these points (and annealing later moves "
                 "gaps), so they are not end-of-schedule comparisons.",
                 "",
+            ] if any(tokens) else ["### Gaps before training (mean over domains, nats)", ""]) + [
                 "| tokens | " + " | ".join(arm["name"] for arm in others) + " |",
                 "| --- |" + " --- |" * len(others),
             ]

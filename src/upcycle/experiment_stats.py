@@ -114,11 +114,17 @@ def tokens_to_target(curve: Sequence[tuple[float, float]], target: float) -> int
     return None
 
 
+# Gaps within this many nats of zero count as zero: a naive upcycle computes its dense parent's function up to
+# floating-point error, so their losses differ by ~1e-7 before training, which is no gap to cross.
+GAP_RESOLUTION = 1e-6
+
+
 def crossing(points: Sequence[tuple[float, float]]) -> int | None:
     """Tokens at which a gap [(tokens, gap)] first falls from above zero to zero or below, interpolated linearly
-    between the two points around it; None if a positive gap never does (an arm never behind has no crossing)."""
+    between the two points around it; None if a positive gap never does (an arm never behind has no crossing).
+    Gaps within GAP_RESOLUTION of zero count as zero."""
     for (t0, g0), (t1, g1) in zip(points, points[1:]):
-        if g0 > 0 >= g1:
+        if g0 > GAP_RESOLUTION and g1 <= GAP_RESOLUTION:
             return int(round(t0 + (t1 - t0) * g0 / (g0 - g1)))
     return None
 
