@@ -55,32 +55,35 @@ def shapes() -> dict[str, dict]:
 
 
 def _setup(model_fields: dict, degree: int, world):
-    """(model, optimizer, experts) as upcycle.train.setup builds them for `degree`-way expert parallelism."""
-    from upcycle.distributed import parallelize
-    from upcycle.expert_parallel import shard_experts
-    from upcycle.model import ModelConfig, Transformer
-    from upcycle.train import build_optimizer
-    from upcycle.train_config import OptimConfig
+    """(model, optimizer) as upcycle.train.setup builds them for `degree`-way expert parallelism (from scratch)."""
+    import dataclasses
 
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**model_fields))
-    experts = shard_experts(model, degree, world) if degree > 1 else None
-    model = parallelize(model, model.layers, mode="fsdp", world=world, experts=experts)
-    return model, build_optimizer(model, OptimConfig(), experts), experts
+    from upcycle.model import ModelConfig
+    from upcycle.shards import fill_from_scratch, model_pieces
+    from upcycle.train import build_model, build_optimizer
+    from upcycle.train_config import OptimConfig, TrainLoopConfig
+
+    def from_scratch(model) -> None:
+        torch.manual_seed(0)
+        fill_from_scratch(model_pieces(model), model.init_plan(), std=model.config.init_std)
+
+    loop = dataclasses.replace(TrainLoopConfig(), expert_parallel=degree, precision="fp32")
+    model, _ = build_model(ModelConfig(**model_fields), loop, world, from_scratch)
+    return model, build_optimizer(model, OptimConfig())
 
 
-def _step(model, optimizer, experts, batch_BT, loop) -> None:
+def _step(model, optimizer, batch_BT, loop) -> None:
     from upcycle.train import clip_gradients, forward_backward
 
     config = model.config
     forward_backward(model, batch_BT, loop=loop, top_k=config.top_k, num_moe=len(config.moe_layer_ids),
                      num_experts=config.num_experts, autocast=contextlib.nullcontext)
-    clip_gradients(model, 1.0, experts)
+    clip_gradients(model, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def _all_to_all_seconds(model, optimizer, experts, batch_BT, loop) -> tuple[float, float]:
+def _all_to_all_seconds(model, optimizer, batch_BT, loop) -> tuple[float, float]:
     """(seconds inside the all-to-alls, seconds of the whole step) of one profiled step."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -88,7 +91,7 @@ def _all_to_all_seconds(model, optimizer, experts, batch_BT, loop) -> tuple[floa
 
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        _step(model, optimizer, experts, batch_BT, loop)
+        _step(model, optimizer, batch_BT, loop)
     step_s = time.perf_counter() - started
     # record_function spans appear once per call; cpu_time_total is in microseconds
     inside = sum(event.cpu_time_total for event in prof.events() if event.name == ALL_TO_ALL_LABEL) / 1e6

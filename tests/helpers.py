@@ -80,6 +80,23 @@ def read_config(directory: Path) -> dict:
     return json.loads((Path(directory) / "config.json").read_text())
 
 
+def assert_export_round_trip(model, out: Path, ids: torch.Tensor, fmt: str = "auto") -> dict:
+    """The one export round trip of our model: one AdamW step (so the exported weights are trained ones, not the
+    converted ones), `export_hf` to `out`, then transformers' logits of the export equal our trained model's and
+    `load_model` reads back the same config. Returns the exported config.json."""
+    from upcycle.hf_model import export_hf, load_model
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    opt.step()
+    export_hf(model, model.config, out, fmt=fmt)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(out, ids), model(ids).logits, atol=1e-5, rtol=0)
+    assert load_model(out).config == model.config
+    return read_config(out)
+
+
 VOCAB = 64
 EOS = VOCAB - 1
 REPO = Path(__file__).resolve().parents[1]
@@ -215,6 +232,37 @@ def assert_same_training(got: Path, expected: Path, steps: range, *, total_steps
         for domain, value in record.get("val", {}).items():
             assert other["val"][domain] == pytest.approx(value, rel=rel), (record["step"], domain)
     assert sorted(by_step) == list(range(1, total_steps + 1))
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """`upcycle ARGV` in this process, through the CLI's own `main`: (exit status, stderr). The one in-process runner
+    of the tests (test_cli_errors runs the installed entry point once per command as a real subprocess)."""
+    from upcycle.cli import main
+
+    try:
+        result = main(list(argv))
+        code = 0 if result is None else result
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    """A refusal as every command gives it: exit status 2 and one line on stderr (no traceback) holding `needles`."""
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def assert_convert_refused(capsys, source: Path | str, output: Path, *flags: str, message: str) -> None:
+    """`upcycle convert SOURCE OUTPUT FLAGS` is refused with one line holding `message`, and nothing is written
+    beside OUTPUT (neither OUTPUT nor a temporary sibling)."""
+    output = Path(output)
+    before = sorted(output.parent.iterdir())
+    code, err = run_cli(capsys, "convert", str(source), str(output), *flags, "--quiet")
+    assert_one_line_error(code, err, message)
+    assert sorted(output.parent.iterdir()) == before
 
 
 def train_cli(config: Path, out: Path, *extra: str) -> list[str]:

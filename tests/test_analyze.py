@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_prepared, save_dense, tiny_moe
+from helpers import assert_one_line_error, make_prepared, run_cli, save_dense, tiny_moe
 from upcycle.analyze import (
     analyze,
     analyze_command,
@@ -218,17 +218,15 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 
 def test_existing_output_is_refused_without_force(data, tmp_path, capsys):
-    from upcycle.cli import main
-
     model_dir = save_model(tiny_moe(seed=2), tmp_path / "moe")
     out = tmp_path / "out"
     _run(model_dir, data, out, plots=False)
     before = _files(out)
     with pytest.raises(UpcycleError, match="already exists; choose another --out or pass --force"):
         _run(model_dir, data, out, plots=False, max_sequences=2)
-    with pytest.raises(SystemExit) as exc:
-        main(["analyze", str(model_dir), "--data", str(data), "--out", str(out), "--seq-len", str(SEQ_LEN)])
-    assert exc.value.code == 2 and "pass --force" in capsys.readouterr().err
+    code, err = run_cli(capsys, "analyze", str(model_dir), "--data", str(data), "--out", str(out), "--seq-len",
+                        str(SEQ_LEN))
+    assert_one_line_error(code, err, "pass --force")
     assert _files(out) == before
     with pytest.raises(UpcycleError, match="--out .* contains the input"):  # --force must not delete the model
         _run(model_dir, data, tmp_path, force=True)

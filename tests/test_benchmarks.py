@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO, subprocess_env
 
 
@@ -30,3 +32,20 @@ def test_train_throughput_benchmark_reports_both_models():
                          "--precision", "fp32")
     assert summary["ours_tokens_per_s"] > 0 and summary["transformers_tokens_per_s"] > 0
     assert summary["precision"] == "fp32" and "flags" in summary["cpu"]
+
+
+@pytest.mark.slow
+def test_memory_benchmark_measures_every_phase_of_every_rank(tmp_path):
+    # the most involved layout only (4 ranks, expert parallel 2): the whole run takes minutes
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory.py"), "--quick", "--layouts", "4 EP2",
+                             "--work", str(tmp_path / "work"), "--json", str(tmp_path / "memory.json")],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "memory.json").read_text())["results"]
+    assert list(results) == ["4 EP2"]
+    for name, layout in results.items():
+        assert set(layout["phases"]) == {"build", "steps", "save", "resume", "save-2"}
+        for phase in layout["phases"].values():
+            assert len(phase["peak_rss"]) == layout["world"] and min(phase["peak_rss"]) > 50e6
+        assert layout["checkpoint_bytes"] > 0 and layout["estimate"] > 0
+    assert "peak RSS in GB" in result.stdout

@@ -9,15 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import save_dense
+from helpers import assert_convert_refused, assert_one_line_error, run_cli, save_dense
 from upcycle.cli import main
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    err = capsys.readouterr().err
-    return exc.value.code, err
 
 
 def _truncate(directory: Path) -> None:
@@ -52,6 +45,12 @@ def _config_value(key, value):
     return edit
 
 
+def _deeply_nested_config(directory: Path) -> None:
+    """Valid JSON that Python's parser cannot read without recursing 100,000 levels (RecursionError)."""
+    text = (directory / "config.json").read_text().rstrip().rstrip("}")
+    (directory / "config.json").write_text(text + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
 def _nan_weight(directory: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -62,6 +61,8 @@ def _nan_weight(directory: Path) -> None:
 
 CASES = {
     "missing source": (None, ["{tmp}/nowhere", "{out}"], "does not exist"),
+    "source is /dev/null": (None, ["/dev/null", "{out}"], "source /dev/null is a character device, not a directory"),
+    "source is a symlink to itself": (None, ["{tmp}/loop", "{out}"], "is a symlink loop, not a directory"),
     "source is a file": (lambda d: None, ["{src}/config.json", "{out}"], "not a directory"),
     "no config.json": (lambda d: (d / "config.json").unlink(), ["{src}", "{out}"], "no config.json"),
     "config not JSON": (lambda d: (d / "config.json").write_text("{oops"), ["{src}", "{out}"], "not valid JSON"),
@@ -86,7 +87,17 @@ CASES = {
                    "config.json: tie_word_embeddings must be true or false"),
     "heads not a multiple": (_config_value("num_key_value_heads", 3), ["{src}", "{out}"],
                              "must be a multiple of num_key_value_heads"),
+    "deeply nested config.json": (_deeply_nested_config, ["{src}", "{out}"], "nests its JSON too deeply"),
+    "rope parameters not a mapping": (_config_value("rope_parameters", 5), ["{src}", "{out}"],
+                                      "config.json: rope_parameters must be a mapping or null, got 5"),
     "NaN weight": (_nan_weight, ["{src}", "{out}"], "model.layers.1.mlp.down_proj.weight in"),
+    "NaN router std": (lambda d: None, ["{src}", "{out}", "--router-std", "nan"],
+                       "--router-std must be a finite number, got nan"),
+    "Inf router std": (lambda d: None, ["{src}", "{out}", "--router-std", "inf"],
+                       "--router-std must be a finite number, got inf"),
+    "NaN noise std": (lambda d: None, ["{src}", "{out}", "--method", "noise", "--noise-std", "nan"],
+                      "--noise-std must be a finite number, got nan"),
+    "NaN ratio": (lambda d: None, ["{src}", "{out}", "--ratio", "nan"], "--ratio must be a finite number"),
     "a billion experts": (lambda d: None, ["{src}", "{out}", "--num-experts", "1000000000"], "of memory"),
 }
 
@@ -98,15 +109,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case)
     if prepare is not None:
         prepare(src)
     qwen2 = save_dense(tmp_path / "qwen2", "qwen2") if "{qwen2}" in " ".join(argv) else None
-    out = tmp_path / "out"
-    args = [a.format(tmp=tmp_path, src=src, out=out, qwen2=qwen2) for a in argv]
-    code, err = run_cli(capsys, "convert", *args, "--quiet")
-    assert code == 2
-    assert message in err
-    assert len(err.strip().splitlines()) == 1, err
-    assert "Traceback" not in err
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    source, *flags = [a.format(tmp=tmp_path, src=src, out="", qwen2=qwen2) for a in argv if a != "{out}"]
+    assert_convert_refused(capsys, source, tmp_path / "out", *flags, message=message)
 
 
 def test_btx_sources_with_different_shapes_are_refused(tmp_path, capsys):
@@ -199,29 +204,22 @@ def train_config_file(tmp_path):
                                                          checkpoint={"every": 1}))
 
 
-def _one_line(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-
-
 @pytest.mark.parametrize("where, needle", [
     ("file", "is not a directory"),  # --out names an existing file
     ("file/run", "Not a directory"),  # ENOTDIR: a path through a file
     ("/proc/upcycle-test/run", "/proc/upcycle-test"),  # a /proc path nothing may be created in
 ])
-def test_train_out_that_cannot_be_a_directory_is_one_line(tmp_path, capsys, train_config_file, where, needle):
+def test_train_out_that_cannot_be_a_directory_isassert_one_line_error(tmp_path, capsys, train_config_file, where, needle):
     (tmp_path / "file").write_text("x")
     out = where if where.startswith("/") else str(tmp_path / where)
     code, err = run_cli(capsys, "train", "--config", str(train_config_file), "--out", out)
-    _one_line(code, err, needle)
+    assert_one_line_error(code, err, needle)
 
 
-def test_convert_into_proc_is_one_line(tmp_path, capsys):
+def test_convert_into_proc_isassert_one_line_error(tmp_path, capsys):
     src = save_dense(tmp_path / "src", "llama")
     code, err = run_cli(capsys, "convert", str(src), "/proc/upcycle-test-out", "--quiet")
-    _one_line(code, err, "/proc")
+    assert_one_line_error(code, err, "/proc")
 
 
 @pytest.fixture
@@ -250,16 +248,58 @@ def test_train_on_a_full_disk_is_one_line_and_publishes_no_partial_checkpoint(ca
     disk = small_tmpfs("size=160k")
     out = disk / "run"
     code, err = run_cli(capsys, "train", "--config", str(train_config_file), "--out", str(out))
-    _one_line(code, err, "No space left on device", "ENOSPC", str(out / "checkpoints"))
+    assert_one_line_error(code, err, "No space left on device", "ENOSPC", str(out / "checkpoints"))
     checkpoints = out / "checkpoints"
     assert not checkpoints.exists() or not list(checkpoints.iterdir())  # no step_* and no leftover .tmp-*
 
 
-def test_train_and_convert_on_a_read_only_file_system_are_one_line(tmp_path, capsys, train_config_file,
+def test_train_and_convert_on_a_read_only_file_system_areassert_one_line_error(tmp_path, capsys, train_config_file,
                                                                   small_tmpfs):
     disk = small_tmpfs("ro,size=1m")
     code, err = run_cli(capsys, "train", "--config", str(train_config_file), "--out", str(disk / "run"))
-    _one_line(code, err, "Read-only file system", "EROFS", str(disk / "run"))
+    assert_one_line_error(code, err, "Read-only file system", "EROFS", str(disk / "run"))
     src = save_dense(tmp_path / "src", "llama")
     code, err = run_cli(capsys, "convert", str(src), str(disk / "moe"), "--quiet")
-    _one_line(code, err, "Read-only file system")
+    assert_one_line_error(code, err, "Read-only file system")
+
+
+def test_check_refuses_a_moe_with_nan_weights(tmp_path, capsys):
+    """A drop conversion has no exactness verdict, so before this check NaN logits printed "nan" and exited 0."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_dense(tmp_path / "src", "llama")
+    main(["convert", str(src), str(tmp_path / "moe"), "--num-experts", "2", "--quiet"])
+    weights = tmp_path / "moe" / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.1.block_sparse_moe.gate.weight"][0, 0] = float("nan")
+    save_file(state, weights, metadata={"format": "pt"})
+    code, err = run_cli(capsys, "check", str(tmp_path / "moe"), "--dense", str(src))
+    assert_one_line_error(code, err, "NaN or Inf logits", "model.layers.1.block_sparse_moe.gate.weight")
+
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_config_value("hidden_size", "32"), "config.json: hidden_size must be a positive integer, got '32'"),
+    (_config_value("vocab_size", -1), "config.json: vocab_size must be a positive integer"),
+    (_config_value("rope_parameters", 5), "rope_parameters must be a mapping or null"),
+    (_config_value("num_hidden_layers", 1), "has tensors a plain llama model does not"),
+    (_config_value("model_type", "gpt2"), "supported dense families"),
+    (_deeply_nested_config, "nests its JSON too deeply"),
+])
+def test_check_with_a_broken_dense_config_is_one_line_naming_it(tmp_path, capsys, damage, message):
+    """Before, transformers met these configs: TypeError, RuntimeError or IndexError tracebacks."""
+    src = save_dense(tmp_path / "src", "llama")
+    main(["convert", str(src), str(tmp_path / "moe"), "--num-experts", "2", "--quiet"])
+    damage(src)
+    code, err = run_cli(capsys, "check", str(tmp_path / "moe"), "--dense", str(src))
+    assert_one_line_error(code, err, message, str(src))
+
+
+def test_check_with_a_broken_moe_config_is_one_line_naming_it(tmp_path, capsys):
+    """The MoE may be any HF MoE, so transformers judges its config; whatever it raises (a TypeError here) is one
+    line naming the directory."""
+    src = save_dense(tmp_path / "src", "llama")
+    main(["convert", str(src), str(tmp_path / "moe"), "--num-experts", "2", "--quiet"])
+    _config_value("hidden_size", "32")(tmp_path / "moe")
+    code, err = run_cli(capsys, "check", str(tmp_path / "moe"), "--dense", str(src))
+    assert_one_line_error(code, err, f"transformers cannot load {tmp_path / 'moe'}")

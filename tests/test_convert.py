@@ -223,7 +223,10 @@ def test_qwen2_moe_output_has_what_llama_cpp_needs_and_stays_the_dense_function(
 
     dense = save_dense(tmp_path / "dense", "qwen2", tied=True)
     convert_command(str(dense), str(tmp_path / "moe"), ConvertOptions(method="naive", num_experts=4))
-    assert "llama.cpp's qwen2moe graph ignores norm_topk_prob" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "llama.cpp's qwen2moe graph never renormalizes" in notes[0]
+    assert "--no-renormalize" in notes[0]
     out, tensors = tmp_path / "moe", _tensors(tmp_path / "moe")
     assert read_config(out)["tie_word_embeddings"] is False
     assert torch.equal(tensors[hf.LM_HEAD_KEY], tensors[hf.EMBED_KEY])
@@ -235,3 +238,41 @@ def test_qwen2_moe_output_has_what_llama_cpp_needs_and_stays_the_dense_function(
     convert_command(str(llama), str(tmp_path / "mix"), ConvertOptions(num_experts=2))
     assert "note:" not in capsys.readouterr().err
     assert read_config(tmp_path / "mix")["tie_word_embeddings"] is True  # formats with a tied fallback stay tied
+
+
+def test_no_renormalize_makes_a_qwen2_moe_that_llama_cpp_computes_as_transformers_at_a_cost(tmp_path, capsys):
+    """llama.cpp's qwen2moe graph never renormalizes the top-k weights (its qwen3moe graph always does, mixtral's
+    always does): --no-renormalize writes norm_topk_prob false, which transformers and our trainer then compute too.
+    The cost: a naive conversion is no longer the dense function, and `check` says so instead of failing."""
+    from upcycle.check import check
+    from upcycle.cli import main
+    from upcycle.convert import ConvertOptions, convert_command
+    from upcycle.errors import UpcycleError
+    from upcycle.hf_model import load_model
+
+    dense = save_dense(tmp_path / "dense", "qwen2")
+    convert_command(str(dense), str(tmp_path / "moe"), ConvertOptions(method="naive", num_experts=4,
+                                                                      renormalize=False), quiet=True)
+    assert capsys.readouterr().err == ""  # the engines agree: no note
+    out = tmp_path / "moe"
+    assert read_config(out)["norm_topk_prob"] is False
+    assert json.loads((out / MANIFEST_NAME).read_text())["options"]["renormalize"] is False
+    ours = load_model(out).eval()
+    assert ours.config.renormalize is False
+    with torch.no_grad():
+        assert (ours(IDS).logits - logits(out, IDS)).abs().max().item() <= 1e-4
+    assert (logits(dense, IDS) - logits(out, IDS)).abs().max().item() > 1e-2  # not the dense function any more
+    report = check(str(out), str(dense))
+    assert report.method == "naive" and report.renormalize is False and report.equivalent is None
+    assert main(["check", str(out), "--dense", str(dense)]) in (0, None)
+    assert "not exact by design" in capsys.readouterr().out
+
+    qwen3 = save_dense(tmp_path / "qwen3", "qwen3")
+    convert_command(str(qwen3), str(tmp_path / "q3"), ConvertOptions(num_experts=2, renormalize=False), quiet=True)
+    err = capsys.readouterr().err
+    assert "llama.cpp's qwen3moe graph always renormalizes" in err and "leave out --no-renormalize" in err
+    llama = save_dense(tmp_path / "llama", "llama")
+    with pytest.raises(UpcycleError, match="mixtral always renormalizes.*--no-renormalize.*--format qwen2_moe"):
+        convert(llama, tmp_path / "mix", num_experts=2, renormalize=False, progress=False)
+    convert(llama, tmp_path / "lq", num_experts=2, renormalize=False, format="qwen2_moe", progress=False)
+    assert hf.engine_note(read_config(tmp_path / "lq")) is None

@@ -457,3 +457,54 @@ def test_a_list_flag_given_twice_keeps_both(tmp_path):
           "--domain", f"code={sample / 'code.val.jsonl.gz'}", "--domain", f"english={sample / 'english.val.jsonl.gz'}",
           "--val-fraction", "0.2"])
     assert sorted(json.loads((out / "data.json").read_text())["domains"]) == ["code", "english"]
+
+
+def test_a_long_document_is_tokenized_in_bounded_pieces_to_the_same_tokens(tmp_path, monkeypatch):
+    """One 50 MB single-line document peaked at 6.6 GB: the tokenizer's memory grows with the text of one call. Each
+    call now gets at most PIECE_CHARS characters (here 2,000), and with the committed byte-level BPE the pieces give
+    exactly the tokens of the whole document."""
+    from upcycle import data
+    from upcycle.data import document_pieces
+
+    sample = REPO / "data" / "sample"
+    with gzip.open(sample / "english.val.jsonl.gz", "rt", encoding="utf-8") as handle:
+        texts = [json.loads(line)["text"] for line in handle]
+    long_document = "  ".join(texts)[:60_000] + "\n\n  indented  tail"  # whitespace runs at some cuts
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "long.jsonl").write_text(json.dumps({"text": long_document}) + "\n" +
+                                                json.dumps({"text": "a short one"}) + "\n")
+    tokenizer_dir = REPO / "assets" / "tokenizer"
+    whole = prepare({"en": [tmp_path / "in" / "long.jsonl"]}, tmp_path / "whole", tokenizer_dir, val_fraction=0,
+                    progress=False)
+
+    longest = []
+    real_load = data.load_tokenizer
+
+    class Recording:
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+        def encode_batch(self, texts, **kwargs):
+            longest.append(max(map(len, texts)))
+            return self.tokenizer.encode_batch(texts, **kwargs)
+
+    def recording_load(*args, **kwargs):
+        tokenizer, eos_id = real_load(*args, **kwargs)
+        return Recording(tokenizer), eos_id
+
+    monkeypatch.setattr(data, "load_tokenizer", recording_load)
+    monkeypatch.setattr(data, "PIECE_CHARS", 2_000)
+    pieced = prepare({"en": [tmp_path / "in" / "long.jsonl"]}, tmp_path / "pieced", tokenizer_dir, val_fraction=0,
+                     progress=False)
+    assert max(longest) <= 2_000
+    assert pieced["domains"]["en"] == {**whole["domains"]["en"]}
+    assert np.array_equal(read_tokens(tmp_path / "pieced", "en"), read_tokens(tmp_path / "whole", "en"))
+
+    pieces = list(document_pieces(long_document, 2_000))
+    assert "".join(p for p, _ in pieces) == long_document and [last for _, last in pieces][-1] is True
+    assert all(len(p) <= 2_000 for p, _ in pieces) and not any(last for _, last in pieces[:-1])
+    assert all(p.startswith(" ") and not p[1].isspace() for p, _ in pieces[1:-1] if len(p) > 1)
+    assert [p for p, _ in document_pieces("x" * 5_000, 2_000)] == ["x" * 2_000, "x" * 2_000, "x" * 1_000]

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from upcycle.cli import main
+from helpers import assert_one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "assets" / "tokenizer"
@@ -64,6 +65,16 @@ CASES = {
     "truncated gzip": (_gzip("cut.jsonl.gz", b'{"text": "hello"}\n' * 200, truncate=20),
                        ["{out}", "{tok}", "--domain", "e={in}/cut.jsonl.gz"], "cannot read"),
     "missing input": (None, ["{out}", "{tok}", "--domain", "e={in}/nowhere.jsonl"], "does not exist"),
+    "lone surrogate escape": (_write("sur.jsonl", '{"text": "fine"}\n{"text": "half \\ud800 a pair"}\n'),
+                              ["{out}", "{tok}", "--domain", "e={in}/sur.jsonl"],
+                              "sur.jsonl:2: the text holds a lone surrogate escape (\\ud800)"),
+    "/dev/null as input": (None, ["{out}", "{tok}", "--domain", "e=/dev/null"],
+                           "input path /dev/null is a character device, not a file or a directory"),
+    "a FIFO as input": (lambda root: os.mkfifo(root / "fifo"), ["{out}", "{tok}", "--domain", "e={in}/fifo"],
+                        "is a FIFO, not a file or a directory"),
+    "a symlink to itself as input": (lambda root: (root / "loop").symlink_to(root / "loop"),
+                                     ["{out}", "{tok}", "--domain", "e={in}/loop"], "is a symlink loop"),
+    "/dev/null as tokenizer": (None, ["{out}", "/dev/null", "--domain", OK], "tokenizer path /dev/null is a character"),
     "empty input directory": (lambda root: (root / "void").mkdir(), ["{out}", "{tok}", "--domain", "e={in}/void"],
                               "contains no (non-hidden) files"),
     "no domains": (None, ["{out}", "{tok}"], "no domains given"),
@@ -83,6 +94,8 @@ CASES = {
                                            ["{out}", "{tok}", "--domain", OK, "--val-domain", "x={in}/v.jsonl"],
                                            "have no training sources"),
     "val fraction 1": (None, ["{out}", "{tok}", "--domain", OK, "--val-fraction", "1"], "val_fraction must be in"),
+    "val fraction NaN": (None, ["{out}", "{tok}", "--domain", OK, "--val-fraction", "nan"],
+                         "--val-fraction must be a finite number, got nan"),
     "missing tokenizer": (None, ["{out}", "{in}/no-tokenizer", "--domain", OK], "tokenizer path"),
     "tokenizer dir without tokenizer.json": (_tokenizer_without_json, ["{out}", "{in}/tok", "--domain", OK],
                                              "no tokenizer.json in"),
@@ -107,13 +120,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     out = tmp_path / "out"
     args = [a.format(out=out, tok=TOKENIZER, **{"in": inputs}) for a in argv]
-    with pytest.raises(SystemExit) as exc:
-        main(["data", "prepare", *args])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2
-    assert message in err
-    assert len(err.strip().splitlines()) == 1, err
-    assert "Traceback" not in err
+    assert_one_line_error(*run_cli(capsys, "data", "prepare", *args), message)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written, nothing left
 
 
@@ -122,7 +129,6 @@ def test_existing_output_is_refused_without_force_and_left_untouched(tmp_path, c
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    with pytest.raises(SystemExit) as exc:
-        main(["data", "prepare", str(out), str(TOKENIZER), "--domain", f"e={tmp_path / 'ok.jsonl'}"])
-    assert exc.value.code == 2 and "pass --force" in capsys.readouterr().err
+    code, err = run_cli(capsys, "data", "prepare", str(out), str(TOKENIZER), "--domain", f"e={tmp_path / 'ok.jsonl'}")
+    assert_one_line_error(code, err, "pass --force")
     assert [p.name for p in out.iterdir()] == ["mine.txt"]

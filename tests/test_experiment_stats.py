@@ -71,6 +71,7 @@ def test_crossing_and_interpolation():
     assert stats.crossing([(0, 2.0), (100, 0.5), (200, -0.5)]) == 150
     assert stats.crossing([(0, 2.0), (100, 0.5)]) is None
     assert stats.crossing([(0, -1e-7), (100, -0.5)]) is None  # never behind: no crossing
+    assert stats.crossing([(0, 1e-7), (100, -0.5)]) is None  # naive against its dense parent: no gap at the start
     assert stats.crossing([(0, -0.1), (100, 0.2), (200, -0.2)]) == 150
     assert stats.interpolate([0, 10, 20], [1.0, 2.0, 4.0], 15) == pytest.approx(3.0)
     assert stats.interpolate([0, 10], [1.0, 2.0], 11) is None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import helpers
@@ -163,16 +164,23 @@ def test_two_ranks_with_two_way_expert_parallelism_train_like_one_process(runs):
 
 
 @pytest.mark.slow
-def test_expert_parallel_checkpoints_are_the_single_process_format(runs):
+def test_expert_parallel_checkpoints_hold_the_full_tensors_each_rank_writing_its_own_experts(runs):
     step = ckpt.step_dir_name(STEPS)
     single, ep2 = runs["single"] / "checkpoints" / step, runs["ep2"] / "checkpoints" / step
-    for name in (ckpt.MODEL_WEIGHTS, ckpt.OPTIMIZER_TENSORS):
-        expected, got = load_file(single / name), load_file(ep2 / name)
-        assert list(got) == list(expected)
-        for key, tensor in expected.items():
-            assert got[key].shape == tensor.shape, key  # full expert tensors, not one rank's shard
-            torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-6)
+    expected, got = ckpt.CheckpointTensors(single), ckpt.CheckpointTensors(ep2)
+    assert list(got) == list(expected)
+    for key in expected:
+        assert got.shape(key) == expected.shape(key), key  # full expert tensors, not one rank's shard
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)
     assert json.loads((ep2 / ckpt.OPTIMIZER_META).read_text()) == json.loads((single / ckpt.OPTIMIZER_META).read_text())
+    # no gather: each rank's file holds its 2 of the 4 experts (weights and both AdamW moments), nobody all 4
+    files = sorted((ep2 / ckpt.STATE_DIR).glob("*.safetensors"))
+    assert len(files) == 2
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            stacks = [key for key in f.keys() if "gate_up_ED2F" in key and not key.endswith("/step")]
+            assert len(stacks) == 2 * 3  # 2 MoE layers: weights, exp_avg, exp_avg_sq
+            assert all(f.get_slice(key).get_shape()[0] == 2 for key in stacks)
 
 
 def _rewind(source: Path, target: Path) -> Path:

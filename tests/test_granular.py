@@ -5,18 +5,16 @@ trainer's MoE layer; with r > 0, drop re-draws a fraction r of every fine-graine
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import logits, read_config, save_dense, subprocess_env
+from helpers import assert_convert_refused, assert_export_round_trip, logits, read_config, save_dense
 from upcycle.check import check
 from upcycle.convert import MANIFEST_NAME, convert, load_redrawn
 from upcycle.errors import UpcycleError
-from upcycle.hf_model import export_hf, load_model
+from upcycle.hf_model import load_model
 from upcycle.upcycling import granular_scale, segment_neurons, virtual_group_router
 
 IDS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -60,9 +58,14 @@ def test_virtual_groups_and_scale_make_the_routed_segments_sum_to_the_dense_ffn(
     # every segment weighs the same within a copy, and G * (sum of weights per segment) = 1 over the chosen copies
     total_per_segment = torch.zeros(50, G)
     total_per_segment.scatter_add_(1, ids_TK % G, weights_TK)
-    torch.testing.assert_close(total_per_segment * granular_scale(G, renormalize=True), torch.ones(50, G))
-    with pytest.raises(UpcycleError, match="renormalized"):
-        granular_scale(G, renormalize=False)
+    torch.testing.assert_close(total_per_segment * granular_scale(G), torch.ones(50, G))
+    # without renormalization the same factor makes every segment weigh P, the top-k probability mass of the coarse
+    # MoE (one router row per copy): the fine-grained MoE is then the coarse one, P * dense
+    logits_TE = torch.randn(50, 8) @ router.T
+    raw_TK, raw_ids_TK = route(logits_TE, top_k=k * G, renormalize=False)
+    raw_per_segment = torch.zeros(50, G).scatter_add_(1, raw_ids_TK % G, raw_TK)
+    coarse_P = torch.softmax(logits_TE[:, ::G], dim=-1).topk(k, dim=-1).values.sum(dim=-1)  # one logit per copy
+    torch.testing.assert_close(raw_per_segment * granular_scale(G), coarse_P[:, None].expand(50, G))
 
 
 @pytest.mark.parametrize("family, fmt, tied, overrides", FAMILIES)
@@ -152,17 +155,8 @@ def test_our_trainer_computes_the_same_function_and_round_trips(tmp_path, fmt, f
     assert model.config.expert_dim == 12
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, logits(dense, IDS), atol=1e-4, rtol=0)
-    # one training step, export, reload with transformers: the same logits as our trained model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    loss = torch.nn.functional.cross_entropy(model(IDS[:, :-1]).logits.flatten(0, 1), IDS[:, 1:].flatten())
-    loss.backward()
-    opt.step()
-    export_hf(model, model.config, tmp_path / "export", fmt=fmt)
-    assert read_config(tmp_path / "export")[
-        "intermediate_size" if fmt == "mixtral" else "moe_intermediate_size"] == 12
-    with torch.no_grad():
-        torch.testing.assert_close(logits(tmp_path / "export", IDS), model(IDS).logits, atol=1e-5, rtol=0)
-    assert load_model(tmp_path / "export").config == model.config
+    exported = assert_export_round_trip(model, tmp_path / "export", IDS, fmt=fmt)
+    assert exported["intermediate_size" if fmt == "mixtral" else "moe_intermediate_size"] == 12
 
 
 @pytest.mark.parametrize("args, message", [
@@ -171,14 +165,9 @@ def test_our_trainer_computes_the_same_function_and_round_trips(tmp_path, fmt, f
     (["--granularity", "4", "--num-experts", "8", "--top-k", "2"], "use --top-k 4"),
     (["--granularity", "0"], "--granularity must be at least 1"),
 ])
-def test_bad_granularity_is_one_line_exit_2_and_nothing_written(tmp_path, args, message):
+def test_bad_granularity_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, args, message):
     dense = save_dense(tmp_path / "dense", "llama")
-    result = subprocess.run([sys.executable, "-m", "upcycle", "convert", str(dense), str(tmp_path / "out"), *args],
-                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not (tmp_path / "out").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["dense"]
+    assert_convert_refused(capsys, dense, tmp_path / "out", *args, message=message)
 
 
 def test_analyze_reads_a_granular_conversion(tmp_path):

@@ -252,3 +252,19 @@ def test_export_and_save_model_write_byte_identical_world_readable_files(tmp_pat
             assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
     digest = {n: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / n).iterdir()} for n in "ab"}
     assert digest["a"] == digest["b"]
+
+
+def test_a_model_without_renormalization_exports_where_llama_cpp_computes_it_too(tmp_path):
+    """Llama attention, renormalize=False (trained after `convert --no-renormalize --format qwen2_moe`): auto picks
+    qwen2_moe with norm_topk_prob false (mixtral cannot skip renormalization), the function llama.cpp's qwen2moe
+    graph computes, so no engine note applies."""
+    from upcycle import hf_formats as hf
+
+    src = load_model(_save(CASES["mixtral"][0](), tmp_path / "src"))
+    ours = Transformer(dataclasses.replace(src.config, renormalize=False))
+    ours.load_state_dict(src.state_dict())
+    out = export_hf(ours.eval(), ours.config, tmp_path / "q")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2_moe" and cfg["norm_topk_prob"] is False and hf.engine_note(cfg) is None
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (hf_logits(reloaded) - our_logits(ours)).abs().max() <= 1e-4

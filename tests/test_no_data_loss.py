@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import save_dense
-from upcycle.cli import main
+from helpers import assert_one_line_error, run_cli, save_dense
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -18,11 +17,8 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def _refused(capsys, *argv: str) -> str:
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
+    code, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err)
     return err
 
 
@@ -71,3 +67,33 @@ def test_data_prepare_into_the_directory_of_its_inputs_is_refused(capsys, tmp_pa
                    "--domain", f"code={corpus / 'code.jsonl.gz'}", "--force")
     assert "contains the input" in err and "choose another OUT" in err
     assert _tree_digest(corpus) == before
+
+
+def test_convert_force_keeps_a_calibration_file_inside_output(capsys, dense, tmp_path):
+    from helpers import write_tokenizer
+
+    write_tokenizer(dense, eos=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    calibration = out / "calibration.jsonl"
+    calibration.write_text('{"text": "w1 w2 w3 w4 w5 w6"}\n{"text": "w7 w8 w9 w1 w2"}\n')
+    err = _refused(capsys, "convert", str(dense), str(out), "--force", "--router-init", "data", "--calibration",
+                   str(calibration), "--num-experts", "2", "--top-k", "1", "--quiet")
+    assert "contains the input" in err and "calibration.jsonl" in err
+    assert calibration.is_file()
+
+
+def test_convert_force_keeps_the_blobs_a_cache_snapshot_links_to(capsys, dense, tmp_path):
+    """The Hugging Face cache layout: a snapshot directory whose files are symlinks into blobs/."""
+    cache = tmp_path / "models--tiny"
+    (cache / "blobs").mkdir(parents=True)
+    snapshot = cache / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for file in dense.iterdir():
+        blob = cache / "blobs" / hashlib.sha256(file.name.encode()).hexdigest()
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    before = _tree_digest(cache / "blobs")
+    err = _refused(capsys, "convert", str(snapshot), str(cache / "blobs"), "--force", "--quiet")
+    assert "reads through a symlink" in err
+    assert _tree_digest(cache / "blobs") == before

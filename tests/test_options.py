@@ -1,11 +1,13 @@
 """Each option is declared once: `ConvertOptions` makes the `upcycle convert` flags, the train config's `init` fields
-and docs/convert.md's option table; choice lists come from the constants."""
+and docs/convert.md's option table. Every option set through a flag or an init field reaches the conversion, and every
+choice list is enforced by the flag, the Python API and the train config alike."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import re
+import typing
 
 import pytest
 
@@ -13,10 +15,7 @@ from helpers import REPO, make_data_dir, tiny_config, write_config
 from upcycle import cli
 from upcycle.convert import ConvertOptions
 from upcycle.errors import UpcycleError
-from upcycle.hf_formats import MOE_FORMATS
-from upcycle.safetensors_io import DTYPE_NAMES
 from upcycle.train_config import InitConfig, load_config
-from upcycle.upcycling import INDEX_MODES, METHODS, ROUTER_INITS, STATS_MODES
 
 
 def _convert_flags() -> dict[str, argparse.Action]:
@@ -25,18 +24,48 @@ def _convert_flags() -> dict[str, argparse.Action]:
     return {s: a for a in sub.choices["convert"]._actions for s in a.option_strings}
 
 
-def test_every_convert_option_is_a_flag_an_init_field_and_a_docs_row():
-    flags = _convert_flags()
-    init_fields = {f.name: f for f in dataclasses.fields(InitConfig)}
-    docs = (REPO / "docs" / "convert.md").read_text()
-    for f in dataclasses.fields(ConvertOptions):
-        flag = "--" + f.name.replace("_", "-")
-        assert flag in flags, flag
-        assert f.name in init_fields, f.name
-        assert f"| `{flag}`" in docs, flag
-        if f.name != "method":  # init.method defaults to none: load the source as it is
-            assert init_fields[f.name].default == f.default, f.name
-    assert set(init_fields) == {"source"} | {f.name for f in dataclasses.fields(ConvertOptions)}
+def _other_value(f: dataclasses.Field, hint) -> object:
+    """A valid value of option `f` other than its default, so that a field dropped on the way shows."""
+    choices = f.metadata.get("choices")
+    if choices:
+        return next(c for c in choices if c != f.default)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if typing.get_args(hint) and \
+        type(None) in typing.get_args(hint) else hint
+    if base is bool:
+        return not f.default
+    if base is int:
+        return (f.default or 0) + 3
+    if base is float:
+        return f.default / 4 if f.default else 0.25
+    if typing.get_origin(base) is tuple:
+        return ("a", "b")
+    return "layers-spec" if f.name == "moe_layers" else f"{f.name}-value"
+
+
+def test_every_convert_option_reaches_convert_from_its_flag_and_from_the_init_section(monkeypatch, tmp_path):
+    """Set every option to a value other than its default, once as `upcycle convert` flags and once as the train
+    config's `init` fields: `convert` must receive each of them, so a field that a path drops or renames fails here."""
+    hints = typing.get_type_hints(ConvertOptions)
+    values = {f.name: _other_value(f, hints[f.name]) for f in dataclasses.fields(ConvertOptions)}
+    argv = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            argv += [flag, *value]
+        else:
+            argv += [flag, str(value)]
+    seen = {}
+    (tmp_path / "config.json").write_text('{"model_type": "mixtral"}')  # what the command reads after converting
+    monkeypatch.setattr("upcycle.convert.convert", lambda source, output, **kw: seen.update(kw) or tmp_path)
+    cli.main(["convert", "src", "out", *argv, "--quiet"])
+    assert {k: v for k, v in seen.items() if k not in ("force", "progress")} == values
+
+    init = InitConfig(**{**values, "btx_sources": list(values["btx_sources"]), "source": "somewhere"})
+    assert init.convert_options() == ConvertOptions(**values)
+    assert set(f.name for f in dataclasses.fields(InitConfig)) == {"source"} | set(values)
+    assert InitConfig().method is None  # load the source as it is, unless a method is given
 
 
 def test_docs_table_is_the_generated_one():
@@ -45,12 +74,17 @@ def test_docs_table_is_the_generated_one():
     assert table == cli.options_table(ConvertOptions), "regenerate with upcycle.cli.options_table(ConvertOptions)"
 
 
-def test_choices_come_from_the_constants():
-    flags = _convert_flags()
-    expected = {"--method": METHODS, "--index-mode": INDEX_MODES, "--stats": STATS_MODES,
-                "--router-init": ROUTER_INITS, "--format": ("auto", *MOE_FORMATS), "--dtype": ("auto", *DTYPE_NAMES)}
-    for flag, choices in expected.items():
-        assert tuple(flags[flag].choices) == tuple(choices), flag
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ConvertOptions) if f.metadata.get("choices")])
+def test_every_choice_list_is_enforced_by_the_flag_the_library_and_the_init_section(name, capsys):
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(SystemExit) as exc:  # argparse
+        cli.main(["convert", "src", "out", flag, "bogus"])
+    assert exc.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+    with pytest.raises(UpcycleError, match=f"^{flag} must be one of "):  # the Python API
+        ConvertOptions(**{name: "bogus"}).validate()
+    init = {"source": str(REPO), "method": "drop", name: "bogus"}
+    with pytest.raises(UpcycleError, match=rf"^init\.{name} must be one of "):  # the train config
+        InitConfig(**init).validate()
 
 
 def test_convert_flags_build_one_options_object(monkeypatch, tmp_path):

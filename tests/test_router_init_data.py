@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import save_dense, subprocess_env, write_tokenizer
+from helpers import assert_convert_refused, save_dense, write_tokenizer
 from upcycle.calibration import kmeans_plus_plus, rows_from_centroids, update_centroids
 from upcycle.check import check
 from upcycle.convert import MANIFEST_NAME, convert
@@ -88,15 +86,10 @@ def test_data_router_specializes_domains_at_step_0_and_keeps_the_dense_function(
     (None, ["--calibration", "{root}/x.txt"], "--calibration is only used with --router-init data"),
     (None, ["--router-init", "data", "--calibration", "{root}/missing.txt"], "does not exist"),
 ])
-def test_bad_calibration_is_one_line_exit_2_and_nothing_written(tmp_path, corpus, setup, args, message):
+def test_bad_calibration_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, corpus, setup, args, message):
     root, dense, _ = corpus
     (tmp_path / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
     (tmp_path / "blank.txt").write_text("")
     (tmp_path / "x.txt").write_text("w1 w2")
     args = [a.format(root=tmp_path) for a in args]
-    result = subprocess.run([sys.executable, "-m", "upcycle", "convert", str(dense), str(tmp_path / "out"), *args],
-                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert_convert_refused(capsys, dense, tmp_path / "out", *args, message=message)

@@ -5,14 +5,12 @@ experts; r = 0 stays the dense function in transformers and in our trainer."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import logits, read_config, save_dense, subprocess_env
+from helpers import assert_convert_refused, logits, read_config, save_dense
 from upcycle.check import check
 from upcycle.convert import MANIFEST_NAME, convert, load_redrawn
 from upcycle.hf_model import export_hf, load_model
@@ -89,11 +87,7 @@ def test_our_trainer_computes_the_same_function_with_the_shared_expert_and_round
     ("qwen2", ["--granularity", "2", "--num-experts", "2", "--top-k", "1", "--shared-expert-dim", "8"],
      "leave out --shared-expert-dim"),
 ])
-def test_bad_shared_expert_combinations_are_one_line_exit_2_and_nothing_written(tmp_path, family, args, message):
+def test_bad_shared_expert_combinations_are_one_line_exit_2_and_nothing_written(tmp_path, capsys, family, args,
+                                                                                 message):
     dense = save_dense(tmp_path / "dense", family)
-    result = subprocess.run([sys.executable, "-m", "upcycle", "convert", str(dense), str(tmp_path / "out"),
-                             "--shared-expert", "dense", *args],
-                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["dense"]
+    assert_convert_refused(capsys, dense, tmp_path / "out", "--shared-expert", "dense", *args, message=message)

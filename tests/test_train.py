@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import time
@@ -13,12 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (make_data_dir, read_metrics, subprocess_env, tiny_config, train_cli,
-                           write_config)
+from helpers import make_data_dir, read_metrics, run_cli, subprocess_env, tiny_config, train_cli, write_config
 from upcycle import checkpoint as ckpt
 from upcycle import losses
 from upcycle.errors import UpcycleError
-from upcycle.cli import main
 from upcycle.schedule import lr_at
 from upcycle.train import NonFiniteLoss, config_from_dict, load_config, run_training, train_command
 
@@ -55,21 +54,54 @@ def test_lr_schedule_warms_up_from_min_then_cosine_decays_to_min():
     ("optim.min_lr=1.0", "optim.min_lr"),
     ("train.max_steps=ten", "train.max_steps"),
     ("schedule.warmup_steps=-1", "schedule.warmup_steps"),
+    # NaN compares false with every bound, so range checks let it through; Inf passes `> 0` (issue 18)
+    ("optim.grad_clip=.nan", "optim.grad_clip must be a finite number"),
+    ("optim.eps=.nan", "optim.eps must be a finite number"),
+    ("optim.weight_decay=.nan", "optim.weight_decay must be a finite number"),
+    ("optim.lr=.inf", "optim.lr must be a finite number"),
+    ("train.aux_coef=.nan", "train.aux_coef must be a finite number"),
+    ("schedule.warmup_start_lr=.nan", "schedule.warmup_start_lr must be a finite number"),
+    ("data.weights={code: .nan, english: 1.0}", "data.weights.code must be a finite number"),
+    ("model.norm_eps=.inf", "model.norm_eps must be a finite number"),
+    ("init.noise_std=.nan", "init.noise_std must be a finite number"),
+    # values of the wrong shape: one line naming the field, not a TypeError from deep inside
+    ("optim.betas=ab", "optim.betas must be a list of 2 finite numbers"),
+    ("optim.betas=[[0.9], 0.95]", "optim.betas[0] must be a finite number"),
+    ("data.weights=[1, 2]", "data.weights must be a mapping"),
+    ("model.rope_scaling=[1]", "model.rope_scaling must be a mapping"),
+    ("model.dim=-4", "dim must be at least 1"),
+    ("model.moe_layers=[a]", "model.moe_layers[0] must be an integer"),
 ])
 def test_bad_config_field_is_named_before_any_work(tmp_path, data_dir, override, field):
     config = write_config(tmp_path / "c.yaml", tiny_config(data_dir))
-    with pytest.raises(UpcycleError, match=field.replace(".", r"\.")):
+    with pytest.raises(UpcycleError, match=re.escape(field)):
         load_config(config, [override])
 
 
+def test_sources_of_the_wrong_type_are_named(tmp_path, data_dir):
+    values = tiny_config(data_dir)
+    values["data"] = {"sources": {"english": [1, 2]}, "tokenizer": str(tmp_path), "seq_len": 32}
+    with pytest.raises(UpcycleError, match=re.escape("data.sources.english[0] must be a string, got 1")):
+        config_from_dict(values).validate()
+    values["data"]["sources"] = 5
+    with pytest.raises(UpcycleError, match=re.escape("data.sources must be a mapping")):
+        config_from_dict(values)
+    values["data"]["sources"] = {"english": ["/dev/null"]}  # it exists, yet holds no text: not "does not exist"
+    with pytest.raises(UpcycleError, match="data.sources.english: /dev/null is a character device"):
+        config_from_dict(values).validate()
+
+
+def test_a_nan_domain_weight_is_refused_by_the_loader_too(data_dir):
+    """Before, `w < 0` let NaN through and `w > 0` then left the domain out: the stream was that of the other domain."""
+    from upcycle.data import MixtureLoader
+
+    with pytest.raises(UpcycleError, match="finite numbers >= 0"):
+        MixtureLoader(data_dir, seq_len=32, global_batch_size=4, weights={"code": math.nan, "english": 1.0})
+
+
 def _cli(capsys, config: Path, out: Path, *extra: str) -> tuple[int, str]:
-    """`python -m upcycle train ...` in this process: (exit status, stderr)."""
-    try:
-        main(["train", "--config", str(config), "--out", str(out), *extra])
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
+    """`upcycle train --config CONFIG --out OUT ...` in this process: (exit status, stderr)."""
+    return run_cli(capsys, "train", "--config", str(config), "--out", str(out), *extra)
 
 
 def test_cli_rejects_bad_field_before_creating_out_and_accepts_dotted_overrides(tmp_path, data_dir, capsys):
@@ -230,6 +262,21 @@ def _wait_for_steps(out: Path, steps: int, process: subprocess.Popen, timeout: f
 # -- initialisation from checkpoints -----------------------------------------------------------------------------------
 
 
+def test_init_renormalize_reaches_the_online_upcycled_model(tmp_path, data_dir, llama_dir):
+    from upcycle.distributed import World
+    from upcycle.train import start_point
+
+    values = tiny_config(data_dir, model=None, init={"source": str(llama_dir), "method": "naive", "num_experts": 4,
+                                                     "top_k": 2, "format": "qwen2_moe", "renormalize": False})
+    config = config_from_dict(values)
+    config.validate()
+    one = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert start_point(config, one, resume_model_config=None).model_config.renormalize is False
+    values["init"]["format"] = "auto"  # mixtral for a Llama source: it always renormalizes; refused before any work
+    with pytest.raises(UpcycleError, match="init.renormalize: false does not fit it; use init.format qwen2_moe"):
+        config_from_dict(values).validate()
+
+
 def test_online_naive_upcycling_starts_at_the_dense_loss(tmp_path, data_dir, llama_dir):
     def first_ce(name: str, init: dict) -> float:
         values = tiny_config(data_dir, model=None, init=init, train={"max_steps": 1, "eval_every": 0})
@@ -284,7 +331,7 @@ def test_raw_sources_are_tokenized_into_out_once(tmp_path):
 # -- structure: entry points and the loop's parts ----------------------------------------------------------------------
 
 
-def test_one_entry_point_and_no_import_cycle():
+def test_one_entry_point_and_train_does_not_import_the_cli():
     import sys
 
     code = "import sys, upcycle.train; assert 'upcycle.cli' not in sys.modules, 'train imports the CLI'"
@@ -292,6 +339,67 @@ def test_one_entry_point_and_no_import_cycle():
     shown = subprocess.run([sys.executable, "-m", "upcycle", "train", "--help"], env=subprocess_env(),
                            capture_output=True, text=True, check=True).stdout
     assert "--train.precision" in shown and "--init.index_mode" in shown
+
+
+def import_cycles() -> list[list[str]]:
+    """Every import cycle among the package's modules: the strongly connected groups (Tarjan) of the graph of
+    `import upcycle.x` / `from upcycle(.x) import ...` statements anywhere in a module, function bodies included (a
+    function-level import hides a cycle from Python, not from the design)."""
+    import ast
+
+    from helpers import REPO
+
+    modules = {path.stem: path for path in (REPO / "src" / "upcycle").glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("upcycle."))
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                parts = node.module.split(".")
+                if parts[0] == "upcycle":
+                    deps.update(parts[1:2] or [a.name for a in node.names if a.name in modules])
+        graph[name] = (deps & set(modules)) - {name}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in sorted(modules):
+        if v not in index:
+            visit(v)
+    return sorted(cycles)
+
+
+KNOWN_CYCLES = [["experiment", "experiment_report"], ["expert_parallel", "moe"]]
+
+
+def test_no_import_cycle_beyond_the_two_being_removed():
+    assert all(cycle in KNOWN_CYCLES for cycle in import_cycles()), import_cycles()
+
+
+@pytest.mark.xfail(strict=True, reason="moe <-> expert_parallel (the lead, issue 15) and experiment <-> "
+                                       "experiment_report (the science engineer) import each other until their "
+                                       "rewrites land; this test then passes and strict xfail flags it to unmark")
+def test_the_package_has_no_import_cycle():
+    assert import_cycles() == []
 
 
 def test_train_step_returns_a_record_and_run_training_a_summary(tmp_path, data_dir):

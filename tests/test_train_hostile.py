@@ -7,9 +7,8 @@ import json
 
 import pytest
 
-from helpers import REPO, VOCAB, make_data_dir, read_metrics, tiny_config, write_config
+from helpers import REPO, VOCAB, make_data_dir, read_metrics, run_cli, tiny_config, write_config
 from upcycle import checkpoint as ckpt
-from upcycle.cli import main
 from upcycle.errors import UpcycleError
 from upcycle.train import NonFiniteLoss, run_training
 from upcycle.train_config import load_config
@@ -18,15 +17,6 @@ from upcycle.train_config import load_config
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_data_dir(tmp_path_factory.mktemp("data"))
-
-
-def cli(capsys, *argv: str) -> tuple[int, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 def _bomb(levels: int) -> str:
@@ -44,10 +34,10 @@ def test_a_yaml_bomb_is_refused_before_it_expands(tmp_path, data_dir, capsys):
         load_config(small)
     huge = tmp_path / "huge.yaml"  # 9^12 floats once expanded
     huge.write_text(base.replace("  seq_len: 32", "  seq_len: 32\n  weights:\n" + _bomb(12)))
-    code, err = cli(capsys, "train", "--config", str(huge), "--out", str(tmp_path / "out"))
+    code, err = run_cli(capsys, "train", "--config", str(huge), "--out", str(tmp_path / "out"))
     assert code == 2 and "YAML aliases" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
-    code, err = cli(capsys, "train", "--config", str(write_config(tmp_path / "ok.yaml", tiny_config(data_dir))),
+    code, err = run_cli(capsys, "train", "--config", str(write_config(tmp_path / "ok.yaml", tiny_config(data_dir))),
                     "--out", str(tmp_path / "out"), "--data.weights", "&w {code: 1.0, english: *w}")
     assert code == 2 and "YAML aliases" in err
 
@@ -55,7 +45,7 @@ def test_a_yaml_bomb_is_refused_before_it_expands(tmp_path, data_dir, capsys):
 def test_a_top_level_list_is_one_line_and_writes_nothing(tmp_path, capsys):
     config = tmp_path / "list.yaml"
     config.write_text("- model\n- data\n")
-    code, err = cli(capsys, "train", "--config", str(config), "--out", str(tmp_path / "out"), "--train.max_steps", "2")
+    code, err = run_cli(capsys, "train", "--config", str(config), "--out", str(tmp_path / "out"), "--train.max_steps", "2")
     assert code == 2 and "must be a YAML mapping" in err and "not a list" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
@@ -63,10 +53,10 @@ def test_a_top_level_list_is_one_line_and_writes_nothing(tmp_path, capsys):
 def test_a_run_refused_by_the_data_check_creates_nothing_and_the_corrected_rerun_works(tmp_path, data_dir, capsys):
     config = write_config(tmp_path / "c.yaml", tiny_config(data_dir, train={"max_steps": 2}))
     out = tmp_path / "out"
-    code, err = cli(capsys, "train", "--config", str(config), "--out", str(out), "--model.vocab_size", "10")
+    code, err = run_cli(capsys, "train", "--config", str(config), "--out", str(out), "--model.vocab_size", "10")
     assert code == 2 and "vocab" in err
     assert not out.exists()
-    code, err = cli(capsys, "train", "--config", str(config), "--out", str(out))
+    code, err = run_cli(capsys, "train", "--config", str(config), "--out", str(out))
     assert code == 0, err
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
@@ -76,7 +66,7 @@ def test_raw_sources_with_a_larger_tokenizer_are_refused_before_tokenizing(tmp_p
     values["data"] = {"sources": {"english": [str(REPO / "data/sample/english.train.jsonl.gz")]},
                       "tokenizer": str(REPO / "assets/tokenizer"), "seq_len": 32}
     config = write_config(tmp_path / "c.yaml", values)
-    code, err = cli(capsys, "train", "--config", str(config), "--out", str(tmp_path / "out"))
+    code, err = run_cli(capsys, "train", "--config", str(config), "--out", str(tmp_path / "out"))
     assert code == 2 and "data.tokenizer" in err and "8192 token ids" in err
     assert not (tmp_path / "out").exists()
 
@@ -92,10 +82,24 @@ def test_token_ids_beyond_the_vocabulary_are_found_at_start(tmp_path, capsys):
     with pytest.raises(UpcycleError, match=rf"english\.train\.bin holds token id {VOCAB + 5}, beyond"):
         check_data_fits(data, vocab_size=VOCAB, max_seq_len=64, seq_len=32, chunk_tokens=1000)
     config = write_config(tmp_path / "c.yaml", tiny_config(data, train={"max_steps": 2}))
-    code, err = cli(capsys, "train", "--config", str(config), "--out", str(tmp_path / "out"))
+    code, err = run_cli(capsys, "train", "--config", str(config), "--out", str(tmp_path / "out"))
     assert code == 2 and "english.train.bin holds token id" in err
     assert not (tmp_path / "out").exists()
     check_data_fits(data, vocab_size=VOCAB + 6, max_seq_len=64, seq_len=32, chunk_tokens=1000)  # a model that fits
+
+
+def test_the_one_data_fits_check_also_covers_raw_text_before_tokenizing():
+    """The trainer's raw-sources branch goes through data.check_data_fits too (no second copy of the check)."""
+    from upcycle.data import check_data_fits
+
+    tokenizer = REPO / "assets" / "tokenizer"
+    with pytest.raises(UpcycleError, match=r"data\.tokenizer .* has 8192 token ids but the model's vocab_size is 100"):
+        check_data_fits(None, tokenizer=tokenizer, tokenizer_name="data.tokenizer", vocab_size=100, max_seq_len=64,
+                        seq_len=32)
+    with pytest.raises(UpcycleError, match="data.seq_len 128 exceeds the model's max_seq_len 64"):
+        check_data_fits(None, tokenizer=tokenizer, vocab_size=8192, max_seq_len=64, seq_len=128,
+                        seq_len_name="data.seq_len")
+    assert check_data_fits(None, tokenizer=tokenizer, vocab_size=8192, max_seq_len=64, seq_len=32) is None
 
 
 def test_divergence_names_and_keeps_the_last_healthy_checkpoint(tmp_path, data_dir, capsys):
@@ -132,12 +136,12 @@ def test_a_truncated_checkpoint_is_named_and_resume_falls_back(tmp_path, data_di
     out = tmp_path / "run"
     run_training(load_config(config), out)
     newest = out / "checkpoints" / "step_00000008"
-    weights = newest / "model.safetensors"
+    weights = newest / ckpt.STATE_DIR / "shard-00001-model-00001-of-00001.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
 
-    code, err = cli(capsys, "export", str(newest), str(tmp_path / "hf"))
+    code, err = run_cli(capsys, "export", str(newest), str(tmp_path / "hf"))
     assert code == 2 and str(weights) in err and "truncated" in err and len(err.strip().splitlines()) == 1
-    code, err = cli(capsys, "eval", str(newest), "--data", str(data_dir))
+    code, err = run_cli(capsys, "eval", str(newest), "--data", str(data_dir))
     assert code == 2 and str(weights) in err and len(err.strip().splitlines()) == 1
 
     run_training(load_config(config, ["train.max_steps=10"]), out)

@@ -8,14 +8,18 @@ function moved, which is what a user needs to choose r and the index mode.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from upcycle.convert import check_dense_source
 from upcycle.errors import UpcycleError
+from upcycle.files import read_json
 from upcycle.safetensors_io import CheckpointReader
 
 PROBE_TEXT = """\
@@ -43,7 +47,8 @@ class CheckReport:
     moe_perplexity: float
     num_tokens: int
     method: str | None
-    equivalent: bool | None  # set when the conversion should preserve the function (naive)
+    renormalize: bool | None  # the conversion's top-k renormalization (manifest), None without a manifest
+    equivalent: bool | None  # set when the conversion should preserve the function (naive, top-k renormalized)
 
 
 def _load(path: Path):
@@ -56,9 +61,28 @@ def _load(path: Path):
         raise UpcycleError(f"{path} has no config.json; pass a checkpoint directory")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UpcycleError(f"transformers cannot load {path}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 (transformers raises many types; its first line names the cause)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UpcycleError(f"transformers cannot load {path}: {reason}") from None
     return model.eval()
+
+
+@contextlib.contextmanager
+def _naming(what: str, path: Path):
+    """Say which of the two checkpoints a validation error is about, when its message does not."""
+    try:
+        yield
+    except UpcycleError as exc:
+        raise UpcycleError(str(exc) if str(path) in str(exc) else f"{what} {path}: {exc}") from None
+
+
+def _non_finite_cause(path: Path) -> str:
+    """Which tensor of a checkpoint holds NaN or Inf (read one at a time), or that all are finite."""
+    reader = CheckpointReader(path)
+    for name in reader.tensors:
+        if not torch.isfinite(reader.get(name)).all():
+            return f"its tensor {name} holds NaN or Inf values"
+    return "every tensor is finite: the forward pass overflows"
 
 
 def _token_ids(text: str, dirs: list[Path], vocab_size: int, max_tokens: int) -> torch.Tensor:
@@ -84,14 +108,25 @@ def _perplexity(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> float:
 def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: int = 512,
           tolerance: float = 1e-4) -> CheckReport:
     """Compare the MoE at `moe_dir` with the dense model at `dense_dir` on a probe text."""
+    from upcycle.hf_model import as_hf_directory, is_our_checkpoint, model_tensors
+
     moe_path, dense_path = Path(moe_dir), Path(dense_dir)
-    for path in (moe_path, dense_path):
-        # the validation every other command does before work: config.json, safetensors headers against file sizes
-        # (a truncated file is named), pickle weights refused rather than handed to transformers
-        CheckpointReader(path)
+    # the validation every other command does before work: config.json, safetensors headers against file sizes (a
+    # truncated file is named), pickle weights refused rather than handed to transformers; the dense parent as convert
+    # checks its source (supported family, config types, every tensor with its shape). The MoE may be any HF MoE
+    # (what transformers cannot build from it is named by _load) or a training checkpoint of ours (exported first).
+    with _naming("MoE", moe_path):
+        model_tensors(moe_path) if is_our_checkpoint(moe_path) else CheckpointReader(moe_path)
+    with _naming("--dense", dense_path):
+        check_dense_source(CheckpointReader(dense_path))
     manifest_path = moe_path / "upcycle_manifest.json"
-    method = json.loads(manifest_path.read_text())["options"]["method"] if manifest_path.is_file() else None
-    dense, moe = _load(dense_path), _load(moe_path)
+    options = read_json(manifest_path)["options"] if manifest_path.is_file() else {}
+    method = options.get("method")
+    # Only with renormalized top-k weights is a naive conversion the dense function; without (--no-renormalize) each
+    # token's FFN output is scaled by the sum of its top-k probabilities, so no tolerance applies.
+    exact_by_design = method == "naive" and options.get("renormalize", True)
+    with tempfile.TemporaryDirectory() as tmp:  # a training checkpoint of ours is exported there to be loaded
+        dense, moe = _load(dense_path), _load(as_hf_directory(moe_path, tmp))
     if dense.config.vocab_size != moe.config.vocab_size:
         raise UpcycleError(f"vocabularies differ ({dense.config.vocab_size} vs {moe.config.vocab_size}); "
                            "is --dense the parent of this MoE?")
@@ -100,6 +135,10 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
     with torch.no_grad():
         dense_logits = dense(ids).logits.float()
         moe_logits = moe(ids).logits.float()
+    for what, path, logits_BTV in (("dense", dense_path, dense_logits), ("MoE", moe_path, moe_logits)):
+        if not torch.isfinite(logits_BTV).all():  # nan compares false with any tolerance: no verdict can be given
+            raise UpcycleError(f"the {what} model {path} gives NaN or Inf logits on the probe text "
+                               f"({_non_finite_cause(path)}); it computes no usable function, re-convert or re-save it")
     diff = (dense_logits - moe_logits).abs()
     max_diff = diff.max().item()
     return CheckReport(
@@ -110,7 +149,8 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
         moe_perplexity=_perplexity(moe_logits, ids),
         num_tokens=ids.shape[1],
         method=method,
-        equivalent=(max_diff <= tolerance) if method == "naive" else None,
+        renormalize=options.get("renormalize", True) if options else None,
+        equivalent=(max_diff <= tolerance) if exact_by_design else None,
     )
 
 
@@ -118,11 +158,13 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
                   tolerance: float = 1e-4, json_output: bool = False) -> int:
     """Compare an upcycled MoE with its dense parent: max |logit diff| and perplexity of both on a probe text.
 
-    Exits with status 1 when the MoE comes from a naive conversion (read from its upcycle_manifest.json) and its
-    logits differ from the dense ones by more than --tolerance.
+    Exits with status 1 when the MoE comes from a naive conversion (read from its upcycle_manifest.json) that
+    renormalizes the top-k weights and its logits differ from the dense ones by more than --tolerance (without
+    renormalization, --no-renormalize, naive is not exact by design and only the numbers are reported).
 
     Args:
-        moe_dir: The MoE checkpoint directory (written by upcycle convert, or any HF MoE).
+        moe_dir: The MoE checkpoint directory (written by upcycle convert, any HF MoE, or a training checkpoint of
+            ours, exported on the fly).
         dense: The dense parent checkpoint directory.
         text: A UTF-8 text file to probe with (default: a built-in English/code/Japanese sample).
         max_tokens: Probe at most this many tokens.
@@ -148,4 +190,6 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
         if report.equivalent is not None:
             verdict = "EQUIVALENT" if report.equivalent else "NOT EQUIVALENT"
             print(f"naive conversion:      {verdict} (tolerance {tolerance:g})")
+        elif report.method == "naive":
+            print("naive conversion:      not exact by design (top-k weights not renormalized)")
     return 1 if report.equivalent is False else 0

@@ -36,12 +36,14 @@ def _commands() -> dict[str, Callable | dict[str, Callable]]:
     from upcycle.evaluate import eval_command
     from upcycle.experiment import experiment_command
     from upcycle.hf_model import export_command
+    from upcycle.plan import plan_command
     from upcycle.train import train_command
 
     return {
         "convert": convert_command,
         "check": check_command,
         "train": train_command,
+        "plan": plan_command,
         "export": export_command,
         "data": {"prepare": prepare_command},
         "eval": eval_command,

@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -63,6 +63,7 @@ from upcycle.upcycling import (
     upcycle_expert,
     virtual_group_router,
 )
+from upcycle.validation import check_fields
 
 MANIFEST_NAME = "upcycle_manifest.json"
 REDRAWN_NAME = "upcycle_redrawn.safetensors"
@@ -106,6 +107,11 @@ class ConvertOptions:
             qwen3_moe.
         dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
         router_aux_loss_coef: The load-balancing coefficient written into the output's config.json.
+        renormalize: Renormalize the top-k routing weights to sum to 1 (Mixtral always does; Qwen-MoE's
+            norm_topk_prob). Only with renormalization is naive upcycling exactly the dense function: without it a
+            token's FFN output is scaled by the sum of its top-k probabilities (about K / E at initialization).
+            --no-renormalize (qwen2_moe, qwen3_moe) makes a qwen2_moe output compute the same function in llama.cpp,
+            whose qwen2moe graph never renormalizes.
         shared_expert: qwen2_moe only: its always-present shared expert is zero (down projection zero: it adds nothing
             at initialization) or dense (one of the --granularity segments of the dense FFN, never re-drawn, its down
             projection doubled and its sigmoid gate near 0, so r = 0 is still the dense function; the other G - 1
@@ -133,6 +139,7 @@ class ConvertOptions:
     format: str = field(default="auto", metadata={"choices": ("auto", *hf.MOE_FORMATS)})
     dtype: str = field(default="auto", metadata={"choices": ("auto", *DTYPE_NAMES)})
     router_aux_loss_coef: float = 0.02
+    renormalize: bool = True
     shared_expert: str = field(default="zero", metadata={"choices": SHARED_EXPERT_MODES})
     shared_expert_dim: int | None = None
     btx_sources: tuple[str, ...] = ()
@@ -142,36 +149,55 @@ class ConvertOptions:
         return UpcycleOptions(method=self.method, ratio=self.ratio, index_mode=self.index_mode, stats=self.stats,
                               noise_std=self.noise_std, init_std=init_std, seed=self.seed)
 
+    def option_name(self, field_name: str) -> str:
+        """How messages spell one of these options: its flag (the train config's `init` section: its field)."""
+        return "--" + field_name.replace("_", "-")
+
     def validate(self) -> None:
+        n = self.option_name
+        check_fields(self, n)  # types, choices, and no NaN/Inf in any float
+        if not 0 <= self.ratio <= 1:
+            raise UpcycleError(f"{n('ratio')} must lie in [0, 1], got {self.ratio}")
+        if self.noise_std < 0:
+            raise UpcycleError(f"{n('noise_std')} must be non-negative, got {self.noise_std}")
         self.upcycle_options(0.02).validate()
         if self.num_experts < 1:
-            raise UpcycleError(f"--num-experts must be at least 1, got {self.num_experts}")
+            raise UpcycleError(f"{n('num_experts')} must be at least 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise UpcycleError(f"--top-k must lie in [1, num_experts={self.num_experts}], got {self.top_k}")
+            raise UpcycleError(f"{n('top_k')} must lie in [1, num_experts={self.num_experts}], got {self.top_k}")
         self._validate_granularity()
-        parse_moe_layers(self.moe_layers)
-        if self.router_init not in ROUTER_INITS:
-            raise UpcycleError(f"unknown --router-init {self.router_init!r}; choose one of {', '.join(ROUTER_INITS)}")
+        parse_moe_layers(self.moe_layers, name=n("moe_layers"))
         if self.router_std < 0:
-            raise UpcycleError("--router-std must be non-negative")
+            raise UpcycleError(f"{n('router_std')} must be non-negative, got {self.router_std}")
         if self.router_init == "data" and self.calibration is None:
-            raise UpcycleError("--router-init data needs --calibration FILE (JSONL or text, as upcycle data prepare "
-                               "reads)")
+            raise UpcycleError(f"{n('router_init')} data needs {n('calibration')} FILE (JSONL or text, as upcycle "
+                               "data prepare reads)")
         if self.router_init != "data" and self.calibration is not None:
-            raise UpcycleError("--calibration is only used with --router-init data; add --router-init data")
+            raise UpcycleError(f"{n('calibration')} is only used with {n('router_init')} data; add "
+                               f"{n('router_init')} data")
         if self.calibration_tokens < 1:
-            raise UpcycleError(f"--calibration-tokens must be at least 1, got {self.calibration_tokens}")
-        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
-            raise UpcycleError(f"unknown --dtype {self.dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
+            raise UpcycleError(f"{n('calibration_tokens')} must be at least 1, got {self.calibration_tokens}")
         if self.method == "btx" and not self.btx_sources:
-            raise UpcycleError("--method btx needs --btx-sources DIR [DIR ...] (SOURCE is the first source)")
+            raise UpcycleError(f"{n('method')} btx needs {n('btx_sources')} DIR [DIR ...] (SOURCE is the first "
+                               "source)")
         if self.method != "btx" and self.btx_sources:
-            raise UpcycleError("--btx-sources is only used with --method btx")
-        if self.method == "btx":
-            btx_source_of_expert(self.num_experts, 1 + len(self.btx_sources))
+            raise UpcycleError(f"{n('btx_sources')} is only used with {n('method')} btx")
+        sources = 1 + len(self.btx_sources)
+        if self.method == "btx" and self.num_experts % sources:
+            raise UpcycleError(f"btx needs {n('num_experts')} divisible by the number of sources; got "
+                               f"{self.num_experts} experts and {sources} sources (for example use "
+                               f"{n('num_experts')} {sources * max(1, self.num_experts // sources)})")
         if self.shared_expert_dim is not None and self.shared_expert_dim < 1:
-            raise UpcycleError("--shared-expert-dim must be at least 1")
-        parse_size(self.max_shard_size)
+            raise UpcycleError(f"{n('shared_expert_dim')} must be at least 1")
+        try:
+            parse_size(self.max_shard_size)
+        except UpcycleError as exc:
+            raise UpcycleError(f"{n('max_shard_size')}: {exc}") from None
+
+    def input_paths(self) -> tuple[str, ...]:
+        """The files and directories these options make a conversion read besides SOURCE: an output must never be or
+        contain one of them."""
+        return (*self.btx_sources, *([self.calibration] if self.calibration is not None else []))
 
     @property
     def shared_dense(self) -> bool:
@@ -183,49 +209,59 @@ class ConvertOptions:
         return self.granularity - self.shared_dense
 
     def _validate_granularity(self) -> None:
-        g = self.granularity
+        g, n = self.granularity, self.option_name
         if g < 1:
-            raise UpcycleError(f"--granularity must be at least 1, got {g}")
-        if self.shared_expert not in SHARED_EXPERT_MODES:
-            raise UpcycleError(f"unknown --shared-expert {self.shared_expert!r}; choose one of "
-                               f"{', '.join(SHARED_EXPERT_MODES)}")
+            raise UpcycleError(f"{n('granularity')} must be at least 1, got {g}")
         if self.shared_dense:
             if g < 2:
-                raise UpcycleError("--shared-expert dense makes one of the --granularity segments the shared expert; "
-                                   "use --granularity 2 or more")
+                raise UpcycleError(f"{n('shared_expert')} dense makes one of the {n('granularity')} segments the "
+                                   f"shared expert; use {n('granularity')} 2 or more")
             if self.method not in ("drop", "naive", "noise"):
-                raise UpcycleError(f"--shared-expert dense copies dense neurons, --method {self.method} does not; use "
-                                   "drop, naive or noise")
+                raise UpcycleError(f"{n('shared_expert')} dense copies dense neurons, {n('method')} {self.method} "
+                                   "does not; use drop, naive or noise")
             if self.shared_expert_dim is not None:
-                raise UpcycleError("--shared-expert dense sizes the shared expert as one segment (F / G); leave out "
-                                   "--shared-expert-dim")
+                raise UpcycleError(f"{n('shared_expert')} dense sizes the shared expert as one segment (F / G); "
+                                   f"leave out {n('shared_expert_dim')}")
         if g == 1:
             return
-        r, what = self.routed_segments, ("--granularity - 1 (one segment is shared)" if self.shared_dense
-                                         else "--granularity")
+        r = self.routed_segments
+        what = f"{n('granularity')} - 1 (one segment is shared)" if self.shared_dense else n("granularity")
         if self.num_experts % r:
-            raise UpcycleError(f"--num-experts {self.num_experts} is not a multiple of {what} = {r}; use "
-                               f"--num-experts {r * max(1, round(self.num_experts / r))}")
+            raise UpcycleError(f"{n('num_experts')} {self.num_experts} is not a multiple of {what} = {r}; use "
+                               f"{n('num_experts')} {r * max(1, round(self.num_experts / r))}")
         if self.top_k % r:
-            raise UpcycleError(f"--top-k {self.top_k} is not a multiple of {what} = {r} (tokens must pick whole "
-                               f"copies of the dense FFN); use --top-k {r * max(1, round(self.top_k / r))}")
+            raise UpcycleError(f"{n('top_k')} {self.top_k} is not a multiple of {what} = {r} (tokens must pick whole "
+                               f"copies of the dense FFN); use {n('top_k')} {r * max(1, round(self.top_k / r))}")
         if self.method == "btx":
-            raise UpcycleError("--granularity above 1 does not combine with --method btx; use --granularity 1")
+            raise UpcycleError(f"{n('granularity')} above 1 does not combine with {n('method')} btx; use "
+                               f"{n('granularity')} 1")
+
+    def check_format(self, fmt: str) -> None:
+        """What the resolved output format `fmt` must hold of these options."""
+        n = self.option_name
+        if not self.renormalize and fmt == "mixtral":
+            flag = n("renormalize")
+            off = f"--no-{flag[2:]}" if flag.startswith("--") else f"{flag}: false"
+            raise UpcycleError(f"mixtral always renormalizes the top-k weights, so {off} does not fit it; use "
+                               f"{n('format')} qwen2_moe (or qwen3_moe for a Qwen3 source)")
+        if self.shared_dense and fmt != "qwen2_moe":
+            raise UpcycleError(f"{n('shared_expert')} dense needs {n('format')} qwen2_moe, the only format with a "
+                               f"shared expert (got {fmt})")
 
     def check_source(self, shapes: hf.Shapes, fmt: str) -> tuple[int, ...]:
         """What can only be checked against the source's sizes and the resolved format, before anything is written.
         Returns the MoE layers."""
+        n = self.option_name
         if shapes.ffn_dim % self.granularity:
             divisors = [g for g in range(2, 17) if shapes.ffn_dim % g == 0]
-            raise UpcycleError(f"the dense FFN size {shapes.ffn_dim} is not divisible by --granularity "
+            raise UpcycleError(f"the dense FFN size {shapes.ffn_dim} is not divisible by {n('granularity')} "
                                f"{self.granularity}; choose one of {', '.join(map(str, divisors)) or '1'}")
-        if self.shared_dense and fmt != "qwen2_moe":
-            raise UpcycleError(f"--shared-expert dense needs --format qwen2_moe, the only format with a shared expert "
-                               f"(got {fmt})")
-        moe_layers = parse_moe_layers(self.moe_layers, shapes.num_layers)
+        self.check_format(fmt)
+        moe_layers = parse_moe_layers(self.moe_layers, shapes.num_layers, name=n("moe_layers"))
         if fmt == "mixtral" and len(moe_layers) < shapes.num_layers:
-            raise UpcycleError("mixtral has an MoE FFN in every layer and cannot keep dense layers; use --format "
-                               "qwen2_moe (or qwen3_moe for a Qwen3 source) with --moe-layers, or leave --moe-layers out")
+            raise UpcycleError(f"mixtral has an MoE FFN in every layer and cannot keep dense layers; use {n('format')} "
+                               f"qwen2_moe (or qwen3_moe for a Qwen3 source) with {n('moe_layers')}, or leave "
+                               f"{n('moe_layers')} out")
         return moe_layers
 
 
@@ -245,7 +281,7 @@ def _expected_dense_tensors(shapes: hf.Shapes) -> dict[str, tuple[int, ...]]:
     return expected
 
 
-def _check_source(reader: CheckpointReader) -> hf.Shapes:
+def check_dense_source(reader: CheckpointReader) -> hf.Shapes:
     """Every expected tensor present with its shape, nothing unknown: before any output is written."""
     hf.check_dense_config(reader.config)
     shapes = hf.read_shapes(reader.config)
@@ -272,7 +308,7 @@ def _check_source(reader: CheckpointReader) -> hf.Shapes:
 
 def _check_btx_sources(first: CheckpointReader, others: list[CheckpointReader], shapes: hf.Shapes) -> None:
     for other in others:
-        other_shapes = _check_source(other)
+        other_shapes = check_dense_source(other)
         if other.config.get("model_type") != first.config.get("model_type") or other_shapes != shapes:
             raise UpcycleError(f"btx source {other.dir} differs in shape or family from {first.dir}; all btx sources "
                                "must be continued from the same dense seed")
@@ -344,6 +380,11 @@ class _Record:
     redrawn_LEMF: np.ndarray | None = None  # (L, E, 3, F / G) bool
     calibration: object | None = None  # calibration.RouterCalibration for --router-init data
 
+    def layer(self, index: int) -> dict:
+        """The record of MoE layer `index`, started when first needed (a lazy conversion may produce a layer's experts
+        without its router)."""
+        return self.layers.setdefault(index, {"layer": index, "experts": []})
+
 
 _ROLE_KIND = {"attn_norm": "norm", "ffn_norm": "norm", "q_norm": "norm", "k_norm": "norm",
               "q_bias": "bias", "k_bias": "bias", "v_bias": "bias", "o_bias": "bias"}
@@ -375,7 +416,7 @@ class _Producer:
                               else [0] * opts.num_experts)
         # fine-grained experts: expert e is segment e % R of copy e // R, R = opts.routed_segments (segments 1..G-1 when
         # segment 0 is the dense shared expert), its down projection scaled by R (granular_scale)
-        self.scale = (granular_scale(opts.routed_segments, renormalize=True)
+        self.scale = (granular_scale(opts.routed_segments)
                       if opts.granularity > 1 and opts.method != "scratch" else 1.0)
         self._segments: tuple[int, torch.Tensor] | None = None  # (layer, (G, F/G) neuron indices)
         self._dense_ffn: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # only the current layer's
@@ -426,14 +467,14 @@ class _Producer:
                 tensors = {"gate": x.gate_FD, "up": x.up_FD, "down": x.down_DF}
                 records = {**segment, **x.records}
                 self.record.redrawn_LEMF[layer, e] = x.redrawn_MF.numpy()
-            self.record.layers[layer]["experts"].append({"expert": e, **records})
+            self.record.layer(layer)["experts"].append({"expert": e, **records})
             self._expert = (layer, e, tensors)
         return self._expert[2][entry.role]
 
     def _segment_neurons(self, layer: int) -> torch.Tensor:
         if self._segments is None or self._segments[0] != layer:
             neurons = segment_neurons(self.shapes.ffn_dim, self.opts.granularity, seed=self.opts.seed, layer=layer)
-            self.record.layers[layer]["segments"] = neurons.tolist()
+            self.record.layer(layer)["segments"] = neurons.tolist()
             self._segments = (layer, neurons)
         return self._segments[1]
 
@@ -446,7 +487,7 @@ class _Producer:
                 tensors = dense_shared_expert(dense["gate"], dense["up"], dense["down"],
                                               self._segment_neurons(entry.layer)[0], seed=self.opts.seed,
                                               layer=entry.layer)
-                self.record.layers[entry.layer]["shared_expert"] = {"segment": 0, "down_scale": 2.0}
+                self.record.layer(entry.layer)["shared_expert"] = {"segment": 0, "down_scale": 2.0}
             else:
                 shapes = hf.shared_expert_shapes(self.shapes.dim, self.shared_dim)
                 tensors = init_shared_expert(shapes, std=self.init_std, seed=self.opts.seed, layer=entry.layer)
@@ -465,10 +506,10 @@ class _Producer:
         if entry.kind in ("attn", "dense_ffn"):
             return self._copied(entry, _ROLE_KIND.get(entry.role, "weight"))
         if entry.kind == "router":
-            self.record.layers[entry.layer] = {"layer": entry.layer, "experts": []}
+            self.record.layer(entry.layer)
             if self.record.calibration is not None:  # --router-init data: one k-means row per copy
                 router = self.record.calibration.rows[entry.layer]
-                self.record.layers[entry.layer]["router_cluster_sizes"] = (
+                self.record.layer(entry.layer)["router_cluster_sizes"] = (
                     self.record.calibration.cluster_sizes[entry.layer])
             else:  # one random row per copy of the dense FFN
                 gen = derived_generator(self.opts.seed, entry.layer, "router")
@@ -489,7 +530,7 @@ class _Producer:
 def _open_sources(source: str | os.PathLike, opts: ConvertOptions) -> tuple[list[CheckpointReader], hf.Shapes, str]:
     opts.validate()
     first = CheckpointReader(source)
-    shapes = _check_source(first)
+    shapes = check_dense_source(first)
     readers = [first]
     if opts.method == "btx":
         readers += [CheckpointReader(s) for s in opts.btx_sources]
@@ -595,24 +636,17 @@ def _estimate_for(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions) ->
     return estimate(shapes, fmt, opts, value_bytes, num_sources=len(readers))
 
 
-def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], Iterator, _Record, dict]:
+def _generate(readers, shapes, fmt, opts, progress: bool,
+              router_rows=None) -> tuple[list[Entry], Iterator, _Record, dict]:
     moe_layers = opts.check_source(shapes, fmt)
-    moe_config = hf.build_moe_config(
-        readers[0].config, fmt, num_experts=opts.num_experts, top_k=opts.top_k,
-        router_aux_loss_coef=opts.router_aux_loss_coef,
-        shared_expert_dim=shapes.ffn_dim // opts.granularity if opts.shared_dense else opts.shared_expert_dim,
-        dtype=dtype_name(_out_dtype(opts, readers[0])), expert_ffn_dim=shapes.ffn_dim // opts.granularity,
-        moe_layers=moe_layers,
-    )
+    moe_config = _moe_config(readers, shapes, fmt, opts)
     shared_dim = moe_config.get("shared_expert_intermediate_size", 0)
     entries = _layout(shapes, fmt, opts.num_experts, shared_dim, opts.granularity, moe_layers)
     expert_dim = shapes.ffn_dim // opts.granularity
     record = _Record(redrawn_LEMF=np.zeros((shapes.num_layers, opts.num_experts, len(MATRICES), expert_dim),
                                            dtype=bool))
     if opts.router_init == "data":  # runs the dense model once, before any tensor is produced
-        record.calibration = data_router_rows(readers[0].dir, opts.calibration, max_tokens=opts.calibration_tokens,
-                                              copies=opts.num_experts // opts.routed_segments, layers=moe_layers,
-                                              seed=opts.seed, std=opts.router_std)
+        record.calibration = router_rows or _calibrate(readers, opts, moe_layers)
     produce = _Producer(readers, shapes, opts, record, shared_dim)
     out_dtype = _out_dtype(opts, readers[0])
 
@@ -625,6 +659,82 @@ def _generate(readers, shapes, fmt, opts, progress: bool) -> tuple[list[Entry], 
         bar.close()
 
     return entries, tensors(), record, moe_config
+
+
+def _moe_config(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions) -> dict:
+    return hf.build_moe_config(
+        readers[0].config, fmt, num_experts=opts.num_experts, top_k=opts.top_k,
+        router_aux_loss_coef=opts.router_aux_loss_coef,
+        shared_expert_dim=shapes.ffn_dim // opts.granularity if opts.shared_dense else opts.shared_expert_dim,
+        dtype=dtype_name(_out_dtype(opts, readers[0])), expert_ffn_dim=shapes.ffn_dim // opts.granularity,
+        moe_layers=opts.check_source(shapes, fmt), renormalize=opts.renormalize,
+    )
+
+
+def planned_moe_config(source: str | os.PathLike, **options) -> tuple[dict, bool]:
+    """(the config.json a conversion of `source` writes, whether its shared expert is live), from the source's config
+    and file headers alone: no tensor is produced and no calibration runs. A shared expert is live with
+    `--shared-expert dense`; the zero one adds nothing, and loading drops it."""
+    opts = _options(options)
+    readers, shapes, fmt = _open_sources(source, opts)
+    return _moe_config(readers, shapes, fmt, opts), fmt == "qwen2_moe" and opts.shared_dense
+
+
+def _calibrate(readers, opts: ConvertOptions, moe_layers: tuple[int, ...]):
+    return data_router_rows(readers[0].dir, opts.calibration, max_tokens=opts.calibration_tokens,
+                            copies=opts.num_experts // opts.routed_segments, layers=moe_layers, seed=opts.seed,
+                            std=opts.router_std)
+
+
+def router_calibration(source: str | os.PathLike, **options):
+    """The k-means router rows of `--router-init data` (calibration.RouterCalibration) for this conversion, or None for
+    any other router init: computed once (the dense model runs on the calibration text), then handed to `lazy_convert`
+    on every rank."""
+    opts = _options(options)
+    if opts.router_init != "data":
+        return None
+    readers, shapes, fmt = _open_sources(source, opts)
+    return _calibrate(readers, opts, opts.check_source(shapes, fmt))
+
+
+class LazyConversion(Mapping):
+    """The output of a conversion as a read-only mapping HF key -> tensor, each tensor computed when it is looked up
+    from the dense tensors it comes from (the same code and seeds as `convert`, so the same values), nothing kept.
+    `shape(key)` answers without computing."""
+
+    def __init__(self, entries: list[Entry], produce: _Producer, dtype: torch.dtype):
+        self._entries = {entry.name: entry for entry in entries}
+        self._produce, self._dtype = produce, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._produce(self._entries[name]).to(self._dtype)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's own would compute the tensor to find out
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+
+def lazy_convert(source: str | os.PathLike, *, router_rows=None, **options) -> tuple[dict, LazyConversion]:
+    """The same conversion as `convert`, as (MoE config.json as a dict, LazyConversion): for online upcycling, where each
+    rank computes only the tensors (and experts) it keeps. `router_rows`: `router_calibration`'s result, computed once
+    and shared; with `--router-init data` and none given, it is computed here."""
+    opts = _options(options)
+    readers, shapes, fmt = _open_sources(source, opts)
+    entries, _, record, moe_config = _generate(readers, shapes, fmt, opts, progress=False, router_rows=router_rows)
+    produce = _Producer(readers, shapes, opts, record, moe_config.get("shared_expert_intermediate_size", 0))
+    return moe_config, LazyConversion(entries, produce, _out_dtype(opts, readers[0]))
+
+
+def _options(options: dict) -> ConvertOptions:
+    return ConvertOptions(**{k: tuple(v) if k == "btx_sources" else v for k, v in options.items()})
 
 
 def convert_in_memory(source: str | os.PathLike, **options) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -649,7 +759,7 @@ def convert(
     written into a temporary sibling directory and renamed into place only when complete.
     """
     opts = ConvertOptions(**{k: tuple(v) if k == "btx_sources" else v for k, v in options.items()})
-    inputs = [source, *opts.btx_sources]
+    inputs = [source, *opts.input_paths()]
     output = check_output(output, force=force, inputs=inputs)
     readers, shapes, fmt = _open_sources(source, opts)
     _check_fits(_estimate_for(readers, shapes, fmt, opts), opts, output)
@@ -744,7 +854,7 @@ def convert_command(
         quiet: No progress bar.
     """
     path = convert(source, output, force=force, progress=not quiet, **asdict(options))
-    if format_note := hf.ENGINE_NOTES.get(json.loads((path / "config.json").read_text())["model_type"]):
+    if format_note := hf.engine_note(json.loads((path / "config.json").read_text())):
         print(format_note, file=sys.stderr)
     if not quiet:
         print(f"wrote {path}")

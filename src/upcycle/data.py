@@ -42,6 +42,7 @@ for every run, so per-domain validation losses are comparable across runs and ch
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import re
@@ -54,7 +55,8 @@ import numpy as np
 import torch
 
 from upcycle.errors import UpcycleError
-from upcycle.files import check_output, publish_dir, sha256_file
+from upcycle.files import check_output, not_an_input, publish_dir, read_json, sha256_file
+from upcycle.validation import check_arguments
 
 FORMAT_VERSION = 1
 METADATA_FILE = "data.json"
@@ -62,6 +64,7 @@ SPLITS = ("train", "val")
 # Tried in order when the tokenizer files do not name an EOS token.
 _COMMON_EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 _DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair decodes to one character, never to these
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -108,7 +111,7 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
                 raise UpcycleError(f"directory {path} contains no (non-hidden) files")
             files.extend(found)
         else:
-            raise UpcycleError(f"input path {path} does not exist")
+            raise not_an_input("input path", path)
     return files
 
 
@@ -131,6 +134,11 @@ def iter_documents(path: Path, *, text_field: str = "text") -> Iterator[str]:
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     raise UpcycleError(f"{path}:{line_number}: expected a JSON object with a string field "
                                        f"{text_field!r} (choose another field with --text-field)")
+                surrogate = _LONE_SURROGATE.search(record[text_field])
+                if surrogate:  # a JSON \u escape may name half of a UTF-16 pair, which no tokenizer can encode
+                    raise UpcycleError(f"{path}:{line_number}: the text holds a lone surrogate escape "
+                                       f"(\\u{ord(surrogate.group()):04x}), which is not a Unicode character; "
+                                       "fix or drop that line")
                 if record[text_field]:
                     yield record[text_field]
     except UnicodeDecodeError as exc:
@@ -164,8 +172,8 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None):
     from tokenizers import Tokenizer
 
     path = Path(path).expanduser()
-    if not path.exists():
-        raise UpcycleError(f"tokenizer path {path} does not exist; pass a directory with tokenizer.json or the file")
+    if not (path.is_file() or path.is_dir()):
+        raise UpcycleError(f"{not_an_input('tokenizer path', path)}; pass a directory with tokenizer.json or the file")
     directory = path if path.is_dir() else path.parent
     json_file = path if path.is_file() else path / "tokenizer.json"
     if json_file.is_file():
@@ -193,7 +201,8 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None):
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             config_file = directory / name
             if config_file.is_file():
-                found = _special_token_text(json.loads(config_file.read_text()).get("eos_token"))
+                config = read_json(config_file, fix="fix the tokenizer files or pass --eos-token")
+                found = _special_token_text(config.get("eos_token")) if isinstance(config, dict) else None
                 if found:
                     candidates.append(found)
         candidates.extend(_COMMON_EOS_TOKENS)
@@ -208,16 +217,6 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None):
 def valid_domain_name(name: str) -> bool:
     """A domain name becomes part of file names: letters, digits, '-' or '_', starting with a letter or digit."""
     return isinstance(name, str) and bool(_DOMAIN_NAME.match(name))
-
-
-def check_tokenizer_fits(tokenizer: str | Path, *, vocab_size: int, where: str) -> None:
-    """Before raw text is tokenized: refuse a tokenizer with more ids than a model's `vocab_size` (`where` names the
-    setting that chose the tokenizer). Once the data is prepared, `check_data_fits` checks the token files too."""
-    tok, _ = load_tokenizer(tokenizer)
-    ids = tok.get_vocab_size(with_added_tokens=True)
-    if ids > vocab_size:
-        raise UpcycleError(f"{where} {tokenizer} has {ids} token ids but the model's vocab_size is {vocab_size}; use "
-                           "the model's own tokenizer")
 
 
 def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
@@ -294,7 +293,7 @@ def _refuse_output_in_input_dirs(out: Path, groups) -> None:
 
 
 def prepare(
-    sources: Mapping[str, Sequence[str | Path]],
+    sources: Mapping[str, Sequence[str | Path] | str | Path],
     out: str | Path,
     tokenizer: str | Path,
     *,
@@ -304,7 +303,7 @@ def prepare(
     text_field: str = "text",
     eos_token: str | None = None,
     force: bool = False,
-    val_sources: Mapping[str, Sequence[str | Path]] | None = None,
+    val_sources: Mapping[str, Sequence[str | Path] | str | Path] | None = None,
     batch_documents: int = 256,
     progress: bool = True,
 ) -> dict:
@@ -316,6 +315,7 @@ def prepare(
     The output appears atomically: everything is written to a temporary sibling directory that is renamed into place
     only when complete, so an interrupted run never leaves a half-written directory that looks usable.
     """
+    check_arguments(prepare, locals(), lambda name: "--" + name.replace("_", "-"))  # types; no NaN/Inf
     out = Path(out).expanduser()
     if not 0 <= val_fraction < 1:
         raise UpcycleError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -358,6 +358,31 @@ def prepare(
     return metadata
 
 
+# The tokenizer's working memory grows with the text of one call (about 180 bytes per character were measured on a
+# 10 MB single-line document with the committed BPE), so a document is tokenized in pieces of at most PIECE_CHARS
+# characters and a batch holds at most BATCH_CHARS: memory per document is bounded whatever its length.
+PIECE_CHARS = 1 << 18
+BATCH_CHARS = 1 << 20
+
+
+def document_pieces(text: str, max_chars: int) -> Iterator[tuple[str, bool]]:
+    """(piece, is the last piece) of a document, each at most `max_chars` characters, for tokenizing a long document
+    piece by piece. A piece ends before a single space that follows a non-space character (looked for in the second
+    half of the window), where the usual pre-tokenizers split anyway (GPT-2-style byte-level BPE and whitespace
+    splitters attach that space to the next word), so for them the pieces' tokens are the whole document's; only a
+    window without such a space is cut at max_chars, splitting one word."""
+    start = 0
+    while len(text) - start > max_chars:
+        end, low = start + max_chars, start + max_chars // 2
+        cut = text.rfind(" ", low, end)
+        while cut > low and text[cut - 1].isspace():  # inside a run of whitespace: look further back
+            cut = text.rfind(" ", low, cut)
+        cut = cut if cut > low else end
+        yield text[start:cut], False
+        start = cut
+    yield text[start:], True
+
+
 def _prepare_domain(name, files, val_files, tmp, tok, eos_id, token_dtype, *, val_fraction, seed, text_field,
                     batch_documents, progress) -> dict:
     """Two passes: count documents (cheap, no tokenizing) to draw an exact-size validation set, then tokenize."""
@@ -382,29 +407,36 @@ def _prepare_domain(name, files, val_files, tmp, tok, eos_id, token_dtype, *, va
     handles = {split: open(tmp / counts[split]["file"], "wb") for split in SPLITS}
     eos = np.array([eos_id], dtype=np.int64)
 
-    def flush(batch: list[tuple[int, str]]) -> None:
-        encodings = tok.encode_batch([text for _, text in batch], add_special_tokens=False)
-        for (index, _), encoding in zip(batch, encodings):
+    def flush(batch: list[tuple[int, str, bool]]) -> int:
+        """Tokenize and write a batch of (document index, piece, is its last piece); returns documents completed."""
+        encodings = tok.encode_batch([piece for _, piece, _ in batch], add_special_tokens=False)
+        done = 0
+        for (index, _, last), encoding in zip(batch, encodings):
             split = "val" if is_val[index] else "train"
-            ids = np.concatenate([np.asarray(encoding.ids, dtype=np.int64), eos])
+            ids = np.asarray(encoding.ids, dtype=np.int64)
+            if last:
+                ids = np.concatenate([ids, eos])
+                counts[split]["documents"] += 1
+                done += 1
             handles[split].write(ids.astype(token_dtype).tobytes())
             counts[split]["tokens"] += len(ids)
-            counts[split]["documents"] += 1
+        return done
 
     try:
         with tqdm(total=num_documents, desc=f"tokenizing {name}", unit="doc", disable=not progress) as bar:
-            batch: list[tuple[int, str]] = []
+            batch: list[tuple[int, str, bool]] = []
+            batch_chars = 0
             index = 0
             for path in [*files, *val_files]:
                 for text in iter_documents(path, text_field=text_field):
-                    batch.append((index, text))
+                    for piece, last in document_pieces(text, PIECE_CHARS):
+                        batch.append((index, piece, last))
+                        batch_chars += len(piece)
+                        if len(batch) == batch_documents or batch_chars >= BATCH_CHARS:
+                            bar.update(flush(batch))
+                            batch, batch_chars = [], 0
                     index += 1
-                    if len(batch) == batch_documents:
-                        flush(batch)
-                        bar.update(len(batch))
-                        batch = []
-            flush(batch)
-            bar.update(len(batch))
+            bar.update(flush(batch))
     finally:
         for handle in handles.values():
             handle.close()
@@ -483,9 +515,10 @@ def read_metadata(data_dir: str | Path) -> dict:
     if not path.is_file():
         raise UpcycleError(f"{path.parent} is not a prepared data directory (no {METADATA_FILE}); "
                            "run `upcycle data prepare` first")
-    metadata = json.loads(path.read_text())
-    if metadata.get("format") != FORMAT_VERSION:
-        raise UpcycleError(f"{path} has format {metadata.get('format')}, this version reads {FORMAT_VERSION}; "
+    metadata = read_json(path, fix="re-run `upcycle data prepare`")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_VERSION:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise UpcycleError(f"{path} has format {found}, this version reads {FORMAT_VERSION}; "
                            "re-run `upcycle data prepare`")
     return metadata
 
@@ -507,17 +540,28 @@ def read_tokens(data_dir: str | Path, domain: str, split: str = "train", metadat
     return np.memmap(path, dtype=dtype, mode="r", shape=(info["tokens"],))
 
 
-def check_data_fits(data_dir: str | Path, *, vocab_size: int, max_seq_len: int, seq_len: int,
-                    seq_len_name: str = "seq_len", chunk_tokens: int = 1 << 24) -> dict:
-    """Refuse, before any work, prepared data that a model with `vocab_size` ids and `max_seq_len` positions cannot
-    read: a larger tokenizer vocabulary, any token id >= vocab_size in a token file (each file's maximum, scanned once
-    in chunks of `chunk_tokens`), or sequences longer than the model's. Returns the data's metadata."""
+def check_data_fits(data_dir: str | Path | None, *, vocab_size: int, max_seq_len: int, seq_len: int,
+                    seq_len_name: str = "seq_len", tokenizer: str | Path | None = None,
+                    tokenizer_name: str = "tokenizer", chunk_tokens: int = 1 << 24) -> dict | None:
+    """The one check that data fits a model with `vocab_size` ids and `max_seq_len` positions, before any work:
+    sequences no longer than the model's, and either prepared data (`data_dir`: a tokenizer vocabulary no larger than
+    the model's, and every token id < vocab_size in every token file, each file's maximum scanned once in chunks of
+    `chunk_tokens`) or, before raw text is tokenized (`data_dir` None), the vocabulary of `tokenizer` (called
+    `tokenizer_name` in messages). Returns the prepared data's metadata (None for raw text)."""
+    if seq_len > max_seq_len:
+        raise UpcycleError(f"{seq_len_name} {seq_len} exceeds the model's max_seq_len {max_seq_len}")
+    if data_dir is None:
+        if tokenizer is None:
+            raise UpcycleError("check_data_fits needs a prepared data directory or the tokenizer of the raw text")
+        ids = load_tokenizer(tokenizer)[0].get_vocab_size(with_added_tokens=True)
+        if ids > vocab_size:
+            raise UpcycleError(f"{tokenizer_name} {tokenizer} has {ids} token ids but the model's vocab_size is "
+                               f"{vocab_size}; use a matching tokenizer or a larger model.vocab_size")
+        return None
     metadata = read_metadata(data_dir)
     if metadata["vocab_size"] > vocab_size:
         raise UpcycleError(f"{data_dir} was tokenized with {metadata['vocab_size']} token ids but the model has only "
                            f"{vocab_size}; prepare the data with the model's tokenizer (or a larger vocab_size)")
-    if seq_len > max_seq_len:
-        raise UpcycleError(f"{seq_len_name} {seq_len} exceeds the model's max_seq_len {max_seq_len}")
     for domain in sorted(metadata["domains"]):
         for split in SPLITS:
             tokens = read_tokens(data_dir, domain, split, metadata)
@@ -581,8 +625,9 @@ class MixtureLoader:
         unknown = sorted(set(weights) - set(available))
         if unknown:
             raise UpcycleError(f"weights name unknown domains {unknown}; {self.data_dir} has {sorted(available)}")
-        if any(w < 0 for w in weights.values()):
-            raise UpcycleError(f"domain weights must be >= 0, got {dict(weights)}")
+        if not all(isinstance(w, (int, float)) and 0 <= w < float("inf") for w in weights.values()):
+            # `w < 0` alone lets NaN through, and `w > 0` below would then silently leave that domain out
+            raise UpcycleError(f"domain weights must be finite numbers >= 0, got {dict(weights)}")
         # Sorted names make the domain index (and so every draw) independent of dict order in configs.
         self.domains = sorted(name for name, w in weights.items() if w > 0)
         if not self.domains:
@@ -716,3 +761,22 @@ def validation_batches(
         all_batches = [torch.from_numpy(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
         batches[name] = all_batches[rank::world_size]
     return batches
+
+
+_FINGERPRINT_BLOCKS, _FINGERPRINT_BLOCK_BYTES = 16, 1 << 16
+
+
+def fingerprint(data_dir: str | Path) -> str:
+    """A cheap identity of a prepared data directory: sha256 of data.json and, for each token file, its size and 16
+    blocks of 64 KiB spread over it. Re-preparing the directory in place with other text changes it (the token counts
+    or the sampled bytes), while reading it costs ~1 MB per file whatever the data's size."""
+    data_dir = Path(data_dir)
+    digest = hashlib.sha256((data_dir / METADATA_FILE).read_bytes())
+    for file in sorted(data_dir.glob("*.bin")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            for index in range(_FINGERPRINT_BLOCKS):
+                f.seek(size * index // _FINGERPRINT_BLOCKS)
+                digest.update(f.read(_FINGERPRINT_BLOCK_BYTES))
+    return digest.hexdigest()

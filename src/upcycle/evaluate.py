@@ -204,11 +204,9 @@ def _transformers_model(model_path: Path, tmp: Path):
     """A transformers CausalLM for any checkpoint we read: HF directories load directly, ours are exported first."""
     from transformers import AutoModelForCausalLM
 
-    from upcycle.hf_model import export_hf, is_our_checkpoint, load_model
+    from upcycle.hf_model import as_hf_directory
 
-    if is_our_checkpoint(model_path):
-        ours = load_model(model_path)
-        model_path = export_hf(ours, ours.config, tmp / "hf_model")
+    model_path = as_hf_directory(model_path, tmp)
     try:
         return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
     except (OSError, ValueError, KeyError) as exc:

@@ -352,13 +352,8 @@ class ExperimentConfig:
                 raise _fail("data.weights", f"unknown domain {_show(unknown[0])}; the data has "
                             f"{', '.join(self.domains)}")
         try:
-            if d.path is not None:
-                data_lib.check_data_fits(d.path, vocab_size=vocab_size, max_seq_len=max_positions, seq_len=d.seq_len,
-                                         seq_len_name="data.seq_len")
-            else:
-                data_lib.check_tokenizer_fits(d.tokenizer, vocab_size=vocab_size, where="the tokenizer")
-                if d.seq_len > max_positions:
-                    raise UpcycleError(f"data.seq_len {d.seq_len} exceeds the model's max_seq_len {max_positions}")
+            data_lib.check_data_fits(d.path, vocab_size=vocab_size, max_seq_len=max_positions, seq_len=d.seq_len,
+                                     seq_len_name="data.seq_len", tokenizer=d.tokenizer, tokenizer_name="the tokenizer")
         except UpcycleError as exc:
             raise _fail("data.path" if d.path is not None else "data.tokenizer", f"{exc} (seed_model "
                         f"{self.seed_model})") from None

@@ -16,17 +16,22 @@ gets the results back, both with `all_to_all_single` on variable split sizes:
 The split sizes are read on the host (one synchronization per layer and direction; a collective with variable splits
 needs them). Both row all-to-alls are autograd functions whose backward is the reverse all-to-all.
 
+The MoE layer knows nothing of this: `shard_experts` applies it from outside, as FSDP is applied, by keeping each
+layer's local experts and swapping the layer's `expert_compute` for an `ExchangedExperts`; `find(model)` reads it back.
+It works on a model built on the meta device, before any weight exists.
+
 Sharding: everything that is not an expert weight (attention, norms, embeddings, shared experts) stays under FSDP2
 over all W ranks, each router is an FSDP2 unit of its own over all W ranks too (in fp32), and with more than one
-replica each MoE layer's local experts are an FSDP2 unit over the W / N replicas, so a rank stores 1 / W of all expert
-weights, gradients and optimizer state (with one replica they are plain parameters that FSDP ignores). Gradients: an expert's gradient already holds the contributions of all N ranks of its group (the
+replica each MoE layer's local experts are an FSDP2 unit over the W / N replicas (distributed.parallelize), so a rank
+stores 1 / W of all expert weights, gradients and optimizer state (with one replica they are plain parameters that
+FSDP ignores). Gradients: an expert's gradient already holds the contributions of all N ranks of its group (the
 all-to-all's backward brings them); FSDP averages it over the W / N replicas and `finish_expert_grads` divides by N:
 the same average over the global batch as one process computes. Gradient clipping takes the norm over both kinds
 (`clip_grad_norm`).
 
-Checkpoints keep our single full-tensor format: `gather_full_experts` collects every expert's weights and optimizer
-state on rank 0 when saving, `keep_local_experts` slices a full checkpoint when loading, so a run saved with N = 2
-resumes with N = 1 and the other way round, and export reads it unchanged.
+Checkpoints: `ExpertParallel.global_view` presents a rank's piece of an expert tensor (weights or optimizer state) as a
+DTensor over the whole (W / N, N) mesh, so torch.distributed.checkpoint writes and reads each rank's piece at its
+place in the full [E, ...] tensor, and a run saved with one degree (or world size) resumes with any other.
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from upcycle.errors import UpcycleError
+from upcycle.moe import MoE, PermuteRows, expert_ffn_sorted, inverse_permutation
 
 # The label of every all-to-all (counts and rows) in torch.profiler traces; benchmarks/expert_parallel.py sums it.
 ALL_TO_ALL_LABEL = "upcycle::expert_all_to_all"
@@ -49,12 +56,17 @@ class ExpertShard:
     """Which experts this rank holds and whom it exchanges tokens with."""
 
     group: dist.ProcessGroup  # the N ranks that hold all experts between them
-    replicate_mesh: DeviceMesh  # the W / N ranks that hold the same experts as this one (FSDP shards them over it)
+    mesh: DeviceMesh  # the (W / N, N) mesh, dims ("expert_replicate", "expert")
     size: int  # N
     rank: int  # position in `group`
-    replica: int  # position in `replicate_mesh`
+    replica: int  # position along "expert_replicate"
     num_experts: int  # E: experts of one MoE layer, all ranks together
     world_size: int  # W
+
+    @property
+    def replicate_mesh(self) -> DeviceMesh:
+        """The W / N ranks that hold the same experts as this one (FSDP shards them over it)."""
+        return self.mesh["expert_replicate"]
 
     @property
     def num_local(self) -> int:
@@ -66,6 +78,18 @@ class ExpertShard:
 
 
 EXPERT_WEIGHTS = ("gate_up_ED2F", "down_EFD")
+
+
+class ExchangedExperts:
+    """An MoE layer's expert computation under expert parallelism (it replaces `moe.expert_ffn_sorted` as the layer's
+    `expert_compute`): each row goes to the rank of the group that holds its expert and comes back computed."""
+
+    def __init__(self, shard: ExpertShard):
+        self.shard = shard
+
+    def __call__(self, x_SD: Tensor, counts_E: Tensor, gate_up_LD2F: Tensor, down_LFD: Tensor, *,
+                 impl: str) -> Tensor:
+        return exchange_and_compute(x_SD, counts_E, gate_up_LD2F, down_LFD, shard=self.shard, impl=impl)
 
 
 @dataclass
@@ -87,6 +111,19 @@ class ExpertParallel:
         expert_ids = {id(p) for p in self.params.values()}
         return [p for p in model.parameters() if id(p) not in expert_ids]
 
+    def global_view(self, tensor: Tensor) -> DTensor:
+        """This rank's piece of an expert weight, or of a state tensor shaped like one (AdamW's moments), as a DTensor
+        of the full [E, ...] tensor over the (W / N, N) mesh: experts split over "expert", and FSDP's shard over
+        "expert_replicate" where FSDP shards them (else replicated there). Shares the local storage."""
+        if isinstance(tensor, DTensor):  # an FSDP shard over the replicas
+            (placement,) = tensor.placements
+            local = tensor.to_local()
+        else:
+            placement, local = Replicate(), tensor
+        shape = torch.Size((self.shard.num_experts, *tensor.shape[1:]))
+        return DTensor.from_local(local, self.shard.mesh, [placement, Shard(0)], shape=shape,
+                                  stride=_contiguous_strides(shape))
+
     def describe(self) -> str:
         """One line for the log: the layout, and the share of all expert weights this rank stores."""
         shard = self.shard
@@ -96,6 +133,23 @@ class ExpertParallel:
         return (f"expert parallelism: {shard.world_size // shard.size} group(s) of {shard.size} ranks, "
                 f"{shard.num_local} of {shard.num_experts} experts per rank in each MoE layer; rank {rank} stores "
                 f"{stored:,} of {total:,} expert weights (1/{round(total / stored) if stored else 0})")
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def find(model: nn.Module) -> ExpertParallel | None:
+    """The expert parallelism `shard_experts` applied to `model`, read off its MoE layers; None without it."""
+    layers = {clean_name(name): module for name, module in model.named_modules()
+              if isinstance(getattr(module, "expert_compute", None), ExchangedExperts)}
+    if not layers:
+        return None
+    return ExpertParallel(next(iter(layers.values())).expert_compute.shard, layers)
 
 
 def check_degree(degree: int, *, world_size: int, num_experts: int) -> None:
@@ -120,11 +174,11 @@ def make_shard(degree: int, *, world_size: int, rank: int, num_experts: int, dev
     check_degree(degree, world_size=world_size, num_experts=num_experts)
     mesh = init_device_mesh(device.type, (world_size // degree, degree),
                             mesh_dim_names=("expert_replicate", "expert"))
-    return ExpertShard(group=mesh.get_group("expert"), replicate_mesh=mesh["expert_replicate"], size=degree,
-                       rank=rank % degree, replica=rank // degree, num_experts=num_experts, world_size=world_size)
+    return ExpertShard(group=mesh.get_group("expert"), mesh=mesh, size=degree, rank=rank % degree,
+                       replica=rank // degree, num_experts=num_experts, world_size=world_size)
 
 
-def _clean_name(name: str) -> str:
+def clean_name(name: str) -> str:
     """A parameter name without the wrappers' prefixes (activation checkpointing, torch.compile), as in checkpoints."""
     for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(wrapper, "")
@@ -132,15 +186,13 @@ def _clean_name(name: str) -> str:
 
 
 def shard_experts(model: nn.Module, degree: int, world) -> ExpertParallel:
-    """Keep only this rank's experts in every MoE layer of `model` (built with all of them), `degree` ranks to a group
-    of the distributed.World `world`, and route tokens through the group. Every rank must call it (it creates the
-    mesh); call before `fully_shard_experts` (FSDP) and before building the optimizer."""
-    from upcycle.moe import MoE
-
+    """Keep only this rank's experts in every MoE layer of `model`, `degree` ranks to a group of the
+    distributed.World `world`, and route tokens through the group (each layer's `expert_compute` becomes an
+    ExchangedExperts). Works on a model built on the meta device (nothing is allocated then). Every rank must call it
+    (it creates the mesh); call before FSDP (distributed.parallelize) and before building the optimizer."""
     layers = [module for module in model.modules() if isinstance(module, MoE)]
     shard = make_shard(degree, world_size=world.world_size, rank=world.rank,
                        num_experts=layers[0].num_experts if layers else 0, device=world.device)
-    parallel = ExpertParallel(shard)
     for module_name, module in model.named_modules():
         if not isinstance(module, MoE):
             continue
@@ -151,25 +203,8 @@ def shard_experts(model: nn.Module, degree: int, world) -> ExpertParallel:
             full = getattr(module, weight)
             setattr(module, weight, nn.Parameter(full.detach()[shard.local_slice].clone(),
                                                  requires_grad=full.requires_grad))
-        module.expert_shard = shard
-        parallel.layers[_clean_name(module_name)] = module
-    return parallel
-
-
-def fully_shard_experts(parallel: ExpertParallel, mp_policy) -> set[nn.Parameter]:
-    """FSDP2 units for the MoE layers, before the blocks' own: each router over all ranks (in fp32), and with W / N > 1
-    replicas each layer's local experts over them with `mp_policy` (FSDP averages their gradients over the replicas;
-    `finish_expert_grads` completes the average). With one replica the experts stay plain parameters (an FSDP unit
-    over one rank would only add work); the returned set is what the blocks' fully_shard must then ignore."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    replicated = parallel.shard.replicate_mesh.size() > 1
-    for module in parallel.layers.values():
-        # the router stays fp32 whatever the policy: routing is computed in fp32 (see moe.MoE.forward)
-        fully_shard(module.router, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
-        if replicated:
-            fully_shard(module, mesh=parallel.shard.replicate_mesh, mp_policy=mp_policy)
-    return set() if replicated else set(parallel.params.values())
+        module.expert_compute = ExchangedExperts(shard)
+    return find(model)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -212,8 +247,6 @@ def exchange_and_compute(x_SD: Tensor, counts_E: Tensor, gate_up_LD2F: Tensor, d
                          shard: ExpertShard, impl: str) -> Tensor:
     """The expert FFN of every (token, slot) row of x_SD, rows sorted by global expert (counts_E rows each), computed
     by the ranks that hold the experts. Returns (S, D) in the same order, as `expert_ffn_sorted` would."""
-    from upcycle.moe import PermuteRows, expert_ffn_sorted, inverse_permutation
-
     N, L = shard.size, shard.num_local
     send_counts_NL = counts_E.view(N, L)
     recv_counts_NL = torch.empty_like(send_counts_NL)
@@ -269,76 +302,3 @@ def clip_grad_norm(model: nn.Module, max_norm: float, parallel: ExpertParallel) 
             if grads:
                 torch._foreach_mul_(grads, coef)
     return total
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints: full tensors on disk, local shards in memory
-
-
-def gather_full_experts(parallel: ExpertParallel, optimizer: torch.optim.Optimizer, model_state: dict,
-                        optim_state: dict) -> None:
-    """Put every expert's weights and optimizer state, gathered from all ranks, into rank 0's full state dicts.
-
-    A collective: every rank must call it. Each rank first assembles its experts from their replica shards, then the
-    first expert group (the one holding global rank 0) gathers them on rank 0; the other groups hold equal copies.
-    Other ranks' dicts are left as they are."""
-    shard = parallel.shard
-    if shard.rank == 0 and shard.replica == 0:
-        _merge_param_groups(optim_state, order=list(model_state))
-    for name, param in parallel.params.items():
-        weights = _gather(_full(param.detach()), shard)
-        state = optimizer.state.get(param, {})
-        gathered = {key: _gather(_full(value), shard) if _is_per_expert(value, param) else value
-                    for key, value in sorted(state.items())}
-        if shard.rank == 0 and shard.replica == 0:
-            model_state[name] = weights
-            optim_state["state"][name] = {key: value.detach().cpu() if isinstance(value, Tensor) else value
-                                          for key, value in gathered.items()}
-
-
-def _full(tensor: Tensor) -> Tensor:
-    """This rank's experts whole: a DTensor sharded over the replicas is all-gathered (a collective over them)."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-def _merge_param_groups(optim_state: dict, order: list[str]) -> None:
-    """The trainer's two param groups (others, experts; equal settings) as the one group a run without expert
-    parallelism saves, its parameter names in model order, so checkpoints are the same whatever the degree."""
-    groups = optim_state["param_groups"]
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in groups]
-    if any(s != settings[0] for s in settings[1:]):
-        raise UpcycleError("expert and non-expert parameters have different optimizer settings; a checkpoint holds "
-                           "one param group")
-    position = {name: i for i, name in enumerate(order)}
-    names = sorted((name for group in groups for name in group["params"]), key=lambda n: position.get(n, len(order)))
-    optim_state["param_groups"] = [{**settings[0], "params": names}]
-
-
-def _is_per_expert(value, param: nn.Parameter) -> bool:
-    return isinstance(value, Tensor) and value.shape == param.shape
-
-
-def _gather(local: Tensor, shard: ExpertShard) -> Tensor | None:
-    """In the first expert group: the group's local tensors concatenated along dim 0 on its rank 0 (None elsewhere)."""
-    if shard.replica != 0:
-        return None
-    local = local.contiguous()
-    parts = [torch.empty_like(local) for _ in range(shard.size)] if shard.rank == 0 else None
-    dist.gather(local, gather_list=parts, group_dst=0, group=shard.group)
-    return torch.cat(parts).cpu() if parts is not None else None
-
-
-def keep_local_experts(parallel: ExpertParallel, model_state: dict, optim_state: dict) -> None:
-    """Slice this rank's experts out of full (checkpoint) state dicts, in place, before they are loaded."""
-    local = parallel.shard.local_slice
-    for name, param in parallel.params.items():
-        full_shape = (parallel.shard.num_experts, *param.shape[1:])
-        if name in model_state:
-            if tuple(model_state[name].shape) != full_shape:
-                raise UpcycleError(f"checkpoint tensor {name} has shape {tuple(model_state[name].shape)}, expected "
-                                   f"{full_shape}")
-            model_state[name] = model_state[name][local]
-        entries = optim_state["state"].get(name, {})
-        for key, value in entries.items():
-            if isinstance(value, Tensor) and tuple(value.shape) == full_shape:
-                entries[key] = value[local]

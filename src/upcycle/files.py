@@ -13,9 +13,11 @@ import contextlib
 import errno
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -31,21 +33,98 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _resolved(path: Path) -> Iterator[Path]:
+    try:
+        yield path.resolve()
+    except (RuntimeError, OSError):  # a symlink loop inside an input directory
+        return
+
+
+def _real_paths(item: Path) -> Iterator[Path]:
+    """`item` after resolving symlinks and, for a directory, every file and directory below it, each resolved too: a
+    directory's files may be symlinks to elsewhere (Hugging Face's cache keeps a snapshot's files as symlinks into
+    blobs/), and replacing that elsewhere deletes the input as surely as replacing the directory itself. A symlink
+    loop resolves to nothing (it holds no data; the command that reads it names it)."""
+    try:
+        real = item.resolve()
+    except (RuntimeError, OSError):  # a symlink loop: RuntimeError before Python 3.13, OSError(ELOOP) after
+        return
+    yield real
+    if not real.is_dir():
+        return
+    seen = {real}
+    for root, dirs, files in os.walk(real, followlinks=True):
+        for name in files:
+            yield from _resolved(Path(root, name))
+        kept = []
+        for name in dirs:
+            target = next(_resolved(Path(root, name)), None)
+            if target is None:
+                continue
+            yield target
+            if target not in seen:  # a symlinked directory that loops back is walked once
+                seen.add(target)
+                kept.append(name)
+        dirs[:] = kept
+
+
 def refuse_output_over_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, flag: str) -> None:
     """Refuse an output directory that is, or contains, one of the inputs: replacing it (--force) would delete the
-    very files the command reads. Paths are compared after resolving symlinks, so an alias of the input is caught."""
+    very files the command reads. Paths are compared after resolving symlinks (of the inputs and of every file inside
+    an input directory), so an alias of the input is caught."""
     out_real = Path(out).expanduser().resolve()
     for item in inputs:
-        item_real = Path(item).expanduser().resolve()
-        if item_real == out_real or out_real in item_real.parents:
+        item_path = Path(item).expanduser()
+        for item_real in _real_paths(item_path):
+            if item_real != out_real and out_real not in item_real.parents:
+                continue
             what = "is" if item_real == out_real else "contains"
-            raise UpcycleError(f"{flag} {out} {what} the input {item}; replacing it would delete the input, "
-                               f"choose another {flag}")
+            if item_real == next(_resolved(item_path), None):
+                raise UpcycleError(f"{flag} {out} {what} the input {item}; replacing it would delete the input, "
+                                   f"choose another {flag}")
+            raise UpcycleError(f"{flag} {out} {what} {item_real}, which the input {item} reads through a symlink; "
+                               f"replacing {flag} would delete the input, choose another {flag}")
 
 
 TMP_TAG = "upcycle-tmp"
 _USER_FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 OLD_TAG = "upcycle-old"
+
+
+def path_kind(path: str | os.PathLike) -> str:
+    """What is at `path`, for messages: "a file", "a directory", "a character device" (/dev/null), "a FIFO",
+    "a socket", "a block device", "a symlink loop", "a broken symlink" or "nothing"."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symlink loop"
+        return "a broken symlink" if path.is_symlink() else "nothing"
+    for test, kind in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def not_an_input(what: str, path: str | os.PathLike, wanted: str = "a file or a directory") -> UpcycleError:
+    """The error for an input `path` that is not `wanted`: "does not exist", or what it is instead (/dev/null, a FIFO
+    or a symlink to itself exist, and are not inputs)."""
+    kind = path_kind(path)
+    found = "does not exist" if kind == "nothing" else f"is {kind}, not {wanted}"
+    return UpcycleError(f"{what} {path} {found}")
+
+
+def read_json(path: str | os.PathLike, *, fix: str = "fix or re-create it"):
+    """The parsed JSON file at `path`; a file that is not UTF-8 JSON, or nests too deeply for Python's parser (a few
+    hundred bytes of brackets raise RecursionError), is one UpcycleError naming it and `fix`."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UpcycleError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    except RecursionError:
+        raise UpcycleError(f"{path} nests its JSON too deeply to be read; {fix}") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

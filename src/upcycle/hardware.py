@@ -19,14 +19,11 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 REPORTED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "bf16", "sve")
 
 
-@functools.cache
-def cpu_info() -> tuple[str, frozenset[str]]:
-    """(model name, flags) of the first CPU in /proc/cpuinfo; ("unknown", {}) where there is no such file."""
-    path = Path("/proc/cpuinfo")
-    if not path.is_file():
-        return platform.processor() or "unknown", frozenset()
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+    """(model name, flags) of the first CPU listed in /proc/cpuinfo's text (x86 "model name"/"flags", Arm
+    "Model name"/"Features")."""
     model, flags = "unknown", frozenset()
-    for line in path.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
         if key in ("model name", "Model name") and model == "unknown":
@@ -36,15 +33,25 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return model, flags
 
 
+@functools.cache
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """(model name, flags) of this machine's first CPU; (the platform's name, {}) where there is no /proc/cpuinfo."""
+    path = Path("/proc/cpuinfo")
+    if not path.is_file():
+        return platform.processor() or "unknown", frozenset()
+    return parse_cpuinfo(path.read_text(errors="replace"))
+
+
 def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
     """True when the CPU has bf16 arithmetic in hardware (see NATIVE_BF16_FLAGS)."""
     flags = cpu_info()[1] if flags is None else flags
     return any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 
-def cpu_description() -> str:
-    """One line for benchmark output: the CPU model and the flags that decide matmul speed."""
-    model, flags = cpu_info()
+def cpu_description(info: tuple[str, frozenset[str]] | None = None) -> str:
+    """One line for benchmark output: the CPU model and the flags that decide matmul speed (of this machine, or of
+    `info` as `cpu_info` returns it)."""
+    model, flags = cpu_info() if info is None else info
     present = [flag for flag in REPORTED_FLAGS if flag in flags]
     return f"{model}; flags: {' '.join(present) if present else 'none of ' + ' '.join(REPORTED_FLAGS)}"
 

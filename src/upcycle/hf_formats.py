@@ -201,6 +201,9 @@ def check_config_types(cfg: dict) -> None:
     for key in _BOOLS:
         if cfg.get(key) is not None and type(cfg[key]) is not bool:
             raise bad(key, "true or false")
+    for key in ("rope_parameters", "rope_scaling"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise bad(key, "a mapping or null")
     heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     if heads % kv_heads:
         raise UpcycleError(f"config.json: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
@@ -263,12 +266,28 @@ def untied_head(fmt: str, tie_embeddings: bool) -> bool:
     return tie_embeddings and fmt == "qwen2_moe"
 
 
-# One line per format whose semantics some engine does not reproduce: printed by convert and export.
-ENGINE_NOTES = {
-    "qwen2_moe": "note: llama.cpp's qwen2moe graph ignores norm_topk_prob=true (the top-k weights are not renormalized), "
-                 "so there this model computes another function; for llama.cpp convert a Llama/Mistral source to "
-                 "--format mixtral or a Qwen3 source to qwen3_moe (see docs/convert.md, where the output runs)",
-}
+# Whether llama.cpp's graph of each format renormalizes the top-k weights. It is fixed per architecture and reads no
+# GGUF key for it (src/models/{qwen2moe,qwen3moe}.cpp pass norm_w false and true to build_moe_ffn; Mixtral runs on
+# the llama graph with true), so a config.json whose renormalization differs computes another function there.
+LLAMA_CPP_RENORMALIZES = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
+
+
+def engine_note(cfg: dict) -> str | None:
+    """One line for an MoE config.json that llama.cpp will not compute as transformers does, naming the alternative;
+    None when the engines agree. Printed by convert and export."""
+    fmt = cfg.get("model_type")
+    if fmt not in LLAMA_CPP_RENORMALIZES or fmt == "mixtral":
+        return None
+    renormalize = bool(cfg.get("norm_topk_prob", False))
+    if renormalize == LLAMA_CPP_RENORMALIZES[fmt]:
+        return None
+    if renormalize:  # qwen2_moe
+        return ("note: llama.cpp's qwen2moe graph never renormalizes the top-k weights, so there this qwen2_moe model "
+                "computes another function; for llama.cpp upcycle with --no-renormalize (naive upcycling is then no "
+                "longer exact) or, with Llama/Mistral attention, use --format mixtral (see docs/convert.md)")
+    return ("note: llama.cpp's qwen3moe graph always renormalizes the top-k weights, so there this qwen3_moe model "
+            "(norm_topk_prob false) computes another function; for llama.cpp keep renormalization (leave out "
+            "--no-renormalize; see docs/convert.md)")
 
 
 def build_moe_config(
@@ -282,12 +301,14 @@ def build_moe_config(
     dtype: str | None = None,
     expert_ffn_dim: int | None = None,
     moe_layers: tuple[int, ...] | list[int] | None = None,
+    renormalize: bool = True,
 ) -> dict:
     """The MoE config.json as a dictionary: every dense field carried over, then the MoE fields.
 
     transformers' MoE configs default to other values than the dense ones (Mixtral: rope theta 1e6, eps 1e-5, aux
     coefficient 0.001), so nothing may be left to defaults. Top-k weights are renormalized (Mixtral always does;
-    Qwen-MoE via norm_topk_prob) so that naive upcycling reproduces the dense function exactly.
+    Qwen-MoE via norm_topk_prob) so that naive upcycling reproduces the dense function exactly, unless
+    `renormalize` is false (Qwen-MoE only: norm_topk_prob false, as llama.cpp's qwen2moe graph computes).
     `expert_ffn_dim` (default: the dense FFN size) is each expert's size: Mixtral's intermediate_size, Qwen-MoE's
     moe_intermediate_size (intermediate_size there stays the dense size, used by dense layers). `moe_layers` (default:
     every layer) become MoE; Qwen-MoE lists the others in mlp_only_layers, Mixtral cannot hold dense layers.
@@ -308,6 +329,8 @@ def build_moe_config(
     if fmt == "mixtral" and dense_layers:
         raise UpcycleError("mixtral has an MoE FFN in every layer and cannot keep dense layers; use --format qwen2_moe "
                            "(or qwen3_moe for a Qwen3 model)")
+    if fmt == "mixtral" and not renormalize:
+        raise UpcycleError("mixtral always renormalizes the top-k weights; use --format qwen2_moe or qwen3_moe")
     if fmt == "mixtral":
         cfg["intermediate_size"] = expert_ffn_dim
         cfg["num_local_experts"] = num_experts
@@ -317,7 +340,7 @@ def build_moe_config(
     else:
         cfg["num_experts"] = num_experts
         cfg["moe_intermediate_size"] = expert_ffn_dim
-        cfg["norm_topk_prob"] = True
+        cfg["norm_topk_prob"] = renormalize
         cfg["decoder_sparse_step"] = 1
         cfg["mlp_only_layers"] = dense_layers
         if fmt == "qwen2_moe":

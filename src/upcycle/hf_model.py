@@ -18,8 +18,8 @@ import dataclasses
 import json
 import shutil
 import sys
-from collections.abc import Mapping
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -28,9 +28,17 @@ from torch import Tensor, nn
 
 from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
-from upcycle.files import check_output, publish_dir
+from upcycle.files import check_output, publish_dir, read_json
 from upcycle.model import ModelConfig, Transformer
-from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader, read_header, save_tensors
+from upcycle.safetensors_io import (
+    DTYPE_NAMES,
+    CheckpointReader,
+    PlannedTensor,
+    ShardWriter,
+    parse_size,
+    save_tensors,
+)
+from upcycle.shards import ExpertStack, Rows, Source, full_box
 from upcycle.upcycling import init_shared_expert
 
 # Our state-dict names for the per-layer roles of hf_formats (the only place they are paired).
@@ -66,7 +74,9 @@ EXPORT_FORMATS = (*hf.MOE_FORMATS, *(f for f in hf.DENSE_FAMILIES if f != "mistr
 
 
 class _Taker:
-    """Takes tensors out of a checkpoint by key, checking shapes, and remembers which keys were used."""
+    """Takes tensors out of a checkpoint by key as Sources (shards.Rows: read when a box of them is needed, only the
+    rows it spans), checking shapes, and remembers which keys were used. `tensors` is a safetensors_io.CheckpointReader
+    (rows read from disk), or any mapping of full tensors (e.g. convert's lazy output, computed when looked up)."""
 
     def __init__(self, tensors: Mapping[str, Tensor]):
         self.tensors, self.used = tensors, set()
@@ -74,14 +84,21 @@ class _Taker:
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
-    def take(self, key: str, shape: tuple[int, ...]) -> Tensor:
+    def _shape(self, key: str) -> tuple[int, ...]:
+        shape = getattr(self.tensors, "shape", None)
+        return tuple(shape(key)) if callable(shape) else tuple(self.tensors[key].shape)
+
+    def take(self, key: str, shape: tuple[int, ...]) -> Rows:
         if key not in self.tensors:
             raise UpcycleError(f"checkpoint lacks tensor {key}")
-        t = self.tensors[key]
-        if tuple(t.shape) != tuple(shape):
-            raise UpcycleError(f"tensor {key} has shape {tuple(t.shape)}, expected {tuple(shape)} from config.json")
+        found = self._shape(key)
+        if found != tuple(shape):
+            raise UpcycleError(f"tensor {key} has shape {found}, expected {tuple(shape)} from config.json")
         self.used.add(key)
-        return t
+        if isinstance(self.tensors, CheckpointReader):
+            reader = self.tensors
+            return Rows(found, lambda rows: reader.get(key, rows))
+        return Rows(found, lambda rows: self.tensors[key][rows])
 
     def check_all_used(self) -> None:
         unknown = sorted(k for k in self.tensors if k not in self.used and not k.endswith(hf.IGNORED_SUFFIXES))
@@ -90,21 +107,28 @@ class _Taker:
             raise UpcycleError(f"checkpoint has tensors this loader does not know: {', '.join(unknown[:5])}{more}")
 
 
-def _take_experts(taker: _Taker, fmt: str, layer: int, config: ModelConfig) -> dict[str, Tensor]:
-    """Router [E, D] and the experts in our layout, from per-expert or fused keys."""
+def _take_experts(taker: _Taker, fmt: str, layer: int, config: ModelConfig) -> dict[str, Source]:
+    """Router [E, D] and the expert stacks in our layout, from per-expert or fused keys, read one expert at a time."""
     E, D, Fd = config.num_experts, config.dim, config.expert_dim
     fused_router, fused_gate_up, fused_down = hf.fused_expert_keys(layer)
     router_key = hf.router_key(fmt, layer)
     router = taker.take(router_key if router_key in taker else fused_router, (E, D))
-    if fused_gate_up in taker:
-        gate_up_E2FD = taker.take(fused_gate_up, (E, 2 * Fd, D))
-        per = {"gate": gate_up_E2FD[:, :Fd], "up": gate_up_E2FD[:, Fd:], "down": taker.take(fused_down, (E, D, Fd))}
+    if fused_gate_up in taker:  # HF's fused layout: gate_up_proj [E, 2F, D] (gate rows first), down_proj [E, D, F]
+        gate_up, down = taker.take(fused_gate_up, (E, 2 * Fd, D)), taker.take(fused_down, (E, D, Fd))
+        gate_up_D2F = lambda e: gate_up.read_rows(slice(e, e + 1))[0].T  # noqa: E731
+        down_FD = lambda e: down.read_rows(slice(e, e + 1))[0].T  # noqa: E731
     else:
         shapes = {"gate": (Fd, D), "up": (Fd, D), "down": (D, Fd)}
-        per = {m: torch.stack([taker.take(hf.expert_key(fmt, layer, e, m), shapes[m]) for e in range(E)])
-               for m in hf.FFN_MATRICES}
-    gate_up_ED2F, down_EFD = experts_from_hf(per["gate"], per["up"], per["down"])
-    return {OUR_ROUTER: router, OUR_GATE_UP: gate_up_ED2F, OUR_DOWN: down_EFD}
+        per = [{m: taker.take(hf.expert_key(fmt, layer, e, m), shapes[m]) for m in hf.FFN_MATRICES} for e in range(E)]
+
+        def gate_up_D2F(e: int) -> Tensor:
+            whole = (slice(None),)
+            return torch.cat([per[e]["gate"].read(whole).T, per[e]["up"].read(whole).T], dim=1)
+
+        def down_FD(e: int) -> Tensor:
+            return per[e]["down"].read((slice(None),)).T
+    return {OUR_ROUTER: router, OUR_GATE_UP: ExpertStack((E, D, 2 * Fd), gate_up_D2F),
+            OUR_DOWN: ExpertStack((E, Fd, D), down_FD)}
 
 
 def _has_live_shared_expert(tensors: Mapping[str, Tensor], hf_cfg: dict, moe_layers: tuple[int, ...]) -> bool:
@@ -114,21 +138,19 @@ def _has_live_shared_expert(tensors: Mapping[str, Tensor], hf_cfg: dict, moe_lay
     return any(key in tensors and bool(torch.count_nonzero(tensors[key])) for key in keys)
 
 
-def _take_shared_expert(taker: _Taker, layer: int, config: ModelConfig, hf_cfg: dict) -> dict[str, Tensor]:
-    """Qwen2-MoE's shared expert as our tensors when the model has one (config.shared_expert_dim), else checked to
-    contribute nothing (down_proj all zeros) and dropped."""
+def _take_shared_expert(taker: _Taker, layer: int, config: ModelConfig, hf_cfg: dict) -> dict[str, Source]:
+    """Qwen2-MoE's shared expert as our tensors when the model has one (config.shared_expert_dim); otherwise it
+    contributes nothing (_has_live_shared_expert: down_proj all zeros) and is dropped."""
     keys = hf.shared_expert_keys(layer)
     shapes = hf.shared_expert_shapes(config.dim, hf_cfg["shared_expert_intermediate_size"])
-    tensors = {role: taker.take(key, shapes[role]) for role, key in keys.items()}
-    if config.shared_expert_dim:
-        return {_OUR_SHARED[role]: t for role, t in tensors.items()}
-    assert not torch.count_nonzero(tensors["shared_down"])  # _has_live_shared_expert decided so
-    return {}
+    sources = {role: taker.take(key, shapes[role]) for role, key in keys.items()}
+    return {_OUR_SHARED[role]: source for role, source in sources.items()} if config.shared_expert_dim else {}
 
 
-def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """Our ModelConfig and state dict (checkpoint dtype) from HF tensors (any mapping, e.g. safetensors_io.CheckpointReader) and the
-    config.json dictionary. Every tensor must be used and have the shape the config implies."""
+def hf_sources(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[ModelConfig, dict[str, Source]]:
+    """Our ModelConfig and, for each of our parameters, where to read it (a shards.Source, in the checkpoint's dtype)
+    from HF tensors (a safetensors_io.CheckpointReader, or any mapping) and the config.json dictionary. Every tensor
+    must be used and have the shape the config implies. Nothing big is read: a rank reads the boxes it keeps later."""
     fields = hf.read_model_fields(hf_cfg)
     if hf_cfg["model_type"] == "qwen2_moe" and _has_live_shared_expert(tensors, hf_cfg,
                                                                       ModelConfig(**fields).moe_layer_ids):
@@ -138,13 +160,14 @@ def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[Mod
     dense_shapes = dataclasses.replace(shapes, ffn_dim=config.ffn_dim)  # the dense layers' FFN (Qwen-MoE: not experts')
     family = hf_cfg["model_type"]
     taker = _Taker(tensors)
-    sd: dict[str, Tensor] = {"tok_embeddings.weight": taker.take(hf.EMBED_KEY, (config.vocab_size, config.dim)),
+    sd: dict[str, Source] = {"tok_embeddings.weight": taker.take(hf.EMBED_KEY, (config.vocab_size, config.dim)),
                              "norm.weight": taker.take(hf.FINAL_NORM_KEY, (config.dim,))}
     if not config.tie_embeddings:
         sd["output.weight"] = taker.take(hf.LM_HEAD_KEY, (config.vocab_size, config.dim))
     elif hf.LM_HEAD_KEY in taker:
         head = taker.take(hf.LM_HEAD_KEY, (config.vocab_size, config.dim))
-        if not torch.equal(head, sd["tok_embeddings.weight"]):
+        whole = (slice(None),)
+        if not torch.equal(head.read(whole), sd["tok_embeddings.weight"].read(whole)):
             raise UpcycleError(f"config.json says tie_word_embeddings but {hf.LM_HEAD_KEY} differs from the embeddings")
     for i in range(config.num_layers):
         p = f"layers.{i}."
@@ -159,6 +182,13 @@ def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[Mod
                 sd[p + _OUR_DENSE_FFN[m]] = taker.take(hf.dense_ffn_key(i, m), hf.ffn_shape(dense_shapes, m))
     taker.check_all_used()
     return config, sd
+
+
+def state_dict_from_hf(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """Our ModelConfig and state dict (checkpoint dtype) from HF tensors (any mapping, e.g.
+    safetensors_io.CheckpointReader) and the config.json dictionary: every source of `hf_sources` read whole."""
+    config, sources = hf_sources(tensors, hf_cfg)
+    return config, {name: source.read(full_box(source.shape)).contiguous() for name, source in sources.items()}
 
 
 def load_hf(directory: str | Path) -> tuple[ModelConfig, dict[str, Tensor]]:
@@ -191,16 +221,41 @@ def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
             raise UpcycleError(f"this MoE has a shared expert, which only qwen2_moe holds; got --format {fmt}, use "
                                "--format qwen2_moe")
         fmt = "qwen2_moe"
-    elif fmt == "auto" and family == "llama" and config.moe_layers is not None:
-        fmt = "qwen2_moe"  # mixtral cannot keep dense layers; qwen2_moe holds Llama attention (zero q/k/v biases)
+    elif fmt == "auto" and family == "llama" and (config.moe_layers is not None or not config.renormalize):
+        # mixtral cannot keep dense layers nor skip renormalization; qwen2_moe holds Llama attention (zero q/k/v biases)
+        fmt = "qwen2_moe"
     return family, hf.resolve_format(dense_like, fmt)
 
 
-def state_dict_to_hf(
-    state_dict: Mapping[str, Tensor], config: ModelConfig, fmt: str = "auto", dtype: str = "float32"
-) -> tuple[dict, dict[str, Tensor]]:
-    """(config.json dictionary, HF tensors with per-expert keys) for our state dict. fmt: auto, a dense family
-    matching the model (llama/qwen2/qwen3) or an MoE format (mixtral/qwen2_moe/qwen3_moe)."""
+@dataclass(frozen=True)
+class _Planned:
+    """One HF tensor of an export: its key and shape, and how to make it (from the state mapping, on demand)."""
+
+    key: str
+    shape: tuple[int, ...]
+    make: Callable[[], Tensor]
+
+
+class _Recent:
+    """Our tensors by name, fetched from `state` when asked and the two most recent kept: an export asks for one
+    layer's gate_up and down stacks expert by expert, alternately, so each stack is read once."""
+
+    def __init__(self, state: Mapping[str, Tensor]):
+        self.state, self.kept = state, {}
+
+    def __call__(self, name: str) -> Tensor:
+        if name not in self.kept:
+            self.kept = {k: v for k, v in list(self.kept.items())[-1:]}
+            self.kept[name] = self.state[name]
+        return self.kept[name]
+
+
+def hf_export_plan(state: Mapping[str, Tensor], config: ModelConfig, fmt: str = "auto",
+                   dtype: str = "float32") -> tuple[dict, list[_Planned]]:
+    """(config.json dictionary, every HF tensor to write, in order, with per-expert keys) for our state dict. Nothing
+    is read until a tensor is made, and then only our tensor it comes from (the two most recent are kept), so an
+    export from a lazy mapping (a sharded training checkpoint) needs memory for about its two largest tensors.
+    fmt: auto, a dense family matching the model (llama/qwen2/qwen3) or an MoE format (mixtral/qwen2_moe/qwen3_moe)."""
     if dtype not in DTYPE_NAMES:
         raise UpcycleError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPE_NAMES)}")
     family, out_fmt = _resolve_export_format(config, fmt)
@@ -217,58 +272,85 @@ def state_dict_to_hf(
         hf.set_moe_routing(hf_cfg, renormalize=c.renormalize)
     shapes = hf.read_shapes(hf_cfg)
     cast = DTYPE_NAMES[dtype]
+    ours = _Recent(state)
+    plan: list[_Planned] = []
 
-    def put(key: str, t: Tensor) -> None:
-        out[key] = t.detach().to(device="cpu", dtype=cast).contiguous()
+    def put(key: str, shape: tuple[int, ...], make: Callable[[], Tensor]) -> None:
+        plan.append(_Planned(key, tuple(shape), lambda: make().detach().to(device="cpu", dtype=cast).contiguous()))
 
-    out: dict[str, Tensor] = {}
-    put(hf.EMBED_KEY, state_dict["tok_embeddings.weight"])
-    put(hf.FINAL_NORM_KEY, state_dict["norm.weight"])
+    def copy(key: str, name: str, shape: tuple[int, ...]) -> None:
+        put(key, shape, lambda: ours(name))
+
+    V, D = c.vocab_size, c.dim
+    copy(hf.EMBED_KEY, "tok_embeddings.weight", (V, D))
+    copy(hf.FINAL_NORM_KEY, "norm.weight", (D,))
     if not c.tie_embeddings:
-        put(hf.LM_HEAD_KEY, state_dict["output.weight"])
+        copy(hf.LM_HEAD_KEY, "output.weight", (V, D))
     elif not hf_cfg["tie_word_embeddings"]:  # a format that needs its own head (hf_formats.untied_head)
-        put(hf.LM_HEAD_KEY, state_dict["tok_embeddings.weight"].clone())  # its own storage: safetensors refuses shared
+        put(hf.LM_HEAD_KEY, (V, D), lambda: ours("tok_embeddings.weight").clone())  # safetensors refuses shared
+    dense_shapes = dataclasses.replace(shapes, ffn_dim=c.ffn_dim)
     for i in range(c.num_layers):
         p = f"layers.{i}."
         for role, shape in hf.attention_roles(shapes).items():
-            ours = p + _OUR_ATTN[role]
-            # Qwen2-MoE always has q/k/v biases: a model without them gets zeros (the same function).
-            put(hf.attention_key(i, role), state_dict[ours] if ours in state_dict else torch.zeros(shape))
+            name = p + _OUR_ATTN[role]
+            if name in state:
+                copy(hf.attention_key(i, role), name, shape)
+            else:  # Qwen2-MoE always has q/k/v biases: a model without them gets zeros (the same function)
+                put(hf.attention_key(i, role), shape, lambda shape=shape: torch.zeros(shape))
         if i not in c.moe_layer_ids:
             for m in hf.FFN_MATRICES:
-                put(hf.dense_ffn_key(i, m), state_dict[p + _OUR_DENSE_FFN[m]])
+                copy(hf.dense_ffn_key(i, m), p + _OUR_DENSE_FFN[m], hf.ffn_shape(dense_shapes, m))
             continue
-        put(hf.router_key(out_fmt, i), state_dict[p + OUR_ROUTER])
-        per = experts_to_hf(state_dict[p + OUR_GATE_UP], state_dict[p + OUR_DOWN])
+        copy(hf.router_key(out_fmt, i), p + OUR_ROUTER, (c.num_experts, D))
+        Fd = c.expert_dim
+        expert_shapes = {"gate": (Fd, D), "up": (Fd, D), "down": (D, Fd)}
         for e in range(c.num_experts):
             for m in hf.FFN_MATRICES:
-                put(hf.expert_key(out_fmt, i, e, m), per[m][e])
+                put(hf.expert_key(out_fmt, i, e, m), expert_shapes[m],
+                    lambda p=p, e=e, m=m: experts_to_hf(ours(p + OUR_GATE_UP)[e:e + 1], ours(p + OUR_DOWN)[e:e + 1])[m][0])
         if out_fmt == "qwen2_moe":
             # The shared expert is always present in Qwen2-MoE: ours, or one that contributes exactly nothing.
+            shared_shapes = hf.shared_expert_shapes(D, hf_cfg["shared_expert_intermediate_size"])
             if c.shared_expert_dim:
-                shared = {role: state_dict[p + ours] for role, ours in _OUR_SHARED.items()}
+                for role, name in _OUR_SHARED.items():
+                    copy(hf.shared_expert_keys(i)[role], p + name, shared_shapes[role])
             else:
-                shared = init_shared_expert(hf.shared_expert_shapes(c.dim, hf_cfg["shared_expert_intermediate_size"]),
-                                            std=c.init_std, seed=0, layer=i)
-            for role, key in hf.shared_expert_keys(i).items():
-                put(key, shared[role])
-    return hf_cfg, out
+                for role, key in hf.shared_expert_keys(i).items():
+                    put(key, shared_shapes[role], lambda i=i, role=role: init_shared_expert(
+                        shared_shapes, std=c.init_std, seed=0, layer=i)[role])
+    return hf_cfg, plan
+
+
+def state_dict_to_hf(
+    state_dict: Mapping[str, Tensor], config: ModelConfig, fmt: str = "auto", dtype: str = "float32"
+) -> tuple[dict, dict[str, Tensor]]:
+    """(config.json dictionary, HF tensors with per-expert keys) for our state dict: `hf_export_plan`, every tensor
+    made."""
+    hf_cfg, plan = hf_export_plan(state_dict, config, fmt, dtype)
+    return hf_cfg, {item.key: item.make() for item in plan}
 
 
 def export_hf(
     model_or_state_dict: nn.Module | Mapping[str, Tensor], config: ModelConfig, out_dir: str | Path,
     fmt: str = "auto", dtype: str = "float32", tokenizer: str | Path | None = None, *, force: bool = False,
-    inputs: tuple[str | Path, ...] = (),
+    inputs: tuple[str | Path, ...] = (), max_shard_size: str = "5GB",
 ) -> Path:
-    """Write an HF checkpoint directory (config.json + model.safetensors) that AutoModelForCausalLM loads; with
-    `tokenizer`, that directory's tokenizer files are copied in too, so the export is usable on its own. An existing
-    `out_dir` is refused unless `force`; `inputs` (the directories read) must not be or lie inside `out_dir`."""
+    """Write an HF checkpoint directory (config.json + safetensors shards of at most `max_shard_size`, with an index
+    when there is more than one) that AutoModelForCausalLM loads, streaming: one tensor made and written at a time, so
+    a lazy mapping (checkpoint.CheckpointTensors) exports with memory for about two of its tensors. With `tokenizer`,
+    that directory's tokenizer files are copied in too, so the export is usable on its own. An existing `out_dir` is
+    refused unless `force`; `inputs` (the directories read) must not be or lie inside `out_dir`."""
     state_dict = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
                   else model_or_state_dict)
-    hf_cfg, tensors = state_dict_to_hf(state_dict, config, fmt, dtype)
+    hf_cfg, plan = hf_export_plan(state_dict, config, fmt, dtype)
+    cast = DTYPE_NAMES[dtype]
     out_dir = Path(out_dir)
     with publish_dir(out_dir, force=force, inputs=inputs, flag="OUT") as tmp:
-        save_tensors(tmp / "model.safetensors", tensors, {"format": "pt"})
+        writer = ShardWriter(tmp, [PlannedTensor(item.key, item.shape, cast) for item in plan],
+                             parse_size(max_shard_size))
+        for item in plan:
+            writer.write(item.key, item.make())
+        writer.close()
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         for name in hf.TOKENIZER_FILES if tokenizer is not None else ():
             if (Path(tokenizer) / name).is_file() and name != "generation_config.json":
@@ -278,7 +360,10 @@ def export_hf(
 
 def is_our_checkpoint(path: str | Path) -> bool:
     config_path = Path(path) / "config.json"
-    return config_path.exists() and "model" in json.loads(config_path.read_text())
+    if not config_path.is_file():
+        return False
+    config = read_json(config_path, fix="restore it from the run or re-export")
+    return isinstance(config, dict) and "model" in config
 
 
 def check_model_dir(model_path: str | Path) -> Path:
@@ -291,22 +376,80 @@ def check_model_dir(model_path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
-    """Our Transformer from either our checkpoint directory or an HF one, detected by config.json's "model" key."""
+class _SourceTensors(Mapping):
+    """Our tensors by name, each read whole from its shards.Source when looked up (nothing kept)."""
+
+    def __init__(self, sources: Mapping[str, Source]):
+        self.sources = sources
+
+    def __getitem__(self, name: str) -> Tensor:
+        source = self.sources[name]
+        return source.read(full_box(source.shape)).contiguous()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.sources
+
+    def __iter__(self):
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.sources[name].shape)
+
+
+def model_tensors(path: str | Path) -> tuple[ModelConfig, Mapping[str, Tensor]]:
+    """Our ModelConfig and our tensors of any checkpoint we read: a training checkpoint (sharded or one-file), our
+    saved model, or an HF checkpoint, as a mapping that reads one tensor when it is looked up (streaming export)."""
+    from upcycle.checkpoint import CheckpointTensors, model_config_of
+
     path = Path(path)
     if is_our_checkpoint(path):
-        from safetensors.torch import load_file
+        tensors = CheckpointTensors(path)  # refuses a directory of no known format first
+        try:
+            config = ModelConfig(**model_config_of(path))
+        except TypeError as exc:
+            raise UpcycleError(f"{path / 'config.json'} does not describe a model of ours ({exc})") from None
+        _check_shapes(config, tensors, path)
+        return config, tensors
+    reader = CheckpointReader(path)
+    config, sources = hf_sources(reader, reader.config)
+    return config, _SourceTensors(sources)
 
-        weights = path / "model.safetensors"
-        if not weights.exists():
-            raise UpcycleError(f"{path} has our config.json but no model.safetensors")
-        config = ModelConfig(**json.loads((path / "config.json").read_text())["model"])
-        read_header(weights)  # a truncated file: one line naming it, not safetensors' traceback
-        state_dict = load_file(str(weights))
-    else:
-        config, state_dict = load_hf(path)
+
+def _check_shapes(config: ModelConfig, tensors: Mapping[str, Tensor], path: Path) -> None:
+    """Every tensor of the model `config` describes is there with its shape, and nothing else (before any is read)."""
+    with torch.device("meta"):
+        expected = {name: tuple(p.shape) for name, p in Transformer(config).state_dict().items()}
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise UpcycleError(f"checkpoint {path} lacks tensor {name} that its config.json implies; the checkpoint "
+                               "is incomplete or its config.json belongs to another model")
+        if tuple(tensors.shape(name)) != shape:
+            raise UpcycleError(f"checkpoint {path}: tensor {name} has shape {tuple(tensors.shape(name))}, config.json "
+                               f"implies {shape}; its config.json belongs to another model")
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise UpcycleError(f"checkpoint {path} has tensors its config.json does not describe: {', '.join(unknown[:3])}")
+
+
+def as_hf_directory(path: str | Path, tmp: str | Path) -> Path:
+    """An HF checkpoint directory of any checkpoint we read, for tools that load through transformers: an HF one as it
+    is, one of ours exported (streaming) into `tmp`."""
+    path = Path(path)
+    if not is_our_checkpoint(path):
+        return path
+    config, tensors = model_tensors(path)
+    return export_hf(tensors, config, Path(tmp) / f"hf-{path.name}")
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
+    """Our Transformer from either our checkpoint directory (a training checkpoint of either format, or a saved model)
+    or an HF one, detected by config.json's "model" key."""
+    config, tensors = model_tensors(path)
     model = Transformer(config)
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict({name: tensors[name] for name in tensors}, strict=True)
     return model.to(dtype)
 
 
@@ -330,8 +473,10 @@ def export_command(
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     tokenizer: str | None = None,
     force: bool = False,
+    max_shard_size: str = "5GB",
 ) -> None:
-    """Export a checkpoint (ours or HF) as a Hugging Face checkpoint that transformers loads.
+    """Export a checkpoint (ours or HF) as a Hugging Face checkpoint that transformers loads, streaming one tensor at a
+    time (memory for about the two largest tensors, whatever the model's size).
 
     Args:
         checkpoint: Directory of our training checkpoint (model.safetensors + config.json with "model") or of an HF
@@ -343,14 +488,16 @@ def export_command(
         dtype: Weight dtype in the output: float32 (exact), bfloat16 or float16.
         tokenizer: A directory whose tokenizer files (tokenizer.json, tokenizer_config.json, ...) are copied into OUT.
         force: Replace an existing OUT (only once the new one is complete).
+        max_shard_size: Largest output safetensors file, e.g. 5GB or 500MB (several files get an index).
     """
     if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
         raise UpcycleError(f"--tokenizer {tokenizer} has no tokenizer.json")
     inputs = (checkpoint, *([tokenizer] if tokenizer is not None else ()))
     check_output(out, force=force, inputs=inputs, flag="OUT")
-    model = load_model(checkpoint)
-    path = export_hf(model, model.config, out, fmt=format, dtype=dtype, tokenizer=tokenizer, force=force,
-                     inputs=inputs)
-    if format_note := hf.ENGINE_NOTES.get(json.loads((path / "config.json").read_text())["model_type"]):
+    check_model_dir(checkpoint)
+    config, tensors = model_tensors(checkpoint)  # read one tensor at a time while writing
+    path = export_hf(tensors, config, out, fmt=format, dtype=dtype, tokenizer=tokenizer, force=force, inputs=inputs,
+                     max_shard_size=max_shard_size)
+    if format_note := hf.engine_note(json.loads((path / "config.json").read_text())):
         print(format_note, file=sys.stderr)
     print(f"wrote {path}")

@@ -1,4 +1,5 @@
-"""Training losses as keyword-only pure functions: cross-entropy, Switch load-balancing loss, router z-loss.
+"""Training losses as keyword-only pure functions: cross-entropy, Switch load-balancing loss (per micro-batch, or
+with the routing counts of the whole global batch), router z-loss.
 
 Router logits arrive as one (T, E) tensor per MoE layer (`ModelOutput.router_logits`), in fp32.
 """
@@ -32,19 +33,53 @@ def _assignment_fractions_and_probs(logits_NE: Tensor, top_k: int) -> tuple[Tens
     return counts_E / logits_NE.shape[0], probs_NE.mean(dim=0)
 
 
-def load_balancing_loss(*, router_logits: list[Tensor], top_k: int, per_layer: bool = False) -> Tensor:
+def assignment_counts(*, router_logits: list[Tensor], top_k: int) -> Tensor:
+    """(L, E) float64 top-k assignments per MoE layer and expert, no gradient: the f half of the load-balancing
+    loss, as counts that add up over micro-batches and ranks (balance_scope global_batch)."""
+    rows = []
+    for logits_TE in router_logits:
+        # top-k of the probabilities, as `_assignment_fractions_and_probs` takes it (logits that underflow to equal
+        # probabilities would otherwise rank differently)
+        ids_TK = torch.topk(torch.softmax(logits_TE.detach().float(), dim=-1), top_k, dim=-1).indices
+        rows.append(torch.bincount(ids_TK.reshape(-1), minlength=logits_TE.shape[-1]))
+    return torch.stack(rows).to(torch.float64)
+
+
+def _fractions_from_counts(counts_LE: Tensor, top_k: int, per_layer: bool) -> Tensor:
+    """f from assignment counts: (E,) pooled over layers, or (L, E) per layer; each sums to top_k (every row, a token
+    in one layer, makes top_k assignments)."""
+    if per_layer:
+        return top_k * counts_LE / counts_LE.sum(dim=-1, keepdim=True)
+    return top_k * counts_LE.sum(dim=0) / counts_LE.sum()
+
+
+def load_balancing_loss(*, router_logits: list[Tensor], top_k: int, per_layer: bool = False,
+                        global_counts_LE: Tensor | None = None) -> Tensor:
     """Switch load-balancing loss, aux = E * sum_e f_e * P_e, in transformers' Mixtral form (equals top_k at
     perfect balance, because f sums to top_k).
 
     per_layer=False (the paper, HF `load_balancing_loss_func`): the logits of all layers are pooled into one
     [layers*tokens, E] matrix before f and P are taken, so one layer's imbalance can be offset by another's.
     per_layer=True: the loss of each layer on its own, averaged over layers; every layer must balance itself.
+
+    global_counts_LE (balance_scope global_batch): the (L, E) `assignment_counts` summed over every micro-batch and
+    rank of the step. f is then the global batch's, and P still these logits' mean probabilities, so the mean of this
+    loss over equal-sized micro-batches and ranks is exactly the loss of the whole global batch, value and gradient
+    (f has no gradient, and P is a mean over rows): the same number however the batch is split.
     """
     if not router_logits:
         raise UpcycleError("load_balancing_loss needs the router logits of at least one MoE layer")
     num_experts = router_logits[0].shape[-1]
     if not 1 <= top_k <= num_experts:
         raise UpcycleError(f"top_k must be between 1 and num_experts ({num_experts}), got {top_k}")
+    if global_counts_LE is not None:
+        f = _fractions_from_counts(global_counts_LE.float(), top_k, per_layer)  # (L, E) or (E,)
+        if per_layer:
+            p_LE = torch.stack([torch.softmax(x.float(), dim=-1).mean(dim=0) for x in router_logits])
+            return (num_experts * (f * p_LE).sum(dim=-1)).mean()
+        # L x (T, E) -> (L*T, E)
+        p_E = torch.softmax(torch.cat(router_logits, dim=0).float(), dim=-1).mean(dim=0)
+        return num_experts * torch.sum(f * p_E)
     if per_layer:
         losses = []
         for logits_TE in router_logits:

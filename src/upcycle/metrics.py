@@ -5,7 +5,11 @@ method is a no-op."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+from upcycle.errors import UpcycleError
+from upcycle.files import fsync_path
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -13,12 +17,47 @@ TENSORBOARD_DIR = "tensorboard"
 _BOARD_SCALARS = ("loss", "ce", "aux", "z", "lr", "grad_norm", "tokens_per_s")
 
 
+def _records(path: Path, text: str) -> list[tuple[str, dict]]:
+    """(line, record) of every line of metrics.jsonl's `text`. A last line that is not a whole record was being
+    written when the run stopped (killed, or a full disk) and is dropped; a damaged line before it is an error."""
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError
+        except ValueError:  # json.JSONDecodeError is a ValueError
+            if number == len(lines):
+                break
+            raise UpcycleError(f"{path} line {number} is not a step record; the file is damaged: delete that line (or "
+                               "the whole file) and resume") from None
+        records.append((line, record))
+    return records
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records of steps after the checkpoint a run resumes from: they are redone and would appear twice."""
+    """Drop records of steps after the checkpoint a run resumes from (they are redone and would appear twice), and a
+    partial last line. The file is replaced atomically (a temporary sibling, then one rename), so a failure while
+    rewriting it (a full disk) leaves the old file whole."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept = "".join(line + "\n" for line, record in _records(path, text) if record["step"] <= last_step)
+    if kept == text:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
 
 
 class MetricsLog:
@@ -32,9 +71,9 @@ class MetricsLog:
         self.file = self.board = self.bar = None
         if not enabled:
             return
-        path = out / METRICS_FILE
-        truncate_metrics(path, start_step)
-        self.file = open(path, "a")
+        self.path = out / METRICS_FILE
+        truncate_metrics(self.path, start_step)
+        self.file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -51,8 +90,11 @@ class MetricsLog:
         """Append one step's record (it holds "step"; "val" maps domain -> loss on validation steps)."""
         if self.file is None:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as exc:  # a full disk: the error says which file (a bare write error names none)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         if self.board is not None:
             for key in _BOARD_SCALARS:
                 if key in record:
@@ -64,9 +106,15 @@ class MetricsLog:
             self.bar.update(1)
 
     def close(self) -> None:
-        for handle in (self.bar, self.board, self.file):
+        for handle in (self.bar, self.board):
             if handle is not None:
                 handle.close()
+        if self.file is not None:
+            file, self.file = self.file, None
+            try:
+                file.close()
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def __enter__(self) -> MetricsLog:
         return self

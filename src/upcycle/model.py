@@ -67,6 +67,16 @@ class ModelConfig:
     """Std of the normal init of linear and embedding weights (norms start at 1, biases at 0)."""
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise UpcycleError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise UpcycleError(f"head_dim must be at least 1 (or empty: dim // num_heads), got {self.head_dim}")
+        if not (self.norm_eps > 0 and self.rope_theta > 0 and self.init_std >= 0):
+            raise UpcycleError(f"norm_eps and rope_theta must be > 0 and init_std >= 0, got {self.norm_eps}, "
+                               f"{self.rope_theta}, {self.init_std}")
+        if self.num_experts < 0:
+            raise UpcycleError(f"num_experts must be >= 0 (0: dense), got {self.num_experts}")
         if self.head_dim is None:
             if self.dim % self.num_heads:
                 raise UpcycleError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}; set head_dim")
@@ -224,34 +234,64 @@ class Block(nn.Module):
         return x_BTD + self.ffn(h_BTD), None, None
 
 
+def fill_initial(tensor: Tensor, how: str, *, std: float) -> None:
+    """One step of `Transformer.init_plan`: normal(0, std) (drawn from the global generator), zeros or ones."""
+    if how == "normal":
+        nn.init.normal_(tensor, mean=0.0, std=std)
+    elif how == "zeros":
+        nn.init.zeros_(tensor)
+    elif how == "ones":
+        nn.init.ones_(tensor)
+    else:
+        raise ValueError(f"unknown initialization {how!r}")
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.register_buffer("rope_inv_freq", torch.empty(config.head_dim // 2), persistent=False)
+        device = torch.get_default_device()
+        # The modules are made on the meta device, then allocated and filled by init_weights alone: their own
+        # constructors' initializations would draw from the global generator first, and then this model would hold
+        # other weights than a sharded build from the same seed (built on meta, filled by shards.fill_from_scratch).
+        with torch.device("meta"):
+            self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+            self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+            self.norm = RMSNorm(config.dim, config.norm_eps)
+            self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+            self.register_buffer("rope_inv_freq", torch.empty(config.head_dim // 2), persistent=False)
         self.rope_scale = 1.0
-        self.init_weights()
+        if device.type != "meta":  # built for use: allocate and fill; on meta there is nothing to fill
+            self.to_empty(device=device)
+            self.init_weights()
+
+    def init_plan(self) -> list[tuple[str, str]]:
+        """How every parameter starts, in the order `init_weights` fills them: (name, "normal" | "zeros" | "ones"),
+        normal(0, init_std) for linear and embedding weights and the experts, norms 1, biases 0.
+
+        The order is part of the result: the normal draws come one after another from torch's global CPU generator, so
+        a sharded build that draws the same full tensors in the same order and keeps its piece of each
+        (shards.fill_from_scratch) holds exactly the weights one process builds, for any number of ranks.
+        """
+        plan = []
+        for name, module in self.named_modules():
+            prefix = f"{name}." if name else ""
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                plan.append((prefix + "weight", "normal"))
+                if getattr(module, "bias", None) is not None:
+                    plan.append((prefix + "bias", "zeros"))
+            elif isinstance(module, RMSNorm):
+                plan.append((prefix + "weight", "ones"))
+            elif isinstance(module, MoE):  # its router is an nn.Linear, filled when the walk reaches it
+                plan += [(prefix + "gate_up_ED2F", "normal"), (prefix + "down_EFD", "normal")]
+        return plan
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """normal(0, init_std) for linear and embedding weights, norms 1, biases 0; recomputes the RoPE buffer.
-
-        Callable again after `to_empty()` on a meta-device model (non-persistent buffers are not in checkpoints).
-        """
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, MoE):
-                module.init_weights(std)
+        """Fill every parameter as `init_plan` says and recompute the RoPE buffer (non-persistent buffers are not in
+        checkpoints)."""
+        for name, how in self.init_plan():
+            fill_initial(self.get_parameter(name), how, std=self.config.init_std)
         self.init_rope()
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ Run the layer benchmark with `python benchmarks/moe_layer.py --quick`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -280,6 +280,15 @@ def expert_ffn_sorted(x_SD: Tensor, counts_E: Tensor, gate_up_ED2F: Tensor, down
     return torch.cat([swiglu(x_ND @ gate_up_ED2F[e]) @ down_EFD[e] for e, x_ND in enumerate(segments)], dim=0)
 
 
+class ExpertCompute(Protocol):
+    """How an MoE layer runs its experts on rows already sorted by expert (counts_E rows each): `expert_ffn_sorted`
+    when every expert lives on this rank; expert parallelism swaps in a replacement (expert_parallel.ExchangedExperts)
+    from outside, as FSDP is applied from outside."""
+
+    def __call__(self, x_SD: Tensor, counts_E: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, *,
+                 impl: str) -> Tensor: ...
+
+
 def sort_by_expert(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     """(order_S, counts_E): the (token, slot) pairs in expert order (stable: token order inside each expert) and the
     number of pairs per expert, without a host synchronization and with shapes fixed by the inputs.
@@ -338,11 +347,12 @@ def inverse_permutation(perm: Tensor) -> Tensor:
 
 def experts_grouped(
     x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, *, impl: str = "auto",
-    shard=None,
+    num_experts: int | None = None, compute: ExpertCompute = expert_ffn_sorted,
 ) -> tuple[Tensor, Tensor]:
     """The fast path: all (token, slot) pairs sorted by expert, each expert's rows one contiguous block of matmuls.
-    `impl` as in `MoE` ("auto" resolves on x's device, like everywhere else). With an expert_parallel.ExpertShard
-    `shard`, the weights are this rank's experts only and each row is computed by the rank holding its expert.
+    `impl` as in `MoE` ("auto" resolves on x's device, like everywhere else). `compute` runs the experts on the sorted
+    rows: `expert_ffn_sorted` here, or a replacement that sends the rows to the ranks holding the experts (expert
+    parallelism; the weights are then this rank's experts only and `num_experts` counts all of them).
 
     Returns (out_TD, counts_E) with counts_E the (token, slot) pairs per expert.
     """
@@ -350,19 +360,14 @@ def experts_grouped(
     if impl == "reference":
         raise UpcycleError("experts_grouped runs the fast kernels; call experts_reference for the reference loop")
     T, K = ids_TK.shape
-    order_S, counts_E = sort_by_expert(ids_TK, gate_up_ED2F.shape[0] if shard is None else shard.num_experts)
+    order_S, counts_E = sort_by_expert(ids_TK, gate_up_ED2F.shape[0] if num_experts is None else num_experts)
     # inverse_S[p] = the sorted position of (token, slot) pair p = t*K + k
     inverse_S = inverse_permutation(order_S)
     token_S = order_S.div(K, rounding_mode="floor")
     # gather: each pair's token row, in expert order (forward and backward are row gathers, no scatter-add)
     x_SD = _GatherTokens.apply(x_TD, token_S, inverse_S, K)
     # expert compute, here or on the ranks that hold the experts
-    if shard is None:
-        y_SD = expert_ffn_sorted(x_SD, counts_E, gate_up_ED2F, down_EFD, impl=impl)
-    else:
-        from upcycle.expert_parallel import exchange_and_compute
-
-        y_SD = exchange_and_compute(x_SD, counts_E, gate_up_ED2F, down_EFD, shard=shard, impl=impl)
+    y_SD = compute(x_SD, counts_E, gate_up_ED2F, down_EFD, impl=impl)
     # combine: back to (token, slot) order, weight, sum the K slots of each token. Both directions are gathers and
     # elementwise ops; weights in y's dtype (under autocast the experts return bf16, like an autocast F.linear)
     y_TKD = PermuteRows.apply(y_SD, inverse_S, order_S).view(T, K, y_SD.shape[1])
@@ -394,7 +399,8 @@ class MoE(nn.Module):
         super().__init__()
         check_moe_sizes(num_experts=num_experts, top_k=top_k)
         self.num_experts, self.top_k, self.renormalize, self.impl = num_experts, top_k, renormalize, impl
-        self.expert_shard = None  # set by expert_parallel.shard_experts: the weights then hold this rank's experts
+        # the replaceable part: expert parallelism swaps it, and the weights then hold only this rank's experts
+        self.expert_compute: ExpertCompute = expert_ffn_sorted
         self.router = nn.Linear(dim, num_experts, bias=False)  # weight [E, D]
         self.gate_up_ED2F = nn.Parameter(torch.empty(num_experts, dim, 2 * ffn_dim))
         self.down_EFD = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
@@ -413,12 +419,13 @@ class MoE(nn.Module):
             logits_TE = self.router(x32_TD) if weight.dtype == torch.float32 else F.linear(x32_TD, weight.float())
         weights_TK, ids_TK = route(logits_TE, top_k=self.top_k, renormalize=self.renormalize)
         impl = resolve_impl(self.impl, x_TD.device)
-        if impl == "reference" and self.expert_shard is None:
+        local = self.expert_compute is expert_ffn_sorted
+        if impl == "reference" and local:
             out_TD = experts_reference(x_TD, weights_TK, ids_TK, self.gate_up_ED2F, self.down_EFD)
             counts_E = torch.bincount(ids_TK.reshape(-1), minlength=self.num_experts)
         else:
             if impl == "reference":  # the reference loop needs every expert; sharded, the loop kernel is the plain one
                 impl = "loop"
             out_TD, counts_E = experts_grouped(x_TD, weights_TK, ids_TK, self.gate_up_ED2F, self.down_EFD, impl=impl,
-                                               shard=self.expert_shard)
+                                               num_experts=self.num_experts, compute=self.expert_compute)
         return MoEOutput(out_TD, logits_TE, counts_E)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from upcycle.errors import UpcycleError
-from upcycle.files import sha256_file
+from upcycle.files import not_an_input, read_json, sha256_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SIDECAR_PREFIX = "upcycle_"
@@ -47,12 +47,49 @@ class TensorInfo:
     start: int  # absolute byte offset of the tensor's data in the file
     end: int
 
+    def read(self, rows: slice | None = None, *, name: str = "") -> torch.Tensor:
+        """The tensor, or only its `rows` (a slice of dim 0, stored contiguously), with a plain positioned read: unlike
+        a memory map, pages already read do not stay in this process's resident set, so reading a whole model layer
+        by layer keeps peak memory flat, and a rank that keeps a few rows reads only those."""
+        shape, start, end = self.shape, self.start, self.end
+        if rows is not None and shape:
+            first, stop, _ = rows.indices(shape[0])
+            stop = max(stop, first)
+            row_bytes = (end - start) // shape[0] if shape[0] else 0
+            start, end = start + first * row_bytes, start + stop * row_bytes
+            shape = (stop - first, *shape[1:])
+        buffer = bytearray(end - start)
+        with open(self.file, "rb") as f:
+            f.seek(start)
+            if f.readinto(buffer) != len(buffer):
+                raise UpcycleError(f"{self.file} ended while reading {name}; the file changed or is truncated")
+        if not buffer:
+            return torch.empty(shape, dtype=CODE_DTYPES[self.dtype])
+        return torch.frombuffer(buffer, dtype=CODE_DTYPES[self.dtype]).reshape(shape)
+
+
+def tensor_infos(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Every tensor of one safetensors file (validated as read_header does), and the file's metadata."""
+    header, data_start, metadata = _parse_header(Path(path))
+    infos = {}
+    for name, meta in header.items():
+        if meta.get("dtype") not in CODE_DTYPES:
+            raise UpcycleError(f"tensor {name} in {path.name} has unsupported dtype {meta.get('dtype')}")
+        begin, end = meta["data_offsets"]
+        infos[name] = TensorInfo(Path(path), tuple(meta["shape"]), meta["dtype"], data_start + begin, data_start + end)
+    return infos, metadata
+
 
 def read_header(path: Path) -> tuple[dict, int]:
     """Parse and validate one safetensors header; raise UpcycleError if the file is truncated or not safetensors.
 
     Returns the header (tensor name -> dtype, shape, data_offsets) and the absolute offset where the data begins.
     """
+    header, data_start, _ = _parse_header(path)
+    return header, data_start
+
+
+def _parse_header(path: Path) -> tuple[dict, int, dict]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -63,16 +100,16 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise UpcycleError(f"{path} is truncated or not a safetensors file; re-save or re-download it")
         try:
             header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise UpcycleError(f"{path} has a corrupt safetensors header; re-save or re-download it") from None
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     data_len = size - 8 - header_len
     end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
     if end > data_len:
         raise UpcycleError(
             f"{path} is truncated ({data_len} data bytes, header needs {end}); re-save or re-download it"
         )
-    return header, 8 + header_len
+    return header, 8 + header_len, metadata
 
 
 class CheckpointReader(Mapping):
@@ -85,10 +122,9 @@ class CheckpointReader(Mapping):
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
-        if not self.dir.exists():
-            raise UpcycleError(f"source {self.dir} does not exist; pass a local HF checkpoint directory")
         if not self.dir.is_dir():
-            raise UpcycleError(f"source {self.dir} is not a directory; pass the checkpoint's directory, not a file")
+            raise UpcycleError(f"{not_an_input('source', self.dir, 'a directory')}; pass a local HF checkpoint "
+                               "directory (config.json + safetensors)")
         if not os.access(self.dir, os.R_OK | os.X_OK):
             raise UpcycleError(f"source {self.dir} is not readable; check its permissions")
         self.config = self._read_config()
@@ -110,9 +146,7 @@ class CheckpointReader(Mapping):
         if not path.is_file():
             raise UpcycleError(f"{self.dir} has no config.json; pass a directory written by save_pretrained")
         try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UpcycleError(f"{path} is not valid JSON ({exc}); fix or re-save the config") from None
+            cfg = read_json(path, fix="fix or re-save the config")
         except OSError as exc:
             raise UpcycleError(f"cannot read {path}: {exc.strerror}") from None
         if not isinstance(cfg, dict):
@@ -123,8 +157,10 @@ class CheckpointReader(Mapping):
         index = self.dir / INDEX_NAME
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+                weight_map = read_json(index, fix="re-save the checkpoint")["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError
+            except (KeyError, TypeError):
                 raise UpcycleError(f"{index} is not a valid safetensors index; re-save the checkpoint") from None
             files = sorted({self.dir / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
@@ -146,6 +182,9 @@ class CheckpointReader(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.get(name)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor to find out
+        return name in self.tensors
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
 
@@ -158,18 +197,9 @@ class CheckpointReader(Mapping):
     def dtype(self, name: str) -> torch.dtype:
         return CODE_DTYPES[self.tensors[name].dtype]
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor with a plain positioned read: unlike a memory map, pages already read do not stay in this
-        process's resident set, so reading a whole model layer by layer keeps peak memory flat."""
-        info = self.tensors[name]
-        buffer = bytearray(info.end - info.start)
-        with open(info.file, "rb") as f:
-            f.seek(info.start)
-            if f.readinto(buffer) != len(buffer):
-                raise UpcycleError(f"{info.file} ended while reading {name}; the file changed or is truncated")
-        if not buffer:
-            return torch.empty(info.shape, dtype=CODE_DTYPES[info.dtype])
-        return torch.frombuffer(buffer, dtype=CODE_DTYPES[info.dtype]).reshape(info.shape)
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Read one tensor, or only its `rows` (TensorInfo.read)."""
+        return self.tensors[name].read(rows, name=name)
 
     def sha256(self) -> dict[str, str]:
         """sha256 of config.json, the index and every weight file, for the manifest."""
@@ -223,7 +253,7 @@ def _header_bytes(items: list[PlannedTensor], metadata: dict[str, str]) -> bytes
 
 
 def _tensor_bytes(tensor: torch.Tensor):
-    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data  # reshape: 0-d too
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
+import os
+import shutil
 import signal
 import sys
 import time
@@ -31,13 +32,13 @@ from collections.abc import Callable
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import yaml
 
 from upcycle import checkpoint as ckpt
-from upcycle.distributed import World
+from upcycle.distributed import World, broadcast_object
 from upcycle.errors import UpcycleError
 from upcycle.metrics import MetricsLog
 from upcycle.model import ModelConfig
@@ -57,6 +58,7 @@ from upcycle.train_config import (  # noqa: F401  (the config API is importable 
 
 CONFIG_FILE = "config.yaml"
 PREPARED_DATA_DIR = "data"
+LOCK_FILE = ".lock"
 # The running data hash starts from this; two runs that log the same value at a step saw the same tokens in order.
 DATA_SHA256_SEED = b"upcycle-data"
 
@@ -69,52 +71,115 @@ class NonFiniteLoss(UpcycleError):
 # Model and optimizer
 
 
-def build_model(config: TrainConfig, *, resume_model_config: dict | None) -> tuple[torch.nn.Module, ModelConfig]:
-    """The model with its initial weights: from scratch, from a checkpoint, or upcycled online from a dense one.
+@dataclass
+class StartPoint:
+    """Where a run's initial weights come from: the architecture, and how to fill a built (sharded) model's pieces."""
+
+    model_config: ModelConfig
+    fill: Callable[[torch.nn.Module], None] | None  # fills the bare model's pieces; None: a checkpoint resumes
+
+
+def start_point(config: TrainConfig, world: World, *, resume_model_config: dict | None) -> StartPoint:
+    """The architecture and initial weights of a run: from scratch, from a checkpoint (ours or HF), or upcycled online
+    from a dense one. Nothing big is read or computed here: each rank later fills only the pieces it holds
+    (shards.py), so no rank ever holds the whole model.
 
     When resuming, the architecture is read from the checkpoint and the initial weights are skipped (the checkpoint
     overwrites them), so an online upcycling is not redone on every restart.
     """
-    from upcycle.model import Transformer
+    from upcycle import hf_model
+    from upcycle.shards import fill_from_scratch, fill_from_sources, model_pieces
 
-    torch.manual_seed(config.train.seed)
     if resume_model_config is not None:
-        model_config = ModelConfig(**resume_model_config)
-        return Transformer(model_config), model_config
+        return StartPoint(ModelConfig(**resume_model_config), None)
     if config.init.source is None:
         model_config = dataclasses.replace(config.model)
-        return Transformer(model_config), model_config
+        std = model_config.init_std
 
-    from upcycle import hf_model
+        def from_scratch(model: torch.nn.Module) -> None:
+            torch.manual_seed(config.train.seed)  # every rank draws the same full tensors and keeps its piece
+            fill_from_scratch(model_pieces(model), model.init_plan(), std=std)
 
+        return StartPoint(model_config, from_scratch)
     init = config.init
+    if init.method is None and hf_model.is_our_checkpoint(init.source):
+        return StartPoint(ModelConfig(**ckpt.model_config_of(init.source)),
+                          lambda model: ckpt.load_model_weights(init.source, model, world))
     if init.method is None:
-        model = hf_model.load_model(init.source, dtype=torch.float32)
-        return model, model.config
-    from upcycle.convert import convert_in_memory
+        from upcycle.safetensors_io import CheckpointReader
+
+        reader = CheckpointReader(init.source)
+        model_config, sources = hf_model.hf_sources(reader, reader.config)
+        return StartPoint(model_config, lambda model: fill_from_sources(model_pieces(model), sources))
+    from upcycle import hf_formats
+    from upcycle.convert import lazy_convert, planned_moe_config, router_calibration
 
     options = dataclasses.asdict(init.convert_options())
     if options["dtype"] == "auto":  # training keeps fp32 master weights: no rounding to the source's dtype
         options["dtype"] = "float32"
-    moe_config, hf_state = convert_in_memory(init.source, **options)
-    model_config, state = hf_model.state_dict_from_hf(hf_state, moe_config)
-    model = Transformer(model_config)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return model, model_config
+    moe_config, live_shared = planned_moe_config(init.source, **options)
+    fields = hf_formats.read_model_fields(moe_config)
+    if live_shared:
+        fields["shared_expert_dim"] = moe_config["shared_expert_intermediate_size"]
+    model_config = ModelConfig(**fields)
+
+    def upcycled(model: torch.nn.Module) -> None:
+        # --router-init data runs the dense model once (rank 0) and every rank uses its router rows
+        router_rows = broadcast_object(router_calibration(init.source, **options) if world.is_main else None, world)
+        moe_config, lazy = lazy_convert(init.source, router_rows=router_rows, **options)
+        converted, sources = hf_model.hf_sources(lazy, moe_config)
+        assert converted == model_config, (converted, model_config)
+        fill_from_sources(model_pieces(model), sources)
+
+    return StartPoint(model_config, upcycled)
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, experts=None) -> torch.optim.AdamW:
+def build_model(model_config: ModelConfig, loop: TrainLoopConfig, world: World,
+                fill: Callable[[torch.nn.Module], None] | None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the model to train, the bare model inside it): built on the meta device, wrapped (activation checkpointing,
+    torch.compile), split (expert parallelism) and sharded (FSDP2) there, then each rank allocates only its own pieces
+    on its device and `fill` fills them. No rank ever holds the whole model, and on CUDA the full model never sits on
+    one device. DDP wraps a filled model (it broadcasts rank 0's weights when it starts)."""
+    from upcycle.distributed import parallelize
+    from upcycle.expert_parallel import check_degree, shard_experts
+    from upcycle.model import Transformer
+
+    check_degree(loop.expert_parallel, world_size=world.world_size, num_experts=model_config.num_experts)
+    torch.manual_seed(loop.seed)
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    bare = model
+    if loop.activation_checkpointing:
+        _apply_activation_checkpointing(model)
+    if loop.compile:
+        for block in model.layers:
+            block.compile()
+    if loop.expert_parallel > 1:
+        shard_experts(model, loop.expert_parallel, world)
+    if loop.parallel == "fsdp":
+        model = parallelize(model, bare.layers, mode="fsdp", world=world, precision=loop.precision)
+    model.to_empty(device=world.device)
+    bare.init_rope()
+    if fill is not None:
+        fill(bare)
+    if loop.parallel == "ddp":
+        model = parallelize(model, bare.layers, mode="ddp", world=world, precision=loop.precision)
+    return model, bare
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW over every parameter (the paper decays all of them, norms and embeddings included).
 
     fused=True: one kernel per parameter instead of a chain of foreach ops; on CPU it made the optimizer step ~4x
     faster (18M parameters: 67 ms -> 16 ms), about 7% of a whole training step of a small model.
-    With expert parallelism (`experts`) the expert shards, DTensors on a device mesh of their own, get a param group of
-    their own with the same settings (one fused kernel cannot mix meshes); checkpoints store one group either way.
+    With expert parallelism the expert shards, DTensors on a device mesh of their own, get a param group of their own
+    with the same settings (one fused kernel cannot mix meshes); checkpoints store one group either way.
     """
-    params = model.parameters()
-    if experts is not None:
-        params = [{"params": experts.others(model)},
-                  {"params": list(experts.params.values())}]
+    from upcycle import expert_parallel
+
+    experts = expert_parallel.find(model)
+    params = model.parameters() if experts is None else [{"params": experts.others(model)},
+                                                        {"params": list(experts.params.values())}]
     return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                              weight_decay=optim.weight_decay, fused=True)
 
@@ -132,15 +197,17 @@ def _apply_activation_checkpointing(model: torch.nn.Module) -> None:
 # One step
 
 
-def loss_parts(output, labels_BT: torch.Tensor, loop: TrainLoopConfig, top_k: int) -> dict[str, torch.Tensor]:
-    """{"loss", "ce", "aux", "z"} of one micro-batch: loss = ce + aux_coef * aux + z_coef * z."""
+def loss_parts(output, labels_BT: torch.Tensor, loop: TrainLoopConfig, top_k: int,
+               global_counts_LE: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """{"loss", "ce", "aux", "z"} of one micro-batch: loss = ce + aux_coef * aux + z_coef * z. With
+    `global_counts_LE` (balance_scope global_batch) the load-balancing loss takes f from the whole global batch."""
     from upcycle import losses
 
     ce = losses.cross_entropy(logits_BTV=output.logits, labels_BT=labels_BT)
     zero = ce.new_zeros(())
     if output.router_logits:
         aux = losses.load_balancing_loss(router_logits=output.router_logits, top_k=top_k,
-                                         per_layer=loop.aux_per_layer)
+                                         per_layer=loop.aux_per_layer, global_counts_LE=global_counts_LE)
         z = losses.router_z_loss(router_logits=output.router_logits)
     else:
         aux, z = zero, zero
@@ -149,23 +216,53 @@ def loss_parts(output, labels_BT: torch.Tensor, loop: TrainLoopConfig, top_k: in
     return {"loss": total, "ce": ce, "aux": aux, "z": z}
 
 
+def _global_assignment_counts(model: torch.nn.Module, micro_batches, *, top_k: int, autocast,
+                              world: World | None) -> torch.Tensor:
+    """balance_scope global_batch: the (L, E) expert assignment counts of every micro-batch of every rank, before any
+    backward. Routing in layer l depends on every layer below it, so the counts need a forward pass; it runs without
+    gradients, over the same weights and inputs as the training forward, so it routes identically."""
+    from upcycle import losses
+    from upcycle.distributed import all_reduce_sum
+
+    counts_LE = None
+    with torch.no_grad(), autocast():
+        for micro_BT in micro_batches:
+            counts = losses.assignment_counts(router_logits=model(micro_BT[:, :-1]).router_logits, top_k=top_k)
+            counts_LE = counts if counts_LE is None else counts_LE + counts
+    return counts_LE if world is None else all_reduce_sum(counts_LE, world)
+
+
 def forward_backward(model: torch.nn.Module, batch_BT: torch.Tensor, *, loop: TrainLoopConfig, top_k: int,
-                     num_moe: int, num_experts: int, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_moe: int, num_experts: int, autocast, world: World | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over this rank's rows of one global batch, in micro-batches of loop.micro_batch_size.
 
     Gradients accumulate in the parameters, each micro-batch's scaled by 1 / micro-batches so they average; the
     gradient reduction across ranks happens once, on the last micro-batch. Returns the mean [loss, ce, aux, z] over the
-    micro-batches (fp64, detached) and the summed expert counts (L_moe, E).
+    micro-batches (fp64, detached) and the summed expert counts (L_moe, E). With loop.balance_scope global_batch the
+    load-balancing loss uses the assignment counts of the whole global batch (summed over `world`'s ranks): from a
+    gradient-free forward pass first when this rank has several micro-batches, from the training forward itself when
+    it has one.
     """
-    from upcycle.distributed import gradient_sync
+    from upcycle import losses
+    from upcycle.distributed import all_reduce_sum, gradient_sync
 
     micro_batches = batch_BT.split(loop.micro_batch_size)
+    global_scope = num_moe > 0 and loop.balance_scope == "global_batch"
+    global_counts_LE = None
+    if global_scope and len(micro_batches) > 1:
+        global_counts_LE = _global_assignment_counts(model, micro_batches, top_k=top_k, autocast=autocast,
+                                                     world=world)
     sums = torch.zeros(4, dtype=torch.float64, device=batch_BT.device)
     counts_LE = torch.zeros(num_moe, max(num_experts, 1), dtype=torch.float64, device=batch_BT.device)
     for index, micro_BT in enumerate(micro_batches):
         with gradient_sync(model, index == len(micro_batches) - 1), autocast():
             output = model(micro_BT[:, :-1])
-            parts = loss_parts(output, micro_BT[:, 1:], loop, top_k)
+            if global_scope and len(micro_batches) == 1:  # the only forward of this rank: its counts suffice
+                global_counts_LE = losses.assignment_counts(router_logits=output.router_logits, top_k=top_k)
+                if world is not None:
+                    all_reduce_sum(global_counts_LE, world)
+            parts = loss_parts(output, micro_BT[:, 1:], loop, top_k, global_counts_LE)
         (parts["loss"] / len(micro_batches)).backward()
         sums += torch.stack([parts[k].detach().double() for k in ("loss", "ce", "aux", "z")])
         if output.expert_counts is not None:
@@ -195,15 +292,16 @@ def health_problem(loss: float, grad_norm: float, history: list[tuple[float, flo
     return None
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float, experts=None) -> float:
-    """The global gradient norm before clipping, every gradient scaled down to `max_norm` where it exceeds it. With
-    expert parallelism (`experts`) the expert gradients' average is completed first and the norm spans both meshes."""
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """The global gradient norm before clipping, every gradient scaled down to `max_norm` where it exceeds it. Under
+    expert parallelism the expert gradients' average is completed first and the norm spans both meshes."""
+    from upcycle import expert_parallel
+
+    experts = expert_parallel.find(model)
     if experts is None:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         # Under FSDP2 the norm is a DTensor; full_tensor() makes it the same replicated number on every rank.
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    from upcycle import expert_parallel
-
     expert_parallel.finish_expert_grads(experts)
     return expert_parallel.clip_grad_norm(model, max_norm, experts)
 
@@ -213,6 +311,22 @@ def expert_load(counts_LE: torch.Tensor) -> dict[str, list[float]]:
     shares_LE = counts_LE.double() / counts_LE.sum(dim=-1, keepdim=True).clamp_min(1)
     return {"max_share": [round(v, 5) for v in shares_LE.max(dim=-1).values.tolist()],
             "min_share": [round(v, 5) for v in shares_LE.min(dim=-1).values.tolist()]}
+
+
+def next_data_sha256(previous: str, batch_BT: torch.Tensor, world: World) -> str:
+    """The running hash of every token consumed, after this step's global batch: each row's digest, gathered from all
+    ranks in global row order, so the value depends on the tokens and their order only, not on how many ranks read
+    them (a collective when distributed)."""
+    import torch.distributed as dist
+
+    digests_B32 = torch.tensor([list(hashlib.sha256(row.tobytes()).digest()) for row in batch_BT.numpy()],
+                               dtype=torch.uint8).reshape(-1, 32)
+    if world.distributed:
+        local = digests_B32.to(world.device)
+        parts = [torch.empty_like(local) for _ in range(world.world_size)]
+        dist.all_gather(parts, local)
+        digests_B32 = torch.cat(parts).cpu()
+    return hashlib.sha256(previous.encode() + digests_B32.numpy().tobytes()).hexdigest()
 
 
 @dataclass
@@ -247,9 +361,8 @@ class StepRecord:
 class Run:
     """Everything a started run holds between steps."""
 
-    config: TrainConfig
-    config_dict: dict
-    loop: TrainLoopConfig  # config.train with everything "auto" resolved for this world (precision, ...)
+    config: TrainConfig  # with config.train's "auto" settings resolved for this world (precision, micro-batch)
+    config_dict: dict  # the config as given (OUT/config.yaml), "auto" kept
     out: Path
     world: World
     model: torch.nn.Module
@@ -260,7 +373,9 @@ class Run:
     autocast: Callable
     start_step: int
     data_sha256: str
-    experts: Any = None  # expert_parallel.ExpertParallel with train.expert_parallel > 1: the local expert shards
+    checkpointer: ckpt.Checkpointer
+    data_fingerprint: str  # data.fingerprint of the prepared data: resuming on re-prepared data is refused
+    lock: IO | None = None  # rank 0: the held OUT/.lock
     # (loss, grad norm) of the latest healthy steps, the reference for spotting a spike; carried in checkpoints
     health_history: list[tuple[float, float]] = dataclasses.field(default_factory=list)
     unverified: Path | None = None  # the newest checkpoint, until the step after it says whether it is healthy
@@ -283,21 +398,22 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     batch_BT = run.loader.next_batch()
-    run.data_sha256 = hashlib.sha256(run.data_sha256.encode() + batch_BT.numpy().tobytes()).hexdigest()
+    run.data_sha256 = next_data_sha256(run.data_sha256, batch_BT, world)
     mc = run.model_config
     num_moe = len(mc.moe_layer_ids)
-    sums, counts_LE = forward_backward(run.model, batch_BT.to(world.device), loop=run.loop, top_k=mc.top_k,
-                                       num_moe=num_moe, num_experts=mc.num_experts, autocast=run.autocast)
+    sums, counts_LE = forward_backward(run.model, batch_BT.to(world.device), loop=config.train, top_k=mc.top_k,
+                                       num_moe=num_moe, num_experts=mc.num_experts, autocast=run.autocast,
+                                       world=world)
     flag = torch.tensor([1.0 if stop.signal_name else 0.0], dtype=torch.float64, device=world.device)
     reduced = all_reduce_sum(torch.cat([sums, counts_LE.flatten(), flag]), world)
     loss, ce, aux, z = (reduced[:4] / world.world_size).tolist()
 
     max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
-    grad_norm = clip_gradients(run.model, max_norm, run.experts)
+    grad_norm = clip_gradients(run.model, max_norm)
     unhealthy = health_problem(loss, grad_norm, run.health_history)
     if run.unverified is not None and world.is_main:  # this step tested the newest checkpoint's weights
-        ckpt.mark_health(run.unverified, ckpt.HEALTH_SUSPECT if unhealthy else ckpt.HEALTH_GOOD,
-                         f"step {step + 1}: {unhealthy}" if unhealthy else None)
+        run.checkpointer.mark_health(run.unverified, ckpt.HEALTH_SUSPECT if unhealthy else ckpt.HEALTH_GOOD,
+                                     f"step {step + 1}: {unhealthy}" if unhealthy else None)
     run.unverified = None
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         good = ckpt.last_good_checkpoint(run.checkpoints)
@@ -314,7 +430,7 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
     return StepRecord(step=step + 1, loss=loss, ce=ce, aux=aux, z=z, lr=lr, grad_norm=grad_norm,
                       tokens=(step + 1) * config.train.global_batch_tokens,
                       step_time_s=time.perf_counter() - started, data_sha256=run.data_sha256,
-                      precision=run.loop.precision,
+                      precision=config.train.precision,
                       expert_load=expert_load(reduced[4:-1].view(num_moe, -1)) if num_moe else None,
                       stop_requested=bool(reduced[-1] > 0))
 
@@ -339,10 +455,10 @@ def save(run: Run, record: StepRecord) -> Path:
     trainer_state = {"tokens": record.tokens, "data": run.loader.state_dict(), "data_sha256": run.data_sha256,
                      "loss": record.loss, "grad_norm": record.grad_norm, "precision": record.precision,
                      "health_history": [list(pair) for pair in run.health_history]}
-    run.unverified = ckpt.save_checkpoint(
-        run.checkpoints, record.step, model=run.model, optimizer=run.optimizer,
-        model_config=dataclasses.asdict(run.model_config), trainer_state=trainer_state, train_config=run.config_dict,
-        keep=run.config.checkpoint.keep, world=run.world, experts=run.experts)
+    trainer_state["data_fingerprint"] = run.data_fingerprint
+    run.unverified = run.checkpointer.save(
+        record.step, model=run.model, optimizer=run.optimizer, model_config=dataclasses.asdict(run.model_config),
+        trainer_state=trainer_state, train_config=run.config_dict)
     return run.unverified
 
 
@@ -412,7 +528,7 @@ def _check_out(out: Path, config_dict: dict) -> None:
     if out.exists() and not out.is_dir():
         raise UpcycleError(f"--out {out} exists and is not a directory; choose a new or empty directory")
     saved = _read_saved_config(out)
-    if saved is None and out.exists() and any(out.iterdir()):
+    if saved is None and out.exists() and any(p.name not in (LOCK_FILE, PREPARED_DATA_DIR) for p in out.iterdir()):
         raise UpcycleError(f"--out {out} exists and is not a training directory (no {CONFIG_FILE}); "
                            "choose a new or empty directory")
     if saved is not None:
@@ -420,72 +536,96 @@ def _check_out(out: Path, config_dict: dict) -> None:
 
 
 def _check_data(config: TrainConfig, data_dir: Path | None, model_config: ModelConfig) -> None:
-    """The data fits the model: the prepared files (every token id < vocab_size, seq_len <= max_seq_len), or, before
-    raw sources are tokenized, the tokenizer's vocabulary."""
+    """The data fits the model (data.check_data_fits): the prepared files, or before raw sources are tokenized, the
+    tokenizer's vocabulary."""
     from upcycle import data as data_lib
 
-    if data_dir is not None:
-        data_lib.check_data_fits(data_dir, vocab_size=model_config.vocab_size, max_seq_len=model_config.max_seq_len,
-                                 seq_len=config.data.seq_len, seq_len_name="data.seq_len")
-        return
-    tokenizer, _ = data_lib.load_tokenizer(config.data.tokenizer)
-    ids = tokenizer.get_vocab_size(with_added_tokens=True)
-    if ids > model_config.vocab_size:
-        raise UpcycleError(f"data.tokenizer {config.data.tokenizer} has {ids} token ids but the model's vocab_size is "
-                           f"{model_config.vocab_size}; use a matching tokenizer or a larger model.vocab_size")
-    if config.data.seq_len > model_config.max_seq_len:
-        raise UpcycleError(f"data.seq_len {config.data.seq_len} exceeds the model's max_seq_len "
-                           f"{model_config.max_seq_len}")
+    data_lib.check_data_fits(data_dir, vocab_size=model_config.vocab_size, max_seq_len=model_config.max_seq_len,
+                             seq_len=config.data.seq_len, seq_len_name="data.seq_len", tokenizer=config.data.tokenizer,
+                             tokenizer_name="data.tokenizer")
+
+
+def _lock_out(out: Path, world: World) -> IO | None:
+    """Hold OUT for this run (rank 0 takes an exclusive lock on OUT/.lock, released when the process ends), so a second
+    trainer on the same OUT is refused instead of deleting this one's checkpoints. Returns the lock's file (rank 0)."""
+    import fcntl
+
+    handle, refusal = None, None
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the whole run)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            handle = None
+            refusal = (f"--out {out} is in use by another `upcycle train` (pid {holder}); wait for it to end or stop "
+                       "it, or choose another --out")
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+    refusal = broadcast_object(refusal, world)
+    if refusal:
+        raise UpcycleError(refusal)
+    return handle
 
 
 def setup(config: TrainConfig, out: Path, world: World) -> Run:
-    """Check everything (output directory, model, data) before writing anything, then write OUT/config.yaml, prepare
-    raw data, build optimizer and loaders, and restore the newest resumable checkpoint."""
-    from upcycle.data import METADATA_FILE, MixtureLoader, validation_batches
-    from upcycle.distributed import parallelize
+    """Check everything (output directory, model, data), lock OUT, then prepare raw data, build the model sharded on
+    every rank, the optimizer and loaders, restore the newest resumable checkpoint and write OUT/config.yaml. A refusal
+    or failure before that leaves a new OUT as it was (removed)."""
 
-    data_cfg = config.data
-    loop = resolve_loop(config, world)
     config_dict = config_to_dict(config)
+    config = dataclasses.replace(config, train=resolve_loop(config, world))
     _check_out(out, config_dict)
-    log = (lambda message: print(f"upcycle train: {message}", file=sys.stderr)) if world.is_main else (lambda m: None)
-    resume_from = ckpt.resumable_checkpoint(out / ckpt.CHECKPOINT_DIR, log)
-    resume_model = None
-    if resume_from is not None:
-        resume_model = json.loads((resume_from / ckpt.MODEL_CONFIG).read_text())["model"]
-    model, model_config = build_model(config, resume_model_config=resume_model)
-    if loop.expert_parallel > 1:
-        from upcycle.expert_parallel import check_degree
+    created = not out.exists()
+    lock = _lock_out(out, world)
+    try:
+        run = _start(config, config_dict, out, world)
+    except BaseException:
+        if created and world.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+        if lock is not None:
+            lock.close()
+        raise
+    run.lock = lock
+    if world.is_main and not (out / CONFIG_FILE).is_file():
+        (out / CONFIG_FILE).write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    return run
 
-        check_degree(loop.expert_parallel, world_size=world.world_size, num_experts=model_config.num_experts)
+
+def _start(config: TrainConfig, config_dict: dict, out: Path, world: World) -> Run:
+    from upcycle import expert_parallel
+    from upcycle.data import METADATA_FILE, MixtureLoader, fingerprint, validation_batches
+
+    loop, data_cfg = config.train, config.data
+    log = (lambda message: print(f"upcycle train: {message}", file=sys.stderr)) if world.is_main else (lambda m: None)
+    resume_from = ckpt.resumable_checkpoint(out / ckpt.CHECKPOINT_DIR, world, log)
+    start = start_point(config, world, resume_model_config=(ckpt.model_config_of(resume_from)
+                                                            if resume_from is not None else None))
+    model_config = start.model_config
     prepared = Path(data_cfg.path) if data_cfg.path is not None else out / PREPARED_DATA_DIR
     _check_data(config, prepared if (prepared / METADATA_FILE).is_file() else None, model_config)
-
-    # Everything is checked: only now is anything written under OUT.
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_text(yaml.safe_dump(config_dict, sort_keys=False))
     data_dir = _prepare_data(config, out, world)
     if data_cfg.path is None:
         _check_data(config, data_dir, model_config)  # the freshly tokenized files
+    data_fingerprint = fingerprint(data_dir)
+    if resume_from is not None:
+        saved = ckpt.read_trainer_state(resume_from).get("data_fingerprint")
+        if saved is not None and saved != data_fingerprint:
+            raise UpcycleError(f"the prepared data in {data_dir} changed since {resume_from} was written (re-prepared "
+                               "in place?); resuming would continue on other text. Restore the data, or start a new "
+                               "run with a new --out")
 
-    model.to(world.device)
-    bare_model = model
-    if loop.activation_checkpointing:
-        _apply_activation_checkpointing(model)
-    if loop.compile:
-        for block in model.layers:
-            block.compile()
-    experts = None
-    if loop.expert_parallel > 1:
-        from upcycle.expert_parallel import shard_experts
-
-        experts = shard_experts(model, loop.expert_parallel, world)
-    model = parallelize(model, bare_model.layers, mode=loop.parallel, world=world, precision=loop.precision,
-                        experts=experts)
+    model, _ = build_model(model_config, loop, world, start.fill)
+    experts = expert_parallel.find(model)
     if experts is not None:
         log(experts.describe())
-    optimizer = build_optimizer(model, config.optim, experts)
+    optimizer = build_optimizer(model, config.optim)
     loader = MixtureLoader(data_dir, seq_len=data_cfg.seq_len,
                            global_batch_size=loop.global_batch_tokens // data_cfg.seq_len, seed=data_cfg.seed,
                            weights=data_cfg.weights, rank=world.rank, world_size=world.world_size)
@@ -493,20 +633,21 @@ def setup(config: TrainConfig, out: Path, world: World) -> Run:
                                   max_sequences=loop.eval_sequences) if loop.eval_every else {}
     autocast = (lambda: torch.autocast(world.device.type, dtype=torch.bfloat16)) if loop.precision == "bf16" \
         else contextlib.nullcontext
-    run = Run(config=config, config_dict=config_dict, loop=loop, out=out, world=world, model=model,
+    checkpointer = ckpt.Checkpointer(out / ckpt.CHECKPOINT_DIR, world, keep=config.checkpoint.keep,
+                                     asynchronous=config.checkpoint.async_save)
+    run = Run(config=config, config_dict=config_dict, out=out, world=world, model=model,
               model_config=model_config, optimizer=optimizer, loader=loader, val_sets=val_sets, autocast=autocast,
-              start_step=0, data_sha256=hashlib.sha256(DATA_SHA256_SEED).hexdigest(), experts=experts)
+              start_step=0, data_sha256=hashlib.sha256(DATA_SHA256_SEED).hexdigest(), checkpointer=checkpointer,
+              data_fingerprint=data_fingerprint)
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, world=world, experts=experts)
+        state = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, world=world)
         loader.load_state_dict(state["data"])
         run.start_step = int(state["step"])
         run.data_sha256 = state.get("data_sha256", run.data_sha256)
         run.health_history = [tuple(pair) for pair in state.get("health_history", [])]
         if state.get("health") == ckpt.HEALTH_UNVERIFIED:
             run.unverified = resume_from
-        if world.is_main:
-            print(f"upcycle train: resuming from {resume_from} (step {run.start_step}, written by "
-                  f"{state.get('world_size', 1)} rank(s))", file=sys.stderr)
+        log(f"resuming from {resume_from} (step {run.start_step}, written by {state.get('world_size', 1)} rank(s))")
     return run
 
 
@@ -548,16 +689,20 @@ def run_training(config: TrainConfig, out: str | Path) -> dict:
 
     validate_config(config)
     out = Path(out)
-    world = init_distributed()
+    world = init_distributed(timeout_s=config.train.collective_timeout_s)
+    run = None
     try:
         run = setup(config, out, world)
         return _loop(run)
     finally:
+        if run is not None and run.lock is not None:
+            run.lock.close()
         shutdown(world)
 
 
 def _loop(run: Run) -> dict:
-    config, world, loop = run.config, run.world, run.loop
+    config, world = run.config, run.world
+    loop = config.train
     if run.start_step >= loop.max_steps and world.is_main:
         print(f"upcycle train: already at train.max_steps={loop.max_steps}; nothing to do", file=sys.stderr)
     stop = _StopRequest()
@@ -567,21 +712,27 @@ def _loop(run: Run) -> dict:
     with MetricsLog(run.out, enabled=world.is_main, start_step=run.start_step, max_steps=loop.max_steps,
                     progress=config.logging.progress, tensorboard=config.logging.tensorboard) as metrics, \
             _sigterm_sets(stop):
-        for step in range(run.start_step + 1, loop.max_steps + 1):
-            record = train_step(run, step - 1, stop=stop)
-            line = record.to_json()
-            if loop.eval_every and (step % loop.eval_every == 0 or step == loop.max_steps):
-                line["val"] = validation_loss(run)
-            metrics.log(line)
-            every = config.checkpoint.every
-            if step == loop.max_steps or record.stop_requested or (every and step % every == 0):
-                save(run, record)
-            if record.stop_requested:
-                stopped = "SIGTERM"
-                if world.is_main:
-                    print(f"upcycle train: SIGTERM received; saved checkpoint at step {step}, exiting",
-                          file=sys.stderr)
-                break
+        try:
+            for step in range(run.start_step + 1, loop.max_steps + 1):
+                record = train_step(run, step - 1, stop=stop)
+                line = record.to_json()
+                if loop.eval_every and (step % loop.eval_every == 0 or step == loop.max_steps):
+                    line["val"] = validation_loss(run)
+                metrics.log(line)
+                every = config.checkpoint.every
+                if step == loop.max_steps or record.stop_requested or (every and step % every == 0):
+                    save(run, record)
+                run.checkpointer.poll()
+                if record.stop_requested:
+                    stopped = "SIGTERM"
+                    if world.is_main:
+                        print(f"upcycle train: SIGTERM received; saved checkpoint at step {step}, exiting",
+                              file=sys.stderr)
+                    break
+        except NonFiniteLoss:  # every rank stops here together: the checkpoint in flight still lands
+            run.checkpointer.finish()
+            raise
+        run.checkpointer.finish()
     newest = ckpt.latest_checkpoint(run.checkpoints)
     return {"step": step, "stopped": stopped, "checkpoint": str(newest) if newest else None}
 

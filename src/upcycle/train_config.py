@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
-import re
-import textwrap
+import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,22 +20,39 @@ import yaml
 from upcycle.convert import ConvertOptions
 from upcycle.distributed import PARALLEL_MODES
 from upcycle.errors import UpcycleError
+from upcycle.files import not_an_input
+from upcycle.hf_formats import AUTO_FORMAT
 from upcycle.model import ModelConfig
 from upcycle.schedule import SCHEDULE_KINDS
 from upcycle.upcycling import METHODS
+from upcycle.validation import check_fields, check_value, union_members
 
 # train.micro_batch_size: empty picks the largest divisor of the per-rank sequences up to this many.
 AUTO_MICRO_BATCH_MAX = 8
+BALANCE_SCOPES = ("micro_batch", "global_batch")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: upcycle.hardware.resolve_precision decides per device
 
 
-def _one_of(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise UpcycleError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+@dataclass(frozen=True)
+class InitConfig(ConvertOptions):
+    """Where the weights come from. Empty `source`: from scratch, built from the `model` section.
 
+    Every other field is an option of `upcycle convert`, inherited from ConvertOptions (documented there and in
+    docs/convert.md's option table), used for online upcycling; only `method` differs: empty by default.
 
-class _InitChecks:
-    """The behaviour of InitConfig (its fields are made from ConvertOptions below)."""
+    Attributes:
+        source: Checkpoint directory to start from: a Hugging Face model (dense or MoE; llama, mistral, qwen2, qwen3,
+            mixtral, qwen2_moe, qwen3_moe) or one of ours (a training checkpoint step_XXXXXXXX). The `model` section
+            must then be empty: the architecture comes from the checkpoint.
+        method: Online upcycling of a dense `source` into an MoE before training, as `upcycle convert --method`.
+            Empty: load `source` as it is.
+    """
+
+    method: str | None = field(default=None, metadata={"choices": METHODS})
+    source: str | None = None
+
+    def option_name(self, field_name: str) -> str:
+        return f"init.{field_name}"
 
     def convert_options(self) -> ConvertOptions:
         """The upcycling fields of this section as the options of `upcycle convert`."""
@@ -45,54 +61,25 @@ class _InitChecks:
         return ConvertOptions(**values)
 
     def validate(self) -> None:
-        if self.source is not None and not Path(self.source).exists():
-            raise UpcycleError(f"init.source {self.source} does not exist")
+        if self.source is not None and not Path(self.source).is_dir():
+            raise not_an_input("init.source", self.source, "a checkpoint directory")
         if self.method is None:
             return
         if self.source is None:
             raise UpcycleError("init.method needs init.source (the dense checkpoint to upcycle)")
-        try:
-            self.convert_options().validate()
-        except UpcycleError as exc:  # convert's messages name its flags; here they are init fields
-            raise UpcycleError(re.sub(r"--([a-z][a-z0-9-]*)", lambda m: "init." + m.group(1).replace("-", "_"),
-                                      str(exc))) from None
+        super().validate()  # convert's checks, its messages naming init fields (option_name)
+        family = _model_type(Path(self.source))
+        if family in AUTO_FORMAT:  # a dense source: the format is known now, before any work
+            self.check_format(AUTO_FORMAT[family] if self.format == "auto" else self.format)
 
 
-def _attribute_docs(cls: type, skip: tuple[str, ...]) -> str:
-    """The `Attributes:` entries of a Google-style class docstring, minus the fields named in `skip`."""
-    _, _, attributes = (inspect.getdoc(cls) or "").partition("\nAttributes:\n")
-    kept, keep = [], True
-    for line in attributes.splitlines():
-        head = line.strip().partition(":")[0]
-        if line.startswith("    ") and not line.startswith("     ") and head.isidentifier():
-            keep = head not in skip
-        if keep:
-            kept.append(line)
-    return textwrap.indent("\n".join(kept), "    ")
-
-
-# `init` = `source` + every option of `upcycle convert` (one declaration: ConvertOptions), with `method` empty by
-# default (load `source` as it is).
-InitConfig = dataclasses.make_dataclass(
-    "InitConfig",
-    [("source", "str | None", field(default=None)),
-     ("method", "str | None", field(default=None, metadata={"choices": METHODS}))]
-    + [(f.name, f.type, field(default=f.default, metadata=f.metadata))
-       for f in dataclasses.fields(ConvertOptions) if f.name != "method"],
-    bases=(_InitChecks,))
-InitConfig.__module__ = __name__
-InitConfig.__doc__ = f"""Where the weights come from. Empty `source`: from scratch, built from the `model` section.
-
-    Every field but `source` is an option of `upcycle convert` (ConvertOptions), used for online upcycling.
-
-    Attributes:
-        source: Checkpoint directory to start from: a Hugging Face model (dense or MoE; llama, mistral, qwen2, qwen3,
-            mixtral, qwen2_moe, qwen3_moe) or one of ours (a training checkpoint step_XXXXXXXX). The `model` section
-            must then be empty: the architecture comes from the checkpoint.
-        method: Online upcycling of a dense `source` into an MoE before training, as `upcycle convert --method`:
-            {", ".join(METHODS)}. Empty: load `source` as it is.
-{_attribute_docs(ConvertOptions, skip=("method",))}
-    """
+def _model_type(checkpoint: Path) -> str | None:
+    """The model_type of a checkpoint's config.json, or None where there is none to read (conversion names why)."""
+    try:
+        cfg = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return cfg.get("model_type") if isinstance(cfg, dict) else None
 
 
 @dataclass
@@ -113,7 +100,7 @@ class DataConfig:
     """
 
     path: str | None = None
-    sources: dict[str, list[str]] | None = None
+    sources: dict[str, list[str] | str] | None = None
     tokenizer: str | None = None
     val_fraction: float = 0.01
     weights: dict[str, float] | None = None
@@ -129,12 +116,12 @@ class DataConfig:
         if self.sources is not None:
             if not self.tokenizer:
                 raise UpcycleError("data.tokenizer is required with data.sources (a directory holding tokenizer.json)")
-            if not Path(self.tokenizer).exists():
-                raise UpcycleError(f"data.tokenizer {self.tokenizer} does not exist")
+            if not (Path(self.tokenizer).is_dir() or Path(self.tokenizer).is_file()):
+                raise not_an_input("data.tokenizer", self.tokenizer, "a tokenizer directory or tokenizer.json")
             for name, paths in self.sources.items():
                 for p in [paths] if isinstance(paths, str) else paths:
-                    if not Path(p).exists():
-                        raise UpcycleError(f"data.sources.{name}: {p} does not exist")
+                    if not (Path(p).is_file() or Path(p).is_dir()):
+                        raise not_an_input(f"data.sources.{name}:", p)
         if self.seq_len < 1:
             raise UpcycleError(f"data.seq_len must be >= 1, got {self.seq_len}")
 
@@ -229,9 +216,18 @@ class TrainLoopConfig:
         aux_coef: Weight of the Switch load-balancing loss (MoE only; the paper: 0.02).
         aux_per_layer: false: router logits of all layers pooled into one matrix (the paper, HF Mixtral);
             true: the loss of each layer on its own, averaged over layers.
+        balance_scope: Over which tokens the load-balancing loss counts expert assignments. micro_batch (default,
+            the paper's recipe: HF Mixtral's loss on each forward pass): each micro-batch of each rank balances its
+            own tokens, so the loss depends on how the global batch is split (micro_batch_size, number of ranks).
+            global_batch: the assignment counts are summed over every micro-batch and rank of the step before the
+            loss is formed, so results do not depend on the split, and a micro-batch of one domain need not spread
+            over all experts; costs one extra forward pass per micro-batch (no gradients) when a rank has several.
         z_coef: Weight of the router z-loss (the paper: 0, it is logged anyway).
         eval_every: Per-domain validation loss every this many steps and at the end; 0 disables validation.
         eval_sequences: Validation sequences per domain (fixed, evenly spread over the held-out documents).
+        collective_timeout_s: With several ranks, how long a rank waits in a collective for the others before the run
+            fails with a timeout (a frozen or lost rank); it must exceed the longest pause of any one rank, such as
+            rank 0 tokenizing data.sources or calibrating routers at start-up.
     """
 
     max_steps: int = 1000
@@ -245,11 +241,15 @@ class TrainLoopConfig:
     expert_parallel: int = 1
     aux_coef: float = 0.02
     aux_per_layer: bool = False
+    balance_scope: str = field(default="micro_batch", metadata={"choices": BALANCE_SCOPES})
     z_coef: float = 0.0
     eval_every: int = 200
     eval_sequences: int = 64
+    collective_timeout_s: float = 900.0
 
     def validate(self) -> None:
+        if not self.collective_timeout_s > 0:
+            raise UpcycleError(f"train.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.max_steps < 1:
             raise UpcycleError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -273,10 +273,14 @@ class CheckpointConfig:
     Attributes:
         every: Save every this many optimizer steps, and always at the end; 0: only at the end (and on SIGTERM).
         keep: Keep the newest this many checkpoints, delete older ones.
+        async_save: Write each checkpoint's state in a background thread while the next steps train (each rank first
+            copies its share of the state in memory); the checkpoint appears, complete, once every rank has written
+            its part. false: training waits for the write.
     """
 
     every: int = 500
     keep: int = 3
+    async_save: bool = False
 
     def validate(self) -> None:
         if self.every < 0 or self.keep < 1:
@@ -324,11 +328,7 @@ class TrainConfig:
             section = getattr(self, name)
             if section is None:  # only `model` may be absent
                 continue
-            for f in dataclasses.fields(section):
-                value = getattr(section, f.name)
-                _check_type(f"{name}.{f.name}", str(f.type), value)
-                if "choices" in f.metadata and value is not None:
-                    _one_of(f"{name}.{f.name}", value, f.metadata["choices"])
+            check_fields(section, lambda field_name, section_name=name: f"{section_name}.{field_name}")
             if name != "model":  # ModelConfig checks itself when built
                 section.validate()
         if self.init.source is None and self.model is None:
@@ -377,22 +377,6 @@ def config_to_dict(config: TrainConfig) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-_SCALAR_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
-
-
-def _check_type(name: str, annotation: str, value: Any) -> None:
-    """Reject a value of the wrong scalar type (YAML gives whatever it parsed), naming the field."""
-    optional = "None" in annotation
-    base = annotation.replace(" | None", "")
-    if value is None:
-        if not optional:
-            raise UpcycleError(f"{name} must be set (got null)")
-        return
-    if base in _SCALAR_TYPES and (not isinstance(value, _SCALAR_TYPES[base])
-                                  or (base != "bool" and isinstance(value, bool))):
-        raise UpcycleError(f"{name} must be {base}, got {value!r}")
-
-
 def _section(cls: type, values: Any, name: str):
     """Build dataclass `cls` from a dict, naming the offending field of section `name` in errors."""
     if values is None:
@@ -405,18 +389,20 @@ def _section(cls: type, values: Any, name: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise UpcycleError(f"unknown config field {name}.{unknown[0]}; {name} accepts: {', '.join(sorted(known))}")
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     values = dict(values)
     for key, value in values.items():
-        if types[key].startswith("float") and isinstance(value, str):
+        if float in union_members(hints[key]) and isinstance(value, str):
             # PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string; accept it as the number it obviously is.
             with contextlib.suppress(ValueError):
                 values[key] = float(value)
-        _check_type(f"{name}.{key}", types[key], values[key])
+        check_value(f"{name}.{key}", hints[key], values[key])
     try:
         return cls(**values)
     except TypeError as exc:  # a missing required field (ModelConfig's sizes)
         raise UpcycleError(f"config section {name!r}: {exc}") from None
+    except UpcycleError as exc:  # ModelConfig checks its sizes when built
+        raise UpcycleError(f"{name}: {exc}") from None
 
 
 def config_from_dict(values: dict) -> TrainConfig:

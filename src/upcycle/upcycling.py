@@ -116,20 +116,20 @@ def segment_neurons(ffn_dim: int, granularity: int, *, seed: int, layer: int) ->
     return perm.view(granularity, ffn_dim // granularity).sort(dim=1).values
 
 
-def granular_scale(granularity: int, *, renormalize: bool) -> float:
-    """The factor on each fine-grained expert's down projection that makes the MoE the dense function at r = 0.
+def granular_scale(granularity: int) -> float:
+    """The factor on each fine-grained expert's down projection that makes the MoE the coarse (G = 1) MoE, and so
+    the dense function at r = 0 when the top-k weights are renormalized.
 
-    Routing is softmax over all E = C * G experts, top K = k * G, then (renormalize) division by the sum of the K
-    chosen weights. The G experts of copy c share one router row, so each gets p_c / G, p_c being the softmax over
-    copies, and top-k takes whole copies (a copy's G equal values rank together). After renormalization each expert of
-    a chosen copy c weighs w_c = p_c / (G * P), P the sum of the k chosen p_c, so sum over chosen c of G * w_c = 1.
-    Copy c's G segments add up to the dense output y, hence the MoE outputs sum_c w_c * y = y / G, and multiplying
-    every down projection by G restores y (exactly, for a power of two). Without renormalization the weights sum to
-    P / G, which depends on the token, so no constant restores y; every format we write renormalizes (Mixtral always,
-    Qwen-MoE with norm_topk_prob true).
+    Routing is softmax over all E = C * G experts, top K = k * G. The G experts of copy c share one router row, so
+    each gets p_c / G, p_c being the softmax over copies, and top-k takes whole copies (a copy's G equal values rank
+    together). Copy c's G segments add up to the dense output y.
+    - Renormalized (Mixtral, Qwen-MoE with norm_topk_prob true): each expert of a chosen copy c weighs
+      w_c = p_c / (G * P), P the sum of the k chosen p_c, so the MoE outputs sum_c G * w_c * y / G = y / G, and
+      multiplying every down projection by G restores y (exactly, for a power of two).
+    - Not renormalized (Qwen-MoE with norm_topk_prob false): each weighs p_c / G, the MoE outputs P * y / G, and the
+      same factor G gives P * y: what the coarse MoE without renormalization computes. Neither is the dense y, since
+      P < 1 depends on the token (see docs/convert.md, `--no-renormalize`).
     """
-    if not renormalize:
-        raise UpcycleError("granular upcycling needs renormalized top-k weights (norm_topk_prob true)")
     return float(granularity)
 
 
@@ -139,15 +139,17 @@ def virtual_group_router(router_CD: torch.Tensor, granularity: int) -> torch.Ten
     return router_CD.repeat_interleave(granularity, dim=0)
 
 
-def parse_moe_layers(spec: str | None, num_layers: int | None = None) -> tuple[int, ...] | None:
+def parse_moe_layers(spec: str | None, num_layers: int | None = None, *, name: str = "--moe-layers"
+                     ) -> tuple[int, ...] | None:
     """The layers a `--moe-layers` spec names, ascending; None (every layer) for an empty spec or "all".
 
     `0-3,8`: indices and inclusive ranges. `every:N`: layers N-1, 2N-1, ... (Qwen-MoE's decoder_sparse_step N: every
-    N-th layer is MoE, the first at index N-1). Without `num_layers` only the syntax is checked."""
+    N-th layer is MoE, the first at index N-1). Without `num_layers` only the syntax is checked. Messages call the
+    spec `name`."""
     if spec is None or spec.strip() in ("", "all"):
         return None if num_layers is None else tuple(range(num_layers))
     text = spec.replace(" ", "")
-    example = "e.g. --moe-layers 0-3,8 or --moe-layers every:2"
+    example = f"e.g. {name} 0-3,8 or {name} every:2"
     layers: set[int] = set()
     try:
         if text.startswith("every:"):
@@ -165,13 +167,13 @@ def parse_moe_layers(spec: str | None, num_layers: int | None = None) -> tuple[i
                     raise ValueError
                 layers.update(range(a, b + 1))
     except ValueError:
-        raise UpcycleError(f"cannot read --moe-layers {spec!r}; {example}") from None
+        raise UpcycleError(f"cannot read {name} {spec!r}; {example}") from None
     if num_layers is None:
         return tuple(sorted(layers))
     if not layers:
-        raise UpcycleError(f"--moe-layers {spec!r} selects no layer of the {num_layers}; {example}")
+        raise UpcycleError(f"{name} {spec!r} selects no layer of the {num_layers}; {example}")
     if max(layers) >= num_layers:
-        raise UpcycleError(f"--moe-layers {spec!r} names layer {max(layers)}, but the model has layers 0-"
+        raise UpcycleError(f"{name} {spec!r} names layer {max(layers)}, but the model has layers 0-"
                            f"{num_layers - 1}; name layers in that range")
     return tuple(sorted(layers))
 

@@ -1,0 +1,309 @@
+"""`upcycle plan`: the memory a training config needs per rank and per node, before any weight exists.
+
+    upcycle plan --config configs/tiny-moe.yaml --ranks 4
+    upcycle plan --config configs/llama3-8b-8x-plan.yaml --ranks 16 --ranks-per-node 8 --device cuda \
+        --device-memory 80GB --train.expert_parallel 8
+
+The model is built on the meta device (nothing allocated) and every parameter is placed exactly as training places it:
+the same functions decide which dimension FSDP2 splits (distributed.shard_placement, and over the expert replicas
+distributed.expert_placement) and which experts a rank keeps (expert parallelism), so each rank's share is counted,
+not guessed. What is estimated, and how:
+
+    weights, gradients, AdamW   4 + 4 + 8 bytes per parameter of the rank's shard (fp32 master weights, both moments)
+    gathered blocks             FSDP2 all-gathers one block at a time, prefetches the next in backward, and keeps the
+                                root's parameters (embeddings, final norm, LM head) gathered through forward and
+                                backward: root + 2 largest blocks, in the compute dtype, plus one block's full fp32
+                                gradients before they are reduce-scattered
+    activations                 what autograd keeps for backward at the configured micro-batch, per token and layer
+                                (attention, the MoE's routed copies and SwiGLU hiddens, or the dense FFN's), plus the
+                                logits and cross-entropy's fp32 log-probabilities; with activation checkpointing only
+                                each block's input plus one block recomputed
+    host at build               the rank's pieces (on CPU) or none (on CUDA), plus the largest full tensor in flight
+                                while filling them (and with online upcycling one dense FFN and one expert)
+    host at save                the largest local piece being written; with checkpoint.async_save the staged copy of
+                                the rank's weights and AdamW state
+
+On a CPU the device is the host: a node then holds all of it for each of its ranks, plus each process's own runtime
+(RUNTIME_BYTES, measured here). benchmarks/memory.py measures the same quantities, and docs/training.md sets them side
+by side.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from upcycle.distributed import World, expert_placement, shard_placement
+from upcycle.errors import UpcycleError
+from upcycle.model import ModelConfig, Transformer
+from upcycle.moe import MoE
+from upcycle.safetensors_io import parse_size
+from upcycle.train_config import config_fields_help, load_config, micro_batch_size_for
+
+# Resident memory of one training process before any weight: Python, torch and our modules (measured on this machine
+# with torch 2.13 CPU: ~0.45 GB after `import upcycle.train`; a gloo process group adds little).
+RUNTIME_BYTES = 450 * 2**20
+
+
+def _chunk(size: int, ways: int, index: int) -> int:
+    """Length of piece `index` when `size` is split `ways` ways as FSDP2 and DTensor split (torch.chunk)."""
+    step = -(-size // ways)
+    return max(0, min(step, size - index * step))
+
+
+@dataclass
+class RankShare:
+    """What one rank holds of the model, in parameters."""
+
+    rank: int
+    params: int = 0  # its shard of every parameter
+    largest_piece: int = 0  # its largest single piece (what a save writes at once)
+    blocks: list[int] = field(default_factory=list)  # each block's parameters as gathered on this rank (FSDP unit)
+    root: int = 0  # the root unit's gathered parameters (embeddings, final norm, LM head)
+
+
+def rank_shares(model: Transformer, *, world_size: int, expert_parallel: int, parallel: str) -> list[RankShare]:
+    """Every rank's share of `model` (built on the meta device) under FSDP2 (with expert parallelism) or DDP."""
+    shares = [RankShare(rank) for rank in range(world_size)]
+    expert_ids = {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.gate_up_ED2F, m.down_EFD)}
+    block_of = {id(p): i for i, block in enumerate(model.layers) for p in block.parameters()}
+    for share in shares:
+        share.blocks = [0] * len(model.layers)
+    for param in model.parameters():
+        is_expert = id(param) in expert_ids
+        for share in shares:
+            if world_size == 1 or parallel == "ddp":
+                local, gathered = param.numel(), param.numel()
+            elif is_expert and expert_parallel > 1:
+                replicas, replica = world_size // expert_parallel, share.rank // expert_parallel
+                shape = (param.shape[0] // expert_parallel, *param.shape[1:])
+                gathered = math.prod(shape)  # a rank computes only its group's experts
+                local = gathered
+                if replicas > 1:
+                    dim = expert_placement(torch.empty(shape, device="meta"), replicas).dim
+                    local = gathered // shape[dim] * _chunk(shape[dim], replicas, replica)
+            else:
+                dim = shard_placement(param, world_size).dim
+                local = param.numel() // param.shape[dim] * _chunk(param.shape[dim], world_size, share.rank) \
+                    if param.dim() else param.numel()
+                gathered = param.numel()
+            share.params += local
+            share.largest_piece = max(share.largest_piece, local)
+            if id(param) in block_of:
+                share.blocks[block_of[id(param)]] += gathered
+            else:
+                share.root += gathered
+    return shares
+
+
+def activation_values(config: ModelConfig, *, tokens: int, checkpointing: bool) -> tuple[int, int]:
+    """(values autograd keeps for backward, of which fp32 regardless of precision) for one micro-batch of `tokens`."""
+    D, V, K = config.dim, config.vocab_size, config.top_k
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    attention = 4 * D + 3 * q + 4 * kv  # norm in/out, residual, q k v (before and after RoPE), SDPA out, o in
+    per_layer = []
+    for layer in range(config.num_layers):
+        if layer in config.moe_layer_ids:
+            F = config.expert_dim
+            ffn = 3 * D + K * (2 * D + 4 * F)  # norm in/out, combine; per slot: gathered row, [gate|up], silu, product
+            if config.shared_expert_dim:
+                ffn += 4 * config.shared_expert_dim + 1
+        else:
+            ffn = 3 * D + 4 * config.ffn_dim
+        per_layer.append(attention + ffn)
+    routing = 3 * config.num_experts * len(config.moe_layer_ids)  # fp32 logits, probabilities, top-k weights
+    head = V  # logits
+    if checkpointing:  # each block's input, plus one block recomputed in backward
+        kept = D * config.num_layers + max(per_layer)
+    else:
+        kept = sum(per_layer)
+    return tokens * (kept + head + V + routing), tokens * (V + routing)  # + cross-entropy's fp32 log-probabilities
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    params: int
+    weights: int  # bytes
+    grads: int
+    optimizer: int
+    gathered: int  # FSDP's all-gathered blocks and root, and one block's unsharded gradients
+    activations: int
+    device_total: int
+    host_build: int
+    host_save: int
+
+
+@dataclass
+class Plan:
+    total_params: int
+    active_params: int
+    world_size: int
+    ranks_per_node: int
+    expert_parallel: int
+    precision: str
+    device: str
+    micro_batch_size: int
+    ranks: list[RankPlan]
+    checkpoint_bytes: int
+
+    @property
+    def worst(self) -> RankPlan:
+        return max(self.ranks, key=lambda r: (r.device_total, r.host_build, r.host_save))
+
+    def node_host_bytes(self, phase: str) -> int:
+        """Host memory of the busiest node in `phase` (build, save or train), its ranks' worst plans added up."""
+        training = self.worst.device_total + RUNTIME_BYTES if self.device == "cpu" else RUNTIME_BYTES
+        per_rank = {"build": self.worst.host_build, "save": self.worst.host_save, "train": training}[phase]
+        if self.device == "cpu":  # the device is the host: training's memory is there in every phase
+            per_rank = max(per_rank, training)
+        return per_rank * self.ranks_per_node
+
+
+def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> Plan:
+    """The memory plan of a training config (upcycle.train_config.TrainConfig) on `world_size` ranks."""
+    from upcycle.expert_parallel import check_degree
+    from upcycle.hardware import resolve_precision
+    from upcycle.train import start_point
+
+    loop, seq_len = config.train, config.data.seq_len
+    sequences = loop.global_batch_tokens // seq_len
+    if sequences % world_size:
+        raise UpcycleError(f"train.global_batch_tokens ({loop.global_batch_tokens}) is {sequences} sequences, which "
+                           f"{world_size} ranks cannot share evenly; make it a multiple of data.seq_len * ranks")
+    micro = micro_batch_size_for(sequences // world_size, loop.micro_batch_size)
+    precision = loop.precision if loop.precision != "auto" else resolve_precision("auto", torch.device(device))[0]
+    one = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model_config = start_point(config, one, resume_model_config=None).model_config
+    check_degree(loop.expert_parallel, world_size=world_size, num_experts=model_config.num_experts)
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    shares = rank_shares(model, world_size=world_size, expert_parallel=loop.expert_parallel, parallel=loop.parallel)
+    compute_bytes = 2 if precision == "bf16" else 4
+    values, fp32_values = activation_values(model_config, tokens=micro * seq_len,
+                                            checkpointing=loop.activation_checkpointing)
+    activations = (values - fp32_values) * compute_bytes + fp32_values * 4
+    largest_full = max(p.numel() for p in model.parameters())
+    in_flight = 4 * largest_full
+    if config.init.source is not None and config.init.method is not None:  # a dense FFN and an expert being made
+        in_flight += 4 * 6 * model_config.ffn_dim * model_config.dim
+    ranks = []
+    for share in shares:
+        sharded = world_size > 1 and loop.parallel == "fsdp"
+        gathered = 0
+        if sharded:
+            biggest = sorted(share.blocks, reverse=True)[:2]
+            gathered = (share.root + sum(biggest)) * compute_bytes + max(share.blocks) * 4
+        weights, grads, optimizer = 4 * share.params, 4 * share.params, 8 * share.params
+        device_total = weights + grads + optimizer + gathered + activations
+        resident = weights if device == "cpu" else 0
+        host_build = RUNTIME_BYTES + resident + in_flight
+        staged = 12 * share.params if config.checkpoint.async_save else 4 * share.largest_piece
+        host_save = RUNTIME_BYTES + (weights + grads + optimizer if device == "cpu" else 0) + staged
+        ranks.append(RankPlan(share.rank, share.params, weights, grads, optimizer, gathered, activations,
+                              device_total, host_build, host_save))
+    return Plan(total_params=model.num_params(), active_params=model.num_active_params(), world_size=world_size,
+                ranks_per_node=ranks_per_node, expert_parallel=loop.expert_parallel, precision=precision,
+                device=device, micro_batch_size=micro, ranks=ranks, checkpoint_bytes=12 * model.num_params())
+
+
+def _gb(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**28 else f"{size / 2**20:.1f} MiB"
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"parameters: {plan.total_params:,} in all, {plan.active_params:,} active per token",
+             f"layout: {plan.world_size} rank(s), {plan.ranks_per_node} per node, expert_parallel "
+             f"{plan.expert_parallel}, {plan.precision} on {plan.device}, micro-batch {plan.micro_batch_size}",
+             f"checkpoint: {_gb(plan.checkpoint_bytes)} on disk (weights + AdamW), each rank writing its share",
+             "", f"{'rank':>5} {'params':>15} {'weights':>11} {'grads':>11} {'AdamW':>11} {'gathered':>11} "
+             f"{'activations':>11} {'device':>11} {'host build':>11} {'host save':>11}"]
+    shown = plan.ranks if len(plan.ranks) <= 8 else [*plan.ranks[:2], plan.ranks[-1]]
+    if plan.worst not in shown:
+        shown.append(plan.worst)
+    for r in shown:
+        lines.append(f"{r.rank:>5} {r.params:>15,} {_gb(r.weights):>11} {_gb(r.grads):>11} {_gb(r.optimizer):>11} "
+                     f"{_gb(r.gathered):>11} {_gb(r.activations):>11} {_gb(r.device_total):>11} "
+                     f"{_gb(r.host_build):>11} {_gb(r.host_save):>11}")
+    if len(plan.ranks) > len(shown):
+        lines.append(f"  ({len(plan.ranks) - len(shown)} more ranks not shown; the busiest is rank {plan.worst.rank})")
+    lines.append("")
+    lines.append(f"per node ({plan.ranks_per_node} ranks): host at build {_gb(plan.node_host_bytes('build'))}, "
+                 f"while training {_gb(plan.node_host_bytes('train'))}, at save {_gb(plan.node_host_bytes('save'))}")
+    return "\n".join(lines)
+
+
+def _memory_total() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(plan: Plan, *, device_memory: int | None, host_memory: int | None) -> None:
+    """Refuse a plan that cannot fit, naming what to change."""
+    fixes = ("more ranks, train.expert_parallel, train.activation_checkpointing: true or a smaller "
+             "train.micro_batch_size")
+    worst = plan.worst
+    if device_memory is not None and plan.device != "cpu" and worst.device_total > device_memory:
+        raise UpcycleError(f"rank {worst.rank} needs about {_gb(worst.device_total)} of device memory, more than the "
+                           f"{_gb(device_memory)} of --device-memory; use {fixes}")
+    if host_memory is not None:
+        for phase in ("build", "train", "save"):
+            need = plan.node_host_bytes(phase)
+            if need > host_memory:
+                raise UpcycleError(f"a node of {plan.ranks_per_node} rank(s) needs about {_gb(need)} of host memory "
+                                   f"at {phase}, more than the {_gb(host_memory)} of --host-memory; use {fixes}")
+
+
+def plan_command(
+    *,
+    config: str,
+    ranks: int | None = None,
+    ranks_per_node: int | None = None,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    device_memory: str | None = None,
+    host_memory: str | None = None,
+    override: list[str] | None = None,
+) -> None:
+    """Print the memory a training config needs per rank and per node, without building any weight.
+
+    Builds the config's model on the meta device and places every parameter as `upcycle train` would for the given
+    ranks, expert-parallel degree (train.expert_parallel) and precision, then prints the parameters (total, active)
+    and per rank the weights, gradients, AdamW state, FSDP's gathered blocks, an activation estimate at the configured
+    micro-batch, and the host memory at build and at save. Refuses (exit 2) a plan that does not fit the given memory.
+    Any config field can be overridden as in `upcycle train` (e.g. --train.expert_parallel 8).
+
+    Args:
+        config: The training config (YAML) to plan.
+        ranks: Number of ranks (processes); default: WORLD_SIZE when launched by torchrun, else 1.
+        ranks_per_node: Ranks sharing one machine's host memory; default: all of them, at most 8.
+        device: What the ranks compute on: cuda, cpu, or auto (this machine's).
+        device_memory: Memory of one accelerator, e.g. 80GB (cuda; default: this machine's GPU if it has one).
+        host_memory: Memory of one node, e.g. 2TB; default: this machine's.
+        override: Overrides as section.field=value, the same as --section.field value.
+    """
+    train_config = load_config(config, list(override or []))
+    world_size = ranks if ranks is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 1:
+        raise UpcycleError(f"--ranks must be >= 1, got {world_size}")
+    per_node = ranks_per_node if ranks_per_node is not None else min(world_size, 8)
+    if not 1 <= per_node <= world_size:
+        raise UpcycleError(f"--ranks-per-node must lie in [1, --ranks={world_size}], got {per_node}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = torch.cuda.get_device_properties(0).total_memory if device == "cuda" and torch.cuda.is_available() else None
+    plan = make_plan(train_config, world_size=world_size, ranks_per_node=per_node, device=device)
+    print(format_plan(plan))
+    check_fits(plan, device_memory=parse_size(device_memory) if device_memory else gpu,
+               host_memory=parse_size(host_memory) if host_memory else _memory_total())
+
+
+plan_command.help_epilog = config_fields_help
