@@ -502,13 +502,9 @@ def test_every_config_field_is_in_the_help_and_the_docs():
     (["--out", "x"], "give --config FILE"),
 ])
 def test_cli_flag_combinations_are_refused_in_one_line(flags, message, capsys):
-    from upcycle.cli import main
+    from helpers import assert_one_line_error, run_cli
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["experiment", *flags])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    assert_one_line_error(*run_cli(capsys, "experiment", *flags), message)
 
 
 def test_the_report_config_and_statistics_never_import_the_runner():
