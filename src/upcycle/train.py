@@ -59,6 +59,7 @@ from upcycle.hardware import resolve_precision
 from upcycle.metrics import MetricsLog
 from upcycle.model import ModelConfig, Transformer
 from upcycle.safetensors_io import CheckpointReader
+from upcycle.schedule import schedule_of
 from upcycle.shards import fill_from_scratch, fill_from_sources, model_pieces
 from upcycle.train_config import (  # noqa: F401  (the config API is importable from here too)
     OptimConfig,
@@ -82,30 +83,6 @@ DATA_SHA256_SEED = b"upcycle-data"
 
 class NonFiniteLoss(UpcycleError):
     """The loss or gradient norm became NaN/inf: training stopped without updating or saving."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Learning-rate schedule: a pure function of the step
-
-
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, warmup_start_lr: float) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup from warmup_start_lr to lr over warmup_steps,
-    cosine from lr to min_lr until decay_steps, min_lr after."""
-    if step < warmup_steps:
-        return warmup_start_lr + (lr - warmup_start_lr) * step / warmup_steps
-    if step >= decay_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def schedule_of(config: TrainConfig) -> Callable[[int], float]:
-    """The config's schedule as a function step -> learning rate."""
-    o, s = config.optim, config.schedule
-    decay = config.train.max_steps if s.decay_steps is None else s.decay_steps
-    start = o.min_lr if s.warmup_start_lr is None else s.warmup_start_lr
-    return lambda step: lr_at(step, lr=o.lr, min_lr=o.min_lr, warmup_steps=s.warmup_steps, decay_steps=decay,
-                              warmup_start_lr=start)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
