@@ -1,6 +1,8 @@
-"""`upcycle experiment`: config validation, and the whole pipeline at a tiny size: every arm kind at two seeds and two
-budgets (decay branches off one warmup-stable-decay run), the same data order within a seed, intervals and verdicts,
-kept models re-scored, resume, refusal of a changed config, a real SIGKILL with --parallel."""
+"""`upcycle experiment`: config validation, and the whole pipeline at a tiny size: every arm kind made from the seed at
+two seeds and two budgets (decay branches off one warmup-stable-decay run), the same data order within a seed,
+intervals and verdicts, kept models re-scored, resume, refusal of a changed config, a real SIGKILL with --parallel;
+grow and continue arms starting from another arm's trained model at the same seed, and waiting for it under
+--parallel."""
 
 from __future__ import annotations
 
@@ -129,6 +131,33 @@ def with_recipe(config: dict, **sections) -> dict:
     ({"data": {"path": "DATA", "seq_len": 32, "weights": {"klingon": 1.0}}}, "data.weights"),
     ({"colour": "blue"}, "colour"),
     ({"data": {"path": "DATA", "seq_len": 256}}, "data.path"),  # the tiny seed takes 128 positions
+    # grow and continue
+    ({"arms": [{"name": "g", "kind": "grow", "from_arm": "a"}, {"name": "a", "kind": "naive"}]}, "arms[0] (g).from_arm"),
+    ({"arms": [{"name": "c", "kind": "continue", "from_arm": "c"}]}, "arms[0] (c).from_arm"),
+    ({"arms": [{"name": "a", "kind": "naive"}, {"name": "c", "kind": "continue", "from_arm": "b"}]},
+     "arms[1] (c).from_arm"),
+    ({"arms": [{"name": "d", "kind": "dense"}, {"name": "g", "kind": "grow", "from_arm": "d"}]}, "arms[1] (g).from_arm"),
+    ({"arms": [{"name": "d", "kind": "dense"}, {"name": "c", "kind": "continue", "from_arm": "d"},
+               {"name": "g", "kind": "grow", "from_arm": "c"}]}, "arms[2] (g).from_arm"),  # still a dense model
+    ({"arms": [{"name": "a", "kind": "naive"}, {"name": "g", "kind": "grow", "from_arm": "a", "factor": 1}]},
+     "arms[1] (g).factor"),
+    ({"arms": [{"name": "a", "kind": "naive"}, {"name": "g", "kind": "grow", "from_arm": "a", "factor": 2.5}]},
+     "arms[1] (g).factor"),
+    ({"arms": [{"name": "a", "kind": "naive"}, {"name": "g", "kind": "grow", "from_arm": "a", "top_k": 9}]},
+     "arms[1] (g).top_k"),  # 2 x 4 experts
+    ({"arms": [{"name": "a", "kind": "naive"}, {"name": "g", "kind": "grow", "from_arm": "a", "top_k": 0}]},
+     "arms[1] (g).top_k"),
+    ({"arms": [{"name": "a", "kind": "naive"}, {"name": "g", "kind": "grow", "from_arm": "a", "ratio": 1.5}]},
+     "arms[1] (g).ratio"),
+    ({"arms": [{"name": "a", "kind": "naive"},
+               {"name": "g", "kind": "grow", "from_arm": "a", "convert": {"router_std": 0.1}}]}, "arms[1] (g).convert"),
+    ({"arms": [{"name": "a", "kind": "naive"}, {"name": "c", "kind": "continue", "from_arm": "a", "ratio": 0.5}]},
+     "arms[1] (c).ratio"),
+    ({"arms": [{"name": "a", "kind": "naive"}, {"name": "c", "kind": "continue", "from_arm": "a", "factor": 2}]},
+     "arms[1] (c).factor"),
+    ({"arms": [{"name": "a", "kind": "naive", "from_arm": "b"}]}, "arms[0] (a).from_arm"),
+    ({"arms": [{"name": "a", "kind": "naive", "top_k": 1}]}, "arms[0] (a).top_k"),
+    ({"arms": [{"name": "c", "kind": "continue"}]}, "arms[0] (c).from_arm"),
 ])
 def test_invalid_configs_name_the_field(tiny, change, field):
     """Each bad field is refused by parse_config, before any work, with a message that starts with its name."""
@@ -143,6 +172,21 @@ def test_invalid_configs_name_the_field(tiny, change, field):
     with pytest.raises(UpcycleError) as error:
         parse_config(config)
     assert str(error.value).startswith(field), str(error.value)
+
+
+def test_grow_defaults_follow_the_from_arm_chain(tiny):
+    """factor 2 and top_k = factor x the source's top-k by default, through a chain of grow and continue arms; a
+    continue of the dense arm is allowed (the dense model trained further)."""
+    arms = [{"name": "d", "kind": "dense"}, {"name": "d-more", "kind": "continue", "from_arm": "d"},
+            {"name": "a", "kind": "drop"}, {"name": "g", "kind": "grow", "from_arm": "a"},
+            {"name": "g-more", "kind": "continue", "from_arm": "g"},
+            {"name": "g3", "kind": "grow", "from_arm": "g-more", "factor": 3, "ratio": 0.0, "index_mode": "shared"}]
+    config = parse_config(experiment_dict(tiny, arms=arms))
+    by_name = {arm.name: arm for arm in config.arms}
+    assert (by_name["g"].factor, by_name["g"].top_k, by_name["g"].ratio, by_name["g"].index_mode) == \
+        (2, 4, 0.5, "independent")
+    assert (by_name["g3"].factor, by_name["g3"].top_k) == (3, 12)  # 24 experts
+    assert by_name["g-more"].factor is None and by_name["d-more"].top_k is None
 
 
 def test_renamed_fields_say_what_to_write_instead(tiny):
@@ -453,6 +497,95 @@ def test_an_arm_can_carry_further_convert_options_such_as_a_data_initialized_rou
         pytest.approx(by_name["naive"]["curve"][0]["loss"]["mean"]["mean"], abs=1e-5)
     assert by_name["naive-data"]["seeds"][0]["routing_final"] != by_name["naive"]["seeds"][0]["routing_final"]
     assert "router_init data" in (tmp_path / "out" / "report.md").read_text()
+
+
+GROW_ARMS = [{"name": "moe4", "kind": "naive"},
+             {"name": "more", "kind": "continue", "from_arm": "moe4"},
+             {"name": "grow-r0", "kind": "grow", "from_arm": "moe4", "ratio": 0.0},
+             {"name": "grow-r05-top2", "kind": "grow", "from_arm": "moe4", "ratio": 0.5, "top_k": 2}]
+
+
+def test_grow_and_continue_arms_start_from_another_arms_trained_model_at_the_same_seed(tiny, tmp_path):
+    """kind grow: `upcycle grow` of an earlier arm's final model at the same seed (r = 0: the same function, so its
+    step-0 loss is that model's loss); kind continue: that model as it is; both then trained for every budget with the
+    same recipe and data order. Two seeds, two wsd budgets: each starts from its seed's source, at the end of the
+    source's largest budget (the main run's final checkpoint)."""
+    config = with_recipe(experiment_dict(tiny, arms=GROW_ARMS, seeds=[0, 1], budgets=[512, 1024],
+                                         eval={"points": 1, "tokens": 64, "bootstrap": 100}),
+                         schedule={"kind": "wsd", "decay_fraction": 0.5})
+    out = tmp_path / "out"
+    results = _run(tiny, out, config)
+    arms = _arms(results)
+    source = arms["moe4"]["seeds"]
+    assert source[0]["curve"][-1]["mean"] != pytest.approx(source[1]["curve"][-1]["mean"], abs=1e-4)
+    for s in (0, 1):
+        final = source[s]["curve"][-1]  # the main run's last step, fp32: the model the others start from
+        assert final["tokens"] == 1024
+        more, grow_r0, grow_r05 = (arms[name]["seeds"][s]["curve"][0]
+                                   for name in ("more", "grow-r0", "grow-r05-top2"))
+        assert (more["code"], more["english"]) == (final["code"], final["english"])
+        # the kept bf16 model of that budget: the same up to rounding
+        assert more["mean"] == pytest.approx(source[s]["budgets"][-1]["mean"], abs=5e-3)
+        assert grow_r0["mean"] == pytest.approx(final["mean"], abs=1e-4)
+        assert grow_r05["mean"] != pytest.approx(final["mean"], abs=1e-3)
+        manifest = json.loads((out / "arms" / "grow-r0" / f"seed_{s}" / "init" / "upcycle_manifest.json").read_text())
+        assert manifest["options"]["command"] == "grow" and manifest["function_preserving"] is True
+        assert manifest["options"]["seed"] == s
+        assert not (out / "arms" / "more" / f"seed_{s}" / "init").exists()
+    assert {name: (arms[name]["from_arm"], arms[name]["num_experts"], arms[name]["top_k"])
+            for name in ("more", "grow-r0", "grow-r05-top2")} == \
+        {"more": ("moe4", 4, 2), "grow-r0": ("moe4", 8, 4), "grow-r05-top2": ("moe4", 8, 2)}
+    assert "from_arm" not in arms["moe4"] and "num_experts" not in arms["more"]["seeds"][0]
+    # FLOPs from each model's own active parameters: top-2 of 8 uses as many expert parameters per token as top-2 of
+    # 4 (the router has 4 more rows of 32 per layer, 2 layers)
+    assert arms["grow-r0"]["active_params"] > arms["grow-r05-top2"]["active_params"] == \
+        arms["more"]["active_params"] + 2 * 4 * 32
+    for name in ("more", "grow-r0"):
+        assert [b["flops"] for b in arms[name]["budgets"]] == [6 * arms[name]["active_params"] * t for t in (512, 1024)]
+    assert results["same_data_order"] == {"0": True, "1": True}
+    assert len(arms["grow-r0"]["seeds"][0]["routing_final"][0]["code"]) == 8  # its own experts
+    assert (out / "routing_grow-r0.png").stat().st_size > 0 and (out / "routing_more.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "| grow of moe4 to 8 experts, top-4, r=0 (independent) |" in report
+    assert "| moe4 trained further (4 experts, top-2) |" in report
+    # the kept models re-scored: continue's untrained point is its source's final checkpoint
+    rescored = _arms(rescore_experiment(out, tiny["data"], threads=1))
+    for name in ("more", "grow-r0"):
+        assert rescored[name]["seeds"][1]["curve"][0]["mean"] == arms[name]["seeds"][1]["curve"][0]["mean"]
+        assert rescored[name]["budgets"][-1]["loss"] == arms[name]["budgets"][-1]["loss"]
+        assert rescored[name]["num_experts"] == arms[name]["num_experts"]
+
+
+def test_a_grow_run_waits_for_its_source_and_is_not_started_when_the_source_fails(tiny, tmp_path):
+    """Without --parallel, a grow run whose source has not run is refused up front, naming what to run first. With
+    --parallel 2 the grow run starts only once its source's run has finished; when the source fails, it is not
+    started at all."""
+    config = experiment_dict(tiny, arms=[{"name": "src", "kind": "naive"},
+                                         {"name": "g", "kind": "grow", "from_arm": "src", "ratio": 0.0}],
+                             budgets=[256], eval={"points": 1, "tokens": 64, "bootstrap": 100})
+    out = tmp_path / "out"
+    with pytest.raises(UpcycleError, match=r"^g seed 0 starts from arm src seed 0, which has not finished; run it "
+                                           r"first \(--only src --seeds 0"):
+        _run(tiny, out, config, only=["g"])
+    assert not out.exists()
+
+    _run(tiny, out, config, only=[])  # sets OUT up, trains nothing
+    (out / "arms" / "src" / "seed_0").mkdir(parents=True)
+    (out / "arms" / "src" / "seed_0" / "init").write_text("in the way: convert refuses to replace it")
+    with pytest.raises(UpcycleError, match=r"^src seed 0 failed; g seed 0 not started"):
+        _run(tiny, out, config, parallel=2)
+    assert not (out / "arms" / "g").exists()
+
+    (out / "arms" / "src" / "seed_0" / "init").unlink()
+    # two runs at once, yet g's process (which refuses to start before src seed 0's arm.json exists, as above) runs
+    # only after src's has finished
+    results = _run(tiny, out, config, parallel=2)
+    assert "has not finished" not in (out / "arms" / "g" / "seed_0" / "log.txt").read_text()
+    assert (out / "arms" / "g" / "seed_0" / "init").stat().st_mtime_ns >= \
+        (out / "arms" / "src" / "seed_0" / "arm.json").stat().st_mtime_ns
+    arms = _arms(results)
+    assert arms["g"]["seeds"][0]["curve"][0]["mean"] == pytest.approx(arms["src"]["seeds"][0]["curve"][-1]["mean"],
+                                                                      abs=1e-4)
 
 
 def test_calibration_text_shared_with_the_validation_split_is_refused_naming_both_files(tiny, tmp_path):

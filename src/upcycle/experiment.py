@@ -16,7 +16,9 @@ Layout of OUT (everything is written atomically; re-running the same command res
     validation.json              the scored validation tokens: per domain, tokens, documents, tokens per document
     data/                        the tokenized data, when the config gives raw `sources`
     arms/NAME/seed_S/            one run of arm NAME at seed S:
-        init/                    the model before training (upcycle convert's output; not for `dense`)
+        init/                    the model before training (upcycle convert's output, grow: upcycle grow's; not for
+                                 `dense`, which starts from the seed model, nor `continue`, which starts from its
+                                 from_arm's final checkpoint at the same seed, arms/FROM/seed_S/run/checkpoints/...)
         branches/                btx only: one dense run per domain and its HF export
         run/                     the main run, an ordinary `upcycle train` directory: the largest budget's schedule
         budgets/TOKENS/run/      every other budget (wsd: a decay branch off the main run; cosine: its own run)
@@ -58,9 +60,10 @@ from upcycle import experiment_stats as stats
 from upcycle.analyze import collect_routing, expert_matrices, expert_similarity, mean_pairwise_jsd, routing_stats
 from upcycle.errors import UpcycleError
 from upcycle.evaluate import score_domains
-from upcycle.experiment_config import (CONFIG_FILE, ArmSpec, ExperimentConfig, Plan, arm_where, check_validation_split,
-                                       config_change, config_from_record, config_help, config_record, inputs,
-                                       load_experiment, read_saved_config, train_config_dict)
+from upcycle.experiment_config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KINDS, ArmSpec, ExperimentConfig, Plan,
+                                       arm_where, check_validation_split, config_change, config_from_record,
+                                       config_help, config_record, inputs, load_experiment, read_saved_config,
+                                       train_config_dict)
 from upcycle.experiment_report import RESULTS_FILE, REPORT_FILE, build_results, display_path, write_outputs, \
     write_text_atomic
 from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP, export_hf, load_model
@@ -231,12 +234,55 @@ def _btx_branches(ctx: _Context, arm: ArmSpec, seed: int, unit: Path) -> tuple[l
     return exports, info
 
 
+def _unit_dir(out: Path, name: str, seed: int) -> Path:
+    return out / "arms" / name / f"seed_{seed}"
+
+
+def source_checkpoint(out: Path, from_arm: str, seed: int, steps: int) -> Path:
+    """Where a grow or continue arm at `seed` starts from: arm `from_arm`'s final model at the same seed, the last
+    checkpoint of its main run (the largest budget's end, fp32; `steps`: that budget's steps). Kept, as every run's
+    main-run checkpoint is, while OUT exists."""
+    return _checkpoint(_unit_dir(out, from_arm, seed) / "run", steps)
+
+
+def _source_not_finished(arm: ArmSpec, seed: int) -> UpcycleError:
+    return UpcycleError(f"{arm.name} seed {seed} starts from arm {arm.from_arm} seed {seed}, which has not finished; "
+                        f"run it first (--only {arm.from_arm} --seeds {seed}, or a run without --only and --seeds, "
+                        "which runs the arms in order)")
+
+
+def _from_arm_model(ctx: _Context, arm: ArmSpec, seed: int) -> Path:
+    """The model a grow or continue arm starts from at `seed`; its run (from_arm at the same seed) must be finished."""
+    source = _unit_dir(ctx.out, arm.from_arm, seed)
+    if not (source / ARM_DONE_FILE).is_file():
+        raise _source_not_finished(arm, seed)
+    checkpoint = source_checkpoint(ctx.out, arm.from_arm, seed, ctx.plan.budget_steps[-1])
+    if not checkpoint.is_dir():
+        raise UpcycleError(f"{arm.name} seed {seed} starts from {checkpoint}, the final checkpoint of arm "
+                           f"{arm.from_arm} seed {seed}, which is missing; remove {source} and re-run to train it "
+                           "again")
+    return checkpoint
+
+
 def _initial_model_dir(ctx: _Context, arm: ArmSpec, seed: int, unit: Path) -> tuple[str, dict | None]:
-    """The model before training: the seed itself (dense) or an `upcycle convert` output in unit/init."""
+    """The model before training: the seed itself (dense), an `upcycle convert` output in unit/init, or for grow and
+    continue the final model of arm from_arm at the same seed (grown into unit/init, or as it is)."""
     from upcycle.convert import convert
 
     if arm.kind == "dense":
         return ctx.config.seed_model, None
+    if arm.kind == "continue":
+        return str(_from_arm_model(ctx, arm, seed)), None
+    if arm.kind == "grow":
+        from upcycle.grow import grow
+
+        init = unit / "init"
+        if not init.is_dir():  # grow publishes atomically: a directory that exists is complete
+            _log(f"{arm.name} seed {seed}: upcycle grow --factor {arm.factor} --ratio {arm.ratio:g} --top-k "
+                 f"{arm.top_k} (from {arm.from_arm} seed {seed})")
+            grow(_from_arm_model(ctx, arm, seed), init, factor=arm.factor, ratio=arm.ratio,
+                 index_mode=arm.index_mode, top_k=arm.top_k, seed=seed, dtype="float32", progress=False)
+        return str(init), None
     branches = None
     options = dataclasses.asdict(arm.convert_options(ctx.config, seed))
     source = ctx.config.seed_model
@@ -315,7 +361,10 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
     model = load_model(init_dir).to(_device())
     if not point(0).is_file():
         _write_json(point(0), {"step": 0, "tokens": 0, **measure_model(model, ctx.val)})
-    active, total = model.num_active_params(), model.num_params()
+    active, total = model.num_active_params(), model.num_params()  # the model's own (grow changes both)
+    shape = dict(zip(FROM_ARM_FIELDS, (arm.from_arm, model.config.num_experts or None,
+                                       model.config.top_k if model.config.is_moe else None))) \
+        if arm.kind in FROM_ARM_KINDS else {}
     flops_per_token = stats.training_flops(active, 1)
     del model
     extra_flops = 0
@@ -356,7 +405,7 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
     curve = [json.loads(point(s).read_text()) for s in [0, *plan.eval_steps]]
     result = {
         "name": arm.name, "seed": seed, "method": arm.kind, "ratio": arm.ratio, "index_mode": arm.index_mode,
-        "convert": _display_convert(arm.convert), "active_params": active, "total_params": total,
+        "convert": _display_convert(arm.convert), **shape, "active_params": active, "total_params": total,
         "budgets": [_strip(budgets[n]) for n in plan.budget_steps],
         "curve": [_strip(p) for p in curve],
         "routing_final": budgets[largest].get("routing"),
@@ -530,17 +579,32 @@ def _run_parallel(config_path: str, out: Path, units: list[tuple[ArmSpec, int]],
                   threads: int) -> None:
     """N runs at once, each `python -m upcycle experiment --only=ARM --seeds=S` with threads // N torch threads:
     always in child processes, even when a single run is left, so every run has the same thread count as in an
-    uninterrupted experiment (and the same floating-point reductions)."""
+    uninterrupted experiment (and the same floating-point reductions). A grow or continue run starts once its
+    from_arm's run at the same seed has finished (its arm.json exists); if that run failed, it fails unstarted."""
     per_child = max(1, threads // parallel)
     env = dict(os.environ, OMP_NUM_THREADS=str(per_child))
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    pending, running, failed = list(units), {}, []
+    pending, running, failed, unstarted = list(units), {}, [], []
     preexec = _die_with_parent()
+
+    def ready(arm: ArmSpec, seed: int) -> bool:
+        return arm.from_arm is None or (_unit_dir(out, arm.from_arm, seed) / ARM_DONE_FILE).is_file()
+
     try:
         while pending or running:
-            while pending and len(running) < parallel:
-                arm, seed = pending.pop(0)
+            for arm, seed in list(pending):
+                # never startable: its source failed (or was not started), or is neither running nor pending
+                source = (arm.from_arm, seed)
+                if arm.from_arm is not None and not ready(arm, seed) and source not in running \
+                        and not any((a.name, s) == source for a, s in pending):
+                    pending.remove((arm, seed))
+                    unstarted.append(f"{arm.name} seed {seed}")
+                    _log(f"{arm.name} seed {seed}: not started: arm {arm.from_arm} seed {seed}, which it starts from, "
+                         "did not finish")
+            while len(running) < parallel and any(ready(a, s) for a, s in pending):
+                arm, seed = next((a, s) for a, s in pending if ready(a, s))
+                pending.remove((arm, seed))
                 unit = out / "arms" / arm.name / f"seed_{seed}"
                 unit.mkdir(parents=True, exist_ok=True)
                 log = open(unit / "log.txt", "a")
@@ -568,9 +632,11 @@ def _run_parallel(config_path: str, out: Path, units: list[tuple[ArmSpec, int]],
             process.kill()
             process.wait()
             log.close()
-    if failed:
-        raise UpcycleError(f"{', '.join(failed)} failed; see arms/NAME/seed_S/log.txt under {out}, fix the cause and "
-                           "re-run the same command (finished runs are kept)")
+    if failed or unstarted:
+        not_started = f"; {', '.join(unstarted)} not started (the run it starts from did not finish)" if unstarted \
+            else ""
+        raise UpcycleError(f"{', '.join(failed) or 'no run'} failed{not_started}; see arms/NAME/seed_S/log.txt under "
+                           f"{out}, fix the cause and re-run the same command (finished runs are kept)")
 
 
 def _context(config: ExperimentConfig, out: Path, data_dir: Path) -> _Context:
@@ -615,6 +681,11 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, config_path: st
     selected = [(arm, seed) for arm in config.arms for seed in config.seeds
                 if (only is None or arm.name in only) and (seeds is None or seed in seeds)]
     partial = only is not None or seeds is not None
+    chosen = {(arm.name, seed) for arm, seed in selected}
+    for arm, seed in selected:  # a grow or continue run needs its source run finished, or run first
+        if arm.from_arm is not None and (arm.from_arm, seed) not in chosen \
+                and not (_unit_dir(out, arm.from_arm, seed) / ARM_DONE_FILE).is_file():
+            raise _source_not_finished(arm, seed)
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -692,7 +763,12 @@ def rescore_experiment(out: str | Path, data: str | Path, *, threads: int | None
     for done in units_done:
         unit_dir = out / "arms" / done["name"] / f"seed_{done['seed']}"
         label = f"{done['name']} seed {done['seed']}"
-        init = unit_dir / "init" if done["method"] != "dense" else Path(saved["seed_model"])
+        if done["method"] == "dense":
+            init = Path(saved["seed_model"])
+        elif done["method"] == "continue":  # the model it started from: its source's final checkpoint
+            init = source_checkpoint(out, done["from_arm"], done["seed"], done["budgets"][-1]["steps"])
+        else:
+            init = unit_dir / "init"
         curve = []
         if (init / "config.json").is_file():
             curve.append({"step": 0, "tokens": 0, **measure_model(load_model(init).to(_device()), val)})
@@ -708,6 +784,7 @@ def rescore_experiment(out: str | Path, data: str | Path, *, threads: int | None
                  f"{np.mean(list(record['val'].values())):.4f}")
         units.append({**{k: done[k] for k in ("name", "seed", "method", "ratio", "index_mode", "convert",
                                               "active_params", "total_params")},
+                      **{k: done[k] for k in FROM_ARM_FIELDS if k in done},
                       "budgets": [_strip(b) for b in measured], "curve": [_strip(p) for p in curve],
                       "routing_final": measured[-1].get("routing")})
     recorded = config_from_record(saved)
@@ -738,8 +815,9 @@ def experiment_command(
     rescore: bool = False,
     data: str | None = None,
 ) -> None:
-    """Train a set of arms (dense, fs, naive, noise, drop, btx) at several seeds and budgets with one recipe and
-    compare them; resumable. Or, with --rescore, re-measure a finished experiment's kept models on other data.
+    """Train a set of arms (dense, fs, naive, noise, drop, btx, grow, continue) at several seeds and budgets with one
+    recipe and compare them; resumable. Or, with --rescore, re-measure a finished experiment's kept models on other
+    data.
 
     Writes OUT/results.json, OUT/report.md and PNG figures (loss per domain and its means, gaps to naive with
     intervals, specialization and expert similarity, routing per arm). Re-running the same command after a kill

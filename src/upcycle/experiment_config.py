@@ -29,8 +29,14 @@ from upcycle.schedule import wsd_decay_start
 from upcycle.train_config import config_from_dict, read_yaml_config, validate_config
 
 CONFIG_FILE = "experiment.yaml"
-ARM_KINDS = ("dense", "fs", "naive", "noise", "drop", "btx")
-MOE_KINDS = ("fs", "naive", "noise", "drop", "btx")
+ARM_KINDS = ("dense", "fs", "naive", "noise", "drop", "btx", "grow", "continue")
+# Kinds whose model is always an MoE (a continue arm is one when the arm it starts from is).
+MOE_KINDS = ("fs", "naive", "noise", "drop", "btx", "grow")
+# Kinds that start from another arm's trained model (from_arm, at the same seed) instead of the seed model.
+FROM_ARM_KINDS = ("grow", "continue")
+# What arm.json and results.json record for those kinds besides every arm's fields: the source arm, and the model's own
+# MoE shape (null for a continue of the dense arm).
+FROM_ARM_FIELDS = ("from_arm", "num_experts", "top_k")
 INDEX_MODES = ("independent", "shared")
 # What each arm kind is called by `upcycle convert --method`.
 CONVERT_METHOD = {"fs": "scratch", "naive": "naive", "noise": "noise", "drop": "drop", "btx": "btx"}
@@ -191,16 +197,24 @@ class ArmSpec:
         name: Unique name, used as a directory name: letters, digits, '.', '-', '_', starting with a letter or digit,
             at most 64 characters.
         kind: dense (the seed trained on: the compute reference), fs (MoE from scratch), naive (every expert a copy),
-            noise (random-noise upcycling), drop (Drop-Upcycling) or btx (Branch-Train-MiX).
-        ratio: drop and noise: r in [0, 1] (default 0.5).
-        index_mode: drop and noise: independent (a fresh neuron set per matrix, the authors' released code; default)
-            or shared (one set per expert, the paper's Figure 1).
+            noise (random-noise upcycling), drop (Drop-Upcycling), btx (Branch-Train-MiX), grow (`upcycle grow` of
+            another arm's trained MoE) or continue (another arm's trained model as it is: the control for grow).
+        ratio: drop, noise and grow: r in [0, 1] (default 0.5).
+        index_mode: drop, noise and grow: independent (a fresh neuron set per matrix, the authors' released code;
+            default) or shared (one set per expert, the paper's Figure 1).
+        from_arm: grow and continue: an arm listed earlier; at each seed this arm starts from that arm's final model
+            at the same seed (the end of its largest budget's run, fp32) and is trained with the recipe for every
+            budget (a fresh schedule). grow needs an MoE arm.
+        factor: grow: every expert becomes factor experts (an integer >= 2; default 2).
+        top_k: grow: experts per token after growing, in [1, factor x the source's experts] (default factor x the
+            source's top-k, which keeps r = 0 the source's function).
         branch_tokens: btx: training tokens of each dense branch (whole steps).
         domains: btx: the domains that get a branch (default: every domain of the data; at least 2).
         include_seed: btx: the seed itself is one more source, as in the paper (default true).
-        convert: MoE arms: further `upcycle convert` options for the arm's initial model, by their ConvertOptions field
-            names, e.g. {router_init: data, calibration: FILE} or {granularity: 2}; the fields the experiment sets
-            (method, ratio, index_mode, num_experts, top_k, seed, dtype, btx_sources) are not allowed.
+        convert: MoE arms but grow and continue: further `upcycle convert` options for the arm's initial model, by
+            their ConvertOptions field names, e.g. {router_init: data, calibration: FILE} or {granularity: 2}; the
+            fields the experiment sets (method, ratio, index_mode, num_experts, top_k, seed, dtype, btx_sources) are
+            not allowed.
     """
 
     name: str
@@ -211,17 +225,36 @@ class ArmSpec:
     domains: list[str] | None = None
     include_seed: bool | None = None
     convert: dict[str, Any] | None = None
+    from_arm: str | None = None
+    factor: int | None = None
+    top_k: int | None = None
 
     KIND_FIELDS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "dense": (), "fs": (), "naive": (), "noise": ("ratio", "index_mode"), "drop": ("ratio", "index_mode"),
-        "btx": ("branch_tokens", "domains", "include_seed")}
+        "btx": ("branch_tokens", "domains", "include_seed"),
+        "grow": ("from_arm", "factor", "ratio", "index_mode", "top_k"), "continue": ("from_arm",)}
+    OPTIONAL_FIELDS: typing.ClassVar[tuple[str, ...]] = (
+        "ratio", "index_mode", "branch_tokens", "domains", "include_seed", "from_arm", "factor", "top_k")
 
     def validate(self, where: str, domains: list[str], num_experts: int) -> None:
-        """Fill in the kind's defaults and check the fields (convert options are checked by `convert_options`)."""
-        for name in ("ratio", "index_mode", "branch_tokens", "domains", "include_seed"):
+        """Fill in the kind's defaults and check the fields (convert options are checked by `convert_options`; what
+        from_arm names, and a grow arm's top_k, by `ExperimentConfig._check_from_arms`)."""
+        for name in self.OPTIONAL_FIELDS:
             if getattr(self, name) is not None and name not in self.KIND_FIELDS[self.kind]:
                 raise _fail(f"{where}.{name}", f"is not used by kind {self.kind}; remove it")
-        if self.kind in ("noise", "drop"):
+        if self.kind in FROM_ARM_KINDS:
+            if self.from_arm is None:
+                raise _fail(f"{where}.from_arm", f"{self.kind} starts from another arm's trained model: name that "
+                            "arm (one listed earlier)")
+            if self.convert is not None:
+                raise _fail(f"{where}.convert", f"a {self.kind} arm is not converted from the seed model (it starts "
+                            f"from arm {self.from_arm}'s model); remove it")
+        if self.kind == "grow":
+            self.factor = 2 if self.factor is None else self.factor
+            if self.factor < 2:
+                raise _fail(f"{where}.factor", f"must be an integer >= 2 (E experts become factor x E), got "
+                            f"{self.factor}")
+        if self.kind in ("noise", "drop", "grow"):
             self.ratio = 0.5 if self.ratio is None else float(self.ratio)
             if not 0 <= self.ratio <= 1:
                 raise _fail(f"{where}.ratio", f"must lie in [0, 1], got {self.ratio:g}")
@@ -322,8 +355,9 @@ class ExperimentConfig:
         duplicate = next((n for n in names if names.count(n) > 1), None)
         if duplicate:
             raise _fail("arms", f"two arms are named {duplicate!r}; names must be unique")
+        self._check_from_arms(seed_config, shapes)
         for index, arm in enumerate(self.arms):
-            if arm.kind != "dense":
+            if arm.kind not in ("dense", *FROM_ARM_KINDS):
                 self._check_convert(index, arm, seed_config, shapes)
         self._check_recipe_and_budgets()
 
@@ -359,6 +393,36 @@ class ExperimentConfig:
                         f"{self.seed_model})") from None
         if d.path is not None:
             check_validation_split(Path(d.path), d.seq_len)
+
+    def _check_from_arms(self, seed_config: dict, shapes: hf.Shapes) -> None:
+        """A from_arm names an arm listed earlier (so running the arms in order runs it first); grow's source is an
+        MoE (an MoE arm, or a continue or grow of one); a grow arm's top_k (default: factor x the source's) fits its
+        experts, and its grown MoE fits this machine's memory for training."""
+        for index, arm in enumerate(self.arms):
+            if arm.kind not in FROM_ARM_KINDS:
+                continue
+            where = arm_where(index, arm)
+            earlier = [a.name for a in self.arms[:index]]
+            if arm.from_arm not in earlier:
+                listed = "is this arm itself" if arm.from_arm == arm.name else (
+                    "is listed after this arm" if arm.from_arm in [a.name for a in self.arms] else "is not an arm")
+                raise _fail(f"{where}.from_arm", f"{_show(arm.from_arm)} {listed}; name an arm listed before this one "
+                            f"({', '.join(earlier) or 'there is none'})")
+            if arm.kind != "grow":
+                continue
+            source = arm_moe_shape(self.arms, arm.from_arm, self.moe.num_experts, self.moe.top_k)
+            if source is None:
+                raise _fail(f"{where}.from_arm", f"{arm.from_arm}'s model is dense; grow needs an MoE arm")
+            experts = arm.factor * source[0]
+            arm.top_k = arm.factor * source[1] if arm.top_k is None else arm.top_k
+            if not 1 <= arm.top_k <= experts:
+                raise _fail(f"{where}.top_k", f"must lie in [1, {experts}] (factor {arm.factor} x {source[0]} "
+                            f"experts of {arm.from_arm}), got {arm.top_k}")
+            root = _root_arm(self.arms, arm)
+            options = root.convert_options(self, self.seeds[0])
+            options = dataclasses.replace(options, method="naive" if root.kind == "btx" else options.method,
+                                          btx_sources=(), num_experts=experts, top_k=arm.top_k)
+            _check_moe_fits(shapes, seed_config, options, f"{where}.factor")
 
     def _check_convert(self, index: int, arm: ArmSpec, seed_config: dict, shapes: hf.Shapes) -> None:
         """An arm's convert options: their types, convert's own validation, the checks against the seed's shapes
@@ -486,6 +550,27 @@ class Plan:
 
 def arm_where(index: int, arm: ArmSpec) -> str:
     return f"arms[{index}] ({arm.name})"
+
+
+def _root_arm(arms: list[ArmSpec], arm: ArmSpec) -> ArmSpec:
+    """The arm at the start of `arm`'s from_arm chain: the one made from the seed model."""
+    while arm.kind in FROM_ARM_KINDS:
+        arm = next(a for a in arms if a.name == arm.from_arm)
+    return arm
+
+
+def arm_moe_shape(arms: list[ArmSpec], name: str, num_experts: int, top_k: int) -> tuple[int, int] | None:
+    """(experts, top-k) of arm `name`'s model, None when it is dense: moe.num_experts and moe.top_k, grown by each
+    grow arm on its from_arm chain (the arms validated up to `name`)."""
+    arm = next(a for a in arms if a.name == name)
+    if arm.kind == "dense":
+        return None
+    if arm.kind not in FROM_ARM_KINDS:
+        return num_experts, top_k
+    source = arm_moe_shape(arms, arm.from_arm, num_experts, top_k)
+    if arm.kind == "continue" or source is None:
+        return source
+    return arm.factor * source[0], arm.factor * source[1] if arm.top_k is None else arm.top_k
 
 
 def eval_steps(points: int | list[int], total_steps: int, tokens_per_step: int) -> list[int]:

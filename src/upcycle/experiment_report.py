@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from upcycle import experiment_stats as stats
-from upcycle.experiment_config import MOE_KINDS
+from upcycle.experiment_config import FROM_ARM_FIELDS, MOE_KINDS
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -138,8 +138,9 @@ def build_results(units: list[dict], validation: dict, *, header: dict, arm_name
     for name in arm_names:
         arm_units = by_arm[name]
         first = arm_units[0]
-        arm = {key: first.get(key) for key in ("name", "method", "ratio", "index_mode", "convert", "active_params",
-                                                 "total_params")}
+        arm = {key: first.get(key) for key in ("name", "method", "ratio", "index_mode", "convert")}
+        arm.update({key: first[key] for key in FROM_ARM_FIELDS if key in first})  # grow and continue
+        arm.update(active_params=first.get("active_params"), total_params=first.get("total_params"))
         budgets = []
         for i, tokens in enumerate(header["budgets"]):
             points = [u["budgets"][i] for u in arm_units]
@@ -211,7 +212,7 @@ def _seed_record(unit: dict, domains: list[str]) -> dict:
                                                              "cosine_layers")}
 
     record = {k: v for k, v in unit.items() if k not in ("budgets", "curve", "name", "method", "ratio", "index_mode",
-                                                         "convert")}
+                                                         "convert", *FROM_ARM_FIELDS)}
     record["budgets"] = [plain(b) for b in unit["budgets"]]
     record["curve"] = [plain(p) for p in unit["curve"]]
     return record
@@ -223,7 +224,7 @@ def write_outputs(out: Path, results: dict, *, title: str = "upcycle experiment"
     figures = [plot_loss_curves(results, out / "loss_curves.png")]
     if results["reference"] is not None:
         figures.append(plot_gap_to_naive(results, out / "gap_to_naive.png"))
-    moe = [arm for arm in results["arms"] if arm["method"] in MOE_KINDS]
+    moe = [arm for arm in results["arms"] if is_moe(arm)]
     if moe:
         figures.append(plot_over_training(results, out / "specialization.png", "jsd",
                                           "domain specialization (mean pairwise JSD of routing)"))
@@ -240,6 +241,11 @@ def write_outputs(out: Path, results: dict, *, title: str = "upcycle experiment"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Figures
+
+
+def is_moe(arm: dict) -> bool:
+    """An MoE arm's results (a continue arm is one when the arm it starts from is)."""
+    return arm["method"] in MOE_KINDS or bool(arm.get("num_experts"))
 
 
 def _pyplot():
@@ -373,7 +379,8 @@ def plot_arm_routing(arm: dict, routing: list[dict], results: dict, path: Path) 
     from upcycle.analyze import default_plot_layers, plot_routing
 
     domains = results["domains"]
-    analysis = {"num_experts": results["num_experts"], "num_layers": len(routing), "domains": domains,
+    analysis = {"num_experts": arm.get("num_experts") or results["num_experts"], "num_layers": len(routing),
+                "domains": domains,
                 "layers": [{"layer": i, "routing": {d: {"share": shares[d]} for d in domains}}
                            for i, shares in enumerate(routing)]}
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
@@ -391,6 +398,11 @@ def _arm_label(arm: dict) -> str:
     label = arm["method"]
     if arm["method"] in ("drop", "noise"):
         label = f"{arm['method']} r={arm['ratio']:g} ({arm['index_mode']})"
+    shape = f"{arm.get('num_experts')} experts, top-{arm.get('top_k')}" if arm.get("num_experts") else "dense"
+    if arm["method"] == "grow":
+        label = f"grow of {arm['from_arm']} to {shape}, r={arm['ratio']:g} ({arm['index_mode']})"
+    if arm["method"] == "continue":
+        label = f"{arm['from_arm']} trained further ({shape})"
     extra = arm.get("convert") or {}
     return label + "".join(f", {key} {value}" for key, value in extra.items())
 
@@ -435,7 +447,10 @@ def report_markdown(results: dict, *, title: str = "upcycle experiment", recipe:
         f"# {title}",
         "",
         f"Seed model `{results['seed_model']}`; MoE arms have {results['num_experts']} experts, "
-        f"top-{results['top_k']}. "
+        f"top-{results['top_k']}"
+        + (" (grow and continue arms: as their init says; they start from another arm's final model at the same seed"
+           " and are trained for every budget from there)" if any(a.get("from_arm") for a in results["arms"]) else "")
+        + ". "
         f"Seeds: {', '.join(map(str, seeds))} (every arm at every seed; a seed sets the data order, the upcycling "
         "draws, the router init and the from-scratch init). "
         f"Budgets: {', '.join(f'{t:,}' for t in results['budgets'])} tokens "
@@ -476,7 +491,8 @@ def report_markdown(results: dict, *, title: str = "upcycle experiment", recipe:
         "",
         "Loss: token-weighted cross-entropy per domain; the mean over domains weights the domains equally, the "
         "mixture-weighted mean by the training mixture. FLOPs: 6 x parameters active per token x training tokens "
-        "(btx adds its dense branches). End-of-schedule values are measured on the kept bf16 models "
+        "(btx adds its dense branches; grow and continue count their own training, not their source arm's). "
+        "End-of-schedule values are measured on the kept bf16 models "
         "(`arms/NAME/seed_S/final/TOKENS`), so `upcycle experiment --rescore` reproduces them.",
         "",
     ]
@@ -533,7 +549,7 @@ def report_markdown(results: dict, *, title: str = "upcycle experiment", recipe:
                 lines.append(f"| {t:,}{' (untrained)' if t == 0 else ''} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["## Validation loss against training tokens", "", "![loss curves](loss_curves.png)", ""]
-    moe = [arm for arm in results["arms"] if arm["method"] in MOE_KINDS]
+    moe = [arm for arm in results["arms"] if is_moe(arm)]
     if moe:
         lines += [
             "## Domain specialization and expert similarity",
