@@ -14,6 +14,8 @@ All variants are measured side by side in one process, interleaved (each repeat 
 memory state hits every variant alike; each reported time is the median over repeats. The dense reference has
 ffn_dim = top_k * F, so it does the same matmul FLOPs as the MoE when routing is perfectly balanced.
 `routing_overhead` = our layer minus its expert matmuls alone (on pre-sorted rows): route, sort, gather, scatter.
+The plain GEMM (T, D) @ (D, k*F) runs interleaved with them, for the GFLOP/s of each dtype (with the dense
+layer's fwd+bwd GFLOP/s).
 The last line is one JSON object with the ratios. CPU numbers only; nothing here claims GPU behaviour.
 """
 
@@ -114,6 +116,8 @@ def run(dtype: torch.dtype, T: int, D: int, F: int, E: int, K: int, repeats: int
         return m(x).out_TD
 
     steps = {"dense": make_step(dense, x_TD, grad_TD, lambda m, x: m(x))}
+    w_DN = dense.up.weight.detach().T.contiguous()  # (D, k*F)
+    steps["matmul"] = lambda: torch.mm(x_TD, w_DN)  # the GEMM alone, for the GFLOP/s figure
     auto = resolve_impl("auto", "cpu")
     steps["ours_auto"] = make_step(moe, x_TD, grad_TD, ours)
     for impl in ("fused", "grouped_mm", "loop"):
@@ -166,6 +170,12 @@ def main(argv: list[str] | None = None) -> None:
         both = run(dtype, args.tokens, args.dim, args.ffn_dim, args.experts, args.top_k, repeats)
         t = {k: v[0] for k, v in both.items()}
         c = {k: v[1] for k, v in both.items()}
+        matmul_s, _ = t.pop("matmul"), c.pop("matmul")
+        flops = 2 * args.tokens * args.dim * args.top_k * args.ffn_dim  # one (T, D) @ (D, k*F)
+        print(f"  {name} matmul {args.tokens}x{args.dim} @ {args.dim}x{args.top_k * args.ffn_dim}: "
+              f"{flops / matmul_s / 1e9:.0f} GFLOP/s; dense layer fwd+bwd: {9 * flops / t['dense'] / 1e9:.0f} GFLOP/s")
+        summary[f"matmul_gflops_{name}"] = round(flops / matmul_s / 1e9, 1)
+        summary[f"dense_gflops_{name}"] = round(9 * flops / t["dense"] / 1e9, 1)
         for variant in t:
             print(f"  {name} {variant:24s} wall {t[variant] * 1e3:8.1f} ms {t[variant] / t['dense']:5.2f}x dense"
                   f"   cpu {c[variant] * 1e3:8.1f} ms {c[variant] / c['dense']:5.2f}x dense")
