@@ -262,13 +262,15 @@ def _wait_for_steps(out: Path, steps: int, process: subprocess.Popen, timeout: f
 
 
 def test_init_renormalize_reaches_the_online_upcycled_model(tmp_path, data_dir, llama_dir):
-    from upcycle.train import build_model
+    from upcycle.distributed import World
+    from upcycle.train import start_point
 
     values = tiny_config(data_dir, model=None, init={"source": str(llama_dir), "method": "naive", "num_experts": 4,
                                                      "top_k": 2, "format": "qwen2_moe", "renormalize": False})
     config = config_from_dict(values)
     config.validate()
-    _, model_config = build_model(config, resume_model_config=None)
+    one = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model_config = start_point(config, one, resume_model_config=None).model_config
     assert model_config.renormalize is False
     values["init"]["format"] = "auto"  # mixtral for a Llama source: it always renormalizes; refused before any work
     with pytest.raises(UpcycleError, match="init.renormalize: false does not fit it; use init.format qwen2_moe"):
