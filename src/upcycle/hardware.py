@@ -37,7 +37,7 @@ REPORTED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_tile", "
 # on an idle machine, more on a busy one) must not flip the choice between runs; (2) a training step is only ~70%
 # matmuls (docs/performance.md), so a 1.2x faster block is about 1.13x per step, roughly the least that pays for
 # bf16's rounding; (3) it is the factor beyond which an explicit choice is warned about, so `auto` and the warning
-# agree. The CPU kinds measured so far are far from it either way (0.7x, 2x, 3x+).
+# agree. The CPU kinds measured so far are far from it either way (bf16 at 0.7x and 2.1x of fp32).
 BF16_MIN_SPEEDUP = 1.2
 # An explicit train.precision is kept as configured, with a warning where the probe says it is more than this many
 # times slower than the other dtype.
@@ -46,7 +46,7 @@ EXPLICIT_SLOWDOWN_WARNING = 1.2
 # The probe's shape: PROBE_ROWS rows (each weight element is reused that many times, so both dtypes are compute-bound
 # as in training) at the model's width, unless one SwiGLU forward + backward (18 * rows * dim * ffn_dim FLOPs) would
 # exceed PROBE_MAX_FLOPS: wider layers are timed at a width scaled down in proportion, in multiples of 64, to keep the
-# probe well under a second on a slow CPU (an 8B model's 4096 x 14336 is timed at 512 x 1792).
+# probe well under a second on a slow CPU (an 8B model's 4096 x 14336 is timed at 512 x 1728).
 PROBE_ROWS = 256
 PROBE_MAX_FLOPS = 4e9
 PROBE_ROUNDS = 3  # timed rounds after one warm-up round; each op's best time counts
