@@ -118,6 +118,16 @@ def test_an_explicit_precision_is_never_changed_and_is_warned_about_only_when_mu
             in choice.warning
 
 
+def test_a_probe_that_fails_leaves_auto_at_fp32_and_an_explicit_choice_as_it_is():
+    def broken(dim, ffn_dim, rows):
+        raise RuntimeError("no bf16 kernel for this op\nsecond line")
+
+    auto = resolve_precision("auto", CPU, **WIDTH, flags=AVX512_BF16, measure=broken)
+    assert auto.precision == "fp32" and "probe failed" in auto.reason and "no bf16 kernel" in auto.reason
+    assert resolve_precision("bf16", CPU, **WIDTH, flags=AVX512_BF16, measure=broken).precision == "bf16"
+    assert not cache_file().exists()
+
+
 # -- the cache --------------------------------------------------------------------------------------------------------
 
 

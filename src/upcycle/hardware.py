@@ -335,7 +335,12 @@ def resolve_precision(requested: str, device: torch.device, *, dim: int, ffn_dim
             f"precision bf16 on a CPU without native bf16 ({described}): torch emulates bf16 matmuls there, measured "
             "~70x slower than fp32 on an AVX2-only CPU; use precision fp32 or auto")
         return PrecisionChoice(requested, "as configured", warning)
-    result, source = probe(dim, ffn_dim, flags=flags, measure=measure)
+    try:
+        result, source = probe(dim, ffn_dim, flags=flags, measure=measure)
+    except RuntimeError as error:  # a torch build without a bf16 kernel the probe needs: train as if no probe said
+        failed = f"the fp32/bf16 probe failed on {described} ({str(error).splitlines()[0][:200]})"
+        return PrecisionChoice("fp32", f"auto: fp32, as {failed}") if requested == "auto" \
+            else PrecisionChoice(requested, f"as configured; {failed}")
     measured = f"{result.describe()} on {described}; {source}"
     if requested == "auto":
         return PrecisionChoice(result.faster, f"auto picked {result.faster}: {measured}; bf16 needs >= "
