@@ -138,7 +138,11 @@ def _launch(config: Path, out: Path, world: int, degree: int, max_steps: int, lo
         command[-4] = str(_with_degree(config, degree))
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode:
-        raise SystemExit(f"{world} rank(s), expert_parallel {degree} failed:\n{result.stderr[-3000:]}")
+        errors = log.with_suffix(".stderr")
+        errors.write_text(result.stderr)
+        ranks = [line for line in result.stderr.splitlines() if line.startswith("[rank")]
+        raise SystemExit(f"{world} rank(s), expert_parallel {degree} failed (all of its output: {errors}):\n"
+                         + "\n".join(ranks[-30:] or result.stderr.splitlines()[-30:]))
 
 
 def _with_degree(config: Path, degree: int) -> Path:
@@ -186,6 +190,7 @@ def measure(work: Path, src: Path, quick: bool, layouts: list[str]) -> dict:
                              "seconds": max(r["seconds"] for r in by_rank.values())}
         results[name] = {"world": world, "expert_parallel": degree, "phases": phases,
                          "checkpoint_bytes": checkpoint_bytes, "estimate": _estimate(config, world, degree, src)}
+        shutil.rmtree(out)  # its checkpoints: 6 GB at the full shape
     return results
 
 

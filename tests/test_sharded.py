@@ -146,6 +146,9 @@ def test_from_scratch_and_from_a_checkpoint_each_rank_holds_and_reads_only_its_s
     cases = [
         ("scratch", {"model": model, "train": {"seed": 5}}, None, {}),
         ("scratch-expert-parallel", {"model": model, "train": {"seed": 5}}, None, {"expert_parallel": 2}),
+        # 3 experts per rank over 2 replicas on 4 ranks: FSDP splits them along dim, not along the experts
+        ("scratch-expert-parallel-6", {"model": {**model, "num_experts": 6}, "train": {"seed": 5}}, None,
+         {"expert_parallel": 2}),
         ("hf-moe", {"init": {"source": str(moe)}}, str(moe), {}),
         ("hf-moe-expert-parallel", {"init": {"source": str(moe)}}, str(moe), {"expert_parallel": 2}),
     ]
@@ -157,6 +160,76 @@ def test_from_scratch_and_from_a_checkpoint_each_rank_holds_and_reads_only_its_s
                     assert result["read_bytes"] < (1.2 / world_size + 0.1) * checkpoint_bytes, (world_size, name)
                 if name == "hf-moe-expert-parallel":  # whole experts of its group's half, split further in memory
                     assert result["read_bytes"] < 0.65 * checkpoint_bytes, (world_size, name)
+
+
+def _roundtrip_worker(rank: int, world_size: int, port: int, root: str) -> None:
+    """Save a sharded checkpoint under one expert-parallel layout and load it under another, on the same ranks: the
+    weights and AdamW moments land where the reference (one process, same seed) has them."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from upcycle.distributed import init_distributed, shutdown
+    from upcycle.model import ModelConfig, Transformer
+    from upcycle.shards import fill_from_scratch, model_pieces, piece_of
+    from upcycle.train import build_model, build_optimizer
+    from upcycle.train_config import OptimConfig, TrainLoopConfig
+
+    world = init_distributed()
+    results = {}
+    for experts, save_degree, load_degree in ((4, 2, 1), (6, 2, 1), (6, 1, 2), (4, 1, 2)):
+        config = ModelConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,
+                             num_experts=experts, top_k=2)
+
+        def fill(model) -> None:
+            torch.manual_seed(9)
+            fill_from_scratch(model_pieces(model), model.init_plan(), std=0.02)
+
+        def moments_of(optimizer, model):  # AdamW's moments, set from the weights: 2w and w * w
+            for p, entries in optimizer.state.items():
+                entries["exp_avg"].copy_(p.detach() * 2)
+                entries["exp_avg_sq"].copy_(p.detach() ** 2)
+
+        out = Path(root) / f"{experts}-{save_degree}-{load_degree}"
+        model, _ = build_model(config, TrainLoopConfig(expert_parallel=save_degree, precision="fp32"), world, fill)
+        optimizer = build_optimizer(model, OptimConfig())
+        ckpt.init_optimizer_state(optimizer)
+        moments_of(optimizer, model)
+        saver = ckpt.Checkpointer(out, world, keep=1)
+        saver.save(1, model=model, optimizer=optimizer, model_config={}, trainer_state={}, train_config={})
+        model2, bare2 = build_model(config, TrainLoopConfig(expert_parallel=load_degree, precision="fp32"), world,
+                                    None)
+        optimizer2 = build_optimizer(model2, OptimConfig())
+        ckpt.load_checkpoint(out / "step_00000001", model=model2, optimizer=optimizer2, world=world)
+        torch.manual_seed(9)
+        reference = Transformer(config).state_dict()
+        views = ckpt.state_tensors(model2, optimizer2)
+        bad = []
+        for key, view in views.items():
+            piece = piece_of(view)
+            kind, name = key.split("/", 1)
+            if kind == "model":
+                expected = reference[name]
+            elif name.endswith("/exp_avg"):
+                expected = reference[name.rsplit("/", 1)[0]] * 2
+            elif name.endswith("/exp_avg_sq"):
+                expected = reference[name.rsplit("/", 1)[0]] ** 2
+            else:
+                continue
+            if not torch.equal(piece.local, expected[piece.box]):
+                bad.append(key)
+        results[out.name] = bad
+    Path(f"{root}/result.{rank}").write_text(json.dumps(results))
+    shutdown(world)
+
+
+@pytest.mark.slow
+def test_checkpoints_of_every_expert_layout_load_into_any_other(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_roundtrip_worker, args=(4, free_port(), str(tmp_path)), nprocs=4, join=True)
+    for rank in range(4):
+        results = json.loads((tmp_path / f"result.{rank}").read_text())
+        assert results == {name: [] for name in results} and len(results) == 4, rank
 
 
 # ---- sharded checkpoints: resume anywhere, atomic, checked ------------------------------------------------------------
@@ -247,13 +320,14 @@ import os, signal, sys
 from upcycle import checkpoint
 calls = {"n": 0}
 die_at = int(sys.argv[1])
-original = checkpoint._sha256
-def sha256_then_die(path):
+original = checkpoint.save_tensors
+def write_then_die(path, tensors, metadata):
     calls["n"] += 1
+    digest = original(path, tensors, metadata)
     if calls["n"] == die_at:  # the state file of this save is written, nothing is published yet
         os.kill(os.getpid(), signal.SIGKILL)
-    return original(path)
-checkpoint._sha256 = sha256_then_die
+    return digest
+checkpoint.save_tensors = write_then_die
 from upcycle.cli import main
 sys.argv = ["upcycle", *sys.argv[2:]]
 main()

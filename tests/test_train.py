@@ -270,8 +270,7 @@ def test_init_renormalize_reaches_the_online_upcycled_model(tmp_path, data_dir, 
     config = config_from_dict(values)
     config.validate()
     one = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    model_config = start_point(config, one, resume_model_config=None).model_config
-    assert model_config.renormalize is False
+    assert start_point(config, one, resume_model_config=None).model_config.renormalize is False
     values["init"]["format"] = "auto"  # mixtral for a Llama source: it always renormalizes; refused before any work
     with pytest.raises(UpcycleError, match="init.renormalize: false does not fit it; use init.format qwen2_moe"):
         config_from_dict(values).validate()

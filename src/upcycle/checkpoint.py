@@ -385,12 +385,6 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _rank_state_file(rank: int) -> str:
-    """The state file torch.distributed.checkpoint's HuggingFaceStorageWriter(save_distributed=True) names for the rank
-    at position `rank` (its writers are numbered from 1 in rank order); checked against the directory at publish."""
-    return f"shard-{rank + 1:05d}-model-00001-of-00001.safetensors"
-
-
 @dataclass
 class _Pending:
     """A checkpoint being written: its temporary and final directories and what rank 0 writes when publishing."""
@@ -466,14 +460,10 @@ class Checkpointer:
 
         try:
             directory = pending.tmp / STATE_DIR
+            writer = _StreamingWriter(str(directory), save_distributed=True)
             with _quiet_single_process():
-                dcp.save(state, storage_writer=_StreamingWriter(str(directory), save_distributed=True),
-                         process_group=self._group, no_dist=not self.world.distributed)
-            mine = directory / _rank_state_file(self.world.rank)
-            sums = {}
-            if mine.is_file():
-                fsync_path(mine)
-                sums[mine.name] = _sha256(mine)
+                dcp.save(state, storage_writer=writer, process_group=self._group, no_dist=not self.world.distributed)
+            sums = dict([writer.written]) if writer.written else {}  # a rank whose pieces were all deduplicated: none
             done = pending.tmp / f"sha256_rank{self.world.rank}.json"
             _write_json(done, sums)
             fsync_path(done)
@@ -592,6 +582,7 @@ def _infos(path: str | Path) -> dict[str, TensorInfo]:
 
 
 class _StreamingWriter(HuggingFaceStorageWriter):
+    written: tuple[str, str] | None = None  # (file name, sha256) of the file this rank wrote
     """torch.distributed.checkpoint's HuggingFaceStorageWriter (one safetensors file per rank, each piece's offsets in
     the header's DCP_SHARDING_INFO), writing the file one tensor at a time. The stock writer first builds the whole file
     in memory (safetensors.torch.save), which held the rank's whole share twice more at every save (one process of the
@@ -624,7 +615,7 @@ class _StreamingWriter(HuggingFaceStorageWriter):
         metadata = {CUSTOM_METADATA_KEY: json.dumps(offsets), DCP_VERSION_KEY: str(HF_DCP_VERSION),
                     FORMAT_KEY: FORMAT_VALUE}
         path = Path(self.path) / name
-        save_tensors(path, tensors, metadata)  # header, then each tensor's bytes; fsynced
+        self.written = (name, save_tensors(path, tensors, metadata))  # one tensor at a time; fsynced; its sha256
         infos = _infos(path)
         done.set_result([WriteResult(index=item.index, size_in_bytes=infos[item.index.fqn].end -
                                      infos[item.index.fqn].start,

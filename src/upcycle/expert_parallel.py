@@ -57,6 +57,7 @@ class ExpertShard:
 
     group: dist.ProcessGroup  # the N ranks that hold all experts between them
     mesh: DeviceMesh  # the (W / N, N) mesh, dims ("expert_replicate", "expert")
+    expert_major_mesh: DeviceMesh  # the same ranks as an (N, W / N) mesh, dims ("expert", "expert_replicate")
     size: int  # N
     rank: int  # position in `group`
     replica: int  # position along "expert_replicate"
@@ -115,14 +116,17 @@ class ExpertParallel:
         """This rank's piece of an expert weight, or of a state tensor shaped like one (AdamW's moments), as a DTensor
         of the full [E, ...] tensor over the (W / N, N) mesh: experts split over "expert", and FSDP's shard over
         "expert_replicate" where FSDP shards them (else replicated there). Shares the local storage."""
-        if isinstance(tensor, DTensor):  # an FSDP shard over the replicas
+        shape = torch.Size((self.shard.num_experts, *tensor.shape[1:]))
+        if not isinstance(tensor, DTensor):  # one replica: plain local experts
+            mesh, placements, local = self.shard.mesh, [Replicate(), Shard(0)], tensor
+        else:  # an FSDP shard over the replicas
             (placement,) = tensor.placements
             local = tensor.to_local()
-        else:
-            placement, local = Replicate(), tensor
-        shape = torch.Size((self.shard.num_experts, *tensor.shape[1:]))
-        return DTensor.from_local(local, self.shard.mesh, [placement, Shard(0)], shape=shape,
-                                  stride=_contiguous_strides(shape))
+            if placement.dim == 0:  # the rank's experts split again: along "expert" first, then "expert_replicate"
+                mesh, placements = self.shard.expert_major_mesh, [Shard(0), placement]
+            else:
+                mesh, placements = self.shard.mesh, [placement, Shard(0)]
+        return DTensor.from_local(local, mesh, placements, shape=shape, stride=_contiguous_strides(shape))
 
     def describe(self) -> str:
         """One line for the log: the layout, and the share of all expert weights this rank stores."""
@@ -174,8 +178,11 @@ def make_shard(degree: int, *, world_size: int, rank: int, num_experts: int, dev
     check_degree(degree, world_size=world_size, num_experts=num_experts)
     mesh = init_device_mesh(device.type, (world_size // degree, degree),
                             mesh_dim_names=("expert_replicate", "expert"))
-    return ExpertShard(group=mesh.get_group("expert"), mesh=mesh, size=degree, rank=rank % degree,
-                       replica=rank // degree, num_experts=num_experts, world_size=world_size)
+    # the same layout with its dimensions swapped, to describe experts split along dim 0 twice (by expert
+    # parallelism, then by FSDP within a rank's experts) as one DTensor in checkpoints
+    expert_major = DeviceMesh(device.type, mesh.mesh.t().contiguous(), mesh_dim_names=("expert", "expert_replicate"))
+    return ExpertShard(group=mesh.get_group("expert"), mesh=mesh, expert_major_mesh=expert_major, size=degree,
+                       rank=rank % degree, replica=rank // degree, num_experts=num_experts, world_size=world_size)
 
 
 def clean_name(name: str) -> str:

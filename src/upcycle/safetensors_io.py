@@ -11,6 +11,7 @@ the model's depth or the shard size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -256,16 +257,19 @@ def _tensor_bytes(tensor: torch.Tensor):
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data  # reshape: 0-d too
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a small safetensors file byte-reproducibly (tensors in the given order, metadata keys sorted), with the
-    permissions of any file this process creates (umask), and fsync it."""
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write a safetensors file byte-reproducibly (tensors in the given order, metadata keys sorted), one tensor at a
+    time, with the permissions of any file this process creates (umask), and fsync it. Returns the file's sha256,
+    computed from the bytes as they are written (no second read)."""
     items = [PlannedTensor(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(_header_bytes(items, metadata))
-        for tensor in tensors.values():
-            f.write(_tensor_bytes(tensor))
+        for chunk in (_header_bytes(items, metadata), *map(_tensor_bytes, tensors.values())):
+            f.write(chunk)
+            digest.update(chunk)
         f.flush()
         os.fsync(f.fileno())
+    return digest.hexdigest()
 
 
 class ShardWriter:
