@@ -335,3 +335,24 @@ def tiny_moe(seed: int = 0, **overrides):
                             "ffn_dim": 48, "max_seq_len": 128, "num_experts": 4, "top_k": 2, "init_std": 0.1,
                             **overrides})
     return Transformer(config).eval()
+
+
+# ---- a tiny experiment: the dense seed above (save_dense + write_tokenizer) on make_data_dir's two domains ----------
+
+
+def tiny_experiment(seed_model: Path, data_dir: Path, arms: list[dict] | None = None, **changes) -> dict:
+    """An `upcycle experiment` config mapping that trains each arm for 4 steps of 256 tokens (fp32, exact), one seed,
+    measured on 128 validation tokens per domain."""
+    config = {
+        "seed_model": str(seed_model), "seeds": [0],
+        "data": {"path": str(data_dir), "seq_len": 32},
+        "moe": {"num_experts": 4, "top_k": 2},
+        "budgets": [4 * 256],
+        "eval": {"points": 3, "tokens": 128, "bootstrap": 200},
+        "arms": arms or [{"name": "naive", "kind": "naive"}],
+        "recipe": {"optim": {"lr": 3e-3, "min_lr": 3e-4}, "schedule": {"warmup_steps": 1},
+                   "train": {"global_batch_tokens": 256, "micro_batch_size": 8, "precision": "fp32"},
+                   "logging": {"progress": False}},
+    }
+    config.update(changes)
+    return config

@@ -1,5 +1,6 @@
-"""`upcycle experiment`: the derived numbers, config validation, and the whole pipeline at a tiny size (every arm
-kind, identical data order, resume, refusal of a changed config, a real SIGKILL with --parallel)."""
+"""`upcycle experiment`: config validation, and the whole pipeline at a tiny size: every arm kind at two seeds and two
+budgets (decay branches off one warmup-stable-decay run), the same data order within a seed, intervals and verdicts,
+kept models re-scored, resume, refusal of a changed config, a real SIGKILL with --parallel."""
 
 from __future__ import annotations
 
@@ -12,31 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
-from helpers import make_data_dir, save_dense, subprocess_env, write_config, write_tokenizer
+from helpers import (make_data_dir, read_metrics, save_dense, subprocess_env, tiny_experiment, write_config,
+                     write_tokenizer)
 from upcycle.errors import UpcycleError
-from upcycle.experiment import (
-    eval_steps,
-    gap_to_reference,
-    mean_offdiagonal,
-    parse_config,
-    run_experiment,
-    tokens_to_target,
-    training_flops,
-)
+from upcycle.experiment import rescore_experiment, run_experiment
+from upcycle.experiment_config import eval_steps, parse_config, train_config_dict
+from upcycle.experiment_stats import mean_offdiagonal, tokens_to_target, training_flops
+from upcycle.hf_model import load_model
+from upcycle.schedule import lr_at
+from upcycle.train import config_from_dict, run_training
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure functions
-
-
-def test_gap_to_reference_is_the_loss_difference_at_shared_points_negative_when_ahead():
-    reference = [{"tokens": 0, "mean": 3.0}, {"tokens": 10, "mean": 2.5}, {"tokens": 20, "mean": 2.0}]
-    arm = [{"tokens": 0, "mean": 6.0}, {"tokens": 10, "mean": 2.75}, {"tokens": 20, "mean": 1.9}, {"tokens": 30, "mean": 1}]
-    gap = gap_to_reference(arm, reference)
-    assert [p["tokens"] for p in gap] == [0, 10, 20]  # 30: the reference has no point there
-    assert [p["mean"] for p in gap] == pytest.approx([3.0, 0.25, -0.1])
-    assert gap_to_reference(reference, reference) == [{"tokens": t, "mean": 0.0} for t in (0, 10, 20)]
 
 
 def test_tokens_to_target_interpolates_between_the_points_around_the_first_crossing():
@@ -74,26 +65,24 @@ def test_eval_steps_are_log_spaced_and_end_at_the_budget():
 def tiny(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("experiment")
     seed = save_dense(root / "seed", "llama")
-    write_tokenizer(seed)
+    write_tokenizer(seed, eos=True)
     data = make_data_dir(root / "data")
     return {"root": root, "seed": seed, "data": data}
 
 
+ALL_ARMS = [{"name": "dense", "kind": "dense"}, {"name": "fs", "kind": "fs"}, {"name": "naive", "kind": "naive"},
+            {"name": "drop", "kind": "drop", "ratio": 0.5, "index_mode": "shared"},
+            {"name": "btx", "kind": "btx", "branch_tokens": 512, "include_seed": False}]
+
+
 def experiment_dict(tiny: dict, arms: list[dict] | None = None, **changes) -> dict:
-    config = {
-        "seed_model": str(tiny["seed"]), "seed": 0,
-        "data": {"path": str(tiny["data"]), "seq_len": 32},
-        "moe": {"num_experts": 4, "top_k": 2},
-        "budget_tokens": 4 * 256,
-        "eval": {"points": 3, "sequences": 4},
-        "arms": arms or [{"name": "dense", "kind": "dense"}, {"name": "fs", "kind": "fs"},
-                         {"name": "naive", "kind": "naive"}, {"name": "drop", "kind": "drop", "ratio": 0.5},
-                         {"name": "btx", "kind": "btx", "branch_tokens": 512, "include_seed": False}],
-        "recipe": {"optim": {"lr": 3e-3, "min_lr": 3e-4}, "schedule": {"warmup_steps": 1},
-                   "train": {"global_batch_tokens": 256, "micro_batch_size": 8, "precision": "fp32"},
-                   "logging": {"progress": False}},
-    }
-    config.update(changes)
+    return tiny_experiment(tiny["seed"], tiny["data"], arms=arms or ALL_ARMS,
+                           **{"eval": {"points": 3, "tokens": 256, "bootstrap": 200}, **changes})
+
+
+def with_recipe(config: dict, **sections) -> dict:
+    for section, fields in sections.items():
+        config["recipe"].setdefault(section, {}).update(fields)
     return config
 
 
@@ -104,7 +93,8 @@ def experiment_dict(tiny: dict, arms: list[dict] | None = None, **changes) -> di
     ({"arms": [{"name": "a", "kind": "drop", "index_mode": "both"}]}, "arms[0] (a).index_mode"),
     ({"arms": [{"name": "a", "kind": "btx", "branch_tokens": 512, "domains": ["code"]}]}, "arms[0] (a).domains"),
     ({"arms": [{"name": "a", "kind": "btx"}]}, "arms[0] (a).branch_tokens"),
-    ({"arms": [{"name": "a", "kind": "btx", "branch_tokens": 300, "include_seed": False}]}, "arms[0] (a).branch_tokens"),
+    ({"arms": [{"name": "a", "kind": "btx", "branch_tokens": 300, "include_seed": False}]},
+     "arms[0] (a).branch_tokens"),
     ({"arms": [{"name": "a", "kind": "btx", "branch_tokens": 512}]}, "arms[0] (a)"),  # 3 sources, 4 experts
     ({"arms": [{"name": "a", "kind": "naive", "ratio": 0.5}]}, "arms[0] (a).ratio"),
     ({"arms": [{"name": "a", "kind": "naive"}, {"name": "a", "kind": "fs"}]}, "arms"),
@@ -115,27 +105,37 @@ def experiment_dict(tiny: dict, arms: list[dict] | None = None, **changes) -> di
     ({"arms": [{"name": "a", "kind": "naive", "convert": {"router_init": "data"}}]}, "arms[0] (a).convert"),
     ({"arms": [{"name": "a", "kind": "naive", "convert": {"router_init": "data", "calibration": "/nonexistent"}}]},
      "arms[0] (a).convert.calibration"),
-    ({"budget_tokens": 1000}, "budget_tokens"),
+    ({"budgets": [1000]}, "budgets"),
+    ({"budgets": [1024, 512]}, "budgets"),
+    ({"budgets": []}, "budgets"),
+    ({"budget_tokens": 1024}, "budget_tokens"),  # renamed: the message says to write budgets
+    ({"seed": 0}, "seed"),
+    ({"seeds": [0, 0]}, "seeds"),
+    ({"seeds": []}, "seeds"),
     ({"eval": {"points": [300]}}, "eval.points"),
+    ({"eval": {"sequences": 4}}, "eval.sequences"),
+    ({"eval": {"tokens": 0}}, "eval.tokens"),
+    ({"eval": {"bootstrap": 10}}, "eval.bootstrap"),
     ({"moe": {"num_experts": 2, "top_k": 3}}, "moe.top_k"),
     ({"recipe": {"train": {"max_steps": 5}}}, "recipe.train.max_steps"),
+    ({"recipe": {"schedule": {"decay_steps": 5}}}, "recipe.schedule.decay_steps"),
     ({"recipe": {"optim": {"lr": -1.0}}}, "recipe: optim.lr"),
+    ({"recipe": {"schedule": {"kind": "linear"}}}, "recipe: schedule.kind"),
     ({"recipe": {"schedule": {"warmup_steps": 100}}}, "recipe.schedule.warmup_steps"),
-    ({"recipe": {"schedule": {"warmup_steps": 3}}}, "arms[4] (btx).branch_tokens"),  # branches have 2 steps
+    ({"recipe": {"schedule": {"warmup_steps": 3}}}, "recipe.schedule.warmup_steps"),  # the smallest budget: 2 steps
     ({"recipe": {"train": {"global_batch_tokens": 100}}}, "recipe: train.global_batch_tokens"),
     ({"seed_model": "/nonexistent"}, "seed_model"),
     ({"data": {"path": "/nonexistent", "seq_len": 32}}, "data.path"),
     ({"data": {"path": "DATA", "seq_len": 32, "weights": {"klingon": 1.0}}}, "data.weights"),
     ({"colour": "blue"}, "colour"),
-    ({"data": {"path": "DATA", "seq_len": 256}}, "data.seq_len"),  # the tiny seed takes 128 positions
+    ({"data": {"path": "DATA", "seq_len": 256}}, "data.path"),  # the tiny seed takes 128 positions
 ])
 def test_invalid_configs_name_the_field(tiny, change, field):
     """Each bad field is refused by parse_config, before any work, with a message that starts with its name."""
-    config = experiment_dict(tiny)
+    config = experiment_dict(tiny, budgets=[512, 1024])
     for key, value in change.items():
         if key == "recipe":  # one field changed in the otherwise valid recipe
-            for section, fields in value.items():
-                config["recipe"].setdefault(section, {}).update(fields)
+            with_recipe(config, **value)
         else:
             config[key] = value
     if config["data"].get("path") == "DATA":
@@ -145,6 +145,13 @@ def test_invalid_configs_name_the_field(tiny, change, field):
     assert str(error.value).startswith(field), str(error.value)
 
 
+def test_renamed_fields_say_what_to_write_instead(tiny):
+    config = experiment_dict(tiny)
+    config["budget_tokens"] = config.pop("budgets")[0]
+    with pytest.raises(UpcycleError, match=r"renamed: write budgets: \[TOKENS, \.\.\.\]"):
+        parse_config(config)
+
+
 def test_cli_refuses_an_invalid_config_with_one_line_and_writes_nothing(tiny, tmp_path):
     config = write_config(tmp_path / "bad.yaml", experiment_dict(tiny, arms=[{"name": "d", "kind": "drop",
                                                                               "ratio": 2}]))
@@ -152,8 +159,7 @@ def test_cli_refuses_an_invalid_config_with_one_line_and_writes_nothing(tiny, tm
     done = subprocess.run([sys.executable, "-m", "upcycle", "experiment", "--config", str(config), "--out", str(out)],
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "upcycle: error: arms[0] (d).ratio: must lie in [0, 1], got 2"]
+    assert done.stderr.strip().splitlines() == ["upcycle: error: arms[0] (d).ratio: must lie in [0, 1], got 2"]
     assert not out.exists()
 
 
@@ -162,115 +168,179 @@ def _run(tiny: dict, out: Path, config: dict, **kwargs) -> dict | None:
     return run_experiment(parse_config(config), out, config_path=str(path), threads=1, **kwargs)
 
 
+def finished_config(tiny: dict) -> dict:
+    """Two seeds, budgets of 2 and 4 steps under warmup-stable-decay (half of each budget decays): the 2-step
+    budget is a decay branch taken off the 4-step run at its step 1."""
+    return with_recipe(experiment_dict(tiny, seeds=[0, 1], budgets=[512, 1024]),
+                       schedule={"kind": "wsd", "decay_fraction": 0.5})
+
+
 @pytest.fixture(scope="module")
 def finished(tiny) -> dict:
     out = tiny["root"] / "run"
-    results = _run(tiny, out, experiment_dict(tiny))
+    results = _run(tiny, out, finished_config(tiny))
     return {"out": out, "results": results}
 
 
-def test_every_arm_kind_runs_and_results_hold_the_issue_schema(finished):
-    results = finished["results"]
-    out = finished["out"]
+def _arms(results: dict) -> dict:
+    return {arm["name"]: arm for arm in results["arms"]}
+
+
+def test_every_arm_kind_runs_at_every_seed_and_budget_and_results_hold_the_schema(finished):
+    results, out = finished["results"], finished["out"]
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert results["budget_tokens"] == 1024 and results["seed"] == 0
-    assert [a["name"] for a in results["arms"]] == ["dense", "fs", "naive", "drop", "btx"]
-    for arm in results["arms"]:
-        assert {"name", "method", "ratio", "index_mode", "tokens", "flops", "final", "curve",
-                "tokens_to_naive_final", "specialization", "similarity", "data_sha256"} <= set(arm)
-        assert set(arm["final"]) == {"code", "english", "mean"}
-        assert arm["final"]["mean"] == pytest.approx((arm["final"]["code"] + arm["final"]["english"]) / 2)
+    assert results["budgets"] == [512, 1024] and results["seeds"] == [0, 1]
+    assert results["schedule"] == {"kind": "wsd", "decay_fraction": 0.5, "warmup_steps": 1}
+    assert results["validation"]["domains"]["code"]["tokens"] == 256  # eval.tokens per domain: 8 sequences of 32
+    weights = results["validation"]["mixture_weights"]
+    assert sum(weights.values()) == pytest.approx(1.0) and set(weights) == {"code", "english"}
+    arms = _arms(results)
+    assert list(arms) == ["dense", "fs", "naive", "drop", "btx"]
+    for arm in arms.values():
+        assert [b["tokens"] for b in arm["budgets"]] == [512, 1024]
         assert [p["tokens"] for p in arm["curve"]] == [0, 256, 512, 1024]
-        assert arm["curve"][-1]["mean"] == arm["final"]["mean"]
-        assert arm["tokens"] == 1024
-        if arm["method"] == "dense":
-            assert arm["specialization"] == [] and arm["similarity"] == []
-        else:
-            assert [p["tokens"] for p in arm["specialization"]] == [0, 256, 512, 1024]
-            assert all(0 <= p["jsd"] <= 1 for p in arm["specialization"])
-    arms = {a["name"]: a for a in results["arms"]}
-    assert arms["drop"]["ratio"] == 0.5 and arms["drop"]["index_mode"] == "independent"
-    # Naive upcycling starts as copies; re-drawn and from-scratch experts do not.
-    assert arms["naive"]["similarity"][0]["cosine"] == pytest.approx(1.0, abs=1e-9)
-    assert arms["drop"]["similarity"][0]["cosine"] < 0.9
-    assert abs(arms["fs"]["similarity"][0]["cosine"]) < 0.2
-    # Naive's own curve reaches its final loss at the end at the latest; training helped every arm.
-    assert arms["naive"]["tokens_to_naive_final"] <= 1024
-    assert all(a["final"]["mean"] < a["curve"][0]["mean"] for a in results["arms"])
-    # The dense arm's FLOPs use all its parameters; the MoE arms only the active ones; btx adds its branches.
-    assert arms["naive"]["flops"] == 6 * arms["naive"]["active_params"] * 1024
-    assert arms["naive"]["active_params"] < arms["naive"]["total_params"]
-    assert arms["btx"]["flops"] == 6 * arms["btx"]["active_params"] * 1024 + 6 * arms["dense"]["active_params"] * 1024
-    drop_gap = arms["drop"]["gap_to_naive"]
-    assert [p["tokens"] for p in drop_gap] == [p["tokens"] for p in arms["naive"]["curve"]]
-    assert drop_gap[-1]["mean"] == pytest.approx(arms["drop"]["final"]["mean"] - arms["naive"]["final"]["mean"])
-    assert f"{drop_gap[-1]['mean']:+.3f}" in (out / "report.md").read_text()
+        assert [run["seed"] for run in arm["seeds"]] == [0, 1]
+        for i, budget in enumerate(arm["budgets"]):
+            per_seed = [run["budgets"][i] for run in arm["seeds"]]
+            for run_budget in per_seed:
+                assert run_budget["mean"] == pytest.approx((run_budget["code"] + run_budget["english"]) / 2)
+                assert run_budget["mixture"] == pytest.approx(weights["code"] * run_budget["code"]
+                                                              + weights["english"] * run_budget["english"])
+                assert (out / run_budget["model"] / "config.json").is_file()  # the kept model
+            loss = budget["loss"]["mean"]
+            assert loss["mean"] == pytest.approx(np.mean([b["mean"] for b in per_seed]))
+            assert loss["low"] < loss["mean"] < loss["high"]  # two seeds: an interval
+            if arm["name"] != "dense":
+                assert budget["jsd"] is not None
+    # FLOPs: active parameters for the MoE arms, btx adds its branches (2 domains x 512 tokens, dense)
+    assert arms["naive"]["budgets"][1]["flops"] == 6 * arms["naive"]["active_params"] * 1024
+    assert arms["btx"]["budgets"][1]["flops"] == (6 * arms["btx"]["active_params"] * 1024
+                                                  + 6 * arms["dense"]["active_params"] * 1024)
+    assert all(a["budgets"][-1]["loss"]["mean"]["mean"] < a["curve"][0]["loss"]["mean"]["mean"]
+               for a in arms.values())  # training helped every arm
+    assert arms["naive"]["seeds"][0]["budgets"][0]["tokens"] == 512
+    # naive's copies start identical; re-drawn experts do not
+    assert arms["naive"]["curve"][0]["cosine"]["mean"] == pytest.approx(1.0, abs=1e-6)
+    assert arms["drop"]["curve"][0]["cosine"]["mean"] < 0.9
     for name in ("report.md", "loss_curves.png", "gap_to_naive.png", "specialization.png", "similarity.png",
                  "routing_naive.png", "routing_btx.png"):
         assert (out / name).stat().st_size > 0, name
     assert "routing_dense.png" not in {p.name for p in out.iterdir()}
 
 
-def test_all_arms_consumed_the_identical_token_stream(finished):
-    arms = finished["results"]["arms"]
-    hashes = {a["name"]: a["data_sha256"] for a in arms}
-    assert all(len(h) == 64 for h in hashes.values())
-    assert len(set(hashes.values())) == 1, hashes
-    assert finished["results"]["same_data_order"] is True
-    # the hash does depend on the data: each btx branch saw one domain only, so its stream differs from the mixture
-    btx = next(a for a in arms if a["method"] == "btx")
-    branch_hashes = btx["branches"]["data_sha256"]
-    assert set(branch_hashes) == {"code", "english"}
-    assert len({*branch_hashes.values(), hashes["naive"]}) == 3
+def test_gaps_are_paired_by_seed_with_both_intervals_and_a_verdict(finished):
+    arms = _arms(finished["results"])
+    naive, drop = arms["naive"], arms["drop"]
+    for i, budget in enumerate(drop["budgets"]):
+        per_seed = [d["budgets"][i]["mean"] - n["budgets"][i]["mean"] for d, n in zip(drop["seeds"], naive["seeds"])]
+        gap = budget["gap"]["mean"]
+        assert gap["mean"] == pytest.approx(np.mean(per_seed))
+        half = 12.7062 * np.std(per_seed, ddof=1) / np.sqrt(2)  # t(0.975, 1 df)
+        assert (gap["low"], gap["high"]) == pytest.approx((gap["mean"] - half, gap["mean"] + half))
+        assert gap["bootstrap_low"] <= gap["mean"] <= gap["bootstrap_high"] or gap["verdict"] == "level"
+        excludes_zero = [(gap["low"], gap["high"]), (gap["bootstrap_low"], gap["bootstrap_high"])]
+        expected = ("ahead" if all(h < 0 for _, h in excludes_zero) else
+                    "behind" if all(lo > 0 for lo, _ in excludes_zero) else "level")
+        assert gap["verdict"] == expected
+        assert f"{gap['mean']:+.3f}" in (finished["out"] / "report.md").read_text()
+    for budget in naive["budgets"]:  # naive against itself
+        assert budget["gap"]["mean"]["mean"] == 0 and budget["gap"]["mean"]["verdict"] == "level"
+    assert drop["tokens_to_naive"]["of"] == 2 and drop["crossing"]["of"] == 2
+
+
+def test_seeds_differ_in_data_order_and_draws_and_arms_share_them_within_a_seed(finished):
+    out, arms = finished["out"], _arms(finished["results"])
+    hashes = {(name, run["seed"]): run["budgets"][-1]["data_sha256"] for name, arm in arms.items()
+              for run in arm["seeds"]}
+    for seed in (0, 1):
+        assert len({h for (name, s), h in hashes.items() if s == seed}) == 1  # every arm, one stream per seed
+    assert hashes[("naive", 0)] != hashes[("naive", 1)]
+    assert finished["results"]["same_data_order"] == {"0": True, "1": True}
+    # the upcycling draws and the router init differ by seed
+    inits = {s: load_model(out / "arms" / "drop" / f"seed_{s}" / "init").state_dict() for s in (0, 1)}
+    experts = [k for k in inits[0] if "gate_up_ED2F" in k]
+    routers = [k for k in inits[0] if "router" in k]
+    assert experts and routers
+    assert not torch.equal(inits[0][experts[0]], inits[1][experts[0]])
+    assert not torch.equal(inits[0][routers[0]], inits[1][routers[0]])
+    naive = {s: load_model(out / "arms" / "naive" / f"seed_{s}" / "init").state_dict() for s in (0, 1)}
+    assert torch.equal(naive[0][experts[0]], naive[1][experts[0]])  # naive's experts are copies at any seed
+    assert not torch.equal(naive[0][routers[0]], naive[1][routers[0]])
+    # btx's branches saw one domain each: their streams differ from the mixture's
+    branches = arms["btx"]["seeds"][0]["branches"]["data_sha256"]
+    assert len({*branches.values(), hashes[("naive", 0)]}) == 3
+
+
+def test_a_wsd_branch_equals_a_run_scheduled_to_its_budget_from_the_start(finished, tiny, tmp_path):
+    """The 2-step budget was taken off the 4-step run at step 1 and decayed to step 2. An ordinary run whose wsd
+    schedule ends at step 2 from the start takes the same steps (loss, learning rate, gradient norm, data) and ends
+    with the same weights."""
+    out = finished["out"]
+    init = out / "arms" / "naive" / "seed_0" / "init"
+    config = parse_config(finished_config(tiny))
+    run_training(config_from_dict(train_config_dict(config, init_source=str(init), max_steps=2, seed=0,
+                                                    data_path=str(tiny["data"]))), tmp_path / "direct")
+    branch = out / "arms" / "naive" / "seed_0" / "budgets" / "512" / "run"
+    keys = ("step", "loss", "lr", "grad_norm", "data_sha256", "expert_load")
+    assert [{k: r.get(k) for k in keys} for r in read_metrics(branch)] == \
+        [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "direct")]
+    main = read_metrics(out / "arms" / "naive" / "seed_0" / "run")
+    assert main[1]["lr"] == 3e-3 > read_metrics(branch)[1]["lr"]  # the main run was still stable at step 2
+    assert read_metrics(branch)[1]["lr"] == lr_at(1, lr=3e-3, min_lr=3e-4, warmup_steps=1, decay_steps=2,
+                                                  warmup_start_lr=3e-4, kind="wsd", decay_fraction=0.5)
+    kept = load_model(out / "arms" / "naive" / "seed_0" / "final" / "512").state_dict()
+    direct = load_model(tmp_path / "direct" / "checkpoints" / "step_00000002").to(torch.bfloat16).float()
+    assert all(torch.equal(kept[k], v) for k, v in direct.state_dict().items())
 
 
 def test_measured_loss_equals_the_trainers_own_validation_of_one_uninterrupted_run(finished, tiny, tmp_path):
-    """The experiment trains in segments and measures validation loss itself (so the untrained point is measured the
-    same way). An ordinary single `run_training` of the same arm config, with the trainer's own evaluation on the same
-    sequences, ends with the same numbers."""
-    from upcycle.experiment import train_config_dict
-    from upcycle.train import config_from_dict, run_training
-
-    from helpers import read_metrics
-
-    config = parse_config(experiment_dict(tiny))
-    values = train_config_dict(config, init_source=str(finished["out"] / "arms" / "naive" / "init"), max_steps=4,
-                               data_path=str(tiny["data"]))
-    values["train"].update(eval_every=4, eval_sequences=4)
+    """The experiment trains in segments and measures validation loss itself. One uninterrupted `run_training` of
+    the same main run, with the trainer's own evaluation on the same sequences, ends with the same numbers."""
+    config = parse_config(finished_config(tiny))
+    init = finished["out"] / "arms" / "naive" / "seed_1" / "init"
+    values = train_config_dict(config, init_source=str(init), max_steps=4, seed=1, data_path=str(tiny["data"]))
+    values["train"].update(eval_every=4, eval_sequences=8)
     run_training(config_from_dict(values), tmp_path / "direct")
     last = read_metrics(tmp_path / "direct")[-1]
-    naive = next(a for a in finished["results"]["arms"] if a["name"] == "naive")
-    assert naive["final"]["code"] == pytest.approx(last["val"]["code"], rel=1e-6)
-    assert naive["final"]["english"] == pytest.approx(last["val"]["english"], rel=1e-6)
-    assert naive["data_sha256"] == last["data_sha256"]
+    naive = _arms(finished["results"])["naive"]["seeds"][1]
+    assert naive["curve"][-1]["code"] == pytest.approx(last["val"]["code"], rel=1e-6)
+    assert naive["curve"][-1]["english"] == pytest.approx(last["val"]["english"], rel=1e-6)
+    assert naive["data_sha256_by_step"]["4"] == last["data_sha256"]
 
 
-def test_rerun_skips_finished_arms_and_a_changed_config_is_refused(finished, tiny):
+def test_rescoring_the_kept_models_gives_the_recorded_losses(finished, tiny, tmp_path):
     out = finished["out"]
-    done = {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/arm.json")}
-    again = _run(tiny, out, experiment_dict(tiny))
+    rescored = rescore_experiment(out, tiny["data"], threads=1)
+    for mine, recorded in zip(rescored["arms"], finished["results"]["arms"]):
+        assert mine["name"] == recorded["name"]
+        for run, theirs in zip(mine["seeds"], recorded["seeds"]):
+            for budget, their_budget in zip(run["budgets"], theirs["budgets"]):
+                for key in ("code", "english", "mean", "mixture", "jsd"):
+                    assert budget.get(key) == their_budget.get(key), (mine["name"], key)
+        assert mine["budgets"][-1]["gap"]["mean"]["mean"] == recorded["budgets"][-1]["gap"]["mean"]["mean"]
+    written = out / "rescore" / tiny["data"].name
+    assert json.loads((written / "results.json").read_text())["rescored_on"]
+    assert (written / "report.md").is_file() and (written / "loss_curves.png").is_file()
+    # other text: the same models, other numbers
+    other = rescore_experiment(out, make_data_dir(tmp_path / "other", seed=5), threads=1)
+    assert other["arms"][2]["seeds"][0]["budgets"][0]["mean"] != rescored["arms"][2]["seeds"][0]["budgets"][0]["mean"]
+
+
+def test_rerun_skips_finished_runs_and_a_changed_config_is_refused(finished, tiny):
+    out = finished["out"]
+    done = {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/seed_*/arm.json")}
+    assert len(done) == 10
+    again = _run(tiny, out, finished_config(tiny))
     assert {p: p.stat().st_mtime_ns for p in done} == done
     assert again["arms"] == json.loads(json.dumps(finished["results"]["arms"]))
-    changed = experiment_dict(tiny, seed=1)
-    with pytest.raises(UpcycleError, match=r"different config \(first difference: seed\)"):
-        _run(tiny, out, changed)
-    assert yaml.safe_load((out / "experiment.yaml").read_text())["seed"] == 0
-    arms = experiment_dict(tiny)["arms"]
+    with pytest.raises(UpcycleError, match=r"different config \(first difference: seeds\)"):
+        _run(tiny, out, {**finished_config(tiny), "seeds": [0, 1, 2]})
+    assert yaml.safe_load((out / "experiment.yaml").read_text())["seeds"] == [0, 1]
+    arms = finished_config(tiny)["arms"]
     with pytest.raises(UpcycleError, match=r"first difference: arms \(drop\)\.ratio"):
-        _run(tiny, out, experiment_dict(tiny, arms=[*arms[:3], {**arms[3], "ratio": 0.75}, *arms[4:]]))
+        _run(tiny, out, {**finished_config(tiny), "arms": [*arms[:3], {**arms[3], "ratio": 0.75}, *arms[4:]]})
     with pytest.raises(UpcycleError, match=r"first difference: arms \(fs was removed\)"):
-        _run(tiny, out, experiment_dict(tiny, arms=[a for a in arms if a["name"] != "fs"]))
-
-
-def test_arms_can_be_added_to_a_finished_experiment(finished, tiny):
-    out = finished["out"]
-    done = {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/arm.json")}
-    extended = experiment_dict(tiny, arms=[*experiment_dict(tiny)["arms"], {"name": "noise", "kind": "noise"}])
-    results = _run(tiny, out, extended)
-    assert {p: p.stat().st_mtime_ns for p in done} == done  # the earlier arms were not redone
-    assert [a["name"] for a in results["arms"]] == ["dense", "fs", "naive", "drop", "btx", "noise"]
-    assert results["arms"][-1]["data_sha256"] == results["arms"][0]["data_sha256"]
-    assert [a["name"] for a in yaml.safe_load((out / "experiment.yaml").read_text())["arms"]][-1] == "noise"
+        _run(tiny, out, {**finished_config(tiny), "arms": [a for a in arms if a["name"] != "fs"]})
 
 
 def test_an_existing_non_experiment_directory_is_refused(tiny, tmp_path):
@@ -281,22 +351,42 @@ def test_an_existing_non_experiment_directory_is_refused(tiny, tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 
+def test_cosine_budgets_are_runs_of_their_own_and_arms_can_be_added(tiny, tmp_path):
+    """With schedule.kind cosine every budget is its own run from the initial model, its cosine ending at that
+    budget; adding an arm to a finished experiment trains only the new arm."""
+    config = experiment_dict(tiny, arms=[{"name": "naive", "kind": "naive"}], budgets=[256, 512],
+                             eval={"points": 1, "tokens": 64, "bootstrap": 100})
+    out = tmp_path / "out"
+    _run(tiny, out, config)
+    unit = out / "arms" / "naive" / "seed_0"
+    short = read_metrics(unit / "budgets" / "256" / "run")
+    assert [r["step"] for r in short] == [1]
+    main = read_metrics(unit / "run")
+    assert short[0]["data_sha256"] == main[0]["data_sha256"]  # the same data, its own schedule
+    assert short[0]["lr"] == lr_at(0, lr=3e-3, min_lr=3e-4, warmup_steps=1, decay_steps=1, warmup_start_lr=3e-4)
+    done = (unit / "arm.json").stat().st_mtime_ns
+    results = _run(tiny, out, {**config, "arms": [*config["arms"], {"name": "noise", "kind": "noise"}]})
+    assert (unit / "arm.json").stat().st_mtime_ns == done
+    assert [a["name"] for a in results["arms"]] == ["naive", "noise"]
+
+
 @pytest.mark.slow
 def test_sigkill_then_rerun_with_parallel_finishes_exactly_as_an_uninterrupted_run(tiny, tmp_path):
-    """A real SIGKILL of the experiment process in the middle of an arm's training; the re-run (two arms at once, one
-    thread each) resumes that arm from its checkpoint and ends with the uninterrupted run's numbers, bit for bit."""
-    config = experiment_dict(tiny, budget_tokens=12 * 256, eval={"points": [512, 1024], "sequences": 4},
+    """A real SIGKILL of the experiment process in the middle of a run's training; the re-run (two runs at once, one
+    thread each) resumes it from its checkpoint and ends with the uninterrupted run's numbers, bit for bit."""
+    config = experiment_dict(tiny, budgets=[12 * 256], eval={"points": [512, 1024], "tokens": 64, "bootstrap": 100},
                              arms=[{"name": "naive", "kind": "naive"}, {"name": "dense", "kind": "dense"}])
     config["recipe"]["checkpoint"] = {"every": 1}  # a checkpoint between evaluation points, to resume from
     reference = _run(tiny, tmp_path / "reference", config)
 
     out = tmp_path / "killed"
     path = write_config(tmp_path / "killed.yaml", config)
-    command = [sys.executable, "-m", "upcycle", "experiment", "--config", str(path), "--out", str(out), "--threads", "1"]
+    command = [sys.executable, "-m", "upcycle", "experiment", "--config", str(path), "--out", str(out),
+               "--threads", "1"]
     process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # kill once the first arm has passed its first evaluation point (step 2) and saved a checkpoint beyond it, well
+    # kill once the first run has passed its first evaluation point (step 2) and saved a checkpoint beyond it, well
     # before its last step (12)
-    run = out / "arms" / "naive" / "run" / "checkpoints"
+    run = out / "arms" / "naive" / "seed_0" / "run" / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         if any(2 < int(p.name.split("_")[1]) < 12 for p in run.glob("step_*")):
@@ -305,7 +395,7 @@ def test_sigkill_then_rerun_with_parallel_finishes_exactly_as_an_uninterrupted_r
     assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (out / "arms" / "naive" / "arm.json").exists()
+    assert not (out / "arms" / "naive" / "seed_0" / "arm.json").exists()
     assert not (out / "results.json").exists()
     killed_at = sorted(run.glob("step_*"))[-1].name
 
@@ -313,50 +403,119 @@ def test_sigkill_then_rerun_with_parallel_finishes_exactly_as_an_uninterrupted_r
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     resumed = json.loads((out / "results.json").read_text())
-    log = (out / "arms" / "naive" / "log.txt").read_text()
+    log = (out / "arms" / "naive" / "seed_0" / "log.txt").read_text()
     first_resume = next(line for line in log.splitlines() if "resuming from" in line)
     assert killed_at in first_resume  # continued from the checkpoint the kill left, not from scratch
     for mine, theirs in zip(resumed["arms"], reference["arms"]):
         assert mine["name"] == theirs["name"]
-        assert mine["curve"] == theirs["curve"]
-        assert mine["similarity"] == theirs["similarity"]
-        assert mine["data_sha256"] == theirs["data_sha256"]
+        for key in ("curve", "budgets"):
+            assert [{k: v for k, v in p.items() if k != "model"} for p in mine["seeds"][0][key]] == \
+                [{k: v for k, v in p.items() if k != "model"} for p in theirs["seeds"][0][key]]
 
 
 def test_data_with_more_token_ids_than_the_seed_is_refused_before_any_work(tiny, tmp_path):
     small = save_dense(tmp_path / "small-seed", "llama", vocab_size=32)  # the data uses 64 ids
-    with pytest.raises(UpcycleError, match="^data.path: has 64 token ids but seed_model's vocab_size is 32"):
-        parse_config(experiment_dict(tiny, seed_model=str(small)))
+    with pytest.raises(UpcycleError, match="^data.path: .* was tokenized with 64 token ids but the model has only 32"):
+        parse_config(experiment_dict({**tiny, "seed": small}))
 
 
 def test_an_empty_calibration_file_is_refused_before_any_work(tiny, tmp_path):
-    seed = save_dense(tmp_path / "seed", "llama")
-    write_tokenizer(seed, eos=True)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     arms = [{"name": "naive", "kind": "naive"},
             {"name": "d", "kind": "naive", "convert": {"router_init": "data", "calibration": str(empty)}}]
     with pytest.raises(UpcycleError, match=r"^arms\[1\] \(d\)\.convert\.calibration: .*has no text"):
-        parse_config(experiment_dict({**tiny, "seed": seed}, arms=arms))
+        parse_config(experiment_dict(tiny, arms=arms))
+
+
+def _jsonl(rng: np.random.Generator, documents: int) -> list[str]:
+    """JSONL lines of documents of 30 words of the tiny tokenizer's vocabulary."""
+    return [json.dumps({"text": " ".join(f"w{int(rng.integers(90))}" for _ in range(30))}) for _ in range(documents)]
 
 
 def test_an_arm_can_carry_further_convert_options_such_as_a_data_initialized_router(tiny, tmp_path):
     """`convert:` passes ConvertOptions fields to the arm's conversion: here --router-init data, whose routers differ
     from the uniform init's while a naive upcycle stays the dense function whatever its router."""
-    seed = save_dense(tmp_path / "seed", "llama")
-    write_tokenizer(seed, eos=True)  # calibration text is read with the seed's tokenizer, documents end with EOS
-    tiny = {**tiny, "seed": seed}
     calibration = tmp_path / "calibration.txt"
     calibration.write_text("\n".join(" ".join(f"w{(7 * i + j) % 90}" for j in range(40)) for i in range(30)))
     arms = [{"name": "naive", "kind": "naive"},
             {"name": "naive-data", "kind": "naive",
              "convert": {"router_init": "data", "calibration": str(calibration), "calibration_tokens": 600}}]
-    results = _run(tiny, tmp_path / "out", experiment_dict(tiny, arms=arms, budget_tokens=256))
-    by_name = {a["name"]: a for a in results["arms"]}
+    results = _run(tiny, tmp_path / "out", experiment_dict(tiny, arms=arms, budgets=[256],
+                                                           eval={"points": 1, "tokens": 64, "bootstrap": 100}))
+    by_name = _arms(results)
     assert by_name["naive"]["convert"] is None
     assert by_name["naive-data"]["convert"]["router_init"] == "data"
-    manifest = json.loads((tmp_path / "out" / "arms" / "naive-data" / "init" / "upcycle_manifest.json").read_text())
+    unit = tmp_path / "out" / "arms" / "naive-data" / "seed_0"
+    manifest = json.loads((unit / "init" / "upcycle_manifest.json").read_text())
     assert manifest["options"]["router_init"] == "data" and manifest["calibration_tokens_used"] == 600
-    assert by_name["naive-data"]["curve"][0]["mean"] == pytest.approx(by_name["naive"]["curve"][0]["mean"], abs=1e-5)
-    assert by_name["naive-data"]["routing_final"] != by_name["naive"]["routing_final"]
+    assert by_name["naive-data"]["curve"][0]["loss"]["mean"]["mean"] == \
+        pytest.approx(by_name["naive"]["curve"][0]["loss"]["mean"]["mean"], abs=1e-5)
+    assert by_name["naive-data"]["seeds"][0]["routing_final"] != by_name["naive"]["seeds"][0]["routing_final"]
     assert "router_init data" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_calibration_text_shared_with_the_validation_split_is_refused_naming_both_files(tiny, tmp_path):
+    rng = np.random.default_rng(0)
+    files = {}
+    for name in ("english.train", "english.val", "code.train", "code.val"):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("\n".join(_jsonl(rng, 40)) + "\n")
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text("\n".join(_jsonl(rng, 5) + [files["english.val"].read_text().splitlines()[3]]) + "\n")
+    data = {"sources": {"english": [str(files["english.train"])], "code": [str(files["code.train"])]},
+            "val_sources": {"english": [str(files["english.val"])], "code": [str(files["code.val"])]},
+            "seq_len": 32}
+    arms = [{"name": "naive", "kind": "naive"},
+            {"name": "routed", "kind": "naive", "convert": {"router_init": "data", "calibration": str(calibration)}}]
+    out = tmp_path / "out"
+    with pytest.raises(UpcycleError) as error:
+        _run(tiny, out, experiment_dict(tiny, arms=arms, data=data))
+    message = str(error.value)
+    assert message.startswith("arms[1] (routed).convert.calibration: ") and "\n" not in message
+    assert str(calibration) in message and str(files["english.val"]) in message and "1 document" in message
+    assert not out.exists()  # refused before anything was kept
+
+
+def test_every_config_field_is_in_the_help_and_the_docs():
+    import dataclasses
+
+    from helpers import REPO
+    from upcycle.experiment_config import ArmSpec, DataSection, EvalSection, ExperimentConfig, MoESection, config_help
+
+    docs = (REPO / "docs" / "experiments.md").read_text()
+    help_text = config_help()
+    for prefix, cls in (("", ExperimentConfig), ("data.", DataSection), ("moe.", MoESection), ("eval.", EvalSection),
+                        ("", ArmSpec)):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("derived"):
+                continue
+            assert f"{f.name}:" in help_text, f.name
+            if f.name not in ("data", "moe", "eval"):  # sections: their fields are the docs' rows
+                assert f"`{prefix}{f.name}`" in docs, f"{prefix}{f.name}"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rescore", "--out", "x"], "--rescore needs --data DIR"),
+    (["--rescore", "--data", "d", "--config", "c.yaml", "--out", "x"], "--rescore re-measures the experiment"),
+    (["--data", "d", "--config", "c.yaml", "--out", "x"], "--data is only used with --rescore"),
+    (["--out", "x"], "give --config FILE"),
+])
+def test_cli_flag_combinations_are_refused_in_one_line(flags, message, capsys):
+    from helpers import assert_one_line_error, run_cli
+
+    assert_one_line_error(*run_cli(capsys, "experiment", *flags), message)
+
+
+def test_the_report_config_and_statistics_never_import_the_runner():
+    """experiment.py imports experiment_config, experiment_stats and experiment_report; none of them imports it back
+    (the old experiment <-> experiment_report cycle)."""
+    import ast
+
+    from helpers import REPO
+
+    for name in ("experiment_config", "experiment_stats", "experiment_report"):
+        tree = ast.parse((REPO / "src" / "upcycle" / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | \
+            {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert "upcycle.experiment" not in imported, name

@@ -176,13 +176,16 @@ def default_plot_layers(num_layers: int) -> list[int]:
 
 
 @torch.no_grad()
-def collect_routing(model, batches: dict[str, list[Tensor]]) -> dict[str, list[dict]]:
-    """{domain: [routing_sums per MoE layer]} over a domain's validation batches (inputs only, no targets needed)."""
+def collect_routing(model, batches: dict[str, list[Tensor]], *, device: torch.device | None = None
+                    ) -> dict[str, list[dict]]:
+    """{domain: [routing_sums per MoE layer]} over a domain's validation batches (inputs only, no targets needed);
+    the batches are moved to `device` (the model's) when given."""
     config = model.config
     out = {}
     for domain, domain_batches in batches.items():
         per_layer: list[dict | None] = [None] * len(config.moe_layer_ids)
         for batch_BT in domain_batches:
+            batch_BT = batch_BT if device is None else batch_BT.to(device)
             output = model(batch_BT[:, :-1])
             for i, logits_TE in enumerate(output.router_logits):
                 per_layer[i] = add_sums(per_layer[i], routing_sums(logits_TE, top_k=config.top_k,

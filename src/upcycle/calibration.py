@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from upcycle.data import expand_paths, iter_documents, load_tokenizer
 from upcycle.errors import UpcycleError
+from upcycle.hf_model import load_model
 from upcycle.upcycling import derived_generator
 
 BATCH_TOKENS = 1024  # hidden states clustered at a time, per layer (the first batch seeds k-means++)
@@ -69,8 +71,6 @@ def rows_from_centroids(centroids_KD: torch.Tensor, *, std: float) -> torch.Tens
 
 def calibration_token_ids(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, max_tokens: int) -> torch.Tensor:
     """Up to `max_tokens` token ids of the calibration file(s), documents separated by EOS (as `data prepare`)."""
-    from upcycle.data import expand_paths, iter_documents, load_tokenizer
-
     if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise UpcycleError(f"--router-init data tokenizes --calibration with the source's tokenizer, and "
                            f"{tokenizer_dir} has no tokenizer.json; add it to the source directory")
@@ -99,8 +99,6 @@ class RouterCalibration:
 def data_router_rows(source: str | os.PathLike, calibration: str | os.PathLike, *, max_tokens: int, copies: int,
                      layers: tuple[int, ...], seed: int, std: float) -> RouterCalibration:
     """Run the dense model at `source` on the calibration text; k-means rows for each of `layers`."""
-    from upcycle.hf_model import load_model
-
     ids = calibration_token_ids(calibration, source, max_tokens)
     if ids.numel() < copies:
         raise UpcycleError(f"--calibration {calibration} gives {ids.numel()} tokens, fewer than the {copies} router "

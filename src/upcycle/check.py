@@ -20,6 +20,7 @@ import torch
 from upcycle.convert import check_dense_source
 from upcycle.errors import UpcycleError
 from upcycle.files import read_json
+from upcycle.hf_model import as_hf_directory, is_our_checkpoint, model_tensors
 from upcycle.safetensors_io import CheckpointReader
 
 PROBE_TEXT = """\
@@ -108,8 +109,6 @@ def _perplexity(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> float:
 def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: int = 512,
           tolerance: float = 1e-4) -> CheckReport:
     """Compare the MoE at `moe_dir` with the dense model at `dense_dir` on a probe text."""
-    from upcycle.hf_model import as_hf_directory, is_our_checkpoint, model_tensors
-
     moe_path, dense_path = Path(moe_dir), Path(dense_dir)
     # the validation every other command does before work: config.json, safetensors headers against file sizes (a
     # truncated file is named), pickle weights refused rather than handed to transformers; the dense parent as convert

@@ -214,6 +214,11 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None):
                        "pass --eos-token with a token from its vocabulary")
 
 
+def valid_domain_name(name: str) -> bool:
+    """A domain name becomes part of file names: letters, digits, '-' or '_', starting with a letter or digit."""
+    return isinstance(name, str) and bool(_DOMAIN_NAME.match(name))
+
+
 def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
     """uint16 when every id fits (vocab <= 65536), else uint32; an explicit request is checked, not trusted."""
     if requested not in ("auto", "uint16", "uint32"):
@@ -252,7 +257,7 @@ def _parse_sources(sources: Mapping[str, Sequence[str | Path]]) -> dict[str, lis
         raise UpcycleError("no domains given; pass at least one, e.g. --domain english=corpus/en")
     files = {}
     for name, paths in sources.items():
-        if not _DOMAIN_NAME.match(name):
+        if not valid_domain_name(name):
             raise UpcycleError(f"domain name {name!r} must be letters, digits, '-' or '_' (it becomes a file name)")
         if isinstance(paths, (str, Path)):
             paths = [paths]
@@ -716,6 +721,14 @@ class MixtureLoader:
         self.consumed = {name: int(state["consumed"][name]) for name in self.domains}
 
 
+def validation_chunk_ids(num_tokens: int, seq_len: int, max_sequences: int) -> np.ndarray:
+    """Which chunks (of seq_len + 1 tokens at stride seq_len) of a validation stream are scored: up to
+    `max_sequences` spread evenly over it, all of them when there are fewer. Chunk c holds tokens c * seq_len ..
+    c * seq_len + seq_len and scores the targets c * seq_len + 1 .. c * seq_len + seq_len."""
+    count = num_chunks(num_tokens, seq_len)
+    return np.unique(np.linspace(0, count - 1, num=min(count, max_sequences)).round().astype(np.int64))
+
+
 def validation_batches(
     data_dir: str | Path,
     *,
@@ -742,7 +755,7 @@ def validation_batches(
     for name in names:
         tokens = read_tokens(data_dir, name, split, metadata)
         count = num_chunks(len(tokens), seq_len)
-        chunk_ids = np.unique(np.linspace(0, count - 1, num=min(count, max_sequences)).round().astype(np.int64))
+        chunk_ids = validation_chunk_ids(len(tokens), seq_len, max_sequences)
         rows = np.stack([tokens[c * seq_len:c * seq_len + seq_len + 1] for c in chunk_ids]).astype(np.int64) \
             if count else np.zeros((0, seq_len + 1), dtype=np.int64)
         all_batches = [torch.from_numpy(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]

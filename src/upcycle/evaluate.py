@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -109,20 +110,33 @@ def evaluate(
 
 @torch.no_grad()
 def score_domains(model: torch.nn.Module, batches: dict[str, list[Tensor]], *, device: torch.device | None = None,
-                  autocast=contextlib.nullcontext) -> dict[str, dict]:
+                  autocast=contextlib.nullcontext, per_token: bool = False) -> dict[str, dict]:
     """`domain_result` of every domain's batches (rows of seq_len + 1 tokens) under `model`, which must be in eval
-    mode; the trainer's validation and `upcycle eval` both score through this."""
+    mode; the trainer's validation, `upcycle eval` and `upcycle experiment` all score through this.
+
+    With `per_token`, each domain's result also holds "token_losses": the next-token cross-entropy of every scored
+    token (float64 numpy, row by row in batch order), and its loss is their sum over their count (for per-document
+    sums, e.g. a bootstrap over documents)."""
     results = {}
     for name, domain_batches in batches.items():
-        loss_sum, num_tokens, num_sequences = 0.0, 0, 0
+        loss_sum, num_tokens, num_sequences, token_losses = 0.0, 0, 0, []
         for batch_BT in domain_batches:
             batch_BT = batch_BT if device is None else batch_BT.to(device)
             with autocast():
                 output = model(batch_BT[:, :-1])
-            batch_sum, batch_tokens = summed_next_token_loss(output.logits, batch_BT[:, 1:])
+            if per_token:
+                # (B, T, V) -> (B*T,): fp32 log-softmax, as summed_next_token_loss
+                losses_N = F.cross_entropy(output.logits.reshape(-1, output.logits.shape[-1]).float(),
+                                           batch_BT[:, 1:].reshape(-1), reduction="none")
+                token_losses.append(losses_N.double().cpu().numpy())
+                batch_sum, batch_tokens = float(token_losses[-1].sum()), losses_N.numel()
+            else:
+                batch_sum, batch_tokens = summed_next_token_loss(output.logits, batch_BT[:, 1:])
             loss_sum, num_tokens, num_sequences = loss_sum + batch_sum, num_tokens + batch_tokens, \
                 num_sequences + batch_BT.shape[0]
         results[name] = domain_result(loss_sum, num_tokens, num_sequences)
+        if per_token:
+            results[name]["token_losses"] = np.concatenate(token_losses) if token_losses else np.zeros(0)
     return results
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from upcycle import hf_formats as hf
+from upcycle.checkpoint import CheckpointTensors, model_config_of, model_config_record
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir, read_json
 from upcycle.model import ModelConfig, Transformer
@@ -402,8 +403,6 @@ class _SourceTensors(Mapping):
 def model_tensors(path: str | Path) -> tuple[ModelConfig, Mapping[str, Tensor]]:
     """Our ModelConfig and our tensors of any checkpoint we read: a training checkpoint (sharded or one-file), our
     saved model, or an HF checkpoint, as a mapping that reads one tensor when it is looked up (streaming export)."""
-    from upcycle.checkpoint import CheckpointTensors, model_config_of
-
     path = Path(path)
     if is_our_checkpoint(path):
         tensors = CheckpointTensors(path)  # refuses a directory of no known format first
@@ -460,7 +459,6 @@ def save_model(model: Transformer, out_dir: str | Path, *, force: bool = False) 
     with publish_dir(out_dir, force=force, flag="OUT") as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_tensors(tmp / "model.safetensors", tensors, {"format": "pt"})
-        from upcycle.checkpoint import model_config_record
 
         (tmp / "config.json").write_text(json.dumps(model_config_record(asdict(model.config)), indent=2) + "\n")
     return out_dir

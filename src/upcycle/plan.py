@@ -39,9 +39,12 @@ import torch
 
 from upcycle.distributed import World, expert_placement, shard_placement
 from upcycle.errors import UpcycleError
+from upcycle.expert_parallel import check_degree
+from upcycle.hardware import resolve_precision
 from upcycle.model import ModelConfig, Transformer
 from upcycle.moe import MoE
 from upcycle.safetensors_io import parse_size
+from upcycle.train import start_point
 from upcycle.train_config import config_fields_help, load_config, micro_batch_size_for
 
 # Resident memory of one training process before any weight: Python, torch and our modules (measured on this machine
@@ -167,10 +170,6 @@ class Plan:
 
 def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> Plan:
     """The memory plan of a training config (upcycle.train_config.TrainConfig) on `world_size` ranks."""
-    from upcycle.expert_parallel import check_degree
-    from upcycle.hardware import resolve_precision
-    from upcycle.train import start_point
-
     loop, seq_len = config.train, config.data.seq_len
     sequences = loop.global_batch_tokens // seq_len
     if sequences % world_size:

@@ -26,10 +26,10 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -38,10 +38,29 @@ import torch
 import yaml
 
 from upcycle import checkpoint as ckpt
-from upcycle.distributed import World, broadcast_object
+from upcycle import data as data_lib
+from upcycle import expert_parallel, hf_formats, hf_model, losses
+from upcycle.convert import lazy_convert, planned_moe_config, router_calibration
+from upcycle.data import METADATA_FILE, MixtureLoader, fingerprint, validation_batches
+from upcycle.distributed import (
+    World,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gradient_sync,
+    init_distributed,
+    parallelize,
+    shutdown,
+)
 from upcycle.errors import UpcycleError
+from upcycle.evaluate import score_domains
+from upcycle.expert_parallel import check_degree, shard_experts
+from upcycle.hardware import resolve_precision
 from upcycle.metrics import MetricsLog
-from upcycle.model import ModelConfig
+from upcycle.model import ModelConfig, Transformer
+from upcycle.safetensors_io import CheckpointReader
+from upcycle.schedule import schedule_of
+from upcycle.shards import fill_from_scratch, fill_from_sources, model_pieces
 from upcycle.train_config import (  # noqa: F401  (the config API is importable from here too)
     OptimConfig,
     TrainConfig,
@@ -67,30 +86,6 @@ class NonFiniteLoss(UpcycleError):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Learning-rate schedule: a pure function of the step
-
-
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, warmup_start_lr: float) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup from warmup_start_lr to lr over warmup_steps,
-    cosine from lr to min_lr until decay_steps, min_lr after."""
-    if step < warmup_steps:
-        return warmup_start_lr + (lr - warmup_start_lr) * step / warmup_steps
-    if step >= decay_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def schedule_of(config: TrainConfig) -> Callable[[int], float]:
-    """The config's schedule as a function step -> learning rate."""
-    o, s = config.optim, config.schedule
-    decay = config.train.max_steps if s.decay_steps is None else s.decay_steps
-    start = o.min_lr if s.warmup_start_lr is None else s.warmup_start_lr
-    return lambda step: lr_at(step, lr=o.lr, min_lr=o.min_lr, warmup_steps=s.warmup_steps, decay_steps=decay,
-                              warmup_start_lr=start)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Model and optimizer
 
 
@@ -110,9 +105,6 @@ def start_point(config: TrainConfig, world: World, *, resume_model_config: dict 
     When resuming, the architecture is read from the checkpoint and the initial weights are skipped (the checkpoint
     overwrites them), so an online upcycling is not redone on every restart.
     """
-    from upcycle import hf_model
-    from upcycle.shards import fill_from_scratch, fill_from_sources, model_pieces
-
     if resume_model_config is not None:
         return StartPoint(ModelConfig(**resume_model_config), None)
     if config.init.source is None:
@@ -129,13 +121,9 @@ def start_point(config: TrainConfig, world: World, *, resume_model_config: dict 
         return StartPoint(ModelConfig(**ckpt.model_config_of(init.source)),
                           lambda model: ckpt.load_model_weights(init.source, model, world))
     if init.method is None:
-        from upcycle.safetensors_io import CheckpointReader
-
         reader = CheckpointReader(init.source)
         model_config, sources = hf_model.hf_sources(reader, reader.config)
         return StartPoint(model_config, lambda model: fill_from_sources(model_pieces(model), sources))
-    from upcycle import hf_formats
-    from upcycle.convert import lazy_convert, planned_moe_config, router_calibration
 
     options = dataclasses.asdict(init.convert_options())
     if options["dtype"] == "auto":  # training keeps fp32 master weights: no rounding to the source's dtype
@@ -163,10 +151,6 @@ def build_model(model_config: ModelConfig, loop: TrainLoopConfig, world: World,
     torch.compile), split (expert parallelism) and sharded (FSDP2) there, then each rank allocates only its own pieces
     on its device and `fill` fills them. No rank ever holds the whole model, and on CUDA the full model never sits on
     one device. DDP wraps a filled model (it broadcasts rank 0's weights when it starts)."""
-    from upcycle.distributed import parallelize
-    from upcycle.expert_parallel import check_degree, shard_experts
-    from upcycle.model import Transformer
-
     check_degree(loop.expert_parallel, world_size=world.world_size, num_experts=model_config.num_experts)
     torch.manual_seed(loop.seed)
     with torch.device("meta"):
@@ -198,8 +182,6 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
     With expert parallelism the expert shards, DTensors on a device mesh of their own, get a param group of their own
     with the same settings (one fused kernel cannot mix meshes); checkpoints store one group either way.
     """
-    from upcycle import expert_parallel
-
     experts = expert_parallel.find(model)
     params = model.parameters() if experts is None else [{"params": experts.others(model)},
                                                         {"params": list(experts.params.values())}]
@@ -208,7 +190,9 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
 
 
 def _apply_activation_checkpointing(model: torch.nn.Module) -> None:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
 
     # Per block: the block's inputs are kept, everything inside is recomputed in backward. The wrapper's prefix is
     # stripped from state-dict names by torch.distributed.checkpoint.state_dict, so checkpoints are unaffected.
@@ -224,8 +208,6 @@ def loss_parts(output, labels_BT: torch.Tensor, loop: TrainLoopConfig, top_k: in
                global_counts_LE: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """{"loss", "ce", "aux", "z"} of one micro-batch: loss = ce + aux_coef * aux + z_coef * z. With
     `global_counts_LE` (balance_scope global_batch) the load-balancing loss takes f from the whole global batch."""
-    from upcycle import losses
-
     ce = losses.cross_entropy(logits_BTV=output.logits, labels_BT=labels_BT)
     zero = ce.new_zeros(())
     if output.router_logits:
@@ -244,9 +226,6 @@ def _global_assignment_counts(model: torch.nn.Module, micro_batches, *, top_k: i
     """balance_scope global_batch: the (L, E) expert assignment counts of every micro-batch of every rank, before any
     backward. Routing in layer l depends on every layer below it, so the counts need a forward pass; it runs without
     gradients, over the same weights and inputs as the training forward, so it routes identically."""
-    from upcycle import losses
-    from upcycle.distributed import all_reduce_sum
-
     counts_LE = None
     with torch.no_grad(), autocast():
         for micro_BT in micro_batches:
@@ -267,9 +246,6 @@ def forward_backward(model: torch.nn.Module, batch_BT: torch.Tensor, *, loop: Tr
     gradient-free forward pass first when this rank has several micro-batches, from the training forward itself when
     it has one.
     """
-    from upcycle import losses
-    from upcycle.distributed import all_reduce_sum, gradient_sync
-
     micro_batches = batch_BT.split(loop.micro_batch_size)
     global_scope = num_moe > 0 and loop.balance_scope == "global_batch"
     global_counts_LE = None
@@ -318,8 +294,6 @@ def health_problem(loss: float, grad_norm: float, history: list[tuple[float, flo
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     """The global gradient norm before clipping, every gradient scaled down to `max_norm` where it exceeds it. Under
     expert parallelism the expert gradients' average is completed first and the norm spans both meshes."""
-    from upcycle import expert_parallel
-
     experts = expert_parallel.find(model)
     if experts is None:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -413,8 +387,6 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
 
     Raises NonFiniteLoss before the update when the loss or gradient norm is NaN/inf (nothing is changed then).
     """
-    from upcycle.distributed import all_reduce_sum
-
     config, world = run.config, run.world
     started = time.perf_counter()
     lr = schedule_of(config)(step)
@@ -463,8 +435,6 @@ def validation_loss(run: Run) -> dict[str, float]:
 
     Each rank scores the whole (small, fixed) validation set: FSDP needs every rank to run the same number of forwards.
     """
-    from upcycle.evaluate import score_domains
-
     run.model.eval()
     try:
         results = score_domains(run.model, run.val_sets, device=run.world.device, autocast=run.autocast)
@@ -507,9 +477,6 @@ def _check_resume_compatible(saved: dict, current: dict) -> None:
 
 def _prepare_data(config: TrainConfig, out: Path, world: World) -> Path:
     """The prepared data directory: data.path, or data.sources tokenized once into OUT/data (rank 0; others wait)."""
-    from upcycle import data as data_lib
-    from upcycle.distributed import barrier
-
     if config.data.path is not None:
         return Path(config.data.path)
     target = out / PREPARED_DATA_DIR
@@ -544,8 +511,6 @@ def resolve_run_precision(loop: TrainLoopConfig, model_config: ModelConfig, worl
                           log: Callable[[str], None]) -> TrainLoopConfig:
     """loop with train.precision decided by rank 0 for this model's width (hardware.resolve_precision: `auto` probes a
     CPU with native bf16) and used by every rank; what was chosen and why, and any warning, are logged once."""
-    from upcycle.hardware import resolve_precision
-
     choice = None
     if world.is_main:
         choice = resolve_precision(loop.precision, world.device, dim=model_config.dim, ffn_dim=model_config.expert_dim)
@@ -571,8 +536,6 @@ def _check_out(out: Path, config_dict: dict) -> None:
 def _check_data(config: TrainConfig, data_dir: Path | None, model_config: ModelConfig) -> None:
     """The data fits the model (data.check_data_fits): the prepared files, or before raw sources are tokenized, the
     tokenizer's vocabulary."""
-    from upcycle import data as data_lib
-
     data_lib.check_data_fits(data_dir, vocab_size=model_config.vocab_size, max_seq_len=model_config.max_seq_len,
                              seq_len=config.data.seq_len, seq_len_name="data.seq_len", tokenizer=config.data.tokenizer,
                              tokenizer_name="data.tokenizer")
@@ -632,9 +595,6 @@ def setup(config: TrainConfig, out: Path, world: World) -> Run:
 
 
 def _start(config: TrainConfig, config_dict: dict, out: Path, world: World) -> Run:
-    from upcycle import expert_parallel
-    from upcycle.data import METADATA_FILE, MixtureLoader, fingerprint, validation_batches
-
     loop, data_cfg = config.train, config.data
     log = (lambda message: print(f"upcycle train: {message}", file=sys.stderr)) if world.is_main else (lambda m: None)
     resume_from = ckpt.resumable_checkpoint(out / ckpt.CHECKPOINT_DIR, world, log)
@@ -720,8 +680,6 @@ def run_training(config: TrainConfig, out: str | Path) -> dict:
     Raises UpcycleError for bad input, and NonFiniteLoss (an UpcycleError) when the loss diverges; completed
     checkpoints are never touched then.
     """
-    from upcycle.distributed import init_distributed, shutdown
-
     validate_config(config)
     out = Path(out)
     world = init_distributed(timeout_s=config.train.collective_timeout_s)

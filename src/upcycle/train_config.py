@@ -23,6 +23,7 @@ from upcycle.errors import UpcycleError
 from upcycle.files import not_an_input
 from upcycle.hf_formats import AUTO_FORMAT
 from upcycle.model import ModelConfig
+from upcycle.schedule import SCHEDULE_KINDS
 from upcycle.upcycling import METHODS
 from upcycle.validation import check_fields, check_value, union_members
 
@@ -158,18 +159,26 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Learning rate: linear warmup from `warmup_start_lr` to optim.lr, then cosine decay to optim.min_lr.
+    """Learning rate: linear warmup from `warmup_start_lr` to optim.lr, then cosine or warmup-stable-decay down to
+    optim.min_lr (upcycle.schedule).
 
     Attributes:
+        kind: cosine (cosine decay from the end of warmup to decay_steps; the paper) or wsd (warmup-stable-decay:
+            optim.lr held, then a linear decay over the last decay_fraction of decay_steps, reaching optim.min_lr on
+            its last step).
         warmup_steps: Optimizer steps of linear warmup.
-        decay_steps: Step at which the cosine reaches optim.min_lr (counted from step 0, warmup included); empty:
+        decay_steps: Step at which the schedule reaches optim.min_lr (counted from step 0, warmup included); empty:
             train.max_steps. The learning rate stays at optim.min_lr afterwards.
         warmup_start_lr: Learning rate of the first step; empty: optim.min_lr (the paper warms up from 2e-5).
+        decay_fraction: wsd only: share of decay_steps spent decaying (round(decay_fraction * decay_steps) steps,
+            never into the warmup), in (0, 1].
     """
 
+    kind: str = field(default="cosine", metadata={"choices": SCHEDULE_KINDS})
     warmup_steps: int = 2000
     decay_steps: int | None = None
     warmup_start_lr: float | None = None
+    decay_fraction: float = 0.2
 
     def validate(self) -> None:
         if self.warmup_steps < 0:
@@ -179,6 +188,8 @@ class ScheduleConfig:
                                f"({self.warmup_steps})")
         if self.warmup_start_lr is not None and self.warmup_start_lr < 0:
             raise UpcycleError("schedule.warmup_start_lr must be >= 0")
+        if not 0 < self.decay_fraction <= 1:
+            raise UpcycleError(f"schedule.decay_fraction must lie in (0, 1], got {self.decay_fraction}")
 
 
 @dataclass

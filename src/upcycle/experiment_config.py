@@ -1,0 +1,862 @@
+"""The experiment config: one dataclass per YAML section, each checking its own fields in `validate()`, and
+`ExperimentConfig.validate` for what spans sections or needs the seed model and the data. Reading YAML goes through
+the training config's loader (`train_config.read_yaml_config`: aliases refused), here and when OUT/experiment.yaml
+is read back. `upcycle experiment --help` lists the fields from these dataclasses.
+
+Everything that can be checked from the config, the seed's config.json, the data's metadata and token files and the
+calibration text is checked here, before any work: an error is one line that starts with the field's name.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from upcycle import data as data_lib
+from upcycle import hf_formats as hf
+from upcycle.convert import ConvertOptions, estimate
+from upcycle.errors import UpcycleError
+from upcycle.schedule import wsd_decay_start
+from upcycle.train_config import config_from_dict, read_yaml_config, validate_config
+
+CONFIG_FILE = "experiment.yaml"
+ARM_KINDS = ("dense", "fs", "naive", "noise", "drop", "btx")
+MOE_KINDS = ("fs", "naive", "noise", "drop", "btx")
+INDEX_MODES = ("independent", "shared")
+# What each arm kind is called by `upcycle convert --method`.
+CONVERT_METHOD = {"fs": "scratch", "naive": "naive", "noise": "noise", "drop": "drop", "btx": "btx"}
+# ConvertOptions fields an arm's `convert` mapping may not set: the experiment sets them from the arm and the config.
+EXPERIMENT_CONVERT_FIELDS = ("method", "ratio", "index_mode", "num_experts", "top_k", "seed", "dtype", "btx_sources")
+RECIPE_SECTIONS = ("optim", "schedule", "train", "checkpoint", "logging")
+# Recipe fields the experiment sets itself, with what decides them instead.
+OWNED_RECIPE_FIELDS = {
+    "train.max_steps": "budgets",
+    "train.eval_every": "eval",
+    "train.eval_sequences": "eval",
+    "train.seed": "seeds",
+    "schedule.decay_steps": "budgets: each budget ends its own schedule",
+    "checkpoint.keep": "one checkpoint per run is kept; measured ones are deleted",
+}
+# Renamed top-level fields, with what to write instead.
+RENAMED = {"seed": "seeds: [N, ...]", "budget_tokens": "budgets: [TOKENS, ...]"}
+MAX_NAME_LENGTH = 64  # an arm name is a directory name; with OUT's own paths around it, keep it short
+MAX_SEED = 2**32 - 1  # every consumer (numpy, torch, convert's derived generators) takes it
+CONFIDENCE = 0.95  # every interval the report gives
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value for an error message, shortened: a config may hold a huge value, and the message stays one line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _fail(where: str, message: str) -> UpcycleError:
+    return UpcycleError(f"{where}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class DataSection:
+    """The data every arm trains and is evaluated on: `path` (prepared) or `sources` (raw text, tokenized once).
+
+    Attributes:
+        path: A directory written by `upcycle data prepare`.
+        sources: Raw text per domain {DOMAIN: [file or directory, ...]} (.jsonl with a "text" field or plain text,
+            optionally .gz), tokenized once into OUT/data for every arm.
+        val_sources: Held-out text per domain (optional); domains without it hold out `val_fraction` of their
+            documents.
+        tokenizer: Tokenizer directory for `sources` (default: the seed model's directory).
+        val_fraction: Share of documents held out per domain when a domain has no `val_sources`.
+        seq_len: Tokens per training and validation sequence.
+        weights: Domain sampling weights {DOMAIN: weight}; empty: proportional to each domain's training tokens (the
+            paper). The mixture-weighted mean loss weights the domains the same way.
+    """
+
+    path: str | None = None
+    sources: dict[str, list[str]] | None = None
+    val_sources: dict[str, list[str]] | None = None
+    tokenizer: str | None = None
+    val_fraction: float = 0.01
+    seq_len: int = 256
+    weights: dict[str, float] | None = None
+
+    def validate(self) -> None:
+        if (self.path is None) == (self.sources is None):
+            raise _fail("data", "set exactly one of data.path (a prepared directory) or data.sources (raw text)")
+        if self.path is not None:
+            if self.val_sources is not None or self.tokenizer is not None:
+                raise _fail("data.path", "val_sources and tokenizer belong to data.sources, not to a prepared "
+                            "data.path")
+            try:
+                data_lib.read_metadata(self.path)
+            except UpcycleError as exc:
+                raise _fail("data.path", str(exc)) from None
+        for group in ("sources", "val_sources"):
+            for domain, paths in (getattr(self, group) or {}).items():
+                where = f"data.{group}.{domain}"
+                if not data_lib.valid_domain_name(domain):
+                    raise _fail(f"data.{group}", f"domain name {_show(domain)} must be letters, digits, '-' or '_' "
+                                "(it becomes a file name)")
+                if not paths:
+                    raise _fail(where, "give at least one file or directory")
+                for p in paths:
+                    if not (Path(p).is_file() or Path(p).is_dir()):
+                        what = "does not exist" if not os.path.lexists(p) else "is not a regular file or directory"
+                        raise _fail(where, f"{p} {what}")
+        extra = sorted(set(self.val_sources or {}) - set(self.sources or {}))
+        if extra:
+            raise _fail("data.val_sources", f"domain {extra[0]} has no data.sources entry")
+        if self.tokenizer is not None and not (Path(self.tokenizer) / "tokenizer.json").is_file():
+            raise _fail("data.tokenizer", f"{self.tokenizer} has no tokenizer.json")
+        if not 0 <= self.val_fraction < 1:
+            raise _fail("data.val_fraction", f"must lie in [0, 1), got {self.val_fraction}")
+        if self.seq_len < 1:
+            raise _fail("data.seq_len", f"must be >= 1, got {self.seq_len}")
+        if self.weights is not None:
+            if any(not math.isfinite(w) or w < 0 for w in self.weights.values()):
+                raise _fail("data.weights", f"every weight must be a finite number >= 0, got {_show(self.weights)}")
+            if not any(w > 0 for w in self.weights.values()):
+                raise _fail("data.weights", "every weight is 0; give at least one domain a positive weight")
+
+    def domains(self) -> list[str]:
+        if self.path is not None:
+            return sorted(data_lib.read_metadata(self.path)["domains"])
+        return sorted(self.sources)
+
+
+@dataclass
+class MoESection:
+    """The MoE shape of every MoE arm.
+
+    Attributes:
+        num_experts: Experts per MoE layer.
+        top_k: Experts per token.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+
+    def validate(self) -> None:
+        if self.num_experts < 1:
+            raise _fail("moe.num_experts", f"must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise _fail("moe.top_k", f"must lie in [1, moe.num_experts={self.num_experts}], got {self.top_k}")
+
+
+@dataclass
+class EvalSection:
+    """What every arm is measured on, and where.
+
+    Attributes:
+        points: Evaluation points along each arm's longest run (its learning-rate curve included, so these are
+            mid-schedule values): an integer N (N steps spaced evenly on a log scale from step 1 to the largest budget)
+            or a list of token counts (whole steps). The untrained model and every budget's end are always measured.
+        tokens: Validation tokens per domain, in sequences of data.seq_len spread evenly over the domain's validation
+            split; empty: the whole validation split. The same tokens for every arm, seed and point.
+        bootstrap: Resamples of the validation documents for the paired bootstrap interval of every gap.
+    """
+
+    points: int | list[int] = 6
+    tokens: int | None = None
+    bootstrap: int = 2000
+
+    def validate(self) -> None:
+        if isinstance(self.points, int) and self.points < 1:
+            raise _fail("eval.points", f"must be a count >= 1 or a list of token counts, got {self.points}")
+        if isinstance(self.points, list) and (not self.points or any(t < 1 for t in self.points)):
+            raise _fail("eval.points", f"a list of token counts must hold positive counts, got {_show(self.points)}")
+        if self.tokens is not None and self.tokens < 1:
+            raise _fail("eval.tokens", f"must be >= 1 (or empty: the whole validation split), got {self.tokens}")
+        if not 100 <= self.bootstrap <= 100_000:
+            raise _fail("eval.bootstrap", f"must lie in [100, 100000] resamples, got {self.bootstrap}")
+
+
+@dataclass
+class ArmSpec:
+    """One arm of the comparison.
+
+    Attributes:
+        name: Unique name, used as a directory name: letters, digits, '.', '-', '_', starting with a letter or digit,
+            at most 64 characters.
+        kind: dense (the seed trained on: the compute reference), fs (MoE from scratch), naive (every expert a copy),
+            noise (random-noise upcycling), drop (Drop-Upcycling) or btx (Branch-Train-MiX).
+        ratio: drop and noise: r in [0, 1] (default 0.5).
+        index_mode: drop and noise: independent (a fresh neuron set per matrix, the authors' released code; default)
+            or shared (one set per expert, the paper's Figure 1).
+        branch_tokens: btx: training tokens of each dense branch (whole steps).
+        domains: btx: the domains that get a branch (default: every domain of the data; at least 2).
+        include_seed: btx: the seed itself is one more source, as in the paper (default true).
+        convert: MoE arms: further `upcycle convert` options for the arm's initial model, by their ConvertOptions field
+            names, e.g. {router_init: data, calibration: FILE} or {granularity: 2}; the fields the experiment sets
+            (method, ratio, index_mode, num_experts, top_k, seed, dtype, btx_sources) are not allowed.
+    """
+
+    name: str
+    kind: str = field(metadata={"choices": ARM_KINDS})
+    ratio: float | None = None
+    index_mode: str | None = field(default=None, metadata={"choices": INDEX_MODES})
+    branch_tokens: int | None = None
+    domains: list[str] | None = None
+    include_seed: bool | None = None
+    convert: dict[str, Any] | None = None
+
+    KIND_FIELDS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "dense": (), "fs": (), "naive": (), "noise": ("ratio", "index_mode"), "drop": ("ratio", "index_mode"),
+        "btx": ("branch_tokens", "domains", "include_seed")}
+
+    def validate(self, where: str, domains: list[str], num_experts: int) -> None:
+        """Fill in the kind's defaults and check the fields (convert options are checked by `convert_options`)."""
+        for name in ("ratio", "index_mode", "branch_tokens", "domains", "include_seed"):
+            if getattr(self, name) is not None and name not in self.KIND_FIELDS[self.kind]:
+                raise _fail(f"{where}.{name}", f"is not used by kind {self.kind}; remove it")
+        if self.kind in ("noise", "drop"):
+            self.ratio = 0.5 if self.ratio is None else float(self.ratio)
+            if not 0 <= self.ratio <= 1:
+                raise _fail(f"{where}.ratio", f"must lie in [0, 1], got {self.ratio:g}")
+            self.index_mode = self.index_mode or "independent"
+        if self.kind == "btx":
+            if self.branch_tokens is None:
+                raise _fail(f"{where}.branch_tokens", "btx needs the training tokens of each dense branch")
+            if self.branch_tokens < 1:
+                raise _fail(f"{where}.branch_tokens", f"must be >= 1, got {self.branch_tokens}")
+            self.domains = list(domains) if self.domains is None else self.domains
+            unknown = sorted(set(self.domains) - set(domains))
+            if unknown:
+                raise _fail(f"{where}.domains", f"unknown domain {_show(unknown[0])}; the data has "
+                            f"{', '.join(domains)}")
+            if len(set(self.domains)) != len(self.domains):
+                raise _fail(f"{where}.domains", "lists a domain twice")
+            if len(self.domains) < 2:
+                raise _fail(f"{where}.domains", f"btx needs at least 2 domains to branch on, got {self.domains}")
+            self.include_seed = True if self.include_seed is None else self.include_seed
+            sources = len(self.domains) + int(self.include_seed)
+            if num_experts % sources:
+                raise _fail(where, f"btx gives each of its {sources} sources (branches"
+                            f"{' + seed' if self.include_seed else ''}) num_experts / sources experts, but "
+                            f"moe.num_experts = {num_experts} is not divisible by {sources}")
+        if self.convert is not None and self.kind == "dense":
+            raise _fail(f"{where}.convert", "the dense arm is not converted; remove it")
+
+    def convert_options(self, config: ExperimentConfig, seed: int) -> ConvertOptions:
+        """The `upcycle convert` options of this arm's initial model at `seed` (btx: without its sources)."""
+        values = dict(method=CONVERT_METHOD[self.kind], num_experts=config.moe.num_experts, top_k=config.moe.top_k,
+                      seed=seed, dtype="float32")
+        if self.kind in ("drop", "noise"):
+            values.update(ratio=self.ratio, index_mode=self.index_mode)
+        values.update(self.convert or {})
+        return ConvertOptions(**values)
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    """A whole experiment: the YAML file's top-level fields.
+
+    Attributes:
+        seed_model: The dense HF checkpoint every arm starts from (e.g. assets/seed).
+        seeds: Every arm runs once per seed; a seed sets the data order, the upcycling draws, the router init and the
+            from-scratch init. Gaps to naive are paired by seed; with 2 or more seeds the report gives intervals
+            across seeds.
+        data: The data (its fields below).
+        moe: The MoE shape (its fields below).
+        budgets: Training tokens (whole steps of recipe.train.global_batch_tokens), in increasing order; every budget
+            ends its own learning-rate schedule. With recipe.schedule.kind wsd, one stable run per arm and seed and a
+            decay branch off it per budget; with cosine, one run per budget.
+        eval: The measurements (its fields below).
+        arms: The list of arms (its fields below); names unique.
+        recipe: One training recipe for every arm: the optim, schedule, train, checkpoint and logging sections of an
+            `upcycle train` config (upcycle train --help), except train.max_steps, train.eval_every,
+            train.eval_sequences, train.seed, schedule.decay_steps and checkpoint.keep, which the experiment sets.
+    """
+
+    seed_model: str
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data: DataSection = field(default_factory=DataSection)
+    moe: MoESection = field(default_factory=MoESection)
+    budgets: list[int]
+    eval: EvalSection = field(default_factory=EvalSection)
+    arms: list[ArmSpec]
+    recipe: dict[str, Any] = field(default_factory=dict)
+    domains: list[str] = field(default_factory=list, metadata={"derived": True})  # from the data
+
+    def validate(self) -> None:
+        """Every check that needs no more than the config, the seed's files, the data and the calibration text."""
+        seed_config = _seed_config(self.seed_model)
+        self.seed_model = str(Path(self.seed_model).resolve())
+        if not self.seeds:
+            raise _fail("seeds", "give at least one seed, e.g. [0]")
+        for seed in self.seeds:
+            if not 0 <= seed <= MAX_SEED:
+                raise _fail("seeds", f"every seed must lie in [0, {MAX_SEED}], got {_show(seed)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise _fail("seeds", f"lists a seed twice: {self.seeds}")
+        self.data.validate()
+        self._resolve_data_paths()
+        self.domains = self.data.domains()
+        clash = sorted(set(self.domains) & {"mean", "mixture"})
+        if clash:
+            raise _fail("data", f"a domain may not be named {clash[0]}: the report uses that name for a mean over "
+                        "domains; rename it")
+        self._check_data_fits(seed_config)
+        self.moe.validate()
+        shapes = hf.read_shapes(seed_config)
+        _check_moe_fits(shapes, seed_config, ConvertOptions(method="naive", num_experts=self.moe.num_experts,
+                                                            top_k=self.moe.top_k), "moe.num_experts")
+        self.eval.validate()
+        if not self.arms:
+            raise _fail("arms", "give a non-empty list of arms, e.g. [{name: naive, kind: naive}]")
+        for index, arm in enumerate(self.arms):
+            arm.validate(arm_where(index, arm), self.domains, self.moe.num_experts)
+        names = [arm.name for arm in self.arms]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate:
+            raise _fail("arms", f"two arms are named {duplicate!r}; names must be unique")
+        for index, arm in enumerate(self.arms):
+            if arm.kind != "dense":
+                self._check_convert(index, arm, seed_config, shapes)
+        self._check_recipe_and_budgets()
+
+    # -- the parts of validate ----------------------------------------------------------------------------------------
+
+    def _resolve_data_paths(self) -> None:
+        d = self.data
+        if d.path is not None:
+            d.path = str(Path(d.path).resolve())
+            return
+        d.sources = {k: [str(Path(p).resolve()) for p in v] for k, v in d.sources.items()}
+        if d.val_sources is not None:
+            d.val_sources = {k: [str(Path(p).resolve()) for p in v] for k, v in d.val_sources.items()}
+        d.tokenizer = str(Path(d.tokenizer or self.seed_model).resolve())
+        if not (Path(d.tokenizer) / "tokenizer.json").is_file():
+            raise _fail("data.tokenizer", f"{d.tokenizer} has no tokenizer.json")
+
+    def _check_data_fits(self, seed_config: dict) -> None:
+        """The one "data fits the model" check (data.check_data_fits: vocabulary, every token file's largest id, the
+        sequence length), or before raw sources are tokenized, the tokenizer's vocabulary."""
+        d, vocab_size = self.data, seed_config["vocab_size"]
+        max_positions = seed_config.get("max_position_embeddings") or d.seq_len
+        if d.weights is not None:
+            unknown = sorted(set(d.weights) - set(self.domains))
+            if unknown:
+                raise _fail("data.weights", f"unknown domain {_show(unknown[0])}; the data has "
+                            f"{', '.join(self.domains)}")
+        try:
+            data_lib.check_data_fits(d.path, vocab_size=vocab_size, max_seq_len=max_positions, seq_len=d.seq_len,
+                                     seq_len_name="data.seq_len", tokenizer=d.tokenizer, tokenizer_name="the tokenizer")
+        except UpcycleError as exc:
+            raise _fail("data.path" if d.path is not None else "data.tokenizer", f"{exc} (seed_model "
+                        f"{self.seed_model})") from None
+        if d.path is not None:
+            check_validation_split(Path(d.path), d.seq_len)
+
+    def _check_convert(self, index: int, arm: ArmSpec, seed_config: dict, shapes: hf.Shapes) -> None:
+        """An arm's convert options: their types, convert's own validation, the checks against the seed's shapes
+        (moe_layers, the shared expert's format), the memory the MoE needs, and the calibration text."""
+        where = f"{arm_where(index, arm)}.convert"
+        values = arm.convert or {}
+        for key in values:
+            if key in EXPERIMENT_CONVERT_FIELDS:
+                raise _fail(f"{where}.{key}", "is set by the experiment (from the arm's kind, ratio, index_mode and "
+                            "the moe and seeds fields); remove it")
+        known = [f.name for f in dataclasses.fields(ConvertOptions) if f.name not in EXPERIMENT_CONVERT_FIELDS]
+        _refuse_unknown(values, known, where)
+        hints = typing.get_type_hints(ConvertOptions)
+        for key, value in values.items():
+            values[key] = check_type(f"{where}.{key}", hints[key], value)
+            choices = next(f.metadata.get("choices") for f in dataclasses.fields(ConvertOptions) if f.name == key)
+            if choices and value not in choices:
+                raise _fail(f"{where}.{key}", f"must be one of {', '.join(choices)}, got {_show(value)}")
+        if isinstance(values.get("calibration"), str):
+            if not Path(values["calibration"]).is_file():
+                raise _fail(f"{where}.calibration", f"{values['calibration']} is not a file")
+            values["calibration"] = str(Path(values["calibration"]).resolve())
+        options = arm.convert_options(self, self.seeds[0])
+        if arm.kind == "btx":  # its other sources are trained later; the seed stands in for their shapes
+            options = dataclasses.replace(options, btx_sources=(self.seed_model,) * (len(arm.domains)
+                                                                                       + arm.include_seed - 1))
+        try:
+            options.validate()
+            fmt = hf.resolve_format(seed_config, options.format)
+            options.check_source(shapes, fmt)
+        except UpcycleError as exc:
+            raise _fail(where, str(exc)) from None
+        _check_moe_fits(shapes, seed_config, options, where)
+        if options.calibration is not None:
+            from upcycle.calibration import calibration_token_ids
+
+            try:
+                calibration_token_ids(options.calibration, self.seed_model, options.calibration_tokens)
+            except UpcycleError as exc:
+                raise _fail(f"{where}.calibration", str(exc)) from None
+
+    def _check_recipe_and_budgets(self) -> None:
+        recipe = self.recipe
+        _refuse_unknown(recipe, RECIPE_SECTIONS, "recipe")
+        for name in RECIPE_SECTIONS:
+            if recipe.get(name) is not None and not isinstance(recipe[name], dict):
+                raise _fail(f"recipe.{name}", f"must be a mapping, got {type(recipe[name]).__name__}")
+        for dotted, decided_by in OWNED_RECIPE_FIELDS.items():
+            section, key = dotted.split(".")
+            if key in (recipe.get(section) or {}):
+                raise _fail(f"recipe.{dotted}", f"is set by the experiment ({decided_by}); remove it")
+        if (recipe.get("train") or {}).get("expert_parallel", 1) != 1:
+            raise _fail("recipe.train.expert_parallel", "every arm trains in one process, so expert parallelism "
+                        "has no ranks to split the experts over; remove it (or set 1)")
+        # The recipe's sections are parsed and type-checked by the trainer itself, as one run's config.
+        try:
+            template = config_from_dict(train_config_dict(self, init_source=self.seed_model, max_steps=1, seed=0))
+        except UpcycleError as exc:
+            raise UpcycleError(f"recipe: {exc}") from None
+        step_tokens, warmup = template.train.global_batch_tokens, template.schedule.warmup_steps
+        _validate_train_dict(train_config_dict(self, init_source=self.seed_model, max_steps=max(1, warmup), seed=0),
+                             "recipe")
+        if not self.budgets:
+            raise _fail("budgets", "give at least one training budget in tokens, e.g. [1048576]")
+        for tokens in self.budgets:
+            if tokens < 1 or tokens % step_tokens:
+                raise _fail("budgets", f"{tokens} is not a positive whole number of steps of "
+                            f"recipe.train.global_batch_tokens = {step_tokens}")
+        if sorted(set(self.budgets)) != self.budgets:
+            raise _fail("budgets", f"list each budget once, in increasing order, got {_show(self.budgets)}")
+        if warmup > self.budgets[0] // step_tokens:
+            raise _fail("recipe.schedule.warmup_steps", f"{warmup} exceeds the smallest budget's "
+                        f"{self.budgets[0] // step_tokens} steps")
+        if isinstance(self.eval.points, list):
+            for t in self.eval.points:
+                if t % step_tokens or t > self.budgets[-1]:
+                    raise _fail("eval.points", f"{t} is not a whole number of steps of {step_tokens} tokens within "
+                                f"the largest budget, {self.budgets[-1]}")
+        for tokens in self.budgets:
+            _validate_train_dict(train_config_dict(self, init_source=self.seed_model, max_steps=tokens // step_tokens,
+                                                   seed=self.seeds[0]), "recipe")
+        for index, arm in enumerate(self.arms):
+            if arm.kind != "btx":
+                continue
+            where = f"{arm_where(index, arm)}.branch_tokens"
+            if arm.branch_tokens % step_tokens:
+                raise _fail(where, f"{arm.branch_tokens} is not a whole number of steps of "
+                            f"recipe.train.global_batch_tokens = {step_tokens}")
+            if warmup > arm.branch_tokens // step_tokens:
+                raise _fail(where, f"{arm.branch_tokens // step_tokens} steps are fewer than "
+                            f"recipe.schedule.warmup_steps = {warmup}")
+            branch = train_config_dict(self, init_source=self.seed_model, max_steps=arm.branch_tokens // step_tokens,
+                                       seed=self.seeds[0], weights={arm.domains[0]: 1.0})
+            _validate_train_dict(branch, f"{arm_where(index, arm)} branch")
+
+    # -- derived ------------------------------------------------------------------------------------------------------
+
+    def train_template(self):
+        """The recipe as the trainer reads it (a TrainConfig; the run-specific fields are placeholders)."""
+        return config_from_dict(train_config_dict(self, init_source=self.seed_model, max_steps=1, seed=0))
+
+    def plan(self) -> Plan:
+        template = self.train_template()
+        s = template.schedule
+        step_tokens = template.train.global_batch_tokens
+        budget_steps = [t // step_tokens for t in self.budgets]
+        branch = {}
+        if s.kind == "wsd":
+            branch = {n: wsd_decay_start(n, warmup_steps=s.warmup_steps, decay_fraction=s.decay_fraction)
+                      for n in budget_steps[:-1]}
+        return Plan(tokens_per_step=step_tokens, budget_steps=budget_steps, schedule=s.kind,
+                    eval_steps=eval_steps(self.eval.points, budget_steps[-1], step_tokens), branch_steps=branch)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every arm and seed trains and where it is measured, in optimizer steps."""
+
+    tokens_per_step: int
+    budget_steps: list[int]  # increasing; the last one is the main run's
+    schedule: str  # cosine or wsd
+    eval_steps: list[int]  # mid-schedule points along the main run
+    branch_steps: dict[int, int]  # wsd: budget -> the main run's step its decay branch starts from
+
+
+def arm_where(index: int, arm: ArmSpec) -> str:
+    return f"arms[{index}] ({arm.name})"
+
+
+def eval_steps(points: int | list[int], total_steps: int, tokens_per_step: int) -> list[int]:
+    """Optimizer steps at which the main run is measured (its last step always among them).
+
+    An integer N gives N steps spaced evenly on a log scale from step 1 to the last step (duplicates after rounding
+    merged; never more than there are steps); a list gives token counts, each a whole number of steps.
+    """
+    import numpy as np
+
+    if isinstance(points, int):
+        count = min(max(points, 1), total_steps)
+        steps = np.unique(np.round(np.geomspace(1, total_steps, num=count)).astype(int)).tolist()
+    else:
+        steps = sorted({t // tokens_per_step for t in points})
+    if not steps or steps[-1] != total_steps:
+        steps.append(total_steps)
+    return [int(s) for s in steps]
+
+
+def check_validation_split(data_dir: Path, seq_len: int) -> None:
+    """Every domain's validation split holds at least one sequence to score."""
+    metadata = data_lib.read_metadata(data_dir)
+    for domain, info in sorted(metadata["domains"].items()):
+        if data_lib.num_chunks(info["val"]["tokens"], seq_len) == 0:
+            raise _fail("data", f"domain {domain} of {data_dir} has {info['val']['tokens']} validation tokens, fewer "
+                        f"than one sequence of data.seq_len + 1 = {seq_len + 1}; lower data.seq_len or hold out more")
+
+
+def _seed_config(seed_model: str) -> dict:
+    path = Path(seed_model) / "config.json"
+    if not path.is_file():
+        raise _fail("seed_model", f"must be a dense HF checkpoint directory (with config.json), got "
+                    f"{_show(seed_model)}")
+    try:
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a mapping")
+        if config.get("num_local_experts") or config.get("num_experts"):
+            raise _fail("seed_model", f"{seed_model} is an MoE model; the experiment starts from a dense checkpoint")
+        hf.check_dense_config(config)
+        hf.read_shapes(config)
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise _fail("seed_model", f"{path} is not a readable dense config.json ({_show(str(exc))})") from None
+    except UpcycleError as exc:
+        raise _fail("seed_model", str(exc)) from None
+    return config
+
+
+def _physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# Training holds fp32 weights, their gradients and AdamW's two moments: 4 copies of the model, before activations.
+TRAINING_COPIES = 4
+
+
+def _check_moe_fits(shapes: hf.Shapes, seed_config: dict, options: ConvertOptions, where: str) -> None:
+    """Refuse an MoE whose training state (4 fp32 copies of its weights) cannot fit in this machine's memory, before
+    anything is converted: 10^6 experts fail here, not hours later."""
+    memory = _physical_memory_bytes()
+    if memory is None:
+        return
+    fmt = hf.resolve_format(seed_config, options.format)
+    weights = estimate(shapes, fmt, options, value_bytes=4).output_bytes
+    if TRAINING_COPIES * weights > memory:
+        raise _fail(where, f"an MoE of {options.num_experts} experts needs about {TRAINING_COPIES * weights / 1e9:.1f} "
+                    f"GB to train (fp32 weights, gradients and AdamW state), more than this machine's "
+                    f"{memory / 1e9:.1f} GB; use fewer experts")
+
+
+def train_config_dict(config: ExperimentConfig, *, init_source: str, max_steps: int, seed: int,
+                      data_path: str | None = None, weights: dict[str, float] | None = None,
+                      decay_steps: int | None = None) -> dict:
+    """The `upcycle train` config of one run of the experiment: the shared recipe plus what the experiment decides
+    (the seed's data order and torch RNG, the run's length and where its schedule ends)."""
+    recipe = copy.deepcopy(config.recipe)
+    sections = {name: dict(recipe.get(name) or {}) for name in RECIPE_SECTIONS}
+    data = {"seq_len": config.data.seq_len, "seed": seed,
+            "weights": weights if weights is not None else config.data.weights}
+    if data_path is not None:
+        data["path"] = data_path
+    elif config.data.path is not None:
+        data["path"] = config.data.path
+    else:  # validation before the data is prepared: the trainer checks the sources
+        data.update(sources=config.data.sources, tokenizer=config.data.tokenizer)
+    sections["train"].update(max_steps=max_steps, seed=seed, eval_every=0)
+    sections["schedule"]["decay_steps"] = max_steps if decay_steps is None else decay_steps
+    sections["checkpoint"]["keep"] = 1
+    sections["logging"].setdefault("tensorboard", False)
+    return {"init": {"source": init_source}, "data": data, **sections}
+
+
+def _validate_train_dict(values: dict, where: str) -> None:
+    try:
+        validate_config(config_from_dict(copy.deepcopy(values)))
+    except UpcycleError as exc:
+        raise UpcycleError(f"{where}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Types, parsing, the saved record
+
+
+def check_type(where: str, hint: Any, value: Any) -> Any:
+    """`value` as type `hint` (str, int, float, bool, Any, X | None, list[X], dict[str, X], unions of those), or an
+    UpcycleError naming `where`. A float accepts an int and PyYAML's `1e-3` (read as a string by YAML 1.1)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return check_type(where, option, value)
+            except UpcycleError as exc:
+                errors.append(exc)
+        raise _fail(where, f"must be {_type_name(hint)}, got {_show(value)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise _fail(where, f"must be {_type_name(hint)}, got {_show(value)}")
+        return [check_type(f"{where}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _fail(where, f"must be a mapping ({_type_name(hint)}), got {_show(value)}")
+        for key in value:
+            if not isinstance(key, str):
+                raise _fail(where, f"keys must be names, got {_show(key)}")
+        return {k: check_type(f"{where}.{k}", args[1], v) for k, v in value.items()}
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(where, f"must be a number, got {_show(value)}")
+        if not math.isfinite(value):
+            raise _fail(where, f"must be a finite number, got {_show(value)}")
+        return float(value)
+    if hint in (int, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise _fail(where, f"must be {_type_name(hint)}, got {_show(value)}")
+        return value
+    if hint is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _fail(where, f"must be a list, got {_show(value)}")
+        return tuple(value)
+    raise AssertionError(f"no type check for {hint}")
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + (
+            " (or empty)" if type(None) in args else "")
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"{{name: {_type_name(args[1])}}}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def _refuse_unknown(values: dict, known, where: str) -> None:
+    unknown = sorted(set(values) - set(known), key=str)
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else str(unknown[0])
+        hint = f"; renamed: write {RENAMED[unknown[0]]}" if not where and unknown[0] in RENAMED else ""
+        raise _fail(name, f"unknown field; {where or 'the experiment'} accepts: {', '.join(known)}{hint}")
+
+
+def _build(cls: type, values: Any, where: str):
+    """Dataclass `cls` from a parsed mapping: unknown fields refused, every field's type checked, naming the field."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise _fail(where or "the experiment config", f"must be a mapping, got {type(values).__name__}")
+    fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
+    _refuse_unknown(values, [f.name for f in fields], where)
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields:
+        name = f"{where}.{f.name}" if where else f.name
+        if f.name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise _fail(name, "is required")
+            continue
+        value = values[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = _build(hints[f.name], value, name)
+        elif hints[f.name] == list[ArmSpec]:
+            if not isinstance(value, list):
+                raise _fail(name, "must be a list of arms, e.g. [{name: naive, kind: naive}]")
+            out[f.name] = [_build_arm(v, i) for i, v in enumerate(value)]
+        else:
+            if f.name in ("sources", "val_sources") and isinstance(value, dict):  # one path may stand for a list
+                value = {k: [v] if isinstance(v, str) else v for k, v in value.items()}
+            out[f.name] = check_type(name, hints[f.name], value)
+            choices = f.metadata.get("choices")
+            if choices and out[f.name] is not None and out[f.name] not in choices:
+                raise _fail(name, f"must be one of {', '.join(choices)}, got {_show(out[f.name])}")
+    return cls(**out)
+
+
+def _build_arm(values: Any, index: int) -> ArmSpec:
+    where = f"arms[{index}]"
+    name = values.get("name") if isinstance(values, dict) else None
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or not name[0].isalnum() \
+            or not all(c.isascii() and (c.isalnum() or c in ".-_") for c in name):
+        raise _fail(f"{where}.name", f"must be a directory name of at most {MAX_NAME_LENGTH} letters, digits, '.', "
+                    f"'-', '_', starting with a letter or digit, got {_show(name)}")
+    return _build(ArmSpec, values, f"{where} ({name})")
+
+
+def parse_config(values: Any) -> ExperimentConfig:
+    """An ExperimentConfig from a parsed YAML mapping, validated completely (files included) before any work."""
+    if not isinstance(values, dict):
+        raise UpcycleError("an experiment config must be a YAML mapping (seed_model, seeds, data, moe, budgets, "
+                           f"eval, arms, recipe), not a {type(values).__name__}")
+    config = _build(ExperimentConfig, copy.deepcopy(values), "")
+    config.validate()
+    return config
+
+
+def config_from_record(record: dict) -> ExperimentConfig:
+    """The config an OUT/experiment.yaml records (types checked; the files it names are not checked again: the
+    record was validated when it was written)."""
+    values = {k: v for k, v in record.items() if k != "domains"}
+    config = _build(ExperimentConfig, copy.deepcopy(values), "")
+    config.domains = list(record.get("domains") or [])
+    return config
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read (aliases refused, as every config of ours) and validate an experiment YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UpcycleError(f"experiment config {path} does not exist")
+    return parse_config(read_yaml_config(path))
+
+
+def read_saved_config(out: Path) -> dict | None:
+    """OUT/experiment.yaml as plain data (None when OUT has none); read with the same alias-refusing loader."""
+    path = out / CONFIG_FILE
+    return read_yaml_config(path) if path.is_file() else None
+
+
+def config_record(config: ExperimentConfig) -> dict:
+    """The resolved config as plain data: what OUT/experiment.yaml holds and what a re-run is compared against."""
+    record = dataclasses.asdict(config)
+    record["arms"] = [{k: v for k, v in arm.items() if v is not None} for arm in record["arms"]]
+    return record
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            found = _first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = _first_difference(x, y, f"{prefix}[{i}]")
+            if found:
+                return found
+        return None
+    return None if a == b else (prefix or "(top level)")
+
+
+def config_change(saved: Any, record: dict) -> str | None:
+    """The first field in which config `record` differs from the config `saved` an OUT was made with, or None if it
+    may run there: the same config, or the same with arms added (every saved arm still present and unchanged)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("arms"), list):
+        return "(not an experiment config)"
+    difference = _first_difference({k: v for k, v in saved.items() if k != "arms"},
+                                   {k: v for k, v in record.items() if k != "arms"})
+    if difference:
+        return difference
+    arms = {arm["name"]: arm for arm in record["arms"]}
+    for arm in saved["arms"]:
+        name = arm.get("name") if isinstance(arm, dict) else None
+        if name not in arms:
+            return f"arms ({name if isinstance(name, str) else _show(name)} was removed)"
+        if arms[name] != arm:
+            return f"arms ({name}).{_first_difference(arm, arms[name])}"
+    return None
+
+
+def inputs(config: ExperimentConfig) -> list[tuple[str, Path]]:
+    """Every path the experiment reads, with the field that names it (OUT may be none of them and hold none)."""
+    found = [("seed_model", Path(config.seed_model))]
+    d = config.data
+    if d.path is not None:
+        found.append(("data.path", Path(d.path)))
+    for group in ("sources", "val_sources"):
+        for domain, paths in (getattr(d, group) or {}).items():
+            found += [(f"data.{group}.{domain}", Path(p)) for p in paths]
+    if d.sources is not None:
+        found.append(("data.tokenizer", Path(d.tokenizer)))
+    for index, arm in enumerate(config.arms):
+        if (arm.convert or {}).get("calibration"):
+            found.append((f"{arm_where(index, arm)}.convert.calibration", Path(arm.convert["calibration"])))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --help
+
+
+def _doc_entries(cls: type) -> dict[str, str]:
+    """The `Attributes:` entries of a dataclass docstring, one line each."""
+    _, _, attributes = (inspect.getdoc(cls) or "").partition("\nAttributes:\n")
+    entries, current = {}, None
+    for line in attributes.splitlines():
+        head, sep, rest = line.strip().partition(":")
+        if sep and line.startswith("    ") and not line.startswith("     ") and head.isidentifier():
+            current = head
+            entries[current] = rest.strip()
+        elif current and line.strip():
+            entries[current] += " " + line.strip()
+    return entries
+
+
+def _help_type(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_help_type(a) for a in args if a is not type(None))
+    if origin is list:
+        return f"[{_help_type(args[0])}]"
+    if origin is dict:
+        return f"{{NAME: {_help_type(args[1])}}}"
+    return {int: "INT", float: "FLOAT", str: "STR", bool: "BOOL"}.get(hint, "VALUE")
+
+
+def config_help() -> str:
+    """The experiment YAML's fields, made from the dataclasses above, for `upcycle experiment --help`."""
+    import textwrap
+
+    lines = ["experiment config (YAML; docs/experiments.md has every field and what the experiment writes):"]
+
+    def add(cls: type, indent: int) -> None:
+        docs, hints = _doc_entries(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("derived"):
+                continue
+            hint = hints[f.name]
+            section = dataclasses.is_dataclass(hint) or hint == list[ArmSpec]
+            if f.default is not dataclasses.MISSING:
+                default = "empty" if f.default is None else json.dumps(f.default)
+            elif f.default_factory is not dataclasses.MISSING and not section:
+                default = json.dumps(f.default_factory())
+            else:
+                default = "" if section and hint != list[ArmSpec] else "required"
+            choices = f.metadata.get("choices")
+            kind = " | ".join(choices) if choices else _help_type(hint)
+            kind = "list of arms, each:" if hint == list[ArmSpec] else ("" if section else kind)
+            lines.append(f"{' ' * indent}{f.name}: {kind}".rstrip() + (f"  [{default}]" if default else ""))
+            lines.extend(textwrap.wrap(docs.get(f.name, ""), width=116, initial_indent=" " * (indent + 4),
+                                       subsequent_indent=" " * (indent + 4)))
+            if dataclasses.is_dataclass(hint):
+                add(hint, indent + 2)
+            elif hint == list[ArmSpec]:
+                add(ArmSpec, indent + 2)
+
+    add(ExperimentConfig, 2)
+    return "\n".join(lines)
