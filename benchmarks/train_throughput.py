@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"train.precision auto would pick {auto.precision}: {auto.reason}")
     summary["auto_precision"] = auto.precision
 
-    from upcycle.train import OptimConfig, build_optimizer
+    from upcycle.train import build_optimizer
+    from upcycle.train_config import OptimConfig
 
     torch.manual_seed(0)
     ours, hf = build_ours(args), build_hf(args)
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def measure(args, ours, hf, optimizers, precision: str) -> dict:
     """Both models' step times in `precision`, interleaved round by round; prints them and returns the figures."""
-    from upcycle.train import TrainLoopConfig, forward_backward
+    from upcycle.train import forward_backward
+    from upcycle.train_config import TrainLoopConfig
 
     ours_opt, hf_opt = optimizers
     loop = TrainLoopConfig(micro_batch_size=args.batch, aux_coef=0.02)

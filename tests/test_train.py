@@ -19,7 +19,8 @@ from upcycle import checkpoint as ckpt
 from upcycle import losses
 from upcycle.errors import UpcycleError
 from upcycle.schedule import lr_at
-from upcycle.train import NonFiniteLoss, config_from_dict, load_config, run_training, train_command
+from upcycle.train import NonFiniteLoss, run_training, train_command
+from upcycle.train_config import config_from_dict, load_config
 
 
 @pytest.fixture(scope="module")

@@ -61,12 +61,11 @@ from upcycle.model import ModelConfig, Transformer
 from upcycle.safetensors_io import CheckpointReader
 from upcycle.schedule import schedule_of
 from upcycle.shards import fill_from_scratch, fill_from_sources, model_pieces
-from upcycle.train_config import (  # noqa: F401  (the config API is importable from here too)
+from upcycle.train_config import (
     OptimConfig,
     TrainConfig,
     TrainLoopConfig,
     config_fields_help,
-    config_from_dict,
     config_to_dict,
     load_config,
     micro_batch_size_for,
