@@ -457,12 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results["cpu"] = cpu_description()
         peak, source = args.peak_tflops, "--peak-tflops" if args.peak_tflops else "none for CPUs"
-        precision, warning = resolve_precision("auto", device)
-        log(f"CPU {results['cpu']}; precision {precision}" + (f" ({warning})" if warning else ""))
+        choice = resolve_precision("auto", device, dim=32 if args.tiny else 512, ffn_dim=64 if args.tiny else 2048)
+        precision = choice.precision
+        log(f"CPU {results['cpu']}; precision {precision}: {choice.reason}")
     results.update(peak_tflops_bf16=peak, peak_source=source, precision=precision)
     layer_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if layer_dtype != torch.bfloat16:
-        log("note: this CPU has no native bf16, so the layer timing runs in fp32 (a smoke test only)")
+        log("note: precision auto is fp32 on this CPU, so the layer timing runs in fp32 (a smoke test only)")
 
     # The time guard: SIGALRM interrupts a part at the budget (it then reports what it has); a watchdog thread
     # prints the JSON gathered so far and exits if the process is stuck in a call that never returns to Python.

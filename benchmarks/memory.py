@@ -60,7 +60,8 @@ def worker(config_path: str, out: str, max_steps: int, log: str) -> None:
     import torch
 
     from upcycle.distributed import init_distributed, shutdown
-    from upcycle.train import load_config, save, setup, train_step
+    from upcycle.train import save, setup, train_step
+    from upcycle.train_config import load_config
 
     torch.set_num_threads(1)
     config = load_config(config_path, [f"train.max_steps={max_steps}"])

@@ -6,12 +6,16 @@
 bf16 runs only where the CPU has native bf16 (upcycle.hardware.cpu_has_native_bf16: avx512_bf16, AMX or Arm bf16);
 elsewhere torch emulates it (~70x slower than fp32 on an AVX2-only CPU) and the bf16 half is skipped with a note
 (--force-bf16 runs it anyway). The CPU model and the flags that decide matmul speed are printed first and recorded in
-the JSON line.
+the JSON line, with what `train.precision: auto` picks at this width on this CPU and thread count
+(upcycle.hardware.resolve_precision: the cached probe, or a fresh one) and, where both dtypes ran, how much faster
+each layer ran in bf16 than in fp32: the check of that choice.
 
 All variants are measured side by side in one process, interleaved (each repeat runs every variant once, in a shuffled order) so that drift in clock speed or
 memory state hits every variant alike; each reported time is the median over repeats. The dense reference has
 ffn_dim = top_k * F, so it does the same matmul FLOPs as the MoE when routing is perfectly balanced.
 `routing_overhead` = our layer minus its expert matmuls alone (on pre-sorted rows): route, sort, gather, scatter.
+The plain GEMM (T, D) @ (D, k*F) runs interleaved with them, for the GFLOP/s of each dtype (with the dense
+layer's fwd+bwd GFLOP/s).
 The last line is one JSON object with the ratios. CPU numbers only; nothing here claims GPU behaviour.
 """
 
@@ -27,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from upcycle.hardware import cpu_description, cpu_has_native_bf16
+from upcycle.hardware import cpu_description, cpu_has_native_bf16, resolve_precision
 from upcycle.model import FeedForward
 from upcycle.moe import MoE, expert_ffn_sorted, resolve_impl, sort_by_expert
 
@@ -112,6 +116,8 @@ def run(dtype: torch.dtype, T: int, D: int, F: int, E: int, K: int, repeats: int
         return m(x).out_TD
 
     steps = {"dense": make_step(dense, x_TD, grad_TD, lambda m, x: m(x))}
+    w_DN = dense.up.weight.detach().T.contiguous()  # (D, k*F)
+    steps["matmul"] = lambda: torch.mm(x_TD, w_DN)  # the GEMM alone, for the GFLOP/s figure
     auto = resolve_impl("auto", "cpu")
     steps["ours_auto"] = make_step(moe, x_TD, grad_TD, ours)
     for impl in ("fused", "grouped_mm", "loop"):
@@ -148,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
           f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={repeats} (fwd+bwd, median ms)")
     print(f"CPU: {cpu_description()}; ATen kernels: {torch.backends.cpu.get_cpu_capability()}")
     summary: dict[str, float | str] = {"cpu": cpu_description()}
+    auto = resolve_precision("auto", torch.device("cpu"), dim=args.dim, ffn_dim=args.ffn_dim)
+    print(f"train.precision auto would pick {auto.precision}: {auto.reason}")
+    summary["auto_precision"] = auto.precision
     dtypes = [("fp32", torch.float32)] if "fp32" in args.dtypes else []
     if "bf16" not in args.dtypes:
         summary["bf16"] = "skipped: not in --dtypes"
@@ -161,6 +170,12 @@ def main(argv: list[str] | None = None) -> None:
         both = run(dtype, args.tokens, args.dim, args.ffn_dim, args.experts, args.top_k, repeats)
         t = {k: v[0] for k, v in both.items()}
         c = {k: v[1] for k, v in both.items()}
+        matmul_s, _ = t.pop("matmul"), c.pop("matmul")
+        flops = 2 * args.tokens * args.dim * args.top_k * args.ffn_dim  # one (T, D) @ (D, k*F)
+        print(f"  {name} matmul {args.tokens}x{args.dim} @ {args.dim}x{args.top_k * args.ffn_dim}: "
+              f"{flops / matmul_s / 1e9:.0f} GFLOP/s; dense layer fwd+bwd: {9 * flops / t['dense'] / 1e9:.0f} GFLOP/s")
+        summary[f"matmul_gflops_{name}"] = round(flops / matmul_s / 1e9, 1)
+        summary[f"dense_gflops_{name}"] = round(9 * flops / t["dense"] / 1e9, 1)
         for variant in t:
             print(f"  {name} {variant:24s} wall {t[variant] * 1e3:8.1f} ms {t[variant] / t['dense']:5.2f}x dense"
                   f"   cpu {c[variant] * 1e3:8.1f} ms {c[variant] / c['dense']:5.2f}x dense")
@@ -183,6 +198,11 @@ def main(argv: list[str] | None = None) -> None:
             f"dense_ms_{name}": round(t["dense"] * 1e3, 1),
             f"hf_best_ms_{name}": round(best_hf * 1e3, 1),
         })
+    if "ours_ms_bf16" in summary and "ours_ms_fp32" in summary:
+        speedups = {layer: summary[f"{layer}_ms_fp32"] / summary[f"{layer}_ms_bf16"] for layer in ("dense", "ours")}
+        print(f"  bf16 over fp32 here: dense {speedups['dense']:.2f}x, ours {speedups['ours']:.2f}x as fast "
+              f"(wall); auto picks {auto.precision}")
+        summary.update({f"{layer}_bf16_speedup": round(v, 3) for layer, v in speedups.items()})
     summary["impl"] = resolve_impl("auto", "cpu")
     summary["threads"] = torch.get_num_threads()
     summary["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # AVX2 where ATEN_CPU_CAPABILITY=avx2

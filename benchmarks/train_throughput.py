@@ -3,18 +3,22 @@ MixtralForCausalLM trained with a plain loop, on the same small MoE config, side
 
     python benchmarks/train_throughput.py             # dim 256, 4 layers, 8 experts top-2, vocab 8192, 4 x 256 tokens
     python benchmarks/train_throughput.py --quick     # fewer repeats
+    python benchmarks/train_throughput.py --precision fp32    # one dtype only (default: both, fp32 then bf16)
 
 Ours: `upcycle.train.forward_backward` (the function the trainer runs: our Transformer, CE + 0.02 * pooled
 load-balancing loss + the logged z-loss), then grad clipping and the trainer's AdamW (`build_optimizer`, fused),
 exactly as in the training loop.
 transformers: `MixtralForCausalLM(..., labels=..., output_router_logits=True)` (its CE + 0.02 * aux), `loss.backward()`,
-clipping and AdamW; its default experts backend (grouped_mm) and SDPA attention. Both fp32 (or both bf16 autocast
-with --precision bf16) on CPU, same batch.
+clipping and AdamW; its default experts backend (grouped_mm) and SDPA attention. Both fp32, and both under bf16
+autocast (as train.precision=bf16 does), on CPU, same batch.
 The two are interleaved round by round (alternating which goes first) so machine-load drift hits both alike;
 reported times are medians of wall time and of process CPU time (less sensitive to other processes on the cores).
-The last line is one JSON object with both throughputs and their ratio (ours / transformers), and the CPU.
---precision bf16 is skipped with a note where the CPU has no native bf16 (upcycle.hardware.cpu_has_native_bf16):
-torch emulates bf16 there, ~70x slower than fp32 on an AVX2-only CPU (--force-bf16 runs it anyway).
+Beside the measured dtypes it prints what `train.precision: auto` picks for this model's width on this CPU and thread
+count (upcycle.hardware.resolve_precision: the cached probe, or a fresh one) and, with both dtypes measured, how much
+faster bf16 trained here: the check of that choice.
+The last line is one JSON object with both throughputs and their ratio (ours / transformers) per dtype, and the CPU.
+bf16 is skipped with a note where the CPU has no native bf16 (upcycle.hardware.cpu_has_native_bf16): torch emulates
+bf16 there, ~70x slower than fp32 on an AVX2-only CPU (--force-bf16 runs it anyway).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 
 import torch
 
-from upcycle.hardware import cpu_description, cpu_has_native_bf16
+from upcycle.hardware import cpu_description, cpu_has_native_bf16, resolve_precision
 
 
 def build_ours(args):
@@ -73,38 +77,70 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds; each times --steps per model")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="bf16: both models under torch.autocast(bfloat16), as train.precision=bf16 does")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both",
+                        help="bf16: both models under torch.autocast(bfloat16), as train.precision=bf16 does; "
+                             "both (default): fp32, then bf16")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every block of both models (ours as train.compile does, HF's layers)")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 2 steps")
     parser.add_argument("--force-bf16", action="store_true", help="run bf16 even where the CPU has no native bf16")
     args = parser.parse_args(argv)
-    print(f"CPU: {cpu_description()}")
-    if args.precision == "bf16" and not (cpu_has_native_bf16() or args.force_bf16):
-        print("bf16 skipped: this CPU has no native bf16 (no avx512_bf16 / amx_bf16 / bf16 flag), so torch emulates "
-              "it, measured ~70x slower than fp32 on an AVX2-only CPU; use --precision fp32, or --force-bf16")
-        print(json.dumps({"precision": "bf16", "skipped": "no native bf16 on this CPU", "cpu": cpu_description()}))
-        return
     if args.quick:
         args.rounds, args.steps = 3, 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_description()}")
+    summary: dict = {"tokens_per_step": args.batch * args.seq_len, "cpu": cpu_description(),
+                     "threads": torch.get_num_threads(), "compile": args.compile}
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    if "bf16" in precisions and not (cpu_has_native_bf16() or args.force_bf16):
+        print("bf16 skipped: this CPU has no native bf16 (no avx512_bf16 / amx_bf16 / bf16 flag), so torch emulates "
+              "it, measured ~70x slower than fp32 on an AVX2-only CPU; use --precision fp32, or --force-bf16")
+        precisions.remove("bf16")
+        summary["bf16"] = "skipped: no native bf16 on this CPU"
+    auto = resolve_precision("auto", torch.device("cpu"), dim=args.dim, ffn_dim=args.ffn_dim)
+    print(f"train.precision auto would pick {auto.precision}: {auto.reason}")
+    summary["auto_precision"] = auto.precision
 
-    from upcycle.train import OptimConfig, TrainLoopConfig, build_optimizer, forward_backward
+    from upcycle.train import build_optimizer
+    from upcycle.train_config import OptimConfig
 
     torch.manual_seed(0)
     ours, hf = build_ours(args), build_hf(args)
     if args.compile:
         for block in list(ours.layers) + list(hf.model.layers):
             block.compile()
-    ours_opt, hf_opt = build_optimizer(ours, OptimConfig()), adamw(hf)
+    optimizers = build_optimizer(ours, OptimConfig()), adamw(hf)
+    n_ours = sum(p.numel() for p in ours.parameters())
+    print(f"config: dim {args.dim}, {args.layers} layers, ffn {args.ffn_dim}, {args.experts} experts top-{args.top_k}, "
+          f"vocab {args.vocab}, {args.batch} x {args.seq_len} tokens/step, threads {torch.get_num_threads()}")
+    print(f"parameters: ours {n_ours:,}, transformers {sum(p.numel() for p in hf.parameters()):,}")
+    summary["params"] = n_ours
+    for precision in precisions:
+        summary.update({f"{key}_{precision}": value
+                        for key, value in measure(args, ours, hf, optimizers, precision).items()})
+    if len(precisions) == 2:
+        speedup = summary["ours_tokens_per_s_bf16"] / summary["ours_tokens_per_s_fp32"]
+        measured = "bf16" if speedup >= 1 else "fp32"
+        print(f"ours trained {speedup:.2f}x as fast in bf16 as in fp32 here ({measured} is faster); "
+              f"auto picks {auto.precision}")
+        summary["ours_bf16_speedup"] = round(speedup, 3)
+    summary["load_average_1min"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(summary))
+
+
+def measure(args, ours, hf, optimizers, precision: str) -> dict:
+    """Both models' step times in `precision`, interleaved round by round; prints them and returns the figures."""
+    from upcycle.train import forward_backward
+    from upcycle.train_config import TrainLoopConfig
+
+    ours_opt, hf_opt = optimizers
     loop = TrainLoopConfig(micro_batch_size=args.batch, aux_coef=0.02)
     batch_BT = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(1))
     tokens = args.batch * args.seq_len
 
     def autocast():
-        if args.precision == "bf16":
+        if precision == "bf16":
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -144,24 +180,17 @@ def main(argv: list[str] | None = None) -> None:
     cpu_medians = {name: statistics.median(t) for name, t in cpu_times.items()}
     throughput = {name: tokens / m for name, m in medians.items()}
     cpu_throughput = {name: tokens / m for name, m in cpu_medians.items()}
-    n_ours = sum(p.numel() for p in ours.parameters())
-    n_hf = sum(p.numel() for p in hf.parameters())
-    print(f"config: dim {args.dim}, {args.layers} layers, ffn {args.ffn_dim}, {args.experts} experts top-{args.top_k}, "
-          f"vocab {args.vocab}, {args.batch} x {args.seq_len} tokens/step, {args.precision}, "
-          f"threads {torch.get_num_threads()}")
-    print(f"parameters: ours {n_ours:,}, transformers {n_hf:,}")
     for name in steps:
         spread = f"{min(times[name]) * 1e3:.0f}-{max(times[name]) * 1e3:.0f}"
-        print(f"{name:>13}: {medians[name] * 1e3:8.1f} ms/step (range {spread}), {throughput[name]:8.0f} tokens/s; "
-              f"cpu {cpu_medians[name] * 1e3:8.1f} ms/step, {cpu_throughput[name]:8.0f} tokens per cpu-second")
+        print(f"{precision} {name:>13}: {medians[name] * 1e3:8.1f} ms/step (range {spread}), {throughput[name]:8.0f} "
+              f"tokens/s; cpu {cpu_medians[name] * 1e3:8.1f} ms/step, {cpu_throughput[name]:8.0f} tokens per "
+              "cpu-second")
     ratio = throughput["ours"] / throughput["transformers"]
     cpu_ratio = cpu_throughput["ours"] / cpu_throughput["transformers"]
-    print(f"ratio ours / transformers: {ratio:.2f}x wall, {cpu_ratio:.2f}x cpu time")
-    print(json.dumps({"tokens_per_step": tokens, "ours_tokens_per_s": round(throughput["ours"], 1),
-                      "transformers_tokens_per_s": round(throughput["transformers"], 1), "ratio": round(ratio, 3),
-                      "ratio_cpu_time": round(cpu_ratio, 3), "precision": args.precision, "cpu": cpu_description(),
-                      "threads": torch.get_num_threads(), "params": n_ours, "compile": args.compile,
-                      "load_average_1min": round(os.getloadavg()[0], 2)}))
+    print(f"{precision} ratio ours / transformers: {ratio:.2f}x wall, {cpu_ratio:.2f}x cpu time")
+    return {"ours_tokens_per_s": round(throughput["ours"], 1),
+            "transformers_tokens_per_s": round(throughput["transformers"], 1), "ratio": round(ratio, 3),
+            "ratio_cpu_time": round(cpu_ratio, 3)}
 
 
 if __name__ == "__main__":

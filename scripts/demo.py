@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from upcycle.analyze import analyze, plot_routing
     from upcycle.evaluate import evaluate
-    from upcycle.train import load_config, run_training
+    from upcycle.train import run_training
+    from upcycle.train_config import load_config
 
     if not (seed_dir / "config.json").is_file():
         raise SystemExit(f"no seed model in {seed_dir}; is this a complete clone?")

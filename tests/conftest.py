@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,21 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_probe_cache(tmp_path_factory):
+    """`precision` probes (upcycle.hardware.probe) are cached in a directory of this test session, which the
+    subprocesses tests start inherit, never in the user's cache: each width and thread count is measured at most once
+    per session (again only if it was measured busy and the machine became quiet). Tests that inject timings point
+    XDG_CACHE_HOME at their own directory."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
 
 
 @pytest.fixture(autouse=True)

@@ -239,7 +239,8 @@ def torchrun_train(config: Path, out: Path, *extra: str, nproc: int = 2, timeout
 def train_one_process(config: Path, out: Path) -> None:
     """`run_training` in this process with one torch thread: the reference that multi-rank runs (one thread per rank)
     are compared with."""
-    from upcycle.train import load_config, run_training
+    from upcycle.train import run_training
+    from upcycle.train_config import load_config
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

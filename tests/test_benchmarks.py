@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import REPO, subprocess_env
 
@@ -24,14 +25,25 @@ def test_moe_layer_benchmark_reports_ratios_and_the_cpu():
     assert summary["moe_vs_dense_fp32"] > 0 and summary["speedup_vs_hf_fp32"] > 0
     assert summary["bf16"] == "skipped: not in --dtypes" and "moe_vs_dense_bf16" not in summary
     assert "flags" in summary["cpu"] and summary["aten_cpu_capability"]
+    assert summary["auto_precision"] in ("fp32", "bf16") and summary["matmul_gflops_fp32"] > 0
 
 
-def test_train_throughput_benchmark_reports_both_models():
+def test_train_throughput_benchmark_reports_both_models_and_what_auto_picks():
     summary = run_script("train_throughput.py", "--dim", "32", "--layers", "1", "--ffn-dim", "48", "--experts", "4",
                          "--vocab", "128", "--seq-len", "16", "--batch", "2", "--rounds", "1", "--steps", "1",
-                         "--precision", "fp32")
-    assert summary["ours_tokens_per_s"] > 0 and summary["transformers_tokens_per_s"] > 0
-    assert summary["precision"] == "fp32" and "flags" in summary["cpu"]
+                         "--force-bf16")  # both dtypes (the default), bf16 even where it is emulated
+    for precision in ("fp32", "bf16"):
+        assert summary[f"ours_tokens_per_s_{precision}"] > 0 and summary[f"transformers_tokens_per_s_{precision}"] > 0
+    assert summary["ours_bf16_speedup"] == pytest.approx(summary["ours_tokens_per_s_bf16"]
+                                                         / summary["ours_tokens_per_s_fp32"], rel=1e-2)
+    assert summary["auto_precision"] in ("fp32", "bf16") and "flags" in summary["cpu"]
+
+
+def test_expert_gemm_benchmark_times_the_split_and_the_packed_gemms_against_dense():
+    summary = run_script("expert_gemm.py", "--tokens", "64", "--dim", "32", "--ffn-dim", "48", "--experts", "4",
+                         "--repeats", "1")  # the script checks that the packed GEMMs compute the same products
+    assert summary["dense_vs_dense"] == 1.0 and summary["experts_vs_dense"] > 0 and summary["one_expert_vs_dense"] > 0
+    assert summary["experts_mkl_packed_vs_dense"] > 0 or not torch.backends.mkl.is_available()
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ from upcycle.experiment_config import eval_steps, parse_config, train_config_dic
 from upcycle.experiment_stats import mean_offdiagonal, tokens_to_target, training_flops
 from upcycle.hf_model import load_model
 from upcycle.schedule import lr_at
-from upcycle.train import config_from_dict, run_training
+from upcycle.train import run_training
+from upcycle.train_config import config_from_dict
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure functions

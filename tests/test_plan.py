@@ -83,3 +83,17 @@ def test_plan_prints_the_parameters_and_every_rank_and_refuses_what_cannot_fit(t
     result = _plan("--config", str(config), "--host-memory", "10MB")
     assert result.returncode == 2 and "of --host-memory" in result.stderr
     assert not list(tmp_path.glob("out*"))  # a plan writes nothing
+
+
+def test_plan_resolves_precision_auto_for_the_device_and_says_why(tmp_path):
+    values = tiny_config(make_data_dir(tmp_path / "data"), train={"precision": "auto"})
+    config = write_config(tmp_path / "c.yaml", values)
+    result = _plan("--config", str(config), "--device", "cuda", "--device-memory", "80GB")
+    assert result.returncode == 0, result.stderr
+    assert "precision bf16: auto on cuda: bf16, not probed" in result.stdout and "bf16 on cuda" in result.stdout
+    result = _plan("--config", str(config), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("precision ")]
+    precision = line.split()[1].rstrip(":")
+    assert precision in ("fp32", "bf16") and f"{precision} on cpu" in result.stdout
+    assert "this machine's CPU" in line and ("auto picked" in line or "without native bf16" in line)

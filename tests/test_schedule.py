@@ -8,7 +8,8 @@ import pytest
 from helpers import make_data_dir, read_metrics, tiny_config
 from upcycle.errors import UpcycleError
 from upcycle.schedule import lr_at, wsd_decay_start
-from upcycle.train import config_from_dict, run_training, validate_config
+from upcycle.train import run_training
+from upcycle.train_config import config_from_dict, validate_config
 
 
 def wsd(step: int, decay_steps: int, fraction: float = 0.25) -> float:

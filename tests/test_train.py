@@ -19,7 +19,8 @@ from upcycle import checkpoint as ckpt
 from upcycle import losses
 from upcycle.errors import UpcycleError
 from upcycle.schedule import lr_at
-from upcycle.train import NonFiniteLoss, config_from_dict, load_config, run_training, train_command
+from upcycle.train import NonFiniteLoss, run_training, train_command
+from upcycle.train_config import config_from_dict, load_config
 
 
 @pytest.fixture(scope="module")
@@ -411,23 +412,45 @@ def test_train_step_returns_a_record_and_run_training_a_summary(tmp_path, data_d
 # -- precision: auto ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags, requested, resolved, warned", [
-    (frozenset({"avx2"}), "auto", "fp32", False),
-    (frozenset({"avx2", "avx512_bf16"}), "auto", "bf16", False),
-    (frozenset({"avx2"}), "bf16", "bf16", True),
-    (frozenset({"avx512_bf16"}), "fp32", "fp32", False),
+NO_BF16, BF16 = frozenset({"avx2"}), frozenset({"avx2", "avx512_bf16"})
+
+
+@pytest.mark.parametrize("flags, speedup, requested, resolved, warned", [
+    (NO_BF16, None, "auto", "fp32", None),  # no native bf16: fp32 without probing
+    (BF16, 2.0, "auto", "bf16", None),
+    (BF16, 0.7, "auto", "fp32", None),  # a bf16 flag, but bf16 measured slower (issue 19)
+    (NO_BF16, None, "bf16", "bf16", "warning: precision bf16 on a CPU without native bf16"),
+    (BF16, 3.0, "fp32", "fp32", "warning: precision fp32 trains 3.0x slower than bf16"),
+    (BF16, 0.5, "bf16", "bf16", "warning: precision bf16 trains 2.0x slower than fp32"),
 ])
-def test_precision_auto_resolves_per_cpu_warns_once_and_is_recorded(tmp_path, data_dir, monkeypatch, capsys, flags,
-                                                                     requested, resolved, warned):
+def test_precision_is_decided_once_logged_with_the_reason_and_recorded(tmp_path, data_dir, monkeypatch, capsys, flags,
+                                                                       speedup, requested, resolved, warned):
     from upcycle import hardware
 
+    calls = []
+
+    def measure(dim, ffn_dim, rows):  # injected timings: bf16 `speedup` times as fast as fp32 (100 GFLOP/s)
+        calls.append((dim, ffn_dim))
+        flops = 18 * rows * dim * ffn_dim / 1e9
+        return {"matmul_fp32": flops / 100, "matmul_bf16": flops / 100, "swiglu_fp32": flops / 100,
+                "swiglu_bf16": flops / (100 * speedup)}
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(hardware, "cpu_info", lambda: ("test CPU", flags))
+    monkeypatch.setattr(hardware, "measure_seconds", measure)
     values = tiny_config(data_dir, train={"max_steps": 2, "eval_every": 0, "precision": requested})
     if requested == "auto":
         del values["train"]["precision"]  # the default
     run_training(config_from_dict(values), tmp_path / "run")
     err = capsys.readouterr().err
-    assert err.count("warning: precision bf16 on a CPU without native bf16") == (1 if warned else 0)
+    assert calls == ([] if speedup is None else [(32, 48)])  # the model's width, probed once
+    [line] = [line for line in err.splitlines() if line.startswith(f"upcycle train: precision {resolved} ")]
+    assert line.startswith(f"upcycle train: precision {resolved} ({requested}): ")
+    if requested == "auto" and speedup is not None:
+        assert f"auto picked {resolved}: " in line and "100 GFLOP/s in fp32 and " in line
+    assert err.count("upcycle train: warning: precision") == (1 if warned else 0)
+    if warned:
+        assert f"upcycle train: {warned}" in err
     assert [r["precision"] for r in read_metrics(tmp_path / "run")] == [resolved] * 2
     assert config_from_dict(values).train.precision == requested
 

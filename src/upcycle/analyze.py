@@ -35,7 +35,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from upcycle.convert import MANIFEST_NAME, load_redrawn
+from upcycle.data import check_data_fits, validation_batches
 from upcycle.errors import UpcycleError
+from upcycle.files import check_output, publish_dir
+from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP, check_model_dir, experts_to_hf, load_model
+from upcycle.moe import route
 
 MATRIX_NAMES = ("gate", "up", "down")
 DEFAULT_DEAD_THRESHOLD = 0.01  # of the uniform share 1/E
@@ -51,8 +56,6 @@ def routing_sums(logits_TE: Tensor, *, top_k: int, renormalize: bool = True) -> 
 
     Uses moe.route, the model's own routing, so the counted assignments are the ones the model computed.
     """
-    from upcycle.moe import route
-
     # Routing in fp32, as in the model: bf16 probabilities of near-tied experts would flip top-k choices.
     logits_TE = logits_TE.detach().float()
     _, ids_TK = route(logits_TE, top_k=top_k, renormalize=renormalize)
@@ -130,8 +133,6 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 
 def expert_matrices(gate_up_ED2F: Tensor, down_EFD: Tensor) -> dict[str, Tensor]:
     """Our fused layout -> HF-oriented per-matrix stacks: gate_EFD, up_EFD ([E, F, D]) and down_EDF ([E, D, F])."""
-    from upcycle.hf_model import experts_to_hf
-
     return experts_to_hf(gate_up_ED2F, down_EFD)
 
 
@@ -196,7 +197,6 @@ def collect_routing(model, batches: dict[str, list[Tensor]], *, device: torch.de
 
 
 def _dense_ffns(dense_path: Path, config) -> list[dict[str, Tensor]]:
-    from upcycle.hf_model import load_model
 
     dense = load_model(dense_path)
     c = dense.config
@@ -210,7 +210,6 @@ def _dense_ffns(dense_path: Path, config) -> list[dict[str, Tensor]]:
 
 
 def _manifest_dir(model_path: Path, manifest_dir: str | Path | None) -> Path | None:
-    from upcycle.convert import MANIFEST_NAME
 
     if manifest_dir is not None:
         directory = Path(manifest_dir).expanduser()
@@ -246,11 +245,6 @@ def analyze(
     renamed into place when complete: a failed run leaves the previous analysis as it was, and a replaced one keeps
     none of its old files.
     """
-    from upcycle.convert import MANIFEST_NAME, load_redrawn
-    from upcycle.data import check_data_fits, validation_batches
-    from upcycle.files import check_output
-    from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP, check_model_dir, load_model
-
     path = check_model_dir(model_path)
     data_dir = Path(data_dir).expanduser()
     inputs = [path, data_dir, *(Path(p).expanduser() for p in (manifest_dir, dense_path) if p is not None)]
@@ -323,8 +317,6 @@ def _publish_analysis(analysis: dict, out: Path, plot_layers: list[int] | None, 
                       force: bool) -> list[str]:
     """Write analysis.json (and the figures unless `plot_layers` is None) and publish them as `out` in one rename
     (files.publish_dir); returns the figures' file names."""
-    from upcycle.files import publish_dir
-
     with publish_dir(out, force=force, inputs=inputs, flag="--out") as tmp:
         (tmp / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
         figures = []

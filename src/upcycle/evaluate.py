@@ -25,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor
 
+from upcycle.data import check_data_fits, read_metadata, validation_batches
 from upcycle.errors import UpcycleError
-from upcycle.hf_model import check_model_dir
+from upcycle.hf_model import as_hf_directory, check_model_dir, load_model
 
 SHIPPED_TASK = "upcycle_continuations"
 _TASK_DIR = Path(__file__).parent / "assets" / "lm_eval"
@@ -85,9 +87,6 @@ def evaluate(
     Returns {"model", "data", "seq_len", "max_sequences", "domains": {name: {"loss", "perplexity", "tokens",
     "sequences"}}, "overall": {...}}; "overall" weights every scored token equally, across domains.
     """
-    from upcycle.data import check_data_fits, read_metadata, validation_batches
-    from upcycle.hf_model import load_model
-
     path = check_model_dir(model_path)
     data_dir = Path(data_dir).expanduser()
     read_metadata(data_dir)
@@ -161,8 +160,6 @@ def find_tokenizer(model_path: Path, data_dir: str | Path | None = None) -> Path
     if any((model_path / name).is_file() for name in _TOKENIZER_FILES):
         return model_path
     if data_dir is not None:
-        from upcycle.data import read_metadata
-
         recorded = read_metadata(data_dir).get("tokenizer")
         if recorded and Path(recorded).exists():
             return Path(recorded)
@@ -189,8 +186,6 @@ def write_shipped_tasks(directory: Path) -> Path:
     lm-eval hands `dataset_kwargs.data_files` to `datasets.load_dataset`, which resolves a relative path against the
     current directory, not the YAML's; writing the resolved YAML at run time makes the task work from any cwd.
     """
-    import yaml
-
     for yaml_file in _TASK_DIR.glob("*.yaml"):
         config = yaml.safe_load(yaml_file.read_text())
         files = config["dataset_kwargs"]["data_files"]
@@ -203,8 +198,6 @@ def write_shipped_tasks(directory: Path) -> Path:
 def _transformers_model(model_path: Path, tmp: Path):
     """A transformers CausalLM for any checkpoint we read: HF directories load directly, ours are exported first."""
     from transformers import AutoModelForCausalLM
-
-    from upcycle.hf_model import as_hf_directory
 
     model_path = as_hf_directory(model_path, tmp)
     try:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from upcycle import experiment_stats as stats
+from upcycle.analyze import default_plot_layers, plot_routing
 from upcycle.experiment_config import FROM_ARM_FIELDS, MOE_KINDS
 
 RESULTS_FILE = "results.json"
@@ -64,7 +65,6 @@ def _point_means(val: dict[str, float], weights: dict[str, float]) -> dict[str, 
 
 class _Bootstrap:
     """One paired resample of the validation documents for the whole report, applied to any per-document gap."""
-
     def __init__(self, validation: dict, resamples: int):
         self.doc_tokens = {d: np.asarray(v["doc_tokens"], dtype=np.float64) for d, v in validation["domains"].items()}
         self.weights = validation["mixture_weights"]
@@ -376,8 +376,6 @@ def plot_over_training(results: dict, path: Path, key: str, ylabel: str) -> Path
 
 def plot_arm_routing(arm: dict, routing: list[dict], results: dict, path: Path) -> Path:
     """Fig. 5 style, through analyze's routing figure: share of each domain's top-k assignments per expert."""
-    from upcycle.analyze import default_plot_layers, plot_routing
-
     domains = results["domains"]
     analysis = {"num_experts": arm.get("num_experts") or results["num_experts"], "num_layers": len(routing),
                 "domains": domains,

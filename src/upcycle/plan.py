@@ -153,6 +153,7 @@ class Plan:
     micro_batch_size: int
     ranks: list[RankPlan]
     checkpoint_bytes: int
+    precision_reason: str = "as configured"  # why `precision` (train.precision auto: hardware.resolve_precision's)
 
     @property
     def worst(self) -> RankPlan:
@@ -175,9 +176,15 @@ def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> P
         raise UpcycleError(f"train.global_batch_tokens ({loop.global_batch_tokens}) is {sequences} sequences, which "
                            f"{world_size} ranks cannot share evenly; make it a multiple of data.seq_len * ranks")
     micro = micro_batch_size_for(sequences // world_size, loop.micro_batch_size)
-    precision = loop.precision if loop.precision != "auto" else resolve_precision("auto", torch.device(device))[0]
     one = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     model_config = start_point(config, one, resume_model_config=None).model_config
+    precision, precision_reason = loop.precision, "as configured"
+    if precision == "auto":
+        choice = resolve_precision("auto", torch.device(device), dim=model_config.dim, ffn_dim=model_config.expert_dim)
+        precision, precision_reason = choice.precision, choice.reason
+        if device == "cpu":
+            precision_reason += (f" (this machine's CPU, {torch.get_num_threads()} threads; CPUs of another kind or "
+                                 "other thread counts may pick the other: set train.precision to plan for one)")
     check_degree(loop.expert_parallel, world_size=world_size, num_experts=model_config.num_experts)
     with torch.device("meta"):
         model = Transformer(model_config)
@@ -207,7 +214,8 @@ def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> P
                               device_total, host_build, host_save))
     return Plan(total_params=model.num_params(), active_params=model.num_active_params(), world_size=world_size,
                 ranks_per_node=ranks_per_node, expert_parallel=loop.expert_parallel, precision=precision,
-                device=device, micro_batch_size=micro, ranks=ranks, checkpoint_bytes=12 * model.num_params())
+                device=device, micro_batch_size=micro, ranks=ranks, checkpoint_bytes=12 * model.num_params(),
+                precision_reason=precision_reason)
 
 
 def _gb(size: int) -> str:
@@ -218,6 +226,7 @@ def format_plan(plan: Plan) -> str:
     lines = [f"parameters: {plan.total_params:,} in all, {plan.active_params:,} active per token",
              f"layout: {plan.world_size} rank(s), {plan.ranks_per_node} per node, expert_parallel "
              f"{plan.expert_parallel}, {plan.precision} on {plan.device}, micro-batch {plan.micro_batch_size}",
+             f"precision {plan.precision}: {plan.precision_reason}",
              f"checkpoint: {_gb(plan.checkpoint_bytes)} on disk (weights + AdamW), each rank writing its share",
              "", f"{'rank':>5} {'params':>15} {'weights':>11} {'grads':>11} {'AdamW':>11} {'gathered':>11} "
              f"{'activations':>11} {'device':>11} {'host build':>11} {'host save':>11}"]

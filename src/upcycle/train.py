@@ -61,12 +61,11 @@ from upcycle.model import ModelConfig, Transformer
 from upcycle.safetensors_io import CheckpointReader
 from upcycle.schedule import schedule_of
 from upcycle.shards import fill_from_scratch, fill_from_sources, model_pieces
-from upcycle.train_config import (  # noqa: F401  (the config API is importable from here too)
+from upcycle.train_config import (
     OptimConfig,
     TrainConfig,
     TrainLoopConfig,
     config_fields_help,
-    config_from_dict,
     config_to_dict,
     load_config,
     micro_batch_size_for,
@@ -490,8 +489,8 @@ def _prepare_data(config: TrainConfig, out: Path, world: World) -> Path:
 
 
 def resolve_loop(config: TrainConfig, world: World) -> TrainLoopConfig:
-    """config.train with its "auto" settings (precision, micro_batch_size) decided for this world; a warning about them
-    is printed once (rank 0). Raises when the global batch cannot be split evenly over the ranks."""
+    """config.train with its micro_batch_size decided for this world (train.precision is decided once the model's
+    width is known: resolve_run_precision). Raises when the global batch cannot be split evenly over the ranks."""
     loop, seq_len, ranks = config.train, config.data.seq_len, world.world_size
     sequences = loop.global_batch_tokens // seq_len
     if sequences % ranks:
@@ -504,11 +503,21 @@ def resolve_loop(config: TrainConfig, world: World) -> TrainLoopConfig:
                            f"each of {ranks} ranks gets per step; leave it empty (null: auto) or make "
                            f"train.global_batch_tokens a multiple of data.seq_len * micro_batch_size * ranks = "
                            f"{seq_len * loop.micro_batch_size * ranks}")
-    precision, warning = resolve_precision(loop.precision, world.device)
-    if warning and world.is_main:
-        print(f"upcycle train: warning: {warning}", file=sys.stderr)
-    return dataclasses.replace(loop, precision=precision,
-                               micro_batch_size=micro_batch_size_for(per_rank, loop.micro_batch_size))
+    return dataclasses.replace(loop, micro_batch_size=micro_batch_size_for(per_rank, loop.micro_batch_size))
+
+
+def resolve_run_precision(loop: TrainLoopConfig, model_config: ModelConfig, world: World,
+                          log: Callable[[str], None]) -> TrainLoopConfig:
+    """loop with train.precision decided by rank 0 for this model's width (hardware.resolve_precision: `auto` probes a
+    CPU with native bf16) and used by every rank; what was chosen and why, and any warning, are logged once."""
+    choice = None
+    if world.is_main:
+        choice = resolve_precision(loop.precision, world.device, dim=model_config.dim, ffn_dim=model_config.expert_dim)
+    choice = broadcast_object(choice, world)
+    log(f"precision {choice.precision} ({loop.precision}): {choice.reason}")
+    if choice.warning:
+        log(f"warning: {choice.warning}")
+    return dataclasses.replace(loop, precision=choice.precision)
 
 
 def _check_out(out: Path, config_dict: dict) -> None:
@@ -591,6 +600,8 @@ def _start(config: TrainConfig, config_dict: dict, out: Path, world: World) -> R
     start = start_point(config, world, resume_model_config=(ckpt.model_config_of(resume_from)
                                                             if resume_from is not None else None))
     model_config = start.model_config
+    loop = resolve_run_precision(loop, model_config, world, log)
+    config = dataclasses.replace(config, train=loop)
     prepared = Path(data_cfg.path) if data_cfg.path is not None else out / PREPARED_DATA_DIR
     _check_data(config, prepared if (prepared / METADATA_FILE).is_file() else None, model_config)
     data_dir = _prepare_data(config, out, world)

@@ -30,7 +30,7 @@ from upcycle.validation import check_fields, check_value, union_members
 # train.micro_batch_size: empty picks the largest divisor of the per-rank sequences up to this many.
 AUTO_MICRO_BATCH_MAX = 8
 BALANCE_SCOPES = ("micro_batch", "global_batch")
-PRECISIONS = ("auto", "fp32", "bf16")  # auto: upcycle.hardware.resolve_precision decides per device
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: upcycle.hardware.resolve_precision decides per device and width
 
 
 @dataclass(frozen=True)
@@ -204,9 +204,12 @@ class TrainLoopConfig:
             are accumulated. Empty (default): auto, the largest divisor of the rank's sequences per step that is at
             most 8, so the same config runs on any number of ranks that divides its sequences.
         seed: Seed of the from-scratch model init and of torch's RNG.
-        precision: auto (default: bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs), fp32 (exact and
-            reproducible on CPU) or bf16 (autocast; master weights and optimizer stay fp32, routing and losses are
-            computed in fp32). The precision a run used is recorded in every metrics.jsonl record.
+        precision: auto (default: bf16 on CUDA; on a CPU, bf16 only where it has native bf16 and a start-up probe,
+            cached per machine, measures bf16 at least 1.2x faster than fp32 at the model's width, else fp32), fp32
+            (exact and reproducible on CPU) or bf16 (autocast; master weights and optimizer stay fp32, routing and
+            losses are computed in fp32). An explicit fp32 or bf16 is kept, with a warning where the probe finds it
+            more than 1.2x slower. The start-up log says what was chosen and why; every metrics.jsonl record says
+            which precision the run used.
         activation_checkpointing: Recompute each block's activations in backward instead of storing them.
         compile: torch.compile each transformer block (needs a C++ compiler on CPU).
         parallel: With several ranks: fsdp (FSDP2 fully_shard per block, then the root) or ddp.
