@@ -39,11 +39,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -53,11 +55,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from upcycle import checkpoint as ckpt
 from upcycle import data as data_lib
 from upcycle import experiment_stats as stats
 from upcycle.analyze import collect_routing, expert_matrices, expert_similarity, mean_pairwise_jsd, routing_stats
+from upcycle.calibration import calibration_token_ids
+from upcycle.convert import convert
 from upcycle.errors import UpcycleError
 from upcycle.evaluate import score_domains
 from upcycle.experiment_config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KINDS, ArmSpec, ExperimentConfig, Plan,
@@ -66,7 +71,10 @@ from upcycle.experiment_config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KI
                                        train_config_dict)
 from upcycle.experiment_report import RESULTS_FILE, REPORT_FILE, build_results, display_path, write_outputs, \
     write_text_atomic
+from upcycle.files import publish_dir
+from upcycle.grow import grow
 from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP, export_hf, load_model
+from upcycle.train import run_training
 from upcycle.train_config import config_from_dict
 
 ARM_DONE_FILE = "arm.json"
@@ -185,8 +193,6 @@ def _checkpoint(run: Path, step: int) -> Path:
 
 def _train_to(ctx: _Context, train_dict: dict, run: Path, step: int, label: str) -> None:
     """Train run `run` up to `step` (resuming from its newest checkpoint); the trainer writes its checkpoint there."""
-    from upcycle.train import run_training
-
     if _latest_step(run) >= step:
         return
     values = copy.deepcopy(train_dict)
@@ -267,15 +273,11 @@ def _from_arm_model(ctx: _Context, arm: ArmSpec, seed: int) -> Path:
 def _initial_model_dir(ctx: _Context, arm: ArmSpec, seed: int, unit: Path) -> tuple[str, dict | None]:
     """The model before training: the seed itself (dense), an `upcycle convert` output in unit/init, or for grow and
     continue the final model of arm from_arm at the same seed (grown into unit/init, or as it is)."""
-    from upcycle.convert import convert
-
     if arm.kind == "dense":
         return ctx.config.seed_model, None
     if arm.kind == "continue":
         return str(_from_arm_model(ctx, arm, seed)), None
     if arm.kind == "grow":
-        from upcycle.grow import grow
-
         init = unit / "init"
         if not init.is_dir():  # grow publishes atomically: a directory that exists is complete
             _log(f"{arm.name} seed {seed}: upcycle grow --factor {arm.factor} --ratio {arm.ratio:g} --top-k "
@@ -489,8 +491,6 @@ def _check_calibration_disjoint(config: ExperimentConfig, data_dir: Path) -> Non
     """Router-init calibration text shares no document with the validation split: an overlap would score the router
     init on the text it was fitted to. Documents are compared as token sequences (the calibration is read with the
     seed's tokenizer, as convert reads it)."""
-    from upcycle.calibration import calibration_token_ids
-
     arms = [(i, arm) for i, arm in enumerate(config.arms) if (arm.convert or {}).get("calibration")]
     if not arms:
         return
@@ -549,8 +549,6 @@ def _setup(config: ExperimentConfig, out: Path) -> Path:
 
 
 def _yaml(record: dict) -> str:
-    import yaml
-
     return yaml.safe_dump(record, sort_keys=False)
 
 
@@ -558,9 +556,6 @@ def _die_with_parent():
     """A preexec_fn for a child process: be killed when the experiment process dies (even by SIGKILL), so a re-run
     never races an orphan still training the same run. Linux only (elsewhere the run's lock refuses the race
     instead). The libc function is looked up here, in the parent: the child only calls it."""
-    import ctypes
-    import signal
-
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
@@ -734,8 +729,6 @@ def rescore_experiment(out: str | Path, data: str | Path, *, threads: int | None
     when it is still there) on the validation split of another prepared data directory: loss, routing and
     specialization, no training. Writes OUT/rescore/NAME/ (NAME: the data directory's name) with results.json,
     report.md and figures, replacing an earlier rescore of the same name once the new one is complete."""
-    from upcycle.files import publish_dir
-
     out, data_dir = Path(out), Path(data).expanduser()
     saved = read_saved_config(out)
     if saved is None:

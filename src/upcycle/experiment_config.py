@@ -15,14 +15,18 @@ import inspect
 import json
 import math
 import os
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from upcycle import data as data_lib
 from upcycle import hf_formats as hf
+from upcycle.calibration import calibration_token_ids
 from upcycle.convert import ConvertOptions, estimate
 from upcycle.errors import UpcycleError
 from upcycle.schedule import wsd_decay_start
@@ -457,8 +461,6 @@ class ExperimentConfig:
             raise _fail(where, str(exc)) from None
         _check_moe_fits(shapes, seed_config, options, where)
         if options.calibration is not None:
-            from upcycle.calibration import calibration_token_ids
-
             try:
                 calibration_token_ids(options.calibration, self.seed_model, options.calibration_tokens)
             except UpcycleError as exc:
@@ -579,8 +581,6 @@ def eval_steps(points: int | list[int], total_steps: int, tokens_per_step: int) 
     An integer N gives N steps spaced evenly on a log scale from step 1 to the last step (duplicates after rounding
     merged; never more than there are steps); a list gives token counts, each a whole number of steps.
     """
-    import numpy as np
-
     if isinstance(points, int):
         count = min(max(points, 1), total_steps)
         steps = np.unique(np.round(np.geomspace(1, total_steps, num=count)).astype(int)).tolist()
@@ -915,8 +915,6 @@ def _help_type(hint: Any) -> str:
 
 def config_help() -> str:
     """The experiment YAML's fields, made from the dataclasses above, for `upcycle experiment --help`."""
-    import textwrap
-
     lines = ["experiment config (YAML; docs/experiments.md has every field and what the experiment writes):"]
 
     def add(cls: type, indent: int) -> None:
