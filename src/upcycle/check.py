@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from upcycle.compose import Prompts, top1_shares
 from upcycle.convert import check_dense_source
 from upcycle.errors import UpcycleError
 from upcycle.files import read_json
@@ -162,8 +163,6 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
 
 def _prompt_routing(moe, moe_path: Path, manifest: dict) -> list[dict]:
     """What `upcycle compose` recorded as prompt_routing, measured again through transformers' own model."""
-    from upcycle.compose import Prompts, top1_shares
-
     prompts = Prompts.tokenize(manifest["prompts"], moe_path, f"{moe_path}/upcycle_manifest.json")
     per_layer: list[list[torch.Tensor]] = []
     with torch.no_grad():

@@ -41,9 +41,12 @@ import torch
 from upcycle import hf_formats as hf
 from upcycle.calibration import calibration_token_ids, rows_from_centroids
 from upcycle.convert import ConvertOptions, CopyPlan, Plan, check_conversion_fits, check_dense_source, write_moe
+from upcycle.data import expand_paths, iter_documents
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output
+from upcycle.hf_model import layer_by_layer
 from upcycle.safetensors_io import CheckpointReader
+from upcycle.train_config import read_yaml_config
 from upcycle.upcycling import INDEX_MODES, ROUTER_INITS, btx_mean
 
 COMPOSE_ROUTERS = ("hidden", "embed", *ROUTER_INITS)
@@ -110,8 +113,6 @@ class ComposeSpec:
 
 def read_spec(path: str | os.PathLike) -> tuple[ComposeSpec, ConvertOptions]:
     """The spec and the convert options it implies, every field checked (types, choices, paths) before any work."""
-    from upcycle.train_config import read_yaml_config
-
     values = read_yaml_config(path)
     if not isinstance(values, dict):
         raise UpcycleError(f"{path} must hold a mapping (base, experts, router, ...); see docs/convert.md")
@@ -217,8 +218,6 @@ def _prompt_texts(prompts: list[str] | str | None, where: str) -> list[str]:
         return []
     if isinstance(prompts, list):
         return prompts
-    from upcycle.data import expand_paths, iter_documents
-
     if not Path(prompts).expanduser().exists():
         raise UpcycleError(f"{where}: {prompts} does not exist; give a list of prompts or a text/JSONL file")
     return [doc for file in expand_paths([prompts]) for doc in iter_documents(file)]
@@ -312,8 +311,6 @@ def _base_tensors(sources: _Sources, plan: Plan) -> Mapping[str, torch.Tensor]:
 
 def _router_rows(spec: ComposeSpec, opts: ConvertOptions, sources: _Sources, plan: Plan, prompts: Prompts,
                  moe_layers: tuple[int, ...]) -> dict[int, torch.Tensor] | None:
-    from upcycle.hf_model import layer_by_layer
-
     base = _base_tensors(sources, plan)
     if spec.router == "embed":
         embed = base[hf.EMBED_KEY].float()
@@ -332,8 +329,6 @@ def prompt_routing(tensors: Mapping[str, torch.Tensor], cfg: dict, prompts: Prom
                    ) -> list[dict]:
     """Per MoE layer, the share of each expert's positive-prompt tokens whose top-1 routed expert is one of its own
     (experts i * routed .. i * routed + routed - 1), measured on the MoE at `tensors` one layer at a time."""
-    from upcycle.hf_model import layer_by_layer
-
     return [{"layer": layer, "top1_share": top1_shares(logits, prompts.owner, len(prompts.texts), routed)}
             for layer, _, logits in layer_by_layer(tensors, cfg, prompts.sequences) if logits[0] is not None]
 

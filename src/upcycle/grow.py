@@ -46,6 +46,8 @@ from upcycle.convert import (
 )
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir, sha256_file
+from upcycle.hf_model import check_model_dir, is_our_checkpoint, load_model, state_dict_to_hf
+from upcycle.model import ModelConfig
 from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader, PlannedTensor, dtype_name, parse_size
 from upcycle.upcycling import INDEX_MODES, MATRICES, STATS_MODES, UpcycleOptions, upcycle_expert
 
@@ -123,8 +125,6 @@ class _Source:
 
 
 def _open_source(path: str | os.PathLike, opts: GrowOptions) -> _Source:
-    from upcycle.hf_model import check_model_dir, is_our_checkpoint, load_model, state_dict_to_hf
-
     directory = check_model_dir(path)
     if is_our_checkpoint(directory):
         model = load_model(directory)
@@ -164,8 +164,6 @@ class _Shape:
 
 
 def _read_shape(cfg: dict) -> _Shape:
-    from upcycle.model import ModelConfig
-
     fields = hf.read_model_fields(cfg)
     config = ModelConfig(**fields)
     shapes = dataclasses.replace(hf.read_shapes(cfg), ffn_dim=config.ffn_dim)

@@ -33,7 +33,7 @@ from upcycle import hf_formats as hf
 from upcycle.checkpoint import CheckpointTensors, model_config_of, model_config_record
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir, read_json
-from upcycle.model import ModelConfig, Transformer
+from upcycle.model import Block, ModelConfig, Transformer, rope_inv_freq, rope_tables
 from upcycle.safetensors_io import (
     DTYPE_NAMES,
     CheckpointReader,
@@ -230,8 +230,6 @@ def layer_by_layer(tensors: Mapping[str, Tensor], hf_cfg: dict, sequences: list[
     the token embeddings and one layer's weights, never the whole model. Yields, per layer in order: the FFN input of
     each sequence ([T, D], the post-attention norm's output: what a router sees) and its router logits ([T, E] fp32;
     None in a dense layer). For router rows and routing statistics of models of any size."""
-    from upcycle.model import Block, rope_inv_freq, rope_tables
-
     config = model_config_from_hf(tensors, hf_cfg)
     taker = _Taker(tensors)
     embed = taker.take(hf.EMBED_KEY, (config.vocab_size, config.dim)).read(full_box((config.vocab_size, config.dim)))
