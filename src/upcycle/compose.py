@@ -29,6 +29,7 @@ Run: `upcycle compose spec.yaml OUT`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -427,13 +428,9 @@ def compose_command(spec: str, output: str, force: bool = False, quiet: bool = F
         force: Replace an existing OUTPUT (only once the new one is complete).
         quiet: No progress bar.
     """
-    import json
-    import sys
-
     path = compose(spec, output, force=force, progress=not quiet)
     manifest = json.loads((path / "upcycle_manifest.json").read_text())
-    if format_note := hf.engine_note(json.loads((path / "config.json").read_text())):
-        print(format_note, file=sys.stderr)
+    hf.print_engine_note(path)
     if not quiet:
         for record in manifest.get("prompt_routing", []):
             shares = " ".join(f"{s:.2f}" for s in record["top1_share"])

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -1023,7 +1022,6 @@ def convert_command(
         quiet: No progress bar.
     """
     path = convert(source, output, force=force, progress=not quiet, **asdict(options))
-    if format_note := hf.engine_note(json.loads((path / "config.json").read_text())):
-        print(format_note, file=sys.stderr)
+    hf.print_engine_note(path)
     if not quiet:
         print(f"wrote {path}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -377,7 +376,6 @@ def grow_command(moe: str, output: str, options: GrowOptions = GrowOptions(), fo
         quiet: No progress bar.
     """
     path = grow(moe, output, force=force, progress=not quiet, **asdict(options))
-    if format_note := hf.engine_note(json.loads((path / "config.json").read_text())):
-        print(format_note, file=sys.stderr)
+    hf.print_engine_note(path)
     if not quiet:
         print(f"wrote {path}")

@@ -19,7 +19,10 @@ first, and `output_linear.weight` [E, D, F]); that is the only layout of that fo
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from upcycle.errors import UpcycleError
 
@@ -358,6 +361,13 @@ def engine_note(cfg: dict) -> str | None:
     return ("note: llama.cpp's qwen3moe graph always renormalizes the top-k weights, so there this qwen3_moe model "
             "(norm_topk_prob false) computes another function; for llama.cpp keep renormalization (leave out "
             "--no-renormalize; see docs/convert.md)")
+
+
+def print_engine_note(directory: Path) -> None:
+    """engine_note of the MoE just written at `directory` (from its config.json), on stderr, if there is one: what
+    convert, compose, grow and export say after writing."""
+    if note := engine_note(json.loads((Path(directory) / "config.json").read_text())):
+        print(note, file=sys.stderr)
 
 
 def build_moe_config(

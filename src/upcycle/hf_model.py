@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -585,6 +584,5 @@ def export_command(
     config, tensors = model_tensors(checkpoint)  # read one tensor at a time while writing
     path = export_hf(tensors, config, out, fmt=format, dtype=dtype, tokenizer=tokenizer, force=force, inputs=inputs,
                      max_shard_size=max_shard_size)
-    if format_note := hf.engine_note(json.loads((path / "config.json").read_text())):
-        print(format_note, file=sys.stderr)
+    hf.print_engine_note(path)
     print(f"wrote {path}")
