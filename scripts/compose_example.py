@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from upcycle.evaluate import evaluate
     from upcycle.hf_model import export_hf, load_model
-    from upcycle.train import load_config, run_training
+    from upcycle.train import run_training
+    from upcycle.train_config import load_config
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()

@@ -129,7 +129,8 @@ def test_trainer_eval_analyze_and_export_handle_granite(tmp_path):
     from upcycle.analyze import analyze
     from upcycle.evaluate import evaluate
     from upcycle.hf_model import export_command
-    from upcycle.train import config_from_dict, run_training
+    from upcycle.train import run_training
+    from upcycle.train_config import config_from_dict
 
     dense = save_dense(tmp_path / "dense", "llama")
     out = convert(dense, tmp_path / "moe", progress=False, method="drop", ratio=0.5, num_experts=6, top_k=3,

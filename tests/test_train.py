@@ -422,6 +422,7 @@ NO_BF16, BF16 = frozenset({"avx2"}), frozenset({"avx2", "avx512_bf16"})
     (NO_BF16, None, "bf16", "bf16", "warning: precision bf16 on a CPU without native bf16"),
     (BF16, 3.0, "fp32", "fp32", "warning: precision fp32 trains 3.0x slower than bf16"),
     (BF16, 0.5, "bf16", "bf16", "warning: precision bf16 trains 2.0x slower than fp32"),
+    (BF16, 1.0, "fp32", "fp32", None),  # explicit and not slower: nothing to say
 ])
 def test_precision_is_decided_once_logged_with_the_reason_and_recorded(tmp_path, data_dir, monkeypatch, capsys, flags,
                                                                        speedup, requested, resolved, warned):
@@ -444,8 +445,12 @@ def test_precision_is_decided_once_logged_with_the_reason_and_recorded(tmp_path,
     run_training(config_from_dict(values), tmp_path / "run")
     err = capsys.readouterr().err
     assert calls == ([] if speedup is None else [(32, 48)])  # the model's width, probed once
-    [line] = [line for line in err.splitlines() if line.startswith(f"upcycle train: precision {resolved} ")]
-    assert line.startswith(f"upcycle train: precision {resolved} ({requested}): ")
+    lines = [line for line in err.splitlines() if line.startswith(f"upcycle train: precision {resolved} ")]
+    if requested != "auto" and not warned:
+        assert lines == []  # as configured: the start-up log stays quiet
+    else:
+        [line] = lines
+        assert line.startswith(f"upcycle train: precision {resolved} ({requested}): ")
     if requested == "auto" and speedup is not None:
         assert f"auto picked {resolved}: " in line and "100 GFLOP/s in fp32 and " in line
     assert err.count("upcycle train: warning: precision") == (1 if warned else 0)

@@ -509,12 +509,14 @@ def resolve_loop(config: TrainConfig, world: World) -> TrainLoopConfig:
 def resolve_run_precision(loop: TrainLoopConfig, model_config: ModelConfig, world: World,
                           log: Callable[[str], None]) -> TrainLoopConfig:
     """loop with train.precision decided by rank 0 for this model's width (hardware.resolve_precision: `auto` probes a
-    CPU with native bf16) and used by every rank; what was chosen and why, and any warning, are logged once."""
+    CPU with native bf16) and used by every rank. Logged once: what `auto` chose and why; for an explicit choice, only
+    the probe's warning where there is one (with the measurement behind it), so a run as configured prints nothing."""
     choice = None
     if world.is_main:
         choice = resolve_precision(loop.precision, world.device, dim=model_config.dim, ffn_dim=model_config.expert_dim)
     choice = broadcast_object(choice, world)
-    log(f"precision {choice.precision} ({loop.precision}): {choice.reason}")
+    if loop.precision == "auto" or choice.warning:
+        log(f"precision {choice.precision} ({loop.precision}): {choice.reason}")
     if choice.warning:
         log(f"warning: {choice.warning}")
     return dataclasses.replace(loop, precision=choice.precision)
