@@ -891,6 +891,9 @@ def convert(
     inputs = [source, *opts.input_paths()]
     output = check_output(output, force=force, inputs=inputs)
     readers, shapes, fmt = _open_sources(source, opts)
+    # before the plan, which holds a record per copy: an absurd --num-experts is refused at once, not after
+    # building a billion of them
+    check_conversion_fits(readers, shapes, fmt, opts, output)
     return write_moe(readers, shapes, fmt, opts, opts.plan(len(readers)), output, force=force, inputs=inputs,
                      progress=progress, options=_manifest_options(opts, fmt))
 
