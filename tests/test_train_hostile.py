@@ -61,6 +61,17 @@ def test_a_run_refused_by_the_data_check_creates_nothing_and_the_corrected_rerun
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
 
+def test_a_model_too_large_to_allocate_is_one_line_naming_upcycle_plan(tmp_path, data_dir, capsys):
+    """Ten billion experts: the first allocation fails (2.6 TB for the routers alone), and the allocator's traceback
+    becomes one line that names how to size the run; OUT is left as it was (not created)."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(data_dir, train={"max_steps": 2}))
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "train", "--config", str(config), "--out", str(out), "--model.num_experts",
+                        "10000000000")
+    assert code == 2 and "ran out of memory building the model" in err and "upcycle plan" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and not out.exists()
+
+
 def test_raw_sources_with_a_larger_tokenizer_are_refused_before_tokenizing(tmp_path, capsys):
     values = tiny_config(tmp_path, train={"max_steps": 2})
     values["data"] = {"sources": {"english": [str(REPO / "data/sample/english.train.jsonl.gz")]},

@@ -571,6 +571,21 @@ def _lock_out(out: Path, world: World) -> IO | None:
     return handle
 
 
+@contextlib.contextmanager
+def _out_of_memory_named(world: World):
+    """A model (or its optimizer) that cannot be allocated on this rank becomes one line naming the way to size it,
+    instead of an allocator traceback."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+            raise
+        what = str(error).strip().splitlines()[0]
+        raise UpcycleError(f"rank {world.rank} ran out of memory building the model and optimizer ({what}); size the "
+                           "run with `upcycle plan --config CONFIG`, then use more ranks, train.expert_parallel or a "
+                           "smaller model") from None
+
+
 def setup(config: TrainConfig, out: Path, world: World) -> Run:
     """Check everything (output directory, model, data), lock OUT, then prepare raw data, build the model sharded on
     every rank, the optimizer and loaders, restore the newest resumable checkpoint and write OUT/config.yaml. A refusal
@@ -617,11 +632,12 @@ def _start(config: TrainConfig, config_dict: dict, out: Path, world: World) -> R
                                "in place?); resuming would continue on other text. Restore the data, or start a new "
                                "run with a new --out")
 
-    model, _ = build_model(model_config, loop, world, start.fill)
-    experts = expert_parallel.find(model)
-    if experts is not None:
-        log(experts.describe())
-    optimizer = build_optimizer(model, config.optim)
+    with _out_of_memory_named(world):
+        model, _ = build_model(model_config, loop, world, start.fill)
+        experts = expert_parallel.find(model)
+        if experts is not None:
+            log(experts.describe())
+        optimizer = build_optimizer(model, config.optim)
     loader = MixtureLoader(data_dir, seq_len=data_cfg.seq_len,
                            global_batch_size=loop.global_batch_tokens // data_cfg.seq_len, seed=data_cfg.seed,
                            weights=data_cfg.weights, rank=world.rank, world_size=world.world_size)
