@@ -588,3 +588,36 @@ def test_check_eval_and_analyze_read_a_sharded_training_checkpoint(dense, tmp_pa
         result = subprocess.run([sys.executable, "-m", "upcycle", *command], env=subprocess_env(),
                                 capture_output=True, text=True, timeout=180)
         assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True),  # what build_optimizer makes
+    lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=False),
+    lambda params: torch.optim.AdamW(params, lr=1e-3, amsgrad=True, fused=True),
+    lambda params: torch.optim.Adam(params, lr=1e-3),
+    lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9),  # not Adam: the zero step
+])
+def test_optimizer_state_is_created_as_the_first_step_creates_it_without_changing_a_parameter(make):
+    """init_optimizer_state builds Adam's state directly (no step over every parameter); what it builds must be what
+    torch's own first step builds (names, dtypes, devices, shapes), so that a checkpoint loads into it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4, bias=False))
+    model[1].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    direct = make(model.parameters())
+    ckpt.init_optimizer_state(direct)
+    stepped = make(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    for group in stepped.param_groups:
+        group["lr"] = 0.0
+    stepped.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert set(direct.state) == set(stepped.state) == {p for p in model.parameters() if p.requires_grad}
+    for p, state in stepped.state.items():
+        assert direct.state[p].keys() == state.keys()
+        for name, tensor in state.items():
+            made = direct.state[p][name]
+            assert (made.dtype, made.device, made.shape) == (tensor.dtype, tensor.device, tensor.shape), name
+            if name != "step":
+                assert not made.any()

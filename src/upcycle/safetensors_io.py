@@ -17,6 +17,7 @@ import os
 import re
 import struct
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,10 +266,17 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     computed from the bytes as they are written (no second read)."""
     items = [PlannedTensor(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
     digest = hashlib.sha256()
-    with open(path, "wb") as f:
+    # Each chunk is hashed in a second thread while this one writes it (both release the GIL), so the hash costs no
+    # time beside a write to disk; one chunk in flight keeps the hashing in order and holds no extra copies.
+    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as hasher:
+        hashed = None
         for chunk in (_header_bytes(items, metadata), *map(_tensor_bytes, tensors.values())):
+            if hashed is not None:
+                hashed.result()
+            hashed = hasher.submit(digest.update, chunk)
             f.write(chunk)
-            digest.update(chunk)
+        if hashed is not None:
+            hashed.result()
         f.flush()
         os.fsync(f.fileno())
     return digest.hexdigest()
