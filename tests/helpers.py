@@ -232,7 +232,9 @@ def torchrun_train(config: Path, out: Path, *extra: str, nproc: int = 2, timeout
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "upcycle", "train", "--config", str(config), "--out", str(out), *extra]
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # the ranks' own error lines first: torchrun's teardown traceback fills the tail of stderr
+    errors = [line for line in result.stderr.splitlines() if "Error" in line and "elastic" not in line]
+    assert result.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + result.stderr[-3000:]
     return result.stderr
 
 

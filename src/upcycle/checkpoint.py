@@ -480,9 +480,9 @@ class Checkpointer:
             with _quiet_single_process():
                 dcp.save(state, storage_writer=writer, process_group=self._group, no_dist=not self.world.distributed)
             sums = dict([writer.written]) if writer.written else {}  # a rank whose pieces were all deduplicated: none
-            done = pending.tmp / f"sha256_rank{self.world.rank}.json"
-            _write_json(done, sums)
-            fsync_path(done)
+            # atomically: rank 0 takes the file's existence as the sign that this rank is done (`_ready`), so it must
+            # never see it half-written (it did, as an empty file, under load)
+            _write_json_atomic(pending.tmp / f"sha256_rank{self.world.rank}.json", sums)
         except BaseException as exc:  # noqa: BLE001 (raised again in the main thread)
             pending.error = exc
 
