@@ -153,7 +153,7 @@ def part_correctness(device: torch.device, tiny: bool) -> dict:
     impls = [impl for impl in IMPLEMENTATIONS if impl != "reference"]
     modes = {"fp32": (torch.float32, False), "bf16_weights": (torch.bfloat16, False),
              "fp32_weights_bf16_autocast": (torch.float32, True)}
-    report: dict = {"shape": dict(T=T, D=D, F=F, E=E, K=K), "auto_resolves_to": resolve_impl("auto", device),
+    report: dict = {"shape": dict(T=T, D=D, F=F, E=E, K=K), "auto_resolves_to": resolve_impl("auto", device, torch.bfloat16),
                     "cases": {}, "failures": []}
     for mode, (dtype, autocast) in modes.items():
         moe = MoE(D, F, E, K).to(device=device, dtype=dtype)
@@ -255,7 +255,7 @@ def part_layer(device: torch.device, tiny: bool, dtype: torch.dtype, deadline: f
     dense = dense.to(dtype)
     x_TD = torch.randn(T, D, device=device, dtype=dtype)
     grad_TD = torch.randn(T, D, device=device, dtype=dtype)
-    auto = resolve_impl("auto", device)
+    auto = resolve_impl("auto", device, torch.bfloat16)
 
     def fwd_bwd(module: torch.nn.Module, call: Callable, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
         def step() -> None:
@@ -390,7 +390,7 @@ def part_train(device: torch.device, tiny: bool, args: argparse.Namespace, preci
         "config": dict(vocab=config.vocab_size, dim=config.dim, layers=config.num_layers, heads=config.num_heads,
                        ffn_dim=config.ffn_dim, experts=config.num_experts, top_k=config.top_k),
         "batch": batch, "seq": seq, "steps_timed": done, "precision": precision, "compiled_blocks": compile_blocks,
-        "moe_impl": resolve_impl("auto", device),
+        "moe_impl": resolve_impl("auto", device, torch.bfloat16),
         "params": model.num_params(), "active_params": model.num_active_params(),
         "flops_per_token": flops_per_token, "tokens_per_s": round(tokens_per_s, 1),
         "ms_per_step": round(seconds / done * 1e3, 2), "model_tflops": round(achieved, 2),

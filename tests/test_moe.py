@@ -131,9 +131,14 @@ def test_every_kernel_under_cpu_autocast_matches_the_reference_and_keeps_the_rou
                                    atol=2e-2, msg=impl)
 
 
-def test_auto_picks_grouped_mm_on_cuda_and_fused_on_cpu():
+def test_auto_picks_grouped_mm_only_where_it_is_one_kernel():
     assert resolve_impl("auto", torch.device("cpu")) == "fused"
-    assert resolve_impl("auto", "cuda") == "grouped_mm"  # resolving needs no GPU
+    # resolving needs no GPU: grouped_mm only where it is one kernel (bf16 on sm90/sm100), fused elsewhere
+    assert resolve_impl("auto", "cuda", torch.bfloat16, capability=(9, 0)) == "grouped_mm"
+    assert resolve_impl("auto", "cuda", torch.bfloat16, capability=(10, 0)) == "grouped_mm"
+    assert resolve_impl("auto", "cuda", torch.float32, capability=(9, 0)) == "fused"  # compile's meta refuses fp32
+    assert resolve_impl("auto", "cuda", torch.bfloat16, capability=(8, 0)) == "fused"  # A100: a per-expert loop
+    assert resolve_impl("auto", "cpu", torch.bfloat16) == "fused"
     assert resolve_impl("loop", "cuda") == "loop"
     with pytest.raises(UpcycleError, match="unknown MoE implementation"):
         resolve_impl("fast", "cpu")

@@ -13,8 +13,8 @@ gets the results back, both with `all_to_all_single` on variable split sizes:
     route -> sort by expert -> [all-to-all: counts] -> [all-to-all: rows] -> regroup by local expert
           -> local experts' FFN -> un-regroup -> [all-to-all: rows back] -> unsort -> weighted sum over the k slots
 
-The split sizes are read on the host (one synchronization per layer and direction; a collective with variable splits
-needs them). Both row all-to-alls are autograd functions whose backward is the reverse all-to-all.
+The split sizes are read on the host (one synchronization per layer, for both directions; a collective with variable
+splits needs them; activation checkpointing repeats it in the recompute). Both row all-to-alls are autograd functions whose backward is the reverse all-to-all.
 
 The MoE layer knows nothing of this: `shard_experts` applies it from outside, as FSDP is applied, by keeping each
 layer's local experts and swapping the layer's `expert_compute` for an `ExchangedExperts`; `find(model)` reads it back.
@@ -241,11 +241,13 @@ def _all_to_all_rows(x_SD: Tensor, recv_splits: list[int], send_splits: list[int
     return out_RD
 
 
-def regroup_order(recv_counts_NL: Tensor) -> Tensor:
+def regroup_order(recv_counts_NL: Tensor, rows: int | None = None) -> Tensor:
     """The permutation that takes received rows, in blocks (source rank n, local expert l), to blocks (l, n): each
-    local expert's rows contiguous, in source-rank order. Pure; counts_NL[n, l] rows came from n for expert l."""
+    local expert's rows contiguous, in source-rank order. Pure; counts_NL[n, l] rows came from n for expert l.
+    `rows`, the total of the counts when the caller knows it, spares a device-to-host read on a GPU."""
     N, L = recv_counts_NL.shape
-    expert_R = torch.arange(L, device=recv_counts_NL.device).repeat(N).repeat_interleave(recv_counts_NL.reshape(-1))
+    expert_R = torch.arange(L, device=recv_counts_NL.device).repeat(N).repeat_interleave(
+        recv_counts_NL.reshape(-1), output_size=rows)
     return torch.sort(expert_R, stable=True).indices
 
 
@@ -259,10 +261,11 @@ def exchange_and_compute(x_SD: Tensor, counts_E: Tensor, gate_up_LD2F: Tensor, d
     recv_counts_NL = torch.empty_like(send_counts_NL)
     with torch.profiler.record_function(ALL_TO_ALL_LABEL):
         dist.all_to_all_single(recv_counts_NL, send_counts_NL.contiguous(), group=shard.group)
-    send_splits = send_counts_NL.sum(1).tolist()
-    recv_splits = recv_counts_NL.sum(1).tolist()
+    # the split sizes, read on the host once for both directions (a collective with variable splits needs them)
+    splits = torch.stack([send_counts_NL.sum(1), recv_counts_NL.sum(1)]).tolist()
+    send_splits, recv_splits = splits
     x_RD = _AllToAll.apply(x_SD, recv_splits, send_splits, shard.group)
-    perm_R = regroup_order(recv_counts_NL)
+    perm_R = regroup_order(recv_counts_NL, rows=sum(recv_splits))
     inverse_R = inverse_permutation(perm_R)
     x_local_RD = PermuteRows.apply(x_RD, perm_R, inverse_R)
     y_local_RD = expert_ffn_sorted(x_local_RD, recv_counts_NL.sum(0), gate_up_LD2F, down_LFD, impl=impl)
@@ -298,7 +301,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, parallel: ExpertParallel) 
     different device meshes, so their norms are taken apart and combined."""
     others = [p.grad for p in parallel.others(model) if p.grad is not None]
     experts = [p.grad for p in parallel.params.values() if p.grad is not None]
-    device = experts[0].device if experts else torch.device("cpu")
+    # on the group's device even where this rank has no expert gradient: an NCCL group takes no CPU tensor
+    device = torch.device(parallel.shard.mesh.device_type)
     # the norm of this rank's experts (over their replica shards), summed in squares over the expert group: all E
     expert_sq = torch.tensor([_total_norm(experts) ** 2], dtype=torch.float64, device=device)
     dist.all_reduce(expert_sq, group=parallel.shard.group)

@@ -57,6 +57,27 @@ CACHE_MAX_ENTRIES = 64  # the newest are kept (one per CPU, torch version, threa
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def host_threads(ranks_on_host: int):
+    """torch's intra-op threads raised to this rank's share of the host's cores for a block of host-side work (filling
+    the pieces of an upcycled model), then restored. torchrun sets OMP_NUM_THREADS=1 per rank, which suits training on
+    GPUs but leaves the drop-upcycling draws of a large model on one core per rank."""
+    before = torch.get_num_threads()
+    share = max(1, usable_cores() // max(1, ranks_on_host))
+    torch.set_num_threads(max(before, share))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
     """(model name, flags) of the first CPU listed in /proc/cpuinfo's text (x86 "model name"/"flags", Arm
     "Model name"/"Features")."""
@@ -311,6 +332,33 @@ class PrecisionChoice:
     warning: str | None = None  # to print once: the configured precision is the slower one here
 
 
+# NVIDIA GPUs compute bf16 natively from compute capability 8.0 (Ampere: A100, A10, RTX 30xx) on; V100 (7.0) and T4
+# (7.5) emulate it, far slower than fp32 (with TF32 absent there too).
+CUDA_BF16_MIN_CAPABILITY = (8, 0)
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
+
+
+def cuda_precision(requested: str, capability: tuple[int, int] | None) -> PrecisionChoice:
+    """train.precision on a GPU of this compute capability: `auto` is bf16 where the GPU has bf16 arithmetic (8.0 and
+    newer), else fp32; an explicit bf16 on an older GPU is kept with a warning."""
+    if capability is None:  # planning for a GPU from a machine without one
+        return PrecisionChoice("bf16", "auto on CUDA: bf16, assuming a GPU with native bf16 (compute capability 8.0 "
+                                       "or newer; older GPUs train in fp32)") if requested == "auto" \
+            else PrecisionChoice(requested, "as configured")
+    native = tuple(capability) >= CUDA_BF16_MIN_CAPABILITY
+    name = f"compute capability {capability[0]}.{capability[1]}"
+    if requested == "auto":
+        return PrecisionChoice("bf16", f"auto on CUDA ({name}): bf16, not probed") if native else PrecisionChoice(
+            "fp32", f"auto on CUDA ({name}): fp32, as bf16 is native only from compute capability 8.0 (Ampere) on")
+    warning = None if native or requested == "fp32" else (
+        f"precision bf16 on a GPU of {name}: bf16 is emulated there (native from 8.0, Ampere, on) and slower than "
+        "fp32; use precision fp32 or auto")
+    return PrecisionChoice(requested, "as configured", warning)
+
+
 def resolve_precision(requested: str, device: torch.device, *, dim: int, ffn_dim: int,
                       flags: frozenset[str] | None = None,
                       measure: Callable[[int, int, int], dict[str, float]] | None = None) -> PrecisionChoice:
@@ -322,6 +370,8 @@ def resolve_precision(requested: str, device: torch.device, *, dim: int, ffn_dim
     where it is the slower one by more than EXPLICIT_SLOWDOWN_WARNING, or (bf16) where the CPU emulates it."""
     if requested not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, not {requested!r}")
+    if device.type == "cuda":
+        return cuda_precision(requested, _cuda_capability(device))
     if device.type != "cpu":
         return PrecisionChoice("bf16", f"auto on {device.type}: bf16, not probed") if requested == "auto" \
             else PrecisionChoice(requested, "as configured")

@@ -23,13 +23,20 @@ def cross_entropy(*, logits_BTV: Tensor, labels_BT: Tensor, ignore_index: int = 
     return F.cross_entropy(logits_NV, labels_BT.reshape(-1), ignore_index=ignore_index)
 
 
+def count_ids(ids: Tensor, num_experts: int) -> Tensor:
+    """(E,) int64: how often each expert id occurs in `ids`. A scatter-add into E counters: unlike torch.bincount,
+    which on CUDA reads the largest id back to the host to size its output, it never synchronizes."""
+    flat = ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def _assignment_fractions_and_probs(logits_NE: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     """f_E: top-k assignments per expert divided by the number of rows (sums to top_k); P_E: mean probability."""
     num_experts = logits_NE.shape[-1]
     probs_NE = torch.softmax(logits_NE.float(), dim=-1)
     ids_NK = torch.topk(probs_NE, top_k, dim=-1).indices
     # f is a count, so it carries no gradient: the gradient flows through P only, as in the Switch Transformer.
-    counts_E = torch.bincount(ids_NK.reshape(-1), minlength=num_experts).to(probs_NE.dtype)
+    counts_E = count_ids(ids_NK, num_experts).to(probs_NE.dtype)
     return counts_E / logits_NE.shape[0], probs_NE.mean(dim=0)
 
 
@@ -41,7 +48,7 @@ def assignment_counts(*, router_logits: list[Tensor], top_k: int) -> Tensor:
         # top-k of the probabilities, as `_assignment_fractions_and_probs` takes it (logits that underflow to equal
         # probabilities would otherwise rank differently)
         ids_TK = torch.topk(torch.softmax(logits_TE.detach().float(), dim=-1), top_k, dim=-1).indices
-        rows.append(torch.bincount(ids_TK.reshape(-1), minlength=logits_TE.shape[-1]))
+        rows.append(count_ids(ids_TK, logits_TE.shape[-1]))
     return torch.stack(rows).to(torch.float64)
 
 

@@ -17,14 +17,15 @@ hf_model.py converts between the two layouts.
 Expert kernels (`impl`): "fused" is a pair of custom ops (`torch.library`, so torch.compile keeps the graph whole)
 doing per-expert mm into preallocated buffers with a hand-written backward; "grouped_mm" (one grouped GEMM per matmul,
 no host synchronization) and "loop" go through autograd; "reference" is the obvious per-expert loop the tests compare
-all of them to. "auto" is "grouped_mm" on CUDA and "fused" on CPU (`resolve_impl`). Measurements are in
-docs/performance.md.
+all of them to. "auto" is "grouped_mm" in bf16 on Hopper and Blackwell GPUs, where it is one grouped GEMM, and "fused"
+everywhere else (`resolve_impl`). Measurements are in docs/performance.md.
 
 Run the layer benchmark with `python benchmarks/moe_layer.py --quick`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Protocol
 
 import torch
@@ -101,15 +102,46 @@ def grouped_matmul(x_SI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
     return torch.cat([x_SI[a:b] @ w_EIO[e] for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))], dim=0)
 
 
-def resolve_impl(impl: str, device: torch.device | str = "cpu") -> str:
-    """The expert kernel that `impl` means on `device`. "auto": "grouped_mm" on CUDA (one grouped GEMM per matmul,
-    no per-expert Python loop, no host synchronization), "fused" elsewhere (measured fastest on CPU, where torch's
-    grouped_mm is itself a loop of mm)."""
+# Compute capabilities (major) whose grouped_mm is one grouped GEMM kernel: torch's CUDA grouped GEMM runs on sm90
+# (Hopper: H100, H200) and sm100 (B200, GB200) in bf16; elsewhere, and in fp32 everywhere, it falls back to a host read
+# of the group sizes and one mm per expert, which is what "fused" does anyway, with its hand-written backward.
+GROUPED_MM_MAJORS = (9, 10)
+
+
+def grouped_mm_is_one_kernel(device_type: str, capability: tuple[int, int] | None, dtype: torch.dtype) -> bool:
+    """Whether grouped_mm runs as one grouped GEMM without host synchronization here (see GROUPED_MM_MAJORS)."""
+    return (device_type == "cuda" and capability is not None and capability[0] in GROUPED_MM_MAJORS
+            and dtype == torch.bfloat16 and grouped_mm_available())
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(index) if torch.cuda.is_available() else None
+
+
+def resolve_impl(impl: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 capability: tuple[int, int] | None = None) -> str:
+    """The expert kernel that `impl` means on `device` for operands of `dtype` (the compute dtype: autocast's where it
+    is on). "auto": "grouped_mm" where it is one grouped GEMM with no host synchronization (bf16 on Hopper or
+    Blackwell; `grouped_mm_is_one_kernel`), else "fused" (measured fastest on CPU; on other GPUs, and in fp32, torch's
+    grouped_mm would itself loop over the experts, and under torch.compile its fp32 meta function refuses to trace).
+    `capability` defaults to the device's own (none without a GPU)."""
     if impl not in IMPLEMENTATIONS:
         raise UpcycleError(f"unknown MoE implementation {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
     if impl != "auto":
         return impl
-    return "grouped_mm" if torch.device(device).type == "cuda" and grouped_mm_available() else "fused"
+    device = torch.device(device)
+    if device.type == "cuda" and capability is None:
+        capability = _capability(device.index)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    return "grouped_mm" if grouped_mm_is_one_kernel(device.type, capability, dtype) else "fused"
+
+
+def compute_dtype(device: torch.device, weight: Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: autocast's where it is on for `device`, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weight.dtype
 
 
 def _segments(counts: list[int]) -> list[tuple[int, tuple[int, int]]]:
@@ -356,7 +388,7 @@ def experts_grouped(
 
     Returns (out_TD, counts_E) with counts_E the (token, slot) pairs per expert.
     """
-    impl = resolve_impl(impl, x_TD.device)
+    impl = resolve_impl(impl, x_TD.device, compute_dtype(x_TD.device, gate_up_ED2F))
     if impl == "reference":
         raise UpcycleError("experts_grouped runs the fast kernels; call experts_reference for the reference loop")
     T, K = ids_TK.shape
@@ -419,7 +451,7 @@ class MoE(nn.Module):
             # own (fp32), whose hooks gather the weight when the module is called
             logits_TE = self.router(x32_TD) if weight.dtype == torch.float32 else F.linear(x32_TD, weight.float())
         weights_TK, ids_TK = route(logits_TE, top_k=self.top_k, renormalize=self.renormalize)
-        impl = resolve_impl(self.impl, x_TD.device)
+        impl = resolve_impl(self.impl, x_TD.device, compute_dtype(x_TD.device, self.gate_up_ED2F))
         local = self.expert_compute is expert_ffn_sorted
         if impl == "reference" and local:
             out_TD = experts_reference(x_TD, weights_TK, ids_TK, self.gate_up_ED2F, self.down_EFD)
