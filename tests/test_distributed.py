@@ -42,10 +42,18 @@ def test_fsdp_two_ranks_match_one_process(runs):
     assert (runs["fsdp"] / "checkpoints" / "step_00000008" / "rng_rank1.json").is_file()
 
 
-def test_ddp_two_ranks_match_one_process(runs):
+def test_ddp_two_ranks_match_one_process_and_write_portable_checkpoints(runs, tmp_path):
     out = runs["root"] / "ddp"
     torchrun_train(runs["config"], out, "--train.parallel", "ddp")
     assert_close_runs(out, runs["single"], range(1, STEPS + 1))
+    # DDP's wrapper prefixes every parameter with "module."; checkpoints carry the bare names, so a DDP checkpoint
+    # resumes on one process (and exports, evaluates, resumes under FSDP) like any other
+    step_8 = out / "checkpoints" / "step_00000008"
+    assert set(ckpt.CheckpointTensors(step_8)) == set(ckpt.CheckpointTensors(runs["single"] / "checkpoints" /
+                                                                           "step_00000008"))
+    resumed = _rewind_to_step_4(out, tmp_path / "ddp-resume")
+    run_training(load_config(runs["config"]), resumed)
+    assert_close_runs(resumed, runs["single"], range(5, STEPS + 1))
 
 
 def _rewind_to_step_4(source: Path, target: Path) -> Path:

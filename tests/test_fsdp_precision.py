@@ -66,6 +66,9 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         model = fresh_model()
         seen = []  # the dtype the first block's q projection computes with
         model.layers[0].attn.q.register_forward_pre_hook(lambda module, args: seen.append(str(module.weight.dtype)))
+        routers = []  # the dtype of the first MoE layer's router weight as its layer computes
+        model.layers[0].ffn.register_forward_pre_hook(lambda module, args: routers.append(
+            str(module.router.weight.dtype)))
         for index, block in enumerate(model.layers):  # as the trainer does: checkpoint, then compile, then shard
             if checkpointing:
                 model.layers[index] = block = checkpoint_wrapper(block, preserve_rng_state=False)
@@ -79,7 +82,8 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
 
         losses = train(model, slice(rank * per_rank, (rank + 1) * per_rank), mean_over_ranks)
         master = sorted({str(p.dtype) for p in model.parameters()})
-        results[name] = {"losses": losses, "compute_dtypes": sorted(set(seen)), "master_dtypes": master}
+        results[name] = {"losses": losses, "compute_dtypes": sorted(set(seen)), "master_dtypes": master,
+                         "router_dtypes": sorted(set(routers))}
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     shutdown(world)
@@ -101,6 +105,8 @@ def test_bf16_mixed_precision_with_checkpointing_and_compile_matches_one_fp32_pr
     for name, result in results.items():
         assert result["compute_dtypes"] == ["torch.bfloat16"], name  # the policy casts parameters for compute ...
         assert result["master_dtypes"] == ["torch.float32"], name  # ... and keeps fp32 master weights
+        # routers are FSDP units of their own in fp32: routing on N ranks chooses as one process does
+        assert result["router_dtypes"] == ["torch.float32"], name
         # bf16 compute moves the loss by ~1e-3 relative; training must follow the fp32 run step for step
         assert result["losses"] == pytest.approx(reference, rel=2e-2), name
     assert reference[-1] < reference[0] - 0.1  # the steps did train

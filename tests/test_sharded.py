@@ -277,6 +277,21 @@ def test_four_ranks_train_like_one_process_and_their_checkpoint_resumes_on_two_a
 
 
 @pytest.mark.slow
+def test_hsdp_over_two_groups_of_two_trains_like_one_process_and_resumes_on_one(runs, tmp_path):
+    out = tmp_path / "hsdp"
+    torchrun_train(runs["config"], out, "--train.data_parallel_replicate", "2", nproc=4)
+    assert_same_training(out, runs["single"], range(1, STEPS + 1))
+    final = out / "checkpoints" / ckpt.step_dir_name(STEPS)
+    # each weight is stored once: the two replicas' identical shards are written by one of them
+    sizes = sum(f.stat().st_size for f in (final / ckpt.STATE_DIR).glob("*.safetensors"))
+    single = runs["four"] / "checkpoints" / ckpt.step_dir_name(STEPS) / ckpt.STATE_DIR
+    assert sizes == pytest.approx(sum(f.stat().st_size for f in single.glob("*.safetensors")), rel=0.05)
+    resumed = _rewind(out, tmp_path / "hsdp-to-one")
+    train_one_process(runs["config"], resumed)
+    assert_same_training(resumed, runs["single"], range(4, STEPS + 1))
+
+
+@pytest.mark.slow
 def test_each_of_four_ranks_writes_a_quarter_of_the_state_and_no_rank_gathers(runs):
     final = runs["four"] / "checkpoints" / ckpt.step_dir_name(STEPS)
     files = sorted((final / ckpt.STATE_DIR).glob("*.safetensors"))

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
+import datetime
 import json
 import os
 import random
@@ -68,9 +68,9 @@ from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from upcycle import expert_parallel
-from upcycle.distributed import World, barrier
+from upcycle.distributed import World, all_gather_object, barrier, unwrap
 from upcycle.errors import UpcycleError
-from upcycle.files import fsync_path
+from upcycle.files import fsync_path, sha256_file, wait_for_file
 from upcycle.safetensors_io import CheckpointReader, TensorInfo, read_header, save_tensors, tensor_infos
 from upcycle.shards import Piece, Rows, Source, fill_from_sources, global_views, piece_of
 
@@ -88,7 +88,6 @@ ONE_FILE_WEIGHTS = "model.safetensors"
 ONE_FILE_OPTIMIZER = "optimizer.safetensors"
 MODEL_PREFIX, OPTIM_PREFIX = "model/", "optim/"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
-_RANK_CHECKSUMS = re.compile(r"^sha256_rank(\d+)\.json$")
 
 
 def model_config_record(model_config: dict, **extra) -> dict:
@@ -208,12 +207,13 @@ def verify_checksums(path: str | os.PathLike, world: World) -> None:
         return  # the one-file format recorded none
     expected = json.loads((path / CHECKSUMS).read_text())
     names = sorted(expected)
-    bad = [name for name in names[world.rank::world.world_size] if _sha256(path / STATE_DIR / name) != expected[name]]
-    flags = torch.zeros(len(names), dtype=torch.float64)
+    bad = [name for name in names[world.rank::world.world_size]
+           if sha256_file(path / STATE_DIR / name) != expected[name]]
+    flags = torch.zeros(len(names), dtype=torch.float64)  # on the CPU, reduced over the host group (gloo)
     for name in bad:
         flags[names.index(name)] = 1.0
     if world.distributed:
-        dist.all_reduce(flags)
+        dist.all_reduce(flags, group=world.host_group)
     if flags.any():
         name = names[int(flags.nonzero()[0])]
         raise UpcycleError(f"{path / STATE_DIR / name} does not match its sha256 in {CHECKSUMS}: the checkpoint was "
@@ -243,14 +243,6 @@ def resumable_checkpoint(root: str | os.PathLike, world: World, log=print) -> Pa
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # RNG states
 
@@ -273,8 +265,9 @@ def capture_rng_state() -> dict[str, Any]:
                   "cached_gaussian": float(np_gauss)},
         "torch_cpu": _b64(torch.get_rng_state().numpy().tobytes()),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = [_b64(s.numpy().tobytes()) for s in torch.cuda.get_rng_state_all()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this rank's GPU only: every other visible GPU belongs to another rank (or to nobody)
+        state["cuda_device"] = _b64(torch.cuda.get_rng_state().numpy().tobytes())
     return state
 
 
@@ -285,7 +278,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((npy["kind"], np.array(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached_gaussian"]))
     torch.set_rng_state(torch.frombuffer(bytearray(_unb64(state["torch_cpu"])), dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda_device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(_unb64(state["cuda_device"])), dtype=torch.uint8))
+    elif "cuda" in state and torch.cuda.is_available():  # written by upcycle <= 0.1: every visible GPU's state
         cuda_states = [torch.frombuffer(bytearray(_unb64(s)), dtype=torch.uint8) for s in state["cuda"]]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
@@ -296,7 +291,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): expert_parallel.clean_name(name) for name, p in model.named_parameters()}
+    """Parameter id -> checkpoint name (no wrapper prefixes: activation checkpointing, torch.compile, DDP)."""
+    return {id(p): expert_parallel.clean_name(name) for name, p in unwrap(model).named_parameters()}
 
 
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -376,14 +372,26 @@ def _restore_hyperparameters(optimizer: torch.optim.Optimizer, meta: dict) -> No
                 group[key] = tuple(value) if key == "betas" else value
 
 
-def _staged_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of a state tensor (a DTensor stays a DTensor of the same placement), for a background write while the
-    live tensor keeps training."""
+def _staged_copy(tensor: torch.Tensor, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """A CPU copy of a state tensor, for a background write while the live tensor keeps training: into `buffer` when
+    given (a reused, pinned host buffer: the copy from a GPU is then asynchronous; the caller synchronizes), else into
+    a new CPU tensor. A DTensor stays a DTensor of the same mesh and placements whose local values are on the CPU, as
+    torch.distributed.checkpoint's own staging keeps them (DTensor.from_local would move them back to the mesh's
+    device: a second GPU copy of the whole state)."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    if buffer is None:
+        copy = local.detach().to("cpu", copy=True)
+    else:
+        copy = buffer.copy_(local.detach(), non_blocking=True)
     if isinstance(tensor, DTensor):
-        local = tensor.to_local().detach().to("cpu", copy=True)
-        return DTensor.from_local(local, tensor.device_mesh, tensor.placements, shape=tensor.shape,
-                                  stride=tensor.stride())
-    return tensor.detach().to("cpu", copy=True)
+        return DTensor(copy, tensor._spec, requires_grad=False)
+    return copy
+
+
+def _staging_buffer(tensor: torch.Tensor) -> torch.Tensor:
+    """A page-locked host buffer shaped like `tensor`'s local values, for asynchronous copies from the GPU."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return torch.empty(local.shape, dtype=local.dtype, pin_memory=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -409,14 +417,27 @@ class _Pending:
     final: Path
     files: dict[str, Any]  # file name -> JSON data (or text for the YAML) rank 0 writes at publish
     thread: threading.Thread | None = None
-    error: BaseException | None = None
+    error: BaseException | None = None  # this rank's failure, or another rank's as an UpcycleError naming it
+    sums: dict[str, str] | None = None  # every rank's state file -> sha256, once all ranks have written theirs
     health: tuple[str, str | None] | None = None  # set by mark_health before it is published
     published: bool = False
+
+    @property
+    def done(self) -> bool:
+        """Every rank has written its part (or some rank failed): nothing more will happen in the background."""
+        return (self.sums is not None or self.error is not None) and (self.thread is None or
+                                                                       not self.thread.is_alive())
 
 
 @dataclass
 class Checkpointer:
-    """Writes the checkpoints of one run under `root`, keeping the newest `keep` (and the last good one)."""
+    """Writes the checkpoints of one run under `root`, keeping the newest `keep` (and the last good one).
+
+    Every collective of a save runs on a gloo group (the world's host group, or with `asynchronous` a group of the
+    background writer's own), on CPU tensors and Python objects, with the host group's long timeout: a large save is
+    not a lost rank. After each rank has written its state file, one all-gather tells every rank every file's sha256
+    and every rank's failure: rank 0 publishes from it (no polling for files that a network file system's cache may
+    hide), and a failure on any rank fails the save on all of them together (`failed`, then `finish` raises)."""
 
     root: Path
     world: World
@@ -424,12 +445,17 @@ class Checkpointer:
     asynchronous: bool = False
     _pending: _Pending | None = None
     _group: Any = field(default=None, repr=False)
+    _buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # pinned staging buffers (CUDA)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
+        self._group = self.world.host_group
         if self.asynchronous and self.world.distributed:
-            # the background writer's collectives run on a group of their own, never interleaved with training's
-            self._group = dist.new_group(backend="gloo")
+            # the background writer's collectives run on a group of their own, never interleaved with the main
+            # thread's host collectives; it shares the host group's timeout
+            timeout = self.world.host_timeout_s
+            self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout) if timeout
+                                         else None)
 
     def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, model_config: dict,
              trainer_state: dict, train_config: dict) -> Path:
@@ -460,7 +486,7 @@ class Checkpointer:
             raise _naming(exc, tmp) from None
         pending = self._pending = _Pending(tmp, final, files)
         if self.asynchronous:
-            staged = {key: _staged_copy(value) for key, value in state.items()}
+            staged = self._stage(state)
             pending.thread = threading.Thread(target=self._write_state, args=(pending, staged), daemon=True,
                                               name=f"upcycle-checkpoint-{step}")
             pending.thread.start()
@@ -469,22 +495,60 @@ class Checkpointer:
             self.finish()
         return final
 
+    def _stage(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A CPU copy of the state for the background writer. From a GPU: into page-locked buffers kept for the next
+        save (allocating pinned memory is slow; `upcycle plan` counts them as held for the rest of the run), copied
+        asynchronously, then one synchronization. On a CPU: plain copies, freed once written."""
+        on_gpu = any((v.to_local() if isinstance(v, DTensor) else v).device.type == "cuda" for v in state.values())
+        if not on_gpu:
+            return {key: _staged_copy(value) for key, value in state.items()}
+        staged = {}
+        for key, value in state.items():
+            local = value.to_local() if isinstance(value, DTensor) else value
+            buffer = self._buffers.get(key)
+            if buffer is None or buffer.shape != local.shape or buffer.dtype != local.dtype:
+                buffer = self._buffers[key] = _staging_buffer(value)
+            staged[key] = _staged_copy(value, buffer)
+        torch.cuda.synchronize()  # the copies are complete before training changes the live tensors
+        return staged
+
     def _write_state(self, pending: _Pending, state: dict[str, torch.Tensor]) -> None:
-        """This rank's state file, then its sha256 in sha256_rank{R}.json (the sign, for rank 0, that it is done).
-        A failure is kept in `pending.error` and raised in the main thread (`poll`, `finish`)."""
+        """This rank's state file, then one all-gather of every rank's (file, sha256) or failure. Sets pending.sums,
+        or pending.error where any rank failed; never raises (the main thread raises: `finish`)."""
         import torch.distributed.checkpoint as dcp
 
+        sums: dict[str, str] = {}
+        error: BaseException | None = None
         try:
             directory = pending.tmp / STATE_DIR
             writer = _StreamingWriter(str(directory), save_distributed=True)
             with _quiet_single_process():
                 dcp.save(state, storage_writer=writer, process_group=self._group, no_dist=not self.world.distributed)
             sums = dict([writer.written]) if writer.written else {}  # a rank whose pieces were all deduplicated: none
-            # atomically: rank 0 takes the file's existence as the sign that this rank is done (`_ready`), so it must
-            # never see it half-written (it did, as an empty file, under load)
-            _write_json_atomic(pending.tmp / f"sha256_rank{self.world.rank}.json", sums)
         except BaseException as exc:  # noqa: BLE001 (raised again in the main thread)
-            pending.error = exc
+            error = exc
+        report = (sums, None if error is None else _describe(error))
+        try:
+            reports = self._all_gather(report)
+        except BaseException as exc:  # noqa: BLE001 (a lost rank: the collective timed out)
+            pending.error = error or exc
+            return
+        failures = [(rank, text) for rank, (_, text) in enumerate(reports) if text is not None]
+        if error is not None:
+            pending.error = error
+        elif failures:
+            rank, text = failures[0]
+            pending.error = UpcycleError(f"checkpoint {pending.final.name}: rank {rank} failed to write its state "
+                                         f"({text}); it was not published")
+        else:
+            pending.sums = {name: digest for rank_sums, _ in reports for name, digest in rank_sums.items()}
+
+    def _all_gather(self, value) -> list:
+        if not self.world.distributed:
+            return [value]
+        gathered = [None] * self.world.world_size
+        dist.all_gather_object(gathered, value, group=self._group)
+        return gathered
 
     def mark_health(self, path: Path, value: str, reason: str | None = None) -> None:
         """As the module-level mark_health, for a checkpoint that may still be in flight (rank 0)."""
@@ -494,37 +558,29 @@ class Checkpointer:
         else:
             mark_health(path, value, reason)
 
-    def _ready(self, pending: _Pending) -> bool:
-        """Whether every rank's state file and checksum are on disk (rank 0 publishes then)."""
-        if pending.thread is not None and pending.thread.is_alive():
-            return False
-        return len(list(pending.tmp.glob("sha256_rank*.json"))) == self.world.world_size
+    def failed(self) -> bool:
+        """Whether the checkpoint in flight failed on some rank (every rank learns it from the same all-gather, so
+        the trainer reduces this flag with its step and all ranks call `finish`, which raises, at the same step)."""
+        pending = self._pending
+        return pending is not None and pending.done and pending.error is not None
 
     def poll(self) -> None:
-        """Between steps: raise a failed background write; on rank 0, publish the checkpoint in flight once every rank
-        has written its part."""
+        """Between steps, on rank 0: publish the checkpoint in flight once every rank has written its part. A failure
+        is raised by `finish` (on every rank at once), not here."""
         pending = self._pending
-        if pending is None:
-            return
-        self._raise_failed(pending)
-        if self.world.is_main and not pending.published and self._ready(pending):
+        if pending is not None and self.world.is_main and not pending.published and pending.done \
+                and pending.error is None:
             self._publish(pending)
 
-    def finish(self, timeout_s: float = 3600.0) -> None:
-        """Wait for the checkpoint in flight and publish it. Every rank calls this (it ends with a barrier), at the
-        start of every save and when training ends."""
+    def finish(self) -> None:
+        """Wait for the checkpoint in flight and publish it; raise its failure on every rank. Every rank calls this
+        (it ends with a barrier), at the start of every save and when training ends."""
         pending = self._pending
         if pending is not None:
             if pending.thread is not None:
                 pending.thread.join()
             self._raise_failed(pending)
             if self.world.is_main and not pending.published:
-                deadline = time.monotonic() + timeout_s
-                while not self._ready(pending):
-                    if time.monotonic() > deadline:
-                        raise UpcycleError(f"checkpoint {pending.final.name}: not every rank finished writing its "
-                                           f"state within {timeout_s:.0f} s; it was not published")
-                    time.sleep(0.05)
                 self._publish(pending)
             self._pending = None
         barrier(self.world)
@@ -542,15 +598,13 @@ class Checkpointer:
     def _publish(self, pending: _Pending) -> None:
         """Rank 0: the small files, the merged checksums, fsync, rename into place, prune old checkpoints."""
         tmp = pending.tmp
+        sums = dict(pending.sums or {})
         try:
-            sums: dict[str, str] = {}
-            for rank_file in sorted(tmp.glob("sha256_rank*.json")):
-                sums.update(json.loads(rank_file.read_text()))
-                rank_file.unlink()
-            written = {file.name for file in _state_files(tmp)}
-            if written != set(sums):
-                raise UpcycleError(f"checkpoint {pending.final.name}: {STATE_DIR}/ holds {sorted(written)} but the "
-                                   f"ranks reported {sorted(sums)}; it was not published")
+            missing = [name for name in sorted(sums) if not wait_for_file(tmp / STATE_DIR / name)]
+            if missing:
+                raise UpcycleError(f"checkpoint {pending.final.name}: the ranks reported {missing} written, but "
+                                   f"{tmp / STATE_DIR} does not show them; it was not published (do all ranks see "
+                                   "the same file system?)")
             files = dict(pending.files)
             if pending.health is not None:
                 value, reason = pending.health
@@ -580,6 +634,13 @@ class Checkpointer:
         for _, old in list_checkpoints(self.root)[:-self.keep] if self.keep > 0 else []:
             if old != protected:
                 shutil.rmtree(old)
+
+
+def _describe(error: BaseException) -> str:
+    """One line for another rank's message: the exception's type and first line."""
+    error = _unwrapped(error)
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def _unwrapped(error: BaseException) -> BaseException:

@@ -33,6 +33,22 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def wait_for_file(path: Path, timeout_s: float = 120.0, interval_s: float = 0.5) -> bool:
+    """Whether file `path` exists, waiting up to `timeout_s` for one that another node wrote to show through a network
+    file system's attribute cache (listing the directory makes an NFS client revalidate it)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if path.is_file():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        with contextlib.suppress(OSError):
+            os.listdir(path.parent)
+        time.sleep(interval_s)
+
+
 def _resolved(path: Path) -> Iterator[Path]:
     try:
         yield path.resolve()

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from upcycle import expert_parallel
-from upcycle.distributed import reshard
+from upcycle.distributed import reshard, unwrap
 from upcycle.model import fill_initial
 
 Box = tuple[slice, ...]
@@ -64,7 +64,9 @@ def piece_of(tensor: Tensor) -> Piece:
 def global_views(model: nn.Module) -> dict[str, Tensor]:
     """Every parameter by its checkpoint name, as a tensor whose shape is the full tensor's: the parameter itself (plain,
     or FSDP's DTensor), or for an expert weight under expert parallelism a DTensor over the expert mesh that places
-    this rank's experts among all E (expert_parallel.ExpertParallel.global_view). What checkpoints save and load."""
+    this rank's experts among all E (expert_parallel.ExpertParallel.global_view). What checkpoints save and load. A DDP
+    wrapper is looked through, so its names carry no "module." prefix."""
+    model = unwrap(model)
     reshard(model)
     experts = expert_parallel.find(model)
     expert_params = experts.params if experts is not None else {}

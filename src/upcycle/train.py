@@ -53,9 +53,10 @@ from upcycle.distributed import (
     shutdown,
 )
 from upcycle.errors import UpcycleError
+from upcycle.files import wait_for_file
 from upcycle.evaluate import score_domains
 from upcycle.expert_parallel import check_degree, shard_experts
-from upcycle.hardware import resolve_precision
+from upcycle.hardware import host_threads, resolve_precision
 from upcycle.metrics import MetricsLog
 from upcycle.model import ModelConfig, Transformer
 from upcycle.safetensors_io import CheckpointReader
@@ -163,11 +164,13 @@ def build_model(model_config: ModelConfig, loop: TrainLoopConfig, world: World,
     if loop.expert_parallel > 1:
         shard_experts(model, loop.expert_parallel, world)
     if loop.parallel == "fsdp":
-        model = parallelize(model, bare.layers, mode="fsdp", world=world, precision=loop.precision)
+        model = parallelize(model, bare.layers, mode="fsdp", world=world, precision=loop.precision,
+                            replicate=loop.data_parallel_replicate)
     model.to_empty(device=world.device)
     bare.init_rope()
     if fill is not None:
-        fill(bare)
+        with host_threads(world.local_world_size if world.distributed else 1):
+            fill(bare)
     if loop.parallel == "ddp":
         model = parallelize(model, bare.layers, mode="ddp", world=world, precision=loop.precision)
     return model, bare
@@ -317,11 +320,10 @@ def next_data_sha256(previous: str, batch_BT: torch.Tensor, world: World) -> str
 
     digests_B32 = torch.tensor([list(hashlib.sha256(row.tobytes()).digest()) for row in batch_BT.numpy()],
                                dtype=torch.uint8).reshape(-1, 32)
-    if world.distributed:
-        local = digests_B32.to(world.device)
-        parts = [torch.empty_like(local) for _ in range(world.world_size)]
-        dist.all_gather(parts, local)
-        digests_B32 = torch.cat(parts).cpu()
+    if world.distributed:  # on the CPU, over the host group: no device copy, no device synchronization
+        parts = [torch.empty_like(digests_B32) for _ in range(world.world_size)]
+        dist.all_gather(parts, digests_B32, group=world.host_group)
+        digests_B32 = torch.cat(parts)
     return hashlib.sha256(previous.encode() + digests_B32.numpy().tobytes()).hexdigest()
 
 
@@ -395,11 +397,16 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
     run.data_sha256 = next_data_sha256(run.data_sha256, batch_BT, world)
     mc = run.model_config
     num_moe = len(mc.moe_layer_ids)
-    sums, counts_LE = forward_backward(run.model, batch_BT.to(world.device), loop=config.train, top_k=mc.top_k,
-                                       num_moe=num_moe, num_experts=mc.num_experts, autocast=run.autocast,
-                                       world=world)
-    flag = torch.tensor([1.0 if stop.signal_name else 0.0], dtype=torch.float64, device=world.device)
-    reduced = all_reduce_sum(torch.cat([sums, counts_LE.flatten(), flag]), world)
+    sums, counts_LE = forward_backward(run.model, to_device(batch_BT, world.device), loop=config.train,
+                                       top_k=mc.top_k, num_moe=num_moe, num_experts=mc.num_experts,
+                                       autocast=run.autocast, world=world)
+    # SIGTERM on some rank, and a checkpoint write that failed on some rank, travel with the step's sums, so every
+    # rank acts on them at the same step
+    flags = torch.tensor([1.0 if stop.signal_name else 0.0, 1.0 if run.checkpointer.failed() else 0.0],
+                         dtype=torch.float64, device=world.device)
+    reduced = all_reduce_sum(torch.cat([sums, counts_LE.flatten(), flags]), world)
+    if reduced[-1] > 0:
+        run.checkpointer.finish()  # raises the failure on every rank
     loss, ce, aux, z = (reduced[:4] / world.world_size).tolist()
 
     max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
@@ -425,8 +432,16 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
                       tokens=(step + 1) * config.train.global_batch_tokens,
                       step_time_s=time.perf_counter() - started, data_sha256=run.data_sha256,
                       precision=config.train.precision,
-                      expert_load=expert_load(reduced[4:-1].view(num_moe, -1)) if num_moe else None,
-                      stop_requested=bool(reduced[-1] > 0))
+                      expert_load=expert_load(reduced[4:-2].view(num_moe, -1)) if num_moe else None,
+                      stop_requested=bool(reduced[-2] > 0))
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The batch on the training device: to a GPU through page-locked memory without blocking the host (the copy is
+    ordered on the stream before the forward that reads it); on a CPU as it is."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
 
 
 def validation_loss(run: Run) -> dict[str, float]:
@@ -484,7 +499,10 @@ def _prepare_data(config: TrainConfig, out: Path, world: World) -> Path:
                    for name, paths in config.data.sources.items()}
         data_lib.prepare(sources, target, config.data.tokenizer, val_fraction=config.data.val_fraction,
                          seed=config.data.seed, force=True, progress=False)
-    barrier(world)
+    barrier(world)  # on the host group, whose timeout allows for tokenizing
+    if not world.is_main and not wait_for_file(target / data_lib.METADATA_FILE):
+        raise UpcycleError(f"rank {world.rank} cannot see {target / data_lib.METADATA_FILE}, which rank 0 wrote; "
+                           "every rank must see the same --out (a shared file system)")
     return target
 
 
@@ -520,6 +538,34 @@ def resolve_run_precision(loop: TrainLoopConfig, model_config: ModelConfig, worl
     if choice.warning:
         log(f"warning: {choice.warning}")
     return dataclasses.replace(loop, precision=choice.precision)
+
+
+def set_tf32(loop: TrainLoopConfig, device: torch.device, log: Callable[[str], None]) -> bool:
+    """On CUDA in fp32 with train.tf32: fp32 matmuls and convolutions on TF32 tensor cores (logged). Returns whether
+    TF32 is on."""
+    enabled = device.type == "cuda" and loop.precision == "fp32" and loop.tf32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+        if enabled:
+            log("fp32 matmuls use TF32 tensor cores (train.tf32: true; false keeps full fp32 products)")
+    return enabled
+
+
+def layout_warnings(loop: TrainLoopConfig, world: World) -> list[str]:
+    """What in the parallel layout will be slow on this cluster: an expert-parallel group or an FSDP shard group that
+    spans nodes sends every MoE layer's tokens, or every block's all-gather, over the inter-node network."""
+    warnings = []
+    per_node = world.local_world_size
+    if world.nodes > 1 and loop.expert_parallel > per_node:
+        warnings.append(f"train.expert_parallel {loop.expert_parallel} is more than the {per_node} ranks of a node: "
+                        "every MoE layer's all-to-all crosses nodes; keep it at most the ranks per node")
+    if world.nodes > 1 and loop.parallel == "fsdp" and world.world_size // loop.data_parallel_replicate > per_node:
+        warnings.append(f"FSDP shards over {world.world_size // loop.data_parallel_replicate} ranks across "
+                        f"{world.nodes} nodes: every block's all-gather and reduce-scatter crosses nodes; set "
+                        f"train.data_parallel_replicate: {world.nodes} (HSDP: shard within a node, replicate across "
+                        "nodes) where a node's memory holds the model's share")
+    return warnings
 
 
 def _check_out(out: Path, config_dict: dict) -> None:
@@ -560,6 +606,13 @@ def _lock_out(out: Path, world: World) -> IO | None:
             handle = None
             refusal = (f"--out {out} is in use by another `upcycle train` (pid {holder}); wait for it to end or stop "
                        "it, or choose another --out")
+        except OSError as error:  # a file system without locks (Lustre without flock: ENOSYS; NFSv3: ENOLCK)
+            print(f"upcycle train: warning: cannot lock {out / LOCK_FILE} ({error.strerror}); OUT is not protected "
+                  "against a second trainer, so start only one run on it", file=sys.stderr)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
         else:
             handle.seek(0)
             handle.truncate()
@@ -619,6 +672,9 @@ def _start(config: TrainConfig, config_dict: dict, out: Path, world: World) -> R
     model_config = start.model_config
     loop = resolve_run_precision(loop, model_config, world, log)
     config = dataclasses.replace(config, train=loop)
+    set_tf32(loop, world.device, log)
+    for warning in layout_warnings(loop, world):
+        log(f"warning: {warning}")
     prepared = Path(data_cfg.path) if data_cfg.path is not None else out / PREPARED_DATA_DIR
     _check_data(config, prepared if (prepared / METADATA_FILE).is_file() else None, model_config)
     data_dir = _prepare_data(config, out, world)
@@ -699,7 +755,8 @@ def run_training(config: TrainConfig, out: str | Path) -> dict:
     """
     validate_config(config)
     out = Path(out)
-    world = init_distributed(timeout_s=config.train.collective_timeout_s)
+    world = init_distributed(timeout_s=config.train.collective_timeout_s,
+                             host_timeout_s=config.train.host_timeout_s)
     run = None
     try:
         run = setup(config, out, world)

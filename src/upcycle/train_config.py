@@ -228,9 +228,19 @@ class TrainLoopConfig:
         z_coef: Weight of the router z-loss (the paper: 0, it is logged anyway).
         eval_every: Per-domain validation loss every this many steps and at the end; 0 disables validation.
         eval_sequences: Validation sequences per domain (fixed, evenly spread over the held-out documents).
-        collective_timeout_s: With several ranks, how long a rank waits in a collective for the others before the run
-            fails with a timeout (a frozen or lost rank); it must exceed the longest pause of any one rank, such as
-            rank 0 tokenizing data.sources or calibrating routers at start-up.
+        tf32: On CUDA with precision fp32, let fp32 matmuls and convolutions use TF32 tensor cores (Ampere and
+            newer: several times the fp32 rate, 10-bit mantissas in the products, fp32 accumulation), as PyTorch's
+            own training recipes do; false keeps full fp32 products. Ignored on CPUs and with bf16.
+        data_parallel_replicate: With FSDP, shard the weights within groups of ranks / this many ranks and replicate
+            them across the groups (HSDP): with one group per node, FSDP's all-gathers and reduce-scatters stay on
+            the node's fast links and only one gradient all-reduce per step crosses nodes, at the price of holding
+            the node's share instead of 1/ranks. 1 (default): shard over all ranks. Must divide the number of ranks.
+        collective_timeout_s: With several ranks, how long a rank waits in a training collective for the others before
+            the run fails with a timeout (a frozen or lost rank).
+        host_timeout_s: With several ranks, how long ranks wait for host-side work of one rank before failing: rank 0
+            tokenizing data.sources or calibrating routers at start-up, writing and verifying checkpoints. These
+            waits run on a CPU (gloo) group of their own, so a long save does not count against
+            collective_timeout_s.
     """
 
     max_steps: int = 1000
@@ -248,11 +258,21 @@ class TrainLoopConfig:
     z_coef: float = 0.0
     eval_every: int = 200
     eval_sequences: int = 64
+    tf32: bool = True
+    data_parallel_replicate: int = 1
     collective_timeout_s: float = 900.0
+    host_timeout_s: float = 7200.0
 
     def validate(self) -> None:
-        if not self.collective_timeout_s > 0:
-            raise UpcycleError(f"train.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+        for name in ("collective_timeout_s", "host_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise UpcycleError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.data_parallel_replicate < 1:
+            raise UpcycleError(f"train.data_parallel_replicate must be >= 1 (1: shard over all ranks), got "
+                               f"{self.data_parallel_replicate}")
+        if self.data_parallel_replicate > 1 and self.parallel != "fsdp":
+            raise UpcycleError(f"train.data_parallel_replicate {self.data_parallel_replicate} needs train.parallel: "
+                               f"fsdp (HSDP shards within groups and replicates across them), not {self.parallel}")
         if self.max_steps < 1:
             raise UpcycleError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
