@@ -19,6 +19,10 @@ MODEL = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, f
              num_experts=4, top_k=2)
 
 
+# (expert_parallel, data_parallel_replicate): FSDP2 over all 4 ranks, with expert parallelism, HSDP (2 x 2), and both
+LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))
+
+
 def _share_worker(rank: int, world_size: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
@@ -30,26 +34,26 @@ def _share_worker(rank: int, world_size: int, port: int, out: str) -> None:
 
     world = init_distributed()
     held = {}
-    for degree in (1, 2):
-        loop = TrainLoopConfig(expert_parallel=degree, precision="fp32")
+    for degree, replicate in LAYOUTS:
+        loop = TrainLoopConfig(expert_parallel=degree, data_parallel_replicate=replicate, precision="fp32")
         _, bare = build_model(ModelConfig(**MODEL), loop, world, fill=None)
-        held[degree] = sum(piece.local.numel() for piece in model_pieces(bare).values())
+        held[f"{degree},{replicate}"] = sum(piece.local.numel() for piece in model_pieces(bare).values())
     Path(f"{out}.{rank}").write_text(json.dumps(held))
     shutdown(world)
 
 
 @pytest.mark.slow
-def test_the_plan_counts_exactly_what_each_of_four_ranks_holds(tmp_path):
+def test_the_plan_counts_exactly_what_each_of_four_ranks_holds_in_every_layout(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_share_worker, args=(4, free_port(), str(tmp_path / "held")), nprocs=4, join=True)
     with torch.device("meta"):
         model = Transformer(ModelConfig(**MODEL))
-    for degree in (1, 2):
-        planned = rank_shares(model, world_size=4, expert_parallel=degree, parallel="fsdp")
+    for degree, replicate in LAYOUTS:
+        planned = rank_shares(model, world_size=4, expert_parallel=degree, parallel="fsdp", replicate=replicate)
         for rank in range(4):
-            held = json.loads((tmp_path / f"held.{rank}").read_text())[str(degree)]
-            assert planned[rank].params == held, (degree, rank)
+            held = json.loads((tmp_path / f"held.{rank}").read_text())[f"{degree},{replicate}"]
+            assert planned[rank].params == held, (degree, replicate, rank)
     one = rank_shares(model, world_size=1, expert_parallel=1, parallel="fsdp")
     assert one[0].params == model.num_params()
 
@@ -90,7 +94,8 @@ def test_plan_resolves_precision_auto_for_the_device_and_says_why(tmp_path):
     config = write_config(tmp_path / "c.yaml", values)
     result = _plan("--config", str(config), "--device", "cuda", "--device-memory", "80GB")
     assert result.returncode == 0, result.stderr
-    assert "precision bf16: auto on cuda: bf16, not probed" in result.stdout and "bf16 on cuda" in result.stdout
+    assert "precision bf16: auto on CUDA: bf16, assuming a GPU with native bf16" in result.stdout
+    assert "bf16 on cuda" in result.stdout
     result = _plan("--config", str(config), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     [line] = [line for line in result.stdout.splitlines() if line.startswith("precision ")]

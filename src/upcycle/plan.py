@@ -13,7 +13,9 @@ not guessed. What is estimated, and how:
     gathered blocks             FSDP2 all-gathers one block at a time, prefetches the next in backward, and keeps the
                                 root's parameters (embeddings, final norm, LM head) gathered through forward and
                                 backward: root + 2 largest blocks, in the compute dtype, plus one block's full fp32
-                                gradients before they are reduce-scattered
+                                gradients before they are reduce-scattered. Gradient accumulation adds nothing: FSDP2
+                                reduce-scatters after every micro-batch (distributed.gradient_sync), so no unsharded
+                                gradient outlives its block's backward
     activations                 what autograd keeps for backward at the configured micro-batch, per token and layer
                                 (attention, the MoE's routed copies and SwiGLU hiddens, or the dense FFN's), plus the
                                 logits and cross-entropy's fp32 log-probabilities; with activation checkpointing only
@@ -21,7 +23,12 @@ not guessed. What is estimated, and how:
     host at build               the rank's pieces (on CPU) or none (on CUDA), plus the largest full tensor in flight
                                 while filling them (and with online upcycling one dense FFN and one expert)
     host at save                the largest local piece being written; with checkpoint.async_save the staged copy of
-                                the rank's weights and AdamW state
+                                the rank's weights and AdamW state (on CUDA in page-locked buffers kept from the first
+                                save on, so counted while training too)
+    CUDA runtime                on the device: the CUDA context, NCCL's buffers per communicator and the caching
+                                allocator's slack; on the host: what a CUDA process holds before any weight. These are
+                                estimates (CUDA_* below), not measured on a GPU here; benchmarks/cuda_path_check.py
+                                measures them on the GPU at hand
 
 On a CPU the device is the host: a node then holds all of it for each of its ranks, plus each process's own runtime
 (RUNTIME_BYTES, measured here). benchmarks/memory.py measures the same quantities, and docs/training.md sets them side
@@ -50,6 +57,14 @@ from upcycle.train_config import config_fields_help, load_config, micro_batch_si
 # Resident memory of one training process before any weight: Python, torch and our modules (measured on this machine
 # with torch 2.13 CPU: ~0.45 GB after `import upcycle.train`; a gloo process group adds little).
 RUNTIME_BYTES = 450 * 2**20
+# A CUDA process, estimated (no GPU measured it here; cuda_path_check.py reports the real figures): host memory of the
+# CUDA libraries torch loads (cuBLAS, cuDNN, NCCL) and their start-up, which the CPU build's RUNTIME_BYTES lacks; the
+# CUDA context on the device with lazy kernel loading; NCCL's channel buffers per communicator (several MiB per channel
+# and peer, tens of channels on NVLink); and the caching allocator's fragmentation on top of the training peak.
+CUDA_HOST_RUNTIME_BYTES = 3 * 2**30
+CUDA_CONTEXT_BYTES = 600 * 2**20
+NCCL_BYTES_PER_COMMUNICATOR = 1 * 2**30
+ALLOCATOR_SLACK = 0.10
 
 
 def _chunk(size: int, ways: int, index: int) -> int:
@@ -69,8 +84,11 @@ class RankShare:
     root: int = 0  # the root unit's gathered parameters (embeddings, final norm, LM head)
 
 
-def rank_shares(model: Transformer, *, world_size: int, expert_parallel: int, parallel: str) -> list[RankShare]:
-    """Every rank's share of `model` (built on the meta device) under FSDP2 (with expert parallelism) or DDP."""
+def rank_shares(model: Transformer, *, world_size: int, expert_parallel: int, parallel: str,
+                replicate: int = 1) -> list[RankShare]:
+    """Every rank's share of `model` (built on the meta device) under FSDP2 (with expert parallelism; with
+    `replicate` > 1, HSDP: the non-expert weights sharded within groups of world_size / replicate ranks) or DDP."""
+    ways = world_size // replicate
     shares = [RankShare(rank) for rank in range(world_size)]
     expert_ids = {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.gate_up_ED2F, m.down_EFD)}
     block_of = {id(p): i for i, block in enumerate(model.layers) for p in block.parameters()}
@@ -90,8 +108,8 @@ def rank_shares(model: Transformer, *, world_size: int, expert_parallel: int, pa
                     dim = expert_placement(torch.empty(shape, device="meta"), replicas).dim
                     local = gathered // shape[dim] * _chunk(shape[dim], replicas, replica)
             else:
-                dim = shard_placement(param, world_size).dim
-                local = param.numel() // param.shape[dim] * _chunk(param.shape[dim], world_size, share.rank) \
+                dim = shard_placement(param, ways).dim
+                local = param.numel() // param.shape[dim] * _chunk(param.shape[dim], ways, share.rank % ways) \
                     if param.dim() else param.numel()
                 gathered = param.numel()
             share.params += local
@@ -136,8 +154,10 @@ class RankPlan:
     optimizer: int
     gathered: int  # FSDP's all-gathered blocks and root, and one block's unsharded gradients
     activations: int
+    runtime: int  # on the device: CUDA context, NCCL buffers, allocator slack (0 on a CPU: in RUNTIME_BYTES)
     device_total: int
     host_build: int
+    host_train: int
     host_save: int
 
 
@@ -161,10 +181,10 @@ class Plan:
 
     def node_host_bytes(self, phase: str) -> int:
         """Host memory of the busiest node in `phase` (build, save or train), its ranks' worst plans added up."""
-        training = self.worst.device_total + RUNTIME_BYTES if self.device == "cpu" else RUNTIME_BYTES
-        per_rank = {"build": self.worst.host_build, "save": self.worst.host_save, "train": training}[phase]
+        worst = max(self.ranks, key=lambda r: getattr(r, f"host_{phase}"))
+        per_rank = getattr(worst, f"host_{phase}")
         if self.device == "cpu":  # the device is the host: training's memory is there in every phase
-            per_rank = max(per_rank, training)
+            per_rank = max(per_rank, worst.host_train)
         return per_rank * self.ranks_per_node
 
 
@@ -188,7 +208,8 @@ def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> P
     check_degree(loop.expert_parallel, world_size=world_size, num_experts=model_config.num_experts)
     with torch.device("meta"):
         model = Transformer(model_config)
-    shares = rank_shares(model, world_size=world_size, expert_parallel=loop.expert_parallel, parallel=loop.parallel)
+    shares = rank_shares(model, world_size=world_size, expert_parallel=loop.expert_parallel, parallel=loop.parallel,
+                         replicate=loop.data_parallel_replicate)
     compute_bytes = 2 if precision == "bf16" else 4
     values, fp32_values = activation_values(model_config, tokens=micro * seq_len,
                                             checkpointing=loop.activation_checkpointing)
@@ -197,6 +218,8 @@ def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> P
     in_flight = 4 * largest_full
     if config.init.source is not None and config.init.method is not None:  # a dense FFN and an expert being made
         in_flight += 4 * 6 * model_config.ffn_dim * model_config.dim
+    cuda = device == "cuda"
+    host_runtime = RUNTIME_BYTES + (CUDA_HOST_RUNTIME_BYTES if cuda else 0)
     ranks = []
     for share in shares:
         sharded = world_size > 1 and loop.parallel == "fsdp"
@@ -205,17 +228,39 @@ def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> P
             biggest = sorted(share.blocks, reverse=True)[:2]
             gathered = (share.root + sum(biggest)) * compute_bytes + max(share.blocks) * 4
         weights, grads, optimizer = 4 * share.params, 4 * share.params, 8 * share.params
-        device_total = weights + grads + optimizer + gathered + activations
+        state = weights + grads + optimizer
+        runtime = 0
+        if cuda:
+            communicators = nccl_communicators(loop, world_size)
+            runtime = (CUDA_CONTEXT_BYTES + communicators * NCCL_BYTES_PER_COMMUNICATOR
+                       + int(ALLOCATOR_SLACK * (state + gathered + activations)))
+        device_total = state + gathered + activations + runtime
         resident = weights if device == "cpu" else 0
-        host_build = RUNTIME_BYTES + resident + in_flight
+        host_build = host_runtime + resident + in_flight
         staged = 12 * share.params if config.checkpoint.async_save else 4 * share.largest_piece
-        host_save = RUNTIME_BYTES + (weights + grads + optimizer if device == "cpu" else 0) + staged
-        ranks.append(RankPlan(share.rank, share.params, weights, grads, optimizer, gathered, activations,
-                              device_total, host_build, host_save))
+        pinned = staged if cuda and config.checkpoint.async_save else 0  # kept from the first save on
+        host_train = host_runtime + (device_total if device == "cpu" else pinned)
+        host_save = host_runtime + (state if device == "cpu" else 0) + staged
+        ranks.append(RankPlan(share.rank, share.params, weights, grads, optimizer, gathered, activations, runtime,
+                              device_total, host_build, host_train, host_save))
     return Plan(total_params=model.num_params(), active_params=model.num_active_params(), world_size=world_size,
                 ranks_per_node=ranks_per_node, expert_parallel=loop.expert_parallel, precision=precision,
                 device=device, micro_batch_size=micro, ranks=ranks, checkpoint_bytes=12 * model.num_params(),
                 precision_reason=precision_reason)
+
+
+def nccl_communicators(loop, world_size: int) -> int:
+    """NCCL communicators a rank uses while training: the default group (FSDP2's all-gathers and reduce-scatters, the
+    step's all-reduce), with expert parallelism the expert group (its all-to-alls) and, with several replicas, the
+    replica group FSDP2 shards the experts over; with HSDP the shard and replicate groups."""
+    if world_size == 1:
+        return 0
+    count = 1
+    if loop.expert_parallel > 1:
+        count += 1 + (world_size // loop.expert_parallel > 1)
+    if loop.data_parallel_replicate > 1:
+        count += 2
+    return count
 
 
 def _gb(size: int) -> str:
@@ -229,19 +274,24 @@ def format_plan(plan: Plan) -> str:
              f"precision {plan.precision}: {plan.precision_reason}",
              f"checkpoint: {_gb(plan.checkpoint_bytes)} on disk (weights + AdamW), each rank writing its share",
              "", f"{'rank':>5} {'params':>15} {'weights':>11} {'grads':>11} {'AdamW':>11} {'gathered':>11} "
-             f"{'activations':>11} {'device':>11} {'host build':>11} {'host save':>11}"]
+             f"{'activations':>11} {'runtime':>11} {'device':>11} {'host build':>11} {'host train':>11} "
+             f"{'host save':>11}"]
     shown = plan.ranks if len(plan.ranks) <= 8 else [*plan.ranks[:2], plan.ranks[-1]]
     if plan.worst not in shown:
         shown.append(plan.worst)
     for r in shown:
         lines.append(f"{r.rank:>5} {r.params:>15,} {_gb(r.weights):>11} {_gb(r.grads):>11} {_gb(r.optimizer):>11} "
-                     f"{_gb(r.gathered):>11} {_gb(r.activations):>11} {_gb(r.device_total):>11} "
-                     f"{_gb(r.host_build):>11} {_gb(r.host_save):>11}")
+                     f"{_gb(r.gathered):>11} {_gb(r.activations):>11} {_gb(r.runtime):>11} "
+                     f"{_gb(r.device_total):>11} {_gb(r.host_build):>11} {_gb(r.host_train):>11} "
+                     f"{_gb(r.host_save):>11}")
     if len(plan.ranks) > len(shown):
         lines.append(f"  ({len(plan.ranks) - len(shown)} more ranks not shown; the busiest is rank {plan.worst.rank})")
     lines.append("")
     lines.append(f"per node ({plan.ranks_per_node} ranks): host at build {_gb(plan.node_host_bytes('build'))}, "
                  f"while training {_gb(plan.node_host_bytes('train'))}, at save {_gb(plan.node_host_bytes('save'))}")
+    if plan.device == "cuda":
+        lines.append("runtime and the CUDA host figures are estimates (CUDA context, NCCL buffers, allocator slack, the "
+                     "CUDA libraries' host memory), not measured; benchmarks/cuda_path_check.py measures them on a GPU")
     return "\n".join(lines)
 
 
