@@ -45,3 +45,26 @@ def test_missing_cuda_is_reported_clearly():
     assert result.returncode == 2
     assert "CUDA is not available" in result.stdout and torch.__version__ in result.stdout
     assert "CUDA is not available" in json.loads(result.stdout.strip().splitlines()[-1])["errors"]["setup"]
+
+
+CUDA_PATH_SCRIPT = REPO / "benchmarks" / "cuda_path_check.py"
+
+
+@pytest.mark.slow
+def test_the_cuda_path_proof_runs_every_part_on_cpu(tmp_path):
+    """benchmarks/cuda_path_check.py's CPU subset: a one-rank process group through every multi-rank code path
+    (FSDP2, host group, checkpoint collectives, async staging, resume, expert parallelism at degree 1)."""
+    result = subprocess.run([sys.executable, str(CUDA_PATH_SCRIPT), "--device", "cpu", "--tiny", "--work",
+                             str(tmp_path / "work")], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ok"] is True and summary["errors"] == {}
+    probes = summary["probes"]
+    assert probes["b1_verify_checksums"] == "ok" and probes["b3_unsharded_grads_held"] == 0
+    assert probes["b4_auto_fp32"] == "fused" and probes["b4_compiled_fp32_layer"] == "ok"
+    train = summary["train"]
+    assert train["steps"] == 6 and train["checkpoints"] == ["step_00000003", "step_00000006"]
+    assert train["loss"][-1] < train["loss"][0]
+    assert summary["resume"]["data_sha256_equal"] and summary["resume"]["max_abs_loss_diff"] == 0.0  # CPU: exact
+    assert summary["expert_parallel"]["max_abs_logit_diff"] == 0.0
+    assert summary["compiled"]["compiled_blocks"] is True
