@@ -508,3 +508,69 @@ def test_a_long_document_is_tokenized_in_bounded_pieces_to_the_same_tokens(tmp_p
     assert all(len(p) <= 2_000 for p, _ in pieces) and not any(last for _, last in pieces[:-1])
     assert all(p.startswith(" ") and not p[1].isspace() for p, _ in pieces[1:-1] if len(p) > 1)
     assert [p for p, _ in document_pieces("x" * 5_000, 2_000)] == ["x" * 2_000, "x" * 2_000, "x" * 1_000]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parquet (the Hugging Face Hub's dataset format)
+
+
+def _write_parquet(path: Path, texts: list, *, column: str = "text", row_group_size: int = 7, **extra) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({column: texts, **extra})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def test_parquet_prepares_to_the_same_tokens_as_jsonl(corpus, tokenizer_dir, tmp_path):
+    documents = corpus["documents"]["english"][:30]
+    jsonl = tmp_path / "en.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(documents)))
+    # a Hub dataset repository: data/ shards, a README and dataset metadata beside them (those are not documents)
+    hub = tmp_path / "hub"
+    _write_parquet(hub / "data" / "train-00000-of-00002.parquet", documents[:13], id=list(range(13)))
+    _write_parquet(hub / "data" / "train-00001-of-00002.parquet", documents[13:], id=list(range(13, 30)))
+    (hub / "README.md").write_text("---\nlicense: mit\n---\n# a dataset card\n")
+    (hub / "dataset_info.json").write_text("{}")
+    prepare({"en": [jsonl]}, tmp_path / "a", tokenizer_dir, val_fraction=0.1, progress=False)
+    prepare({"en": [hub]}, tmp_path / "b", tokenizer_dir, val_fraction=0.1, progress=False)
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(read_tokens(tmp_path / "a", "en", split), read_tokens(tmp_path / "b", "en", split))
+    assert read_metadata(tmp_path / "b")["domains"]["en"]["train"]["documents"] + \
+        read_metadata(tmp_path / "b")["domains"]["en"]["val"]["documents"] == 30
+
+
+def test_parquet_with_another_text_column_and_empty_rows(corpus, tokenizer_dir, tmp_path):
+    from upcycle.data import iter_documents
+
+    documents = corpus["documents"]["english"][:5]
+    path = _write_parquet(tmp_path / "x.parquet", [documents[0], "", *documents[1:]], column="content")
+    assert list(iter_documents(path, text_field="content")) == documents  # the empty row is skipped, as in JSONL
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no column", "has no column 'text' (columns: content); choose the text column with --text-field"),
+    ("not strings", "column 'text' holds int64, not strings"),
+    ("null", "row group 1, row 2: 'text' is null, not a string"),
+    ("corrupt", "cannot read"),
+])
+def test_bad_parquet_is_one_line_naming_the_file_and_nothing_is_written(corpus, tokenizer_dir, tmp_path, capsys,
+                                                                        case, message):
+    from helpers import assert_one_line_error, run_cli
+
+    path = tmp_path / "in" / "bad.parquet"
+    if case == "no column":
+        _write_parquet(path, ["a", "b"], column="content")
+    elif case == "not strings":
+        _write_parquet(path, [1, 2])
+    elif case == "null":  # rows 0-6 are group 0; row 2 of group 1 is null
+        _write_parquet(path, [f"document {i}" for i in range(9)] + [None, "last"])
+    else:
+        _write_parquet(path, [f"document {i}" for i in range(50)])
+        path.write_bytes(path.read_bytes()[:200] + b"\0" * 50 + path.read_bytes()[250:])
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "data", "prepare", str(out), str(tokenizer_dir), "--domain", f"en={path}")
+    assert_one_line_error(code, err, message)
+    assert str(path) in err and not out.exists()

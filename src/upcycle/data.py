@@ -13,10 +13,12 @@ Prepared directory (`prepare` writes it, everything else only reads it):
 uint16 is used when every id fits (V <= 65536), else uint32: half the disk and page cache for every small vocabulary.
 Read a file with `read_tokens(dir, domain, split)` (a `numpy.memmap`).
 
-Documents: a `.jsonl` file holds one document per line (the field `text_field`, default "text"); any other file is one
-whole document (a README, a `.py` module, a manpage). Either may be gzip-compressed (`.gz`), or zstd (`.zst`) if the
-`zstandard` package is installed. A directory means every non-hidden file below it, sorted, so the document order -
-and with it the validation split - depends only on the paths given and the seed. Empty documents are skipped.
+Documents: a `.jsonl` file holds one document per line (the field `text_field`, default "text"); a `.parquet` file one
+per row of the column `text_field` (streamed in record batches; needs pyarrow, the `parquet` extra); any other file is
+one whole document (a README, a `.py` module, a manpage). JSONL and text may be gzip-compressed (`.gz`), or zstd
+(`.zst`) if the `zstandard` package is installed. A directory means every non-hidden file below it, sorted, so the
+document order - and with it the validation split - depends only on the paths given and the seed; a directory with
+parquet files below it (a Hugging Face Hub dataset) means its parquet files only. Empty documents are skipped.
 
 Validation split: per domain, either explicit files (`val_sources`), or exactly `max(1, round(val_fraction * docs))`
 whole documents (0 when val_fraction is 0 or the domain has a single document) chosen by a seeded permutation of
@@ -95,8 +97,14 @@ def _is_jsonl(path: Path) -> bool:
     return name.endswith(".jsonl")
 
 
+def _is_parquet(path: Path) -> bool:
+    return path.name.lower().endswith(".parquet")
+
+
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """Files named directly, plus every non-hidden file below each directory (sorted, so the order is reproducible)."""
+    """Files named directly, plus every non-hidden file below each directory (sorted, so the order is reproducible).
+    A directory that holds parquet files anywhere below it is a dataset in the Hugging Face Hub's layout
+    (`data/train-00000-of-00004.parquet`, ...): only its parquet files are documents then, not its README or JSON."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -109,14 +117,63 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
             )
             if not found:
                 raise UpcycleError(f"directory {path} contains no (non-hidden) files")
+            if any(_is_parquet(p) for p in found):
+                found = [p for p in found if _is_parquet(p)]
             files.extend(found)
         else:
             raise not_an_input("input path", path)
     return files
 
 
+# Rows read from a parquet file at a time: memory stays bounded by one batch (plus one row group's compressed pages),
+# whatever the file's size.
+PARQUET_BATCH_ROWS = 1024
+
+
+def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
+    """The non-empty documents of a parquet file's `text_field` column, streamed one record batch at a time."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UpcycleError(f"reading {path} needs pyarrow: pip install 'upcycle[parquet]'") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise UpcycleError(f"cannot read {path} as parquet: {' '.join(str(exc).split())[:300]}") from None
+    columns = parquet.schema_arrow.names
+    if text_field not in columns:
+        raise UpcycleError(f"{path} has no column {text_field!r} (columns: {', '.join(columns[:20])}); choose the "
+                           "text column with --text-field")
+    kind = parquet.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UpcycleError(f"{path}: column {text_field!r} holds {kind}, not strings; choose the text column with "
+                           "--text-field")
+    with parquet:
+        for group in range(parquet.num_row_groups):
+            row = 0
+            try:
+                for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group],
+                                                  columns=[text_field], use_threads=False):
+                    for offset, text in enumerate(batch.column(0).to_pylist()):
+                        if not isinstance(text, str):
+                            raise UpcycleError(f"{path}: row group {group}, row {row + offset}: {text_field!r} is "
+                                               f"{'null' if text is None else type(text).__name__}, not a string; "
+                                               "drop such rows or choose another --text-field")
+                        if text:
+                            yield text
+                    row += batch.num_rows
+            except (OSError, pa.ArrowException) as exc:
+                raise UpcycleError(f"cannot read {path}, row group {group}: {' '.join(str(exc).split())[:300]}; "
+                                   "the file is damaged or truncated") from None
+
+
 def iter_documents(path: Path, *, text_field: str = "text") -> Iterator[str]:
-    """Yield the non-empty documents of one file: one per line for JSONL, the whole file otherwise."""
+    """Yield the non-empty documents of one file: one per line for JSONL, one per row of the `text_field` column for
+    parquet, the whole file otherwise."""
+    if _is_parquet(path):
+        yield from _iter_parquet(path, text_field)
+        return
     try:
         with _open_text(path) as handle:
             if not _is_jsonl(path):
@@ -480,15 +537,16 @@ def prepare_command(
     Args:
         out: Output directory (data.json plus NAME.train.bin / NAME.val.bin); must not exist unless --force.
         tokenizer: Local directory with tokenizer.json (an HF model or tokenizer dir), or the tokenizer.json file.
-        domain: One or more NAME=PATH[,PATH...]. A path is a file or a directory (every non-hidden file below it).
-            `.jsonl` files hold one document per line in the field --text-field; any other file is one document;
-            `.gz` is read transparently.
+        domain: One or more NAME=PATH[,PATH...]. A path is a file or a directory (every non-hidden file below it;
+            only the parquet files of a directory that holds some, as a Hub dataset does). `.jsonl` files hold one
+            document per line in the field --text-field, `.parquet` files one per row of the column --text-field
+            (needs the parquet extra); any other file is one document; `.gz` is read transparently.
         val_domain: Optional explicit validation inputs, NAME=PATH[,PATH...] as for --domain (e.g. the
             NAME.val.jsonl.gz files of scripts/build_corpus.py); those domains ignore --val-fraction.
         val_fraction: Fraction of each domain's documents held out for validation (whole documents, at least one).
         seed: Seed of the validation split; the same inputs and seed give the same split.
         dtype: Token file dtype: auto (uint16 when the vocabulary fits, else uint32), uint16 or uint32.
-        text_field: JSONL field that holds the text.
+        text_field: JSONL field or parquet column that holds the text.
         eos_token: EOS token text, if the tokenizer files do not name one.
         force: Replace an existing output directory.
     """
