@@ -149,7 +149,7 @@ def test_btx_is_compose_with_average_and_uniform_routers(tmp_path):
     ("shared in mixtral", "shared_expert needs format qwen2_moe or granitemoeshared"),
     ("no prompts", "has no positive prompts, which router hidden needs for every expert"),
     ("base and average", "give either base (a dense checkpoint) or average: true, exactly one of them"),
-    ("unknown field", "unknown field 'num_experts'"),
+    ("unknown field", "spec.yaml: num_experts: unknown field; a compose spec accepts: average, base, calibration, "),
 ])
 def test_bad_spec_is_one_line_exit_2_and_nothing_written(tmp_path, case, message):
     base = _dense(tmp_path / "base", "llama")

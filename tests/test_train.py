@@ -69,6 +69,9 @@ def test_lr_schedule_warms_up_from_min_then_cosine_decays_to_min():
     ("optim.betas=ab", "optim.betas must be a list of 2 finite numbers"),
     ("optim.betas=[[0.9], 0.95]", "optim.betas[0] must be a finite number"),
     ("data.weights=[1, 2]", "data.weights must be a mapping"),
+    # the one weight check (data.check_weights), at config time rather than when the loader starts
+    ("data.weights={code: -1, english: 1}", "data.weights must be finite numbers >= 0, got {'code': -1.0, "),
+    ("data.weights={code: 0, english: 0.0}", "data.weights: every weight is 0; give at least one domain a positive"),
     ("model.rope_scaling=[1]", "model.rope_scaling must be a mapping"),
     ("model.dim=-4", "dim must be at least 1"),
     ("model.moe_layers=[a]", "model.moe_layers[0] must be an integer"),

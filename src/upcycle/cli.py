@@ -65,23 +65,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _docstring(func: Callable | type) -> tuple[str, dict[str, str]]:
     """(description, {name: help}) from a Google-style docstring: a function's `Args:` or a dataclass's
-    `Attributes:` section."""
-    doc = inspect.getdoc(func) or ""
-    section = "\nAttributes:\n" if isinstance(func, type) else "\nArgs:\n"
-    description, _, args = doc.partition(section)
-    helps: dict[str, str] = {}
-    current = None
-    for line in args.splitlines():
-        stripped = line.strip()
-        if not stripped:
-            continue
-        head, sep, rest = stripped.partition(":")
-        if sep and line.startswith("    ") and not line.startswith("        ") and head.isidentifier():
-            current = head
-            helps[current] = rest.strip()
-        elif current:
-            helps[current] += " " + stripped
-    return description.strip(), helps
+    `Attributes:` section (the one parser, `upcycle.config.doc_entries`)."""
+    from upcycle.config import doc_entries
+
+    return doc_entries(func)
 
 
 def _epilog(func: Callable) -> str | None:

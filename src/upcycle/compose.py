@@ -41,20 +41,22 @@ import torch
 
 from upcycle import hf_formats as hf
 from upcycle.calibration import calibration_token_ids, rows_from_centroids
+from upcycle.config import build, check_values, config_fields, read_yaml, refuse_unknown
 from upcycle.convert import ConvertOptions, CopyPlan, Plan, check_conversion_fits, check_dense_source, write_moe
 from upcycle.data import expand_paths, iter_documents
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output
 from upcycle.hf_model import layer_by_layer
 from upcycle.safetensors_io import CheckpointReader
-from upcycle.train_config import read_yaml_config
 from upcycle.upcycling import INDEX_MODES, ROUTER_INITS, btx_mean
+from upcycle.validation import short_repr
 
 COMPOSE_ROUTERS = ("hidden", "embed", *ROUTER_INITS)
 # `upcycle convert` options a spec takes at its top level, with convert's meaning and default (one declaration:
 # ConvertOptions; docs/convert.md's compose section lists them from here).
 CONVERT_FIELDS = ("top_k", "granularity", "moe_layers", "seed", "stats", "format", "dtype", "router_std",
                   "calibration", "calibration_tokens", "router_aux_loss_coef", "max_shard_size")
+WHAT = "a compose spec"  # how messages name the file
 
 
 @dataclass
@@ -104,7 +106,7 @@ class ComposeSpec:
     experts: list[ExpertSpec]
     base: str | None = None
     average: bool = False
-    shared_expert: str | dict | None = None
+    shared_expert: str | dict[str, str] | None = None
     router: str = field(default="hidden", metadata={"choices": COMPOSE_ROUTERS})
 
 
@@ -114,50 +116,29 @@ class ComposeSpec:
 
 def read_spec(path: str | os.PathLike) -> tuple[ComposeSpec, ConvertOptions]:
     """The spec and the convert options it implies, every field checked (types, choices, paths) before any work."""
-    values = read_yaml_config(path)
+    values = read_yaml(path, WHAT)
     if not isinstance(values, dict):
         raise UpcycleError(f"{path} must hold a mapping (base, experts, router, ...); see docs/convert.md")
-    own = {f.name for f in dataclasses.fields(ComposeSpec)}
-    unknown = sorted(set(values) - own - set(CONVERT_FIELDS))
-    if unknown:
-        raise UpcycleError(f"{path}: unknown field {unknown[0]!r}; a compose spec takes {', '.join(sorted(own))} and "
-                           f"the convert options {', '.join(CONVERT_FIELDS)}")
-    if "experts" not in values:
-        raise UpcycleError(f"{path} lacks experts: list each expert's source (and prompts)")
-    experts = values["experts"]
-    if not isinstance(experts, list) or not experts:
+    own = [f.name for f in config_fields(ComposeSpec)]
+    try:  # types and choices, by `upcycle.config`; messages name the spec field
+        refuse_unknown(values, [*own, *CONVERT_FIELDS], what=WHAT)
+        convert_values = check_values(ConvertOptions, {k: v for k, v in values.items() if k in CONVERT_FIELDS})
+        spec = build(ComposeSpec, {k: v for k, v in values.items() if k in own}, what=WHAT)
+    except UpcycleError as exc:
+        raise UpcycleError(f"{path}: {exc}") from None
+    if not spec.experts:
         raise UpcycleError(f"{path}: experts must be a list of at least one {{source: DIR, ...}} mapping")
-    expert_fields = {f.name for f in dataclasses.fields(ExpertSpec)}
-    specs = []
-    for i, entry in enumerate(experts):
-        where = f"{path}: experts[{i}]"
-        if not isinstance(entry, dict) or "source" not in entry:
-            raise UpcycleError(f"{where} must be a mapping with a source (a dense checkpoint directory)")
-        if bad := sorted(set(entry) - expert_fields):
-            raise UpcycleError(f"{where}: unknown field {bad[0]!r}; an expert takes {', '.join(sorted(expert_fields))}")
-        spec = ExpertSpec(**entry)
-        if spec.index_mode not in INDEX_MODES:
-            raise UpcycleError(f"{where}.index_mode must be one of {', '.join(INDEX_MODES)}, got {spec.index_mode!r}")
-        if type(spec.ratio) not in (int, float) or not 0 <= spec.ratio <= 1:
-            raise UpcycleError(f"{where}.ratio must lie in [0, 1], got {spec.ratio!r}")
-        for name in ("positive", "negative"):
-            prompts = getattr(spec, name)
-            if prompts is not None and not isinstance(prompts, str) and not (
-                    isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
-                raise UpcycleError(f"{where}.{name} must be a list of strings or a path, got {prompts!r}")
-        specs.append(spec)
-    spec = ComposeSpec(**{**{k: v for k, v in values.items() if k in own}, "experts": specs})
+    for i, expert in enumerate(spec.experts):
+        if not 0 <= expert.ratio <= 1:
+            raise UpcycleError(f"{path}: experts[{i}].ratio must lie in [0, 1], got {expert.ratio!r}")
     if (spec.base is None) == (not spec.average):
         raise UpcycleError(f"{path}: give either base (a dense checkpoint) or average: true, exactly one of them")
-    if spec.router not in COMPOSE_ROUTERS:
-        raise UpcycleError(f"{path}: router must be one of {', '.join(COMPOSE_ROUTERS)}, got {spec.router!r}")
     shared = spec.shared_expert
     if shared is not None and shared != "dense" and not (isinstance(shared, dict) and set(shared) == {"source"}):
-        raise UpcycleError(f"{path}: shared_expert must be dense or {{source: DIR}}, got {shared!r}")
-    convert_values = {k: values[k] for k in CONVERT_FIELDS if k in values}
+        raise UpcycleError(f"{path}: shared_expert must be dense or {{source: DIR}}, got {short_repr(shared)}")
     granularity = convert_values.get("granularity", ConvertOptions.granularity)
     routed = granularity - (shared == "dense")
-    opts = ConvertOptions(method="drop", ratio=0.0, num_experts=len(specs) * max(1, routed),
+    opts = ConvertOptions(method="drop", ratio=0.0, num_experts=len(spec.experts) * max(1, routed),
                           shared_expert="dense" if shared == "dense" else "zero",
                           # hidden and embed rows are computed here and handed over in the plan
                           router_init=spec.router if spec.router in ROUTER_INITS else "uniform", **convert_values)

@@ -58,7 +58,7 @@ import torch
 
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, not_an_input, publish_dir, read_json, sha256_file
-from upcycle.validation import check_arguments
+from upcycle.validation import check_arguments, short_repr
 
 FORMAT_VERSION = 1
 METADATA_FILE = "data.json"
@@ -636,6 +636,18 @@ def num_chunks(num_tokens: int, seq_len: int) -> int:
     return max(0, (num_tokens - 1) // seq_len)
 
 
+def check_weights(weights: Mapping[str, float], name: str = "weights") -> None:
+    """Domain sampling weights: finite numbers >= 0, at least one positive. The one check of them: a config's data
+    section runs it when validated, and MixtureLoader for weights handed to it directly (the Python API). `w < 0`
+    alone would let NaN through, and `w > 0` would then silently leave that domain out."""
+    numbers = isinstance(weights, Mapping) and all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf") for w in weights.values())
+    if not numbers:
+        raise UpcycleError(f"{name} must be finite numbers >= 0, got {short_repr(weights)}")
+    if not any(w > 0 for w in weights.values()):
+        raise UpcycleError(f"{name}: every weight is 0; give at least one domain a positive weight")
+
+
 class MixtureLoader:
     """Deterministic, resumable, rank-sharded stream of packed sequences from a weighted mixture of domains.
 
@@ -680,16 +692,15 @@ class MixtureLoader:
         available = self.metadata["domains"]
         if weights is None:
             weights = {name: info[split]["tokens"] for name, info in available.items()}
+        else:
+            check_weights(weights)
         unknown = sorted(set(weights) - set(available))
         if unknown:
             raise UpcycleError(f"weights name unknown domains {unknown}; {self.data_dir} has {sorted(available)}")
-        if not all(isinstance(w, (int, float)) and 0 <= w < float("inf") for w in weights.values()):
-            # `w < 0` alone lets NaN through, and `w > 0` below would then silently leave that domain out
-            raise UpcycleError(f"domain weights must be finite numbers >= 0, got {dict(weights)}")
         # Sorted names make the domain index (and so every draw) independent of dict order in configs.
         self.domains = sorted(name for name, w in weights.items() if w > 0)
         if not self.domains:
-            raise UpcycleError("every domain weight is 0; give at least one domain a positive weight")
+            raise UpcycleError(f"{self.data_dir} holds no {split} tokens in any domain")
         self.tokens = {name: read_tokens(self.data_dir, name, split, self.metadata) for name in self.domains}
         self.num_chunks = {name: num_chunks(len(self.tokens[name]), seq_len) for name in self.domains}
         too_small = [name for name in self.domains if self.num_chunks[name] == 0]

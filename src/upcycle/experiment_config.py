@@ -1,7 +1,7 @@
 """The experiment config: one dataclass per YAML section, each checking its own fields in `validate()`, and
-`ExperimentConfig.validate` for what spans sections or needs the seed model and the data. Reading YAML goes through
-the training config's loader (`train_config.read_yaml_config`: aliases refused), here and when OUT/experiment.yaml
-is read back. `upcycle experiment --help` lists the fields from these dataclasses.
+`ExperimentConfig.validate` for what spans sections or needs the seed model and the data. Read (aliases and duplicate
+keys refused), built and listed for `upcycle experiment --help` by `upcycle.config`, as every config of ours, here and
+when OUT/experiment.yaml is read back.
 
 Everything that can be checked from the config, the seed's config.json, the data's metadata and token files and the
 calibration text is checked here, before any work: an error is one line that starts with the field's name.
@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
-import math
 import os
-import textwrap
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +23,12 @@ import numpy as np
 from upcycle import data as data_lib
 from upcycle import hf_formats as hf
 from upcycle.calibration import calibration_token_ids
+from upcycle.config import build, check_values, fields_help, read_yaml, refuse_unknown, to_dict
 from upcycle.convert import ConvertOptions, estimate
 from upcycle.errors import UpcycleError
 from upcycle.schedule import wsd_decay_start
-from upcycle.train_config import config_from_dict, read_yaml_config, validate_config
+from upcycle.train_config import DataConfig, config_from_dict, validate_config
+from upcycle.validation import short_repr
 
 CONFIG_FILE = "experiment.yaml"
 ARM_KINDS = ("dense", "fs", "naive", "noise", "drop", "btx", "grow", "continue")
@@ -56,8 +54,7 @@ OWNED_RECIPE_FIELDS = {
     "schedule.decay_steps": "budgets: each budget ends its own schedule",
     "checkpoint.keep": "one checkpoint per run is kept; measured ones are deleted",
 }
-# Renamed top-level fields, with what to write instead.
-RENAMED = {"seed": "seeds: [N, ...]", "budget_tokens": "budgets: [TOKENS, ...]"}
+WHAT = "an experiment config"  # how messages name the file
 MAX_NAME_LENGTH = 64  # an arm name is a directory name; with OUT's own paths around it, keep it short
 MAX_SEED = 2**32 - 1  # every consumer (numpy, torch, convert's derived generators) takes it
 CONFIDENCE = 0.95  # every interval the report gives
@@ -78,8 +75,9 @@ def _fail(where: str, message: str) -> UpcycleError:
 
 
 @dataclass
-class DataSection:
-    """The data every arm trains and is evaluated on: `path` (prepared) or `sources` (raw text, tokenized once).
+class DataSection(DataConfig):
+    """The data every arm trains and is evaluated on: `path` (prepared) or `sources` (raw text, tokenized once). The
+    training config's data section, less its `seed` (the experiment's `seeds` set each run's), plus `val_sources`.
 
     Attributes:
         path: A directory written by `upcycle data prepare`.
@@ -94,13 +92,16 @@ class DataSection:
             paper). The mixture-weighted mean loss weights the domains the same way.
     """
 
-    path: str | None = None
-    sources: dict[str, list[str]] | None = None
-    val_sources: dict[str, list[str]] | None = None
-    tokenizer: str | None = None
-    val_fraction: float = 0.01
     seq_len: int = 256
-    weights: dict[str, float] | None = None
+    val_sources: dict[str, list[str] | str] | None = None
+
+    RENAMED: typing.ClassVar[dict[str, str]] = {"seed": "seeds, at the top level"}
+
+    def __post_init__(self) -> None:
+        for group in ("sources", "val_sources"):  # one path may stand for a list of one
+            paths = getattr(self, group)
+            if isinstance(paths, dict):
+                setattr(self, group, {k: [v] if isinstance(v, str) else v for k, v in paths.items()})
 
     def validate(self) -> None:
         if (self.path is None) == (self.sources is None):
@@ -135,10 +136,7 @@ class DataSection:
         if self.seq_len < 1:
             raise _fail("data.seq_len", f"must be >= 1, got {self.seq_len}")
         if self.weights is not None:
-            if any(not math.isfinite(w) or w < 0 for w in self.weights.values()):
-                raise _fail("data.weights", f"every weight must be a finite number >= 0, got {_show(self.weights)}")
-            if not any(w > 0 for w in self.weights.values()):
-                raise _fail("data.weights", "every weight is 0; give at least one domain a positive weight")
+            data_lib.check_weights(self.weights, "data.weights")
 
     def domains(self) -> list[str]:
         if self.path is not None:
@@ -240,6 +238,16 @@ class ArmSpec:
     OPTIONAL_FIELDS: typing.ClassVar[tuple[str, ...]] = (
         "ratio", "index_mode", "branch_tokens", "domains", "include_seed", "from_arm", "factor", "top_k")
 
+    @staticmethod
+    def config_where(where: str, values: dict) -> str:
+        """How messages name the arm at `where` (`arms[2]`): with its name, `arms[2] (drop)`, once the name is valid."""
+        name = values.get("name")
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or not name[0].isalnum() \
+                or not all(c.isascii() and (c.isalnum() or c in ".-_") for c in name):
+            raise UpcycleError(f"{where}.name must be a directory name of at most {MAX_NAME_LENGTH} letters, digits, "
+                               f"'.', '-', '_', starting with a letter or digit, got {short_repr(name)}")
+        return f"{where} ({name})"
+
     def validate(self, where: str, domains: list[str], num_experts: int) -> None:
         """Fill in the kind's defaults and check the fields (convert options are checked by `convert_options`; what
         from_arm names, and a grow arm's top_k, by `ExperimentConfig._check_from_arms`)."""
@@ -326,6 +334,8 @@ class ExperimentConfig:
     arms: list[ArmSpec]
     recipe: dict[str, Any] = field(default_factory=dict)
     domains: list[str] = field(default_factory=list, metadata={"derived": True})  # from the data
+
+    RENAMED: typing.ClassVar[dict[str, str]] = {"seed": "seeds: [N, ...]", "budget_tokens": "budgets: [TOKENS, ...]"}
 
     def validate(self) -> None:
         """Every check that needs no more than the config, the seed's files, the data and the calibration text."""
@@ -438,13 +448,7 @@ class ExperimentConfig:
                 raise _fail(f"{where}.{key}", "is set by the experiment (from the arm's kind, ratio, index_mode and "
                             "the moe and seeds fields); remove it")
         known = [f.name for f in dataclasses.fields(ConvertOptions) if f.name not in EXPERIMENT_CONVERT_FIELDS]
-        _refuse_unknown(values, known, where)
-        hints = typing.get_type_hints(ConvertOptions)
-        for key, value in values.items():
-            values[key] = check_type(f"{where}.{key}", hints[key], value)
-            choices = next(f.metadata.get("choices") for f in dataclasses.fields(ConvertOptions) if f.name == key)
-            if choices and value not in choices:
-                raise _fail(f"{where}.{key}", f"must be one of {', '.join(choices)}, got {_show(value)}")
+        values.update(check_values(ConvertOptions, values, where, accepted=known))
         if isinstance(values.get("calibration"), str):
             if not Path(values["calibration"]).is_file():
                 raise _fail(f"{where}.calibration", f"{values['calibration']} is not a file")
@@ -468,10 +472,10 @@ class ExperimentConfig:
 
     def _check_recipe_and_budgets(self) -> None:
         recipe = self.recipe
-        _refuse_unknown(recipe, RECIPE_SECTIONS, "recipe")
+        refuse_unknown(recipe, RECIPE_SECTIONS, "recipe")
         for name in RECIPE_SECTIONS:
             if recipe.get(name) is not None and not isinstance(recipe[name], dict):
-                raise _fail(f"recipe.{name}", f"must be a mapping, got {type(recipe[name]).__name__}")
+                raise UpcycleError(f"recipe.{name} must be a mapping, got {short_repr(recipe[name])}")
         for dotted, decided_by in OWNED_RECIPE_FIELDS.items():
             section, key = dotted.split(".")
             if key in (recipe.get(section) or {}):
@@ -678,126 +682,12 @@ def _validate_train_dict(values: dict, where: str) -> None:
 # Types, parsing, the saved record
 
 
-def check_type(where: str, hint: Any, value: Any) -> Any:
-    """`value` as type `hint` (str, int, float, bool, Any, X | None, list[X], dict[str, X], unions of those), or an
-    UpcycleError naming `where`. A float accepts an int and PyYAML's `1e-3` (read as a string by YAML 1.1)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in args:
-            if option is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return check_type(where, option, value)
-            except UpcycleError as exc:
-                errors.append(exc)
-        raise _fail(where, f"must be {_type_name(hint)}, got {_show(value)}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise _fail(where, f"must be {_type_name(hint)}, got {_show(value)}")
-        return [check_type(f"{where}[{i}]", args[0], v) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _fail(where, f"must be a mapping ({_type_name(hint)}), got {_show(value)}")
-        for key in value:
-            if not isinstance(key, str):
-                raise _fail(where, f"keys must be names, got {_show(key)}")
-        return {k: check_type(f"{where}.{k}", args[1], v) for k, v in value.items()}
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(where, f"must be a number, got {_show(value)}")
-        if not math.isfinite(value):
-            raise _fail(where, f"must be a finite number, got {_show(value)}")
-        return float(value)
-    if hint in (int, str, bool):
-        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-            raise _fail(where, f"must be {_type_name(hint)}, got {_show(value)}")
-        return value
-    if hint is tuple or origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _fail(where, f"must be a list, got {_show(value)}")
-        return tuple(value)
-    raise AssertionError(f"no type check for {hint}")
-
-
-def _type_name(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args if a is not type(None)) + (
-            " (or empty)" if type(None) in args else "")
-    if origin is list:
-        return f"a list of {_type_name(args[0])}"
-    if origin is dict:
-        return f"{{name: {_type_name(args[1])}}}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
-
-
-def _refuse_unknown(values: dict, known, where: str) -> None:
-    unknown = sorted(set(values) - set(known), key=str)
-    if unknown:
-        name = f"{where}.{unknown[0]}" if where else str(unknown[0])
-        hint = f"; renamed: write {RENAMED[unknown[0]]}" if not where and unknown[0] in RENAMED else ""
-        raise _fail(name, f"unknown field; {where or 'the experiment'} accepts: {', '.join(known)}{hint}")
-
-
-def _build(cls: type, values: Any, where: str):
-    """Dataclass `cls` from a parsed mapping: unknown fields refused, every field's type checked, naming the field."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise _fail(where or "the experiment config", f"must be a mapping, got {type(values).__name__}")
-    fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
-    _refuse_unknown(values, [f.name for f in fields], where)
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in fields:
-        name = f"{where}.{f.name}" if where else f.name
-        if f.name not in values:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise _fail(name, "is required")
-            continue
-        value = values[f.name]
-        if dataclasses.is_dataclass(hints[f.name]):
-            out[f.name] = _build(hints[f.name], value, name)
-        elif hints[f.name] == list[ArmSpec]:
-            if not isinstance(value, list):
-                raise _fail(name, "must be a list of arms, e.g. [{name: naive, kind: naive}]")
-            out[f.name] = [_build_arm(v, i) for i, v in enumerate(value)]
-        else:
-            if f.name in ("sources", "val_sources") and isinstance(value, dict):  # one path may stand for a list
-                value = {k: [v] if isinstance(v, str) else v for k, v in value.items()}
-            out[f.name] = check_type(name, hints[f.name], value)
-            choices = f.metadata.get("choices")
-            if choices and out[f.name] is not None and out[f.name] not in choices:
-                raise _fail(name, f"must be one of {', '.join(choices)}, got {_show(out[f.name])}")
-    return cls(**out)
-
-
-def _build_arm(values: Any, index: int) -> ArmSpec:
-    where = f"arms[{index}]"
-    name = values.get("name") if isinstance(values, dict) else None
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or not name[0].isalnum() \
-            or not all(c.isascii() and (c.isalnum() or c in ".-_") for c in name):
-        raise _fail(f"{where}.name", f"must be a directory name of at most {MAX_NAME_LENGTH} letters, digits, '.', "
-                    f"'-', '_', starting with a letter or digit, got {_show(name)}")
-    return _build(ArmSpec, values, f"{where} ({name})")
-
-
 def parse_config(values: Any) -> ExperimentConfig:
     """An ExperimentConfig from a parsed YAML mapping, validated completely (files included) before any work."""
     if not isinstance(values, dict):
         raise UpcycleError("an experiment config must be a YAML mapping (seed_model, seeds, data, moe, budgets, "
                            f"eval, arms, recipe), not a {type(values).__name__}")
-    config = _build(ExperimentConfig, copy.deepcopy(values), "")
+    config = build(ExperimentConfig, copy.deepcopy(values), what=WHAT)
     config.validate()
     return config
 
@@ -806,28 +696,28 @@ def config_from_record(record: dict) -> ExperimentConfig:
     """The config an OUT/experiment.yaml records (types checked; the files it names are not checked again: the
     record was validated when it was written)."""
     values = {k: v for k, v in record.items() if k != "domains"}
-    config = _build(ExperimentConfig, copy.deepcopy(values), "")
+    config = build(ExperimentConfig, copy.deepcopy(values), what=WHAT)
     config.domains = list(record.get("domains") or [])
     return config
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
-    """Read (aliases refused, as every config of ours) and validate an experiment YAML file."""
+    """Read (aliases and duplicate keys refused, as in every config of ours) and validate an experiment YAML file."""
     path = Path(path)
     if not path.is_file():
         raise UpcycleError(f"experiment config {path} does not exist")
-    return parse_config(read_yaml_config(path))
+    return parse_config(read_yaml(path, WHAT))
 
 
 def read_saved_config(out: Path) -> dict | None:
-    """OUT/experiment.yaml as plain data (None when OUT has none); read with the same alias-refusing loader."""
+    """OUT/experiment.yaml as plain data (None when OUT has none); read with the same loader."""
     path = out / CONFIG_FILE
-    return read_yaml_config(path) if path.is_file() else None
+    return read_yaml(path, WHAT) if path.is_file() else None
 
 
 def config_record(config: ExperimentConfig) -> dict:
     """The resolved config as plain data: what OUT/experiment.yaml holds and what a re-run is compared against."""
-    record = dataclasses.asdict(config)
+    record = to_dict(config)
     record["arms"] = [{k: v for k, v in arm.items() if v is not None} for arm in record["arms"]]
     return record
 
@@ -888,58 +778,7 @@ def inputs(config: ExperimentConfig) -> list[tuple[str, Path]]:
 # --help
 
 
-def _doc_entries(cls: type) -> dict[str, str]:
-    """The `Attributes:` entries of a dataclass docstring, one line each."""
-    _, _, attributes = (inspect.getdoc(cls) or "").partition("\nAttributes:\n")
-    entries, current = {}, None
-    for line in attributes.splitlines():
-        head, sep, rest = line.strip().partition(":")
-        if sep and line.startswith("    ") and not line.startswith("     ") and head.isidentifier():
-            current = head
-            entries[current] = rest.strip()
-        elif current and line.strip():
-            entries[current] += " " + line.strip()
-    return entries
-
-
-def _help_type(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_help_type(a) for a in args if a is not type(None))
-    if origin is list:
-        return f"[{_help_type(args[0])}]"
-    if origin is dict:
-        return f"{{NAME: {_help_type(args[1])}}}"
-    return {int: "INT", float: "FLOAT", str: "STR", bool: "BOOL"}.get(hint, "VALUE")
-
-
 def config_help() -> str:
     """The experiment YAML's fields, made from the dataclasses above, for `upcycle experiment --help`."""
-    lines = ["experiment config (YAML; docs/experiments.md has every field and what the experiment writes):"]
-
-    def add(cls: type, indent: int) -> None:
-        docs, hints = _doc_entries(cls), typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.metadata.get("derived"):
-                continue
-            hint = hints[f.name]
-            section = dataclasses.is_dataclass(hint) or hint == list[ArmSpec]
-            if f.default is not dataclasses.MISSING:
-                default = "empty" if f.default is None else json.dumps(f.default)
-            elif f.default_factory is not dataclasses.MISSING and not section:
-                default = json.dumps(f.default_factory())
-            else:
-                default = "" if section and hint != list[ArmSpec] else "required"
-            choices = f.metadata.get("choices")
-            kind = " | ".join(choices) if choices else _help_type(hint)
-            kind = "list of arms, each:" if hint == list[ArmSpec] else ("" if section else kind)
-            lines.append(f"{' ' * indent}{f.name}: {kind}".rstrip() + (f"  [{default}]" if default else ""))
-            lines.extend(textwrap.wrap(docs.get(f.name, ""), width=116, initial_indent=" " * (indent + 4),
-                                       subsequent_indent=" " * (indent + 4)))
-            if dataclasses.is_dataclass(hint):
-                add(hint, indent + 2)
-            elif hint == list[ArmSpec]:
-                add(ArmSpec, indent + 2)
-
-    add(ExperimentConfig, 2)
-    return "\n".join(lines)
+    return fields_help(ExperimentConfig, "experiment config (YAML; docs/experiments.md has every field and what the "
+                       "experiment writes):")

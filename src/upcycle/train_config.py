@@ -1,5 +1,6 @@
-"""The training config: one dataclass per YAML section, each checking its own fields in `validate()`; reading YAML,
-applying `section.field=value` overrides, and the field list `upcycle train --help` shows.
+"""The training config: one dataclass per YAML section, each checking its own fields in `validate()`, built and read
+by `upcycle.config` (as every config of ours); `section.field=value` overrides and the field list `upcycle train --help`
+shows.
 
 A config is data only: nothing here touches the output directory, the data or the model weights. `TrainConfig.validate`
 runs every check that needs no more than the config and the file system, before any work starts.
@@ -7,17 +8,15 @@ runs every check that needs no more than the config and the file system, before 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from upcycle.config import build, fields_help, load_yaml, read_yaml, to_dict
 from upcycle.convert import ConvertOptions
+from upcycle.data import check_weights
 from upcycle.distributed import PARALLEL_MODES
 from upcycle.errors import UpcycleError
 from upcycle.files import not_an_input
@@ -25,12 +24,13 @@ from upcycle.hf_formats import AUTO_FORMAT
 from upcycle.model import ModelConfig
 from upcycle.schedule import SCHEDULE_KINDS
 from upcycle.upcycling import METHODS
-from upcycle.validation import check_fields, check_value, union_members
+from upcycle.validation import check_fields
 
 # train.micro_batch_size: empty picks the largest divisor of the per-rank sequences up to this many.
 AUTO_MICRO_BATCH_MAX = 8
 BALANCE_SCOPES = ("micro_batch", "global_batch")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: upcycle.hardware.resolve_precision decides per device and width
+WHAT = "a training config"  # how messages name the file
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,8 @@ class DataConfig:
                         raise not_an_input(f"data.sources.{name}:", p)
         if self.seq_len < 1:
             raise UpcycleError(f"data.seq_len must be >= 1, got {self.seq_len}")
+        if self.weights is not None:
+            check_weights(self.weights, "data.weights")
 
 
 @dataclass
@@ -334,7 +336,18 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "init": InitConfig, "data": D
 
 @dataclass
 class TrainConfig:
-    """A whole training run: the YAML file's top-level sections."""
+    """A whole training run: the YAML file's top-level sections.
+
+    Attributes:
+        model: The architecture, to train from scratch; leave it out with init.source (the checkpoint's is used).
+        init: Where the weights come from, and online upcycling.
+        data: Training and validation tokens.
+        optim: AdamW.
+        schedule: The learning rate schedule.
+        train: The training loop.
+        checkpoint: Checkpoints under OUT/checkpoints.
+        logging: What is reported besides OUT/metrics.jsonl.
+    """
 
     model: ModelConfig | None = None
     init: InitConfig = field(default_factory=InitConfig)
@@ -389,90 +402,26 @@ def validate_config(config: TrainConfig) -> None:
 
 def config_to_dict(config: TrainConfig) -> dict:
     """Plain YAML-safe dict (tuples become lists) of a config, for OUT/config.yaml and checkpoints."""
-
-    def plain(value):
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-
-    return plain(dataclasses.asdict(config))
-
-
-def _section(cls: type, values: Any, name: str):
-    """Build dataclass `cls` from a dict, naming the offending field of section `name` in errors."""
-    if values is None:
-        return None if cls is ModelConfig else cls()
-    if isinstance(values, cls):
-        return values
-    if not isinstance(values, dict):
-        raise UpcycleError(f"config section {name!r} must be a mapping, got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UpcycleError(f"unknown config field {name}.{unknown[0]}; {name} accepts: {', '.join(sorted(known))}")
-    hints = typing.get_type_hints(cls)
-    values = dict(values)
-    for key, value in values.items():
-        if float in union_members(hints[key]) and isinstance(value, str):
-            # PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string; accept it as the number it obviously is.
-            with contextlib.suppress(ValueError):
-                values[key] = float(value)
-        check_value(f"{name}.{key}", hints[key], values[key])
-    try:
-        return cls(**values)
-    except TypeError as exc:  # a missing required field (ModelConfig's sizes)
-        raise UpcycleError(f"config section {name!r}: {exc}") from None
-    except UpcycleError as exc:  # ModelConfig checks its sizes when built
-        raise UpcycleError(f"{name}: {exc}") from None
+    return to_dict(config)
 
 
 def config_from_dict(values: dict) -> TrainConfig:
-    """A TrainConfig from a parsed YAML mapping; unknown sections or fields are errors that name them."""
+    """A TrainConfig from a parsed YAML mapping (`upcycle.config.build`: unknown sections or fields are errors that
+    name them, every value's type is checked)."""
     if not isinstance(values, dict):
         raise UpcycleError("a training config must be a YAML mapping of sections (model, init, data, ...)")
-    unknown = sorted(set(values) - set(SECTIONS))
-    if unknown:
-        raise UpcycleError(f"unknown config section {unknown[0]!r}; sections are: {', '.join(SECTIONS)}")
-    return TrainConfig(**{name: _section(cls, values.get(name), name) for name, cls in SECTIONS.items()})
+    return build(TrainConfig, values, what=WHAT)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # YAML and overrides
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """yaml.safe_load without aliases: `*name` refers back to an `&name` anchor, and nested aliases expand
-    exponentially (a "billion laughs" file of a few hundred bytes would become gigabytes when the config is copied
-    or written out). A training config has no use for them, so the first alias is refused before anything expands."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise _AliasFound(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not accepted in "
-                              "a training config; write the value out")
-        return super().compose_node(parent, index)
-
-
-class _AliasFound(Exception):
-    pass
-
-
-def _load_yaml(text: str, where: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
-    except _AliasFound as exc:
-        raise UpcycleError(f"{where}, {exc}") from None
-    except yaml.YAMLError as exc:
-        raise UpcycleError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None
-
-
 def _parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise UpcycleError(f"override {text!r} must look like section.field=value, e.g. optim.lr=1e-3")
-    return key.strip().split("."), _load_yaml(raw, f"override {text!r}")
+    return key.strip().split("."), load_yaml(raw, f"override {text!r}", WHAT)
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -489,12 +438,8 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml_config(path: str | Path) -> dict:
-    """The parsed mapping of a YAML config file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UpcycleError(f"config file {path} does not exist")
-    values = _load_yaml(path.read_text(), str(path))
-    return {} if values is None else values
+    """The parsed mapping of a YAML training config file (aliases and duplicate keys refused)."""
+    return read_yaml(path, WHAT)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -512,14 +457,6 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
 
 def config_fields_help() -> str:
-    """Every overridable field with its type and default, for `upcycle train --help`."""
-    lines = ["config fields (override any with --section.field VALUE; each is documented in docs/training.md):"]
-    for name, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-            flag = f"--{name}.{f.name}"
-            choices = f.metadata.get("choices")
-            lines.append(f"  {flag:<36} {str(f.type):<26} default: {default}"
-                         + (f"; one of {', '.join(map(str, choices))}" if choices else ""))
-    return "\n".join(lines)
+    """Every overridable field with its type, default and doc, for `upcycle train --help`."""
+    return fields_help(TrainConfig, "config fields (override any with --section.field VALUE; each is documented in "
+                       "docs/training.md):", flags=True)

@@ -1,5 +1,6 @@
-"""The one generic check of option values against their declared types: every config (the train config's sections,
-`ConvertOptions`, `upcycle data prepare`'s options) runs its values through here before its own range checks.
+"""The one generic check of option values against their declared types: every config (each YAML file through
+`upcycle.config.build`, `ConvertOptions`, `upcycle data prepare`'s options) runs its values through here before its own
+range checks.
 
 A value comes from YAML, JSON, the command line or Python, so it may be of any type: `optim.betas: "ab"`, weights
 given as a list, sources given as numbers. Each is refused with one line naming the field (and, inside a list or
@@ -54,6 +55,8 @@ def describe(hint: Any, *, plural: bool = False) -> str:
     """'an integer', 'a list of finite numbers', 'a mapping of strings to lists of strings', ..."""
     if hint in _NOUNS:
         return _NOUNS[hint][plural]
+    if hint is Any or hint is object:
+        return "values" if plural else "any value"
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe(a, plural=plural) for a in args)
@@ -71,6 +74,8 @@ def describe(hint: Any, *, plural: bool = False) -> str:
             return "mappings" if plural else "a mapping"
         return (("mappings of " if plural else "a mapping of ") + describe(args[0], plural=True) + " to "
                 + describe(args[1], plural=True))
+    if dataclasses.is_dataclass(hint):  # a section of a config, built from a mapping (upcycle.config.build)
+        return "mappings" if plural else "a mapping"
     name = getattr(hint, "__name__", str(hint))
     return f"{name} values" if plural else f"a {name}"
 
