@@ -244,3 +244,12 @@ def test_the_config_module_imports_no_torch():
     shown = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
                            check=True).stdout
     assert shown.strip() == "['upcycle', 'upcycle.config', 'upcycle.errors', 'upcycle.validation']"
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
+    from upcycle.config import read_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"train:\n  max_steps: 5 \xff\xfe\n")
+    with pytest.raises(UpcycleError, match=r"c.yaml is not UTF-8 text \(invalid start byte at byte 22\); save it as UTF-8"):
+        read_yaml(path, "a training config")

@@ -98,7 +98,13 @@ def read_yaml(path: str | Path, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UpcycleError(f"config file {path} does not exist")
-    values = load_yaml(path.read_text(), str(path), what)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UpcycleError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UpcycleError(f"cannot read {path}: {exc.strerror or exc}") from None
+    values = load_yaml(text, str(path), what)
     return {} if values is None else values
 
 
