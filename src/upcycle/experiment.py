@@ -69,9 +69,8 @@ from upcycle.experiment_config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KI
                                        arm_where, check_validation_split, config_change, config_from_record,
                                        config_help, config_record, inputs, load_experiment, read_saved_config,
                                        train_config_dict)
-from upcycle.experiment_report import RESULTS_FILE, REPORT_FILE, build_results, display_path, write_outputs, \
-    write_text_atomic
-from upcycle.files import publish_dir
+from upcycle.experiment_report import RESULTS_FILE, REPORT_FILE, build_results, display_path, write_outputs
+from upcycle.files import atomic_write, atomic_write_json, publish_dir
 from upcycle.grow import grow
 from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP, export_hf, load_model
 from upcycle.train import run_training
@@ -155,10 +154,6 @@ def measure_model(model, val: ValidationSet) -> dict:
         result.update(routing=shares, jsd_layers=jsd_layers, jsd=stats.mean_or_none(jsd_layers),
                       cosine_layers=cosines, cosine=float(np.mean(cosines)))
     return result
-
-
-def _write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -328,7 +323,7 @@ def _finish_budget(ctx: _Context, unit: Path, run: Path, steps: int, *, flops_pe
     record = measure_model(load_model(kept).to(_device()), ctx.val)
     record = {"tokens": tokens, "steps": steps, "flops": flops_per_token * tokens + extra_flops,
               "data_sha256": _data_hash(run, steps), "model": str(kept.relative_to(ctx.out)), **record}
-    _write_json(measured, record)
+    atomic_write_json(measured, record)
     if delete_checkpoints:
         shutil.rmtree(run / ckpt.CHECKPOINT_DIR, ignore_errors=True)
     _log(f"{label}: {tokens:,} tokens (end of schedule): mean validation loss "
@@ -362,7 +357,7 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
 
     model = load_model(init_dir).to(_device())
     if not point(0).is_file():
-        _write_json(point(0), {"step": 0, "tokens": 0, **measure_model(model, ctx.val)})
+        atomic_write_json(point(0), {"step": 0, "tokens": 0, **measure_model(model, ctx.val)})
     active, total = model.num_active_params(), model.num_params()  # the model's own (grow changes both)
     shape = dict(zip(FROM_ARM_FIELDS, (arm.from_arm, model.config.num_experts or None,
                                        model.config.top_k if model.config.is_moe else None))) \
@@ -388,7 +383,7 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
         _train_to(ctx, train_dict(largest, largest), main, stop, label)
         if stop in plan.eval_steps and not point(stop).is_file():
             record = measure_model(load_model(_checkpoint(main, stop)).to(_device()), ctx.val)
-            _write_json(point(stop), {"step": stop, "tokens": stop * plan.tokens_per_step, **record})
+            atomic_write_json(point(stop), {"step": stop, "tokens": stop * plan.tokens_per_step, **record})
             _log(f"{label}: step {stop}: mean validation loss {np.mean(list(record['val'].values())):.4f}")
         for n in pending:
             _seed_branch(main, stop, branch_runs[n])
@@ -416,7 +411,7 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
         "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - started, 1),  # this invocation's time (not counting killed ones)
     }
-    _write_json(done, result)
+    atomic_write_json(done, result)
     _log(f"{label}: done")
     return result
 
@@ -544,7 +539,7 @@ def _setup(config: ExperimentConfig, out: Path) -> Path:
         raise
     record = config_record(config)
     if read_saved_config(out) != record:
-        write_text_atomic(out / CONFIG_FILE, _yaml(record))
+        atomic_write(out / CONFIG_FILE, _yaml(record))
     return data_dir
 
 
@@ -692,7 +687,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, config_path: st
                 data_dir = _setup(config, out)
                 ctx = _context(config, out, data_dir)
                 if not (out / VALIDATION_FILE).is_file():
-                    _write_json(out / VALIDATION_FILE, ctx.val.record)
+                    atomic_write_json(out / VALIDATION_FILE, ctx.val.record)
         except UpcycleError:
             if created and all(p.name in LOCK_FILES for p in out.iterdir()):
                 shutil.rmtree(out, ignore_errors=True)  # refused before anything was written: leave no OUT behind

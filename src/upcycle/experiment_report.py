@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import numpy as np
 from upcycle import experiment_stats as stats
 from upcycle.analyze import default_plot_layers, plot_routing
 from upcycle.experiment_config import FROM_ARM_FIELDS, MOE_KINDS
+from upcycle.files import atomic_path, atomic_write
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -36,19 +36,6 @@ def display_path(path: str) -> str:
     """A path relative to the current directory when it lies below it (results read the same on every machine)."""
     resolved = Path(path).resolve()
     return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` through a temporary sibling and one rename, so a reader never sees half a file. A failing write
-    (a full disk: write() names no file) is re-raised naming `path`, so the one-line error says where."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.filename is None:
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,8 +221,8 @@ def write_outputs(out: Path, results: dict, *, title: str = "upcycle experiment"
             routing = arm["seeds"][0].get("routing_final")
             if routing:
                 figures.append(plot_arm_routing(arm, routing, results, out / f"routing_{arm['name']}.png"))
-    write_text_atomic(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
-    write_text_atomic(out / REPORT_FILE, report_markdown(results, title=title, recipe=recipe))
+    atomic_write(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    atomic_write(out / REPORT_FILE, report_markdown(results, title=title, recipe=recipe))
     return results
 
 
@@ -264,13 +251,10 @@ def _style(arm: dict, index: int) -> dict:
 
 
 def _save(fig, plt, path: Path) -> Path:
-    """savefig through a temporary file (one rename), naming `path` if the write fails."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    """savefig written atomically (files.atomic_path), naming `path` if the write fails."""
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        with atomic_path(path, keep_suffix=True) as tmp:
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
     return path
@@ -381,10 +365,9 @@ def plot_arm_routing(arm: dict, routing: list[dict], results: dict, path: Path) 
                 "domains": domains,
                 "layers": [{"layer": i, "routing": {d: {"share": shares[d]} for d in domains}}
                            for i, shares in enumerate(routing)]}
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    plot_routing(analysis, tmp, default_plot_layers(len(routing)),
-                 title=f"{arm['name']} (seed {arm['seeds'][0]['seed']}) after {results['budgets'][-1]:,} tokens")
-    os.replace(tmp, path)
+    with atomic_path(path, keep_suffix=True) as tmp:
+        plot_routing(analysis, tmp, default_plot_layers(len(routing)),
+                     title=f"{arm['name']} (seed {arm['seeds'][0]['seed']}) after {results['budgets'][-1]:,} tokens")
     return path
 
 

@@ -1,10 +1,14 @@
-"""Publishing directories atomically, and file digests.
+"""Publishing files and directories atomically, and file digests.
 
 Every command that writes a directory (convert, data prepare, export) builds it with `publish_dir`: a temporary hidden
 sibling `.NAME.upcycle-tmp-PID` is filled, made durable and renamed into place only when complete, so a reader sees a
 complete directory or none. One policy for an existing output: refused unless `force`, and then replaced only once the
 new one is complete. Temporary directories left by killed runs (their PID no longer alive) are removed by the next run
 that publishes the same NAME.
+
+Every single file that must never be seen half written (a report, a JSON record, a figure, a cache) is written with
+`atomic_write` (or `atomic_path` for a writer that takes a path): a temporary sibling `.NAME.tmp-PID`, fsynced, renamed
+over NAME, and the directory fsynced.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import shutil
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from upcycle.errors import UpcycleError
 
@@ -31,6 +36,54 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _naming(error: OSError, path: Path, tmp: Path) -> OSError:
+    """`error` naming `path` where it names no file (write() on a full disk) or only the temporary file `tmp`, so the
+    one-line message says which file could not be written."""
+    if error.filename is None or error.filename == str(tmp):
+        named = OSError(error.errno, error.strerror or str(error), str(path))
+        named.__cause__ = error
+        return named
+    return error
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; when the block ends normally it is fsynced and renamed over
+    `path` (one rename: a reader sees the old file or the new, never half of one) and the directory is fsynced, so the
+    new file survives a crash. When the block raises, the temporary file is removed and `path` is untouched; an
+    OSError naming no file, or the temporary one, is re-raised naming `path`. The temporary name is `.NAME.tmp-PID`
+    (one per process), or with `keep_suffix` `.STEM.tmp-PID.SUFFIX`, for writers that pick a format by the ending
+    (matplotlib's savefig)."""
+    path = Path(path)
+    name = f".{path.stem}.tmp-{os.getpid()}{path.suffix}" if keep_suffix else f".{path.name}.tmp-{os.getpid()}"
+    tmp = path.with_name(name)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise _naming(error, path, tmp) from error
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8, or bytes) to `path` atomically and durably (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int = 2) -> None:
+    """`data` as JSON (with a final newline), written atomically and durably."""
+    atomic_write(path, json.dumps(data, indent=indent) + "\n")
 
 
 def wait_for_file(path: Path, timeout_s: float = 120.0, interval_s: float = 0.5) -> bool:

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from upcycle.files import atomic_write_json
+
 # /proc/cpuinfo flags that mean bf16 dot products in hardware: x86 AVX-512 BF16, x86 AMX tiles, Arm's BF16 extension.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 # The flags worth printing beside a CPU benchmark figure: what decides fp32 and bf16 matmul speed.
@@ -274,9 +276,7 @@ def _store(path: Path, key: dict, result: ProbeResult) -> None:
     entries = [e for e in _read_cache(path) if e["key"] != key][-(CACHE_MAX_ENTRIES - 1):]
     entries.append({"key": key, "cpu": cpu_description(), "result": asdict(result)})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, {"entries": entries}, indent=1)
 
 
 def _load_average() -> float | None:
