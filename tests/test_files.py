@@ -1,21 +1,25 @@
 """`files.publish_dir`: the one way every command publishes a directory, and its one "output exists" policy;
-`files.atomic_write`: the one way a single file is replaced."""
+`files.atomic_write`: the one way a single file is replaced; `files.exclusive_lock`: the one lock on a run's
+directory."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from helpers import save_dense
+from helpers import save_dense, subprocess_env
 from upcycle.convert import convert
 from upcycle.errors import UpcycleError
 from upcycle import files
-from upcycle.files import atomic_path, atomic_write, atomic_write_json, publish_dir, sha256_file
+from upcycle.files import (LockHeld, atomic_path, atomic_write, atomic_write_json, exclusive_lock, publish_dir,
+                          sha256_file)
 
 
 def _dead_pid() -> int:
@@ -182,3 +186,50 @@ def test_a_writer_that_raises_inside_atomic_path_leaves_the_old_file(tmp_path):
             tmp.write_bytes(b"half")
             raise RuntimeError("killed halfway")
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["figure.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# exclusive_lock
+
+
+def test_the_lock_refuses_a_second_holder_names_the_first_and_is_free_once_closed(tmp_path):
+    path = tmp_path / ".lock"
+    handle, unlocked = exclusive_lock(path)
+    assert unlocked is None and path.read_text() == f"{os.getpid()}\n"
+    with pytest.raises(LockHeld) as held:  # flock belongs to the open file: a second open() is a second holder
+        exclusive_lock(path)
+    assert held.value.holder == str(os.getpid())
+    second = subprocess.run([sys.executable, "-c", "import sys; from upcycle.files import exclusive_lock, LockHeld\n"
+                             "try:\n    exclusive_lock(sys.argv[1])\nexcept LockHeld as held:\n"
+                             "    sys.exit(f'held by {held.holder}')", str(path)],
+                            capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert second.stderr.strip() == f"held by {os.getpid()}"
+    handle.close()
+    again, _ = exclusive_lock(path)
+    again.close()
+
+
+def test_a_waiting_lock_is_taken_when_the_holder_lets_go(tmp_path):
+    path = tmp_path / ".setup.lock"
+    handle, _ = exclusive_lock(path)
+    taken = []
+    waiter = threading.Thread(target=lambda: taken.append(exclusive_lock(path, wait=True)))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not taken  # blocked while the first holds it
+    handle.close()
+    waiter.join(10)
+    assert len(taken) == 1 and taken[0][1] is None
+    taken[0][0].close()
+
+
+def test_on_a_file_system_without_locks_the_file_is_returned_with_the_error(tmp_path, monkeypatch):
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre without flock
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    handle, unlocked = exclusive_lock(tmp_path / ".lock")
+    try:
+        assert unlocked.errno == errno.ENOSYS and (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    finally:
+        handle.close()

@@ -41,7 +41,6 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -70,7 +69,7 @@ from upcycle.experiment_config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KI
                                        config_help, config_record, inputs, load_experiment, read_saved_config,
                                        train_config_dict)
 from upcycle.experiment_report import RESULTS_FILE, REPORT_FILE, build_results, display_path, write_outputs
-from upcycle.files import atomic_write, atomic_write_json, publish_dir
+from upcycle.files import LockHeld, atomic_write, atomic_write_json, exclusive_lock, publish_dir
 from upcycle.grow import grow
 from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP, export_hf, load_model
 from upcycle.train import run_training
@@ -435,17 +434,17 @@ def _display_convert(options: dict[str, Any] | None) -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def _exclusive(path: Path, what: str, wait: bool = False):
-    """An advisory lock held while this process lives (the OS drops it on any exit, SIGKILL included)."""
-    handle = open(path, "a")
+    """An advisory lock held while this process lives (the OS drops it on any exit, SIGKILL included). On a file
+    system without locks the OSError is raised: the runs of one experiment rely on these locks."""
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise UpcycleError(f"{what} is in use by another upcycle experiment process; wait for it or stop it "
-                               "first") from None
+        handle, unlocked = exclusive_lock(path, wait=wait)
+    except LockHeld:
+        raise UpcycleError(f"{what} is in use by another upcycle experiment process; wait for it or stop it "
+                           "first") from None
+    with handle:
+        if unlocked is not None:
+            raise unlocked
         yield
-    finally:
-        handle.close()
 
 
 def _refuse_inputs_in_out(config: ExperimentConfig, out: Path) -> None:

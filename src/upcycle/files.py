@@ -1,4 +1,4 @@
-"""Publishing files and directories atomically, and file digests.
+"""Publishing files and directories atomically, exclusive locks, and file digests.
 
 Every command that writes a directory (convert, data prepare, export) builds it with `publish_dir`: a temporary hidden
 sibling `.NAME.upcycle-tmp-PID` is filled, made durable and renamed into place only when complete, so a reader sees a
@@ -8,7 +8,8 @@ that publishes the same NAME.
 
 Every single file that must never be seen half written (a report, a JSON record, a figure, a cache) is written with
 `atomic_write` (or `atomic_path` for a writer that takes a path): a temporary sibling `.NAME.tmp-PID`, fsynced, renamed
-over NAME, and the directory fsynced.
+over NAME, and the directory fsynced. A run that must be the only one on a directory holds `exclusive_lock` on a file
+in it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import shutil
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from upcycle.errors import UpcycleError
 
@@ -84,6 +85,45 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int = 2) -> None:
     """`data` as JSON (with a final newline), written atomically and durably."""
     atomic_write(path, json.dumps(data, indent=indent) + "\n")
+
+
+class LockHeld(Exception):
+    """Another process holds the exclusive lock on `path`; `holder` is the pid it wrote there ("unknown" if none)."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is locked by process {holder}")
+        self.path, self.holder = path, holder
+
+
+def exclusive_lock(path: str | os.PathLike, *, wait: bool = False) -> tuple[IO, OSError | None]:
+    """Take an exclusive advisory lock (flock) on file `path`, created if missing, and write this process's pid into
+    it. Returns (the open file, which holds the lock until it is closed or the process ends, SIGKILL included; None,
+    or the OSError of a file system without locks: Lustre without flock (ENOSYS), NFSv3 without lockd (ENOLCK), on
+    which the file holds no lock and the caller decides whether to go on). Raises LockHeld when another process holds
+    the lock, or with `wait` waits for it."""
+    import fcntl
+
+    path = Path(path)
+    handle = open(path, "a+")  # noqa: SIM115 (returned open: it holds the lock)
+    unlocked = None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise LockHeld(path, holder) from None
+    except OSError as error:
+        unlocked = error
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    except BaseException:
+        handle.close()
+        raise
+    return handle, unlocked
 
 
 def wait_for_file(path: Path, timeout_s: float = 120.0, interval_s: float = 0.5) -> bool:
