@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import dataclasses
 import json
 import os
@@ -71,6 +70,7 @@ from upcycle.experiment_config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KI
 from upcycle.experiment_report import RESULTS_FILE, REPORT_FILE, build_results, display_path, write_outputs
 from upcycle.files import LockHeld, atomic_write, atomic_write_json, exclusive_lock, publish_dir
 from upcycle.grow import grow
+from upcycle.hardware import die_with_parent
 from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP, export_hf, load_model
 from upcycle.train import run_training
 from upcycle.train_config import config_from_dict
@@ -546,24 +546,6 @@ def _yaml(record: dict) -> str:
     return yaml.safe_dump(record, sort_keys=False)
 
 
-def _die_with_parent():
-    """A preexec_fn for a child process: be killed when the experiment process dies (even by SIGKILL), so a re-run
-    never races an orphan still training the same run. Linux only (elsewhere the run's lock refuses the race
-    instead). The libc function is looked up here, in the parent: the child only calls it."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
-
 def _run_parallel(config_path: str, out: Path, units: list[tuple[ArmSpec, int]], parallel: int,
                   threads: int) -> None:
     """N runs at once, each `python -m upcycle experiment --only=ARM --seeds=S` with threads // N torch threads:
@@ -575,7 +557,9 @@ def _run_parallel(config_path: str, out: Path, units: list[tuple[ArmSpec, int]],
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     pending, running, failed, unstarted = list(units), {}, [], []
-    preexec = _die_with_parent()
+    # each child is killed when this process dies (even by SIGKILL), so a re-run never races an orphan still training
+    # the same run; Linux only (elsewhere the run's lock refuses the race instead)
+    preexec = die_with_parent(signal.SIGKILL, parent=os.getpid())
 
     def ready(arm: ArmSpec, seed: int) -> bool:
         return arm.from_arm is None or (_unit_dir(out, arm.from_arm, seed) / ARM_DONE_FILE).is_file()
