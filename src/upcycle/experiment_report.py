@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from upcycle import experiment_stats as stats
-from upcycle.analyze import default_plot_layers, plot_routing
+from upcycle.analyze import default_plot_layers, plot_routing, pyplot
 from upcycle.experiment_config import FROM_ARM_FIELDS, MOE_KINDS
 from upcycle.files import atomic_path, atomic_write
 
@@ -235,15 +235,6 @@ def is_moe(arm: dict) -> bool:
     return arm["method"] in MOE_KINDS or bool(arm.get("num_experts"))
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _style(arm: dict, index: int) -> dict:
     if arm["method"] == "dense":
         return {"color": "black", "marker": "."}
@@ -275,7 +266,7 @@ def _band(ax, points: list[tuple[float, dict]], style: dict, label: str | None, 
 def plot_loss_curves(results: dict, path: Path) -> Path:
     """Fig. 3 style, one panel per mean and per domain: each budget's end-of-schedule loss (solid, markers) and the
     longest run's mid-schedule points (dashed), against training tokens on a log axis."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [*MEANS, *results["domains"]]
     columns = 2
     rows = math.ceil(len(panels) / columns)
@@ -304,7 +295,7 @@ def plot_gap_to_naive(results: dict, path: Path) -> Path:
     """Each arm's mean loss minus naive's, paired by seed: at the end of each budget's schedule (markers, with the
     interval across seeds as error bars) and mid-schedule along the longest run (dashed). Symmetric-log loss axis, so
     early gaps of nats and late ones of hundredths are both readable; below 0 the arm is ahead of naive."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
     for index, arm in enumerate(results["arms"]):
         if arm["name"] == results["reference"]:
@@ -335,7 +326,7 @@ def plot_gap_to_naive(results: dict, path: Path) -> Path:
 def plot_over_training(results: dict, path: Path, key: str, ylabel: str) -> Path:
     """A per-arm quantity (seed mean) against training tokens, the untrained model (0 tokens) included: the longest
     run's points (dashed) and each budget's end (solid)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     first = min([p["tokens"] for arm in results["arms"] for p in arm["curve"] if p["tokens"] > 0]
                 + [b for b in results["budgets"]])
