@@ -10,9 +10,15 @@ import pytest
 import yaml
 
 from helpers import REPO
-from upcycle.experiment_report import report_markdown
+from upcycle.experiment_report import markdown_table, report_markdown
 
 DEMO = REPO / "docs" / "experiments" / "cpu-demo"
+
+
+def test_a_markdown_table_is_a_header_a_separator_and_a_line_per_row():
+    assert markdown_table(["arm", "loss"], [["naive", "1.0"], ["drop", "0.9"]]) == [
+        "| arm | loss |", "| --- | --- |", "| naive | 1.0 |", "| drop | 0.9 |"]
+    assert markdown_table(["arm"], []) == ["| arm |", "| --- |"]
 
 
 @pytest.mark.parametrize("directory", [DEMO, DEMO / "rescore"], ids=["experiment", "rescore"])
