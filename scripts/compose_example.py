@@ -154,11 +154,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _plot(results: dict, path: Path) -> None:
-    import matplotlib
+    from upcycle.analyze import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, arm in results["arms"].items():
         ce = arm["train_ce"]

@@ -66,11 +66,9 @@ def _final_checkpoint(run: Path) -> Path:
 def plot_losses(runs: dict[str, Path], path: Path, dense_val: float | None = None,
                 initial_val: dict[str, float] | None = None) -> None:
     """Training CE per step (faint) with a 5-step running mean, and validation CE, one colour per arm."""
-    import matplotlib
+    from upcycle.analyze import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for color, (name, run) in zip(("tab:blue", "tab:red"), runs.items()):
         records = _read_metrics(run)

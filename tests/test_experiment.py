@@ -175,6 +175,34 @@ def test_invalid_configs_name_the_field(tiny, change, field):
     assert str(error.value).startswith(field), str(error.value)
 
 
+def test_an_moe_that_cannot_train_in_this_machines_memory_is_refused_by_upcycle_plans_figure(tiny, monkeypatch):
+    """The need is `upcycle plan`'s (make_plan of the run's training config, its init upcycling the seed as the arm
+    does), not a guess: refused one byte below it, accepted at it; one line naming the field and the fix."""
+    import re
+
+    from upcycle import experiment_config
+    from upcycle.convert import ConvertOptions
+    from upcycle.hardware import HostMemory, format_bytes
+    from upcycle.plan import make_plan
+
+    config = parse_config(experiment_dict(tiny, arms=[{"name": "naive", "kind": "naive"}]))
+    values = train_config_dict(config, init_source=str(tiny["seed"]), max_steps=1, seed=0)
+    values["init"].update(method="naive", num_experts=4, top_k=2)  # as `upcycle plan` reads an init section
+    plan = make_plan(config_from_dict(values), world_size=1, ranks_per_node=1, device="cpu")
+    need = max(plan.node_host_bytes(phase) for phase in ("build", "train", "save"))
+    assert experiment_config.moe_training_bytes(config, ConvertOptions(method="naive", num_experts=4, top_k=2)) == need
+    assert need > 16 * plan.total_params  # weights, gradients and AdamW (4 fp32 copies), plus activations and runtime
+
+    monkeypatch.setattr(experiment_config, "host_memory", lambda: HostMemory(total=need - 1, available=None))
+    with pytest.raises(UpcycleError) as error:
+        parse_config(experiment_dict(tiny, arms=[{"name": "naive", "kind": "naive"}]))
+    assert re.fullmatch(rf"moe.num_experts: an MoE of 4 experts needs about {re.escape(format_bytes(need))} to train "
+                        r"\(upcycle plan's figure: [^)]*\), more than this machine's [0-9.]+ [GM]iB; use fewer experts",
+                        str(error.value)), str(error.value)
+    monkeypatch.setattr(experiment_config, "host_memory", lambda: HostMemory(total=need, available=None))
+    parse_config(experiment_dict(tiny, arms=[{"name": "naive", "kind": "naive"}]))
+
+
 def test_grow_defaults_follow_the_from_arm_chain(tiny):
     """factor 2 and top_k = factor x the source's top-k by default, through a chain of grow and continue arms; a
     continue of the dense arm is allowed (the dense model trained further)."""

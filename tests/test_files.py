@@ -1,17 +1,25 @@
-"""`files.publish_dir`: the one way every command publishes a directory, and its one "output exists" policy."""
+"""`files.publish_dir`: the one way every command publishes a directory, and its one "output exists" policy;
+`files.atomic_write`: the one way a single file is replaced; `files.exclusive_lock`: the one lock on a run's
+directory."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from helpers import save_dense
+from helpers import save_dense, subprocess_env
 from upcycle.convert import convert
 from upcycle.errors import UpcycleError
-from upcycle.files import publish_dir, sha256_file
+from upcycle import files
+from upcycle.files import (LockHeld, atomic_path, atomic_write, atomic_write_json, exclusive_lock, publish_dir,
+                          sha256_file)
 
 
 def _dead_pid() -> int:
@@ -134,3 +142,94 @@ def test_convert_onto_a_full_disk_is_refused_up_front_or_fails_cleanly(tmp_path,
     with pytest.raises(UpcycleError, match="No space left on device; nothing was written"):
         convert(dense, small_tmpfs / "moe", num_experts=8, progress=False)
     assert list(small_tmpfs.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# atomic_write
+
+
+def test_atomic_write_replaces_the_file_and_makes_the_file_and_its_directory_durable(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = files.fsync_path
+    monkeypatch.setattr(files, "fsync_path", lambda path: (synced.append(Path(path).name), real_fsync(path)))
+    path = tmp_path / "report.md"
+    path.write_text("old")
+    atomic_write(path, "new ü")
+    assert path.read_text(encoding="utf-8") == "new ü"
+    assert synced == [f".report.md.tmp-{os.getpid()}", tmp_path.name]  # the file before the rename, then the directory
+    atomic_write(path, b"\x00bytes")
+    assert path.read_bytes() == b"\x00bytes"
+    atomic_write_json(tmp_path / "a.json", {"b": [1]}, indent=1)
+    assert (tmp_path / "a.json").read_text() == '{\n "b": [\n  1\n ]\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "report.md"]
+
+
+def test_a_write_failing_midway_leaves_the_old_file_whole_and_names_it(tmp_path):
+    """A real ENOSPC (the temporary file is a link to /dev/full, where write() fails naming no file): the old file
+    is untouched, no temporary file is left, and the error names the file that was being written."""
+    path = tmp_path / "results.json"
+    path.write_text("old, complete")
+    (tmp_path / f".results.json.tmp-{os.getpid()}").symlink_to("/dev/full")
+    with pytest.raises(OSError) as error:
+        atomic_write(path, "x" * (1 << 20))
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(path)
+    assert path.read_text() == "old, complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_writer_that_raises_inside_atomic_path_leaves_the_old_file(tmp_path):
+    path = tmp_path / "figure.png"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(path, keep_suffix=True) as tmp:
+            assert tmp.name == f".figure.tmp-{os.getpid()}.png"  # savefig picks the format by the ending
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed halfway")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["figure.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# exclusive_lock
+
+
+def test_the_lock_refuses_a_second_holder_names_the_first_and_is_free_once_closed(tmp_path):
+    path = tmp_path / ".lock"
+    handle, unlocked = exclusive_lock(path)
+    assert unlocked is None and path.read_text() == f"{os.getpid()}\n"
+    with pytest.raises(LockHeld) as held:  # flock belongs to the open file: a second open() is a second holder
+        exclusive_lock(path)
+    assert held.value.holder == str(os.getpid())
+    second = subprocess.run([sys.executable, "-c", "import sys; from upcycle.files import exclusive_lock, LockHeld\n"
+                             "try:\n    exclusive_lock(sys.argv[1])\nexcept LockHeld as held:\n"
+                             "    sys.exit(f'held by {held.holder}')", str(path)],
+                            capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert second.stderr.strip() == f"held by {os.getpid()}"
+    handle.close()
+    again, _ = exclusive_lock(path)
+    again.close()
+
+
+def test_a_waiting_lock_is_taken_when_the_holder_lets_go(tmp_path):
+    path = tmp_path / ".setup.lock"
+    handle, _ = exclusive_lock(path)
+    taken = []
+    waiter = threading.Thread(target=lambda: taken.append(exclusive_lock(path, wait=True)))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not taken  # blocked while the first holds it
+    handle.close()
+    waiter.join(10)
+    assert len(taken) == 1 and taken[0][1] is None
+    taken[0][0].close()
+
+
+def test_on_a_file_system_without_locks_the_file_is_returned_with_the_error(tmp_path, monkeypatch):
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre without flock
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    handle, unlocked = exclusive_lock(tmp_path / ".lock")
+    try:
+        assert unlocked.errno == errno.ENOSYS and (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    finally:
+        handle.close()

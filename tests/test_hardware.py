@@ -1,19 +1,27 @@
 """`precision: auto` decides by measurement where the CPU has native bf16, from the flags alone elsewhere; the probe's
 result is cached per machine, thread count and width; an explicit precision is never changed, only warned about.
-Timings are injected (no test asserts a speed)."""
+Timings are injected (no test asserts a speed). And the host's other facts: its memory, byte counts for people, a
+process dying with its parent."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import subprocess_env
 from upcycle import hardware
 from upcycle.hardware import (BF16_MIN_SPEEDUP, PROBE_MAX_FLOPS, PROBE_ROWS, REPORTED_FLAGS, cache_file,
-                              choose_precision, cpu_description, cpu_has_native_bf16, cpu_info, parse_cpuinfo, probe,
+                              HostMemory, choose_precision, cpu_description, cpu_has_native_bf16, cpu_info,
+                              die_with_parent, format_bytes, host_memory, parse_cpuinfo, parse_meminfo, probe,
                               probe_width, resolve_precision)
 
 AVX2_ONLY = frozenset({"avx2", "fma", "f16c"})
@@ -264,3 +272,83 @@ def test_this_machines_description_matches_its_cpuinfo():
     present = [flag for flag in REPORTED_FLAGS if flag in flags]
     assert cpu_description().startswith(model + "; flags: ")
     assert cpu_description().endswith(" ".join(present) if present else " ".join(REPORTED_FLAGS))
+
+
+# -- the host: memory, byte counts, processes -------------------------------------------------------------------------
+
+MEMINFO = """MemTotal:       16318480 kB
+MemFree:          812344 kB
+MemAvailable:    9876540 kB
+HugePages_Total:       0
+Hugepagesize:       2048 kB
+Bogus line
+"""
+
+
+def test_meminfo_is_read_in_bytes_and_host_memory_gives_total_and_available(tmp_path):
+    fields = parse_meminfo(MEMINFO)
+    assert fields["MemTotal"] == 16318480 * 1024 and fields["HugePages_Total"] == 0  # no unit: a count
+    assert "Bogus line" not in fields
+    (tmp_path / "meminfo").write_text(MEMINFO)
+    assert host_memory(tmp_path / "meminfo") == HostMemory(total=16318480 * 1024, available=9876540 * 1024)
+
+
+def test_without_meminfo_the_memory_comes_from_sysconf(tmp_path):
+    pages = os.sysconf("SC_PAGE_SIZE")
+    memory = host_memory(tmp_path / "missing")
+    assert memory.total == os.sysconf("SC_PHYS_PAGES") * pages and memory.available > 0
+
+
+def test_this_machines_memory_is_known_and_available_is_at_most_total():
+    memory = host_memory()
+    assert 0 < memory.available <= memory.total
+
+
+def test_byte_counts_read_in_binary_units():
+    assert format_bytes(0) == "0.0 MiB" and format_bytes(12 * 2**20) == "12.0 MiB"
+    assert format_bytes(2**28 - 1) == "256.0 MiB" and format_bytes(2**28) == "0.25 GiB"
+    assert format_bytes(62 * 2**30) == "62.00 GiB"
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter, None once it is gone (a zombie, Z, has died too)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="Linux only (PR_SET_PDEATHSIG)")
+def test_a_child_started_with_die_with_parent_dies_when_its_parent_is_killed():
+    """As experiment --parallel starts its runs: the child's preexec_fn asks for SIGKILL at its parent's death; the
+    parent is then SIGKILLed (no chance to clean up) and the child must not live on as an orphan."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import os, signal, subprocess, sys, time\n"
+         "from upcycle.hardware import die_with_parent\n"
+         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
+         "                         preexec_fn=die_with_parent(signal.SIGKILL, parent=os.getpid()))\n"
+         "print(child.pid, flush=True)\n"
+         "time.sleep(120)"], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    child = int(parent.stdout.readline())
+    try:
+        assert _state(child) not in (None, "Z")
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while _state(child) not in (None, "Z") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _state(child) in (None, "Z"), "the child outlived its parent"
+    finally:
+        parent.kill()
+        if _state(child) not in (None, "Z"):
+            os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="Linux only (PR_SET_PDEATHSIG)")
+def test_a_process_whose_parent_is_already_gone_signals_itself_at_once():
+    """The launcher died before the request was made (its pid no longer the parent's): nobody would signal later."""
+    done = subprocess.run([sys.executable, "-c", "import signal, time\n"
+                           "from upcycle.hardware import die_with_parent\n"
+                           "die_with_parent(signal.SIGTERM, parent=-1)()\n"
+                           "time.sleep(60)"], env=subprocess_env(), timeout=60)
+    assert done.returncode == -signal.SIGTERM

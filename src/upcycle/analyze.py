@@ -338,7 +338,9 @@ def _pool(sums: list[dict]) -> dict:
 # Figures (matplotlib, Agg: no display on servers)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot with the Agg backend (files only, no display), imported on first use: matplotlib is heavy and
+    only the figures need it. Every figure of the package and its scripts comes through here."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,7 +352,7 @@ def _pyplot():
 def plot_routing(analysis: dict, path: str | Path, layers: Sequence[int] | None = None, title: str | None = None) -> Path:
     """The paper's routing figure: per layer, grouped bars of each domain's share of top-k assignments per expert,
     with the uniform share 1/E dashed. Reusable on any analysis.json dict."""
-    plt = _pyplot()
+    plt = pyplot()
     E, domains = analysis["num_experts"], analysis["domains"]
     if layers is None:
         layers = analysis.get("plot_layers") or default_plot_layers(analysis["num_layers"])
@@ -379,7 +381,7 @@ def plot_routing(analysis: dict, path: str | Path, layers: Sequence[int] | None 
 
 def plot_layer_summary(analysis: dict, path: str | Path) -> Path:
     """Per layer: domain specialization (mean pairwise JSD), routing entropies and load imbalance (all domains)."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = [entry["layer"] for entry in analysis["layers"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     jsd = [entry["specialization_jsd"] for entry in analysis["layers"]]
@@ -407,7 +409,7 @@ def plot_layer_summary(analysis: dict, path: str | Path) -> Path:
 
 def plot_similarity(analysis: dict, path: str | Path, layers: Sequence[int] | None = None) -> Path:
     """Heatmaps of the pairwise cosine similarity between experts' weights, one per layer."""
-    plt = _pyplot()
+    plt = pyplot()
     if layers is None:
         layers = analysis.get("plot_layers") or default_plot_layers(analysis["num_layers"])
     by_layer = {entry["layer"]: entry for entry in analysis["layers"]}

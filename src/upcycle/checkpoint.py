@@ -70,7 +70,7 @@ from torch.futures import Future
 from upcycle import expert_parallel
 from upcycle.distributed import World, all_gather_object, barrier, unwrap
 from upcycle.errors import UpcycleError
-from upcycle.files import fsync_path, sha256_file, wait_for_file
+from upcycle.files import atomic_write_json, fsync_path, sha256_file, wait_for_file
 from upcycle.safetensors_io import CheckpointReader, TensorInfo, read_header, save_tensors, tensor_infos
 from upcycle.shards import Piece, Rows, Source, fill_from_sources, global_views, piece_of
 
@@ -155,8 +155,7 @@ def mark_health(path: str | os.PathLike, value: str, reason: str | None = None) 
     state["health"] = value
     if reason:
         state["health_reason"] = reason
-    _write_json_atomic(path / TRAINER_STATE, state)
-    fsync_path(path)
+    atomic_write_json(path / TRAINER_STATE, state, indent=1)
 
 
 def last_good_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -398,17 +397,6 @@ def _staging_buffer(tensor: torch.Tensor) -> torch.Tensor:
 # Saving
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    _write_json(tmp, data)
-    fsync_path(tmp)
-    os.replace(tmp, path)
-
-
 @dataclass
 class _Pending:
     """A checkpoint being written: its temporary and final directories and what rank 0 writes when publishing."""
@@ -480,8 +468,7 @@ class Checkpointer:
         }
         try:
             rng_file = tmp / f"rng_rank{self.world.rank}.json"
-            _write_json(rng_file, capture_rng_state())
-            fsync_path(rng_file)
+            atomic_write_json(rng_file, capture_rng_state(), indent=1)
         except OSError as exc:
             raise _naming(exc, tmp) from None
         pending = self._pending = _Pending(tmp, final, files)
@@ -615,7 +602,7 @@ class Checkpointer:
                 if isinstance(data, str):
                     (tmp / name).write_text(data)
                 else:
-                    _write_json(tmp / name, data)
+                    atomic_write_json(tmp / name, data, indent=1)
             for path in tmp.iterdir():
                 if path.is_file():
                     fsync_path(path)

@@ -26,6 +26,7 @@ from torch.distributed.tensor import Shard
 
 from upcycle import expert_parallel
 from upcycle.errors import UpcycleError
+from upcycle.hardware import die_with_parent
 from upcycle.moe import MoE
 
 PARALLEL_MODES = ("fsdp", "ddp")
@@ -157,17 +158,11 @@ def _die_with_launcher() -> None:
     training as orphans, holding the run directory. SIGTERM, not SIGKILL: every worker of the launcher gets it at once,
     so they stop together at the end of the step, saving a checkpoint, as on any SIGTERM (Linux only; elsewhere a
     no-op)."""
-    import ctypes
     import signal
 
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the launcher died before the request was made: nobody will signal
-        os.kill(os.getpid(), signal.SIGTERM)
+    arm = die_with_parent(signal.SIGTERM, parent=os.getppid())
+    if arm is not None:
+        arm()
 
 
 def shutdown(world: World) -> None:

@@ -15,7 +15,7 @@ Layout of OUT (everything is written atomically; re-running the same command res
     experiment.yaml              the resolved config; a different config on the same OUT is refused (added arms are not)
     validation.json              the scored validation tokens: per domain, tokens, documents, tokens per document
     data/                        the tokenized data, when the config gives raw `sources`
-    arms/NAME/seed_S/            one run of arm NAME at seed S:
+    arms/NAME/seed_S/            one run of arm NAME at seed S (RunDir):
         init/                    the model before training (upcycle convert's output, grow: upcycle grow's; not for
                                  `dense`, which starts from the seed model, nor `continue`, which starts from its
                                  from_arm's final checkpoint at the same seed, arms/FROM/seed_S/run/checkpoints/...)
@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -69,10 +67,10 @@ from upcycle.experiment_config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KI
                                        arm_where, check_validation_split, config_change, config_from_record,
                                        config_help, config_record, inputs, load_experiment, read_saved_config,
                                        train_config_dict)
-from upcycle.experiment_report import RESULTS_FILE, REPORT_FILE, build_results, display_path, write_outputs, \
-    write_text_atomic
-from upcycle.files import publish_dir
+from upcycle.experiment_report import RESULTS_FILE, REPORT_FILE, build_results, display_path, write_outputs
+from upcycle.files import LockHeld, atomic_write, atomic_write_json, exclusive_lock, publish_dir
 from upcycle.grow import grow
+from upcycle.hardware import die_with_parent
 from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP, export_hf, load_model
 from upcycle.train import run_training
 from upcycle.train_config import config_from_dict
@@ -157,12 +155,49 @@ def measure_model(model, val: ValidationSet) -> dict:
     return result
 
 
-def _write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # One run: an arm at a seed
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Where one run, arm NAME at seed S, keeps its files: OUT/arms/NAME/seed_S/ (the layout in the module
+    docstring)."""
+
+    path: Path
+    done: Path  # arm.json, written last: the run is finished
+    init: Path  # the model before training
+    main: Path  # the main run, an `upcycle train` directory: the largest budget's schedule
+    measure: Path
+    log: Path  # a child process's output under --parallel
+    lock: Path
+
+    @classmethod
+    def of(cls, out: Path, arm: str, seed: int) -> RunDir:
+        path = Path(out) / "arms" / arm / f"seed_{seed}"
+        return cls(path, done=path / ARM_DONE_FILE, init=path / "init", main=path / "run", measure=path / "measure",
+                   log=path / "log.txt", lock=path / ".lock")
+
+    def step_measure(self, step: int) -> Path:
+        return self.measure / f"step_{step:08d}.json"
+
+    def budget_measure(self, tokens: int) -> Path:
+        return self.measure / f"budget_{tokens}.json"
+
+    def budget_run(self, tokens: int) -> Path:
+        """Every budget but the largest: a wsd decay branch off the main run, or a cosine run of its own."""
+        return self.path / "budgets" / str(tokens) / "run"
+
+    def final(self, tokens: int) -> Path:
+        """The budget's kept model (bf16 HF checkpoint)."""
+        return self.path / "final" / str(tokens)
+
+    def branch(self, domain: str) -> Path:
+        """btx: the dense run on one domain (its HF export: branch_export)."""
+        return self.path / "branches" / domain
+
+    def branch_export(self, domain: str) -> Path:
+        return self.path / "branches" / f"{domain}-hf"
 
 
 @dataclass
@@ -221,13 +256,12 @@ def _tokenizer_dir(config: ExperimentConfig) -> str | None:
     return None
 
 
-def _btx_branches(ctx: _Context, arm: ArmSpec, seed: int, unit: Path) -> tuple[list[str], dict]:
+def _btx_branches(ctx: _Context, arm: ArmSpec, seed: int, unit: RunDir) -> tuple[list[str], dict]:
     """Train one dense branch per domain from the seed on that domain only, export each as an HF checkpoint."""
     steps = arm.branch_tokens // ctx.plan.tokens_per_step
     exports, info = [], {"tokens_per_branch": arm.branch_tokens, "domains": list(arm.domains), "data_sha256": {}}
     for domain in arm.domains:
-        run = unit / "branches" / domain
-        export = unit / "branches" / f"{domain}-hf"
+        run, export = unit.branch(domain), unit.branch_export(domain)
         if not export.is_dir():
             train = train_config_dict(ctx.config, init_source=ctx.config.seed_model, max_steps=steps, seed=seed,
                                       data_path=str(ctx.data_dir), weights={domain: 1.0})
@@ -240,15 +274,11 @@ def _btx_branches(ctx: _Context, arm: ArmSpec, seed: int, unit: Path) -> tuple[l
     return exports, info
 
 
-def _unit_dir(out: Path, name: str, seed: int) -> Path:
-    return out / "arms" / name / f"seed_{seed}"
-
-
 def source_checkpoint(out: Path, from_arm: str, seed: int, steps: int) -> Path:
     """Where a grow or continue arm at `seed` starts from: arm `from_arm`'s final model at the same seed, the last
     checkpoint of its main run (the largest budget's end, fp32; `steps`: that budget's steps). Kept, as every run's
     main-run checkpoint is, while OUT exists."""
-    return _checkpoint(_unit_dir(out, from_arm, seed) / "run", steps)
+    return _checkpoint(RunDir.of(out, from_arm, seed).main, steps)
 
 
 def _source_not_finished(arm: ArmSpec, seed: int) -> UpcycleError:
@@ -259,18 +289,18 @@ def _source_not_finished(arm: ArmSpec, seed: int) -> UpcycleError:
 
 def _from_arm_model(ctx: _Context, arm: ArmSpec, seed: int) -> Path:
     """The model a grow or continue arm starts from at `seed`; its run (from_arm at the same seed) must be finished."""
-    source = _unit_dir(ctx.out, arm.from_arm, seed)
-    if not (source / ARM_DONE_FILE).is_file():
+    source = RunDir.of(ctx.out, arm.from_arm, seed)
+    if not source.done.is_file():
         raise _source_not_finished(arm, seed)
     checkpoint = source_checkpoint(ctx.out, arm.from_arm, seed, ctx.plan.budget_steps[-1])
     if not checkpoint.is_dir():
         raise UpcycleError(f"{arm.name} seed {seed} starts from {checkpoint}, the final checkpoint of arm "
-                           f"{arm.from_arm} seed {seed}, which is missing; remove {source} and re-run to train it "
+                           f"{arm.from_arm} seed {seed}, which is missing; remove {source.path} and re-run to train it "
                            "again")
     return checkpoint
 
 
-def _initial_model_dir(ctx: _Context, arm: ArmSpec, seed: int, unit: Path) -> tuple[str, dict | None]:
+def _initial_model_dir(ctx: _Context, arm: ArmSpec, seed: int, unit: RunDir) -> tuple[str, dict | None]:
     """The model before training: the seed itself (dense), an `upcycle convert` output in unit/init, or for grow and
     continue the final model of arm from_arm at the same seed (grown into unit/init, or as it is)."""
     if arm.kind == "dense":
@@ -278,7 +308,7 @@ def _initial_model_dir(ctx: _Context, arm: ArmSpec, seed: int, unit: Path) -> tu
     if arm.kind == "continue":
         return str(_from_arm_model(ctx, arm, seed)), None
     if arm.kind == "grow":
-        init = unit / "init"
+        init = unit.init
         if not init.is_dir():  # grow publishes atomically: a directory that exists is complete
             _log(f"{arm.name} seed {seed}: upcycle grow --factor {arm.factor} --ratio {arm.ratio:g} --top-k "
                  f"{arm.top_k} (from {arm.from_arm} seed {seed})")
@@ -292,7 +322,7 @@ def _initial_model_dir(ctx: _Context, arm: ArmSpec, seed: int, unit: Path) -> tu
         exports, branches = _btx_branches(ctx, arm, seed, unit)
         sources = exports + ([ctx.config.seed_model] if arm.include_seed else [])
         source, options["btx_sources"] = sources[0], tuple(sources[1:])
-    init = unit / "init"
+    init = unit.init
     if not init.is_dir():  # convert publishes atomically: a directory that exists is complete
         _log(f"{arm.name} seed {seed}: upcycle convert --method {options['method']}")
         convert(source, init, **options, progress=False)
@@ -314,21 +344,21 @@ def _seed_branch(main: Path, step: int, branch_run: Path) -> None:
     os.replace(tmp, branch_run)
 
 
-def _finish_budget(ctx: _Context, unit: Path, run: Path, steps: int, *, flops_per_token: int, extra_flops: int,
+def _finish_budget(ctx: _Context, unit: RunDir, run: Path, steps: int, *, flops_per_token: int, extra_flops: int,
                    delete_checkpoints: bool, label: str) -> dict:
     """Keep the budget's final model (bf16 HF checkpoint in unit/final/TOKENS) and measure that kept model."""
     tokens = steps * ctx.plan.tokens_per_step
-    measured = unit / "measure" / f"budget_{tokens}.json"
+    measured = unit.budget_measure(tokens)
     if measured.is_file():
         return json.loads(measured.read_text())
-    kept = unit / "final" / str(tokens)
+    kept = unit.final(tokens)
     if not kept.is_dir():
         model = load_model(_checkpoint(run, steps))
         export_hf(model, model.config, kept, dtype="bfloat16", tokenizer=_tokenizer_dir(ctx.config))
     record = measure_model(load_model(kept).to(_device()), ctx.val)
     record = {"tokens": tokens, "steps": steps, "flops": flops_per_token * tokens + extra_flops,
               "data_sha256": _data_hash(run, steps), "model": str(kept.relative_to(ctx.out)), **record}
-    _write_json(measured, record)
+    atomic_write_json(measured, record)
     if delete_checkpoints:
         shutil.rmtree(run / ckpt.CHECKPOINT_DIR, ignore_errors=True)
     _log(f"{label}: {tokens:,} tokens (end of schedule): mean validation loss "
@@ -341,28 +371,24 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
     with wsd, seeding each budget's decay branch at its branch point), then finish every budget (kept model,
     measurement); write arms/NAME/seed_S/arm.json last."""
     config, plan = ctx.config, ctx.plan
-    unit = ctx.out / "arms" / arm.name / f"seed_{seed}"
-    done = unit / ARM_DONE_FILE
+    unit = RunDir.of(ctx.out, arm.name, seed)
+    done = unit.done
     if done.is_file():
         _log(f"{arm.name} seed {seed}: already done, skipped")
         return json.loads(done.read_text())
     label = f"{arm.name} seed {seed}"
-    unit.mkdir(parents=True, exist_ok=True)
-    (unit / "measure").mkdir(exist_ok=True)
+    unit.measure.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     init_dir, branches = _initial_model_dir(ctx, arm, seed, unit)
-    main, largest = unit / "run", plan.budget_steps[-1]
+    main, largest = unit.main, plan.budget_steps[-1]
 
     def train_dict(steps: int, decay_steps: int) -> dict:
         return train_config_dict(config, init_source=init_dir, max_steps=steps, seed=seed, data_path=str(ctx.data_dir),
                                  decay_steps=decay_steps)
 
-    def point(step: int) -> Path:
-        return unit / "measure" / f"step_{step:08d}.json"
-
     model = load_model(init_dir).to(_device())
-    if not point(0).is_file():
-        _write_json(point(0), {"step": 0, "tokens": 0, **measure_model(model, ctx.val)})
+    if not unit.step_measure(0).is_file():
+        atomic_write_json(unit.step_measure(0), {"step": 0, "tokens": 0, **measure_model(model, ctx.val)})
     active, total = model.num_active_params(), model.num_params()  # the model's own (grow changes both)
     shape = dict(zip(FROM_ARM_FIELDS, (arm.from_arm, model.config.num_experts or None,
                                        model.config.top_k if model.config.is_moe else None))) \
@@ -376,19 +402,19 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
         branches["flops"] = stats.training_flops(dense, branches["tokens"])
         extra_flops = branches["flops"]
 
-    branch_runs = {n: unit / "budgets" / str(n * plan.tokens_per_step) / "run" for n in plan.budget_steps[:-1]}
+    branch_runs = {n: unit.budget_run(n * plan.tokens_per_step) for n in plan.budget_steps[:-1]}
     for stop in sorted(set(plan.eval_steps) | set(plan.branch_steps.values())):
         pending = [n for n, b in plan.branch_steps.items() if b == stop and not branch_runs[n].is_dir()
-                   and not (unit / "measure" / f"budget_{n * plan.tokens_per_step}.json").is_file()]
-        if stop in plan.eval_steps and point(stop).is_file() and not pending:
+                   and not unit.budget_measure(n * plan.tokens_per_step).is_file()]
+        if stop in plan.eval_steps and unit.step_measure(stop).is_file() and not pending:
             continue
         if pending and _latest_step(main) > stop:
             raise UpcycleError(f"{label}: the main run is past step {stop}, where the decay branch of budget "
-                               f"{pending[0] * plan.tokens_per_step:,} starts; remove {unit} and re-run")
+                               f"{pending[0] * plan.tokens_per_step:,} starts; remove {unit.path} and re-run")
         _train_to(ctx, train_dict(largest, largest), main, stop, label)
-        if stop in plan.eval_steps and not point(stop).is_file():
+        if stop in plan.eval_steps and not unit.step_measure(stop).is_file():
             record = measure_model(load_model(_checkpoint(main, stop)).to(_device()), ctx.val)
-            _write_json(point(stop), {"step": stop, "tokens": stop * plan.tokens_per_step, **record})
+            atomic_write_json(unit.step_measure(stop), {"step": stop, "tokens": stop * plan.tokens_per_step, **record})
             _log(f"{label}: step {stop}: mean validation loss {np.mean(list(record['val'].values())):.4f}")
         for n in pending:
             _seed_branch(main, stop, branch_runs[n])
@@ -396,15 +422,14 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
                                        extra_flops=extra_flops, delete_checkpoints=False, label=label)}
     for n in plan.budget_steps[:-1]:
         run = branch_runs[n]
-        if plan.schedule == "wsd" and not (unit / "measure" / f"budget_{n * plan.tokens_per_step}.json").is_file() \
-                and not run.is_dir():
+        if plan.schedule == "wsd" and not unit.budget_measure(n * plan.tokens_per_step).is_file() and not run.is_dir():
             raise UpcycleError(f"{label}: the decay branch of budget {n * plan.tokens_per_step:,} was not taken off "
-                               f"the main run at step {plan.branch_steps[n]}; remove {unit} and re-run")
+                               f"the main run at step {plan.branch_steps[n]}; remove {unit.path} and re-run")
         _train_to(ctx, train_dict(n, n), run, n, f"{label} budget {n * plan.tokens_per_step:,}")
         budgets[n] = _finish_budget(ctx, unit, run, n, flops_per_token=flops_per_token, extra_flops=extra_flops,
                                     delete_checkpoints=True, label=label)
 
-    curve = [json.loads(point(s).read_text()) for s in [0, *plan.eval_steps]]
+    curve = [json.loads(unit.step_measure(s).read_text()) for s in [0, *plan.eval_steps]]
     result = {
         "name": arm.name, "seed": seed, "method": arm.kind, "ratio": arm.ratio, "index_mode": arm.index_mode,
         "convert": _display_convert(arm.convert), **shape, "active_params": active, "total_params": total,
@@ -416,7 +441,7 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
         "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - started, 1),  # this invocation's time (not counting killed ones)
     }
-    _write_json(done, result)
+    atomic_write_json(done, result)
     _log(f"{label}: done")
     return result
 
@@ -440,17 +465,17 @@ def _display_convert(options: dict[str, Any] | None) -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def _exclusive(path: Path, what: str, wait: bool = False):
-    """An advisory lock held while this process lives (the OS drops it on any exit, SIGKILL included)."""
-    handle = open(path, "a")
+    """An advisory lock held while this process lives (the OS drops it on any exit, SIGKILL included). On a file
+    system without locks the OSError is raised: the runs of one experiment rely on these locks."""
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise UpcycleError(f"{what} is in use by another upcycle experiment process; wait for it or stop it "
-                               "first") from None
+        handle, unlocked = exclusive_lock(path, wait=wait)
+    except LockHeld:
+        raise UpcycleError(f"{what} is in use by another upcycle experiment process; wait for it or stop it "
+                           "first") from None
+    with handle:
+        if unlocked is not None:
+            raise unlocked
         yield
-    finally:
-        handle.close()
 
 
 def _refuse_inputs_in_out(config: ExperimentConfig, out: Path) -> None:
@@ -544,30 +569,12 @@ def _setup(config: ExperimentConfig, out: Path) -> Path:
         raise
     record = config_record(config)
     if read_saved_config(out) != record:
-        write_text_atomic(out / CONFIG_FILE, _yaml(record))
+        atomic_write(out / CONFIG_FILE, _yaml(record))
     return data_dir
 
 
 def _yaml(record: dict) -> str:
     return yaml.safe_dump(record, sort_keys=False)
-
-
-def _die_with_parent():
-    """A preexec_fn for a child process: be killed when the experiment process dies (even by SIGKILL), so a re-run
-    never races an orphan still training the same run. Linux only (elsewhere the run's lock refuses the race
-    instead). The libc function is looked up here, in the parent: the child only calls it."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 def _run_parallel(config_path: str, out: Path, units: list[tuple[ArmSpec, int]], parallel: int,
@@ -581,10 +588,12 @@ def _run_parallel(config_path: str, out: Path, units: list[tuple[ArmSpec, int]],
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     pending, running, failed, unstarted = list(units), {}, [], []
-    preexec = _die_with_parent()
+    # each child is killed when this process dies (even by SIGKILL), so a re-run never races an orphan still training
+    # the same run; Linux only (elsewhere the run's lock refuses the race instead)
+    preexec = die_with_parent(signal.SIGKILL, parent=os.getpid())
 
     def ready(arm: ArmSpec, seed: int) -> bool:
-        return arm.from_arm is None or (_unit_dir(out, arm.from_arm, seed) / ARM_DONE_FILE).is_file()
+        return arm.from_arm is None or RunDir.of(out, arm.from_arm, seed).done.is_file()
 
     try:
         while pending or running:
@@ -600,14 +609,14 @@ def _run_parallel(config_path: str, out: Path, units: list[tuple[ArmSpec, int]],
             while len(running) < parallel and any(ready(a, s) for a, s in pending):
                 arm, seed = next((a, s) for a, s in pending if ready(a, s))
                 pending.remove((arm, seed))
-                unit = out / "arms" / arm.name / f"seed_{seed}"
-                unit.mkdir(parents=True, exist_ok=True)
-                log = open(unit / "log.txt", "a")
+                unit = RunDir.of(out, arm.name, seed)
+                unit.path.mkdir(parents=True, exist_ok=True)
+                log = open(unit.log, "a")
                 # --flag=VALUE: an arm name is never read as a flag
                 command = [sys.executable, "-m", "upcycle", "experiment", f"--config={config_path}", f"--out={out}",
                            f"--only={arm.name}", f"--seeds={seed}", f"--threads={per_child}"]
                 _log(f"{arm.name} seed {seed}: started in a separate process ({per_child} thread(s)), log in "
-                     f"{unit / 'log.txt'}")
+                     f"{unit.log}")
                 running[(arm.name, seed)] = (subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                                               preexec_fn=preexec), log)
             time.sleep(0.2)
@@ -619,7 +628,7 @@ def _run_parallel(config_path: str, out: Path, units: list[tuple[ArmSpec, int]],
                     if process.returncode != 0:
                         failed.append(f"{name} seed {seed}")
                         _log(f"{name} seed {seed}: failed (exit {process.returncode}), see "
-                             f"{out / 'arms' / name / f'seed_{seed}' / 'log.txt'}")
+                             f"{RunDir.of(out, name, seed).log}")
                     else:
                         _log(f"{name} seed {seed}: done")
     finally:
@@ -679,7 +688,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, config_path: st
     chosen = {(arm.name, seed) for arm, seed in selected}
     for arm, seed in selected:  # a grow or continue run needs its source run finished, or run first
         if arm.from_arm is not None and (arm.from_arm, seed) not in chosen \
-                and not (_unit_dir(out, arm.from_arm, seed) / ARM_DONE_FILE).is_file():
+                and not RunDir.of(out, arm.from_arm, seed).done.is_file():
             raise _source_not_finished(arm, seed)
 
     created = not out.exists()
@@ -692,13 +701,13 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, config_path: st
                 data_dir = _setup(config, out)
                 ctx = _context(config, out, data_dir)
                 if not (out / VALIDATION_FILE).is_file():
-                    _write_json(out / VALIDATION_FILE, ctx.val.record)
+                    atomic_write_json(out / VALIDATION_FILE, ctx.val.record)
         except UpcycleError:
             if created and all(p.name in LOCK_FILES for p in out.iterdir()):
                 shutil.rmtree(out, ignore_errors=True)  # refused before anything was written: leave no OUT behind
             raise
         todo = [(arm, seed) for arm, seed in selected
-                if not (out / "arms" / arm.name / f"seed_{seed}" / ARM_DONE_FILE).is_file()]
+                if not RunDir.of(out, arm.name, seed).done.is_file()]
         for arm, seed in selected:
             if (arm, seed) not in todo:
                 _log(f"{arm.name} seed {seed}: already done, skipped")
@@ -706,13 +715,13 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, config_path: st
             _run_parallel(config_path, out, todo, parallel, threads)
         elif todo:
             for arm, seed in todo:
-                unit = out / "arms" / arm.name / f"seed_{seed}"
-                unit.mkdir(parents=True, exist_ok=True)
-                with _exclusive(unit / ".lock", f"arm {arm.name} seed {seed} of --out {out}"):
+                unit = RunDir.of(out, arm.name, seed)
+                unit.path.mkdir(parents=True, exist_ok=True)
+                with _exclusive(unit.lock, f"arm {arm.name} seed {seed} of --out {out}"):
                     run_unit(ctx, arm, seed)
     if partial:
         return None
-    units = [json.loads((out / "arms" / arm.name / f"seed_{seed}" / ARM_DONE_FILE).read_text())
+    units = [json.loads(RunDir.of(out, arm.name, seed).done.read_text())
              for arm in config.arms for seed in config.seeds]
     validation = json.loads((out / VALIDATION_FILE).read_text())
     results = build_results(units, validation, header=_header(config, config.plan()), arm_names=names,
@@ -739,13 +748,12 @@ def rescore_experiment(out: str | Path, data: str | Path, *, threads: int | None
         torch.set_num_threads(threads)
     arms, seeds = saved["arms"], saved["seeds"]
     missing = [f"{a['name']} seed {s}" for a in arms for s in seeds
-               if not (out / "arms" / a["name"] / f"seed_{s}" / ARM_DONE_FILE).is_file()]
+               if not RunDir.of(out, a["name"], s).done.is_file()]
     if missing:
         raise UpcycleError(f"--out {out} is not finished ({missing[0]} has not run); finish it with the same "
                            "upcycle experiment command first")
     seq_len = saved["data"]["seq_len"]
-    units_done = [json.loads((out / "arms" / a["name"] / f"seed_{s}" / ARM_DONE_FILE).read_text())
-                  for a in arms for s in seeds]
+    units_done = [json.loads(RunDir.of(out, a["name"], s).done.read_text()) for a in arms for s in seeds]
     model_config = load_model(out / units_done[0]["budgets"][-1]["model"]).config
     data_lib.check_data_fits(data_dir, vocab_size=model_config.vocab_size, max_seq_len=model_config.max_seq_len,
                              seq_len=seq_len, seq_len_name="the experiment's data.seq_len")
@@ -754,14 +762,13 @@ def rescore_experiment(out: str | Path, data: str | Path, *, threads: int | None
                          weights=None)
     units = []
     for done in units_done:
-        unit_dir = out / "arms" / done["name"] / f"seed_{done['seed']}"
         label = f"{done['name']} seed {done['seed']}"
         if done["method"] == "dense":
             init = Path(saved["seed_model"])
         elif done["method"] == "continue":  # the model it started from: its source's final checkpoint
             init = source_checkpoint(out, done["from_arm"], done["seed"], done["budgets"][-1]["steps"])
         else:
-            init = unit_dir / "init"
+            init = RunDir.of(out, done["name"], done["seed"]).init
         curve = []
         if (init / "config.json").is_file():
             curve.append({"step": 0, "tokens": 0, **measure_model(load_model(init).to(_device()), val)})

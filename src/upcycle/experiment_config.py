@@ -24,10 +24,11 @@ from upcycle import data as data_lib
 from upcycle import hf_formats as hf
 from upcycle.calibration import calibration_token_ids
 from upcycle.config import build, check_values, fields_help, read_yaml, refuse_unknown, to_dict
-from upcycle.convert import ConvertOptions, estimate
+from upcycle.convert import ConvertOptions
 from upcycle.errors import UpcycleError
+from upcycle.hardware import format_bytes, host_memory
 from upcycle.schedule import wsd_decay_start
-from upcycle.train_config import DataConfig, config_from_dict, validate_config
+from upcycle.train_config import DataConfig, InitConfig, config_from_dict, validate_config
 from upcycle.validation import short_repr
 
 CONFIG_FILE = "experiment.yaml"
@@ -358,8 +359,8 @@ class ExperimentConfig:
         self._check_data_fits(seed_config)
         self.moe.validate()
         shapes = hf.read_shapes(seed_config)
-        _check_moe_fits(shapes, seed_config, ConvertOptions(method="naive", num_experts=self.moe.num_experts,
-                                                            top_k=self.moe.top_k), "moe.num_experts")
+        _check_moe_fits(self, ConvertOptions(method="naive", num_experts=self.moe.num_experts, top_k=self.moe.top_k),
+                        "moe.num_experts")
         self.eval.validate()
         if not self.arms:
             raise _fail("arms", "give a non-empty list of arms, e.g. [{name: naive, kind: naive}]")
@@ -436,7 +437,7 @@ class ExperimentConfig:
             options = root.convert_options(self, self.seeds[0])
             options = dataclasses.replace(options, method="naive" if root.kind == "btx" else options.method,
                                           btx_sources=(), num_experts=experts, top_k=arm.top_k)
-            _check_moe_fits(shapes, seed_config, options, f"{where}.factor")
+            _check_moe_fits(self, options, f"{where}.factor")
 
     def _check_convert(self, index: int, arm: ArmSpec, seed_config: dict, shapes: hf.Shapes) -> None:
         """An arm's convert options: their types, convert's own validation, the checks against the seed's shapes
@@ -463,7 +464,7 @@ class ExperimentConfig:
             options.check_source(shapes, fmt)
         except UpcycleError as exc:
             raise _fail(where, str(exc)) from None
-        _check_moe_fits(shapes, seed_config, options, where)
+        _check_moe_fits(self, options, where)
         if options.calibration is not None:
             try:
                 calibration_token_ids(options.calibration, self.seed_model, options.calibration_tokens)
@@ -624,29 +625,39 @@ def _seed_config(seed_model: str) -> dict:
     return config
 
 
-def _physical_memory_bytes() -> int | None:
+def moe_training_bytes(config: ExperimentConfig, options: ConvertOptions) -> int | None:
+    """The memory one training run of the MoE that `options` make from the seed needs, as `upcycle plan` counts it
+    (plan.make_plan: one process on the CPU, the recipe's micro-batch; the fp32 weights, gradients and AdamW state,
+    the activations and the process's runtime, at the phase that needs most). Activations are counted in fp32 where
+    the recipe says precision auto (no probe runs while a config is checked), and the router as initialized
+    uniformly (its init changes no size; the calibration text is checked on its own). None where the recipe or the
+    run is refused anyway (train.expert_parallel, say): the check that refuses it names the field."""
+    from upcycle import plan as plan_lib  # the planner imports the trainer: only where a config is checked
+
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        template = config_from_dict(train_config_dict(config, init_source=config.seed_model, max_steps=1,
+                                                      seed=config.seeds[0]))
+        validate_config(template)
+        loop = template.train
+        sized = dataclasses.replace(options, router_init="uniform", calibration=None)
+        planned = dataclasses.replace(
+            template, init=InitConfig(**dataclasses.asdict(sized), source=config.seed_model),
+            train=dataclasses.replace(loop, precision="fp32" if loop.precision == "auto" else loop.precision))
+        plan = plan_lib.make_plan(planned, world_size=1, ranks_per_node=1, device="cpu")
+    except UpcycleError:
         return None
+    return max(plan.node_host_bytes(phase) for phase in ("build", "train", "save"))
 
 
-# Training holds fp32 weights, their gradients and AdamW's two moments: 4 copies of the model, before activations.
-TRAINING_COPIES = 4
-
-
-def _check_moe_fits(shapes: hf.Shapes, seed_config: dict, options: ConvertOptions, where: str) -> None:
-    """Refuse an MoE whose training state (4 fp32 copies of its weights) cannot fit in this machine's memory, before
-    anything is converted: 10^6 experts fail here, not hours later."""
-    memory = _physical_memory_bytes()
-    if memory is None:
-        return
-    fmt = hf.resolve_format(seed_config, options.format)
-    weights = estimate(shapes, fmt, options, value_bytes=4).output_bytes
-    if TRAINING_COPIES * weights > memory:
-        raise _fail(where, f"an MoE of {options.num_experts} experts needs about {TRAINING_COPIES * weights / 1e9:.1f} "
-                    f"GB to train (fp32 weights, gradients and AdamW state), more than this machine's "
-                    f"{memory / 1e9:.1f} GB; use fewer experts")
+def _check_moe_fits(config: ExperimentConfig, options: ConvertOptions, where: str) -> None:
+    """Refuse an MoE that cannot be trained in this machine's memory (moe_training_bytes), before anything is
+    converted: 10^6 experts fail here, not hours later."""
+    memory = host_memory().total
+    need = None if memory is None else moe_training_bytes(config, options)
+    if need is not None and need > memory:
+        raise _fail(where, f"an MoE of {options.num_experts} experts needs about {format_bytes(need)} to train "
+                    f"(upcycle plan's figure: fp32 weights, gradients, AdamW state and activations), more than this "
+                    f"machine's {format_bytes(memory)}; use fewer experts")
 
 
 def train_config_dict(config: ExperimentConfig, *, init_source: str, max_steps: int, seed: int,

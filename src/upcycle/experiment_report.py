@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from upcycle import experiment_stats as stats
-from upcycle.analyze import default_plot_layers, plot_routing
+from upcycle.analyze import default_plot_layers, plot_routing, pyplot
 from upcycle.experiment_config import FROM_ARM_FIELDS, MOE_KINDS
+from upcycle.files import atomic_path, atomic_write
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -36,19 +37,6 @@ def display_path(path: str) -> str:
     """A path relative to the current directory when it lies below it (results read the same on every machine)."""
     resolved = Path(path).resolve()
     return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` through a temporary sibling and one rename, so a reader never sees half a file. A failing write
-    (a full disk: write() names no file) is re-raised naming `path`, so the one-line error says where."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.filename is None:
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -234,8 +222,8 @@ def write_outputs(out: Path, results: dict, *, title: str = "upcycle experiment"
             routing = arm["seeds"][0].get("routing_final")
             if routing:
                 figures.append(plot_arm_routing(arm, routing, results, out / f"routing_{arm['name']}.png"))
-    write_text_atomic(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
-    write_text_atomic(out / REPORT_FILE, report_markdown(results, title=title, recipe=recipe))
+    atomic_write(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    atomic_write(out / REPORT_FILE, report_markdown(results, title=title, recipe=recipe))
     return results
 
 
@@ -248,15 +236,6 @@ def is_moe(arm: dict) -> bool:
     return arm["method"] in MOE_KINDS or bool(arm.get("num_experts"))
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _style(arm: dict, index: int) -> dict:
     if arm["method"] == "dense":
         return {"color": "black", "marker": "."}
@@ -264,13 +243,10 @@ def _style(arm: dict, index: int) -> dict:
 
 
 def _save(fig, plt, path: Path) -> Path:
-    """savefig through a temporary file (one rename), naming `path` if the write fails."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    """savefig written atomically (files.atomic_path), naming `path` if the write fails."""
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        with atomic_path(path, keep_suffix=True) as tmp:
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
     return path
@@ -291,7 +267,7 @@ def _band(ax, points: list[tuple[float, dict]], style: dict, label: str | None, 
 def plot_loss_curves(results: dict, path: Path) -> Path:
     """Fig. 3 style, one panel per mean and per domain: each budget's end-of-schedule loss (solid, markers) and the
     longest run's mid-schedule points (dashed), against training tokens on a log axis."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [*MEANS, *results["domains"]]
     columns = 2
     rows = math.ceil(len(panels) / columns)
@@ -320,7 +296,7 @@ def plot_gap_to_naive(results: dict, path: Path) -> Path:
     """Each arm's mean loss minus naive's, paired by seed: at the end of each budget's schedule (markers, with the
     interval across seeds as error bars) and mid-schedule along the longest run (dashed). Symmetric-log loss axis, so
     early gaps of nats and late ones of hundredths are both readable; below 0 the arm is ahead of naive."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
     for index, arm in enumerate(results["arms"]):
         if arm["name"] == results["reference"]:
@@ -351,7 +327,7 @@ def plot_gap_to_naive(results: dict, path: Path) -> Path:
 def plot_over_training(results: dict, path: Path, key: str, ylabel: str) -> Path:
     """A per-arm quantity (seed mean) against training tokens, the untrained model (0 tokens) included: the longest
     run's points (dashed) and each budget's end (solid)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     first = min([p["tokens"] for arm in results["arms"] for p in arm["curve"] if p["tokens"] > 0]
                 + [b for b in results["budgets"]])
@@ -381,10 +357,9 @@ def plot_arm_routing(arm: dict, routing: list[dict], results: dict, path: Path) 
                 "domains": domains,
                 "layers": [{"layer": i, "routing": {d: {"share": shares[d]} for d in domains}}
                            for i, shares in enumerate(routing)]}
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    plot_routing(analysis, tmp, default_plot_layers(len(routing)),
-                 title=f"{arm['name']} (seed {arm['seeds'][0]['seed']}) after {results['budgets'][-1]:,} tokens")
-    os.replace(tmp, path)
+    with atomic_path(path, keep_suffix=True) as tmp:
+        plot_routing(analysis, tmp, default_plot_layers(len(routing)),
+                     title=f"{arm['name']} (seed {arm['seeds'][0]['seed']}) after {results['budgets'][-1]:,} tokens")
     return path
 
 
@@ -434,58 +409,67 @@ def _reach_text(reach: dict | None) -> str:
     return f"{reach['mean']:,.0f} [{reach['low']:,.0f}, {reach['high']:,.0f}]"
 
 
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A markdown table's lines: the header, the separator and one line per row (cells already text)."""
+    def row(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return [row(headers), "|" + " --- |" * len(headers), *map(row, rows)]
+
+
 def report_markdown(results: dict, *, title: str = "upcycle experiment", recipe: dict | None = None) -> str:
-    domains = results["domains"]
-    reference = results["reference"]
-    validation = results["validation"]
-    seeds = results["seeds"]
-    schedule = results["schedule"]
-    multi = len(seeds) > 1
-    lines = [
-        f"# {title}",
-        "",
-        f"Seed model `{results['seed_model']}`; MoE arms have {results['num_experts']} experts, "
-        f"top-{results['top_k']}"
-        + (" (grow and continue arms: as their init says; they start from another arm's final model at the same seed"
-           " and are trained for every budget from there)" if any(a.get("from_arm") for a in results["arms"]) else "")
-        + ". "
-        f"Seeds: {', '.join(map(str, seeds))} (every arm at every seed; a seed sets the data order, the upcycling "
-        "draws, the router init and the from-scratch init). "
-        f"Budgets: {', '.join(f'{t:,}' for t in results['budgets'])} tokens "
-        f"({', '.join(str(t // results['tokens_per_step']) for t in results['budgets'])} steps of "
-        f"{results['tokens_per_step']:,} tokens), each ending its own learning-rate schedule: "
-        + (f"warmup-stable-decay, every budget a decay branch (over the last {schedule['decay_fraction']:.0%} of its "
-           "steps) taken off one stable run per arm and seed." if schedule["kind"] == "wsd"
-           else "a cosine schedule of the budget's length, one run per budget.")
-        + f" Domains: {', '.join(domains)}.",
-        "",
-        "Validation: " + ", ".join(f"{d} {v['tokens']:,} tokens ({v['documents']:,} documents, {v['sequences']:,} "
-                                   f"sequences)" for d, v in validation["domains"].items())
-        + (" (the whole validation split)" if validation["tokens_per_domain"] is None
-           else f" (up to {validation['tokens_per_domain']:,} tokens per domain)")
-        + ", the same for every arm, seed and point. Mixture weights (the training mixture): "
-        + ", ".join(f"{d} {w:.3f}" for d, w in validation["mixture_weights"].items()) + ".",
-        "",
-    ]
+    """report.md, section by section: the design and the validation tokens, the end-of-schedule losses, the gaps to
+    the reference arm, the loss curves, specialization and similarity, routing, the data order and the wall times."""
+    moe = [arm for arm in results["arms"] if is_moe(arm)]
+    sections = [_design_section(results, title, recipe), _loss_section(results), _gap_section(results),
+                _curves_section(), _specialization_section(moe), _routing_section(moe), _data_order_section(results),
+                _times_section(results)]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _design_section(results: dict, title: str, recipe: dict | None) -> list[str]:
+    """The title, what was trained (seed model, MoE shape, seeds, budgets, schedule, domains), what was scored, and
+    the recipe."""
+    schedule, validation, per_step = results["schedule"], results["validation"], results["tokens_per_step"]
+    from_arm = (" (grow and continue arms: as their init says; they start from another arm's final model at the same "
+                "seed and are trained for every budget from there)" if any(a.get("from_arm") for a in results["arms"])
+                else "")
+    if schedule["kind"] == "wsd":
+        schedules = ("warmup-stable-decay, every budget a decay branch (over the last "
+                     f"{schedule['decay_fraction']:.0%} of its steps) taken off one stable run per arm and seed.")
+    else:
+        schedules = "a cosine schedule of the budget's length, one run per budget."
+    design = (f"Seed model `{results['seed_model']}`; MoE arms have {results['num_experts']} experts, "
+              f"top-{results['top_k']}{from_arm}. Seeds: {', '.join(map(str, results['seeds']))} (every arm at every "
+              "seed; a seed sets the data order, the upcycling draws, the router init and the from-scratch init). "
+              f"Budgets: {', '.join(f'{t:,}' for t in results['budgets'])} tokens "
+              f"({', '.join(str(t // per_step) for t in results['budgets'])} steps of {per_step:,} tokens), each "
+              f"ending its own learning-rate schedule: {schedules} Domains: {', '.join(results['domains'])}.")
+    scored = ", ".join(f"{d} {v['tokens']:,} tokens ({v['documents']:,} documents, {v['sequences']:,} sequences)"
+                       for d, v in validation["domains"].items())
+    extent = (" (the whole validation split)" if validation["tokens_per_domain"] is None
+              else f" (up to {validation['tokens_per_domain']:,} tokens per domain)")
+    weights = ", ".join(f"{d} {w:.3f}" for d, w in validation["mixture_weights"].items())
+    lines = [f"# {title}", "", design, "",
+             f"Validation: {scored}{extent}, the same for every arm, seed and point. Mixture weights (the training "
+             f"mixture): {weights}.", ""]
     if recipe is not None:
         lines += [f"Recipe: `{json.dumps(recipe, sort_keys=True)}`.", ""]
-    intervals = ("Intervals are 95%: `[low, high]` across seeds (Student t, paired by seed for gaps)"
-                 if multi else "One seed, so there is no interval across seeds")
-    lines += [
-        "## End-of-schedule validation loss (nats per token; seed mean"
-        + (" [95% interval across seeds]" if multi else "") + ")",
+    return lines
+
+
+def _loss_section(results: dict) -> list[str]:
+    """Every arm's end-of-schedule loss at every budget: per domain and both means."""
+    domains = results["domains"]
+    across = " [95% interval across seeds]" if len(results["seeds"]) > 1 else ""
+    rows = [[arm["name"], _arm_label(arm), f"{budget['tokens']:,}", f"{budget['flops']:.3g}",
+             *[_interval_text(budget["loss"][d]) for d in (*domains, *MEANS)]]
+            for arm in results["arms"] for budget in arm["budgets"]]
+    return [
+        f"## End-of-schedule validation loss (nats per token; seed mean{across})",
         "",
-        "| arm | init | budget (tokens) | training FLOPs | " + " | ".join(domains)
-        + " | mean over domains | mixture-weighted mean |",
-        "|" + " --- |" * (6 + len(domains)),
-    ]
-    for arm in results["arms"]:
-        for budget in arm["budgets"]:
-            cells = [arm["name"], _arm_label(arm), f"{budget['tokens']:,}", f"{budget['flops']:.3g}",
-                     *[_interval_text(budget["loss"][d]) for d in domains],
-                     _interval_text(budget["loss"]["mean"]), _interval_text(budget["loss"]["mixture"])]
-            lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+        *markdown_table(["arm", "init", "budget (tokens)", "training FLOPs", *domains,
+                         *(MEAN_LABEL[m] for m in MEANS)], rows),
         "",
         "Loss: token-weighted cross-entropy per domain; the mean over domains weights the domains equally, the "
         "mixture-weighted mean by the training mixture. FLOPs: 6 x parameters active per token x training tokens "
@@ -494,102 +478,132 @@ def report_markdown(results: dict, *, title: str = "upcycle experiment", recipe:
         "(`arms/NAME/seed_S/final/TOKENS`), so `upcycle experiment --rescore` reproduces them.",
         "",
     ]
-    if reference is not None:
-        others = [arm for arm in results["arms"] if arm["name"] != reference]
-        lines += [
-            f"## Gap to `{reference}` at the end of each budget's schedule (nats; negative: ahead)",
-            "",
-            f"{intervals}; `docs [low, high]`: paired bootstrap over validation documents "
-            f"({results['bootstrap_resamples']} resamples of the documents of each domain, the same for every arm and "
-            "seed). The verdict is ahead or behind only where every interval excludes zero, level otherwise. At equal "
-            f"FLOPs: the arm's mean loss minus `{reference}`'s end-of-schedule loss interpolated linearly in FLOPs "
-            "between its budgets, at the arm's FLOPs (`-` outside them).",
-            "",
-            "| arm | budget (tokens) | gap, mean over domains | gap, mixture-weighted | "
-            + " | ".join(f"gap {d}" for d in domains) + " | gap at equal FLOPs |",
-            "|" + " --- |" * (5 + len(domains)),
-        ]
-        for arm in others:
-            for budget in arm["budgets"]:
-                gap = budget["gap"]
-                cells = [arm["name"], f"{budget['tokens']:,}", _gap_text(gap["mean"]), _gap_text(gap["mixture"]),
-                         *[f"{gap[d]['mean']:+.3f}" for d in domains],
-                         _interval_text(budget["gap_equal_flops"], signed=True)]
-                lines.append("| " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            f"From end-of-schedule values only (the untrained model and each budget's end, interpolated linearly in "
-            f"tokens between them): the tokens at which the arm's mean loss reaches `{reference}`'s at the largest "
-            f"budget, and where a positive gap to `{reference}` first falls to zero (none: never behind, or never "
-            "caught up).",
-            "",
-            f"| arm | tokens to {reference}'s end-of-schedule loss at {results['budgets'][-1]:,} "
-            "| crossing of the gap |",
-            "| --- | --- | --- |",
-        ]
-        for arm in others:
-            lines.append(f"| {arm['name']} | {_reach_text(arm['tokens_to_naive'])} | {_reach_text(arm['crossing'])} |")
-        lines += ["", "![gap to naive](gap_to_naive.png)", ""]
-        if any(arm["curve"] for arm in others):
-            tokens = [p["tokens"] for p in others[0]["curve"]]
-            lines += ([
-                "### Mid-schedule gaps along the longest run (mean over domains, nats)",
-                "",
-                "Inside one schedule: the learning rate is still high at these points (and annealing later moves "
-                "gaps), so they are not end-of-schedule comparisons.",
-                "",
-            ] if any(tokens) else ["### Gaps before training (mean over domains, nats)", ""]) + [
-                "| tokens | " + " | ".join(arm["name"] for arm in others) + " |",
-                "| --- |" + " --- |" * len(others),
-            ]
-            for j, t in enumerate(tokens):
-                cells = [_gap_text(arm["curve"][j]["gap"]["mean"]) if j < len(arm["curve"]) else "-" for arm in others]
-                lines.append(f"| {t:,}{' (untrained)' if t == 0 else ''} | " + " | ".join(cells) + " |")
-            lines.append("")
-    lines += ["## Validation loss against training tokens", "", "![loss curves](loss_curves.png)", ""]
-    moe = [arm for arm in results["arms"] if is_moe(arm)]
-    if moe:
-        lines += [
-            "## Domain specialization and expert similarity",
-            "",
-            "Specialization: per MoE layer, the mean Jensen-Shannon divergence (base 2, 0..1) between the domains' "
-            "distributions of top-k assignments over experts, averaged over layers; 0: every domain routed alike. "
-            "Similarity: per layer, the mean pairwise cosine similarity of the experts' flattened weights, averaged "
-            "over layers; naive upcycling starts at 1.0. Seed means, before training and at the end of the largest "
-            "budget.",
-            "",
-            "| arm | JSD before | JSD at the end | cosine before | cosine at the end |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for arm in moe:
-            before = arm["curve"][0] if arm["curve"] and arm["curve"][0]["tokens"] == 0 else None
-            end = arm["budgets"][-1]
-            fmt = (lambda v: "-" if v is None else f"{v['mean']:.4f}")
-            lines.append(f"| {arm['name']} | {fmt(before and before['jsd'])} | {fmt(end['jsd'])} | "
-                         f"{fmt(before and before['cosine'])} | {fmt(end['cosine'])} |")
-        lines += ["", "![specialization](specialization.png)", "", "![similarity](similarity.png)", "",
-                  "## Routing at the end of the longest run (first seed; share of top-k assignments per expert and "
-                  "domain; dashed: uniform 1/E)", ""]
-        for arm in moe:
-            lines += [f"![routing {arm['name']}](routing_{arm['name']}.png)", ""]
-    lines += [
+
+
+def _gap_section(results: dict) -> list[str]:
+    """Each arm's gap to the reference arm at every budget (with intervals and a verdict), the tokens it takes to
+    reach the reference's final loss, and the gaps mid-schedule; nothing without a reference arm."""
+    reference, domains = results["reference"], results["domains"]
+    if reference is None:
+        return []
+    others = [arm for arm in results["arms"] if arm["name"] != reference]
+    intervals = ("Intervals are 95%: `[low, high]` across seeds (Student t, paired by seed for gaps)"
+                 if len(results["seeds"]) > 1 else "One seed, so there is no interval across seeds")
+    gaps = [[arm["name"], f"{budget['tokens']:,}", *(_gap_text(budget["gap"][m]) for m in MEANS),
+             *[f"{budget['gap'][d]['mean']:+.3f}" for d in domains],
+             _interval_text(budget["gap_equal_flops"], signed=True)]
+            for arm in others for budget in arm["budgets"]]
+    reach = [[arm["name"], _reach_text(arm["tokens_to_naive"]), _reach_text(arm["crossing"])] for arm in others]
+    return [
+        f"## Gap to `{reference}` at the end of each budget's schedule (nats; negative: ahead)",
+        "",
+        f"{intervals}; `docs [low, high]`: paired bootstrap over validation documents "
+        f"({results['bootstrap_resamples']} resamples of the documents of each domain, the same for every arm and "
+        "seed). The verdict is ahead or behind only where every interval excludes zero, level otherwise. At equal "
+        f"FLOPs: the arm's mean loss minus `{reference}`'s end-of-schedule loss interpolated linearly in FLOPs "
+        "between its budgets, at the arm's FLOPs (`-` outside them).",
+        "",
+        *markdown_table(["arm", "budget (tokens)", "gap, mean over domains", "gap, mixture-weighted",
+                         *(f"gap {d}" for d in domains), "gap at equal FLOPs"], gaps),
+        "",
+        f"From end-of-schedule values only (the untrained model and each budget's end, interpolated linearly in "
+        f"tokens between them): the tokens at which the arm's mean loss reaches `{reference}`'s at the largest "
+        f"budget, and where a positive gap to `{reference}` first falls to zero (none: never behind, or never "
+        "caught up).",
+        "",
+        *markdown_table(["arm", f"tokens to {reference}'s end-of-schedule loss at {results['budgets'][-1]:,}",
+                         "crossing of the gap"], reach),
+        "",
+        "![gap to naive](gap_to_naive.png)",
+        "",
+        *_mid_schedule_gaps(others),
+    ]
+
+
+def _mid_schedule_gaps(others: list[dict]) -> list[str]:
+    """The gaps (mean over domains) at the longest run's measuring points, or before training only."""
+    if not any(arm["curve"] for arm in others):
+        return []
+    tokens = [p["tokens"] for p in others[0]["curve"]]
+    if any(tokens):
+        heading = ["### Mid-schedule gaps along the longest run (mean over domains, nats)", "",
+                   "Inside one schedule: the learning rate is still high at these points (and annealing later moves "
+                   "gaps), so they are not end-of-schedule comparisons.", ""]
+    else:
+        heading = ["### Gaps before training (mean over domains, nats)", ""]
+    rows = [[f"{t:,}{' (untrained)' if t == 0 else ''}",
+             *[_gap_text(arm["curve"][j]["gap"]["mean"]) if j < len(arm["curve"]) else "-" for arm in others]]
+            for j, t in enumerate(tokens)]
+    return [*heading, *markdown_table(["tokens", *(arm["name"] for arm in others)], rows), ""]
+
+
+def _curves_section() -> list[str]:
+    return ["## Validation loss against training tokens", "", "![loss curves](loss_curves.png)", ""]
+
+
+def _specialization_section(moe: list[dict]) -> list[str]:
+    """The MoE arms' domain specialization (JSD) and expert similarity (cosine), before training and at the end."""
+    if not moe:
+        return []
+
+    def mean(value: dict | None) -> str:
+        return "-" if value is None else f"{value['mean']:.4f}"
+
+    rows = []
+    for arm in moe:
+        before = arm["curve"][0] if arm["curve"] and arm["curve"][0]["tokens"] == 0 else None
+        end = arm["budgets"][-1]
+        rows.append([arm["name"], mean(before and before["jsd"]), mean(end["jsd"]), mean(before and before["cosine"]),
+                     mean(end["cosine"])])
+    return [
+        "## Domain specialization and expert similarity",
+        "",
+        "Specialization: per MoE layer, the mean Jensen-Shannon divergence (base 2, 0..1) between the domains' "
+        "distributions of top-k assignments over experts, averaged over layers; 0: every domain routed alike. "
+        "Similarity: per layer, the mean pairwise cosine similarity of the experts' flattened weights, averaged "
+        "over layers; naive upcycling starts at 1.0. Seed means, before training and at the end of the largest "
+        "budget.",
+        "",
+        *markdown_table(["arm", "JSD before", "JSD at the end", "cosine before", "cosine at the end"], rows),
+        "",
+        "![specialization](specialization.png)",
+        "",
+        "![similarity](similarity.png)",
+        "",
+    ]
+
+
+def _routing_section(moe: list[dict]) -> list[str]:
+    if not moe:
+        return []
+    lines = ["## Routing at the end of the longest run (first seed; share of top-k assignments per expert and domain; "
+             "dashed: uniform 1/E)", ""]
+    for arm in moe:
+        lines += [f"![routing {arm['name']}](routing_{arm['name']}.png)", ""]
+    return lines
+
+
+def _data_order_section(results: dict) -> list[str]:
+    """The running hash of the tokens each run consumed, per arm and seed: equal within a seed."""
+    same = results["same_data_order"]
+    verdict = ("Every seed's arms consumed the identical stream." if all(same.values())
+               else "**Some seed's arms did not consume the same stream: "
+               + ", ".join(seed for seed, equal in same.items() if not equal) + ".**")
+    rows = [[arm["name"], *(f"`{(run['budgets'][-1].get('data_sha256') or '-')[:16]}`" for run in arm["seeds"])]
+            for arm in results["arms"]]
+    return [
         "## Data order",
         "",
         "Running SHA-256 of the token ids each run consumed (logged by the trainer), at the end of the largest "
         "budget; equal values mean the same tokens in the same order. Within a seed every arm consumes the same "
-        "stream; seeds differ. "
-        + ("Every seed's arms consumed the identical stream." if all(results["same_data_order"].values())
-           else "**Some seed's arms did not consume the same stream: "
-           + ", ".join(s for s, same in results["same_data_order"].items() if not same) + ".**"),
+        f"stream; seeds differ. {verdict}",
         "",
-        "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-        "| --- |" + " --- |" * len(seeds),
-        *[f"| {arm['name']} | " + " | ".join(f"`{(run['budgets'][-1].get('data_sha256') or '-')[:16]}`"
-                                              for run in arm["seeds"]) + " |" for arm in results["arms"]],
+        *markdown_table(["arm", *(f"seed {s}" for s in results["seeds"])], rows),
         "",
     ]
+
+
+def _times_section(results: dict) -> list[str]:
     times = [f"{arm['name']} seed {run['seed']} {run['seconds']:.0f} s ({run.get('threads')} thread(s))"
              for arm in results["arms"] for run in arm["seeds"] if run.get("seconds") is not None]
-    if times:
-        lines += ["Wall time of the last (re)start of each run: " + ", ".join(times) + ".", ""]
-    return "\n".join(lines)
+    return ["Wall time of the last (re)start of each run: " + ", ".join(times) + ".", ""] if times else []

@@ -1,10 +1,15 @@
-"""Publishing directories atomically, and file digests.
+"""Publishing files and directories atomically, exclusive locks, and file digests.
 
 Every command that writes a directory (convert, data prepare, export) builds it with `publish_dir`: a temporary hidden
 sibling `.NAME.upcycle-tmp-PID` is filled, made durable and renamed into place only when complete, so a reader sees a
 complete directory or none. One policy for an existing output: refused unless `force`, and then replaced only once the
 new one is complete. Temporary directories left by killed runs (their PID no longer alive) are removed by the next run
 that publishes the same NAME.
+
+Every single file that must never be seen half written (a report, a JSON record, a figure, a cache) is written with
+`atomic_write` (or `atomic_path` for a writer that takes a path): a temporary sibling `.NAME.tmp-PID`, fsynced, renamed
+over NAME, and the directory fsynced. A run that must be the only one on a directory holds `exclusive_lock` on a file
+in it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import shutil
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
 from upcycle.errors import UpcycleError
 
@@ -31,6 +37,93 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _naming(error: OSError, path: Path, tmp: Path) -> OSError:
+    """`error` naming `path` where it names no file (write() on a full disk) or only the temporary file `tmp`, so the
+    one-line message says which file could not be written."""
+    if error.filename is None or error.filename == str(tmp):
+        named = OSError(error.errno, error.strerror or str(error), str(path))
+        named.__cause__ = error
+        return named
+    return error
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; when the block ends normally it is fsynced and renamed over
+    `path` (one rename: a reader sees the old file or the new, never half of one) and the directory is fsynced, so the
+    new file survives a crash. When the block raises, the temporary file is removed and `path` is untouched; an
+    OSError naming no file, or the temporary one, is re-raised naming `path`. The temporary name is `.NAME.tmp-PID`
+    (one per process), or with `keep_suffix` `.STEM.tmp-PID.SUFFIX`, for writers that pick a format by the ending
+    (matplotlib's savefig)."""
+    path = Path(path)
+    name = f".{path.stem}.tmp-{os.getpid()}{path.suffix}" if keep_suffix else f".{path.name}.tmp-{os.getpid()}"
+    tmp = path.with_name(name)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise _naming(error, path, tmp) from error
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8, or bytes) to `path` atomically and durably (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int = 2) -> None:
+    """`data` as JSON (with a final newline), written atomically and durably."""
+    atomic_write(path, json.dumps(data, indent=indent) + "\n")
+
+
+class LockHeld(Exception):
+    """Another process holds the exclusive lock on `path`; `holder` is the pid it wrote there ("unknown" if none)."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is locked by process {holder}")
+        self.path, self.holder = path, holder
+
+
+def exclusive_lock(path: str | os.PathLike, *, wait: bool = False) -> tuple[IO, OSError | None]:
+    """Take an exclusive advisory lock (flock) on file `path`, created if missing, and write this process's pid into
+    it. Returns (the open file, which holds the lock until it is closed or the process ends, SIGKILL included; None,
+    or the OSError of a file system without locks: Lustre without flock (ENOSYS), NFSv3 without lockd (ENOLCK), on
+    which the file holds no lock and the caller decides whether to go on). Raises LockHeld when another process holds
+    the lock, or with `wait` waits for it."""
+    import fcntl
+
+    path = Path(path)
+    handle = open(path, "a+")  # noqa: SIM115 (returned open: it holds the lock)
+    unlocked = None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise LockHeld(path, holder) from None
+    except OSError as error:
+        unlocked = error
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    except BaseException:
+        handle.close()
+        raise
+    return handle, unlocked
 
 
 def wait_for_file(path: Path, timeout_s: float = 120.0, interval_s: float = 0.5) -> bool:

@@ -8,6 +8,10 @@ second) times a matmul and a SwiGLU block (forward + backward, as training runs 
 on this CPU with the process's thread count, and `auto` picks bf16 only where the SwiGLU block runs at least
 BF16_MIN_SPEEDUP times faster in it. The result is cached per machine (`cache_file()`); delete that file to measure
 again. On CUDA `auto` is bf16 without probing; on a CPU without a bf16 flag it is fp32 without probing.
+
+Also the host's other facts, each read in one place: its usable cores, its memory (`host_memory`: total and
+available), byte counts as people read them (`format_bytes`), and a process dying with its parent
+(`die_with_parent`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from upcycle.files import atomic_write_json
 
 # /proc/cpuinfo flags that mean bf16 dot products in hardware: x86 AVX-512 BF16, x86 AMX tiles, Arm's BF16 extension.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
@@ -62,6 +68,73 @@ def usable_cores() -> int:
     with contextlib.suppress(AttributeError, OSError):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """This machine's memory in bytes, None where the OS does not say."""
+
+    total: int | None  # physical memory (MemTotal): what a plan or a training run may count on at most
+    available: int | None  # what can be allocated now without swapping (MemAvailable): for work about to start
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo's fields in bytes ("MemTotal:  16318480 kB" -> {"MemTotal": 16710123520}); lines that are not
+    "NAME: NUMBER [kB]" are skipped."""
+    fields = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        parts = value.split()
+        if not parts or not parts[0].isdigit():
+            continue
+        fields[name.strip()] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    return fields
+
+
+def _sysconf_bytes(pages: str) -> int | None:
+    try:
+        return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def host_memory(meminfo: str | os.PathLike = "/proc/meminfo") -> HostMemory:
+    """This machine's total and available memory: from `meminfo` (Linux), else from sysconf's page counts."""
+    try:
+        fields = parse_meminfo(Path(meminfo).read_text())
+    except OSError:
+        fields = {}
+    return HostMemory(total=fields.get("MemTotal") or _sysconf_bytes("SC_PHYS_PAGES"),
+                      available=fields.get("MemAvailable") or _sysconf_bytes("SC_AVPHYS_PAGES"))
+
+
+def format_bytes(size: int | float) -> str:
+    """A byte count for messages and tables, in binary units: "1.50 GiB" from 256 MiB up, else "12.0 MiB"."""
+    return f"{size / 2**30:.2f} GiB" if size >= 2**28 else f"{size / 2**20:.1f} MiB"
+
+
+def die_with_parent(sig: int, *, parent: int) -> Callable[[], None] | None:
+    """A function that makes the process calling it receive signal `sig` when its parent dies, even by SIGKILL
+    (Linux's PR_SET_PDEATHSIG), so it does not go on as an orphan; where the parent, pid `parent`, has already died
+    (before the request was made, so nobody will signal), it sends `sig` to itself at once. None where the OS has no
+    prctl (not Linux), and nothing is done.
+
+    Two uses: a process arming itself (`parent=os.getppid()`, then call it), and a subprocess's preexec_fn (called in
+    the parent: `parent=os.getpid()`). The libc function is looked up here, before any fork: a preexec_fn should only
+    call what is already loaded."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def arm() -> None:
+        prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return arm
 
 
 @contextlib.contextmanager
@@ -274,9 +347,7 @@ def _store(path: Path, key: dict, result: ProbeResult) -> None:
     entries = [e for e in _read_cache(path) if e["key"] != key][-(CACHE_MAX_ENTRIES - 1):]
     entries.append({"key": key, "cpu": cpu_description(), "result": asdict(result)})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"entries": entries}, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, {"entries": entries}, indent=1)
 
 
 def _load_average() -> float | None:

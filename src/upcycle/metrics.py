@@ -5,11 +5,10 @@ method is a no-op."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from upcycle.errors import UpcycleError
-from upcycle.files import fsync_path
+from upcycle.files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -40,24 +39,15 @@ def _records(path: Path, text: str) -> list[tuple[str, dict]]:
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records of steps after the checkpoint a run resumes from (they are redone and would appear twice), and a
-    partial last line. The file is replaced atomically (a temporary sibling, then one rename), so a failure while
-    rewriting it (a full disk) leaves the old file whole."""
+    partial last line. The file is replaced atomically (files.atomic_write), so a failure while rewriting it (a full
+    disk) leaves the old file whole."""
     if not path.is_file():
         return
     text = path.read_text(encoding="utf-8", errors="replace")
     kept = "".join(line + "\n" for line, record in _records(path, text) if record["step"] <= last_step)
     if kept == text:
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(kept)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(path.parent)
+    atomic_write(path, kept)
 
 
 class MetricsLog:

@@ -44,10 +44,11 @@ from typing import Literal
 
 import torch
 
+from upcycle import hardware
 from upcycle.distributed import World, expert_placement, shard_placement
 from upcycle.errors import UpcycleError
 from upcycle.expert_parallel import check_degree
-from upcycle.hardware import resolve_precision
+from upcycle.hardware import format_bytes, resolve_precision
 from upcycle.model import ModelConfig, Transformer
 from upcycle.moe import MoE
 from upcycle.safetensors_io import parse_size
@@ -263,16 +264,13 @@ def nccl_communicators(loop, world_size: int) -> int:
     return count
 
 
-def _gb(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**28 else f"{size / 2**20:.1f} MiB"
-
-
 def format_plan(plan: Plan) -> str:
     lines = [f"parameters: {plan.total_params:,} in all, {plan.active_params:,} active per token",
              f"layout: {plan.world_size} rank(s), {plan.ranks_per_node} per node, expert_parallel "
              f"{plan.expert_parallel}, {plan.precision} on {plan.device}, micro-batch {plan.micro_batch_size}",
              f"precision {plan.precision}: {plan.precision_reason}",
-             f"checkpoint: {_gb(plan.checkpoint_bytes)} on disk (weights + AdamW), each rank writing its share",
+             f"checkpoint: {format_bytes(plan.checkpoint_bytes)} on disk (weights + AdamW), each rank writing its "
+             "share",
              "", f"{'rank':>5} {'params':>15} {'weights':>11} {'grads':>11} {'AdamW':>11} {'gathered':>11} "
              f"{'activations':>11} {'runtime':>11} {'device':>11} {'host build':>11} {'host train':>11} "
              f"{'host save':>11}"]
@@ -280,29 +278,19 @@ def format_plan(plan: Plan) -> str:
     if plan.worst not in shown:
         shown.append(plan.worst)
     for r in shown:
-        lines.append(f"{r.rank:>5} {r.params:>15,} {_gb(r.weights):>11} {_gb(r.grads):>11} {_gb(r.optimizer):>11} "
-                     f"{_gb(r.gathered):>11} {_gb(r.activations):>11} {_gb(r.runtime):>11} "
-                     f"{_gb(r.device_total):>11} {_gb(r.host_build):>11} {_gb(r.host_train):>11} "
-                     f"{_gb(r.host_save):>11}")
+        sizes = (r.weights, r.grads, r.optimizer, r.gathered, r.activations, r.runtime, r.device_total, r.host_build,
+                 r.host_train, r.host_save)
+        lines.append(f"{r.rank:>5} {r.params:>15,} " + " ".join(f"{format_bytes(size):>11}" for size in sizes))
     if len(plan.ranks) > len(shown):
         lines.append(f"  ({len(plan.ranks) - len(shown)} more ranks not shown; the busiest is rank {plan.worst.rank})")
     lines.append("")
-    lines.append(f"per node ({plan.ranks_per_node} ranks): host at build {_gb(plan.node_host_bytes('build'))}, "
-                 f"while training {_gb(plan.node_host_bytes('train'))}, at save {_gb(plan.node_host_bytes('save'))}")
+    build, train, save = (format_bytes(plan.node_host_bytes(phase)) for phase in ("build", "train", "save"))
+    lines.append(f"per node ({plan.ranks_per_node} ranks): host at build {build}, while training {train}, at save "
+                 f"{save}")
     if plan.device == "cuda":
         lines.append("runtime and the CUDA host figures are estimates (CUDA context, NCCL buffers, allocator slack, the "
                      "CUDA libraries' host memory), not measured; benchmarks/cuda_path_check.py measures them on a GPU")
     return "\n".join(lines)
-
-
-def _memory_total() -> int | None:
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def check_fits(plan: Plan, *, device_memory: int | None, host_memory: int | None) -> None:
@@ -311,14 +299,15 @@ def check_fits(plan: Plan, *, device_memory: int | None, host_memory: int | None
              "train.micro_batch_size")
     worst = plan.worst
     if device_memory is not None and plan.device != "cpu" and worst.device_total > device_memory:
-        raise UpcycleError(f"rank {worst.rank} needs about {_gb(worst.device_total)} of device memory, more than the "
-                           f"{_gb(device_memory)} of --device-memory; use {fixes}")
+        raise UpcycleError(f"rank {worst.rank} needs about {format_bytes(worst.device_total)} of device memory, more "
+                           f"than the {format_bytes(device_memory)} of --device-memory; use {fixes}")
     if host_memory is not None:
         for phase in ("build", "train", "save"):
             need = plan.node_host_bytes(phase)
             if need > host_memory:
-                raise UpcycleError(f"a node of {plan.ranks_per_node} rank(s) needs about {_gb(need)} of host memory "
-                                   f"at {phase}, more than the {_gb(host_memory)} of --host-memory; use {fixes}")
+                raise UpcycleError(f"a node of {plan.ranks_per_node} rank(s) needs about {format_bytes(need)} of host "
+                                   f"memory at {phase}, more than the {format_bytes(host_memory)} of --host-memory; "
+                                   f"use {fixes}")
 
 
 def plan_command(
@@ -361,7 +350,7 @@ def plan_command(
     plan = make_plan(train_config, world_size=world_size, ranks_per_node=per_node, device=device)
     print(format_plan(plan))
     check_fits(plan, device_memory=parse_size(device_memory) if device_memory else gpu,
-               host_memory=parse_size(host_memory) if host_memory else _memory_total())
+               host_memory=parse_size(host_memory) if host_memory else hardware.host_memory().total)
 
 
 plan_command.help_epilog = config_fields_help

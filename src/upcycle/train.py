@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import os
 import shutil
 import signal
 import statistics
@@ -53,7 +52,7 @@ from upcycle.distributed import (
     shutdown,
 )
 from upcycle.errors import UpcycleError
-from upcycle.files import wait_for_file
+from upcycle.files import LockHeld, exclusive_lock, wait_for_file
 from upcycle.evaluate import score_domains
 from upcycle.expert_parallel import check_degree, shard_experts
 from upcycle.hardware import host_threads, resolve_precision
@@ -591,33 +590,18 @@ def _check_data(config: TrainConfig, data_dir: Path | None, model_config: ModelC
 def _lock_out(out: Path, world: World) -> IO | None:
     """Hold OUT for this run (rank 0 takes an exclusive lock on OUT/.lock, released when the process ends), so a second
     trainer on the same OUT is refused instead of deleting this one's checkpoints. Returns the lock's file (rank 0)."""
-    import fcntl
-
     handle, refusal = None, None
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the whole run)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            handle = None
-            refusal = (f"--out {out} is in use by another `upcycle train` (pid {holder}); wait for it to end or stop "
-                       "it, or choose another --out")
-        except OSError as error:  # a file system without locks (Lustre without flock: ENOSYS; NFSv3: ENOLCK)
-            print(f"upcycle train: warning: cannot lock {out / LOCK_FILE} ({error.strerror}); OUT is not protected "
-                  "against a second trainer, so start only one run on it", file=sys.stderr)
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
+            handle, unlocked = exclusive_lock(out / LOCK_FILE)
+        except LockHeld as held:
+            refusal = (f"--out {out} is in use by another `upcycle train` (pid {held.holder}); wait for it to end or "
+                       "stop it, or choose another --out")
         else:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
+            if unlocked is not None:  # a file system without locks (Lustre without flock: ENOSYS; NFSv3: ENOLCK)
+                print(f"upcycle train: warning: cannot lock {out / LOCK_FILE} ({unlocked.strerror}); OUT is not "
+                      "protected against a second trainer, so start only one run on it", file=sys.stderr)
     refusal = broadcast_object(refusal, world)
     if refusal:
         raise UpcycleError(refusal)
