@@ -40,6 +40,7 @@ from upcycle.safetensors_io import (
     parse_size,
     save_tensors,
 )
+from upcycle.tensor_sources import TensorSource
 from upcycle.upcycling import (
     INDEX_MODES,
     MATRICES,
@@ -818,11 +819,11 @@ def router_calibration(source: str | os.PathLike, **options):
     return _calibrate(readers, opts, opts.check_source(shapes, fmt), opts.plan(len(readers)))
 
 
-class LazyConversion(Mapping):
-    """The output of a conversion as a read-only mapping HF key -> tensor, each tensor computed when it is looked up
-    from the dense tensors it comes from (the same code and seeds as `convert`, so the same values), nothing kept.
-    `shape(key)` answers without computing; `read_rows(key, rows)` computes only those rows (of a tensor that holds
-    every expert, only those experts)."""
+class LazyConversion(Mapping, TensorSource):
+    """The output of a conversion as a TensorSource (a read-only mapping HF key -> tensor), each tensor computed when it
+    is looked up from the dense tensors it comes from (the same code and seeds as `convert`, so the same values),
+    nothing kept. `shape(key)` answers without computing; `read_rows(key, rows)` computes only those rows (of a tensor
+    that holds every expert, only those experts)."""
 
     def __init__(self, entries: list[Entry], produce: _Producer, dtype: torch.dtype):
         self._entries = {entry.name: entry for entry in entries}

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from upcycle import hf_formats as hf
-from upcycle.checkpoint import CheckpointTensors, model_config_of, model_config_record
+from upcycle.checkpoint_format import CheckpointTensors, model_config_of, model_config_record
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir, read_json
 from upcycle.model import Block, ModelConfig, Transformer, rope_inv_freq, rope_tables
@@ -41,7 +41,7 @@ from upcycle.safetensors_io import (
     parse_size,
     save_tensors,
 )
-from upcycle.shards import ExpertStack, Rows, Source, full_box
+from upcycle.tensor_sources import ExpertStack, Rows, Source, TensorSource, full_box
 from upcycle.upcycling import init_shared_expert
 
 # Our state-dict names for the per-layer roles of hf_formats (the only place they are paired).
@@ -77,19 +77,20 @@ EXPORT_FORMATS = (*hf.MOE_FORMATS, *(f for f in hf.DENSE_FAMILIES if f != "mistr
 
 
 class _Taker:
-    """Takes tensors out of a checkpoint by key as Sources (shards.Rows: read when a box of them is needed, only the
-    rows it spans), checking shapes, and remembers which keys were used. `tensors` is a safetensors_io.CheckpointReader
-    (rows read from disk), or any mapping of full tensors (e.g. convert's lazy output, computed when looked up)."""
+    """Takes tensors out of a checkpoint by key as Sources (tensor_sources.Rows: read when a box of them is needed,
+    only the rows it spans), checking shapes, and remembers which keys were used. `tensors` is a
+    safetensors_io.CheckpointReader (rows read from disk), a TensorSource, or any mapping of full tensors (e.g.
+    convert's lazy output, computed when looked up)."""
 
-    def __init__(self, tensors: Mapping[str, Tensor]):
+    def __init__(self, tensors: TensorSource | Mapping[str, Tensor]):
         self.tensors, self.used = tensors, set()
+        self._lazy = isinstance(tensors, TensorSource)  # shapes without reading; a plain mapping holds its tensors
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
     def _shape(self, key: str) -> tuple[int, ...]:
-        shape = getattr(self.tensors, "shape", None)
-        return tuple(shape(key)) if callable(shape) else tuple(self.tensors[key].shape)
+        return tuple(self.tensors.shape(key)) if self._lazy else tuple(self.tensors[key].shape)
 
     def take(self, key: str, shape: tuple[int, ...]) -> Rows:
         if key not in self.tensors:
@@ -195,9 +196,10 @@ def _take_layer(taker: _Taker, i: int, config: ModelConfig, hf_cfg: dict) -> dic
 
 
 def hf_sources(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[ModelConfig, dict[str, Source]]:
-    """Our ModelConfig and, for each of our parameters, where to read it (a shards.Source, in the checkpoint's dtype)
-    from HF tensors (a safetensors_io.CheckpointReader, or any mapping) and the config.json dictionary. Every tensor
-    must be used and have the shape the config implies. Nothing big is read: a rank reads the boxes it keeps later."""
+    """Our ModelConfig and, for each of our parameters, where to read it (a tensor_sources.Source, in the checkpoint's
+    dtype) from HF tensors (a safetensors_io.CheckpointReader, or any mapping) and the config.json dictionary. Every
+    tensor must be used and have the shape the config implies. Nothing big is read: a rank reads the boxes it keeps
+    later."""
     config = model_config_from_hf(tensors, hf_cfg)
     taker = _Taker(tensors)
     sd: dict[str, Source] = {"tok_embeddings.weight": taker.take(hf.EMBED_KEY, (config.vocab_size, config.dim)),
@@ -464,8 +466,8 @@ def check_model_dir(model_path: str | Path) -> Path:
     return path
 
 
-class _SourceTensors(Mapping):
-    """Our tensors by name, each read whole from its shards.Source when looked up (nothing kept)."""
+class _SourceTensors(Mapping, TensorSource):
+    """Our tensors by name, each read whole from its tensor_sources.Source when looked up (nothing kept)."""
 
     def __init__(self, sources: Mapping[str, Source]):
         self.sources = sources
@@ -487,7 +489,7 @@ class _SourceTensors(Mapping):
         return tuple(self.sources[name].shape)
 
 
-def model_tensors(path: str | Path) -> tuple[ModelConfig, Mapping[str, Tensor]]:
+def model_tensors(path: str | Path) -> tuple[ModelConfig, TensorSource]:
     """Our ModelConfig and our tensors of any checkpoint we read: a training checkpoint (sharded or one-file), our
     saved model, or an HF checkpoint, as a mapping that reads one tensor when it is looked up (streaming export)."""
     path = Path(path)
@@ -504,7 +506,7 @@ def model_tensors(path: str | Path) -> tuple[ModelConfig, Mapping[str, Tensor]]:
     return config, _SourceTensors(sources)
 
 
-def _check_shapes(config: ModelConfig, tensors: Mapping[str, Tensor], path: Path) -> None:
+def _check_shapes(config: ModelConfig, tensors: TensorSource, path: Path) -> None:
     """Every tensor of the model `config` describes is there with its shape, and nothing else (before any is read)."""
     with torch.device("meta"):
         expected = {name: tuple(p.shape) for name, p in Transformer(config).state_dict().items()}

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from upcycle.errors import UpcycleError
 from upcycle.files import not_an_input, read_json, sha256_file
+from upcycle.tensor_sources import TensorSource
 
 INDEX_NAME = "model.safetensors.index.json"
 SIDECAR_PREFIX = "upcycle_"
@@ -114,9 +116,9 @@ def _parse_header(path: Path) -> tuple[dict, int, dict]:
     return header, 8 + header_len, metadata
 
 
-class CheckpointReader(Mapping):
-    """A local HF checkpoint directory: its config.json and its tensors, read lazily (a read-only Mapping
-    name -> tensor; a tensor is read when it is looked up).
+class CheckpointReader(Mapping, TensorSource):
+    """A local HF checkpoint directory: its config.json and its tensors, read lazily (a TensorSource: a read-only
+    mapping name -> tensor; a tensor is read when it is looked up).
 
     Accepts one `model.safetensors`, several shards with `model.safetensors.index.json`, or several safetensors
     files without an index. Refuses pickle weights (`.bin`/`.pt`) rather than unpickling them.

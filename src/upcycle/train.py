@@ -61,7 +61,8 @@ from upcycle.metrics import MetricsLog
 from upcycle.model import ModelConfig, Transformer
 from upcycle.safetensors_io import CheckpointReader
 from upcycle.schedule import schedule_of
-from upcycle.shards import fill_from_scratch, fill_from_sources, model_pieces
+from upcycle.shards import fill_from_scratch, model_pieces
+from upcycle.tensor_sources import fill_from_sources
 from upcycle.train_config import (
     OptimConfig,
     TrainConfig,
