@@ -41,7 +41,8 @@ import torch
 
 from upcycle import hf_formats as hf
 from upcycle.calibration import calibration_token_ids, rows_from_centroids
-from upcycle.convert import ConvertOptions, CopyPlan, Plan, check_conversion_fits, check_dense_source, write_moe
+from upcycle.convert import (ConversionPlan, ConvertOptions, CopyPlan, check_conversion_fits, check_dense_source,
+                             write_moe)
 from upcycle.data import expand_paths, iter_documents
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output
@@ -305,12 +306,12 @@ class _MeanOf(Mapping):
         return len(self.readers[0].tensors)
 
 
-def _base_tensors(sources: _Sources, plan: Plan) -> Mapping[str, torch.Tensor]:
+def _base_tensors(sources: _Sources, plan: ConversionPlan) -> Mapping[str, torch.Tensor]:
     readers = [sources.readers[i] for i in plan.base]
     return readers[0] if len(readers) == 1 else _MeanOf(readers)
 
 
-def _router_rows(spec: ComposeSpec, opts: ConvertOptions, sources: _Sources, plan: Plan, prompts: Prompts,
+def _router_rows(spec: ComposeSpec, opts: ConvertOptions, sources: _Sources, plan: ConversionPlan, prompts: Prompts,
                  moe_layers: tuple[int, ...]) -> dict[int, torch.Tensor] | None:
     base = _base_tensors(sources, plan)
     if spec.router == "embed":
@@ -371,11 +372,11 @@ def compose(spec_path: str | os.PathLike, output: str | os.PathLike, *, force: b
                            f"shared expert (got {fmt})")
     moe_layers = _as_spec_error(spec_path, lambda: opts.check_source(sources.shapes, fmt))
     distinct = list(dict.fromkeys(sources.of(e.source) for e in spec.experts))
-    plan = Plan(base=(0,) if spec.base is not None else tuple(distinct),
-                copies=tuple(CopyPlan(sources.of(e.source), "drop", float(e.ratio), e.index_mode)
-                             for e in spec.experts),
-                shared_source=(sources.of(spec.shared_expert["source"]) if isinstance(spec.shared_expert, dict)
-                               else None))
+    plan = ConversionPlan(base=(0,) if spec.base is not None else tuple(distinct),
+                          copies=tuple(CopyPlan(sources.of(e.source), "drop", float(e.ratio), e.index_mode)
+                                       for e in spec.experts),
+                          shared_source=(sources.of(spec.shared_expert["source"])
+                                         if isinstance(spec.shared_expert, dict) else None))
     check_conversion_fits(sources.readers, sources.shapes, fmt, opts, output)  # before the prompts' model runs
     tokenizer_dir = sources.readers[plan.base[0]].dir
     has_prompts = any(e.positive or e.negative for e in spec.experts)
@@ -408,7 +409,7 @@ def compose(spec_path: str | os.PathLike, output: str | os.PathLike, *, force: b
                      progress=progress, options=options, finish=finish)
 
 
-def _preserving(spec: ComposeSpec, sources: _Sources, plan: Plan) -> bool:
+def _preserving(spec: ComposeSpec, sources: _Sources, plan: ConversionPlan) -> bool:
     """Whether the MoE should compute the base's function: every expert (and a shared source) an unchanged copy of
     one model, which is the base (or all that is averaged)."""
     used = {c.source for c in plan.copies} | set(plan.base)

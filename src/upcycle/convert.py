@@ -276,15 +276,15 @@ class ConvertOptions:
             return shapes.ffn_dim // self.granularity
         return self.shared_expert_dim or (shapes.ffn_dim if fmt == "qwen2_moe" else 0)
 
-    def plan(self, num_sources: int) -> Plan:
+    def plan(self, num_sources: int) -> ConversionPlan:
         """Where each tensor comes from: every copy of the dense FFN from SOURCE, or, for btx, the non-FFN tensors
         averaged over the sources and blocks of E / S copies per source (exact copies)."""
         copies = self.num_experts // self.routed_segments
         if self.method == "btx":
-            return Plan(base=tuple(range(num_sources)),
-                        copies=tuple(CopyPlan(source=s, method="naive", ratio=0.0, index_mode=self.index_mode)
-                                     for s in btx_source_of_expert(copies, num_sources)))
-        return Plan(base=(0,), copies=(CopyPlan(0, self.method, self.ratio, self.index_mode),) * copies)
+            return ConversionPlan(base=tuple(range(num_sources)),
+                                  copies=tuple(CopyPlan(source=s, method="naive", ratio=0.0, index_mode=self.index_mode)
+                                               for s in btx_source_of_expert(copies, num_sources)))
+        return ConversionPlan(base=(0,), copies=(CopyPlan(0, self.method, self.ratio, self.index_mode),) * copies)
 
 
 @dataclass(frozen=True)
@@ -299,7 +299,7 @@ class CopyPlan:
 
 
 @dataclass
-class Plan:
+class ConversionPlan:
     """Where every output tensor comes from, decided before any work.
 
     `base`: the sources whose non-FFN tensors (embeddings, attention, norms, head) are copied (one) or averaged
@@ -461,8 +461,8 @@ def fused_expert_slice(entry: Entry, e: int, expert_tensors: Callable[[int, int]
 class _Producer:
     """Computes each output tensor (fp32) when its entry comes up, reading only what that tensor needs."""
 
-    def __init__(self, readers: list[CheckpointReader], shapes: hf.Shapes, opts: ConvertOptions, plan: Plan,
-                 record: _Record, fmt: str, shared_dim: int = 0):
+    def __init__(self, readers: list[CheckpointReader], shapes: hf.Shapes, opts: ConvertOptions,
+                 plan: ConversionPlan, record: _Record, fmt: str, shared_dim: int = 0):
         self.readers = readers
         self.plan = plan
         self.fmt = fmt
@@ -738,7 +738,7 @@ def _estimate_for(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions) ->
     return estimate(shapes, fmt, opts, value_bytes, num_sources=len(readers))
 
 
-def _generate(readers, shapes, fmt, opts: ConvertOptions, plan: Plan, progress: bool, calibration=None
+def _generate(readers, shapes, fmt, opts: ConvertOptions, plan: ConversionPlan, progress: bool, calibration=None
               ) -> tuple[list[Entry], Iterator, _Record, dict, _Producer]:
     """The output's layout, its tensors (in layout order, computed as they are drawn), the manifest record they fill,
     the config.json and the producer. `calibration`: `router_calibration`'s result when it was computed elsewhere."""
@@ -779,11 +779,11 @@ def _collect(tensors: Iterator[tuple[Entry, torch.Tensor]]) -> dict[str, torch.T
     return {name: p[0] if len(p) == 1 else torch.cat(p) for name, p in parts.items()}
 
 
-def _shared_dim(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, plan: Plan) -> int:
+def _shared_dim(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, plan: ConversionPlan) -> int:
     return shapes.ffn_dim if plan.shared_source is not None else opts.shared_dim(shapes, fmt)
 
 
-def _moe_config(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions, plan: Plan) -> dict:
+def _moe_config(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions, plan: ConversionPlan) -> dict:
     return hf.build_moe_config(
         readers[0].config, fmt, num_experts=opts.num_experts, top_k=opts.top_k,
         router_aux_loss_coef=opts.router_aux_loss_coef,
@@ -803,7 +803,7 @@ def planned_moe_config(source: str | os.PathLike, **options) -> tuple[dict, bool
             fmt in hf.SHARED_EXPERT_FORMATS and opts.shared_dense)
 
 
-def _calibrate(readers, opts: ConvertOptions, moe_layers: tuple[int, ...], plan: Plan):
+def _calibrate(readers, opts: ConvertOptions, moe_layers: tuple[int, ...], plan: ConversionPlan):
     return data_router_rows(readers[plan.base[0]].dir, opts.calibration, max_tokens=opts.calibration_tokens,
                             copies=len(plan.copies), layers=moe_layers, seed=opts.seed, std=opts.router_std)
 
@@ -899,8 +899,8 @@ def convert(
                      progress=progress, options=_manifest_options(opts, fmt))
 
 
-def write_moe(readers: list[CheckpointReader], shapes: hf.Shapes, fmt: str, opts: ConvertOptions, plan: Plan,
-              output: Path, *, force: bool, inputs: list, progress: bool, options: dict,
+def write_moe(readers: list[CheckpointReader], shapes: hf.Shapes, fmt: str, opts: ConvertOptions,
+              plan: ConversionPlan, output: Path, *, force: bool, inputs: list, progress: bool, options: dict,
               finish: Callable[[Path, dict], dict] | None = None) -> Path:
     """The MoE that `plan` describes, from validated sources, published atomically at `output` (convert and compose).
 

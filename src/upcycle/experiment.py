@@ -65,10 +65,10 @@ from upcycle.calibration import calibration_token_ids
 from upcycle.convert import convert
 from upcycle.errors import UpcycleError
 from upcycle.evaluate import score_domains
-from upcycle.experiment_config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KINDS, ArmSpec, ExperimentConfig, Plan,
-                                       arm_where, check_validation_split, config_change, config_from_record,
-                                       config_help, config_record, inputs, load_experiment, read_saved_config,
-                                       train_config_dict)
+from upcycle.experiment_config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KINDS, ArmSpec, ExperimentConfig,
+                                       ExperimentPlan, arm_where, check_validation_split, config_change,
+                                       config_from_record, config_help, config_record, inputs, load_experiment,
+                                       read_saved_config, train_config_dict)
 from upcycle.experiment_report import RESULTS_FILE, REPORT_FILE, build_results, display_path, write_outputs, \
     write_text_atomic
 from upcycle.files import publish_dir
@@ -170,7 +170,7 @@ class _Context:
     config: ExperimentConfig
     out: Path
     data_dir: Path
-    plan: Plan
+    plan: ExperimentPlan
     val: ValidationSet
 
 
@@ -642,7 +642,7 @@ def _context(config: ExperimentConfig, out: Path, data_dir: Path) -> _Context:
     return _Context(config, out, data_dir, config.plan(), val)
 
 
-def _header(config: ExperimentConfig, plan: Plan) -> dict:
+def _header(config: ExperimentConfig, plan: ExperimentPlan) -> dict:
     schedule = config.train_template().schedule
     return {"seed_model": display_path(config.seed_model), "seeds": list(config.seeds),
             "num_experts": config.moe.num_experts, "top_k": config.moe.top_k, "domains": config.domains,

@@ -526,7 +526,7 @@ class ExperimentConfig:
         """The recipe as the trainer reads it (a TrainConfig; the run-specific fields are placeholders)."""
         return config_from_dict(train_config_dict(self, init_source=self.seed_model, max_steps=1, seed=0))
 
-    def plan(self) -> Plan:
+    def plan(self) -> ExperimentPlan:
         template = self.train_template()
         s = template.schedule
         step_tokens = template.train.global_batch_tokens
@@ -535,12 +535,13 @@ class ExperimentConfig:
         if s.kind == "wsd":
             branch = {n: wsd_decay_start(n, warmup_steps=s.warmup_steps, decay_fraction=s.decay_fraction)
                       for n in budget_steps[:-1]}
-        return Plan(tokens_per_step=step_tokens, budget_steps=budget_steps, schedule=s.kind,
-                    eval_steps=eval_steps(self.eval.points, budget_steps[-1], step_tokens), branch_steps=branch)
+        return ExperimentPlan(tokens_per_step=step_tokens, budget_steps=budget_steps, schedule=s.kind,
+                              eval_steps=eval_steps(self.eval.points, budget_steps[-1], step_tokens),
+                              branch_steps=branch)
 
 
 @dataclass(frozen=True)
-class Plan:
+class ExperimentPlan:
     """What every arm and seed trains and where it is measured, in optimizer steps."""
 
     tokens_per_step: int

@@ -162,7 +162,7 @@ class RankPlan:
 
 
 @dataclass
-class Plan:
+class MemoryPlan:
     total_params: int
     active_params: int
     world_size: int
@@ -188,7 +188,7 @@ class Plan:
         return per_rank * self.ranks_per_node
 
 
-def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> Plan:
+def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> MemoryPlan:
     """The memory plan of a training config (upcycle.train_config.TrainConfig) on `world_size` ranks."""
     loop, seq_len = config.train, config.data.seq_len
     sequences = loop.global_batch_tokens // seq_len
@@ -243,10 +243,10 @@ def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> P
         host_save = host_runtime + (state if device == "cpu" else 0) + staged
         ranks.append(RankPlan(share.rank, share.params, weights, grads, optimizer, gathered, activations, runtime,
                               device_total, host_build, host_train, host_save))
-    return Plan(total_params=model.num_params(), active_params=model.num_active_params(), world_size=world_size,
-                ranks_per_node=ranks_per_node, expert_parallel=loop.expert_parallel, precision=precision,
-                device=device, micro_batch_size=micro, ranks=ranks, checkpoint_bytes=12 * model.num_params(),
-                precision_reason=precision_reason)
+    return MemoryPlan(total_params=model.num_params(), active_params=model.num_active_params(), world_size=world_size,
+                      ranks_per_node=ranks_per_node, expert_parallel=loop.expert_parallel, precision=precision,
+                      device=device, micro_batch_size=micro, ranks=ranks, checkpoint_bytes=12 * model.num_params(),
+                      precision_reason=precision_reason)
 
 
 def nccl_communicators(loop, world_size: int) -> int:
@@ -267,7 +267,7 @@ def _gb(size: int) -> str:
     return f"{size / 2**30:.2f} GiB" if size >= 2**28 else f"{size / 2**20:.1f} MiB"
 
 
-def format_plan(plan: Plan) -> str:
+def format_plan(plan: MemoryPlan) -> str:
     lines = [f"parameters: {plan.total_params:,} in all, {plan.active_params:,} active per token",
              f"layout: {plan.world_size} rank(s), {plan.ranks_per_node} per node, expert_parallel "
              f"{plan.expert_parallel}, {plan.precision} on {plan.device}, micro-batch {plan.micro_batch_size}",
@@ -305,7 +305,7 @@ def _memory_total() -> int | None:
     return None
 
 
-def check_fits(plan: Plan, *, device_memory: int | None, host_memory: int | None) -> None:
+def check_fits(plan: MemoryPlan, *, device_memory: int | None, host_memory: int | None) -> None:
     """Refuse a plan that cannot fit, naming what to change."""
     fixes = ("more ranks, train.expert_parallel, train.activation_checkpointing: true or a smaller "
              "train.micro_batch_size")
