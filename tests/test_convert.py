@@ -192,7 +192,7 @@ def test_every_output_file_is_byte_reproducible_and_readable_like_the_rest(tmp_p
 
 @pytest.mark.parametrize("fmt, tied", [("mixtral", False), ("qwen2_moe", True)])
 def test_the_size_estimate_bounds_the_real_output_without_wild_excess(tmp_path, fmt, tied):
-    from upcycle.convert import ConvertOptions, estimate
+    from upcycle.convert_options import ConvertOptions, estimate
 
     dense = save_dense(tmp_path / "dense", "llama", tied=tied)
     out = convert(dense, tmp_path / "moe", num_experts=6, format=fmt, progress=False)

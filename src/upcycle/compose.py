@@ -40,16 +40,16 @@ from typing import Any
 import torch
 
 from upcycle import hf_formats as hf
-from upcycle.calibration import calibration_token_ids, rows_from_centroids
-from upcycle.convert import (ConversionPlan, ConvertOptions, CopyPlan, check_conversion_fits, check_dense_source,
-                             write_moe)
-from upcycle.data import expand_paths, iter_documents
+from upcycle.calibration import rows_from_centroids
+from upcycle.convert import check_conversion_fits, check_dense_source, write_moe
+from upcycle.convert_options import INDEX_MODES, ROUTER_INITS, ConversionPlan, ConvertOptions, CopyPlan
+from upcycle.data import calibration_token_ids, expand_paths, iter_documents
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output
 from upcycle.hf_model import layer_by_layer
 from upcycle.safetensors_io import CheckpointReader
 from upcycle.train_config import read_yaml_config
-from upcycle.upcycling import INDEX_MODES, ROUTER_INITS, btx_mean
+from upcycle.upcycling import btx_mean
 
 COMPOSE_ROUTERS = ("hidden", "embed", *ROUTER_INITS)
 # `upcycle convert` options a spec takes at its top level, with convert's meaning and default (one declaration:

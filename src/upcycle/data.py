@@ -45,18 +45,21 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import zlib
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, not_an_input, publish_dir, read_json, sha256_file
 from upcycle.validation import check_arguments
+
+if TYPE_CHECKING:  # imported where tensors are made: the configs that import this module load without torch
+    import torch
 
 FORMAT_VERSION = 1
 METADATA_FILE = "data.json"
@@ -212,6 +215,28 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None):
             return tokenizer, eos_id
     raise UpcycleError(f"cannot find an EOS token for the tokenizer at {path} (tried {candidates}); "
                        "pass --eos-token with a token from its vocabulary")
+
+
+def calibration_token_ids(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, max_tokens: int) -> torch.Tensor:
+    """Up to `max_tokens` token ids of the calibration file(s) of `--router-init data`, documents separated by EOS (as
+    `data prepare`), tokenized with the tokenizer in `tokenizer_dir` (the dense source's)."""
+    import torch
+
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise UpcycleError(f"--router-init data tokenizes --calibration with the source's tokenizer, and "
+                           f"{tokenizer_dir} has no tokenizer.json; add it to the source directory")
+    files = expand_paths([path])
+    tokenizer, eos_id = load_tokenizer(tokenizer_dir)
+    ids: list[int] = []
+    for file in files:
+        for document in iter_documents(file):
+            ids += tokenizer.encode(document, add_special_tokens=False).ids + [eos_id]
+            if len(ids) >= max_tokens:
+                return torch.tensor(ids[:max_tokens])
+    if not any(i != eos_id for i in ids):
+        raise UpcycleError(f"--calibration {path} has no text; pass a JSONL file with \"text\" fields or a plain text "
+                           "file, with some text in it")
+    return torch.tensor(ids)
 
 
 def valid_domain_name(name: str) -> bool:
@@ -672,6 +697,8 @@ class MixtureLoader:
     def next_batch_with_domains(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of the next global batch: tokens (B_local, seq_len + 1) int64 and domain index (B_local,)
         into `self.domains` (for per-domain training loss or routing statistics)."""
+        import torch
+
         domain_ids, chunk_ids = self._plan()
         rows = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
         tokens_BT = np.empty((self.local_batch_size, self.seq_len + 1), dtype=np.int64)
@@ -747,6 +774,8 @@ def validation_batches(
     rank r gets batches r, r + W, ...; sum losses and token counts across ranks before dividing. A domain whose val
     split is shorter than seq_len + 1 tokens maps to an empty list.
     """
+    import torch
+
     if seq_len < 1 or batch_size < 1 or max_sequences < 1:
         raise UpcycleError("seq_len, batch_size and max_sequences must be positive")
     metadata = read_metadata(data_dir)

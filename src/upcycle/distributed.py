@@ -27,8 +27,7 @@ from torch.distributed.tensor import Shard
 from upcycle import expert_parallel
 from upcycle.errors import UpcycleError
 from upcycle.moe import MoE
-
-PARALLEL_MODES = ("fsdp", "ddp")
+from upcycle.train_config import PARALLEL_MODES
 PRECISIONS = ("fp32", "bf16")  # what parallelize accepts; "auto" is resolved before (upcycle.hardware)
 
 

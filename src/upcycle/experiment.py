@@ -61,8 +61,8 @@ from upcycle import checkpoint as ckpt
 from upcycle import data as data_lib
 from upcycle import experiment_stats as stats
 from upcycle.analyze import collect_routing, expert_matrices, expert_similarity, mean_pairwise_jsd, routing_stats
-from upcycle.calibration import calibration_token_ids
 from upcycle.convert import convert
+from upcycle.data import calibration_token_ids
 from upcycle.errors import UpcycleError
 from upcycle.evaluate import score_domains
 from upcycle.experiment_config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KINDS, ArmSpec, ExperimentConfig,

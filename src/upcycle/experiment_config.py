@@ -26,8 +26,8 @@ import numpy as np
 
 from upcycle import data as data_lib
 from upcycle import hf_formats as hf
-from upcycle.calibration import calibration_token_ids
-from upcycle.convert import ConvertOptions, estimate
+from upcycle.convert_options import ConvertOptions, estimate
+from upcycle.data import calibration_token_ids
 from upcycle.errors import UpcycleError
 from upcycle.schedule import wsd_decay_start
 from upcycle.train_config import config_from_dict, read_yaml_config, validate_config

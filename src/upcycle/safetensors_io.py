@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
 from upcycle.files import not_an_input, read_json, sha256_file
 from upcycle.tensor_sources import TensorSource
@@ -34,8 +35,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32",
                torch.int64: "I64", torch.uint8: "U8", torch.bool: "BOOL"}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
-# The one table of floating dtypes a user names (--dtype of convert and export, config.json's "dtype").
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The one table of floating dtypes a user names (--dtype of convert and export, config.json's "dtype"), by their
+# names in hf_formats.FLOAT_DTYPES.
+DTYPE_NAMES = {name: getattr(torch, name) for name in hf.FLOAT_DTYPES}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
