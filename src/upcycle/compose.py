@@ -29,7 +29,6 @@ Run: `upcycle compose spec.yaml OUT`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -417,23 +416,3 @@ def _preserving(spec: ComposeSpec, sources: _Sources, plan: ConversionPlan) -> b
         used.add(plan.shared_source)
     hashes = {tuple(sorted(sources.readers[i].sha256().items())) for i in used}
     return len(hashes) == 1 and all(c.ratio == 0 for c in plan.copies)
-
-
-def compose_command(spec: str, output: str, force: bool = False, quiet: bool = False) -> None:
-    """Compose an MoE from several dense models (fine-tunes of one base), routers steered by example prompts.
-
-    Args:
-        spec: The YAML spec: base (or average: true), experts (source, positive, negative, ratio, index_mode),
-            shared_expert, router, and upcycle convert options such as top_k, granularity, format (docs/convert.md).
-        output: Directory to create (parents too); refused if it exists, unless --force.
-        force: Replace an existing OUTPUT (only once the new one is complete).
-        quiet: No progress bar.
-    """
-    path = compose(spec, output, force=force, progress=not quiet)
-    manifest = json.loads((path / "upcycle_manifest.json").read_text())
-    hf.print_engine_note(path)
-    if not quiet:
-        for record in manifest.get("prompt_routing", []):
-            shares = " ".join(f"{s:.2f}" for s in record["top1_share"])
-            print(f"layer {record['layer']}: share of each expert's prompt tokens routed to it (top-1): {shares}")
-        print(f"wrote {path}")

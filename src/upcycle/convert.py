@@ -702,25 +702,3 @@ def load_redrawn(directory: str | os.PathLike) -> torch.Tensor:
         packed = f.get_tensor("redrawn_packed").numpy()
         ffn_dim = int(f.metadata()["ffn_dim"])
     return torch.from_numpy(np.unpackbits(packed, axis=-1, count=ffn_dim).astype(bool))
-
-
-def convert_command(
-    source: str,
-    output: str,
-    options: ConvertOptions = ConvertOptions(),
-    force: bool = False,
-    quiet: bool = False,
-) -> None:
-    """Convert a dense HF checkpoint (llama, mistral, qwen2, qwen3) into an HF MoE checkpoint.
-
-    Args:
-        source: Local dense checkpoint directory (config.json + safetensors).
-        output: Directory to create (parents too); refused if it exists, unless --force.
-        options: The conversion's choices: one flag per field of ConvertOptions.
-        force: Replace an existing OUTPUT (only once the new one is complete).
-        quiet: No progress bar.
-    """
-    path = convert(source, output, force=force, progress=not quiet, **asdict(options))
-    hf.print_engine_note(path)
-    if not quiet:
-        print(f"wrote {path}")

@@ -48,7 +48,7 @@ import json
 import os
 import re
 import zlib
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -470,7 +470,7 @@ def _prepare_domain(name, files, val_files, tmp, tok, eos_id, token_dtype, *, va
     return {**counts, "sources": [str(f) for f in files], "val_sources": [str(f) for f in val_files]}
 
 
-def _parse_domain_args(values: list[str] | None, flag: str) -> dict[str, list[str]]:
+def parse_domain_args(values: list[str] | None, flag: str) -> dict[str, list[str]]:
     """['english=a.jsonl.gz,docs/', 'code=src/'] -> {'english': ['a.jsonl.gz', 'docs/'], 'code': ['src/']}."""
     out: dict[str, list[str]] = {}
     for value in values or []:
@@ -484,49 +484,6 @@ def _parse_domain_args(values: list[str] | None, flag: str) -> dict[str, list[st
         out[name] = [p.strip() for p in paths.split(",") if p.strip()]
     return out
 
-
-def prepare_command(
-    out: str,
-    tokenizer: str,
-    *,
-    domain: list[str] | None = None,
-    val_domain: list[str] | None = None,
-    val_fraction: float = 0.01,
-    seed: int = 0,
-    dtype: Literal["auto", "uint16", "uint32"] = "auto",
-    text_field: str = "text",
-    eos_token: str | None = None,
-    force: bool = False,
-) -> None:
-    """Tokenize text into flat per-domain token files for `upcycle train`.
-
-    Example: upcycle data prepare runs/data assets/tokenizer --domain english=en.jsonl.gz,docs/ code=src/
-
-    Args:
-        out: Output directory (data.json plus NAME.train.bin / NAME.val.bin); must not exist unless --force.
-        tokenizer: Local directory with tokenizer.json (an HF model or tokenizer dir), or the tokenizer.json file.
-        domain: One or more NAME=PATH[,PATH...]. A path is a file or a directory (every non-hidden file below it).
-            `.jsonl` files hold one document per line in the field --text-field; any other file is one document;
-            `.gz` is read transparently.
-        val_domain: Optional explicit validation inputs, NAME=PATH[,PATH...] as for --domain (e.g. the
-            NAME.val.jsonl.gz files of scripts/build_corpus.py); those domains ignore --val-fraction.
-        val_fraction: Fraction of each domain's documents held out for validation (whole documents, at least one).
-        seed: Seed of the validation split; the same inputs and seed give the same split.
-        dtype: Token file dtype: auto (uint16 when the vocabulary fits, else uint32), uint16 or uint32.
-        text_field: JSONL field that holds the text.
-        eos_token: EOS token text, if the tokenizer files do not name one.
-        force: Replace an existing output directory.
-    """
-    domains = _parse_domain_args(domain, "--domain")
-    if not domains:
-        raise UpcycleError("no domains given; pass e.g. --domain english=corpus/en code=corpus/code")
-    metadata = prepare(domains, out, tokenizer, val_fraction=val_fraction, seed=seed, dtype=dtype,
-                       text_field=text_field, eos_token=eos_token, force=force,
-                       val_sources=_parse_domain_args(val_domain, "--val-domain"))
-    for name, info in metadata["domains"].items():
-        print(f"{name}: train {info['train']['tokens']:,} tokens / {info['train']['documents']:,} docs, "
-              f"val {info['val']['tokens']:,} tokens / {info['val']['documents']:,} docs")
-    print(f"wrote {out} ({metadata['dtype']}, vocab {metadata['vocab_size']}, eos id {metadata['eos_id']})")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

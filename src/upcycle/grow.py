@@ -302,21 +302,3 @@ def grow(source: str | os.PathLike, output: str | os.PathLike, *, force: bool = 
         write_manifest(tmp, [src.record], {"command": "grow", **options}, produce.layers, produce.redrawn_LEMF,
                        shards, {"function_preserving": preserving})
     return output
-
-
-def grow_command(moe: str, output: str, options: GrowOptions = GrowOptions(), force: bool = False,
-                 quiet: bool = False) -> None:
-    """Grow an MoE's E experts into factor * E: each expert kept and joined by factor - 1 Drop-Upcycled copies.
-
-    Args:
-        moe: An HF MoE checkpoint (mixtral, qwen2_moe, qwen3_moe, granitemoeshared) or one of our training
-            checkpoints.
-        output: Directory to create (parents too); refused if it exists, unless --force.
-        options: The growth's choices: one flag per field of GrowOptions.
-        force: Replace an existing OUTPUT (only once the new one is complete).
-        quiet: No progress bar.
-    """
-    path = grow(moe, output, force=force, progress=not quiet, **asdict(options))
-    hf.print_engine_note(path)
-    if not quiet:
-        print(f"wrote {path}")

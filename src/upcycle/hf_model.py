@@ -23,7 +23,6 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from upcycle import hf_formats as hf
 from upcycle.checkpoint_format import CheckpointTensors, model_config_of, model_config_record
 from upcycle.errors import UpcycleError
-from upcycle.files import check_output, publish_dir, read_json
+from upcycle.files import publish_dir, read_json
 from upcycle.model import Block, ModelConfig, Transformer, rope_inv_freq, rope_tables
 from upcycle.safetensors_io import (
     DTYPE_NAMES,
@@ -551,40 +550,3 @@ def save_model(model: Transformer, out_dir: str | Path, *, force: bool = False) 
 
         (tmp / "config.json").write_text(json.dumps(model_config_record(asdict(model.config)), indent=2) + "\n")
     return out_dir
-
-
-def export_command(
-    checkpoint: str,
-    out: str,
-    format: Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoeshared", "llama", "qwen2", "qwen3"] = "auto",
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-    tokenizer: str | None = None,
-    force: bool = False,
-    max_shard_size: str = "5GB",
-) -> None:
-    """Export a checkpoint (ours or HF) as a Hugging Face checkpoint that transformers loads, streaming one tensor at a
-    time (memory for about the two largest tensors, whatever the model's size).
-
-    Args:
-        checkpoint: Directory of our training checkpoint (model.safetensors + config.json with "model") or of an HF
-            checkpoint.
-        out: Output directory to create, written atomically; refused if it exists, unless --force.
-        format: auto (dense -> llama/qwen2/qwen3 by attention features; MoE -> mixtral for Llama-like attention
-            (qwen2_moe with dense layers or a gated shared expert; granitemoeshared with an ungated shared expert or
-            Granite's multipliers), qwen2_moe with q/k/v biases, qwen3_moe with q/k norms), or one of mixtral,
-            qwen2_moe, qwen3_moe, granitemoeshared, llama, qwen2, qwen3.
-        dtype: Weight dtype in the output: float32 (exact), bfloat16 or float16.
-        tokenizer: A directory whose tokenizer files (tokenizer.json, tokenizer_config.json, ...) are copied into OUT.
-        force: Replace an existing OUT (only once the new one is complete).
-        max_shard_size: Largest output safetensors file, e.g. 5GB or 500MB (several files get an index).
-    """
-    if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
-        raise UpcycleError(f"--tokenizer {tokenizer} has no tokenizer.json")
-    inputs = (checkpoint, *([tokenizer] if tokenizer is not None else ()))
-    check_output(out, force=force, inputs=inputs, flag="OUT")
-    check_model_dir(checkpoint)
-    config, tensors = model_tensors(checkpoint)  # read one tensor at a time while writing
-    path = export_hf(tensors, config, out, fmt=format, dtype=dtype, tokenizer=tokenizer, force=force, inputs=inputs,
-                     max_shard_size=max_shard_size)
-    hf.print_engine_note(path)
-    print(f"wrote {path}")

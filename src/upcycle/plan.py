@@ -52,7 +52,7 @@ from upcycle.model import ModelConfig, Transformer
 from upcycle.moe import MoE
 from upcycle.safetensors_io import parse_size
 from upcycle.train import start_point
-from upcycle.train_config import config_fields_help, load_config, micro_batch_size_for
+from upcycle.train_config import load_config, micro_batch_size_for
 
 # Resident memory of one training process before any weight: Python, torch and our modules (measured on this machine
 # with torch 2.13 CPU: ~0.45 GB after `import upcycle.train`; a gloo process group adds little).
@@ -321,7 +321,7 @@ def check_fits(plan: MemoryPlan, *, device_memory: int | None, host_memory: int 
                                    f"at {phase}, more than the {_gb(host_memory)} of --host-memory; use {fixes}")
 
 
-def plan_command(
+def print_plan(
     *,
     config: str,
     ranks: int | None = None,
@@ -331,23 +331,8 @@ def plan_command(
     host_memory: str | None = None,
     override: list[str] | None = None,
 ) -> None:
-    """Print the memory a training config needs per rank and per node, without building any weight.
-
-    Builds the config's model on the meta device and places every parameter as `upcycle train` would for the given
-    ranks, expert-parallel degree (train.expert_parallel) and precision, then prints the parameters (total, active)
-    and per rank the weights, gradients, AdamW state, FSDP's gathered blocks, an activation estimate at the configured
-    micro-batch, and the host memory at build and at save. Refuses (exit 2) a plan that does not fit the given memory.
-    Any config field can be overridden as in `upcycle train` (e.g. --train.expert_parallel 8).
-
-    Args:
-        config: The training config (YAML) to plan.
-        ranks: Number of ranks (processes); default: WORLD_SIZE when launched by torchrun, else 1.
-        ranks_per_node: Ranks sharing one machine's host memory; default: all of them, at most 8.
-        device: What the ranks compute on: cuda, cpu, or auto (this machine's).
-        device_memory: Memory of one accelerator, e.g. 80GB (cuda; default: this machine's GPU if it has one).
-        host_memory: Memory of one node, e.g. 2TB; default: this machine's.
-        override: Overrides as section.field=value, the same as --section.field value.
-    """
+    """`upcycle plan` (commands.plan_command documents the arguments): print the plan of the training config at
+    `config` for these ranks and refuse one that does not fit the given (or this machine's) memory."""
     train_config = load_config(config, list(override or []))
     world_size = ranks if ranks is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if world_size < 1:
@@ -363,5 +348,3 @@ def plan_command(
     check_fits(plan, device_memory=parse_size(device_memory) if device_memory else gpu,
                host_memory=parse_size(host_memory) if host_memory else _memory_total())
 
-
-plan_command.help_epilog = config_fields_help
