@@ -60,10 +60,11 @@ class ModelConfig:
     moe_layers: list[int] | None = None
     """Which layers hold the MoE FFN (the others a dense FFN of ffn_dim); None -> every layer. Ignored when dense."""
     shared_expert_dim: int = 0
-    """Hidden size of an always-active shared expert in every MoE layer, added as sigmoid(gate . x) * FFN(x) (Qwen2-MoE);
-    0 -> none."""
+    """Hidden size of an always-active shared expert in every MoE layer, added as sigmoid(gate . x) * FFN(x)
+    (Qwen2-MoE); 0 -> none."""
     shared_expert_gated: bool = True
-    """The shared expert's output is scaled by its sigmoid gate (Qwen2-MoE); false: added as it is (Granite-MoE-Shared)."""
+    """The shared expert's output is scaled by its sigmoid gate (Qwen2-MoE); false: added as it is
+    (Granite-MoE-Shared)."""
     embedding_multiplier: float = 1.0
     """Granite: token embeddings are multiplied by this before the first layer."""
     residual_multiplier: float = 1.0
