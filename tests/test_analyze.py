@@ -14,7 +14,6 @@ import torch
 from helpers import assert_one_line_error, make_prepared, run_cli, save_dense, tiny_moe
 from upcycle.analyze import (
     analyze,
-    analyze_command,
     dead_experts,
     entropy,
     expert_similarity,
@@ -25,6 +24,7 @@ from upcycle.analyze import (
     routing_stats,
     routing_sums,
 )
+from upcycle.commands import analyze_command
 from upcycle.convert import convert
 from upcycle.errors import UpcycleError
 from upcycle.hf_model import load_model

@@ -192,7 +192,7 @@ def test_every_output_file_is_byte_reproducible_and_readable_like_the_rest(tmp_p
 
 @pytest.mark.parametrize("fmt, tied", [("mixtral", False), ("qwen2_moe", True)])
 def test_the_size_estimate_bounds_the_real_output_without_wild_excess(tmp_path, fmt, tied):
-    from upcycle.convert import ConvertOptions, estimate
+    from upcycle.convert_options import ConvertOptions, estimate
 
     dense = save_dense(tmp_path / "dense", "llama", tied=tied)
     out = convert(dense, tmp_path / "moe", num_experts=6, format=fmt, progress=False)
@@ -219,7 +219,8 @@ def test_nan_in_a_source_is_named_and_nothing_is_published(tmp_path):
 def test_qwen2_moe_output_has_what_llama_cpp_needs_and_stays_the_dense_function(tmp_path, capsys):
     """llama.cpp's qwen2moe loader needs output.weight (no tied fallback) and computes the shared-expert sigmoid as
     silu(x)/x (NaN at 0 for an all-zero gate); the output must satisfy both and still be the dense function."""
-    from upcycle.convert import ConvertOptions, convert_command
+    from upcycle.commands import convert_command
+    from upcycle.convert_options import ConvertOptions
 
     dense = save_dense(tmp_path / "dense", "qwen2", tied=True)
     convert_command(str(dense), str(tmp_path / "moe"), ConvertOptions(method="naive", num_experts=4))
@@ -246,7 +247,8 @@ def test_no_renormalize_makes_a_qwen2_moe_that_llama_cpp_computes_as_transformer
     The cost: a naive conversion is no longer the dense function, and `check` says so instead of failing."""
     from upcycle.check import check
     from upcycle.cli import main
-    from upcycle.convert import ConvertOptions, convert_command
+    from upcycle.commands import convert_command
+    from upcycle.convert_options import ConvertOptions
     from upcycle.errors import UpcycleError
     from upcycle.hf_model import load_model
 

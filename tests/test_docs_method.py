@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from upcycle.upcycling import UpcycleOptions, upcycle_expert
+from upcycle.convert_options import UpcycleOptions
+from upcycle.upcycling import upcycle_expert
 
 REPO = Path(__file__).resolve().parents[1]
 

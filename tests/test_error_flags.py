@@ -17,7 +17,7 @@ from pathlib import Path
 import upcycle
 from upcycle.cli import build_parser
 
-SOURCES = sorted(Path(upcycle.__file__).parent.glob("*.py"))
+SOURCES = sorted(Path(upcycle.__file__).parent.rglob("*.py"))  # every module, also once they sit in subpackages
 FLAG = re.compile(r"(?<![\w-])--([A-Za-z][\w-]*(?:\.[A-Za-z_][\w-]*)?)")
 _MESSAGE_CALLS = {"UpcycleError", "SystemExit", "error"}
 
@@ -79,6 +79,7 @@ TORCHRUN_FLAGS = {"nproc_per_node", "nnodes"}
 def test_every_flag_named_in_an_error_message_exists():
     known = cli_flags(build_parser()) | override_flags() | TORCHRUN_FLAGS
     assert {"text-field", "eos-token", "force", "optim.lr", "train.max_steps"} <= known
-    missing = [f"{path.name}:{line}: --{flag}" for path in SOURCES for line, flag in message_flags(path.read_text())
-               if flag not in known]
+    root = Path(upcycle.__file__).parent
+    missing = [f"{path.relative_to(root)}:{line}: --{flag}" for path in SOURCES
+               for line, flag in message_flags(path.read_text()) if flag not in known]
     assert not missing, "error messages name flags that no upcycle command has:\n" + "\n".join(missing)

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from helpers import EVAL_VOCAB as VOCAB
 from helpers import make_prepared, tiny_moe
+from upcycle.commands import eval_command
 from upcycle.data import validation_batches
 from upcycle.errors import UpcycleError
-from upcycle.evaluate import SHIPPED_TASK, eval_command, evaluate, perplexity, summed_next_token_loss
+from upcycle.evaluate import SHIPPED_TASK, evaluate, perplexity, summed_next_token_loss
 from upcycle.hf_model import export_hf, save_model
 from upcycle.model import Transformer
 

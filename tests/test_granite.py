@@ -127,8 +127,8 @@ def test_trainer_eval_analyze_and_export_handle_granite(tmp_path):
     from helpers import make_data_dir, tiny_config
     from upcycle import checkpoint as ckpt
     from upcycle.analyze import analyze
+    from upcycle.commands import export_command
     from upcycle.evaluate import evaluate
-    from upcycle.hf_model import export_command
     from upcycle.train import run_training
     from upcycle.train_config import config_from_dict
 

@@ -186,7 +186,7 @@ def test_analyze_reads_a_granular_conversion(tmp_path):
 
 def test_the_size_estimate_bounds_granular_partial_and_shared_outputs(tmp_path):
     from upcycle import hf_formats as hf
-    from upcycle.convert import ConvertOptions, estimate
+    from upcycle.convert_options import ConvertOptions, estimate
 
     dense = save_dense(tmp_path / "dense", "qwen2", num_hidden_layers=4)
     options = dict(method="drop", num_experts=6, top_k=3, granularity=4, shared_expert="dense", moe_layers="1-2")

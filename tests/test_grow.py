@@ -157,9 +157,9 @@ def test_every_grow_option_is_a_flag_and_a_docs_row():
 
     from helpers import generated_table
     from upcycle.cli import build_parser, options_table
-    from upcycle.grow import GrowOptions
+    from upcycle.convert_options import GrowOptions
 
-    assert generated_table("docs/convert.md", "upcycle.grow.GrowOptions") == options_table(GrowOptions)
+    assert generated_table("docs/convert.md", "upcycle.convert_options.GrowOptions") == options_table(GrowOptions)
     help_text = build_parser().parse_args.__self__._subparsers._group_actions[0].choices["grow"].format_help()
     for f in dataclasses.fields(GrowOptions):
         assert "--" + f.name.replace("_", "-") in help_text, f.name

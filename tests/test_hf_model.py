@@ -11,8 +11,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from upcycle.commands import export_command
 from upcycle.errors import UpcycleError
-from upcycle.hf_model import export_command, export_hf, load_hf, load_model, save_model
+from upcycle.hf_model import export_hf, load_hf, load_model, save_model
 from upcycle.model import Transformer
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

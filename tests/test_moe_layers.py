@@ -15,7 +15,7 @@ from upcycle.check import check
 from upcycle.convert import MANIFEST_NAME, convert, load_redrawn
 from upcycle.errors import UpcycleError
 from upcycle.hf_model import load_model
-from upcycle.upcycling import parse_moe_layers
+from upcycle.convert_options import parse_moe_layers
 
 IDS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
 

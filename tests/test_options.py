@@ -13,7 +13,7 @@ import pytest
 
 from helpers import REPO, make_data_dir, tiny_config, write_config
 from upcycle import cli
-from upcycle.convert import ConvertOptions
+from upcycle.convert_options import ConvertOptions
 from upcycle.errors import UpcycleError
 from upcycle.train_config import InitConfig, load_config
 

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from upcycle.errors import UpcycleError
+from upcycle.convert_options import UpcycleOptions, btx_source_of_expert
 from upcycle.upcycling import (
-    UpcycleOptions,
     btx_mean,
-    btx_source_of_expert,
     derived_generator,
     init_router,
     num_redrawn,

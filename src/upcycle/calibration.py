@@ -16,16 +16,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from upcycle.data import expand_paths, iter_documents, load_tokenizer
+from upcycle.convert_options import CALIBRATION_BATCH_TOKENS
+from upcycle.data import calibration_token_ids
 from upcycle.errors import UpcycleError
 from upcycle.hf_model import load_model
 from upcycle.upcycling import derived_generator
-
-BATCH_TOKENS = 1024  # hidden states clustered at a time, per layer (the first batch seeds k-means++)
 
 
 def kmeans_plus_plus(points_ND: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -69,25 +67,6 @@ def rows_from_centroids(centroids_KD: torch.Tensor, *, std: float) -> torch.Tens
     return rows / norms.clamp_min(1e-30) * (std * math.sqrt(dim))
 
 
-def calibration_token_ids(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, max_tokens: int) -> torch.Tensor:
-    """Up to `max_tokens` token ids of the calibration file(s), documents separated by EOS (as `data prepare`)."""
-    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
-        raise UpcycleError(f"--router-init data tokenizes --calibration with the source's tokenizer, and "
-                           f"{tokenizer_dir} has no tokenizer.json; add it to the source directory")
-    files = expand_paths([path])
-    tokenizer, eos_id = load_tokenizer(tokenizer_dir)
-    ids: list[int] = []
-    for file in files:
-        for document in iter_documents(file):
-            ids += tokenizer.encode(document, add_special_tokens=False).ids + [eos_id]
-            if len(ids) >= max_tokens:
-                return torch.tensor(ids[:max_tokens])
-    if not any(i != eos_id for i in ids):
-        raise UpcycleError(f"--calibration {path} has no text; pass a JSONL file with \"text\" fields or a plain text "
-                           "file, with some text in it")
-    return torch.tensor(ids)
-
-
 @dataclass
 class RouterCalibration:
     rows: dict[int, torch.Tensor]  # MoE layer -> router rows [copies, D] (one per copy; virtual groups repeat them)
@@ -128,7 +107,7 @@ def data_router_rows(source: str | os.PathLike, calibration: str | os.PathLike, 
     handles = [model.layers[i].ffn.register_forward_pre_hook(hook(i)) for i in layers]
     try:
         sequences = list(ids.split(seq_len))
-        per_batch = max(1, BATCH_TOKENS // seq_len)
+        per_batch = max(1, CALIBRATION_BATCH_TOKENS // seq_len)
         for start in range(0, len(sequences), per_batch):
             for sequence in sequences[start:start + per_batch]:  # one sequence at a time: no padding needed
                 model(sequence.unsqueeze(0))

@@ -9,10 +9,9 @@ function moved, which is what a user needs to choose r and the index mode.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -175,49 +174,3 @@ def _prompt_routing(moe, moe_path: Path, manifest: dict) -> list[dict]:
     layers = [record["layer"] for record in manifest["layers"]]
     return [{"layer": layer, "top1_share": top1_shares(logits, prompts.owner, len(prompts.texts), routed)}
             for layer, logits in zip(layers, per_layer)]
-
-
-def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_tokens: int = 512,
-                  tolerance: float = 1e-4, json_output: bool = False) -> int:
-    """Compare an upcycled MoE with its parent: max |logit diff| and perplexity of both on a probe text.
-
-    Exits with status 1 when the MoE should compute its parent's function (its upcycle_manifest.json says so: a naive
-    conversion that renormalizes the top-k weights, a grow or compose at r = 0) and its logits differ from the parent's
-    by more than --tolerance (without renormalization, --no-renormalize, naive is not exact by design and only the
-    numbers are reported).
-
-    Args:
-        moe_dir: The MoE checkpoint directory (written by upcycle convert, compose or grow, any HF MoE, or a training
-            checkpoint of ours, exported on the fly).
-        dense: The parent checkpoint directory: the dense model (convert, compose) or the source MoE (grow).
-        text: A UTF-8 text file to probe with (default: a built-in English/code/Japanese sample).
-        max_tokens: Probe at most this many tokens.
-        tolerance: Largest |logit diff| (float32) that counts as the same function.
-        json_output: Print the report as one JSON object instead of text.
-    """
-    probe = None
-    if text is not None:
-        try:
-            probe = Path(text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UpcycleError(f"cannot read --text {text}: {exc}") from None
-    report = check(moe_dir, dense, text=probe, max_tokens=max_tokens, tolerance=tolerance)
-    if json_output:
-        print(json.dumps(asdict(report)))
-    else:
-        print(f"method:                {report.method or 'unknown (no manifest)'}")
-        print(f"tokens probed:         {report.num_tokens}")
-        print(f"max |logit diff|:      {report.max_abs_logit_diff:.3e}")
-        print(f"mean |logit diff|:     {report.mean_abs_logit_diff:.3e}")
-        print(f"top-1 agreement:       {report.top1_agreement:.4f}")
-        print(f"perplexity dense/MoE:  {report.dense_perplexity:.4f} / {report.moe_perplexity:.4f}")
-        if report.equivalent is not None:
-            verdict = "EQUIVALENT" if report.equivalent else "NOT EQUIVALENT"
-            print(f"function-preserving:   {verdict} (tolerance {tolerance:g})")
-        elif report.method == "naive":
-            print("naive conversion:      not exact by design (top-k weights not renormalized)")
-        for record in report.prompt_routing or []:
-            shares = " ".join(f"{s:.2f}" for s in record["top1_share"])
-            print(f"prompts routed home:   layer {record['layer']}: {shares} (each expert's share of its own "
-                  "prompt tokens at top-1)")
-    return 1 if report.equivalent is False else 0

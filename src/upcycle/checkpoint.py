@@ -1,19 +1,7 @@
-"""Sharded, atomic training checkpoints: everything needed to continue a run bit for bit, without pickle.
-
-Layout of one checkpoint (`OUT/checkpoints/step_00001000/`):
-
-    state/                 torch.distributed.checkpoint in safetensors files (HuggingFaceStorageWriter), one per rank
-                           that holds something: `shard-0000R-model-00001-of-00001.safetensors` holds rank R-1's
-                           pieces of the model weights ("model/{name}") and the AdamW state ("optim/{name}/{field}");
-                           each file's header records where every piece sits in the full tensor
-    config.json            {"format": "upcycle", "model": ModelConfig fields, "step": N}:
-                           `upcycle export` / `eval` / `analyze` / `hf_model.load_model` read a checkpoint directly
-    optimizer.json         the optimizer's hyper-parameters (one param group) and parameter names
-    trainer_state.json     step, tokens seen, data loader position, anything else the trainer needs (JSON), and
-                           "health": unverified when written; good or suspect once the step after it ran (below)
-    rng_rank{R}.json       RNG states of rank R: python, numpy, torch CPU, CUDA (byte states in base64)
-    train_config.yaml      the resolved training config of the run
-    checksums.json         sha256 of every file under state/, each computed by the rank that wrote it
+"""Writing training checkpoints, resuming from them and loading them into a live (sharded) model: everything needed
+to continue a run bit for bit, without pickle. The format itself (the layout of a checkpoint directory, its names,
+verification, health, and reading the model weights in one process) is checkpoint_format.py's; its names are
+imported here too, so `checkpoint.X` serves the trainer whichever of the two defines X.
 
 No gather: every rank writes only its own pieces (FSDP2 shards are DTensors; expert-parallel experts are presented as
 DTensors over the expert mesh by expert_parallel), so saving costs each rank its share of the state, not the model.
@@ -48,12 +36,11 @@ import datetime
 import json
 import os
 import random
-import re
 import shutil
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,84 +55,46 @@ from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from upcycle import expert_parallel
+from upcycle.checkpoint_format import (  # noqa: F401 (the format's names, for `checkpoint.X` callers)
+    CHECKPOINT_DIR,
+    CHECKSUMS,
+    HEALTH_GOOD,
+    HEALTH_SUSPECT,
+    HEALTH_UNVERIFIED,
+    MODEL_CONFIG,
+    MODEL_FORMAT,
+    MODEL_PREFIX,
+    ONE_FILE_OPTIMIZER,
+    ONE_FILE_WEIGHTS,
+    OPTIM_PREFIX,
+    OPTIMIZER_META,
+    SHARDED,
+    STATE_DIR,
+    TRAIN_CONFIG,
+    TRAINER_STATE,
+    CheckpointTensors,
+    checkpoint_format,
+    health,
+    last_good_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    model_config_of,
+    model_config_record,
+    one_file_sources,
+    read_trainer_state,
+    sharded_keys,
+    step_dir_name,
+    verify_checkpoint,
+)
 from upcycle.distributed import World, all_gather_object, barrier, unwrap
 from upcycle.errors import UpcycleError
 from upcycle.files import atomic_write_json, fsync_path, sha256_file, wait_for_file
-from upcycle.safetensors_io import CheckpointReader, TensorInfo, read_header, save_tensors, tensor_infos
-from upcycle.shards import Piece, Rows, Source, fill_from_sources, global_views, piece_of
-
-CHECKPOINT_DIR = "checkpoints"
-STATE_DIR = "state"
-MODEL_CONFIG = "config.json"
-OPTIMIZER_META = "optimizer.json"
-TRAINER_STATE = "trainer_state.json"
-TRAIN_CONFIG = "train_config.yaml"
-CHECKSUMS = "checksums.json"
-MODEL_FORMAT = "upcycle"
-SHARDED = "sharded"
-# The one-file format of upcycle <= 0.1: full tensors written by rank 0.
-ONE_FILE_WEIGHTS = "model.safetensors"
-ONE_FILE_OPTIMIZER = "optimizer.safetensors"
-MODEL_PREFIX, OPTIM_PREFIX = "model/", "optim/"
-_STEP_DIR = re.compile(r"^step_(\d{8,})$")
-
-
-def model_config_record(model_config: dict, **extra) -> dict:
-    """config.json of our model format: {"format": "upcycle", "model": ModelConfig fields, ...}; every writer of the
-    format (training checkpoints, hf_model.save_model) writes it through this."""
-    return {"format": MODEL_FORMAT, "model": model_config, **extra}
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root`, oldest first, as (step, path); temp directories are not checkpoints."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and path.is_dir() and (path / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    checkpoints = list_checkpoints(root)
-    return checkpoints[-1][1] if checkpoints else None
-
-
-def checkpoint_format(path: str | os.PathLike) -> str:
-    """"sharded" (this version) or "one-file" (upcycle <= 0.1); anything else is refused with one line."""
-    path = Path(path)
-    if (path / STATE_DIR).is_dir():
-        return SHARDED
-    if (path / ONE_FILE_WEIGHTS).is_file():
-        return "one-file"
-    raise UpcycleError(f"{path} is not a training checkpoint of a known format (no {STATE_DIR}/ directory and no "
-                       f"{ONE_FILE_WEIGHTS}); pass a step_XXXXXXXX directory written by `upcycle train`")
-
+from upcycle.safetensors_io import TensorInfo, save_tensors, tensor_infos
+from upcycle.shards import global_views, piece_of
+from upcycle.tensor_sources import Piece, fill_from_sources
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Health
-
-
-HEALTH_UNVERIFIED, HEALTH_GOOD, HEALTH_SUSPECT = "unverified", "good", "suspect"
-
-
-def read_trainer_state(path: str | os.PathLike) -> dict:
-    return json.loads((Path(path) / TRAINER_STATE).read_text())
-
-
-def health(path: str | os.PathLike) -> str:
-    """good, suspect or unverified (see the module docstring); checkpoints written before health existed are good."""
-    try:
-        return read_trainer_state(path).get("health", HEALTH_GOOD)
-    except (OSError, ValueError):
-        return HEALTH_SUSPECT  # unreadable: never the one to trust
 
 
 def mark_health(path: str | os.PathLike, value: str, reason: str | None = None) -> None:
@@ -158,44 +107,8 @@ def mark_health(path: str | os.PathLike, value: str, reason: str | None = None) 
     atomic_write_json(path / TRAINER_STATE, state, indent=1)
 
 
-def last_good_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest checkpoint whose next step had a finite, spike-free loss and gradient norm."""
-    good = [path for _, path in list_checkpoints(root) if health(path) == HEALTH_GOOD]
-    return good[-1] if good else None
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Verifying
-
-
-def _state_files(path: Path) -> list[Path]:
-    return sorted((path / STATE_DIR).glob("*.safetensors"))
-
-
-def verify_checkpoint(path: str | os.PathLike) -> None:
-    """Raise UpcycleError naming the file if checkpoint `path` is incomplete, truncated or unreadable (every JSON file,
-    the RNG files included, and the headers and sizes of its safetensors files), without reading any tensor."""
-    path = Path(path)
-    fmt = checkpoint_format(path)
-    required = [MODEL_CONFIG, OPTIMIZER_META, TRAINER_STATE]
-    required += [CHECKSUMS] if fmt == SHARDED else [ONE_FILE_WEIGHTS, ONE_FILE_OPTIMIZER]
-    for name in required:
-        if not (path / name).is_file():
-            raise UpcycleError(f"checkpoint {path} has no {name}; it is incomplete or not a training checkpoint")
-    for file in [*(path / name for name in required if name.endswith(".json")), *sorted(path.glob("rng_rank*.json"))]:
-        try:
-            json.loads(file.read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise UpcycleError(f"{file} is truncated or not JSON") from None
-    tensor_files = _state_files(path) if fmt == SHARDED else [path / ONE_FILE_WEIGHTS, path / ONE_FILE_OPTIMIZER]
-    if fmt == SHARDED:
-        listed = set(json.loads((path / CHECKSUMS).read_text()))
-        found = {file.name for file in tensor_files}
-        if listed != found:
-            raise UpcycleError(f"checkpoint {path}: {STATE_DIR}/ holds {sorted(found)} but {CHECKSUMS} lists "
-                               f"{sorted(listed)}; files were added or removed after it was written")
-    for file in tensor_files:
-        read_header(file)
 
 
 def verify_checksums(path: str | os.PathLike, world: World) -> None:
@@ -733,19 +646,6 @@ def _naming(exc: OSError, path: Path) -> OSError:
 # Reading
 
 
-def _one_file_sources(path: Path) -> dict[str, Source]:
-    """The one-file format's tensors as Sources under this version's keys (rows read only where needed)."""
-    reader = CheckpointReader(path)
-    sources: dict[str, Source] = {}
-    for key in reader:
-        source = Rows(reader.shape(key), lambda rows, key=key: reader.get(key, rows))
-        if key.startswith("state/"):  # "state/{name}/{field}"
-            sources[OPTIM_PREFIX + key[len("state/"):]] = source
-        else:
-            sources[MODEL_PREFIX + key] = source
-    return sources
-
-
 def _load_state(path: Path, state: dict[str, torch.Tensor], world: World, *, partial: bool) -> None:
     """Read the checkpoint's values into `state` (keys as `state_tensors`), each rank only the boxes its tensors hold.
     `partial`: only these keys are wanted (the checkpoint may hold more, e.g. the optimizer's)."""
@@ -753,7 +653,7 @@ def _load_state(path: Path, state: dict[str, torch.Tensor], world: World, *, par
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-        stored = _sharded_keys(path)
+        stored = sharded_keys(path)
         missing = sorted(set(state) - stored)
         if missing or (not partial and stored - set(state)):
             extra = sorted(stored - set(state))
@@ -763,7 +663,7 @@ def _load_state(path: Path, state: dict[str, torch.Tensor], world: World, *, par
             dcp.load(state, storage_reader=_PositionedReader(str(path / STATE_DIR)),
                      planner=DefaultLoadPlanner(allow_partial_load=partial), no_dist=not world.distributed)
         return
-    sources = _one_file_sources(path)
+    sources = one_file_sources(path)
     pieces: dict[str, Piece] = {key: piece_of(tensor) for key, tensor in state.items()}
     if partial:
         sources = {key: source for key, source in sources.items() if key in pieces}
@@ -772,14 +672,6 @@ def _load_state(path: Path, state: dict[str, torch.Tensor], world: World, *, par
     except ValueError as exc:
         raise UpcycleError(f"checkpoint {path} does not match this model and optimizer ({exc}); resume with the same "
                            "model and init") from None
-
-
-def _sharded_keys(path: Path) -> set[str]:
-    keys: set[str] = set()
-    for file in _state_files(path):
-        header, _ = read_header(file)
-        keys.update(k for k in header if k != "__metadata__")
-    return keys
 
 
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -808,60 +700,3 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module, world: World) 
     path = Path(path)
     verify_checkpoint(path)
     _load_state(path, state_tensors(model, None), world, partial=True)
-
-
-class CheckpointTensors(Mapping):
-    """The model weights of a training checkpoint (either format) as a read-only mapping name -> full tensor, read
-    one tensor at a time when looked up, in one process without torch.distributed (export, eval, analyze).
-    `shape(name)` answers from the file headers."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if checkpoint_format(self.path) != SHARDED:
-            reader = CheckpointReader(self.path)
-            self._shapes = {k: reader.shape(k) for k in reader if not k.startswith("state/")}
-            self._read = lambda name: reader.get(name)
-            return
-        from torch.distributed.checkpoint import HuggingFaceStorageReader
-
-        for file in _state_files(self.path):
-            read_header(file)  # a truncated file: one line naming it, not safetensors' traceback
-        metadata = HuggingFaceStorageReader(str(self.path / STATE_DIR)).read_metadata()
-        self._chunks: dict[str, list] = {}
-        for index, info in metadata.storage_data.items():
-            if index.fqn.startswith(MODEL_PREFIX):
-                self._chunks.setdefault(index.fqn[len(MODEL_PREFIX):], []).append((tuple(index.offset), info))
-        self._shapes = {key[len(MODEL_PREFIX):]: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items()
-                        if key.startswith(MODEL_PREFIX)}
-        self._dtypes = {key[len(MODEL_PREFIX):]: meta.properties.dtype
-                        for key, meta in metadata.state_dict_metadata.items() if key.startswith(MODEL_PREFIX)}
-        self._read = self._assemble
-
-    def _assemble(self, name: str) -> torch.Tensor:
-        full = torch.empty(self._shapes[name], dtype=self._dtypes[name])
-        for offsets, info in self._chunks[name]:
-            piece = _infos(info.relative_path)[MODEL_PREFIX + name].read(name=name)
-            full[tuple(slice(o, o + n) for o, n in zip(offsets, piece.shape))] = piece
-        return full
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._shapes:
-            raise KeyError(name)
-        return self._read(name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._shapes
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._shapes)
-
-    def __len__(self) -> int:
-        return len(self._shapes)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[name]
-
-
-def model_config_of(path: str | os.PathLike) -> dict:
-    """The ModelConfig fields a training checkpoint (or our saved model) records in its config.json."""
-    return json.loads((Path(path) / MODEL_CONFIG).read_text())["model"]

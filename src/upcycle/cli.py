@@ -1,7 +1,8 @@
 """Command-line entry point: `upcycle COMMAND ...` or `python -m upcycle COMMAND ...`.
 
-Every command is a plain typed function with a Google-style docstring that lives beside the code it drives; this file
-lists them and turns each signature into argparse flags: parameters without a default are positional
+Every command is a plain typed function with a Google-style docstring in commands.py, which imports what it runs
+inside its body: `upcycle --help` and `upcycle COMMAND --help` load neither torch nor transformers. This file lists
+them (`COMMANDS`) and turns each signature into argparse flags: parameters without a default are positional
 (keyword-only ones become required options), `snake_case`
 becomes `--snake-case`, `bool` becomes an on/off flag, `list[...]` takes one or more values, `Literal[...]` gives the
 allowed choices, and the docstring's `Args:` section becomes the help text.
@@ -27,37 +28,47 @@ from collections.abc import Callable
 from upcycle.errors import UpcycleError
 
 
-def _commands() -> dict[str, Callable | dict[str, Callable]]:
-    # Imported here so `upcycle --help` stays fast and a broken optional extra only breaks the command that needs it.
-    from upcycle.analyze import analyze_command
-    from upcycle.check import check_command
-    from upcycle.compose import compose_command
-    from upcycle.convert import convert_command
-    from upcycle.data import prepare_command
-    from upcycle.evaluate import eval_command
-    from upcycle.experiment import experiment_command
-    from upcycle.grow import grow_command
-    from upcycle.hf_model import export_command
-    from upcycle.plan import plan_command
-    from upcycle.train import train_command
+# Command name -> its function in commands.py (a group of subcommands: name -> their table), in the order --help lists
+# them.
+COMMANDS: dict[str, str | dict[str, str]] = {
+    "convert": "convert_command",
+    "compose": "compose_command",
+    "check": "check_command",
+    "grow": "grow_command",
+    "train": "train_command",
+    "plan": "plan_command",
+    "export": "export_command",
+    "data": {"prepare": "prepare_command"},
+    "eval": "eval_command",
+    "analyze": "analyze_command",
+    "experiment": "experiment_command",
+}
 
-    return {
-        "convert": convert_command,
-        "compose": compose_command,
-        "check": check_command,
-        "grow": grow_command,
-        "train": train_command,
-        "plan": plan_command,
-        "export": export_command,
-        "data": {"prepare": prepare_command},
-        "eval": eval_command,
-        "analyze": analyze_command,
-        "experiment": experiment_command,
-    }
+
+def _commands() -> dict[str, Callable | dict[str, Callable]]:
+    """The command functions by name (commands.py imports no torch: see the module docstring)."""
+    from upcycle import commands
+
+    def resolve(table: dict) -> dict:
+        return {name: resolve(target) if isinstance(target, dict) else getattr(commands, target)
+                for name, target in table.items()}
+
+    return resolve(COMMANDS)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line that points at --help, as every other error of ours."""
+    """argparse, but a usage error is one line that points at --help, as every other error of ours; and an epilog
+    made only when this parser's help is shown (`epilog_of`: a function returning it), so listing a config's fields
+    costs nothing to the other commands."""
+
+    def __init__(self, *args, epilog_of: Callable[[], str | None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epilog_of = epilog_of
+
+    def format_help(self) -> str:
+        if self._epilog_of is not None:
+            self.epilog, self._epilog_of = self._epilog_of(), None
+        return super().format_help()
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -202,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         description, _ = _docstring(target)
         child = container.add_parser(name, help=description.splitlines()[0] if description else "",
                                      description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=_epilog(target))
+                                     epilog_of=lambda: _epilog(target))
         _add_function(child, target)
 
     for name, target in _commands().items():

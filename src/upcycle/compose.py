@@ -29,7 +29,6 @@ Run: `upcycle compose spec.yaml OUT`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -40,15 +39,16 @@ from typing import Any
 import torch
 
 from upcycle import hf_formats as hf
-from upcycle.calibration import calibration_token_ids, rows_from_centroids
+from upcycle.calibration import rows_from_centroids
 from upcycle.config import build, check_values, config_fields, read_yaml, refuse_unknown
-from upcycle.convert import ConvertOptions, CopyPlan, Plan, check_conversion_fits, check_dense_source, write_moe
-from upcycle.data import expand_paths, iter_documents
+from upcycle.convert import check_conversion_fits, check_dense_source, write_moe
+from upcycle.convert_options import INDEX_MODES, ROUTER_INITS, ConversionPlan, ConvertOptions, CopyPlan
+from upcycle.data import calibration_token_ids, expand_paths, iter_documents
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output
 from upcycle.hf_model import layer_by_layer
 from upcycle.safetensors_io import CheckpointReader
-from upcycle.upcycling import INDEX_MODES, ROUTER_INITS, btx_mean
+from upcycle.upcycling import btx_mean
 from upcycle.validation import short_repr
 
 COMPOSE_ROUTERS = ("hidden", "embed", *ROUTER_INITS)
@@ -286,12 +286,12 @@ class _MeanOf(Mapping):
         return len(self.readers[0].tensors)
 
 
-def _base_tensors(sources: _Sources, plan: Plan) -> Mapping[str, torch.Tensor]:
+def _base_tensors(sources: _Sources, plan: ConversionPlan) -> Mapping[str, torch.Tensor]:
     readers = [sources.readers[i] for i in plan.base]
     return readers[0] if len(readers) == 1 else _MeanOf(readers)
 
 
-def _router_rows(spec: ComposeSpec, opts: ConvertOptions, sources: _Sources, plan: Plan, prompts: Prompts,
+def _router_rows(spec: ComposeSpec, opts: ConvertOptions, sources: _Sources, plan: ConversionPlan, prompts: Prompts,
                  moe_layers: tuple[int, ...]) -> dict[int, torch.Tensor] | None:
     base = _base_tensors(sources, plan)
     if spec.router == "embed":
@@ -352,11 +352,11 @@ def compose(spec_path: str | os.PathLike, output: str | os.PathLike, *, force: b
                            f"shared expert (got {fmt})")
     moe_layers = _as_spec_error(spec_path, lambda: opts.check_source(sources.shapes, fmt))
     distinct = list(dict.fromkeys(sources.of(e.source) for e in spec.experts))
-    plan = Plan(base=(0,) if spec.base is not None else tuple(distinct),
-                copies=tuple(CopyPlan(sources.of(e.source), "drop", float(e.ratio), e.index_mode)
-                             for e in spec.experts),
-                shared_source=(sources.of(spec.shared_expert["source"]) if isinstance(spec.shared_expert, dict)
-                               else None))
+    plan = ConversionPlan(base=(0,) if spec.base is not None else tuple(distinct),
+                          copies=tuple(CopyPlan(sources.of(e.source), "drop", float(e.ratio), e.index_mode)
+                                       for e in spec.experts),
+                          shared_source=(sources.of(spec.shared_expert["source"])
+                                         if isinstance(spec.shared_expert, dict) else None))
     check_conversion_fits(sources.readers, sources.shapes, fmt, opts, output)  # before the prompts' model runs
     tokenizer_dir = sources.readers[plan.base[0]].dir
     has_prompts = any(e.positive or e.negative for e in spec.experts)
@@ -389,7 +389,7 @@ def compose(spec_path: str | os.PathLike, output: str | os.PathLike, *, force: b
                      progress=progress, options=options, finish=finish)
 
 
-def _preserving(spec: ComposeSpec, sources: _Sources, plan: Plan) -> bool:
+def _preserving(spec: ComposeSpec, sources: _Sources, plan: ConversionPlan) -> bool:
     """Whether the MoE should compute the base's function: every expert (and a shared source) an unchanged copy of
     one model, which is the base (or all that is averaged)."""
     used = {c.source for c in plan.copies} | set(plan.base)
@@ -397,23 +397,3 @@ def _preserving(spec: ComposeSpec, sources: _Sources, plan: Plan) -> bool:
         used.add(plan.shared_source)
     hashes = {tuple(sorted(sources.readers[i].sha256().items())) for i in used}
     return len(hashes) == 1 and all(c.ratio == 0 for c in plan.copies)
-
-
-def compose_command(spec: str, output: str, force: bool = False, quiet: bool = False) -> None:
-    """Compose an MoE from several dense models (fine-tunes of one base), routers steered by example prompts.
-
-    Args:
-        spec: The YAML spec: base (or average: true), experts (source, positive, negative, ratio, index_mode),
-            shared_expert, router, and upcycle convert options such as top_k, granularity, format (docs/convert.md).
-        output: Directory to create (parents too); refused if it exists, unless --force.
-        force: Replace an existing OUTPUT (only once the new one is complete).
-        quiet: No progress bar.
-    """
-    path = compose(spec, output, force=force, progress=not quiet)
-    manifest = json.loads((path / "upcycle_manifest.json").read_text())
-    hf.print_engine_note(path)
-    if not quiet:
-        for record in manifest.get("prompt_routing", []):
-            shares = " ".join(f"{s:.2f}" for s in record["top1_share"])
-            print(f"layer {record['layer']}: share of each expert's prompt tokens routed to it (top-1): {shares}")
-        print(f"wrote {path}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -28,7 +27,16 @@ from tqdm import tqdm
 
 import upcycle
 from upcycle import hf_formats as hf
-from upcycle.calibration import BATCH_TOKENS, calibration_token_ids, data_router_rows
+from upcycle.calibration import data_router_rows
+from upcycle.convert_options import (
+    ConversionPlan,
+    ConvertOptions,
+    Estimate,
+    estimate,
+    shapes_as_config,
+    writes_lm_head,
+)
+from upcycle.data import calibration_token_ids
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir
 from upcycle.safetensors_io import (
@@ -40,279 +48,25 @@ from upcycle.safetensors_io import (
     parse_size,
     save_tensors,
 )
+from upcycle.tensor_sources import TensorSource
 from upcycle.upcycling import (
-    INDEX_MODES,
     MATRICES,
-    METHODS,
-    ROUTER_INITS,
-    SHARED_EXPERT_MODES,
-    STATS_MODES,
-    UpcycleOptions,
     btx_mean,
-    btx_source_of_expert,
     dense_shared_expert,
     derived_generator,
     fine_grained_slice,
     granular_scale,
     init_router,
     init_shared_expert,
-    parse_moe_layers,
     scratch_tensor,
     segment_neurons,
     upcycle_expert,
     virtual_group_router,
 )
-from upcycle.validation import check_fields
 
 MANIFEST_NAME = "upcycle_manifest.json"
 REDRAWN_NAME = "upcycle_redrawn.safetensors"
 COPIED_FILES = hf.TOKENIZER_FILES
-DEFAULT_SEED = 1234
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Every choice of a conversion; recorded verbatim in the manifest.
-
-    The one declaration of convert's options: each field is an `upcycle convert` flag (`--snake-case`), a field of the
-    train config's `init` section and a row of docs/convert.md's option table, all made from this class (a field's
-    help is its entry below, its choices the `choices` metadata).
-
-    Attributes:
-        method: drop (Drop-Upcycling), naive (exact copies), noise (add N(0, noise_std^2) to the selected neurons),
-            scratch (HF default init everywhere) or btx (Branch-Train-MiX over --btx-sources).
-        ratio: Fraction r of each expert's FFN neurons re-drawn (drop) or perturbed (noise), in [0, 1].
-        num_experts: Number of experts E per layer (fine-grained experts: a multiple of --granularity).
-        top_k: Experts per token K (1 <= K <= E; a multiple of --granularity).
-        granularity: G: split the dense FFN's F neurons into G segments of F/G (a seeded permutation, recorded in the
-            manifest); every expert is one segment, E / G copies of the dense FFN, one router row per copy (virtual
-            groups) and down projections times G, so r = 0 is still the dense function.
-        moe_layers: Which layers become MoE: all, or indices and ranges (0-3,8), or every:N (layers N-1, 2N-1, ...);
-            the other layers keep the dense FFN. qwen2_moe and qwen3_moe only (their mlp_only_layers).
-        seed: Seed from which every (layer, expert, matrix) draw derives its own generator.
-        index_mode: independent (a fresh neuron set for gate, up and down, as the authors' released code behind every
-            published number; the default) or shared (one set per expert for all three, as the paper's text).
-        stats: Where mu and sigma of the re-drawn values come from: slice (the selected neurons of the dense matrix,
-            as the released code) or matrix (the whole dense matrix).
-        noise_std: Standard deviation of the noise added by --method noise.
-        router_init: uniform (zero-mean uniform, as the released runs), normal, or data (rows from k-means centroids
-            of the hidden states entering each layer's FFN when the dense model reads --calibration, scaled to the
-            uniform rows' norm).
-        router_std: Standard deviation of the router weights (data: rows get the norm router_std * sqrt(D)).
-        calibration: For --router-init data: calibration text, a JSONL file (a "text" field per line), a plain text
-            file or a directory of them, as upcycle data prepare reads; tokenized with SOURCE's tokenizer.
-        calibration_tokens: For --router-init data: run the dense model on at most this many calibration tokens.
-        format: auto (llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe), mixtral, qwen2_moe,
-            qwen3_moe or granitemoeshared (fine-grained experts plus an ungated shared expert; llama, mistral and qwen2
-            sources).
-        dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
-        router_aux_loss_coef: The load-balancing coefficient written into the output's config.json.
-        renormalize: Renormalize the top-k routing weights to sum to 1 (Mixtral and Granite always do; Qwen-MoE's
-            norm_topk_prob). Only with renormalization is naive upcycling exactly the dense function: without it a
-            token's FFN output is scaled by the sum of its top-k probabilities (about K / E at initialization).
-            --no-renormalize (qwen2_moe, qwen3_moe) makes a qwen2_moe output compute the same function in llama.cpp,
-            whose qwen2moe graph never renormalizes.
-        shared_expert: qwen2_moe and granitemoeshared: the shared expert is zero (down projection zero: it adds
-            nothing at initialization) or dense (one of the --granularity segments of the dense FFN, never re-drawn;
-            qwen2_moe: its down projection doubled and its sigmoid gate near 0; so r = 0 is still the dense function;
-            the other G - 1 segments make the routed experts; needs --granularity 2 or more).
-        shared_expert_dim: With --shared-expert zero: size of the shared expert (qwen2_moe, which always has one:
-            default the dense FFN size; granitemoeshared: default none).
-        btx_sources: For --method btx: the other dense checkpoints (SOURCE is the first source).
-        max_shard_size: Largest output shard, e.g. 5GB or 500MB.
-    """
-
-    method: str = field(default="drop", metadata={"choices": METHODS})
-    ratio: float = 0.5
-    num_experts: int = 8
-    top_k: int = 2
-    granularity: int = 1
-    moe_layers: str = "all"
-    seed: int = DEFAULT_SEED
-    index_mode: str = field(default="independent", metadata={"choices": INDEX_MODES})
-    stats: str = field(default="slice", metadata={"choices": STATS_MODES})
-    noise_std: float = 0.02
-    router_init: str = field(default="uniform", metadata={"choices": ROUTER_INITS})
-    router_std: float = 0.02
-    calibration: str | None = None
-    calibration_tokens: int = 16384
-    format: str = field(default="auto", metadata={"choices": ("auto", *hf.MOE_FORMATS)})
-    dtype: str = field(default="auto", metadata={"choices": ("auto", *DTYPE_NAMES)})
-    router_aux_loss_coef: float = 0.02
-    renormalize: bool = True
-    shared_expert: str = field(default="zero", metadata={"choices": SHARED_EXPERT_MODES})
-    shared_expert_dim: int | None = None
-    btx_sources: tuple[str, ...] = ()
-    max_shard_size: str = "5GB"
-
-    def upcycle_options(self, init_std: float) -> UpcycleOptions:
-        return UpcycleOptions(method=self.method, ratio=self.ratio, index_mode=self.index_mode, stats=self.stats,
-                              noise_std=self.noise_std, init_std=init_std, seed=self.seed)
-
-    def option_name(self, field_name: str) -> str:
-        """How messages spell one of these options: its flag (the train config's `init` section: its field)."""
-        return "--" + field_name.replace("_", "-")
-
-    def validate(self) -> None:
-        n = self.option_name
-        check_fields(self, n)  # types, choices, and no NaN/Inf in any float
-        if not 0 <= self.ratio <= 1:
-            raise UpcycleError(f"{n('ratio')} must lie in [0, 1], got {self.ratio}")
-        if self.noise_std < 0:
-            raise UpcycleError(f"{n('noise_std')} must be non-negative, got {self.noise_std}")
-        self.upcycle_options(0.02).validate()
-        if self.num_experts < 1:
-            raise UpcycleError(f"{n('num_experts')} must be at least 1, got {self.num_experts}")
-        if not 1 <= self.top_k <= self.num_experts:
-            raise UpcycleError(f"{n('top_k')} must lie in [1, num_experts={self.num_experts}], got {self.top_k}")
-        self._validate_granularity()
-        parse_moe_layers(self.moe_layers, name=n("moe_layers"))
-        if self.router_std < 0:
-            raise UpcycleError(f"{n('router_std')} must be non-negative, got {self.router_std}")
-        if self.router_init == "data" and self.calibration is None:
-            raise UpcycleError(f"{n('router_init')} data needs {n('calibration')} FILE (JSONL or text, as upcycle "
-                               "data prepare reads)")
-        if self.router_init != "data" and self.calibration is not None:
-            raise UpcycleError(f"{n('calibration')} is only used with {n('router_init')} data; add "
-                               f"{n('router_init')} data")
-        if self.calibration_tokens < 1:
-            raise UpcycleError(f"{n('calibration_tokens')} must be at least 1, got {self.calibration_tokens}")
-        if self.method == "btx" and not self.btx_sources:
-            raise UpcycleError(f"{n('method')} btx needs {n('btx_sources')} DIR [DIR ...] (SOURCE is the first "
-                               "source)")
-        if self.method != "btx" and self.btx_sources:
-            raise UpcycleError(f"{n('btx_sources')} is only used with {n('method')} btx")
-        sources = 1 + len(self.btx_sources)
-        if self.method == "btx" and self.num_experts % sources:
-            raise UpcycleError(f"btx needs {n('num_experts')} divisible by the number of sources; got "
-                               f"{self.num_experts} experts and {sources} sources (for example use "
-                               f"{n('num_experts')} {sources * max(1, self.num_experts // sources)})")
-        if self.shared_expert_dim is not None and self.shared_expert_dim < 1:
-            raise UpcycleError(f"{n('shared_expert_dim')} must be at least 1")
-        try:
-            parse_size(self.max_shard_size)
-        except UpcycleError as exc:
-            raise UpcycleError(f"{n('max_shard_size')}: {exc}") from None
-
-    def input_paths(self) -> tuple[str, ...]:
-        """The files and directories these options make a conversion read besides SOURCE: an output must never be or
-        contain one of them."""
-        return (*self.btx_sources, *([self.calibration] if self.calibration is not None else []))
-
-    @property
-    def shared_dense(self) -> bool:
-        return self.shared_expert == "dense"
-
-    @property
-    def routed_segments(self) -> int:
-        """Fine-grained experts per copy of the dense FFN: G, or G - 1 when one segment is the shared expert."""
-        return self.granularity - self.shared_dense
-
-    def _validate_granularity(self) -> None:
-        g, n = self.granularity, self.option_name
-        if g < 1:
-            raise UpcycleError(f"{n('granularity')} must be at least 1, got {g}")
-        if self.shared_dense:
-            if g < 2:
-                raise UpcycleError(f"{n('shared_expert')} dense makes one of the {n('granularity')} segments the "
-                                   f"shared expert; use {n('granularity')} 2 or more")
-            if self.method not in ("drop", "naive", "noise"):
-                raise UpcycleError(f"{n('shared_expert')} dense copies dense neurons, {n('method')} {self.method} "
-                                   "does not; use drop, naive or noise")
-            if self.shared_expert_dim is not None:
-                raise UpcycleError(f"{n('shared_expert')} dense sizes the shared expert as one segment (F / G); "
-                                   f"leave out {n('shared_expert_dim')}")
-        if g == 1:
-            return
-        r = self.routed_segments
-        what = f"{n('granularity')} - 1 (one segment is shared)" if self.shared_dense else n("granularity")
-        if self.num_experts % r:
-            raise UpcycleError(f"{n('num_experts')} {self.num_experts} is not a multiple of {what} = {r}; use "
-                               f"{n('num_experts')} {r * max(1, round(self.num_experts / r))}")
-        if self.top_k % r:
-            raise UpcycleError(f"{n('top_k')} {self.top_k} is not a multiple of {what} = {r} (tokens must pick whole "
-                               f"copies of the dense FFN); use {n('top_k')} {r * max(1, round(self.top_k / r))}")
-        if self.method == "btx":
-            raise UpcycleError(f"{n('granularity')} above 1 does not combine with {n('method')} btx; use "
-                               f"{n('granularity')} 1")
-
-    def check_format(self, fmt: str) -> None:
-        """What the resolved output format `fmt` must hold of these options."""
-        n = self.option_name
-        if not self.renormalize and fmt in ("mixtral", "granitemoeshared"):
-            flag = n("renormalize")
-            off = f"--no-{flag[2:]}" if flag.startswith("--") else f"{flag}: false"
-            raise UpcycleError(f"{fmt} always renormalizes the top-k weights, so {off} does not fit it; use "
-                               f"{n('format')} qwen2_moe (or qwen3_moe for a Qwen3 source)")
-        if self.shared_dense and fmt not in hf.SHARED_EXPERT_FORMATS:
-            raise UpcycleError(f"{n('shared_expert')} dense needs {n('format')} qwen2_moe or granitemoeshared, the "
-                               f"formats with a shared expert (got {fmt})")
-
-    def check_source(self, shapes: hf.Shapes, fmt: str) -> tuple[int, ...]:
-        """What can only be checked against the source's sizes and the resolved format, before anything is written.
-        Returns the MoE layers."""
-        n = self.option_name
-        if shapes.ffn_dim % self.granularity:
-            divisors = [g for g in range(2, 17) if shapes.ffn_dim % g == 0]
-            raise UpcycleError(f"the dense FFN size {shapes.ffn_dim} is not divisible by {n('granularity')} "
-                               f"{self.granularity}; choose one of {', '.join(map(str, divisors)) or '1'}")
-        self.check_format(fmt)
-        if self.shared_expert_dim is not None and fmt not in hf.SHARED_EXPERT_FORMATS:
-            raise UpcycleError(f"{n('shared_expert_dim')} sizes a shared expert, which {fmt} does not have; use "
-                               f"{n('format')} qwen2_moe or granitemoeshared, or leave it out")
-        moe_layers = parse_moe_layers(self.moe_layers, shapes.num_layers, name=n("moe_layers"))
-        if fmt not in hf.DENSE_LAYER_FORMATS and len(moe_layers) < shapes.num_layers:
-            raise UpcycleError(f"{fmt} has an MoE FFN in every layer and cannot keep dense layers; use {n('format')} "
-                               f"qwen2_moe (or qwen3_moe for a Qwen3 source) with {n('moe_layers')}, or leave "
-                               f"{n('moe_layers')} out")
-        return moe_layers
-
-    def shared_dim(self, shapes: hf.Shapes, fmt: str) -> int:
-        """Size of the output's shared expert (0: none)."""
-        if fmt not in hf.SHARED_EXPERT_FORMATS:
-            return 0
-        if self.shared_dense:
-            return shapes.ffn_dim // self.granularity
-        return self.shared_expert_dim or (shapes.ffn_dim if fmt == "qwen2_moe" else 0)
-
-    def plan(self, num_sources: int) -> Plan:
-        """Where each tensor comes from: every copy of the dense FFN from SOURCE, or, for btx, the non-FFN tensors
-        averaged over the sources and blocks of E / S copies per source (exact copies)."""
-        copies = self.num_experts // self.routed_segments
-        if self.method == "btx":
-            return Plan(base=tuple(range(num_sources)),
-                        copies=tuple(CopyPlan(source=s, method="naive", ratio=0.0, index_mode=self.index_mode)
-                                     for s in btx_source_of_expert(copies, num_sources)))
-        return Plan(base=(0,), copies=(CopyPlan(0, self.method, self.ratio, self.index_mode),) * copies)
-
-
-@dataclass(frozen=True)
-class CopyPlan:
-    """One copy of a dense FFN in the MoE: made from `source`'s FFN by `method` (naive, drop, noise or scratch) with
-    `ratio` and `index_mode`, then cut into the copy's routed experts (its --granularity segments)."""
-
-    source: int
-    method: str
-    ratio: float
-    index_mode: str
-
-
-@dataclass
-class Plan:
-    """Where every output tensor comes from, decided before any work.
-
-    `base`: the sources whose non-FFN tensors (embeddings, attention, norms, head) are copied (one) or averaged
-    (several, as Branch-Train-MiX does). `copies`: one per router row, in expert order. `shared_source`: a source whose
-    whole dense FFN is the shared expert (then the shared expert and the routed mixture weigh 1/2 each, so that
-    composing copies of one model is still that model); None: ConvertOptions.shared_expert decides. `router_rows`:
-    MoE layer -> one row per copy, computed before the conversion (data, hidden, embed); None: drawn at random by
-    ConvertOptions.router_init. `upcycle convert` makes one from its options (`ConvertOptions.plan`), `upcycle compose`
-    from its spec."""
-
-    base: tuple[int, ...]
-    copies: tuple[CopyPlan, ...]
-    shared_source: int | None = None
-    router_rows: dict[int, torch.Tensor] | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -382,7 +136,7 @@ def layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int, exper
             moe_layers: tuple[int, ...] | None = None) -> list[Entry]:
     """The output's tensors in writing order. `shapes` are the dense model's (its FFN size is the dense layers');
     every expert has `expert_dim` neurons, the shared expert `shared_dim` (0: none)."""
-    out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
+    out_shapes = hf.read_shapes({**shapes_as_config(shapes), "model_type": fmt})
     entries = [Entry(hf.EMBED_KEY, (shapes.vocab_size, shapes.dim), "embed")]
     for layer in range(shapes.num_layers):
         for role, shape in hf.attention_roles(out_shapes).items():
@@ -397,22 +151,9 @@ def layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int, exper
         for role, (key, shape) in hf.shared_expert_layout(fmt, layer, shapes.dim, shared_dim).items():
             entries.append(Entry(key, shape, "shared", layer, role))
     entries.append(Entry(hf.FINAL_NORM_KEY, (shapes.dim,), "final_norm"))
-    if _writes_lm_head(shapes, fmt):
+    if writes_lm_head(shapes, fmt):
         entries.append(Entry(hf.LM_HEAD_KEY, (shapes.vocab_size, shapes.dim), "lm_head"))
     return entries
-
-
-def _writes_lm_head(shapes: hf.Shapes, fmt: str) -> bool:
-    return not shapes.tie_embeddings or hf.untied_head(fmt, shapes.tie_embeddings)
-
-
-def _shapes_as_config(shapes: hf.Shapes) -> dict:
-    """Enough of an HF config for `read_shapes` to see the target format's attention (biases, q/k norms)."""
-    return {"vocab_size": shapes.vocab_size, "hidden_size": shapes.dim, "intermediate_size": shapes.ffn_dim,
-            "moe_intermediate_size": shapes.ffn_dim, "num_hidden_layers": shapes.num_layers,
-            "num_attention_heads": shapes.num_heads, "num_key_value_heads": shapes.num_kv_heads,
-            "head_dim": shapes.head_dim, "attention_bias": shapes.o_bias or shapes.qkv_bias,
-            "tie_word_embeddings": shapes.tie_embeddings}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -460,8 +201,8 @@ def fused_expert_slice(entry: Entry, e: int, expert_tensors: Callable[[int, int]
 class _Producer:
     """Computes each output tensor (fp32) when its entry comes up, reading only what that tensor needs."""
 
-    def __init__(self, readers: list[CheckpointReader], shapes: hf.Shapes, opts: ConvertOptions, plan: Plan,
-                 record: _Record, fmt: str, shared_dim: int = 0):
+    def __init__(self, readers: list[CheckpointReader], shapes: hf.Shapes, opts: ConvertOptions,
+                 plan: ConversionPlan, record: _Record, fmt: str, shared_dim: int = 0):
         self.readers = readers
         self.plan = plan
         self.fmt = fmt
@@ -641,52 +382,7 @@ def _open_sources(source: str | os.PathLike, opts: ConvertOptions) -> tuple[list
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# What a conversion costs, estimated before any work
-
-
-@dataclass(frozen=True)
-class Estimate:
-    output_bytes: int  # everything written under OUTPUT
-    memory_bytes: int  # peak memory of the conversion itself (the Python process and torch come on top)
-
-
-# Generous per-item costs of the bookkeeping that grows with the number of tensors and of experts: the planned layout
-# (an Entry and a PlannedTensor per tensor), the shard headers and index, and the manifest's per-expert records while
-# converting (Python dicts) and as JSON text.
-_MEMORY_PER_TENSOR = 1024
-_MEMORY_PER_EXPERT = 4096
-_HEADER_BYTES_PER_TENSOR = 160
-_MANIFEST_BYTES_PER_EXPERT = 800
-_MANIFEST_BYTES_PER_NEURON = 8  # the segments' neuron indices, as JSON text
-_MEMORY_PER_NEURON_INDEX = 48  # the same indices as Python ints in the manifest record while converting
-
-
-def estimate(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, value_bytes: int, num_sources: int = 1) -> Estimate:
-    """Output size and peak memory of a conversion, from the shapes alone (nothing is allocated)."""
-    L, E, D, V = shapes.num_layers, opts.num_experts, shapes.dim, shapes.vocab_size
-    shared = opts.shared_dim(shapes, fmt)
-    shared_tensors = len(hf.shared_expert_layout(fmt, 0, D, shared))
-    fused = fmt == "granitemoeshared"  # each layer's experts in two tensors: a layer's down projections held
-    F, dense_F = shapes.ffn_dim // opts.granularity, shapes.ffn_dim  # expert and dense FFN sizes
-    out_shapes = hf.read_shapes({**_shapes_as_config(shapes), "model_type": fmt})
-    attn = [math.prod(shape) for shape in hf.attention_roles(out_shapes).values()]
-    M = len(parse_moe_layers(opts.moe_layers, L))  # MoE layers; the other L - M keep their dense FFN
-    per_moe_layer = E * D + E * 3 * F * D + 3 * shared * D + (D if hf.GATED_SHARED_EXPERT.get(fmt) else 0)
-    heads = (2 if _writes_lm_head(shapes, fmt) else 1) * V * D + D
-    tensors = (2 + _writes_lm_head(shapes, fmt) + L * len(attn) + M * (1 + (2 if fused else 3 * E) + shared_tensors)
-               + (L - M) * 3)
-    output = ((heads + L * sum(attn) + M * per_moe_layer + (L - M) * 3 * dense_F * D) * value_bytes
-              + L * E * 3 * math.ceil(F / 8) + tensors * _HEADER_BYTES_PER_TENSOR + M * E * _MANIFEST_BYTES_PER_EXPERT
-              + (M * dense_F * _MANIFEST_BYTES_PER_NEURON if opts.granularity > 1 else 0))
-    largest = max(V * D, E * D, 3 * dense_F * D, 3 * shared * D)
-    working = (num_sources + 2) * largest * 4 + 3 * 3 * dense_F * D * 4  # reads, fp32 result, cast; dense FFN + expert
-    memory = (working + L * E * 3 * F + tensors * _MEMORY_PER_TENSOR + M * E * _MEMORY_PER_EXPERT
-              + (M * dense_F * _MEMORY_PER_NEURON_INDEX if opts.granularity > 1 else 0)
-              + (E * D * F * value_bytes if fused else 0))
-    if opts.router_init == "data":  # the dense model in fp32 once, plus one batch of hidden states per MoE layer
-        dense_params = (1 if shapes.tie_embeddings else 2) * V * D + L * (sum(attn) + 3 * dense_F * D)
-        memory += 4 * dense_params + 8 * BATCH_TOKENS * M * D
-    return Estimate(output_bytes=output, memory_bytes=memory)
+# Whether a conversion fits: its estimate (convert_options.estimate) against the memory and disk at hand
 
 
 def _available_memory_bytes() -> int | None:
@@ -737,7 +433,7 @@ def _estimate_for(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions) ->
     return estimate(shapes, fmt, opts, value_bytes, num_sources=len(readers))
 
 
-def _generate(readers, shapes, fmt, opts: ConvertOptions, plan: Plan, progress: bool, calibration=None
+def _generate(readers, shapes, fmt, opts: ConvertOptions, plan: ConversionPlan, progress: bool, calibration=None
               ) -> tuple[list[Entry], Iterator, _Record, dict, _Producer]:
     """The output's layout, its tensors (in layout order, computed as they are drawn), the manifest record they fill,
     the config.json and the producer. `calibration`: `router_calibration`'s result when it was computed elsewhere."""
@@ -778,11 +474,11 @@ def _collect(tensors: Iterator[tuple[Entry, torch.Tensor]]) -> dict[str, torch.T
     return {name: p[0] if len(p) == 1 else torch.cat(p) for name, p in parts.items()}
 
 
-def _shared_dim(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, plan: Plan) -> int:
+def _shared_dim(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, plan: ConversionPlan) -> int:
     return shapes.ffn_dim if plan.shared_source is not None else opts.shared_dim(shapes, fmt)
 
 
-def _moe_config(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions, plan: Plan) -> dict:
+def _moe_config(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions, plan: ConversionPlan) -> dict:
     return hf.build_moe_config(
         readers[0].config, fmt, num_experts=opts.num_experts, top_k=opts.top_k,
         router_aux_loss_coef=opts.router_aux_loss_coef,
@@ -802,7 +498,7 @@ def planned_moe_config(source: str | os.PathLike, **options) -> tuple[dict, bool
             fmt in hf.SHARED_EXPERT_FORMATS and opts.shared_dense)
 
 
-def _calibrate(readers, opts: ConvertOptions, moe_layers: tuple[int, ...], plan: Plan):
+def _calibrate(readers, opts: ConvertOptions, moe_layers: tuple[int, ...], plan: ConversionPlan):
     return data_router_rows(readers[plan.base[0]].dir, opts.calibration, max_tokens=opts.calibration_tokens,
                             copies=len(plan.copies), layers=moe_layers, seed=opts.seed, std=opts.router_std)
 
@@ -818,11 +514,11 @@ def router_calibration(source: str | os.PathLike, **options):
     return _calibrate(readers, opts, opts.check_source(shapes, fmt), opts.plan(len(readers)))
 
 
-class LazyConversion(Mapping):
-    """The output of a conversion as a read-only mapping HF key -> tensor, each tensor computed when it is looked up
-    from the dense tensors it comes from (the same code and seeds as `convert`, so the same values), nothing kept.
-    `shape(key)` answers without computing; `read_rows(key, rows)` computes only those rows (of a tensor that holds
-    every expert, only those experts)."""
+class LazyConversion(Mapping, TensorSource):
+    """The output of a conversion as a TensorSource (a read-only mapping HF key -> tensor), each tensor computed when it
+    is looked up from the dense tensors it comes from (the same code and seeds as `convert`, so the same values),
+    nothing kept. `shape(key)` answers without computing; `read_rows(key, rows)` computes only those rows (of a tensor
+    that holds every expert, only those experts)."""
 
     def __init__(self, entries: list[Entry], produce: _Producer, dtype: torch.dtype):
         self._entries = {entry.name: entry for entry in entries}
@@ -898,8 +594,8 @@ def convert(
                      progress=progress, options=_manifest_options(opts, fmt))
 
 
-def write_moe(readers: list[CheckpointReader], shapes: hf.Shapes, fmt: str, opts: ConvertOptions, plan: Plan,
-              output: Path, *, force: bool, inputs: list, progress: bool, options: dict,
+def write_moe(readers: list[CheckpointReader], shapes: hf.Shapes, fmt: str, opts: ConvertOptions,
+              plan: ConversionPlan, output: Path, *, force: bool, inputs: list, progress: bool, options: dict,
               finish: Callable[[Path, dict], dict] | None = None) -> Path:
     """The MoE that `plan` describes, from validated sources, published atomically at `output` (convert and compose).
 
@@ -1006,25 +702,3 @@ def load_redrawn(directory: str | os.PathLike) -> torch.Tensor:
         packed = f.get_tensor("redrawn_packed").numpy()
         ffn_dim = int(f.metadata()["ffn_dim"])
     return torch.from_numpy(np.unpackbits(packed, axis=-1, count=ffn_dim).astype(bool))
-
-
-def convert_command(
-    source: str,
-    output: str,
-    options: ConvertOptions = ConvertOptions(),
-    force: bool = False,
-    quiet: bool = False,
-) -> None:
-    """Convert a dense HF checkpoint (llama, mistral, qwen2, qwen3) into an HF MoE checkpoint.
-
-    Args:
-        source: Local dense checkpoint directory (config.json + safetensors).
-        output: Directory to create (parents too); refused if it exists, unless --force.
-        options: The conversion's choices: one flag per field of ConvertOptions.
-        force: Replace an existing OUTPUT (only once the new one is complete).
-        quiet: No progress bar.
-    """
-    path = convert(source, output, force=force, progress=not quiet, **asdict(options))
-    hf.print_engine_note(path)
-    if not quiet:
-        print(f"wrote {path}")

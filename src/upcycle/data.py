@@ -47,18 +47,21 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import zlib
-from typing import Literal
+from typing import TYPE_CHECKING
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, not_an_input, publish_dir, read_json, sha256_file
 from upcycle.validation import check_arguments, short_repr
+
+if TYPE_CHECKING:  # imported where tensors are made: the configs that import this module load without torch
+    import torch
 
 FORMAT_VERSION = 1
 METADATA_FILE = "data.json"
@@ -269,6 +272,28 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None):
             return tokenizer, eos_id
     raise UpcycleError(f"cannot find an EOS token for the tokenizer at {path} (tried {candidates}); "
                        "pass --eos-token with a token from its vocabulary")
+
+
+def calibration_token_ids(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, max_tokens: int) -> torch.Tensor:
+    """Up to `max_tokens` token ids of the calibration file(s) of `--router-init data`, documents separated by EOS (as
+    `data prepare`), tokenized with the tokenizer in `tokenizer_dir` (the dense source's)."""
+    import torch
+
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise UpcycleError(f"--router-init data tokenizes --calibration with the source's tokenizer, and "
+                           f"{tokenizer_dir} has no tokenizer.json; add it to the source directory")
+    files = expand_paths([path])
+    tokenizer, eos_id = load_tokenizer(tokenizer_dir)
+    ids: list[int] = []
+    for file in files:
+        for document in iter_documents(file):
+            ids += tokenizer.encode(document, add_special_tokens=False).ids + [eos_id]
+            if len(ids) >= max_tokens:
+                return torch.tensor(ids[:max_tokens])
+    if not any(i != eos_id for i in ids):
+        raise UpcycleError(f"--calibration {path} has no text; pass a JSONL file with \"text\" fields or a plain text "
+                           "file, with some text in it")
+    return torch.tensor(ids)
 
 
 def valid_domain_name(name: str) -> bool:
@@ -502,7 +527,7 @@ def _prepare_domain(name, files, val_files, tmp, tok, eos_id, token_dtype, *, va
     return {**counts, "sources": [str(f) for f in files], "val_sources": [str(f) for f in val_files]}
 
 
-def _parse_domain_args(values: list[str] | None, flag: str) -> dict[str, list[str]]:
+def parse_domain_args(values: list[str] | None, flag: str) -> dict[str, list[str]]:
     """['english=a.jsonl.gz,docs/', 'code=src/'] -> {'english': ['a.jsonl.gz', 'docs/'], 'code': ['src/']}."""
     out: dict[str, list[str]] = {}
     for value in values or []:
@@ -516,50 +541,6 @@ def _parse_domain_args(values: list[str] | None, flag: str) -> dict[str, list[st
         out[name] = [p.strip() for p in paths.split(",") if p.strip()]
     return out
 
-
-def prepare_command(
-    out: str,
-    tokenizer: str,
-    *,
-    domain: list[str] | None = None,
-    val_domain: list[str] | None = None,
-    val_fraction: float = 0.01,
-    seed: int = 0,
-    dtype: Literal["auto", "uint16", "uint32"] = "auto",
-    text_field: str = "text",
-    eos_token: str | None = None,
-    force: bool = False,
-) -> None:
-    """Tokenize text into flat per-domain token files for `upcycle train`.
-
-    Example: upcycle data prepare runs/data assets/tokenizer --domain english=en.jsonl.gz,docs/ code=src/
-
-    Args:
-        out: Output directory (data.json plus NAME.train.bin / NAME.val.bin); must not exist unless --force.
-        tokenizer: Local directory with tokenizer.json (an HF model or tokenizer dir), or the tokenizer.json file.
-        domain: One or more NAME=PATH[,PATH...]. A path is a file or a directory (every non-hidden file below it;
-            only the parquet files of a directory that holds some, as a Hub dataset does). `.jsonl` files hold one
-            document per line in the field --text-field, `.parquet` files one per row of the column --text-field
-            (needs the parquet extra); any other file is one document; `.gz` is read transparently.
-        val_domain: Optional explicit validation inputs, NAME=PATH[,PATH...] as for --domain (e.g. the
-            NAME.val.jsonl.gz files of scripts/build_corpus.py); those domains ignore --val-fraction.
-        val_fraction: Fraction of each domain's documents held out for validation (whole documents, at least one).
-        seed: Seed of the validation split; the same inputs and seed give the same split.
-        dtype: Token file dtype: auto (uint16 when the vocabulary fits, else uint32), uint16 or uint32.
-        text_field: JSONL field or parquet column that holds the text.
-        eos_token: EOS token text, if the tokenizer files do not name one.
-        force: Replace an existing output directory.
-    """
-    domains = _parse_domain_args(domain, "--domain")
-    if not domains:
-        raise UpcycleError("no domains given; pass e.g. --domain english=corpus/en code=corpus/code")
-    metadata = prepare(domains, out, tokenizer, val_fraction=val_fraction, seed=seed, dtype=dtype,
-                       text_field=text_field, eos_token=eos_token, force=force,
-                       val_sources=_parse_domain_args(val_domain, "--val-domain"))
-    for name, info in metadata["domains"].items():
-        print(f"{name}: train {info['train']['tokens']:,} tokens / {info['train']['documents']:,} docs, "
-              f"val {info['val']['tokens']:,} tokens / {info['val']['documents']:,} docs")
-    print(f"wrote {out} ({metadata['dtype']}, vocab {metadata['vocab_size']}, eos id {metadata['eos_id']})")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -741,6 +722,8 @@ class MixtureLoader:
     def next_batch_with_domains(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of the next global batch: tokens (B_local, seq_len + 1) int64 and domain index (B_local,)
         into `self.domains` (for per-domain training loss or routing statistics)."""
+        import torch
+
         domain_ids, chunk_ids = self._plan()
         rows = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
         tokens_BT = np.empty((self.local_batch_size, self.seq_len + 1), dtype=np.int64)
@@ -816,6 +799,8 @@ def validation_batches(
     rank r gets batches r, r + W, ...; sum losses and token counts across ranks before dividing. A domain whose val
     split is shorter than seq_len + 1 tokens maps to an empty list.
     """
+    import torch
+
     if seq_len < 1 or batch_size < 1 or max_sequences < 1:
         raise UpcycleError("seq_len, batch_size and max_sequences must be positive")
     metadata = read_metadata(data_dir)

@@ -28,8 +28,7 @@ from upcycle import expert_parallel
 from upcycle.errors import UpcycleError
 from upcycle.hardware import die_with_parent
 from upcycle.moe import MoE
-
-PARALLEL_MODES = ("fsdp", "ddp")
+from upcycle.train_config import PARALLEL_MODES
 PRECISIONS = ("fp32", "bf16")  # what parallelize accepts; "auto" is resolved before (upcycle.hardware)
 
 

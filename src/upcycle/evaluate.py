@@ -15,7 +15,6 @@ Run: `upcycle eval MODEL_DIR --data DATA_DIR [--json-output] [--lm-eval-tasks up
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import tempfile
@@ -253,51 +252,3 @@ def run_lm_eval(
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                       log_samples=False, bootstrap_iters=0, verbosity="ERROR")
     return {task: {k: v for k, v in metrics.items() if k != "alias"} for task, metrics in out["results"].items()}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def eval_command(
-    model: str,
-    *,
-    data: str,
-    seq_len: int = 256,
-    batch_size: int = 8,
-    max_sequences: int = 64,
-    domains: list[str] | None = None,
-    json_output: bool = False,
-    lm_eval_tasks: list[str] | None = None,
-    lm_eval_include: str | None = None,
-    limit: int | None = None,
-    tokenizer: str | None = None,
-) -> None:
-    """Per-domain validation loss and perplexity of a checkpoint (dense or MoE, ours or Hugging Face).
-
-    Args:
-        model: Checkpoint directory: our training checkpoint, or an HF dense/MoE checkpoint.
-        data: Prepared data directory (with data.json, from `upcycle data prepare`); its validation split is scored.
-        seq_len: Tokens per scored sequence (at most the model's max_seq_len).
-        batch_size: Sequences per forward pass.
-        max_sequences: Validation sequences per domain, spread evenly over its validation tokens.
-        domains: Only these domains (default: all in data.json).
-        json_output: Print the results as JSON instead of a table.
-        lm_eval_tasks: Also run these lm-evaluation-harness tasks (needs the `eval` extra), e.g. upcycle_continuations.
-        lm_eval_include: A directory of extra lm-eval task YAMLs.
-        limit: lm-eval: score only the first N documents of each task.
-        tokenizer: lm-eval: tokenizer directory (default: the model directory, else the one data.json names).
-    """
-    result = evaluate(model, data, seq_len=seq_len, batch_size=batch_size, max_sequences=max_sequences,
-                      domains=domains)
-    if lm_eval_tasks:
-        result["lm_eval"] = run_lm_eval(model, lm_eval_tasks, lm_eval_include, limit, tokenizer=tokenizer,
-                                        data_dir=data, batch_size=batch_size)
-    if json_output:
-        print(json.dumps(result, indent=2))
-        return
-    print(format_table(result))
-    for task, metrics in result.get("lm_eval", {}).items():
-        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
-                          if isinstance(v, float) and "stderr" not in k)
-        print(f"lm-eval {task}: {shown}")

@@ -59,13 +59,13 @@ from upcycle import checkpoint as ckpt
 from upcycle import data as data_lib
 from upcycle import experiment_stats as stats
 from upcycle.analyze import collect_routing, expert_matrices, expert_similarity, mean_pairwise_jsd, routing_stats
-from upcycle.calibration import calibration_token_ids
 from upcycle.convert import convert
+from upcycle.data import calibration_token_ids
 from upcycle.errors import UpcycleError
 from upcycle.evaluate import score_domains
-from upcycle.experiment_config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KINDS, ArmSpec, ExperimentConfig, Plan,
-                                       arm_where, check_validation_split, config_change, config_from_record,
-                                       config_help, config_record, inputs, load_experiment, read_saved_config,
+from upcycle.experiment_config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KINDS, ArmSpec, ExperimentConfig,
+                                       ExperimentPlan, arm_where, check_validation_split, config_change,
+                                       config_from_record, config_record, inputs, read_saved_config,
                                        train_config_dict)
 from upcycle.experiment_report import RESULTS_FILE, REPORT_FILE, build_results, display_path, write_outputs
 from upcycle.files import LockHeld, atomic_write, atomic_write_json, exclusive_lock, publish_dir
@@ -205,7 +205,7 @@ class _Context:
     config: ExperimentConfig
     out: Path
     data_dir: Path
-    plan: Plan
+    plan: ExperimentPlan
     val: ValidationSet
 
 
@@ -651,7 +651,7 @@ def _context(config: ExperimentConfig, out: Path, data_dir: Path) -> _Context:
     return _Context(config, out, data_dir, config.plan(), val)
 
 
-def _header(config: ExperimentConfig, plan: Plan) -> dict:
+def _header(config: ExperimentConfig, plan: ExperimentPlan) -> dict:
     schedule = config.train_template().schedule
     return {"seed_model": display_path(config.seed_model), "seeds": list(config.seeds),
             "num_experts": config.moe.num_experts, "top_k": config.moe.top_k, "domains": config.domains,
@@ -798,68 +798,3 @@ def rescore_experiment(out: str | Path, data: str | Path, *, threads: int | None
         write_outputs(tmp, results, title=f"upcycle experiment, kept models re-scored on {display_path(str(data_dir))}")
     _log(f"wrote {target / RESULTS_FILE}, {target / REPORT_FILE} and the figures")
     return results
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def experiment_command(
-    *,
-    out: str,
-    config: str | None = None,
-    parallel: int = 1,
-    only: list[str] | None = None,
-    seeds: list[int] | None = None,
-    threads: int | None = None,
-    rescore: bool = False,
-    data: str | None = None,
-) -> None:
-    """Train a set of arms (dense, fs, naive, noise, drop, btx, grow, continue) at several seeds and budgets with one
-    recipe and compare them; resumable. Or, with --rescore, re-measure a finished experiment's kept models on other
-    data.
-
-    Writes OUT/results.json, OUT/report.md and PNG figures (loss per domain and its means, gaps to naive with
-    intervals, specialization and expert similarity, routing per arm). Re-running the same command after a kill
-    finishes the unfinished runs from their last checkpoints and skips finished ones. See docs/experiments.md.
-
-    Args:
-        out: Experiment directory; re-running on it resumes. A different config on an existing OUT is refused.
-        config: Experiment YAML (see experiments/ and the fields below); not with --rescore.
-        parallel: Runs (arm, seed) trained at once, each in its own process with threads / parallel torch threads.
-        only: Run only these arms (no results.json or report; a run without --only and --seeds writes them).
-        seeds: Run only these of the config's seeds (no report).
-        threads: Torch threads in all (default: torch's default, one per core).
-        rescore: Re-measure every kept model of the finished experiment in OUT on --data's validation split (no
-            training); writes OUT/rescore/NAME/ (NAME: the data directory's name).
-        data: With --rescore: a prepared data directory (upcycle data prepare) tokenized with the seed's tokenizer.
-    """
-    if rescore:
-        if config is not None or only or seeds or parallel != 1:
-            raise UpcycleError("--rescore re-measures the experiment recorded in OUT: leave out --config, --only, "
-                               "--seeds and --parallel")
-        if data is None:
-            raise UpcycleError("--rescore needs --data DIR, a prepared data directory to score the kept models on")
-        rescore_experiment(out, data, threads=threads)
-        return
-    if data is not None:
-        raise UpcycleError("--data is only used with --rescore; the experiment's data comes from its config")
-    if config is None:
-        raise UpcycleError("give --config FILE (an experiment YAML), or --rescore --data DIR for a finished OUT")
-    experiment = load_experiment(config)
-    results = run_experiment(experiment, out, config_path=str(Path(config).resolve()), parallel=parallel, only=only,
-                             seeds=seeds, threads=threads)
-    if results is not None:
-        reference = results["reference"]
-        width = max(20, *(len(arm["name"]) + 2 for arm in results["arms"]))
-        print(f"{'arm':<{width}}{'budget':>14}{'mean loss':>12}  gap to {reference or 'naive'} (verdict)")
-        for arm in results["arms"]:
-            for budget in arm["budgets"]:
-                gap = budget.get("gap", {}).get("mean")
-                gap_text = "-" if gap is None or arm["name"] == reference else f"{gap['mean']:+.4f} ({gap['verdict']})"
-                print(f"{arm['name']:<{width}}{budget['tokens']:>14,}{budget['loss']['mean']['mean']:>12.4f}  "
-                      f"{gap_text}")
-        _log(f"wrote {Path(out) / RESULTS_FILE}, {Path(out) / REPORT_FILE} and the figures")
-
-
-experiment_command.help_epilog = config_help

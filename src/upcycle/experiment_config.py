@@ -22,9 +22,9 @@ import numpy as np
 
 from upcycle import data as data_lib
 from upcycle import hf_formats as hf
-from upcycle.calibration import calibration_token_ids
 from upcycle.config import build, check_values, fields_help, read_yaml, refuse_unknown, to_dict
-from upcycle.convert import ConvertOptions
+from upcycle.convert_options import ConvertOptions
+from upcycle.data import calibration_token_ids
 from upcycle.errors import UpcycleError
 from upcycle.hardware import format_bytes, host_memory
 from upcycle.schedule import wsd_decay_start
@@ -531,7 +531,7 @@ class ExperimentConfig:
         """The recipe as the trainer reads it (a TrainConfig; the run-specific fields are placeholders)."""
         return config_from_dict(train_config_dict(self, init_source=self.seed_model, max_steps=1, seed=0))
 
-    def plan(self) -> Plan:
+    def plan(self) -> ExperimentPlan:
         template = self.train_template()
         s = template.schedule
         step_tokens = template.train.global_batch_tokens
@@ -540,12 +540,13 @@ class ExperimentConfig:
         if s.kind == "wsd":
             branch = {n: wsd_decay_start(n, warmup_steps=s.warmup_steps, decay_fraction=s.decay_fraction)
                       for n in budget_steps[:-1]}
-        return Plan(tokens_per_step=step_tokens, budget_steps=budget_steps, schedule=s.kind,
-                    eval_steps=eval_steps(self.eval.points, budget_steps[-1], step_tokens), branch_steps=branch)
+        return ExperimentPlan(tokens_per_step=step_tokens, budget_steps=budget_steps, schedule=s.kind,
+                              eval_steps=eval_steps(self.eval.points, budget_steps[-1], step_tokens),
+                              branch_steps=branch)
 
 
 @dataclass(frozen=True)
-class Plan:
+class ExperimentPlan:
     """What every arm and seed trains and where it is measured, in optimizer steps."""
 
     tokens_per_step: int

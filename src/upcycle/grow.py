@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +31,7 @@ from tqdm import tqdm
 
 from upcycle import hf_formats as hf
 from upcycle.convert import (
-    DEFAULT_SEED,
     Entry,
-    Estimate,
     check_fits,
     copy_tokenizer_files,
     fused_expert_slice,
@@ -43,70 +41,13 @@ from upcycle.convert import (
     write_manifest,
     write_shards,
 )
+from upcycle.convert_options import Estimate, GrowOptions
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir, sha256_file
 from upcycle.hf_model import check_model_dir, is_our_checkpoint, load_model, state_dict_to_hf
 from upcycle.model import ModelConfig
-from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader, PlannedTensor, dtype_name, parse_size
-from upcycle.upcycling import INDEX_MODES, MATRICES, STATS_MODES, UpcycleOptions, upcycle_expert
-
-
-@dataclass(frozen=True)
-class GrowOptions:
-    """Every choice of `upcycle grow`; recorded verbatim in the manifest. Each field is a flag (`--snake-case`) and a
-    row of docs/convert.md's grow table, both made from this class.
-
-    Attributes:
-        factor: m: every expert is kept and joined by m - 1 copies, so E experts become m * E (expert e's copies are
-            experts e * m .. e * m + m - 1, the first being e itself). At least 2.
-        ratio: Fraction r of each new copy's neurons re-drawn (Drop-Upcycling of the copy, from the statistics of that
-            expert's own matrices), in [0, 1]; the kept expert is never re-drawn.
-        top_k: Experts per token after growing; default m * k (k the source's), with which r = 0 is the source's
-            function. 1 <= top_k <= m * E.
-        seed: Seed from which every (layer, expert, matrix) draw derives its own generator.
-        index_mode: independent (a fresh neuron set for gate, up and down, the authors' released code; the default)
-            or shared (one set per copy for all three, as the paper's text).
-        stats: Where mu and sigma of the re-drawn values come from: slice (the selected neurons of the expert's
-            matrix) or matrix (the expert's whole matrix).
-        format: auto (an HF source keeps its format; one of our checkpoints is written as upcycle export --format auto
-            writes it) or, for our checkpoints, mixtral, qwen2_moe, qwen3_moe or granitemoeshared.
-        dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
-        max_shard_size: Largest output shard, e.g. 5GB or 500MB.
-    """
-
-    factor: int = 2
-    ratio: float = 0.5
-    top_k: int | None = None
-    seed: int = DEFAULT_SEED
-    index_mode: str = field(default="independent", metadata={"choices": INDEX_MODES})
-    stats: str = field(default="slice", metadata={"choices": STATS_MODES})
-    format: str = field(default="auto", metadata={"choices": ("auto", *hf.MOE_FORMATS)})
-    dtype: str = field(default="auto", metadata={"choices": ("auto", *DTYPE_NAMES)})
-    max_shard_size: str = "5GB"
-
-    def upcycle_options(self) -> UpcycleOptions:
-        return UpcycleOptions(method="drop", ratio=self.ratio, index_mode=self.index_mode, stats=self.stats,
-                              seed=self.seed)
-
-    def validate(self) -> None:
-        if type(self.factor) is not int or self.factor < 2:
-            raise UpcycleError(f"--factor must be an integer of at least 2 (E experts become factor * E), got "
-                               f"{self.factor}")
-        self.upcycle_options().validate()
-        if self.format != "auto" and self.format not in hf.MOE_FORMATS:
-            raise UpcycleError(f"unknown --format {self.format!r}; choose auto, {', '.join(hf.MOE_FORMATS)}")
-        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
-            raise UpcycleError(f"unknown --dtype {self.dtype!r}; choose auto, {', '.join(DTYPE_NAMES)}")
-        parse_size(self.max_shard_size)
-
-    def resolved_top_k(self, num_experts: int, top_k: int) -> int:
-        """The output's top-k for a source with `num_experts` experts and top-`top_k` routing."""
-        grown = self.factor * num_experts
-        k = self.factor * top_k if self.top_k is None else self.top_k
-        if not 1 <= k <= grown:
-            raise UpcycleError(f"--top-k must lie in [1, {grown}] (the grown model's experts), got {k}; leave it out "
-                               f"for {self.factor * top_k}, which keeps r = 0 the source's function")
-        return k
+from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader, PlannedTensor, dtype_name
+from upcycle.upcycling import MATRICES, upcycle_expert
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -361,21 +302,3 @@ def grow(source: str | os.PathLike, output: str | os.PathLike, *, force: bool = 
         write_manifest(tmp, [src.record], {"command": "grow", **options}, produce.layers, produce.redrawn_LEMF,
                        shards, {"function_preserving": preserving})
     return output
-
-
-def grow_command(moe: str, output: str, options: GrowOptions = GrowOptions(), force: bool = False,
-                 quiet: bool = False) -> None:
-    """Grow an MoE's E experts into factor * E: each expert kept and joined by factor - 1 Drop-Upcycled copies.
-
-    Args:
-        moe: An HF MoE checkpoint (mixtral, qwen2_moe, qwen3_moe, granitemoeshared) or one of our training
-            checkpoints.
-        output: Directory to create (parents too); refused if it exists, unless --force.
-        options: The growth's choices: one flag per field of GrowOptions.
-        force: Replace an existing OUTPUT (only once the new one is complete).
-        quiet: No progress bar.
-    """
-    path = grow(moe, output, force=force, progress=not quiet, **asdict(options))
-    hf.print_engine_note(path)
-    if not quiet:
-        print(f"wrote {path}")

@@ -40,6 +40,9 @@ SHARED_EXPERT_FORMATS = ("qwen2_moe", "granitemoeshared")
 GATED_SHARED_EXPERT = {"qwen2_moe": True, "granitemoeshared": False}
 # Formats that can keep dense FFN layers between MoE layers (Qwen-MoE's mlp_only_layers).
 DENSE_LAYER_FORMATS = ("qwen2_moe", "qwen3_moe")
+# The floating dtypes a user names (--dtype of convert, grow and export; config.json's "dtype"), by name only:
+# safetensors_io.DTYPE_NAMES maps them to torch dtypes.
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 # Granite's scalar multipliers, in our vocabulary (ModelConfig fields) -> config.json keys. Every other format computes
 # them as 1 (attention: 1/sqrt(head_dim)), which is what a conversion writes so that it keeps the dense function.
 GRANITE_MULTIPLIERS = {"embedding_multiplier": "embedding_multiplier", "residual_multiplier": "residual_multiplier",

@@ -23,15 +23,14 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from upcycle import hf_formats as hf
-from upcycle.checkpoint import CheckpointTensors, model_config_of, model_config_record
+from upcycle.checkpoint_format import CheckpointTensors, model_config_of, model_config_record
 from upcycle.errors import UpcycleError
-from upcycle.files import check_output, publish_dir, read_json
+from upcycle.files import publish_dir, read_json
 from upcycle.model import Block, ModelConfig, Transformer, rope_inv_freq, rope_tables
 from upcycle.safetensors_io import (
     DTYPE_NAMES,
@@ -41,7 +40,7 @@ from upcycle.safetensors_io import (
     parse_size,
     save_tensors,
 )
-from upcycle.shards import ExpertStack, Rows, Source, full_box
+from upcycle.tensor_sources import ExpertStack, Rows, Source, TensorSource, full_box
 from upcycle.upcycling import init_shared_expert
 
 # Our state-dict names for the per-layer roles of hf_formats (the only place they are paired).
@@ -77,19 +76,20 @@ EXPORT_FORMATS = (*hf.MOE_FORMATS, *(f for f in hf.DENSE_FAMILIES if f != "mistr
 
 
 class _Taker:
-    """Takes tensors out of a checkpoint by key as Sources (shards.Rows: read when a box of them is needed, only the
-    rows it spans), checking shapes, and remembers which keys were used. `tensors` is a safetensors_io.CheckpointReader
-    (rows read from disk), or any mapping of full tensors (e.g. convert's lazy output, computed when looked up)."""
+    """Takes tensors out of a checkpoint by key as Sources (tensor_sources.Rows: read when a box of them is needed,
+    only the rows it spans), checking shapes, and remembers which keys were used. `tensors` is a
+    safetensors_io.CheckpointReader (rows read from disk), a TensorSource, or any mapping of full tensors (e.g.
+    convert's lazy output, computed when looked up)."""
 
-    def __init__(self, tensors: Mapping[str, Tensor]):
+    def __init__(self, tensors: TensorSource | Mapping[str, Tensor]):
         self.tensors, self.used = tensors, set()
+        self._lazy = isinstance(tensors, TensorSource)  # shapes without reading; a plain mapping holds its tensors
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
     def _shape(self, key: str) -> tuple[int, ...]:
-        shape = getattr(self.tensors, "shape", None)
-        return tuple(shape(key)) if callable(shape) else tuple(self.tensors[key].shape)
+        return tuple(self.tensors.shape(key)) if self._lazy else tuple(self.tensors[key].shape)
 
     def take(self, key: str, shape: tuple[int, ...]) -> Rows:
         if key not in self.tensors:
@@ -195,9 +195,10 @@ def _take_layer(taker: _Taker, i: int, config: ModelConfig, hf_cfg: dict) -> dic
 
 
 def hf_sources(tensors: Mapping[str, Tensor], hf_cfg: dict) -> tuple[ModelConfig, dict[str, Source]]:
-    """Our ModelConfig and, for each of our parameters, where to read it (a shards.Source, in the checkpoint's dtype)
-    from HF tensors (a safetensors_io.CheckpointReader, or any mapping) and the config.json dictionary. Every tensor
-    must be used and have the shape the config implies. Nothing big is read: a rank reads the boxes it keeps later."""
+    """Our ModelConfig and, for each of our parameters, where to read it (a tensor_sources.Source, in the checkpoint's
+    dtype) from HF tensors (a safetensors_io.CheckpointReader, or any mapping) and the config.json dictionary. Every
+    tensor must be used and have the shape the config implies. Nothing big is read: a rank reads the boxes it keeps
+    later."""
     config = model_config_from_hf(tensors, hf_cfg)
     taker = _Taker(tensors)
     sd: dict[str, Source] = {"tok_embeddings.weight": taker.take(hf.EMBED_KEY, (config.vocab_size, config.dim)),
@@ -464,8 +465,8 @@ def check_model_dir(model_path: str | Path) -> Path:
     return path
 
 
-class _SourceTensors(Mapping):
-    """Our tensors by name, each read whole from its shards.Source when looked up (nothing kept)."""
+class _SourceTensors(Mapping, TensorSource):
+    """Our tensors by name, each read whole from its tensor_sources.Source when looked up (nothing kept)."""
 
     def __init__(self, sources: Mapping[str, Source]):
         self.sources = sources
@@ -487,7 +488,7 @@ class _SourceTensors(Mapping):
         return tuple(self.sources[name].shape)
 
 
-def model_tensors(path: str | Path) -> tuple[ModelConfig, Mapping[str, Tensor]]:
+def model_tensors(path: str | Path) -> tuple[ModelConfig, TensorSource]:
     """Our ModelConfig and our tensors of any checkpoint we read: a training checkpoint (sharded or one-file), our
     saved model, or an HF checkpoint, as a mapping that reads one tensor when it is looked up (streaming export)."""
     path = Path(path)
@@ -504,7 +505,7 @@ def model_tensors(path: str | Path) -> tuple[ModelConfig, Mapping[str, Tensor]]:
     return config, _SourceTensors(sources)
 
 
-def _check_shapes(config: ModelConfig, tensors: Mapping[str, Tensor], path: Path) -> None:
+def _check_shapes(config: ModelConfig, tensors: TensorSource, path: Path) -> None:
     """Every tensor of the model `config` describes is there with its shape, and nothing else (before any is read)."""
     with torch.device("meta"):
         expected = {name: tuple(p.shape) for name, p in Transformer(config).state_dict().items()}
@@ -549,40 +550,3 @@ def save_model(model: Transformer, out_dir: str | Path, *, force: bool = False) 
 
         (tmp / "config.json").write_text(json.dumps(model_config_record(asdict(model.config)), indent=2) + "\n")
     return out_dir
-
-
-def export_command(
-    checkpoint: str,
-    out: str,
-    format: Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoeshared", "llama", "qwen2", "qwen3"] = "auto",
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-    tokenizer: str | None = None,
-    force: bool = False,
-    max_shard_size: str = "5GB",
-) -> None:
-    """Export a checkpoint (ours or HF) as a Hugging Face checkpoint that transformers loads, streaming one tensor at a
-    time (memory for about the two largest tensors, whatever the model's size).
-
-    Args:
-        checkpoint: Directory of our training checkpoint (model.safetensors + config.json with "model") or of an HF
-            checkpoint.
-        out: Output directory to create, written atomically; refused if it exists, unless --force.
-        format: auto (dense -> llama/qwen2/qwen3 by attention features; MoE -> mixtral for Llama-like attention
-            (qwen2_moe with dense layers or a gated shared expert; granitemoeshared with an ungated shared expert or
-            Granite's multipliers), qwen2_moe with q/k/v biases, qwen3_moe with q/k norms), or one of mixtral,
-            qwen2_moe, qwen3_moe, granitemoeshared, llama, qwen2, qwen3.
-        dtype: Weight dtype in the output: float32 (exact), bfloat16 or float16.
-        tokenizer: A directory whose tokenizer files (tokenizer.json, tokenizer_config.json, ...) are copied into OUT.
-        force: Replace an existing OUT (only once the new one is complete).
-        max_shard_size: Largest output safetensors file, e.g. 5GB or 500MB (several files get an index).
-    """
-    if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
-        raise UpcycleError(f"--tokenizer {tokenizer} has no tokenizer.json")
-    inputs = (checkpoint, *([tokenizer] if tokenizer is not None else ()))
-    check_output(out, force=force, inputs=inputs, flag="OUT")
-    check_model_dir(checkpoint)
-    config, tensors = model_tensors(checkpoint)  # read one tensor at a time while writing
-    path = export_hf(tensors, config, out, fmt=format, dtype=dtype, tokenizer=tokenizer, force=force, inputs=inputs,
-                     max_shard_size=max_shard_size)
-    hf.print_engine_note(path)
-    print(f"wrote {path}")

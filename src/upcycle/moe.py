@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upcycle.errors import UpcycleError
+from upcycle.model_config import check_moe_sizes
 
 IMPLEMENTATIONS = ("auto", "fused", "grouped_mm", "loop", "reference")
 
@@ -41,14 +42,6 @@ class MoEOutput(NamedTuple):
     out_TD: Tensor  # (T, D) in the input dtype
     router_logits_TE: Tensor  # (T, E) fp32, with grad: the losses in losses.py are computed from it
     counts_E: Tensor  # (E,) int64 top-k assignments per expert, detached
-
-
-def check_moe_sizes(*, num_experts: int, top_k: int) -> None:
-    """Refuse routing settings that cannot work, before any weights are built."""
-    if num_experts < 1:
-        raise UpcycleError(f"num_experts must be >= 1 for an MoE layer, got {num_experts}")
-    if not 1 <= top_k <= num_experts:
-        raise UpcycleError(f"top_k must be between 1 and num_experts ({num_experts}), got {top_k}")
 
 
 def route(logits_TE: Tensor, *, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:

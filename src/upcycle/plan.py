@@ -53,7 +53,7 @@ from upcycle.model import ModelConfig, Transformer
 from upcycle.moe import MoE
 from upcycle.safetensors_io import parse_size
 from upcycle.train import start_point
-from upcycle.train_config import config_fields_help, load_config, micro_batch_size_for
+from upcycle.train_config import load_config, micro_batch_size_for
 
 # Resident memory of one training process before any weight: Python, torch and our modules (measured on this machine
 # with torch 2.13 CPU: ~0.45 GB after `import upcycle.train`; a gloo process group adds little).
@@ -163,7 +163,7 @@ class RankPlan:
 
 
 @dataclass
-class Plan:
+class MemoryPlan:
     total_params: int
     active_params: int
     world_size: int
@@ -189,7 +189,7 @@ class Plan:
         return per_rank * self.ranks_per_node
 
 
-def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> Plan:
+def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> MemoryPlan:
     """The memory plan of a training config (upcycle.train_config.TrainConfig) on `world_size` ranks."""
     loop, seq_len = config.train, config.data.seq_len
     sequences = loop.global_batch_tokens // seq_len
@@ -244,10 +244,10 @@ def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> P
         host_save = host_runtime + (state if device == "cpu" else 0) + staged
         ranks.append(RankPlan(share.rank, share.params, weights, grads, optimizer, gathered, activations, runtime,
                               device_total, host_build, host_train, host_save))
-    return Plan(total_params=model.num_params(), active_params=model.num_active_params(), world_size=world_size,
-                ranks_per_node=ranks_per_node, expert_parallel=loop.expert_parallel, precision=precision,
-                device=device, micro_batch_size=micro, ranks=ranks, checkpoint_bytes=12 * model.num_params(),
-                precision_reason=precision_reason)
+    return MemoryPlan(total_params=model.num_params(), active_params=model.num_active_params(), world_size=world_size,
+                      ranks_per_node=ranks_per_node, expert_parallel=loop.expert_parallel, precision=precision,
+                      device=device, micro_batch_size=micro, ranks=ranks, checkpoint_bytes=12 * model.num_params(),
+                      precision_reason=precision_reason)
 
 
 def nccl_communicators(loop, world_size: int) -> int:
@@ -264,7 +264,7 @@ def nccl_communicators(loop, world_size: int) -> int:
     return count
 
 
-def format_plan(plan: Plan) -> str:
+def format_plan(plan: MemoryPlan) -> str:
     lines = [f"parameters: {plan.total_params:,} in all, {plan.active_params:,} active per token",
              f"layout: {plan.world_size} rank(s), {plan.ranks_per_node} per node, expert_parallel "
              f"{plan.expert_parallel}, {plan.precision} on {plan.device}, micro-batch {plan.micro_batch_size}",
@@ -293,7 +293,7 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def check_fits(plan: Plan, *, device_memory: int | None, host_memory: int | None) -> None:
+def check_fits(plan: MemoryPlan, *, device_memory: int | None, host_memory: int | None) -> None:
     """Refuse a plan that cannot fit, naming what to change."""
     fixes = ("more ranks, train.expert_parallel, train.activation_checkpointing: true or a smaller "
              "train.micro_batch_size")
@@ -310,7 +310,7 @@ def check_fits(plan: Plan, *, device_memory: int | None, host_memory: int | None
                                    f"use {fixes}")
 
 
-def plan_command(
+def print_plan(
     *,
     config: str,
     ranks: int | None = None,
@@ -320,23 +320,8 @@ def plan_command(
     host_memory: str | None = None,
     override: list[str] | None = None,
 ) -> None:
-    """Print the memory a training config needs per rank and per node, without building any weight.
-
-    Builds the config's model on the meta device and places every parameter as `upcycle train` would for the given
-    ranks, expert-parallel degree (train.expert_parallel) and precision, then prints the parameters (total, active)
-    and per rank the weights, gradients, AdamW state, FSDP's gathered blocks, an activation estimate at the configured
-    micro-batch, and the host memory at build and at save. Refuses (exit 2) a plan that does not fit the given memory.
-    Any config field can be overridden as in `upcycle train` (e.g. --train.expert_parallel 8).
-
-    Args:
-        config: The training config (YAML) to plan.
-        ranks: Number of ranks (processes); default: WORLD_SIZE when launched by torchrun, else 1.
-        ranks_per_node: Ranks sharing one machine's host memory; default: all of them, at most 8.
-        device: What the ranks compute on: cuda, cpu, or auto (this machine's).
-        device_memory: Memory of one accelerator, e.g. 80GB (cuda; default: this machine's GPU if it has one).
-        host_memory: Memory of one node, e.g. 2TB; default: this machine's.
-        override: Overrides as section.field=value, the same as --section.field value.
-    """
+    """`upcycle plan` (commands.plan_command documents the arguments): print the plan of the training config at
+    `config` for these ranks and refuse one that does not fit the given (or this machine's) memory."""
     train_config = load_config(config, list(override or []))
     world_size = ranks if ranks is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if world_size < 1:
@@ -352,5 +337,3 @@ def plan_command(
     check_fits(plan, device_memory=parse_size(device_memory) if device_memory else gpu,
                host_memory=parse_size(host_memory) if host_memory else hardware.host_memory().total)
 
-
-plan_command.help_epilog = config_fields_help

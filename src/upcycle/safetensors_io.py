@@ -22,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from upcycle import hf_formats as hf
 from upcycle.errors import UpcycleError
 from upcycle.files import not_an_input, read_json, sha256_file
+from upcycle.tensor_sources import TensorSource
 
 INDEX_NAME = "model.safetensors.index.json"
 SIDECAR_PREFIX = "upcycle_"
@@ -32,8 +35,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32",
                torch.int64: "I64", torch.uint8: "U8", torch.bool: "BOOL"}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
-# The one table of floating dtypes a user names (--dtype of convert and export, config.json's "dtype").
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The one table of floating dtypes a user names (--dtype of convert and export, config.json's "dtype"), by their
+# names in hf_formats.FLOAT_DTYPES.
+DTYPE_NAMES = {name: getattr(torch, name) for name in hf.FLOAT_DTYPES}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -114,9 +118,9 @@ def _parse_header(path: Path) -> tuple[dict, int, dict]:
     return header, 8 + header_len, metadata
 
 
-class CheckpointReader(Mapping):
-    """A local HF checkpoint directory: its config.json and its tensors, read lazily (a read-only Mapping
-    name -> tensor; a tensor is read when it is looked up).
+class CheckpointReader(Mapping, TensorSource):
+    """A local HF checkpoint directory: its config.json and its tensors, read lazily (a TensorSource: a read-only
+    mapping name -> tensor; a tensor is read when it is looked up).
 
     Accepts one `model.safetensors`, several shards with `model.safetensors.index.json`, or several safetensors
     files without an index. Refuses pickle weights (`.bin`/`.pt`) rather than unpickling them.

@@ -60,14 +60,13 @@ from upcycle.metrics import MetricsLog
 from upcycle.model import ModelConfig, Transformer
 from upcycle.safetensors_io import CheckpointReader
 from upcycle.schedule import schedule_of
-from upcycle.shards import fill_from_scratch, fill_from_sources, model_pieces
+from upcycle.shards import fill_from_scratch, model_pieces
+from upcycle.tensor_sources import fill_from_sources
 from upcycle.train_config import (
     OptimConfig,
     TrainConfig,
     TrainLoopConfig,
-    config_fields_help,
     config_to_dict,
-    load_config,
     micro_batch_size_for,
     read_yaml_config,
     validate_config,
@@ -786,40 +785,3 @@ def _loop(run: Run) -> dict:
         run.checkpointer.finish()
     newest = ckpt.latest_checkpoint(run.checkpoints)
     return {"step": step, "stopped": stopped, "checkpoint": str(newest) if newest else None}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def train_command(
-    *,
-    config: str,
-    out: str,
-    max_steps: int | None = None,
-    save_every: int | None = None,
-    override: list[str] | None = None,
-) -> None:
-    """Train a dense or MoE model (from scratch, a checkpoint, or upcycled online); resumes if OUT has checkpoints.
-
-    Any config field can also be overridden by its dotted name, e.g. `--optim.lr 1e-3 --train.seed 1`
-    (values are read as YAML). Every section and field is documented in docs/training.md.
-
-    Args:
-        config: YAML config file of sections model, init, data, optim, schedule, train, checkpoint, logging
-            (see configs/).
-        out: Run directory: config.yaml, metrics.jsonl, checkpoints/. Re-running on it resumes from the newest
-            checkpoint.
-        max_steps: Shortcut for --train.max_steps.
-        save_every: Shortcut for --checkpoint.every.
-        override: Overrides as section.field=value, the same as --section.field value.
-    """
-    overrides = list(override or [])
-    if max_steps is not None:
-        overrides.append(f"train.max_steps={max_steps}")
-    if save_every is not None:
-        overrides.append(f"checkpoint.every={save_every}")
-    run_training(load_config(config, overrides), out)
-
-
-train_command.help_epilog = config_fields_help

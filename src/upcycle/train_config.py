@@ -15,17 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from upcycle.config import build, fields_help, load_yaml, read_yaml, to_dict
-from upcycle.convert import ConvertOptions
+from upcycle.convert_options import METHODS, ConvertOptions
 from upcycle.data import check_weights
-from upcycle.distributed import PARALLEL_MODES
 from upcycle.errors import UpcycleError
 from upcycle.files import not_an_input
 from upcycle.hf_formats import AUTO_FORMAT
-from upcycle.model import ModelConfig
+from upcycle.model_config import ModelConfig
 from upcycle.schedule import SCHEDULE_KINDS
-from upcycle.upcycling import METHODS
 from upcycle.validation import check_fields
 
+PARALLEL_MODES = ("fsdp", "ddp")  # train.parallel; distributed.parallelize applies them
 # train.micro_batch_size: empty picks the largest divisor of the per-rank sequences up to this many.
 AUTO_MICRO_BATCH_MAX = 8
 BALANCE_SCOPES = ("micro_batch", "global_batch")

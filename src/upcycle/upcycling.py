@@ -29,13 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from upcycle.convert_options import UpcycleOptions
 from upcycle.errors import UpcycleError
 
-METHODS = ("drop", "naive", "noise", "scratch", "btx")
-INDEX_MODES = ("independent", "shared")
-STATS_MODES = ("slice", "matrix")
-ROUTER_INITS = ("uniform", "normal", "data")  # data: k-means of calibration hidden states (upcycle.calibration)
-SHARED_EXPERT_MODES = ("zero", "dense")
 # |weights| of a dense shared expert's sigmoid gate: sigmoid(g . x) is then 1/2 to within fp32 rounding for any
 # realistic hidden state (|g . x| < 1e-6), yet the gate is not all zeros (llama.cpp's silu(x)/x would be NaN at 0).
 DENSE_SHARED_GATE_STD = 1e-9
@@ -139,45 +135,6 @@ def virtual_group_router(router_CD: torch.Tensor, granularity: int) -> torch.Ten
     return router_CD.repeat_interleave(granularity, dim=0)
 
 
-def parse_moe_layers(spec: str | None, num_layers: int | None = None, *, name: str = "--moe-layers"
-                     ) -> tuple[int, ...] | None:
-    """The layers a `--moe-layers` spec names, ascending; None (every layer) for an empty spec or "all".
-
-    `0-3,8`: indices and inclusive ranges. `every:N`: layers N-1, 2N-1, ... (Qwen-MoE's decoder_sparse_step N: every
-    N-th layer is MoE, the first at index N-1). Without `num_layers` only the syntax is checked. Messages call the
-    spec `name`."""
-    if spec is None or spec.strip() in ("", "all"):
-        return None if num_layers is None else tuple(range(num_layers))
-    text = spec.replace(" ", "")
-    example = f"e.g. {name} 0-3,8 or {name} every:2"
-    layers: set[int] = set()
-    try:
-        if text.startswith("every:"):
-            step = int(text.removeprefix("every:"))
-            if step < 1:
-                raise ValueError
-            if num_layers is None:
-                return None
-            layers = set(range(step - 1, num_layers, step))
-        else:
-            for part in text.split(","):
-                first, _, last = part.partition("-")
-                a, b = int(first), int(last or first)
-                if a < 0 or b < a:
-                    raise ValueError
-                layers.update(range(a, b + 1))
-    except ValueError:
-        raise UpcycleError(f"cannot read {name} {spec!r}; {example}") from None
-    if num_layers is None:
-        return tuple(sorted(layers))
-    if not layers:
-        raise UpcycleError(f"{name} {spec!r} selects no layer of the {num_layers}; {example}")
-    if max(layers) >= num_layers:
-        raise UpcycleError(f"{name} {spec!r} names layer {max(layers)}, but the model has layers 0-"
-                           f"{num_layers - 1}; name layers in that range")
-    return tuple(sorted(layers))
-
-
 def fine_grained_slice(gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor, neurons: torch.Tensor,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The dense neurons `neurons` as one fine-grained expert (fp32): rows of gate/up, columns of down times `scale`."""
@@ -194,31 +151,6 @@ class ExpertFFN:
     down_DF: torch.Tensor
     redrawn_MF: torch.Tensor  # (3, F) bool: neurons of gate, up, down that were re-drawn (or perturbed, for noise)
     records: dict[str, dict] = field(default_factory=dict)  # matrix -> {"mean", "std", "redrawn"}
-
-
-@dataclass(frozen=True)
-class UpcycleOptions:
-    """Everything that decides how one dense FFN becomes E experts (BTX and scratch live elsewhere)."""
-
-    method: str = "drop"
-    ratio: float = 0.5
-    index_mode: str = "independent"
-    stats: str = "slice"
-    noise_std: float = 0.02
-    init_std: float = 0.02  # scratch only
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UpcycleError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not 0.0 <= self.ratio <= 1.0 or math.isnan(self.ratio):
-            raise UpcycleError(f"ratio must lie in [0, 1], got {self.ratio}")
-        if self.index_mode not in INDEX_MODES:
-            raise UpcycleError(f"unknown index mode {self.index_mode!r}; choose one of {', '.join(INDEX_MODES)}")
-        if self.stats not in STATS_MODES:
-            raise UpcycleError(f"unknown stats {self.stats!r}; choose one of {', '.join(STATS_MODES)}")
-        if self.noise_std < 0 or self.init_std < 0:
-            raise UpcycleError("noise_std and init_std must be non-negative")
 
 
 def _neuron_indices(ffn_dim: int, opts: UpcycleOptions, layer: int, expert: int) -> dict[str, torch.Tensor]:
@@ -382,14 +314,3 @@ def scratch_tensor(
 def btx_mean(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Element-wise mean over the dense sources, in fp32."""
     return torch.stack([t.float() for t in tensors]).mean(dim=0)
-
-
-def btx_source_of_expert(num_experts: int, num_sources: int) -> list[int]:
-    """Expert e takes the FFN of source e // (E / S): contiguous blocks of E / S experts per source."""
-    if num_sources < 1 or num_experts % num_sources:
-        raise UpcycleError(
-            f"btx needs num_experts divisible by the number of sources; got {num_experts} experts and "
-            f"{num_sources} sources (for example use --num-experts {num_sources * max(1, num_experts // num_sources)})"
-        )
-    block = num_experts // num_sources
-    return [e // block for e in range(num_experts)]

@@ -1,0 +1,131 @@
+"""Our model's configuration: everything that fixes the architecture and the parameter shapes, as plain data (no torch),
+so that the training config, `upcycle --help` and anything else that only reads or checks a config need not load the
+model. model.py builds the model from it; a checkpoint's config.json holds its fields under "model".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from upcycle.errors import UpcycleError
+
+# RoPE types whose frequencies do not depend on the sequence length (dynamic/longrope rescale at run time).
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def check_moe_sizes(*, num_experts: int, top_k: int) -> None:
+    """Refuse routing settings that cannot work, before any weights are built."""
+    if num_experts < 1:
+        raise UpcycleError(f"num_experts must be >= 1 for an MoE layer, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise UpcycleError(f"top_k must be between 1 and num_experts ({num_experts}), got {top_k}")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes the architecture and the parameter shapes. Saved as JSON under "model" in checkpoints."""
+
+    vocab_size: int
+    dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_dim: int
+    """Hidden size of the dense FFN, and of every expert unless expert_ffn_dim says otherwise."""
+    head_dim: int | None = None
+    """None -> dim // num_heads."""
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    """HF `rope_parameters` minus rope_theta, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None = plain RoPE."""
+    max_seq_len: int = 2048
+    """Longest sequence the model accepts (HF max_position_embeddings, or a Mistral sliding window if shorter)."""
+    tie_embeddings: bool = False
+    """The LM head reuses the token embedding matrix (no separate `output` weight)."""
+    qkv_bias: bool = False
+    """q, k, v projections carry biases (Qwen2)."""
+    o_bias: bool = False
+    """The output projection carries a bias (Llama attention_bias=True)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on q and k before RoPE (Qwen3)."""
+    num_experts: int = 0
+    """0 -> dense SwiGLU FFN in every layer; otherwise an MoE FFN in every layer."""
+    top_k: int = 2
+    """Experts per token."""
+    renormalize: bool = True
+    """Renormalize the top-k routing weights to sum to 1 (Mixtral; Qwen-MoE's norm_topk_prob)."""
+    expert_ffn_dim: int | None = None
+    """Hidden size of each expert; None -> ffn_dim (coarse experts, as in the paper). Fine-grained experts
+    (upcycle convert --granularity G) have ffn_dim / G."""
+    moe_layers: list[int] | None = None
+    """Which layers hold the MoE FFN (the others a dense FFN of ffn_dim); None -> every layer. Ignored when dense."""
+    shared_expert_dim: int = 0
+    """Hidden size of an always-active shared expert in every MoE layer, added as sigmoid(gate . x) * FFN(x)
+    (Qwen2-MoE); 0 -> none."""
+    shared_expert_gated: bool = True
+    """The shared expert's output is scaled by its sigmoid gate (Qwen2-MoE); false: added as it is
+    (Granite-MoE-Shared)."""
+    embedding_multiplier: float = 1.0
+    """Granite: token embeddings are multiplied by this before the first layer."""
+    residual_multiplier: float = 1.0
+    """Granite: each attention and FFN output is multiplied by this before it is added to the residual stream."""
+    attention_multiplier: float | None = None
+    """Granite: the attention logits' scale; None -> 1/sqrt(head_dim)."""
+    logits_scaling: float = 1.0
+    """Granite: the output logits are divided by this."""
+    init_std: float = 0.02
+    """Std of the normal init of linear and embedding weights (norms start at 1, biases at 0)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise UpcycleError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise UpcycleError(f"head_dim must be at least 1 (or empty: dim // num_heads), got {self.head_dim}")
+        if not (self.norm_eps > 0 and self.rope_theta > 0 and self.init_std >= 0):
+            raise UpcycleError(f"norm_eps and rope_theta must be > 0 and init_std >= 0, got {self.norm_eps}, "
+                               f"{self.rope_theta}, {self.init_std}")
+        if self.num_experts < 0:
+            raise UpcycleError(f"num_experts must be >= 0 (0: dense), got {self.num_experts}")
+        if self.head_dim is None:
+            if self.dim % self.num_heads:
+                raise UpcycleError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}; set head_dim")
+            self.head_dim = self.dim // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise UpcycleError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.num_experts:
+            check_moe_sizes(num_experts=self.num_experts, top_k=self.top_k)
+        if self.shared_expert_dim < 0:
+            raise UpcycleError(f"shared_expert_dim must be >= 0, got {self.shared_expert_dim}")
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < float("inf"):
+                raise UpcycleError(f"{name} must be a positive finite number, got {value}")
+        if self.expert_ffn_dim is not None and self.expert_ffn_dim < 1:
+            raise UpcycleError(f"expert_ffn_dim must be at least 1, got {self.expert_ffn_dim}")
+        if self.moe_layers is not None:
+            layers = list(self.moe_layers)
+            if (not layers or len(set(layers)) != len(layers)
+                    or not all(type(i) is int and 0 <= i < self.num_layers for i in layers)):
+                raise UpcycleError(f"moe_layers must list distinct layers in [0, {self.num_layers - 1}] (at least "
+                                   f"one), got {self.moe_layers}")
+            self.moe_layers = sorted(layers)
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise UpcycleError(f"rope_type {rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """The layers with an MoE FFN, ascending (none for a dense model)."""
+        if not self.is_moe:
+            return ()
+        return tuple(range(self.num_layers)) if self.moe_layers is None else tuple(self.moe_layers)
+
+    @property
+    def expert_dim(self) -> int:
+        """Hidden size of each expert."""
+        return self.expert_ffn_dim or self.ffn_dim
