@@ -281,7 +281,7 @@ LAYERS = {
     "model": ("hf_model", "model", "model_config", "moe"),
     "on-disk formats and math": ("safetensors_io", "hf_formats", "checkpoint_format", "tensor_sources", "data",
                                  "upcycling", "convert_options"),
-    "everywhere": ("errors", "files", "validation", "hardware"),
+    "everywhere": ("errors", "files", "validation", "hardware", "config"),
 }
 # The one upward import left: compose reads its YAML spec with the training config's loader.
 UPWARD_EXCEPTIONS: set[tuple[str, str]] = set()

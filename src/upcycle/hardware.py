@@ -27,11 +27,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from upcycle.files import atomic_write_json
+
+if TYPE_CHECKING:  # torch is imported where it is used: `upcycle --help` and the configs load this module without it
+    import torch
 
 # /proc/cpuinfo flags that mean bf16 dot products in hardware: x86 AVX-512 BF16, x86 AMX tiles, Arm's BF16 extension.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
@@ -60,7 +61,7 @@ PROBE_BUDGET_S = 0.5  # no further round starts after this long (the first timed
 PROBE_VERSION = 1  # part of the cache key: results of an older probe are measured again
 CACHE_FILE_NAME = "precision-probe.json"  # in $XDG_CACHE_HOME/upcycle (default ~/.cache/upcycle)
 CACHE_MAX_ENTRIES = 64  # the newest are kept (one per CPU, torch version, thread count and width)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "bf16")  # the precisions the probe times (torch dtypes: torch.float32, torch.bfloat16)
 
 
 def usable_cores() -> int:
@@ -142,6 +143,8 @@ def host_threads(ranks_on_host: int):
     """torch's intra-op threads raised to this rank's share of the host's cores for a block of host-side work (filling
     the pieces of an upcycled model), then restored. torchrun sets OMP_NUM_THREADS=1 per rank, which suits training on
     GPUs but leaves the drop-upcycling draws of a large model on one core per rank."""
+    import torch
+
     before = torch.get_num_threads()
     share = max(1, usable_cores() // max(1, ranks_on_host))
     torch.set_num_threads(max(before, share))
@@ -255,13 +258,17 @@ class ProbeResult:
 def measure_seconds(dim: int, ffn_dim: int, rows: int) -> dict[str, float]:
     """Best wall time of each op over PROBE_ROUNDS rounds (dtypes interleaved, the order reversed every other round,
     after one warm-up round that also lets oneDNN build its kernels), on this CPU with torch's current thread count."""
+    import torch
+    import torch.nn.functional as F
+
     gen = torch.Generator().manual_seed(0)
     x_RD = torch.randn(rows, dim, generator=gen)
     grad_RD = torch.randn(rows, dim, generator=gen)
     gate_FD, up_FD = (torch.randn(ffn_dim, dim, generator=gen) * dim**-0.5 for _ in range(2))
     down_DF = torch.randn(dim, ffn_dim, generator=gen) * ffn_dim**-0.5
     weights = [w.requires_grad_() for w in (gate_FD, up_FD, down_DF)]
-    operands = {name: (x_RD.to(dtype), gate_FD.detach().to(dtype)) for name, dtype in DTYPES.items()}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    operands = {name: (x_RD.to(dtypes[name]), gate_FD.detach().to(dtypes[name])) for name in DTYPES}
 
     def matmul(name: str) -> Callable[[], None]:
         def run() -> None:
@@ -309,6 +316,8 @@ def cache_file() -> Path:
 def probe_key(dim: int, ffn_dim: int, *, flags: frozenset[str] | None = None, threads: int | None = None) -> dict:
     """What a cached result is valid for: this probe's version, the CPU model and flags, torch's version, the thread
     count and the model's width."""
+    import torch
+
     model, own_flags = cpu_info()
     flags = own_flags if flags is None else flags
     return {"probe": PROBE_VERSION, "cpu": model,
@@ -409,6 +418,8 @@ CUDA_BF16_MIN_CAPABILITY = (8, 0)
 
 
 def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    import torch
+
     return torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
 
 
