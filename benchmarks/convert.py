@@ -22,7 +22,7 @@ from pathlib import Path
 # resident set as its own peak.
 CHILD = r"""
 import sys, time, json, re
-from upcycle.convert import convert
+from upcycle.convert.conversion import convert
 mode, src, out = sys.argv[1:4]
 start = time.perf_counter()
 if mode == "convert":

@@ -57,14 +57,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import yaml  # noqa: E402
 
 from gpu_check import bf16_peak, model_flops_per_token  # noqa: E402
-from upcycle import checkpoint as ckpt  # noqa: E402
-from upcycle import distributed as distributed_lib  # noqa: E402
-from upcycle.distributed import process_group_backend  # noqa: E402
-from upcycle.expert_parallel import shard_experts  # noqa: E402
-from upcycle.model import ModelConfig, Transformer  # noqa: E402
-from upcycle.moe import MoE, resolve_impl  # noqa: E402
-from upcycle.train import _StopRequest, run_training, setup, train_step  # noqa: E402
-from upcycle.train_config import load_config  # noqa: E402
+from upcycle.train import checkpoint as ckpt  # noqa: E402
+from upcycle.train import distributed as distributed_lib  # noqa: E402
+from upcycle.train.distributed import process_group_backend  # noqa: E402
+from upcycle.train.expert_parallel import shard_experts  # noqa: E402
+from upcycle.model.transformer import ModelConfig, Transformer  # noqa: E402
+from upcycle.model.moe import MoE, resolve_impl  # noqa: E402
+from upcycle.train.trainer import _StopRequest, run_training, setup, train_step  # noqa: E402
+from upcycle.train.config import load_config  # noqa: E402
 
 EOS = 0
 

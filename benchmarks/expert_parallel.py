@@ -7,10 +7,10 @@
 Two ranks are spawned (one thread each, as torchrun sets on CPU). For each shape both set-ups are built in the same
 processes: EP = 1 (FSDP2 over both ranks, every rank computes all experts for its own tokens) and EP = 2 (each rank
 holds half the experts; tokens go to their expert's rank and back by all-to-all). One optimizer step is exactly the
-trainer's: `upcycle.train.forward_backward` over the rank's share of the global batch, the expert-gradient reduction
+trainer's: `upcycle.train.trainer.forward_backward` over the rank's share of the global batch, the expert-gradient reduction
 and clipping, the fused AdamW step. The two set-ups alternate round by round so load drift hits both; each round
 times STEPS steps after a warm-up. Then one profiled step per set-up sums the time spent inside the all-to-alls
-(`upcycle.expert_parallel.ALL_TO_ALL_LABEL`: count exchange and both row exchanges, forward and backward), which
+(`upcycle.train.expert_parallel.ALL_TO_ALL_LABEL`: count exchange and both row exchanges, forward and backward), which
 includes waiting for the slower rank.
 
 Shapes (each rank gets half of the global batch; tokens are uniform random ids, so routing is roughly balanced):
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shapes() -> dict[str, dict]:
-    from upcycle.hf_formats import read_model_fields
+    from upcycle.formats.hf_formats import read_model_fields
 
     tiny = yaml.safe_load((REPO / "configs" / "tiny-moe.yaml").read_text())
     demo = yaml.safe_load((REPO / "configs" / "demo-moe.yaml").read_text())
@@ -55,13 +55,13 @@ def shapes() -> dict[str, dict]:
 
 
 def _setup(model_fields: dict, degree: int, world):
-    """(model, optimizer) as upcycle.train.setup builds them for `degree`-way expert parallelism (from scratch)."""
+    """(model, optimizer) as upcycle.train.trainer.setup builds them for `degree`-way expert parallelism (from scratch)."""
     import dataclasses
 
-    from upcycle.model import ModelConfig
-    from upcycle.shards import fill_from_scratch, model_pieces
-    from upcycle.train import build_model, build_optimizer
-    from upcycle.train_config import OptimConfig, TrainLoopConfig
+    from upcycle.model.transformer import ModelConfig
+    from upcycle.train.shards import fill_from_scratch, model_pieces
+    from upcycle.train.trainer import build_model, build_optimizer
+    from upcycle.train.config import OptimConfig, TrainLoopConfig
 
     def from_scratch(model) -> None:
         torch.manual_seed(0)
@@ -73,7 +73,7 @@ def _setup(model_fields: dict, degree: int, world):
 
 
 def _step(model, optimizer, batch_BT, loop) -> None:
-    from upcycle.train import clip_gradients, forward_backward
+    from upcycle.train.trainer import clip_gradients, forward_backward
 
     config = model.config
     forward_backward(model, batch_BT, loop=loop, top_k=config.top_k, num_moe=len(config.moe_layer_ids),
@@ -87,7 +87,7 @@ def _all_to_all_seconds(model, optimizer, batch_BT, loop) -> tuple[float, float]
     """(seconds inside the all-to-alls, seconds of the whole step) of one profiled step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from upcycle.expert_parallel import ALL_TO_ALL_LABEL
+    from upcycle.train.expert_parallel import ALL_TO_ALL_LABEL
 
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -102,9 +102,9 @@ def _worker(rank: int, world_size: int, port: int, out: str, rounds: int, steps:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from upcycle.distributed import barrier, init_distributed, shutdown
-    from upcycle.train_config import TrainLoopConfig
-    from upcycle.train_config import micro_batch_size_for
+    from upcycle.train.distributed import barrier, init_distributed, shutdown
+    from upcycle.train.config import TrainLoopConfig
+    from upcycle.train.config import micro_batch_size_for
 
     world = init_distributed()
     results = {}

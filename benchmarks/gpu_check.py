@@ -4,14 +4,14 @@
     PYTHONPATH=src python benchmarks/gpu_check.py --device cpu --tiny   # smoke test with tiny shapes (seconds)
 
 Parts, each in its own try/except so one failure still reports the others, all under one time budget (--budget-s):
-  (a) correctness: every MoE implementation in upcycle.moe against the per-expert reference loop, outputs and all
+  (a) correctness: every MoE implementation in upcycle.model.moe against the per-expert reference loop, outputs and all
       gradients, with fp32 weights, bf16 weights and fp32 weights under bf16 autocast; on CUDA also whether the
       "auto" kernel's forward+backward synchronizes with the host (torch.cuda.set_sync_debug_mode).
   (b) layer timing, bf16, fwd+bwd at the 8x1.5B shape (D=2048, F=7168, E=8, k=2, 16384 tokens): ours against an
       equal-FLOP dense SwiGLU (ffn_dim = k*F) and transformers' MixtralSparseMoeBlock with its grouped_mm experts
       backend; CUDA events, warm-up, interleaved shuffled repeats, medians.
   (c) training: 20 AdamW steps of an 8x152M-shaped MoE (D 512, 12 layers, F 2048, 8 heads, 8 experts top-2) through
-      upcycle.model.Transformer under bf16 autocast, eager and then with each block compiled; tokens/s and MFU.
+      upcycle.model.transformer.Transformer under bf16 autocast, eager and then with each block compiled; tokens/s and MFU.
   (d) one JSON line (the last line of stdout) with every figure, the torch and CUDA versions and the GPU name.
 
 MFU = model FLOPs / time / the GPU's dense bf16 peak (looked up from the device name: H100 SXM 989 TFLOP/s, H100 PCIe
@@ -45,9 +45,9 @@ except ImportError:  # run from a checkout without PYTHONPATH=src
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from upcycle.hardware import cpu_description, resolve_precision  # noqa: E402
-from upcycle.losses import cross_entropy, load_balancing_loss  # noqa: E402
-from upcycle.model import FeedForward, ModelConfig, Transformer  # noqa: E402
-from upcycle.moe import IMPLEMENTATIONS, MoE, expert_ffn_sorted, resolve_impl, sort_by_expert  # noqa: E402
+from upcycle.train.losses import cross_entropy, load_balancing_loss  # noqa: E402
+from upcycle.model.transformer import FeedForward, ModelConfig, Transformer  # noqa: E402
+from upcycle.model.moe import IMPLEMENTATIONS, MoE, expert_ffn_sorted, resolve_impl, sort_by_expert  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets; first match wins.
 BF16_PEAKS = (

@@ -5,7 +5,7 @@ assets/tokenizer) upcycled online with Drop-Upcycling (r = 0.5, 8 experts, top-2
 fp32, trained 3 steps of 4 x 256 tokens on the committed sample corpus, saved once, then resumed (load + 1 step + save).
 Layouts: 1 process, 2 and 4 ranks with FSDP2, 4 ranks with expert_parallel 2; gloo, one thread per rank.
 
-Each rank runs the trainer's own functions (upcycle.train.setup, train_step, save) and records its peak resident set
+Each rank runs the trainer's own functions (upcycle.train.trainer.setup, train_step, save) and records its peak resident set
 size per phase (the kernel's high-water mark, VmHWM, reset at each phase start through /proc/self/clear_refs):
 
     build    set-up: the model built and filled (or, for the resume, built and loaded from the checkpoint)
@@ -59,9 +59,9 @@ def _reset_high_water_mark() -> None:
 def worker(config_path: str, out: str, max_steps: int, log: str) -> None:
     import torch
 
-    from upcycle.distributed import init_distributed, shutdown
-    from upcycle.train import save, setup, train_step
-    from upcycle.train_config import load_config
+    from upcycle.train.distributed import init_distributed, shutdown
+    from upcycle.train.trainer import save, setup, train_step
+    from upcycle.train.config import load_config
 
     torch.set_num_threads(1)
     config = load_config(config_path, [f"train.max_steps={max_steps}"])
@@ -103,7 +103,7 @@ def _prepare(work: Path, shape: dict) -> Path:
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from upcycle import data as data_lib
+    from upcycle.data import prepare as data_lib
 
     dense = work / "dense"
     if not (dense / "config.json").is_file():
@@ -157,7 +157,7 @@ def _with_degree(config: Path, degree: int) -> Path:
 def _estimate(config: Path, world: int, degree: int, src: Path) -> int | None:
     """`upcycle plan`'s busiest-rank training memory for this layout (device + runtime, on a CPU), or None where the
     source tree has no planner."""
-    code = ("import json,sys; from upcycle.plan import make_plan, RUNTIME_BYTES; from upcycle.train_config import "
+    code = ("import json,sys; from upcycle.train.plan import make_plan, RUNTIME_BYTES; from upcycle.train.config import "
             f"load_config; c = load_config({str(config)!r}, ['train.expert_parallel={degree}']); "
             f"p = make_plan(c, world_size={world}, ranks_per_node={world}, device='cpu'); "
             "print(p.worst.device_total + RUNTIME_BYTES)")

@@ -32,8 +32,8 @@ from collections.abc import Callable
 import torch
 
 from upcycle.hardware import cpu_description, cpu_has_native_bf16, resolve_precision
-from upcycle.model import FeedForward
-from upcycle.moe import MoE, expert_ffn_sorted, resolve_impl, sort_by_expert
+from upcycle.model.transformer import FeedForward
+from upcycle.model.moe import MoE, expert_ffn_sorted, resolve_impl, sort_by_expert
 
 
 def hf_block(moe: MoE, impl: str) -> torch.nn.Module:

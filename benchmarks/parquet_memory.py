@@ -81,7 +81,7 @@ def main() -> None:
         for size in args.mb:
             corpus = Path(tmp) / f"corpus-{size}.parquet"
             chars = write_corpus(corpus, size)
-            read = [sys.executable, "-c", "import sys; from pathlib import Path; from upcycle.data import iter_documents;"
+            read = [sys.executable, "-c", "import sys; from pathlib import Path; from upcycle.data.prepare import iter_documents;"
                     " print(sum(len(t) for t in iter_documents(Path(sys.argv[1]))))", str(corpus)]
             whole = [sys.executable, "-c", "import sys, pyarrow.parquet as pq; t = pq.read_table(sys.argv[1]);"
                      " print(sum(len(s) for s in t.column('text').to_pylist()))", str(corpus)]

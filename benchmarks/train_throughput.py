@@ -5,7 +5,7 @@ MixtralForCausalLM trained with a plain loop, on the same small MoE config, side
     python benchmarks/train_throughput.py --quick     # fewer repeats
     python benchmarks/train_throughput.py --precision fp32    # one dtype only (default: both, fp32 then bf16)
 
-Ours: `upcycle.train.forward_backward` (the function the trainer runs: our Transformer, CE + 0.02 * pooled
+Ours: `upcycle.train.trainer.forward_backward` (the function the trainer runs: our Transformer, CE + 0.02 * pooled
 load-balancing loss + the logged z-loss), then grad clipping and the trainer's AdamW (`build_optimizer`, fused),
 exactly as in the training loop.
 transformers: `MixtralForCausalLM(..., labels=..., output_router_logits=True)` (its CE + 0.02 * aux), `loss.backward()`,
@@ -36,7 +36,7 @@ from upcycle.hardware import cpu_description, cpu_has_native_bf16, resolve_preci
 
 
 def build_ours(args):
-    from upcycle.model import ModelConfig, Transformer
+    from upcycle.model.transformer import ModelConfig, Transformer
 
     config = ModelConfig(vocab_size=args.vocab, dim=args.dim, num_layers=args.layers, num_heads=args.heads,
                          num_kv_heads=args.kv_heads, ffn_dim=args.ffn_dim, max_seq_len=args.seq_len,
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"train.precision auto would pick {auto.precision}: {auto.reason}")
     summary["auto_precision"] = auto.precision
 
-    from upcycle.train import build_optimizer
-    from upcycle.train_config import OptimConfig
+    from upcycle.train.trainer import build_optimizer
+    from upcycle.train.config import OptimConfig
 
     torch.manual_seed(0)
     ours, hf = build_ours(args), build_hf(args)
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def measure(args, ours, hf, optimizers, precision: str) -> dict:
     """Both models' step times in `precision`, interleaved round by round; prints them and returns the figures."""
-    from upcycle.train import forward_backward
-    from upcycle.train_config import TrainLoopConfig
+    from upcycle.train.trainer import forward_backward
+    from upcycle.train.config import TrainLoopConfig
 
     ours_opt, hf_opt = optimizers
     loop = TrainLoopConfig(micro_batch_size=args.batch, aux_coef=0.02)

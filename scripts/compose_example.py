@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from upcycle.compose import Prompts, compose, top1_shares
-from upcycle.convert import convert
-from upcycle.data import prepare
+from upcycle.convert.compose import Prompts, compose, top1_shares
+from upcycle.convert.conversion import convert
+from upcycle.data.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_DIR = REPO / "assets" / "seed"
@@ -43,7 +43,7 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def _final_checkpoint(run: Path) -> Path:
-    from upcycle.checkpoint import latest_checkpoint
+    from upcycle.train.checkpoint import latest_checkpoint
 
     return latest_checkpoint(run / "checkpoints")
 
@@ -63,7 +63,7 @@ def _prompts(out: Path) -> dict[str, Path]:
 @torch.no_grad()
 def _routing(model_path: Path, prompts: Prompts) -> list[list[float]]:
     """Per MoE layer, each domain's share of its prompt tokens whose top-1 expert is that domain's expert."""
-    from upcycle.hf_model import load_model
+    from upcycle.model.hf import load_model
 
     model = load_model(model_path).eval()
     per_layer: list[list[torch.Tensor]] = [[] for _ in model.config.moe_layer_ids]
@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-steps", type=int, default=40, help="steps of each domain's dense fine-tune")
     args = parser.parse_args(argv)
 
-    from upcycle.evaluate import evaluate
-    from upcycle.hf_model import export_hf, load_model
-    from upcycle.train import run_training
-    from upcycle.train_config import load_config
+    from upcycle.eval.evaluate import evaluate
+    from upcycle.model.hf import export_hf, load_model
+    from upcycle.train.trainer import run_training
+    from upcycle.train.config import load_config
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _plot(results: dict, path: Path) -> None:
-    from upcycle.analyze import pyplot
+    from upcycle.eval.analyze import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))

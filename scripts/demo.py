@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from upcycle.convert import convert
-from upcycle.data import prepare
+from upcycle.convert.conversion import convert
+from upcycle.data.prepare import prepare
 from upcycle.errors import UpcycleError
 
 REPO = Path(__file__).resolve().parents[1]  # scripts/demo.py -> the checkout
@@ -55,7 +55,7 @@ def _read_metrics(run: Path) -> list[dict]:
 
 
 def _final_checkpoint(run: Path) -> Path:
-    from upcycle.checkpoint import latest_checkpoint
+    from upcycle.train.checkpoint import latest_checkpoint
 
     path = latest_checkpoint(run / "checkpoints")
     if path is None:
@@ -66,7 +66,7 @@ def _final_checkpoint(run: Path) -> Path:
 def plot_losses(runs: dict[str, Path], path: Path, dense_val: float | None = None,
                 initial_val: dict[str, float] | None = None) -> None:
     """Training CE per step (faint) with a 5-step running mean, and validation CE, one colour per arm."""
-    from upcycle.analyze import pyplot
+    from upcycle.eval.analyze import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -178,10 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     seed_dir = args.seed_model
 
-    from upcycle.analyze import analyze, plot_routing
-    from upcycle.evaluate import evaluate
-    from upcycle.train import run_training
-    from upcycle.train_config import load_config
+    from upcycle.eval.analyze import analyze, plot_routing
+    from upcycle.eval.evaluate import evaluate
+    from upcycle.train.trainer import run_training
+    from upcycle.train.config import load_config
 
     if not (seed_dir / "config.json").is_file():
         raise SystemExit(f"no seed model in {seed_dir}; is this a complete clone?")

@@ -120,7 +120,7 @@ def assert_export_round_trip(model, out: Path, ids: torch.Tensor, fmt: str = "au
     """The one export round trip of our model: one AdamW step (so the exported weights are trained ones, not the
     converted ones), `export_hf` to `out`, then transformers' logits of the export equal our trained model's and
     `load_model` reads back the same config. Returns the exported config.json."""
-    from upcycle.hf_model import export_hf, load_model
+    from upcycle.model.hf import export_hf, load_model
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten())
@@ -241,8 +241,8 @@ def torchrun_train(config: Path, out: Path, *extra: str, nproc: int = 2, timeout
 def train_one_process(config: Path, out: Path) -> None:
     """`run_training` in this process with one torch thread: the reference that multi-rank runs (one thread per rank)
     are compared with."""
-    from upcycle.train import run_training
-    from upcycle.train_config import load_config
+    from upcycle.train.trainer import run_training
+    from upcycle.train.config import load_config
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -350,7 +350,7 @@ def make_tokenizer(directory: Path) -> Path:
 
 def make_prepared(root: Path) -> tuple[Path, Path]:
     """(prepared data dir with domains code/english/japanese, tokenizer dir)."""
-    from upcycle.data import prepare
+    from upcycle.data.prepare import prepare
 
     tokenizer = make_tokenizer(root / "tokenizer")
     sources = {}
@@ -366,8 +366,8 @@ def make_prepared(root: Path) -> tuple[Path, Path]:
 
 
 def tiny_moe(seed: int = 0, **overrides):
-    """A randomly initialised 3-layer, 4-expert top-2 MoE of ours (upcycle.model.Transformer), in eval mode."""
-    from upcycle.model import ModelConfig, Transformer
+    """A randomly initialised 3-layer, 4-expert top-2 MoE of ours (upcycle.model.transformer.Transformer), in eval mode."""
+    from upcycle.model.transformer import ModelConfig, Transformer
 
     torch.manual_seed(seed)
     config = ModelConfig(**{"vocab_size": EVAL_VOCAB, "dim": 32, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,

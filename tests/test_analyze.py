@@ -1,4 +1,4 @@
-"""Tests for upcycle.analyze: the routing math on known distributions, a router forced onto two experts, drift and
+"""Tests for upcycle.eval.analyze: the routing math on known distributions, a router forced onto two experts, drift and
 re-drawn shares against naive and drop conversions of a tiny HF Llama, figures, and input errors."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import assert_one_line_error, make_prepared, run_cli, save_dense, tiny_moe
-from upcycle.analyze import (
+from upcycle.eval.analyze import (
     analyze,
     dead_experts,
     entropy,
@@ -25,10 +25,10 @@ from upcycle.analyze import (
     routing_sums,
 )
 from upcycle.commands import analyze_command
-from upcycle.convert import convert
+from upcycle.convert.conversion import convert
 from upcycle.errors import UpcycleError
-from upcycle.hf_model import load_model
-from upcycle.hf_model import save_model
+from upcycle.model.hf import load_model
+from upcycle.model.hf import save_model
 
 SEQ_LEN = 32
 FFN_DIM = 48  # conftest's tiny Llama
@@ -250,7 +250,7 @@ def test_force_replaces_the_whole_directory(data, tmp_path, capsys):
 def test_a_failed_run_leaves_the_previous_analysis_intact(data, tmp_path, monkeypatch):
     import errno
 
-    import upcycle.analyze
+    import upcycle.eval.analyze
 
     model_dir = save_model(tiny_moe(seed=2), tmp_path / "moe")
     out = tmp_path / "out"
@@ -260,7 +260,7 @@ def test_a_failed_run_leaves_the_previous_analysis_intact(data, tmp_path, monkey
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(upcycle.analyze, "plot_similarity", disk_full)  # the last file written
+    monkeypatch.setattr(upcycle.eval.analyze, "plot_similarity", disk_full)  # the last file written
     with pytest.raises(UpcycleError, match="No space left on device; nothing was written"):
         _run(model_dir, data, out, layers=[1], max_sequences=2, force=True)
     assert _files(out) == before
@@ -271,9 +271,9 @@ def test_analyze_does_not_import_evaluate():
     """analyze and evaluate share the checkpoint and data checks through hf_model and data, not through each other."""
     import ast
 
-    import upcycle.analyze
+    import upcycle.eval.analyze
 
-    tree = ast.parse(Path(upcycle.analyze.__file__).read_text())
+    tree = ast.parse(Path(upcycle.eval.analyze.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | \
         {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert "upcycle.evaluate" not in imported
+    assert "upcycle.eval.evaluate" not in imported

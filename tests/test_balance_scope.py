@@ -12,9 +12,9 @@ import torch
 
 from helpers import (assert_same_training, make_data_dir, tiny_config, torchrun_train, train_one_process,
                      write_config)
-from upcycle import losses
-from upcycle.train import forward_backward
-from upcycle.train_config import TrainLoopConfig
+from upcycle.train import losses
+from upcycle.train.trainer import forward_backward
+from upcycle.train.config import TrainLoopConfig
 
 E, K = 6, 2
 

@@ -163,7 +163,7 @@ def test_check_fails_when_a_naive_conversion_is_not_equivalent(tmp_path, capsys)
 
 
 def test_a_million_experts_are_refused_before_any_work_on_a_machine_they_do_not_fit(tmp_path, capsys, monkeypatch):
-    from upcycle import convert
+    from upcycle.convert import conversion as convert
 
     src = save_dense(tmp_path / "src", "llama")
     monkeypatch.setattr(convert, "_available_memory_bytes", lambda: 8 * 10**9)

@@ -14,9 +14,9 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers import logits, read_config, save_dense, subprocess_env, write_tokenizer
-from upcycle.check import check
-from upcycle.compose import compose
-from upcycle.convert import MANIFEST_NAME, convert, load_redrawn
+from upcycle.convert.check import check
+from upcycle.convert.compose import compose
+from upcycle.convert.conversion import MANIFEST_NAME, convert, load_redrawn
 
 
 def _tensors(directory):
@@ -111,7 +111,7 @@ def test_hidden_router_sends_each_experts_prompts_to_it(tmp_path):
 
 
 def test_embed_router_rows_are_the_prompts_mean_embedding_directions(tmp_path):
-    from upcycle.calibration import rows_from_centroids
+    from upcycle.convert.calibration import rows_from_centroids
 
     base, sources = _three_sources(tmp_path)
     experts = [{"source": str(s), **p} for s, p in zip(sources, PROMPTS)]
@@ -180,8 +180,8 @@ def test_bad_spec_is_one_line_exit_2_and_nothing_written(tmp_path, case, message
 def test_docs_tables_are_the_generated_ones():
     from helpers import generated_table
     from upcycle.cli import options_table
-    from upcycle.compose import ComposeSpec, ExpertSpec
+    from upcycle.convert.compose import ComposeSpec, ExpertSpec
 
     for cls in (ComposeSpec, ExpertSpec):
-        table = generated_table("docs/convert.md", f"upcycle.compose.{cls.__name__}, as_fields=True")
+        table = generated_table("docs/convert.md", f"upcycle.convert.compose.{cls.__name__}, as_fields=True")
         assert table == options_table(cls, as_fields=True), "regenerate with upcycle.cli.options_table"

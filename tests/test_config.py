@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 from helpers import assert_one_line_error, run_cli
-from upcycle.compose import read_spec
+from upcycle.convert.compose import read_spec
 from upcycle.config import config_fields
 from upcycle.errors import UpcycleError
-from upcycle.experiment_config import ExperimentConfig, load_experiment
-from upcycle.train_config import SECTIONS, load_config
+from upcycle.experiment.config import ExperimentConfig, load_experiment
+from upcycle.train.config import SECTIONS, load_config
 
 READERS = {"train": load_config, "experiment": load_experiment, "compose": read_spec}
 # The smallest mapping of each kind whose fields all build (the files they name are checked later, by validate).
@@ -224,7 +224,7 @@ def test_experiment_help_lists_every_field_with_its_type_default_and_doc(capsys)
             assert found, f"{cls.__name__}.{f.name}"
             assert lines[found[0] + 1].startswith(" " * 6), f"{cls.__name__}.{f.name} has no doc"
 
-    from upcycle.experiment_config import ArmSpec, DataSection, EvalSection, MoESection
+    from upcycle.experiment.config import ArmSpec, DataSection, EvalSection, MoESection
 
     for cls in (ExperimentConfig, DataSection, MoESection, EvalSection, ArmSpec):
         check(cls)

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 
 from helpers import logits, read_config, save_dense
-from upcycle import hf_formats as hf
-from upcycle.convert import MANIFEST_NAME, convert, convert_in_memory, load_redrawn
+from upcycle.formats import hf_formats as hf
+from upcycle.convert.conversion import MANIFEST_NAME, convert, convert_in_memory, load_redrawn
 
 IDS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -142,7 +142,7 @@ def test_btx_averages_non_ffn_tensors_and_maps_experts_to_sources(tmp_path):
 
 def test_interrupted_conversion_leaves_no_output_and_force_replaces_only_when_complete(tmp_path, llama_dir,
                                                                                         monkeypatch):
-    from upcycle import safetensors_io
+    from upcycle.formats import safetensors_io
 
     target = tmp_path / "moe"
     target.mkdir()
@@ -192,7 +192,7 @@ def test_every_output_file_is_byte_reproducible_and_readable_like_the_rest(tmp_p
 
 @pytest.mark.parametrize("fmt, tied", [("mixtral", False), ("qwen2_moe", True)])
 def test_the_size_estimate_bounds_the_real_output_without_wild_excess(tmp_path, fmt, tied):
-    from upcycle.convert_options import ConvertOptions, estimate
+    from upcycle.convert.options import ConvertOptions, estimate
 
     dense = save_dense(tmp_path / "dense", "llama", tied=tied)
     out = convert(dense, tmp_path / "moe", num_experts=6, format=fmt, progress=False)
@@ -220,7 +220,7 @@ def test_qwen2_moe_output_has_what_llama_cpp_needs_and_stays_the_dense_function(
     """llama.cpp's qwen2moe loader needs output.weight (no tied fallback) and computes the shared-expert sigmoid as
     silu(x)/x (NaN at 0 for an all-zero gate); the output must satisfy both and still be the dense function."""
     from upcycle.commands import convert_command
-    from upcycle.convert_options import ConvertOptions
+    from upcycle.convert.options import ConvertOptions
 
     dense = save_dense(tmp_path / "dense", "qwen2", tied=True)
     convert_command(str(dense), str(tmp_path / "moe"), ConvertOptions(method="naive", num_experts=4))
@@ -245,12 +245,12 @@ def test_no_renormalize_makes_a_qwen2_moe_that_llama_cpp_computes_as_transformer
     """llama.cpp's qwen2moe graph never renormalizes the top-k weights (its qwen3moe graph always does, mixtral's
     always does): --no-renormalize writes norm_topk_prob false, which transformers and our trainer then compute too.
     The cost: a naive conversion is no longer the dense function, and `check` says so instead of failing."""
-    from upcycle.check import check
+    from upcycle.convert.check import check
     from upcycle.cli import main
     from upcycle.commands import convert_command
-    from upcycle.convert_options import ConvertOptions
+    from upcycle.convert.options import ConvertOptions
     from upcycle.errors import UpcycleError
-    from upcycle.hf_model import load_model
+    from upcycle.model.hf import load_model
 
     dense = save_dense(tmp_path / "dense", "qwen2")
     convert_command(str(dense), str(tmp_path / "moe"), ConvertOptions(method="naive", num_experts=4,

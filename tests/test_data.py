@@ -1,4 +1,4 @@
-"""Tests for upcycle.data: prepare (text -> token files) and the mixture / validation loaders.
+"""Tests for upcycle.data.prepare: prepare (text -> token files) and the mixture / validation loaders.
 
 Everything runs on small real text (sentences below, the standard library's own sources, and the committed sample in
 data/sample) with a byte-level BPE trained in a fixture, so no download is needed.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from upcycle.data import (
+from upcycle.data.prepare import (
     MixtureLoader,
     choose_dtype,
     choose_validation,
@@ -463,8 +463,8 @@ def test_a_long_document_is_tokenized_in_bounded_pieces_to_the_same_tokens(tmp_p
     """One 50 MB single-line document peaked at 6.6 GB: the tokenizer's memory grows with the text of one call. Each
     call now gets at most PIECE_CHARS characters (here 2,000), and with the committed byte-level BPE the pieces give
     exactly the tokens of the whole document."""
-    from upcycle import data
-    from upcycle.data import document_pieces
+    from upcycle.data import prepare as data
+    from upcycle.data.prepare import document_pieces
 
     sample = REPO / "data" / "sample"
     with gzip.open(sample / "english.val.jsonl.gz", "rt", encoding="utf-8") as handle:
@@ -543,7 +543,7 @@ def test_parquet_prepares_to_the_same_tokens_as_jsonl(corpus, tokenizer_dir, tmp
 
 
 def test_parquet_with_another_text_column_and_empty_rows(corpus, tokenizer_dir, tmp_path):
-    from upcycle.data import iter_documents
+    from upcycle.data.prepare import iter_documents
 
     documents = corpus["documents"]["english"][:5]
     path = _write_parquet(tmp_path / "x.parquet", [documents[0], "", *documents[1:]], column="content")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from upcycle.analyze import mean_pairwise_jsd, routing_stats, routing_sums
+from upcycle.eval.analyze import mean_pairwise_jsd, routing_stats, routing_sums
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "demo.py"

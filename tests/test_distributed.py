@@ -10,9 +10,9 @@ import pytest
 
 from helpers import (assert_same_training, make_data_dir, tiny_config, torchrun_train, train_one_process,
                      write_config)
-from upcycle import checkpoint as ckpt
-from upcycle.train import run_training
-from upcycle.train_config import load_config
+from upcycle.train import checkpoint as ckpt
+from upcycle.train.trainer import run_training
+from upcycle.train.config import load_config
 
 pytestmark = pytest.mark.slow
 STEPS = 8

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from upcycle.convert_options import UpcycleOptions
-from upcycle.upcycling import upcycle_expert
+from upcycle.convert.options import UpcycleOptions
+from upcycle.convert.upcycling import upcycle_expert
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ def test_no_reference_to_files_outside_the_repository():
     offenders = [str(p.relative_to(REPO)) for root in ("src", "docs") for p in (REPO / root).rglob("*")
                  if p.suffix in (".py", ".md") and "PAPER.md" in p.read_text(encoding="utf-8")]
     assert offenders == []
-    assert "docs/method.md" in (REPO / "src/upcycle/upcycling.py").read_text()
+    assert "docs/method.md" in (REPO / "src/upcycle/convert/upcycling.py").read_text()
     assert "method.md" in (REPO / "docs/convert.md").read_text()
 
 

@@ -52,7 +52,7 @@ def cli_flags(parser: argparse.ArgumentParser) -> set[str]:
 
 def override_flags() -> set[str]:
     """`section.field` for every field of every section of the train config (the dotted overrides of train)."""
-    from upcycle.train_config import TrainConfig
+    from upcycle.train.config import TrainConfig
 
     names = set()
     for section, hint in typing.get_type_hints(TrainConfig).items():

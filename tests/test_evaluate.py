@@ -1,4 +1,4 @@
-"""Tests for upcycle.evaluate: per-domain loss/perplexity against a hand computation, the CLI, input errors, and the
+"""Tests for upcycle.eval.evaluate: per-domain loss/perplexity against a hand computation, the CLI, input errors, and the
 lm-evaluation-harness bridge on the shipped local task (skipped when lm-eval is not installed).
 
 The tiny data directory and MoE (`make_prepared`, `tiny_moe`) come from tests/helpers.py, shared with test_analyze.py.
@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from helpers import EVAL_VOCAB as VOCAB
 from helpers import make_prepared, tiny_moe
 from upcycle.commands import eval_command
-from upcycle.data import validation_batches
+from upcycle.data.prepare import validation_batches
 from upcycle.errors import UpcycleError
-from upcycle.evaluate import SHIPPED_TASK, evaluate, perplexity, summed_next_token_loss
-from upcycle.hf_model import export_hf, save_model
-from upcycle.model import Transformer
+from upcycle.eval.evaluate import SHIPPED_TASK, evaluate, perplexity, summed_next_token_loss
+from upcycle.model.hf import export_hf, save_model
+from upcycle.model.transformer import Transformer
 
 SEQ_LEN = 32
 
@@ -53,7 +53,7 @@ def test_loss_matches_hand_computation(prepared, moe_dir):
     data, _ = prepared
     # batch_size 3 leaves a short last batch: a mean of batch means would differ from the token-weighted mean
     result = evaluate(moe_dir, data, seq_len=SEQ_LEN, batch_size=3, max_sequences=7)
-    from upcycle.hf_model import load_model
+    from upcycle.model.hf import load_model
 
     hand = _hand_losses(load_model(moe_dir), data, seq_len=SEQ_LEN, batch_size=3, max_sequences=7)
     assert set(result["domains"]) == {"code", "english", "japanese"}
@@ -71,7 +71,7 @@ def test_loss_matches_hand_computation(prepared, moe_dir):
 def test_hf_export_scores_the_same(prepared, moe_dir, tmp_path):
     """The same weights as an HF Mixtral checkpoint give the same losses (load_model reads both kinds)."""
     data, _ = prepared
-    from upcycle.hf_model import load_model
+    from upcycle.model.hf import load_model
 
     model = load_model(moe_dir)
     hf_dir = export_hf(model, model.config, tmp_path / "hf")
@@ -121,8 +121,8 @@ def test_lm_eval_bridge_runs_shipped_task(prepared, moe_dir):
     pytest.importorskip("lm_eval")
     from transformers import AutoTokenizer
 
-    from upcycle.evaluate import _TASK_DIR, run_lm_eval
-    from upcycle.hf_model import load_model
+    from upcycle.eval.evaluate import _TASK_DIR, run_lm_eval
+    from upcycle.model.hf import load_model
 
     data, tokenizer_dir = prepared
     results = run_lm_eval(moe_dir, [SHIPPED_TASK], data_dir=data)  # tokenizer found through data.json

@@ -21,13 +21,13 @@ import yaml
 from helpers import (make_data_dir, read_metrics, save_dense, subprocess_env, tiny_experiment, write_config,
                      write_tokenizer)
 from upcycle.errors import UpcycleError
-from upcycle.experiment import rescore_experiment, run_experiment
-from upcycle.experiment_config import eval_steps, parse_config, train_config_dict
-from upcycle.experiment_stats import mean_offdiagonal, tokens_to_target, training_flops
-from upcycle.hf_model import load_model
-from upcycle.schedule import lr_at
-from upcycle.train import run_training
-from upcycle.train_config import config_from_dict
+from upcycle.experiment.runner import rescore_experiment, run_experiment
+from upcycle.experiment.config import eval_steps, parse_config, train_config_dict
+from upcycle.experiment.stats import mean_offdiagonal, tokens_to_target, training_flops
+from upcycle.model.hf import load_model
+from upcycle.train.schedule import lr_at
+from upcycle.train.trainer import run_training
+from upcycle.train.config import config_from_dict
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure functions
@@ -180,10 +180,10 @@ def test_an_moe_that_cannot_train_in_this_machines_memory_is_refused_by_upcycle_
     does), not a guess: refused one byte below it, accepted at it; one line naming the field and the fix."""
     import re
 
-    from upcycle import experiment_config
-    from upcycle.convert import ConvertOptions
+    from upcycle.experiment import config as experiment_config
+    from upcycle.convert.conversion import ConvertOptions
     from upcycle.hardware import HostMemory, format_bytes
-    from upcycle.plan import make_plan
+    from upcycle.train.plan import make_plan
 
     config = parse_config(experiment_dict(tiny, arms=[{"name": "naive", "kind": "naive"}]))
     values = train_config_dict(config, init_source=str(tiny["seed"]), max_steps=1, seed=0)
@@ -644,7 +644,7 @@ def test_calibration_text_shared_with_the_validation_split_is_refused_naming_bot
 def test_every_config_field_is_in_the_help_and_the_docs():
     from helpers import REPO
     from upcycle.config import config_fields
-    from upcycle.experiment_config import ArmSpec, DataSection, EvalSection, ExperimentConfig, MoESection, config_help
+    from upcycle.experiment.config import ArmSpec, DataSection, EvalSection, ExperimentConfig, MoESection, config_help
 
     docs = (REPO / "docs" / "experiments.md").read_text()
     help_text = config_help()
@@ -669,14 +669,14 @@ def test_cli_flag_combinations_are_refused_in_one_line(flags, message, capsys):
 
 
 def test_the_report_config_and_statistics_never_import_the_runner():
-    """experiment.py imports experiment_config, experiment_stats and experiment_report; none of them imports it back
+    """experiment/runner.py imports experiment/config.py, stats.py and report.py; none of them imports it back
     (the old experiment <-> experiment_report cycle)."""
     import ast
 
     from helpers import REPO
 
-    for name in ("experiment_config", "experiment_stats", "experiment_report"):
-        tree = ast.parse((REPO / "src" / "upcycle" / f"{name}.py").read_text())
+    for name in ("config", "stats", "report"):
+        tree = ast.parse((REPO / "src" / "upcycle" / "experiment" / f"{name}.py").read_text())
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | \
             {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        assert "upcycle.experiment" not in imported, name
+        assert "upcycle.experiment.runner" not in imported, name

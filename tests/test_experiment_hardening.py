@@ -19,8 +19,8 @@ import yaml
 
 from helpers import make_data_dir, save_dense, subprocess_env, tiny_experiment, write_config, write_tokenizer
 from upcycle.errors import UpcycleError
-from upcycle.experiment import run_experiment
-from upcycle.experiment_config import config_record, load_experiment, parse_config
+from upcycle.experiment.runner import run_experiment
+from upcycle.experiment.config import config_record, load_experiment, parse_config
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_sources_inside_out_are_refused_before_anything_is_written(tiny, tmp_pat
 
 
 def test_eval_points_far_beyond_the_steps_allocate_nothing(tiny):
-    from upcycle.experiment_config import eval_steps
+    from upcycle.experiment.config import eval_steps
 
     assert eval_steps(10 ** 9, 4, 256) == [1, 2, 3, 4]
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from helpers import REPO
-from upcycle.experiment_report import markdown_table, report_markdown
+from upcycle.experiment.report import markdown_table, report_markdown
 
 DEMO = REPO / "docs" / "experiments" / "cpu-demo"
 

@@ -1,4 +1,4 @@
-"""The report's statistics (upcycle.experiment_stats): the bootstrap interval over documents covers a known
+"""The report's statistics (upcycle.experiment.stats): the bootstrap interval over documents covers a known
 difference at about its nominal rate, the t quantiles, the verdict, crossings and interpolation."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from upcycle import experiment_stats as stats
+from upcycle.experiment import stats as stats
 
 
 def test_the_paired_document_bootstrap_covers_a_known_difference_at_about_95_percent():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import save_dense, subprocess_env
-from upcycle.convert import convert
+from upcycle.convert.conversion import convert
 from upcycle.errors import UpcycleError
 from upcycle import files
 from upcycle.files import (LockHeld, atomic_path, atomic_write, atomic_write_json, exclusive_lock, publish_dir,
@@ -132,7 +132,7 @@ def small_tmpfs(tmp_path):
 
 
 def test_convert_onto_a_full_disk_is_refused_up_front_or_fails_cleanly(tmp_path, small_tmpfs, monkeypatch):
-    from upcycle import convert as convert_module
+    from upcycle.convert import conversion as convert_module
 
     dense = save_dense(tmp_path / "dense", "llama")  # its output needs ~0.5 MB, more than the tmpfs holds
     with pytest.raises(UpcycleError, match="needs about .* of disk"):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import free_port
-from upcycle.model import ModelConfig, Transformer
+from upcycle.model.transformer import ModelConfig, Transformer
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -56,7 +56,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from upcycle.distributed import init_distributed, parallelize, shutdown
+    from upcycle.train.distributed import init_distributed, parallelize, shutdown
 
     world = init_distributed()
     per_rank = BATCH // world_size

@@ -16,17 +16,17 @@ import torch
 import torch.distributed as dist
 
 from helpers import free_port
-from upcycle import checkpoint as ckpt
-from upcycle.distributed import (World, cuda_device_index, gloo_interface_problem, gradient_sync,
+from upcycle.train import checkpoint as ckpt
+from upcycle.train.distributed import (World, cuda_device_index, gloo_interface_problem, gradient_sync,
                                  process_group_backend)
 from upcycle.errors import UpcycleError
-from upcycle.expert_parallel import regroup_order
+from upcycle.train.expert_parallel import regroup_order
 from upcycle.files import wait_for_file
 from upcycle.hardware import cuda_precision, host_threads
-from upcycle.losses import count_ids
-from upcycle.model import ModelConfig, Transformer
-from upcycle.train import layout_warnings, set_tf32
-from upcycle.train_config import TrainLoopConfig
+from upcycle.train.losses import count_ids
+from upcycle.model.transformer import ModelConfig, Transformer
+from upcycle.train.trainer import layout_warnings, set_tf32
+from upcycle.train.config import TrainLoopConfig
 
 CONFIG = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48, num_experts=4, top_k=2,
               max_seq_len=16)
@@ -150,7 +150,7 @@ def _failing_save_worker(rank: int, port: int, out: str, asynchronous: bool) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     torch.set_num_threads(1)
-    from upcycle.distributed import init_distributed, shutdown
+    from upcycle.train.distributed import init_distributed, shutdown
 
     world = init_distributed(timeout_s=60, host_timeout_s=60)
     if rank == 1:  # this rank's disk is full
@@ -276,7 +276,7 @@ def test_a_file_written_elsewhere_is_waited_for(tmp_path):
 def test_a_file_system_without_locks_warns_and_trains_on(tmp_path, monkeypatch, capsys):
     import fcntl
 
-    from upcycle.train import _lock_out
+    from upcycle.train.trainer import _lock_out
 
     def no_locks(handle, operation):
         raise OSError(errno.ENOLCK, "No locks available")  # NFSv3 without lockd; Lustre without flock: ENOSYS

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import logits, read_config, save_dense, subprocess_env
-from upcycle.check import check
-from upcycle.convert import MANIFEST_NAME, convert
-from upcycle.hf_model import export_hf, load_model
+from upcycle.convert.check import check
+from upcycle.convert.conversion import MANIFEST_NAME, convert
+from upcycle.model.hf import export_hf, load_model
 
 IDS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(3))
 
@@ -125,12 +125,12 @@ def test_trainer_eval_analyze_and_export_handle_granite(tmp_path):
     """The whole path of the other formats: online-free training from the Granite checkpoint, `upcycle eval`,
     `upcycle analyze` (with the convert manifest's dense parent) and `upcycle export`."""
     from helpers import make_data_dir, tiny_config
-    from upcycle import checkpoint as ckpt
-    from upcycle.analyze import analyze
+    from upcycle.train import checkpoint as ckpt
+    from upcycle.eval.analyze import analyze
     from upcycle.commands import export_command
-    from upcycle.evaluate import evaluate
-    from upcycle.train import run_training
-    from upcycle.train_config import config_from_dict
+    from upcycle.eval.evaluate import evaluate
+    from upcycle.train.trainer import run_training
+    from upcycle.train.config import config_from_dict
 
     dense = save_dense(tmp_path / "dense", "llama")
     out = convert(dense, tmp_path / "moe", progress=False, method="drop", ratio=0.5, num_experts=6, top_k=3,

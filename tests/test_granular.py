@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import assert_convert_refused, assert_export_round_trip, logits, read_config, save_dense
-from upcycle.check import check
-from upcycle.convert import MANIFEST_NAME, convert, load_redrawn
+from upcycle.convert.check import check
+from upcycle.convert.conversion import MANIFEST_NAME, convert, load_redrawn
 from upcycle.errors import UpcycleError
-from upcycle.hf_model import load_model
-from upcycle.upcycling import granular_scale, segment_neurons, virtual_group_router
+from upcycle.model.hf import load_model
+from upcycle.convert.upcycling import granular_scale, segment_neurons, virtual_group_router
 
 IDS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
 # (family, format, tied, overrides): every family, GQA (the default 2 kv heads for 4 heads) and MHA, tied embeddings
@@ -46,7 +46,7 @@ def test_segments_partition_the_neurons_and_depend_on_seed_and_layer():
 
 def test_virtual_groups_and_scale_make_the_routed_segments_sum_to_the_dense_ffn():
     # the derivation of granular_scale, on the routing math itself: softmax over all E, top-k, renormalize
-    from upcycle.moe import route
+    from upcycle.model.moe import route
 
     G, copies, k = 4, 3, 2
     router = virtual_group_router(torch.randn(copies, 8), G)
@@ -172,7 +172,7 @@ def test_bad_granularity_is_one_line_exit_2_and_nothing_written(tmp_path, capsys
 
 def test_analyze_reads_a_granular_conversion(tmp_path):
     from helpers import make_data_dir
-    from upcycle.analyze import analyze
+    from upcycle.eval.analyze import analyze
 
     dense = save_dense(tmp_path / "dense", "llama")
     out = convert(dense, tmp_path / "moe", progress=False, method="drop", num_experts=8, top_k=4, granularity=4)
@@ -185,8 +185,8 @@ def test_analyze_reads_a_granular_conversion(tmp_path):
 
 
 def test_the_size_estimate_bounds_granular_partial_and_shared_outputs(tmp_path):
-    from upcycle import hf_formats as hf
-    from upcycle.convert_options import ConvertOptions, estimate
+    from upcycle.formats import hf_formats as hf
+    from upcycle.convert.options import ConvertOptions, estimate
 
     dense = save_dense(tmp_path / "dense", "qwen2", num_hidden_layers=4)
     options = dict(method="drop", num_experts=6, top_k=3, granularity=4, shared_expert="dense", moe_layers="1-2")

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import logits, read_config, save_dense, save_moe, subprocess_env, tiny_moe
-from upcycle.check import check
-from upcycle.convert import MANIFEST_NAME, convert, load_redrawn
-from upcycle.grow import grow
-from upcycle.hf_model import load_model, save_model
-from upcycle.upcycling import mean_std
+from upcycle.convert.check import check
+from upcycle.convert.conversion import MANIFEST_NAME, convert, load_redrawn
+from upcycle.convert.grow import grow
+from upcycle.model.hf import load_model, save_model
+from upcycle.convert.upcycling import mean_std
 
 IDS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(4))
 
@@ -157,9 +157,9 @@ def test_every_grow_option_is_a_flag_and_a_docs_row():
 
     from helpers import generated_table
     from upcycle.cli import build_parser, options_table
-    from upcycle.convert_options import GrowOptions
+    from upcycle.convert.options import GrowOptions
 
-    assert generated_table("docs/convert.md", "upcycle.convert_options.GrowOptions") == options_table(GrowOptions)
+    assert generated_table("docs/convert.md", "upcycle.convert.options.GrowOptions") == options_table(GrowOptions)
     help_text = build_parser().parse_args.__self__._subparsers._group_actions[0].choices["grow"].format_help()
     for f in dataclasses.fields(GrowOptions):
         assert "--" + f.name.replace("_", "-") in help_text, f.name

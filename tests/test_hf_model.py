@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from upcycle.commands import export_command
 from upcycle.errors import UpcycleError
-from upcycle.hf_model import export_hf, load_hf, load_model, save_model
-from upcycle.model import Transformer
+from upcycle.model.hf import export_hf, load_hf, load_model, save_model
+from upcycle.model.transformer import Transformer
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64)
@@ -267,7 +267,7 @@ def test_a_model_without_renormalization_exports_where_llama_cpp_computes_it_too
     """Llama attention, renormalize=False (trained after `convert --no-renormalize --format qwen2_moe`): auto picks
     qwen2_moe with norm_topk_prob false (mixtral cannot skip renormalization), the function llama.cpp's qwen2moe
     graph computes, so no engine note applies."""
-    from upcycle import hf_formats as hf
+    from upcycle.formats import hf_formats as hf
 
     src = load_model(_save(CASES["mixtral"][0](), tmp_path / "src"))
     ours = Transformer(dataclasses.replace(src.config, renormalize=False))

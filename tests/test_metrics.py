@@ -13,7 +13,7 @@ import pytest
 
 from upcycle.cli import os_error_line
 from upcycle.errors import UpcycleError
-from upcycle.metrics import METRICS_FILE, MetricsLog, truncate_metrics
+from upcycle.train.metrics import METRICS_FILE, MetricsLog, truncate_metrics
 
 
 def _write(path, steps, tail: str = "") -> None:

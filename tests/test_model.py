@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from upcycle.errors import UpcycleError
-from upcycle.model import ModelConfig, Transformer
+from upcycle.model.transformer import ModelConfig, Transformer
 
 V, D, L, H, G, FFN = 64, 32, 2, 4, 2, 48
 

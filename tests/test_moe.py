@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from upcycle.errors import UpcycleError
-from upcycle.losses import cross_entropy, load_balancing_loss, router_z_loss
-from upcycle.moe import MoE, expert_ffn_sorted, experts_grouped, resolve_impl, route, sort_by_expert
+from upcycle.train.losses import cross_entropy, load_balancing_loss, router_z_loss
+from upcycle.model.moe import MoE, expert_ffn_sorted, experts_grouped, resolve_impl, route, sort_by_expert
 
 T, D, FFN, E, K = 24, 16, 12, 4, 2
 
@@ -175,7 +175,7 @@ def test_compiled_block_has_no_graph_break_and_matches_eager(impl):
     (no bincount, no host read of the counts), so a whole MoE block compiles as one graph (fullgraph=True raises on a
     break). aot_eager runs dynamo and AOTAutograd (fake tensors, the registered backward) without a C++ compiler.
     grouped_mm only traces in bf16, as its fake implementation requires: it runs under autocast here."""
-    from upcycle.model import ModelConfig, Transformer
+    from upcycle.model.transformer import ModelConfig, Transformer
 
     torch.manual_seed(14)
     model = Transformer(ModelConfig(vocab_size=32, dim=D, num_layers=1, num_heads=4, num_kv_heads=2, ffn_dim=FFN,

@@ -11,11 +11,11 @@ import torch
 
 from helpers import (assert_convert_refused, assert_export_round_trip, logits, make_data_dir, read_config,
                      save_dense)
-from upcycle.check import check
-from upcycle.convert import MANIFEST_NAME, convert, load_redrawn
+from upcycle.convert.check import check
+from upcycle.convert.conversion import MANIFEST_NAME, convert, load_redrawn
 from upcycle.errors import UpcycleError
-from upcycle.hf_model import load_model
-from upcycle.convert_options import parse_moe_layers
+from upcycle.model.hf import load_model
+from upcycle.convert.options import parse_moe_layers
 
 IDS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
 
@@ -60,7 +60,7 @@ def test_partial_moe_is_the_dense_function_in_transformers_and_round_trips_throu
 
 
 def test_analyze_reports_only_the_moe_layers(tmp_path):
-    from upcycle.analyze import analyze
+    from upcycle.eval.analyze import analyze
 
     dense = save_dense(tmp_path / "dense", "qwen3", num_hidden_layers=4)
     out = convert(dense, tmp_path / "moe", progress=False, num_experts=4, top_k=2, moe_layers="every:2")
@@ -88,8 +88,8 @@ def test_online_upcycling_with_every_new_option_starts_at_the_dense_loss(tmp_pat
     """The train config's init section has the same options (one declaration): granular experts, a dense shared
     expert and a dense layer, upcycled online, start at the dense model's loss."""
     from helpers import read_metrics, tiny_config
-    from upcycle.train import run_training
-    from upcycle.train_config import config_from_dict
+    from upcycle.train.trainer import run_training
+    from upcycle.train.config import config_from_dict
 
     data_dir = make_data_dir(tmp_path / "data")
     def first_ce(name: str, init: dict) -> float:
@@ -104,7 +104,7 @@ def test_online_upcycling_with_every_new_option_starts_at_the_dense_loss(tmp_pat
 
 
 def test_eval_of_a_mixed_stack_with_a_shared_expert_equals_the_dense_models(tmp_path):
-    from upcycle.evaluate import evaluate
+    from upcycle.eval.evaluate import evaluate
 
     data = make_data_dir(tmp_path / "data")
     dense = save_dense(tmp_path / "dense", "qwen2", num_hidden_layers=3)

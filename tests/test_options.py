@@ -13,9 +13,9 @@ import pytest
 
 from helpers import REPO, make_data_dir, tiny_config, write_config
 from upcycle import cli
-from upcycle.convert_options import ConvertOptions
+from upcycle.convert.options import ConvertOptions
 from upcycle.errors import UpcycleError
-from upcycle.train_config import InitConfig, load_config
+from upcycle.train.config import InitConfig, load_config
 
 
 def _convert_flags() -> dict[str, argparse.Action]:
@@ -58,7 +58,7 @@ def test_every_convert_option_reaches_convert_from_its_flag_and_from_the_init_se
             argv += [flag, str(value)]
     seen = {}
     (tmp_path / "config.json").write_text('{"model_type": "mixtral"}')  # what the command reads after converting
-    monkeypatch.setattr("upcycle.convert.convert", lambda source, output, **kw: seen.update(kw) or tmp_path)
+    monkeypatch.setattr("upcycle.convert.conversion.convert", lambda source, output, **kw: seen.update(kw) or tmp_path)
     cli.main(["convert", "src", "out", *argv, "--quiet"])
     assert {k: v for k, v in seen.items() if k not in ("force", "progress")} == values
 
@@ -90,7 +90,7 @@ def test_every_choice_list_is_enforced_by_the_flag_the_library_and_the_init_sect
 def test_convert_flags_build_one_options_object(monkeypatch, tmp_path):
     seen = {}
     (tmp_path / "config.json").write_text('{"model_type": "mixtral"}')  # what the command reads after converting
-    monkeypatch.setattr("upcycle.convert.convert", lambda source, output, **kw: seen.update(kw) or tmp_path)
+    monkeypatch.setattr("upcycle.convert.conversion.convert", lambda source, output, **kw: seen.update(kw) or tmp_path)
     cli.main(["convert", "src", "out", "--method", "btx", "--btx-sources", "a", "b", "--router-aux-loss-coef", "0.1",
               "--quiet"])
     assert seen["method"] == "btx" and seen["btx_sources"] == ("a", "b") and seen["router_aux_loss_coef"] == 0.1

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from helpers import REPO, free_port, make_data_dir, subprocess_env, tiny_config, write_config
-from upcycle.model import ModelConfig, Transformer
-from upcycle.plan import activation_values, rank_shares
+from upcycle.model.transformer import ModelConfig, Transformer
+from upcycle.train.plan import activation_values, rank_shares
 
 MODEL = dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48, max_seq_len=64,
              num_experts=4, top_k=2)
@@ -27,10 +27,10 @@ def _share_worker(rank: int, world_size: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from upcycle.distributed import init_distributed, shutdown
-    from upcycle.shards import model_pieces
-    from upcycle.train import build_model
-    from upcycle.train_config import TrainLoopConfig
+    from upcycle.train.distributed import init_distributed, shutdown
+    from upcycle.train.shards import model_pieces
+    from upcycle.train.trainer import build_model
+    from upcycle.train.config import TrainLoopConfig
 
     world = init_distributed()
     held = {}

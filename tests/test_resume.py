@@ -12,7 +12,7 @@ import pytest
 
 from helpers import (make_data_dir, read_metrics, run_train, subprocess_env, tiny_config,
                            train_cli, write_config)
-from upcycle import checkpoint as ckpt
+from upcycle.train import checkpoint as ckpt
 
 STEPS = 40
 

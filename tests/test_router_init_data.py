@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from helpers import assert_convert_refused, save_dense, write_tokenizer
-from upcycle.calibration import kmeans_plus_plus, rows_from_centroids, update_centroids
-from upcycle.check import check
-from upcycle.convert import MANIFEST_NAME, convert
+from upcycle.convert.calibration import kmeans_plus_plus, rows_from_centroids, update_centroids
+from upcycle.convert.check import check
+from upcycle.convert.conversion import MANIFEST_NAME, convert
 
 
 def _documents(words: range, count: int, seed: int) -> list[str]:
@@ -31,7 +31,7 @@ def corpus(tmp_path_factory):
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     mixed = [d for pair in zip(domains["alpha"], domains["beta"]) for d in pair]
     (root / "calibration.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in mixed))
-    from upcycle.data import prepare
+    from upcycle.data.prepare import prepare
 
     data = root / "data"
     prepare({name: [root / f"{name}.jsonl"] for name in domains}, data, dense, val_fraction=0.5, progress=False)
@@ -57,7 +57,7 @@ def test_streaming_kmeans_finds_separated_clusters_and_rows_get_the_uniform_norm
 
 
 def test_data_router_specializes_domains_at_step_0_and_keeps_the_dense_function(tmp_path, corpus):
-    from upcycle.analyze import analyze
+    from upcycle.eval.analyze import analyze
 
     root, dense, data = corpus
     common = dict(progress=False, method="naive", num_experts=8, top_k=4, granularity=2)

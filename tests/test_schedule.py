@@ -1,4 +1,4 @@
-"""The learning-rate schedule (upcycle.schedule): warmup-stable-decay next to the cosine (whose shape test_train.py
+"""The learning-rate schedule (upcycle.train.schedule): warmup-stable-decay next to the cosine (whose shape test_train.py
 checks), and the property the experiment's budgets rely on: a wsd run's stable phase does not depend on its length."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 
 from helpers import make_data_dir, read_metrics, tiny_config
 from upcycle.errors import UpcycleError
-from upcycle.schedule import lr_at, wsd_decay_start
-from upcycle.train import run_training
-from upcycle.train_config import config_from_dict, validate_config
+from upcycle.train.schedule import lr_at, wsd_decay_start
+from upcycle.train.trainer import run_training
+from upcycle.train.config import config_from_dict, validate_config
 
 
 def wsd(step: int, decay_steps: int, fraction: float = 0.25) -> float:

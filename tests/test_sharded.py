@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 import helpers
 from helpers import (free_port, make_data_dir, read_metrics, run_train, save_dense, subprocess_env, tiny_config,
                      torchrun_train, train_one_process, write_config)
-from upcycle import checkpoint as ckpt
-from upcycle.convert import convert
+from upcycle.train import checkpoint as ckpt
+from upcycle.convert.conversion import convert
 
 STEPS = 6
 ASSETS = Path(__file__).parent / "assets"
@@ -58,12 +58,12 @@ def _fill_worker(rank: int, world_size: int, port: int, cases: list, out: str) -
     torch.set_num_threads(1)
     import dataclasses
 
-    from upcycle import safetensors_io
-    from upcycle.distributed import init_distributed, shutdown
-    from upcycle.hf_model import load_model
-    from upcycle.shards import model_pieces
-    from upcycle.train import build_model, start_point
-    from upcycle.train_config import config_from_dict
+    from upcycle.formats import safetensors_io
+    from upcycle.train.distributed import init_distributed, shutdown
+    from upcycle.model.hf import load_model
+    from upcycle.train.shards import model_pieces
+    from upcycle.train.trainer import build_model, start_point
+    from upcycle.train.config import config_from_dict
 
     read = {"bytes": 0}
     original_get = safetensors_io.CheckpointReader.get
@@ -85,7 +85,7 @@ def _fill_worker(rank: int, world_size: int, port: int, cases: list, out: str) -
         read_bytes = read["bytes"]
         reference = load_model(reference_dir).state_dict() if reference_dir else None
         if reference is None:  # from scratch: the model one process builds with the same seed
-            from upcycle.model import Transformer
+            from upcycle.model.transformer import Transformer
 
             torch.manual_seed(config.train.seed)
             reference = Transformer(start.model_config).state_dict()
@@ -168,11 +168,11 @@ def _roundtrip_worker(rank: int, world_size: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from upcycle.distributed import init_distributed, shutdown
-    from upcycle.model import ModelConfig, Transformer
-    from upcycle.shards import fill_from_scratch, model_pieces, piece_of
-    from upcycle.train import build_model, build_optimizer
-    from upcycle.train_config import OptimConfig, TrainLoopConfig
+    from upcycle.train.distributed import init_distributed, shutdown
+    from upcycle.model.transformer import ModelConfig, Transformer
+    from upcycle.train.shards import fill_from_scratch, model_pieces, piece_of
+    from upcycle.train.trainer import build_model, build_optimizer
+    from upcycle.train.config import OptimConfig, TrainLoopConfig
 
     world = init_distributed()
     results = {}
@@ -332,7 +332,7 @@ def test_async_checkpoints_equal_synchronous_ones(runs, tmp_path):
 
 _KILL_DURING_SAVE = """
 import os, signal, sys
-from upcycle import checkpoint
+from upcycle.train import checkpoint
 calls = {"n": 0}
 die_at = int(sys.argv[1])
 original = checkpoint.save_tensors
@@ -394,7 +394,7 @@ def test_a_checkpoint_of_the_one_file_format_resumes_where_its_run_left_off(tmp_
                                                           checkpoint={"every": 3, "keep": 2}))
     out = tmp_path / "run"
     shutil.copytree(asset / "step_00000003", out / "checkpoints" / "step_00000003")
-    from upcycle.train_config import config_to_dict, load_config
+    from upcycle.train.config import config_to_dict, load_config
 
     (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(load_config(config)), sort_keys=False))
     train_one_process(config, out)
@@ -581,8 +581,8 @@ def test_a_frozen_rank_makes_the_others_fail_after_the_collective_timeout(tmp_pa
 
 
 def test_check_eval_and_analyze_read_a_sharded_training_checkpoint(dense, tmp_path):
-    from upcycle.check import check
-    from upcycle.hf_model import load_model
+    from upcycle.convert.check import check
+    from upcycle.model.hf import load_model
 
     data_dir = make_data_dir(tmp_path / "data")
     config = tiny_config(data_dir, model=None, init={"source": str(dense["dense"]), "method": "naive",

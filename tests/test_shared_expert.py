@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import assert_convert_refused, logits, read_config, save_dense
-from upcycle.check import check
-from upcycle.convert import MANIFEST_NAME, convert, load_redrawn
-from upcycle.hf_model import export_hf, load_model
-from upcycle.upcycling import DENSE_SHARED_GATE_STD
+from upcycle.convert.check import check
+from upcycle.convert.conversion import MANIFEST_NAME, convert, load_redrawn
+from upcycle.model.hf import export_hf, load_model
+from upcycle.convert.upcycling import DENSE_SHARED_GATE_STD
 
 IDS = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(2))
 

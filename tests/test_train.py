@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from helpers import make_data_dir, read_metrics, run_cli, subprocess_env, tiny_config, train_cli, write_config
-from upcycle import checkpoint as ckpt
-from upcycle import losses
+from upcycle.train import checkpoint as ckpt
+from upcycle.train import losses
 from upcycle.commands import train_command
 from upcycle.errors import UpcycleError
-from upcycle.schedule import lr_at
-from upcycle.train import NonFiniteLoss, run_training
-from upcycle.train_config import config_from_dict, load_config
+from upcycle.train.schedule import lr_at
+from upcycle.train.trainer import NonFiniteLoss, run_training
+from upcycle.train.config import config_from_dict, load_config
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_sources_of_the_wrong_type_are_named(tmp_path, data_dir):
 
 def test_a_nan_domain_weight_is_refused_by_the_loader_too(data_dir):
     """Before, `w < 0` let NaN through and `w > 0` then left the domain out: the stream was that of the other domain."""
-    from upcycle.data import MixtureLoader
+    from upcycle.data.prepare import MixtureLoader
 
     with pytest.raises(UpcycleError, match="finite numbers >= 0"):
         MixtureLoader(data_dir, seq_len=32, global_batch_size=4, weights={"code": math.nan, "english": 1.0})
@@ -141,7 +141,7 @@ def test_model_section_conflicts_with_init_source(tmp_path, data_dir, llama_dir)
 
 
 def test_run_logs_metrics_validation_and_loadable_checkpoints(tmp_path, data_dir):
-    from upcycle.hf_model import load_model
+    from upcycle.model.hf import load_model
 
     out = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", tiny_config(data_dir, train={"max_steps": 12}))
@@ -268,8 +268,8 @@ def _wait_for_steps(out: Path, steps: int, process: subprocess.Popen, timeout: f
 
 
 def test_init_renormalize_reaches_the_online_upcycled_model(tmp_path, data_dir, llama_dir):
-    from upcycle.distributed import World
-    from upcycle.train import start_point
+    from upcycle.train.distributed import World
+    from upcycle.train.trainer import start_point
 
     values = tiny_config(data_dir, model=None, init={"source": str(llama_dir), "method": "naive", "num_experts": 4,
                                                      "top_k": 2, "format": "qwen2_moe", "renormalize": False})
@@ -339,7 +339,7 @@ def test_raw_sources_are_tokenized_into_out_once(tmp_path):
 def test_one_entry_point_and_train_does_not_import_the_cli():
     import sys
 
-    code = ("import sys, upcycle.train; assert not {'upcycle.cli', 'upcycle.commands'} & set(sys.modules), "
+    code = ("import sys, upcycle.train.trainer; assert not {'upcycle.cli', 'upcycle.commands'} & set(sys.modules), "
             "'train imports the CLI'")
     subprocess.run([sys.executable, "-c", code], env=subprocess_env(), check=True)
     shown = subprocess.run([sys.executable, "-m", "upcycle", "train", "--help"], env=subprocess_env(),
@@ -348,8 +348,8 @@ def test_one_entry_point_and_train_does_not_import_the_cli():
 
 
 def test_train_step_returns_a_record_and_run_training_a_summary(tmp_path, data_dir):
-    from upcycle.distributed import init_distributed
-    from upcycle.train import StepRecord, _StopRequest, setup, train_step
+    from upcycle.train.distributed import init_distributed
+    from upcycle.train.trainer import StepRecord, _StopRequest, setup, train_step
 
     config = load_config(write_config(tmp_path / "c.yaml", tiny_config(data_dir, train={"max_steps": 2})))
     run = setup(config, tmp_path / "steps", init_distributed())
@@ -418,7 +418,7 @@ def test_precision_is_decided_once_logged_with_the_reason_and_recorded(tmp_path,
 
 
 def test_auto_micro_batch_is_the_largest_divisor_of_the_per_rank_rows_up_to_the_cap():
-    from upcycle.train_config import AUTO_MICRO_BATCH_MAX, micro_batch_size_for
+    from upcycle.train.config import AUTO_MICRO_BATCH_MAX, micro_batch_size_for
 
     assert micro_batch_size_for(8, None) == 8 and micro_batch_size_for(4, None) == 4
     assert micro_batch_size_for(12, None) == 6 and micro_batch_size_for(7, None) == 7
@@ -428,8 +428,8 @@ def test_auto_micro_batch_is_the_largest_divisor_of_the_per_rank_rows_up_to_the_
 
 def test_a_pinned_micro_batch_that_does_not_split_over_the_ranks_is_refused_before_anything_is_written(tmp_path,
                                                                                                        data_dir):
-    from upcycle.distributed import World
-    from upcycle.train import resolve_loop
+    from upcycle.train.distributed import World
+    from upcycle.train.trainer import resolve_loop
 
     two = World(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     config = load_config(write_config(tmp_path / "c.yaml", tiny_config(data_dir)), ["train.micro_batch_size=8"])

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from helpers import REPO, VOCAB, make_data_dir, read_metrics, run_cli, tiny_config, write_config
-from upcycle import checkpoint as ckpt
+from upcycle.train import checkpoint as ckpt
 from upcycle.errors import UpcycleError
-from upcycle.train import NonFiniteLoss, run_training
-from upcycle.train_config import load_config
+from upcycle.train.trainer import NonFiniteLoss, run_training
+from upcycle.train.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_raw_sources_with_a_larger_tokenizer_are_refused_before_tokenizing(tmp_p
 
 
 def test_token_ids_beyond_the_vocabulary_are_found_at_start(tmp_path, capsys):
-    from upcycle.data import check_data_fits
+    from upcycle.data.prepare import check_data_fits
 
     data = make_data_dir(tmp_path / "data", train_tokens=3000)
     tokens = (data / "english.train.bin").read_bytes()
@@ -101,7 +101,7 @@ def test_token_ids_beyond_the_vocabulary_are_found_at_start(tmp_path, capsys):
 
 def test_the_one_data_fits_check_also_covers_raw_text_before_tokenizing():
     """The trainer's raw-sources branch goes through data.check_data_fits too (no second copy of the check)."""
-    from upcycle.data import check_data_fits
+    from upcycle.data.prepare import check_data_fits
 
     tokenizer = REPO / "assets" / "tokenizer"
     with pytest.raises(UpcycleError, match=r"data\.tokenizer .* has 8192 token ids but the model's vocab_size is 100"):
@@ -163,7 +163,7 @@ def test_a_truncated_checkpoint_is_named_and_resume_falls_back(tmp_path, data_di
 
 
 def test_every_writer_of_our_model_format_writes_the_same_config_json(tmp_path, data_dir):
-    from upcycle.hf_model import load_model, save_model
+    from upcycle.model.hf import load_model, save_model
 
     config = write_config(tmp_path / "c.yaml", tiny_config(data_dir, train={"max_steps": 1, "eval_every": 0}))
     run_training(load_config(config), tmp_path / "run")
@@ -177,7 +177,7 @@ def test_every_writer_of_our_model_format_writes_the_same_config_json(tmp_path, 
 
 
 def test_a_spike_is_judged_against_the_running_medians_of_healthy_steps():
-    from upcycle.train import HEALTH_MIN_HISTORY, health_problem
+    from upcycle.train.trainer import HEALTH_MIN_HISTORY, health_problem
 
     history = [(3.0 - 0.01 * i, 1.0 + 0.1 * (i % 3)) for i in range(HEALTH_MIN_HISTORY)]
     assert health_problem(3.0, 1.2, history) is None

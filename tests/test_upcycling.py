@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from upcycle.errors import UpcycleError
-from upcycle.convert_options import UpcycleOptions, btx_source_of_expert
-from upcycle.upcycling import (
+from upcycle.convert.options import UpcycleOptions, btx_source_of_expert
+from upcycle.convert.upcycling import (
     btx_mean,
     derived_generator,
     init_router,

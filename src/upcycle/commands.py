@@ -16,8 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
-from upcycle import hf_formats as hf
-from upcycle.convert_options import ConvertOptions, GrowOptions
+from upcycle.formats import hf_formats as hf
+from upcycle.convert.options import ConvertOptions, GrowOptions
 from upcycle.errors import UpcycleError
 
 
@@ -37,7 +37,7 @@ def convert_command(
         force: Replace an existing OUTPUT (only once the new one is complete).
         quiet: No progress bar.
     """
-    from upcycle.convert import convert
+    from upcycle.convert.conversion import convert
 
     path = convert(source, output, force=force, progress=not quiet, **asdict(options))
     hf.print_engine_note(path)
@@ -55,7 +55,7 @@ def compose_command(spec: str, output: str, force: bool = False, quiet: bool = F
         force: Replace an existing OUTPUT (only once the new one is complete).
         quiet: No progress bar.
     """
-    from upcycle.compose import compose
+    from upcycle.convert.compose import compose
 
     path = compose(spec, output, force=force, progress=not quiet)
     manifest = json.loads((path / "upcycle_manifest.json").read_text())
@@ -85,7 +85,7 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
         tolerance: Largest |logit diff| (float32) that counts as the same function.
         json_output: Print the report as one JSON object instead of text.
     """
-    from upcycle.check import check
+    from upcycle.convert.check import check
 
     probe = None
     if text is not None:
@@ -127,7 +127,7 @@ def grow_command(moe: str, output: str, options: GrowOptions = GrowOptions(), fo
         force: Replace an existing OUTPUT (only once the new one is complete).
         quiet: No progress bar.
     """
-    from upcycle.grow import grow
+    from upcycle.convert.grow import grow
 
     path = grow(moe, output, force=force, progress=not quiet, **asdict(options))
     hf.print_engine_note(path)
@@ -157,8 +157,8 @@ def train_command(
         save_every: Shortcut for --checkpoint.every.
         override: Overrides as section.field=value, the same as --section.field value.
     """
-    from upcycle.train import run_training
-    from upcycle.train_config import load_config
+    from upcycle.train.trainer import run_training
+    from upcycle.train.config import load_config
 
     overrides = list(override or [])
     if max_steps is not None:
@@ -195,7 +195,7 @@ def plan_command(
         host_memory: Memory of one node, e.g. 2TB; default: this machine's.
         override: Overrides as section.field=value, the same as --section.field value.
     """
-    from upcycle.plan import print_plan
+    from upcycle.train.plan import print_plan
 
     print_plan(config=config, ranks=ranks, ranks_per_node=ranks_per_node, device=device, device_memory=device_memory,
                host_memory=host_memory, override=override)
@@ -228,7 +228,7 @@ def export_command(
         max_shard_size: Largest output safetensors file, e.g. 5GB or 500MB (several files get an index).
     """
     from upcycle.files import check_output
-    from upcycle.hf_model import check_model_dir, export_hf, model_tensors
+    from upcycle.model.hf import check_model_dir, export_hf, model_tensors
 
     if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
         raise UpcycleError(f"--tokenizer {tokenizer} has no tokenizer.json")
@@ -275,7 +275,7 @@ def prepare_command(
         eos_token: EOS token text, if the tokenizer files do not name one.
         force: Replace an existing output directory.
     """
-    from upcycle.data import parse_domain_args, prepare
+    from upcycle.data.prepare import parse_domain_args, prepare
 
     domains = parse_domain_args(domain, "--domain")
     if not domains:
@@ -318,7 +318,7 @@ def eval_command(
         limit: lm-eval: score only the first N documents of each task.
         tokenizer: lm-eval: tokenizer directory (default: the model directory, else the one data.json names).
     """
-    from upcycle.evaluate import evaluate, format_table, run_lm_eval
+    from upcycle.eval.evaluate import evaluate, format_table, run_lm_eval
 
     result = evaluate(model, data, seq_len=seq_len, batch_size=batch_size, max_sequences=max_sequences,
                       domains=domains)
@@ -367,7 +367,7 @@ def analyze_command(
         domains: Only these domains (default: all in data.json).
         force: Replace an existing output directory (only once the new analysis is complete).
     """
-    from upcycle.analyze import analyze
+    from upcycle.eval.analyze import analyze
 
     analysis = analyze(model, data, out, layers=layers, seq_len=seq_len, max_sequences=max_sequences,
                        batch_size=batch_size, domains=domains, manifest_dir=upcycled_from, dense_path=dense,
@@ -411,9 +411,9 @@ def experiment_command(
             training); writes OUT/rescore/NAME/ (NAME: the data directory's name).
         data: With --rescore: a prepared data directory (upcycle data prepare) tokenized with the seed's tokenizer.
     """
-    from upcycle.experiment import rescore_experiment, run_experiment
-    from upcycle.experiment_config import load_experiment
-    from upcycle.experiment_report import REPORT_FILE, RESULTS_FILE
+    from upcycle.experiment.runner import rescore_experiment, run_experiment
+    from upcycle.experiment.config import load_experiment
+    from upcycle.experiment.report import REPORT_FILE, RESULTS_FILE
 
     if rescore:
         if config is not None or only or seeds or parallel != 1:
@@ -445,13 +445,13 @@ def experiment_command(
 
 
 def _train_config_fields() -> str:
-    from upcycle.train_config import config_fields_help
+    from upcycle.train.config import config_fields_help
 
     return config_fields_help()
 
 
 def _experiment_config_fields() -> str:
-    from upcycle.experiment_config import config_help
+    from upcycle.experiment.config import config_help
 
     return config_help()
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from upcycle import hf_formats as hf
+from upcycle.formats import hf_formats as hf
 from upcycle.errors import UpcycleError
 from upcycle.files import not_an_input, read_json, sha256_file
-from upcycle.tensor_sources import TensorSource
+from upcycle.formats.tensor_sources import TensorSource
 
 INDEX_NAME = "model.safetensors.index.json"
 SIDECAR_PREFIX = "upcycle_"

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from upcycle import hf_formats as hf
-from upcycle.checkpoint_format import CheckpointTensors, model_config_of, model_config_record
+from upcycle.formats import hf_formats as hf
+from upcycle.formats.training_checkpoint import CheckpointTensors, model_config_of, model_config_record
 from upcycle.errors import UpcycleError
 from upcycle.files import publish_dir, read_json
-from upcycle.model import Block, ModelConfig, Transformer, rope_inv_freq, rope_tables
-from upcycle.safetensors_io import (
+from upcycle.model.transformer import Block, ModelConfig, Transformer, rope_inv_freq, rope_tables
+from upcycle.formats.safetensors_io import (
     DTYPE_NAMES,
     CheckpointReader,
     PlannedTensor,
@@ -40,8 +40,8 @@ from upcycle.safetensors_io import (
     parse_size,
     save_tensors,
 )
-from upcycle.tensor_sources import ExpertStack, Rows, Source, TensorSource, full_box
-from upcycle.upcycling import init_shared_expert
+from upcycle.formats.tensor_sources import ExpertStack, Rows, Source, TensorSource, full_box
+from upcycle.convert.upcycling import init_shared_expert
 
 # Our state-dict names for the per-layer roles of hf_formats (the only place they are paired).
 _OUR_ATTN = {

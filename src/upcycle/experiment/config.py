@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from upcycle import data as data_lib
-from upcycle import hf_formats as hf
+from upcycle.data import prepare as data_lib
+from upcycle.formats import hf_formats as hf
 from upcycle.config import build, check_values, fields_help, read_yaml, refuse_unknown, to_dict
-from upcycle.convert_options import ConvertOptions
-from upcycle.data import calibration_token_ids
+from upcycle.convert.options import ConvertOptions
+from upcycle.data.prepare import calibration_token_ids
 from upcycle.errors import UpcycleError
 from upcycle.hardware import format_bytes, host_memory
-from upcycle.schedule import wsd_decay_start
-from upcycle.train_config import DataConfig, InitConfig, config_from_dict, validate_config
+from upcycle.train.schedule import wsd_decay_start
+from upcycle.train.config import DataConfig, InitConfig, config_from_dict, validate_config
 from upcycle.validation import short_repr
 
 CONFIG_FILE = "experiment.yaml"
@@ -633,7 +633,7 @@ def moe_training_bytes(config: ExperimentConfig, options: ConvertOptions) -> int
     the recipe says precision auto (no probe runs while a config is checked), and the router as initialized
     uniformly (its init changes no size; the calibration text is checked on its own). None where the recipe or the
     run is refused anyway (train.expert_parallel, say): the check that refuses it names the field."""
-    from upcycle import plan as plan_lib  # the planner imports the trainer: only where a config is checked
+    from upcycle.train import plan as plan_lib  # the planner imports the trainer: only where a config is checked
 
     try:
         template = config_from_dict(train_config_dict(config, init_source=config.seed_model, max_steps=1,

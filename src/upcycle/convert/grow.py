@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from upcycle import hf_formats as hf
-from upcycle.convert import (
+from upcycle.formats import hf_formats as hf
+from upcycle.convert.conversion import (
     Entry,
     check_fits,
     copy_tokenizer_files,
@@ -41,13 +41,13 @@ from upcycle.convert import (
     write_manifest,
     write_shards,
 )
-from upcycle.convert_options import Estimate, GrowOptions
+from upcycle.convert.options import Estimate, GrowOptions
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir, sha256_file
-from upcycle.hf_model import check_model_dir, is_our_checkpoint, load_model, state_dict_to_hf
-from upcycle.model import ModelConfig
-from upcycle.safetensors_io import DTYPE_NAMES, CheckpointReader, PlannedTensor, dtype_name
-from upcycle.upcycling import MATRICES, upcycle_expert
+from upcycle.model.hf import check_model_dir, is_our_checkpoint, load_model, state_dict_to_hf
+from upcycle.model.transformer import ModelConfig
+from upcycle.formats.safetensors_io import DTYPE_NAMES, CheckpointReader, PlannedTensor, dtype_name
+from upcycle.convert.upcycling import MATRICES, upcycle_expert
 
 
 # --------------------------------------------------------------------------------------------------------------------

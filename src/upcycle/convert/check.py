@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from upcycle.compose import Prompts, top1_shares
-from upcycle.convert import check_dense_source
+from upcycle.convert.compose import Prompts, top1_shares
+from upcycle.convert.conversion import check_dense_source
 from upcycle.errors import UpcycleError
 from upcycle.files import read_json
-from upcycle.hf_model import as_hf_directory, is_our_checkpoint, model_tensors
-from upcycle.safetensors_io import CheckpointReader
+from upcycle.model.hf import as_hf_directory, is_our_checkpoint, model_tensors
+from upcycle.formats.safetensors_io import CheckpointReader
 
 PROBE_TEXT = """\
 The dense model is copied into every expert, and a router decides which experts see each token. In the first steps

@@ -24,11 +24,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import Shard
 
-from upcycle import expert_parallel
+from upcycle.train import expert_parallel
 from upcycle.errors import UpcycleError
 from upcycle.hardware import die_with_parent
-from upcycle.moe import MoE
-from upcycle.train_config import PARALLEL_MODES
+from upcycle.model.moe import MoE
+from upcycle.train.config import PARALLEL_MODES
 PRECISIONS = ("fp32", "bf16")  # what parallelize accepts; "auto" is resolved before (upcycle.hardware)
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from upcycle import experiment_stats as stats
-from upcycle.analyze import default_plot_layers, plot_routing, pyplot
-from upcycle.experiment_config import FROM_ARM_FIELDS, MOE_KINDS
+from upcycle.experiment import stats as stats
+from upcycle.eval.analyze import default_plot_layers, plot_routing, pyplot
+from upcycle.experiment.config import FROM_ARM_FIELDS, MOE_KINDS
 from upcycle.files import atomic_path, atomic_write
 
 RESULTS_FILE = "results.json"

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from upcycle.convert import MANIFEST_NAME, load_redrawn
-from upcycle.data import check_data_fits, validation_batches
+from upcycle.convert.conversion import MANIFEST_NAME, load_redrawn
+from upcycle.data.prepare import check_data_fits, validation_batches
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir
-from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP, check_model_dir, experts_to_hf, load_model
-from upcycle.moe import route
+from upcycle.model.hf import OUR_DOWN, OUR_GATE_UP, check_model_dir, experts_to_hf, load_model
+from upcycle.model.moe import route
 
 MATRIX_NAMES = ("gate", "up", "down")
 DEFAULT_DEAD_THRESHOLD = 0.01  # of the uniform share 1/E

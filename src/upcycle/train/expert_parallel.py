@@ -45,7 +45,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from upcycle.errors import UpcycleError
-from upcycle.moe import MoE, PermuteRows, expert_ffn_sorted, inverse_permutation
+from upcycle.model.moe import MoE, PermuteRows, expert_ffn_sorted, inverse_permutation
 
 # The label of every all-to-all (counts and rows) in torch.profiler traces; benchmarks/expert_parallel.py sums it.
 ALL_TO_ALL_LABEL = "upcycle::expert_all_to_all"

@@ -38,17 +38,17 @@ from typing import Any
 
 import torch
 
-from upcycle import hf_formats as hf
-from upcycle.calibration import rows_from_centroids
+from upcycle.formats import hf_formats as hf
+from upcycle.convert.calibration import rows_from_centroids
 from upcycle.config import build, check_values, config_fields, read_yaml, refuse_unknown
-from upcycle.convert import check_conversion_fits, check_dense_source, write_moe
-from upcycle.convert_options import INDEX_MODES, ROUTER_INITS, ConversionPlan, ConvertOptions, CopyPlan
-from upcycle.data import calibration_token_ids, expand_paths, iter_documents
+from upcycle.convert.conversion import check_conversion_fits, check_dense_source, write_moe
+from upcycle.convert.options import INDEX_MODES, ROUTER_INITS, ConversionPlan, ConvertOptions, CopyPlan
+from upcycle.data.prepare import calibration_token_ids, expand_paths, iter_documents
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output
-from upcycle.hf_model import layer_by_layer
-from upcycle.safetensors_io import CheckpointReader
-from upcycle.upcycling import btx_mean
+from upcycle.model.hf import layer_by_layer
+from upcycle.formats.safetensors_io import CheckpointReader
+from upcycle.convert.upcycling import btx_mean
 from upcycle.validation import short_repr
 
 COMPOSE_ROUTERS = ("hidden", "embed", *ROUTER_INITS)

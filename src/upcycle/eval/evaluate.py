@@ -27,12 +27,12 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
-from upcycle.data import check_data_fits, read_metadata, validation_batches
+from upcycle.data.prepare import check_data_fits, read_metadata, validation_batches
 from upcycle.errors import UpcycleError
-from upcycle.hf_model import as_hf_directory, check_model_dir, load_model
+from upcycle.model.hf import as_hf_directory, check_model_dir, load_model
 
 SHIPPED_TASK = "upcycle_continuations"
-_TASK_DIR = Path(__file__).parent / "assets" / "lm_eval"
+_TASK_DIR = Path(__file__).parents[1] / "assets" / "lm_eval"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 

@@ -36,12 +36,15 @@ from typing import IO, Any
 import torch
 import yaml
 
-from upcycle import checkpoint as ckpt
-from upcycle import data as data_lib
-from upcycle import expert_parallel, hf_formats, hf_model, losses
-from upcycle.convert import lazy_convert, planned_moe_config, router_calibration
-from upcycle.data import METADATA_FILE, MixtureLoader, fingerprint, validation_batches
-from upcycle.distributed import (
+from upcycle.train import checkpoint as ckpt
+from upcycle.data import prepare as data_lib
+from upcycle.train import expert_parallel
+from upcycle.formats import hf_formats
+from upcycle.model import hf as hf_model
+from upcycle.train import losses
+from upcycle.convert.conversion import lazy_convert, planned_moe_config, router_calibration
+from upcycle.data.prepare import METADATA_FILE, MixtureLoader, fingerprint, validation_batches
+from upcycle.train.distributed import (
     World,
     all_reduce_sum,
     barrier,
@@ -53,16 +56,16 @@ from upcycle.distributed import (
 )
 from upcycle.errors import UpcycleError
 from upcycle.files import LockHeld, exclusive_lock, wait_for_file
-from upcycle.evaluate import score_domains
-from upcycle.expert_parallel import check_degree, shard_experts
+from upcycle.eval.evaluate import score_domains
+from upcycle.train.expert_parallel import check_degree, shard_experts
 from upcycle.hardware import host_threads, resolve_precision
-from upcycle.metrics import MetricsLog
-from upcycle.model import ModelConfig, Transformer
-from upcycle.safetensors_io import CheckpointReader
-from upcycle.schedule import schedule_of
-from upcycle.shards import fill_from_scratch, model_pieces
-from upcycle.tensor_sources import fill_from_sources
-from upcycle.train_config import (
+from upcycle.train.metrics import MetricsLog
+from upcycle.model.transformer import ModelConfig, Transformer
+from upcycle.formats.safetensors_io import CheckpointReader
+from upcycle.train.schedule import schedule_of
+from upcycle.train.shards import fill_from_scratch, model_pieces
+from upcycle.formats.tensor_sources import fill_from_sources
+from upcycle.train.config import (
     OptimConfig,
     TrainConfig,
     TrainLoopConfig,

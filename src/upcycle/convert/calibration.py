@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from upcycle.convert_options import CALIBRATION_BATCH_TOKENS
-from upcycle.data import calibration_token_ids
+from upcycle.convert.options import CALIBRATION_BATCH_TOKENS
+from upcycle.data.prepare import calibration_token_ids
 from upcycle.errors import UpcycleError
-from upcycle.hf_model import load_model
-from upcycle.upcycling import derived_generator
+from upcycle.model.hf import load_model
+from upcycle.convert.upcycling import derived_generator
 
 
 def kmeans_plus_plus(points_ND: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from upcycle import hf_formats as hf
+from upcycle.formats import hf_formats as hf
 from upcycle.errors import UpcycleError
 from upcycle.validation import check_fields
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 METHODS = ("drop", "naive", "noise", "scratch", "btx")
 INDEX_MODES = ("independent", "shared")
 STATS_MODES = ("slice", "matrix")
-ROUTER_INITS = ("uniform", "normal", "data")  # data: k-means of calibration hidden states (upcycle.calibration)
+ROUTER_INITS = ("uniform", "normal", "data")  # data: k-means of calibration hidden states (upcycle.convert.calibration)
 SHARED_EXPERT_MODES = ("zero", "dense")
 DEFAULT_SEED = 1234
 # Hidden states clustered at a time per layer by `--router-init data` (calibration.py; the first batch seeds
@@ -351,7 +351,7 @@ class ConversionPlan:
 def _parse_size(size: int | str) -> int:
     """safetensors_io.parse_size, imported when options are validated (that module needs torch; declaring these
     options must not)."""
-    from upcycle.safetensors_io import parse_size
+    from upcycle.formats.safetensors_io import parse_size
 
     return parse_size(size)
 

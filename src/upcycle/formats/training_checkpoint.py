@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from upcycle.errors import UpcycleError
-from upcycle.safetensors_io import CODE_DTYPES, CheckpointReader, TensorInfo, read_header, tensor_infos
-from upcycle.tensor_sources import Rows, Source, TensorSource
+from upcycle.formats.safetensors_io import CODE_DTYPES, CheckpointReader, TensorInfo, read_header, tensor_infos
+from upcycle.formats.tensor_sources import Rows, Source, TensorSource
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_DIR = "state"

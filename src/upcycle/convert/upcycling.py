@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from upcycle.convert_options import UpcycleOptions
+from upcycle.convert.options import UpcycleOptions
 from upcycle.errors import UpcycleError
 
 # |weights| of a dense shared expert's sigmoid gate: sigmoid(g . x) is then 1/2 to within fp32 rounding for any

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upcycle.errors import UpcycleError
-from upcycle.model_config import ModelConfig
-from upcycle.moe import MoE
+from upcycle.model.config import ModelConfig
+from upcycle.model.moe import MoE
 
 @dataclass
 class ModelOutput:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upcycle.errors import UpcycleError
-from upcycle.model_config import check_moe_sizes
+from upcycle.model.config import check_moe_sizes
 
 IMPLEMENTATIONS = ("auto", "fused", "grouped_mm", "loop", "reference")
 

@@ -24,10 +24,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from upcycle import expert_parallel
-from upcycle.distributed import reshard, unwrap
-from upcycle.model import fill_initial
-from upcycle.tensor_sources import Piece, full_box
+from upcycle.train import expert_parallel
+from upcycle.train.distributed import reshard, unwrap
+from upcycle.model.transformer import fill_initial
+from upcycle.formats.tensor_sources import Piece, full_box
 
 
 def piece_of(tensor: Tensor) -> Piece:

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from upcycle.config import build, fields_help, load_yaml, read_yaml, to_dict
-from upcycle.convert_options import METHODS, ConvertOptions
-from upcycle.data import check_weights
+from upcycle.convert.options import METHODS, ConvertOptions
+from upcycle.data.prepare import check_weights
 from upcycle.errors import UpcycleError
 from upcycle.files import not_an_input
-from upcycle.hf_formats import AUTO_FORMAT
-from upcycle.model_config import ModelConfig
-from upcycle.schedule import SCHEDULE_KINDS
+from upcycle.formats.hf_formats import AUTO_FORMAT
+from upcycle.model.config import ModelConfig
+from upcycle.train.schedule import SCHEDULE_KINDS
 from upcycle.validation import check_fields
 
 PARALLEL_MODES = ("fsdp", "ddp")  # train.parallel; distributed.parallelize applies them
@@ -161,7 +161,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     """Learning rate: linear warmup from `warmup_start_lr` to optim.lr, then cosine or warmup-stable-decay down to
-    optim.min_lr (upcycle.schedule).
+    optim.min_lr (upcycle.train.schedule).
 
     Attributes:
         kind: cosine (cosine decay from the end of warmup to decay_steps; the paper) or wsd (warmup-stable-decay:

@@ -45,18 +45,18 @@ from typing import Literal
 import torch
 
 from upcycle import hardware
-from upcycle.distributed import World, expert_placement, shard_placement
+from upcycle.train.distributed import World, expert_placement, shard_placement
 from upcycle.errors import UpcycleError
-from upcycle.expert_parallel import check_degree
+from upcycle.train.expert_parallel import check_degree
 from upcycle.hardware import format_bytes, resolve_precision
-from upcycle.model import ModelConfig, Transformer
-from upcycle.moe import MoE
-from upcycle.safetensors_io import parse_size
-from upcycle.train import start_point
-from upcycle.train_config import load_config, micro_batch_size_for
+from upcycle.model.transformer import ModelConfig, Transformer
+from upcycle.model.moe import MoE
+from upcycle.formats.safetensors_io import parse_size
+from upcycle.train.trainer import start_point
+from upcycle.train.config import load_config, micro_batch_size_for
 
 # Resident memory of one training process before any weight: Python, torch and our modules (measured on this machine
-# with torch 2.13 CPU: ~0.45 GB after `import upcycle.train`; a gloo process group adds little).
+# with torch 2.13 CPU: ~0.45 GB after `import upcycle.train.trainer`; a gloo process group adds little).
 RUNTIME_BYTES = 450 * 2**20
 # A CUDA process, estimated (no GPU measured it here; cuda_path_check.py reports the real figures): host memory of the
 # CUDA libraries torch loads (cuBLAS, cuDNN, NCCL) and their start-up, which the CPU build's RUNTIME_BYTES lacks; the
@@ -190,7 +190,7 @@ class MemoryPlan:
 
 
 def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> MemoryPlan:
-    """The memory plan of a training config (upcycle.train_config.TrainConfig) on `world_size` ranks."""
+    """The memory plan of a training config (upcycle.train.config.TrainConfig) on `world_size` ranks."""
     loop, seq_len = config.train, config.data.seq_len
     sequences = loop.global_batch_tokens // seq_len
     if sequences % world_size:

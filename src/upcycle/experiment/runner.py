@@ -55,25 +55,25 @@ import numpy as np
 import torch
 import yaml
 
-from upcycle import checkpoint as ckpt
-from upcycle import data as data_lib
-from upcycle import experiment_stats as stats
-from upcycle.analyze import collect_routing, expert_matrices, expert_similarity, mean_pairwise_jsd, routing_stats
-from upcycle.convert import convert
-from upcycle.data import calibration_token_ids
+from upcycle.train import checkpoint as ckpt
+from upcycle.data import prepare as data_lib
+from upcycle.experiment import stats as stats
+from upcycle.eval.analyze import collect_routing, expert_matrices, expert_similarity, mean_pairwise_jsd, routing_stats
+from upcycle.convert.conversion import convert
+from upcycle.data.prepare import calibration_token_ids
 from upcycle.errors import UpcycleError
-from upcycle.evaluate import score_domains
-from upcycle.experiment_config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KINDS, ArmSpec, ExperimentConfig,
+from upcycle.eval.evaluate import score_domains
+from upcycle.experiment.config import (CONFIG_FILE, FROM_ARM_FIELDS, FROM_ARM_KINDS, ArmSpec, ExperimentConfig,
                                        ExperimentPlan, arm_where, check_validation_split, config_change,
                                        config_from_record, config_record, inputs, read_saved_config,
                                        train_config_dict)
-from upcycle.experiment_report import RESULTS_FILE, REPORT_FILE, build_results, display_path, write_outputs
+from upcycle.experiment.report import RESULTS_FILE, REPORT_FILE, build_results, display_path, write_outputs
 from upcycle.files import LockHeld, atomic_write, atomic_write_json, exclusive_lock, publish_dir
-from upcycle.grow import grow
+from upcycle.convert.grow import grow
 from upcycle.hardware import die_with_parent
-from upcycle.hf_model import OUR_DOWN, OUR_GATE_UP, export_hf, load_model
-from upcycle.train import run_training
-from upcycle.train_config import config_from_dict
+from upcycle.model.hf import OUR_DOWN, OUR_GATE_UP, export_hf, load_model
+from upcycle.train.trainer import run_training
+from upcycle.train.config import config_from_dict
 
 ARM_DONE_FILE = "arm.json"
 VALIDATION_FILE = "validation.json"
@@ -585,7 +585,7 @@ def _run_parallel(config_path: str, out: Path, units: list[tuple[ArmSpec, int]],
     from_arm's run at the same seed has finished (its arm.json exists); if that run failed, it fails unstarted."""
     per_child = max(1, threads // parallel)
     env = dict(os.environ, OMP_NUM_THREADS=str(per_child))
-    src = str(Path(__file__).resolve().parents[1])
+    src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     pending, running, failed, unstarted = list(units), {}, [], []
     # each child is killed when this process dies (even by SIGKILL), so a re-run never races an orphan still training

@@ -26,9 +26,9 @@ import torch
 from tqdm import tqdm
 
 import upcycle
-from upcycle import hf_formats as hf
-from upcycle.calibration import data_router_rows
-from upcycle.convert_options import (
+from upcycle.formats import hf_formats as hf
+from upcycle.convert.calibration import data_router_rows
+from upcycle.convert.options import (
     ConversionPlan,
     ConvertOptions,
     Estimate,
@@ -36,10 +36,10 @@ from upcycle.convert_options import (
     shapes_as_config,
     writes_lm_head,
 )
-from upcycle.data import calibration_token_ids
+from upcycle.data.prepare import calibration_token_ids
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir
-from upcycle.safetensors_io import (
+from upcycle.formats.safetensors_io import (
     DTYPE_NAMES,
     CheckpointReader,
     PlannedTensor,
@@ -48,8 +48,8 @@ from upcycle.safetensors_io import (
     parse_size,
     save_tensors,
 )
-from upcycle.tensor_sources import TensorSource
-from upcycle.upcycling import (
+from upcycle.formats.tensor_sources import TensorSource
+from upcycle.convert.upcycling import (
     MATRICES,
     btx_mean,
     dense_shared_expert,

@@ -54,8 +54,8 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
-from upcycle import expert_parallel
-from upcycle.checkpoint_format import (  # noqa: F401 (the format's names, for `checkpoint.X` callers)
+from upcycle.train import expert_parallel
+from upcycle.formats.training_checkpoint import (  # noqa: F401 (the format's names, for `checkpoint.X` callers)
     CHECKPOINT_DIR,
     CHECKSUMS,
     HEALTH_GOOD,
@@ -86,12 +86,12 @@ from upcycle.checkpoint_format import (  # noqa: F401 (the format's names, for `
     step_dir_name,
     verify_checkpoint,
 )
-from upcycle.distributed import World, all_gather_object, barrier, unwrap
+from upcycle.train.distributed import World, all_gather_object, barrier, unwrap
 from upcycle.errors import UpcycleError
 from upcycle.files import atomic_write_json, fsync_path, sha256_file, wait_for_file
-from upcycle.safetensors_io import TensorInfo, save_tensors, tensor_infos
-from upcycle.shards import global_views, piece_of
-from upcycle.tensor_sources import Piece, fill_from_sources
+from upcycle.formats.safetensors_io import TensorInfo, save_tensors, tensor_infos
+from upcycle.train.shards import global_views, piece_of
+from upcycle.formats.tensor_sources import Piece, fill_from_sources
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Health

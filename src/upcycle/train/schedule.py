@@ -12,7 +12,7 @@ N steps is the stable run up to `wsd_decay_start(N, ...)` plus its own decay: `u
 run and takes each budget off it as a short decay branch (as scaling-law studies do), instead of training every budget
 from the start, and every budget still ends its own schedule.
 
-Nothing to run here: `upcycle.train` asks `schedule_of(config)` for each step's learning rate.
+Nothing to run here: `upcycle.train.trainer` asks `schedule_of(config)` for each step's learning rate.
 """
 
 from __future__ import annotations

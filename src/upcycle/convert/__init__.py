@@ -1,0 +1,2 @@
+"""Dense -> MoE: the upcycling math (pure functions), `upcycle convert`, `compose`, `grow`, router calibration and
+`upcycle check`."""

@@ -1,0 +1,1 @@
+"""Text -> token files (`upcycle data prepare`) and the deterministic domain-mixture loader."""

@@ -1,0 +1,1 @@
+"""Measuring models: per-domain loss and lm-eval (`upcycle eval`), routing analysis (`upcycle analyze`)."""
