@@ -296,10 +296,11 @@ def test_check_with_a_broken_dense_config_is_one_line_naming_it(tmp_path, capsys
 
 
 def test_check_with_a_broken_moe_config_is_one_line_naming_it(tmp_path, capsys):
-    """The MoE may be any HF MoE, so transformers judges its config; whatever it raises (a TypeError here) is one
-    line naming the directory."""
+    """Before, transformers judged the MoE's config (a TypeError here, in one line naming the directory); now the MoE
+    is validated as export validates it, and the line names the field."""
     src = save_dense(tmp_path / "src", "llama")
     main(["convert", str(src), str(tmp_path / "moe"), "--num-experts", "2", "--quiet"])
     _config_value("hidden_size", "32")(tmp_path / "moe")
     code, err = run_cli(capsys, "check", str(tmp_path / "moe"), "--dense", str(src))
-    assert_one_line_error(code, err, f"transformers cannot load {tmp_path / 'moe'}")
+    assert_one_line_error(code, err, str(tmp_path / "moe"), "config.json: hidden_size must be a positive integer, "
+                          "got '32'")

@@ -131,9 +131,10 @@ def test_lazy_conversion_and_hf_tensors_answer_shapes_as_tensor_sources(tmp_path
 
 def _sharded_checkpoint(path):
     """A sharded checkpoint as two ranks write it: "model/w" [4, 3] split by rows over both files, "model/b" and an
-    optimizer tensor in the first only."""
+    optimizer tensor in the first only; with the small files and checksums every reader verifies."""
     from upcycle.formats.training_checkpoint import SHARDING_INFO_KEY, STATE_DIR
     from upcycle.formats.safetensors_io import save_tensors
+    from upcycle.train.checkpoint import capture_rng_state
 
     state = path / STATE_DIR
     state.mkdir(parents=True)
@@ -141,11 +142,17 @@ def _sharded_checkpoint(path):
     b = torch.tensor([1.0, 2.0, 3.0])
     parts = [{"model/w": (w[:2], [0, 0]), "model/b": (b, [0]), "optim/w/exp_avg": (w[:2].float(), [0, 0])},
              {"model/w": (w[2:], [2, 0]), "optim/w/exp_avg": (w[2:].float(), [2, 0])}]
+    sums = {}
     for rank, part in enumerate(parts):
         info = json.dumps({key: {"saved_offsets": offsets} for key, (_, offsets) in part.items()})
-        save_tensors(state / f"shard-0000{rank + 1}-model-00001-of-00001.safetensors",
-                     {key: tensor.contiguous() for key, (tensor, _) in part.items()}, {SHARDING_INFO_KEY: info})
-    (path / "config.json").write_text(json.dumps({"format": "upcycle", "model": {}}))
+        name = f"shard-0000{rank + 1}-model-00001-of-00001.safetensors"
+        sums[name] = save_tensors(state / name, {key: tensor.contiguous() for key, (tensor, _) in part.items()},
+                                  {SHARDING_INFO_KEY: info})
+        (path / f"rng_rank{rank}.json").write_text(json.dumps(capture_rng_state()))
+    files = {"config.json": {"format": "upcycle", "model": {}}, "optimizer.json": {"param_groups": []},
+             "trainer_state.json": {"step": 0, "world_size": 2}, "checksums.json": sums}
+    for name, value in files.items():
+        (path / name).write_text(json.dumps(value))
     return {"w": w, "b": b}
 
 

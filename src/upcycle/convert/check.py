@@ -80,13 +80,17 @@ def _naming(what: str, path: Path):
         raise UpcycleError(str(exc) if str(path) in str(exc) else f"{what} {path}: {exc}") from None
 
 
-def _non_finite_cause(path: Path) -> str:
-    """Which tensor of a checkpoint holds NaN or Inf (read one at a time), or that all are finite."""
-    reader = CheckpointReader(path)
-    for name in reader.tensors:
-        if not torch.isfinite(reader.get(name)).all():
-            return f"its tensor {name} holds NaN or Inf values"
-    return "every tensor is finite: the forward pass overflows"
+def _non_finite_tensor(path: Path) -> str | None:
+    """The first tensor of a checkpoint that holds NaN or Inf (read one at a time), by the checkpoint's own name (HF
+    keys, or ours for a training checkpoint), or None when every one is finite."""
+    tensors = model_tensors(path)[1] if is_our_checkpoint(path) else CheckpointReader(path)
+    for name in tensors:
+        try:
+            if not torch.isfinite(tensors[name]).all():
+                return name
+        except UpcycleError:  # model_tensors refuses it as it is read
+            return name
+    return None
 
 
 def _token_ids(text: str, dirs: list[Path], vocab_size: int, max_tokens: int) -> torch.Tensor:
@@ -113,24 +117,27 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
           tolerance: float = 1e-4) -> CheckReport:
     """Compare the MoE at `moe_dir` with the dense model at `dense_dir` on a probe text."""
     moe_path, dense_path = Path(moe_dir), Path(dense_dir)
-    # the validation every other command does before work: config.json, safetensors headers against file sizes (a
-    # truncated file is named), pickle weights refused rather than handed to transformers; the dense parent as convert
-    # checks its source (supported family, config types, every tensor with its shape). The MoE may be any HF MoE
-    # (what transformers cannot build from it is named by _load) or a training checkpoint of ours (exported first).
+    # the validation export, eval, analyze and grow do before work (model_tensors: config.json's fields and types,
+    # every tensor with its shape and a floating dtype, a training checkpoint's files and checksums; pickle weights
+    # refused rather than handed to transformers), on both sides; the dense parent of a conversion as convert checks
+    # its source. Either side may be a training checkpoint of ours (exported to be loaded by transformers).
     with _naming("MoE", moe_path):
-        model_tensors(moe_path) if is_our_checkpoint(moe_path) else CheckpointReader(moe_path)
+        model_tensors(moe_path)
     manifest_path = moe_path / "upcycle_manifest.json"
     manifest = read_json(manifest_path) if manifest_path.is_file() else {}
     options = manifest.get("options", {})
     method = options.get("method", options.get("command"))
     with _naming("--dense", dense_path):  # grow's parent is the MoE it grew
-        CheckpointReader(dense_path) if method == "grow" else check_dense_source(CheckpointReader(dense_path))
+        if method != "grow" and not is_our_checkpoint(dense_path):
+            check_dense_source(CheckpointReader(dense_path))
+        model_tensors(dense_path)
     # Only with renormalized top-k weights is a naive conversion the dense function; without (--no-renormalize) each
     # token's FFN output is scaled by the sum of its top-k probabilities, so no tolerance applies. grow and compose
     # record whether their output should compute the parent's function (r = 0, copies of one model).
     exact_by_design = manifest.get("function_preserving", method == "naive" and options.get("renormalize", True))
     with tempfile.TemporaryDirectory() as tmp:  # a training checkpoint of ours is exported there to be loaded
-        dense, moe = _load(dense_path), _load(moe_hf := as_hf_directory(moe_path, tmp))
+        dense = _load(as_hf_directory(dense_path, Path(tmp) / "dense"))
+        moe = _load(moe_hf := as_hf_directory(moe_path, Path(tmp) / "moe"))
         routing = _prompt_routing(moe, moe_hf, manifest) if "prompts" in manifest else None
     if dense.config.vocab_size != moe.config.vocab_size:
         raise UpcycleError(f"vocabularies differ ({dense.config.vocab_size} vs {moe.config.vocab_size}); "
@@ -142,8 +149,16 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
         moe_logits = moe(ids).logits.float()
     for what, path, logits_BTV in (("dense", dense_path, dense_logits), ("MoE", moe_path, moe_logits)):
         if not torch.isfinite(logits_BTV).all():  # nan compares false with any tolerance: no verdict can be given
-            raise UpcycleError(f"the {what} model {path} gives NaN or Inf logits on the probe text "
-                               f"({_non_finite_cause(path)}); it computes no usable function, re-convert or re-save it")
+            name = _non_finite_tensor(path)
+            cause = f"its tensor {name} holds NaN or Inf values" if name else ("every tensor is finite: the forward "
+                                                                                "pass overflows")
+            raise UpcycleError(f"the {what} model {path} gives NaN or Inf logits on the probe text ({cause}); it "
+                               "computes no usable function, re-convert or re-save it")
+    for what, path in (("dense", dense_path), ("MoE", moe_path)):  # what the probe text does not reach, too
+        if (name := _non_finite_tensor(path)) is not None:
+            raise UpcycleError(f"the {what} model {path}: its tensor {name} holds NaN or Inf values (the probe text "
+                               "does not reach it: an expert it never routes to); it computes no usable function, "
+                               "re-convert or re-save it")
     diff = (dense_logits - moe_logits).abs()
     max_diff = diff.max().item()
     return CheckReport(

@@ -44,7 +44,7 @@ from upcycle.convert.conversion import (
 from upcycle.convert.options import Estimate, GrowOptions
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir, sha256_file
-from upcycle.model.hf import check_model_dir, is_our_checkpoint, load_model, state_dict_to_hf
+from upcycle.model.hf import check_model_dir, is_our_checkpoint, load_model, model_tensors, state_dict_to_hf
 from upcycle.model.transformer import ModelConfig
 from upcycle.formats.safetensors_io import DTYPE_NAMES, CheckpointReader, PlannedTensor, dtype_name
 from upcycle.convert.upcycling import MATRICES, upcycle_expert
@@ -86,7 +86,7 @@ def _open_source(path: str | os.PathLike, opts: GrowOptions) -> _Source:
     if opts.format not in ("auto", family):
         raise UpcycleError(f"grow keeps an HF source's format ({family}); leave out --format, and change the format "
                            "afterwards by training or loading it and running upcycle export --format")
-    hf.check_config_types(reader.config)
+    model_tensors(directory)  # the validation of every command that reads a model (config types, dtypes, shapes)
     return _Source(reader, reader.config, directory, source_record(reader), reader.dtype(hf.EMBED_KEY), 0)
 
 

@@ -760,12 +760,27 @@ class MixtureLoader:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Continue from `state`; rank and world_size may differ from the run that saved it, the rest may not."""
+        """Continue from `state`; rank and world_size may differ from the run that saved it, the rest may not. A state
+        that holds values of the wrong kind (a damaged trainer_state.json) is one UpcycleError."""
+        if not isinstance(state, Mapping):
+            raise UpcycleError(f"data loader state is {type(state).__name__}, not a JSON object; the checkpoint's "
+                               "trainer_state.json is damaged")
         expected = self.state_dict()
         for key in ("seed", "seq_len", "global_batch_size", "split", "domains"):
             if state.get(key) != expected[key]:
                 raise UpcycleError(f"data loader state was saved with {key}={state.get(key)!r} but this loader has "
                                    f"{key}={expected[key]!r}; resume with the same data settings")
+        counts = state.get("consumed")
+        if (type(state.get("step")) is not int or state["step"] < 0 or not isinstance(counts, Mapping)
+                or not all(type(counts.get(name)) is int and counts[name] >= 0 for name in self.domains)):
+            raise UpcycleError(f"data loader state: step must be a count and consumed a count per domain, got step "
+                               f"{state.get('step')!r}, consumed {counts!r}; the checkpoint's trainer_state.json is "
+                               "damaged")
+        probabilities = state.get("probabilities")
+        if (not isinstance(probabilities, list) or len(probabilities) != len(expected["probabilities"])
+                or not all(type(p) in (int, float) for p in probabilities)):
+            raise UpcycleError(f"data loader state: probabilities must be {len(expected['probabilities'])} numbers, "
+                               f"got {probabilities!r}; the checkpoint's trainer_state.json is damaged")
         if not np.allclose(state["probabilities"], expected["probabilities"], rtol=1e-9, atol=1e-12):
             raise UpcycleError(f"data loader state was saved with domain probabilities {state['probabilities']} but "
                                f"this loader has {expected['probabilities']}; resume with the same weights and data")

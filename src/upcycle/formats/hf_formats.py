@@ -240,7 +240,10 @@ def shared_expert_keys(layer: int) -> dict[str, str]:
 _REQUIRED_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 _OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 _POSITIVE_FLOATS = ("rms_norm_eps", "initializer_range", "rope_theta")
-_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "use_sliding_window")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "use_sliding_window", "norm_topk_prob")
+# An MoE's sizes, where its format has them (a string or 0 would fail later with a traceback, or be taken as dense)
+_MOE_INTS = ("num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+             "shared_expert_intermediate_size", "decoder_sparse_step")
 
 
 def check_config_types(cfg: dict) -> None:
@@ -249,12 +252,18 @@ def check_config_types(cfg: dict) -> None:
     def bad(key: str, what: str) -> UpcycleError:
         return UpcycleError(f"config.json: {key} must be {what}, got {cfg[key]!r}; fix config.json")
 
-    for key in _REQUIRED_INTS + _OPTIONAL_INTS:
+    for key in _REQUIRED_INTS + _OPTIONAL_INTS + _MOE_INTS:
         value = cfg.get(key)
-        if value is None and key in _OPTIONAL_INTS:
+        if value is None and key not in _REQUIRED_INTS:
             continue
         if type(value) is not int or value < 1:
             raise bad(key, "a positive integer")
+    if cfg.get("shared_intermediate_size") is not None and (type(cfg["shared_intermediate_size"]) is not int
+                                                            or cfg["shared_intermediate_size"] < 0):
+        raise bad("shared_intermediate_size", "a non-negative integer (0: no shared expert)")
+    layers = cfg.get("mlp_only_layers")
+    if layers is not None and not (isinstance(layers, list) and all(type(i) is int for i in layers)):
+        raise bad("mlp_only_layers", "a list of layer indices")
     for key in _POSITIVE_FLOATS:
         value = cfg.get(key)
         if value is not None and (type(value) not in (int, float) or not 0 < value < float("inf")):
@@ -475,6 +484,7 @@ def read_model_fields(cfg: dict) -> dict:
     family = cfg.get("model_type")
     if family not in DENSE_FAMILIES + MOE_FORMATS:
         raise UpcycleError(f"unsupported model_type {family!r}; supported: {', '.join(DENSE_FAMILIES + MOE_FORMATS)}")
+    check_config_types(cfg)
     shapes = read_shapes(cfg)
     theta, scaling = read_rope(cfg)
     max_seq_len = cfg.get("max_position_embeddings", 2048)

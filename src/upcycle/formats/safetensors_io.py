@@ -1,7 +1,7 @@
 """Validated, lazy reading of HF checkpoint directories and a streaming safetensors shard writer.
 
-Reading: every header is parsed and checked against the file size before any work starts, so a truncated file is
-reported up front with its name rather than failing halfway through a conversion. Tensors are then read one at a time
+Reading: every header is parsed and checked against the file size before any work starts (the tensors must fill the
+data exactly, as the format demands), so a truncated or extended file is reported up front with its name rather than failing halfway through a conversion. Tensors are then read one at a time
 with positioned reads at the offsets the header gives; nothing is ever unpickled.
 
 Writing: the complete list of output tensors (name, shape, dtype) is known before the first byte is written, so each
@@ -115,6 +115,9 @@ def _parse_header(path: Path) -> tuple[dict, int, dict]:
         raise UpcycleError(
             f"{path} is truncated ({data_len} data bytes, header needs {end}); re-save or re-download it"
         )
+    if end < data_len:  # the format has no holes and no tail (safetensors itself refuses such a file)
+        raise UpcycleError(f"{path} holds {data_len - end} bytes after its last tensor ({data_len} data bytes, header "
+                           f"needs {end}); it is damaged or not a safetensors file, re-save or re-download it")
     return header, 8 + header_len, metadata
 
 

@@ -18,6 +18,11 @@ Layout of one checkpoint (`OUT/checkpoints/step_00001000/`):
     train_config.yaml      the resolved training config of the run
     checksums.json         sha256 of every file under state/, each computed by the rank that wrote it
 
+Every reader checks what it reads: `verify_checkpoint` (every file there, every JSON file parsed and holding values of
+the right kinds, the safetensors headers against their sizes) and `verify_checksums` (every state file against
+checksums.json) run before any tensor is read, by resume (the ranks sharing the hashing) and by `CheckpointTensors`
+(export, eval, analyze, check, grow, the experiment), with the same one-line messages.
+
 Health: the weights of checkpoint s are only tested by step s + 1 (its loss and gradient norm). The trainer then marks
 the checkpoint good, or suspect when that step was non-finite or a spike; `last_good_checkpoint` names the newest good
 one. Checkpoints written before health existed are good.
@@ -28,15 +33,20 @@ read: `one_file_sources` gives its tensors under this version's keys.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import random
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from upcycle.errors import UpcycleError
+from upcycle.files import sha256_file
 from upcycle.formats.safetensors_io import CODE_DTYPES, CheckpointReader, TensorInfo, read_header, tensor_infos
 from upcycle.formats.tensor_sources import Rows, Source, TensorSource
 
@@ -76,14 +86,16 @@ def step_dir_name(step: int) -> str:
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root`, oldest first, as (step, path); temp directories are not checkpoints."""
+    """Published checkpoints under `root`, oldest first, as (step, path); temp directories are not checkpoints. A
+    checkpoint is published whole (one rename), so a step directory that lacks a file was damaged afterwards: it is
+    listed, and `verify_checkpoint` names what it lacks (resume then falls back to the previous one, saying so)."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for path in root.iterdir():
         match = _STEP_DIR.match(path.name)
-        if match and path.is_dir() and (path / TRAINER_STATE).is_file():
+        if match and path.is_dir():
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -138,9 +150,18 @@ def state_files(path: Path) -> list[Path]:
     return sorted((path / STATE_DIR).glob("*.safetensors"))
 
 
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is one of our training checkpoints (either format), not a model saved alone (hf.save_model:
+    model.safetensors + config.json only)."""
+    path = Path(path)
+    return (path / STATE_DIR).is_dir() or any((path / name).exists()
+                                               for name in (TRAINER_STATE, OPTIMIZER_META, ONE_FILE_OPTIMIZER))
+
+
 def verify_checkpoint(path: str | os.PathLike) -> None:
-    """Raise UpcycleError naming the file if checkpoint `path` is incomplete, truncated or unreadable (every JSON file,
-    the RNG files included, and the headers and sizes of its safetensors files), without reading any tensor."""
+    """Raise UpcycleError naming the file if checkpoint `path` is incomplete, truncated or unreadable (every JSON file
+    parsed and holding values of the right kinds, one RNG file per rank that wrote it, the headers and sizes of its
+    safetensors files), without reading any tensor. `verify_checksums` then checks the state files' contents."""
     path = Path(path)
     fmt = checkpoint_format(path)
     required = [MODEL_CONFIG, OPTIMIZER_META, TRAINER_STATE]
@@ -148,20 +169,109 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     for name in required:
         if not (path / name).is_file():
             raise UpcycleError(f"checkpoint {path} has no {name}; it is incomplete or not a training checkpoint")
-    for file in [*(path / name for name in required if name.endswith(".json")), *sorted(path.glob("rng_rank*.json"))]:
+    files = [*(path / name for name in required if name.endswith(".json")), *sorted(path.glob("rng_rank*.json"))]
+    parsed = {}
+    for file in files:
         try:
-            json.loads(file.read_text())
-        except (ValueError, UnicodeDecodeError):
+            parsed[file.name] = json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise UpcycleError(f"{file} is truncated or not JSON") from None
+    state = _check_trainer_state(path, parsed[TRAINER_STATE])
+    for rank in range(int(state.get("world_size", 1))):
+        name = f"rng_rank{rank}.json"
+        if name not in parsed:
+            raise UpcycleError(f"checkpoint {path} has no {name} (written by {state.get('world_size', 1)} rank(s)); "
+                               "it is incomplete")
+    for name, value in parsed.items():
+        if name.startswith("rng_rank"):
+            try:
+                rng_states(value)
+            except Exception as exc:  # noqa: BLE001 (python, numpy and torch each raise their own kinds)
+                raise UpcycleError(f"{path / name} holds no valid RNG state ({type(exc).__name__}: {exc}); the "
+                                   "checkpoint is damaged") from None
     tensor_files = state_files(path) if fmt == SHARDED else [path / ONE_FILE_WEIGHTS, path / ONE_FILE_OPTIMIZER]
     if fmt == SHARDED:
-        listed = set(json.loads((path / CHECKSUMS).read_text()))
+        listed = parsed[CHECKSUMS]
+        if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+            raise UpcycleError(f"{path / CHECKSUMS} does not map state files to sha256 digests; the checkpoint is "
+                               "damaged")
         found = {file.name for file in tensor_files}
-        if listed != found:
+        if set(listed) != found:
             raise UpcycleError(f"checkpoint {path}: {STATE_DIR}/ holds {sorted(found)} but {CHECKSUMS} lists "
                                f"{sorted(listed)}; files were added or removed after it was written")
     for file in tensor_files:
         read_header(file)
+
+
+def _check_trainer_state(path: Path, state: Any) -> dict:
+    """trainer_state.json holds an object whose step is this directory's and whose world size is a count of ranks."""
+    file = path / TRAINER_STATE
+    if not isinstance(state, dict):
+        raise UpcycleError(f"{file} holds {type(state).__name__}, not a JSON object; the checkpoint is damaged")
+    step = state.get("step")
+    if type(step) is not int or step < 0:
+        raise UpcycleError(f"{file}: step must be a count of steps, got {step!r}; the checkpoint is damaged")
+    match = _STEP_DIR.match(path.name)
+    if match and int(match.group(1)) != step:
+        raise UpcycleError(f"{file} records step {step} in {path.name}; it belongs to another checkpoint")
+    world_size = state.get("world_size", 1)
+    if type(world_size) is not int or world_size < 1:
+        raise UpcycleError(f"{file}: world_size must be a count of ranks, got {world_size!r}; the checkpoint is "
+                           "damaged")
+    if not isinstance(state.get("data", {}), dict):
+        raise UpcycleError(f"{file}: data must be the data loader's state (a JSON object), got "
+                           f"{type(state['data']).__name__}; the checkpoint is damaged")
+    return state
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def rng_states(state: dict[str, Any]) -> dict[str, Any]:
+    """An rng_rank*.json record (checkpoint.capture_rng_state) as the objects the generators take: "python" (for
+    random.setstate), "numpy" (np.random.set_state), "torch_cpu" (torch.set_rng_state), "cuda_device" (this rank's
+    GPU) or "cuda" (every visible GPU's, upcycle <= 0.1) when recorded. Each is checked by setting it on a generator
+    of its own, so a record that parses but holds wrong values raises here (whatever the generator raises: KeyError,
+    IndexError, ValueError, RuntimeError, ...), before anything is restored."""
+    py, npy = state["python"], state["numpy"]
+    out: dict[str, Any] = {
+        "python": (py["version"], tuple(py["state"]), py["gauss_next"]),
+        "numpy": (npy["kind"], np.array(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"],
+                  npy["cached_gaussian"]),
+        "torch_cpu": torch.frombuffer(bytearray(_unb64(state["torch_cpu"])), dtype=torch.uint8),
+    }
+    random.Random().setstate(out["python"])
+    np.random.RandomState().set_state(out["numpy"])
+    torch.Generator().set_state(out["torch_cpu"])
+    if "cuda_device" in state:
+        out["cuda_device"] = torch.frombuffer(bytearray(_unb64(state["cuda_device"])), dtype=torch.uint8)
+    elif "cuda" in state:
+        out["cuda"] = [torch.frombuffer(bytearray(_unb64(s)), dtype=torch.uint8) for s in state["cuda"]]
+    return out
+
+
+def checksums_mismatched(path: Path, names: list[str]) -> list[str]:
+    """Which of the state files `names` differ from their sha256 in checksums.json (sha256 at about 1 GB/s)."""
+    expected = json.loads((path / CHECKSUMS).read_text())
+    return [name for name in names if sha256_file(path / STATE_DIR / name) != expected[name]]
+
+
+def checksum_error(path: Path, name: str) -> UpcycleError:
+    """The one message for a state file that does not match checksums.json (resume and every other reader)."""
+    return UpcycleError(f"{path / STATE_DIR / name} does not match its sha256 in {CHECKSUMS}: the checkpoint was "
+                        "modified or damaged after it was written")
+
+
+def verify_checksums(path: str | os.PathLike) -> None:
+    """Check every state file of a sharded checkpoint against checksums.json in this process (the trainer shares the
+    work among its ranks: checkpoint.verify_checksums); raise UpcycleError naming the first file that differs."""
+    path = Path(path)
+    if checkpoint_format(path) != SHARDED:
+        return  # the one-file format recorded none
+    bad = checksums_mismatched(path, sorted(json.loads((path / CHECKSUMS).read_text())))
+    if bad:
+        raise checksum_error(path, bad[0])
 
 
 def sharded_keys(path: Path) -> set[str]:
@@ -212,9 +322,13 @@ class CheckpointTensors(Mapping, TensorSource):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if is_training_checkpoint(self.path):  # a model saved alone has no checksums or trainer state to check
+            verify_checkpoint(self.path)
+            verify_checksums(self.path)
         if checkpoint_format(self.path) != SHARDED:
             reader = CheckpointReader(self.path)
             self._shapes = {k: reader.shape(k) for k in reader if not k.startswith("state/")}
+            self._dtypes = {k: reader.dtype(k) for k in self._shapes}
             self._read = lambda name: reader.get(name)
             return
         self._chunks = _sharded_pieces(self.path, MODEL_PREFIX)
@@ -248,3 +362,6 @@ class CheckpointTensors(Mapping, TensorSource):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from upcycle.formats import hf_formats as hf
 from upcycle.formats.training_checkpoint import CheckpointTensors, model_config_of, model_config_record
+from upcycle.config import build
 from upcycle.errors import UpcycleError
 from upcycle.files import publish_dir, read_json
 from upcycle.model.transformer import Block, ModelConfig, Transformer, rope_inv_freq, rope_tables
@@ -115,7 +116,8 @@ def _take_experts(taker: _Taker, fmt: str, layer: int, config: ModelConfig) -> d
     E, D, Fd = config.num_experts, config.dim, config.expert_dim
     fused_router, fused_gate_up, fused_down = hf.fused_expert_keys(layer)
     router_key = hf.router_key(fmt, layer)
-    router = taker.take(router_key if router_key in taker else fused_router, (E, D))
+    # a router under neither key is named by the format's own key (the fused one only where the file uses it)
+    router = taker.take(fused_router if fused_router in taker and router_key not in taker else router_key, (E, D))
     stored = hf.stored_experts(fmt, layer, E, D, Fd)
     if stored[0][2] == -1:  # Granite stores a layer's experts in two tensors: input_linear [E, 2F, D], output_linear
         (gate_up_key, _, _, _), (down_key, _, _, _) = stored
@@ -490,19 +492,29 @@ class _SourceTensors(Mapping, TensorSource):
 
 def model_tensors(path: str | Path) -> tuple[ModelConfig, TensorSource]:
     """Our ModelConfig and our tensors of any checkpoint we read: a training checkpoint (sharded or one-file), our
-    saved model, or an HF checkpoint, as a mapping that reads one tensor when it is looked up (streaming export)."""
+    saved model, or an HF checkpoint, as a mapping that reads one tensor when it is looked up (streaming export).
+
+    The one validation of a model directory, which every command that reads one runs before any work (export, eval,
+    analyze, check, grow, the experiment): a training checkpoint's files and checksums (CheckpointTensors); config.json
+    with the type and range of every field it sets; every tensor the config implies present with its shape, nothing
+    else, and of a floating dtype; all from the config and the file headers, before a tensor is read. Then each tensor
+    is checked finite as it is read (one pass over values already in memory; a reader of the whole model, such as
+    load_model or an export, thereby checks all of them)."""
     path = Path(path)
     if is_our_checkpoint(path):
-        tensors = CheckpointTensors(path)  # refuses a directory of no known format first
-        try:
-            config = ModelConfig(**model_config_of(path))
-        except TypeError as exc:
-            raise UpcycleError(f"{path / 'config.json'} does not describe a model of ours ({exc})") from None
+        tensors = CheckpointTensors(path)  # refuses a directory of no known format, or a damaged checkpoint, first
+        _check_floating(tensors, path)
+        config = _our_model_config(path)
         _check_shapes(config, tensors, path)
-        return config, tensors
-    reader = CheckpointReader(path)
-    config, sources = hf_sources(reader, reader.config)
-    return config, _SourceTensors(sources)
+    else:
+        reader = CheckpointReader(path)
+        _check_floating(reader, path)
+        try:
+            config, sources = hf_sources(reader, reader.config)
+        except UpcycleError as exc:
+            raise UpcycleError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
+        tensors = _SourceTensors(sources)
+    return config, _FiniteTensors(tensors, path)
 
 
 def _check_shapes(config: ModelConfig, tensors: TensorSource, path: Path) -> None:
@@ -519,6 +531,51 @@ def _check_shapes(config: ModelConfig, tensors: TensorSource, path: Path) -> Non
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
         raise UpcycleError(f"checkpoint {path} has tensors its config.json does not describe: {', '.join(unknown[:3])}")
+
+
+def _check_floating(tensors: CheckpointReader | CheckpointTensors, path: Path) -> None:
+    for name in tensors:
+        dtype = tensors.dtype(name)
+        if not dtype.is_floating_point:
+            raise UpcycleError(f"tensor {name} of {path} is {str(dtype).removeprefix('torch.')}, not a floating dtype; "
+                               "quantized or damaged checkpoints are not supported, dequantize to float32, bfloat16 "
+                               "or float16 first")
+
+
+def _our_model_config(path: Path) -> ModelConfig:
+    """The ModelConfig a checkpoint of ours records, every field checked against its type (upcycle.config.build)."""
+    fields = model_config_of(path)
+    try:
+        return build(ModelConfig, fields, "model")
+    except UpcycleError as exc:
+        raise UpcycleError(f"{path / 'config.json'} does not describe a model of ours: {exc}") from None
+
+
+class _FiniteTensors(Mapping, TensorSource):
+    """A TensorSource whose tensors are checked finite as they are read: NaN or Inf weights compute no usable function,
+    and every command that reads a model refuses them in one line naming the tensor."""
+
+    def __init__(self, tensors: TensorSource, path: Path):
+        self.tensors, self.path = tensors, path
+
+    def __getitem__(self, name: str) -> Tensor:
+        tensor = self.tensors[name]
+        if not torch.isfinite(tensor).all():
+            raise UpcycleError(f"tensor {name} of {self.path} holds NaN or Inf values; this checkpoint computes no "
+                               "usable function (damaged, or its training diverged): use another one")
+        return tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors.shape(name)
 
 
 def as_hf_directory(path: str | Path, tmp: str | Path) -> Path:

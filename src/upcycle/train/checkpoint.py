@@ -74,6 +74,8 @@ from upcycle.formats.training_checkpoint import (  # noqa: F401 (the format's na
     TRAINER_STATE,
     CheckpointTensors,
     checkpoint_format,
+    checksum_error,
+    checksums_mismatched,
     health,
     last_good_checkpoint,
     latest_checkpoint,
@@ -82,13 +84,14 @@ from upcycle.formats.training_checkpoint import (  # noqa: F401 (the format's na
     model_config_record,
     one_file_sources,
     read_trainer_state,
+    rng_states,
     sharded_keys,
     step_dir_name,
     verify_checkpoint,
 )
 from upcycle.train.distributed import World, all_gather_object, barrier, unwrap
 from upcycle.errors import UpcycleError
-from upcycle.files import atomic_write_json, fsync_path, sha256_file, wait_for_file
+from upcycle.files import atomic_write_json, fsync_path, wait_for_file
 from upcycle.formats.safetensors_io import TensorInfo, save_tensors, tensor_infos
 from upcycle.train.shards import global_views, piece_of
 from upcycle.formats.tensor_sources import Piece, fill_from_sources
@@ -113,23 +116,20 @@ def mark_health(path: str | os.PathLike, value: str, reason: str | None = None) 
 
 def verify_checksums(path: str | os.PathLike, world: World) -> None:
     """Check every state file of a sharded checkpoint against checksums.json, the ranks sharing the reading (a
-    collective when distributed); raise UpcycleError naming the first file that differs."""
+    collective when distributed); raise UpcycleError naming the first file that differs (the message of every other
+    reader: training_checkpoint.checksum_error)."""
     path = Path(path)
     if checkpoint_format(path) != SHARDED:
         return  # the one-file format recorded none
-    expected = json.loads((path / CHECKSUMS).read_text())
-    names = sorted(expected)
-    bad = [name for name in names[world.rank::world.world_size]
-           if sha256_file(path / STATE_DIR / name) != expected[name]]
+    names = sorted(json.loads((path / CHECKSUMS).read_text()))
+    bad = checksums_mismatched(path, names[world.rank::world.world_size])
     flags = torch.zeros(len(names), dtype=torch.float64)  # on the CPU, reduced over the host group (gloo)
     for name in bad:
         flags[names.index(name)] = 1.0
     if world.distributed:
         dist.all_reduce(flags, group=world.host_group)
     if flags.any():
-        name = names[int(flags.nonzero()[0])]
-        raise UpcycleError(f"{path / STATE_DIR / name} does not match its sha256 in {CHECKSUMS}: the checkpoint was "
-                           "modified or damaged after it was written")
+        raise checksum_error(path, names[int(flags.nonzero()[0])])
 
 
 def resumable_checkpoint(root: str | os.PathLike, world: World, log=print) -> Path | None:
@@ -163,10 +163,6 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"))
-
-
 def capture_rng_state() -> dict[str, Any]:
     """Every RNG a training step could draw from, as JSON-able values."""
     version, mt_state, gauss_next = random.getstate()
@@ -184,18 +180,16 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-    npy = state["numpy"]
-    np.random.set_state((npy["kind"], np.array(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
-    torch.set_rng_state(torch.frombuffer(bytearray(_unb64(state["torch_cpu"])), dtype=torch.uint8))
-    if "cuda_device" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(_unb64(state["cuda_device"])), dtype=torch.uint8))
-    elif "cuda" in state and torch.cuda.is_available():  # written by upcycle <= 0.1: every visible GPU's state
-        cuda_states = [torch.frombuffer(bytearray(_unb64(s)), dtype=torch.uint8) for s in state["cuda"]]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+    """Set every RNG from an rng_rank*.json record (read and checked by training_checkpoint.rng_states)."""
+    states = rng_states(state)
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch_cpu"])
+    if "cuda_device" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda_device"])
+    elif "cuda" in states and torch.cuda.is_available():  # written by upcycle <= 0.1: every visible GPU's state
+        if len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -688,15 +682,15 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     # Same world size: each rank continues its own RNG streams. Different world size: the streams cannot all carry
     # over; rank r takes saved rank r mod W_saved so every rank still gets a saved, deterministic state.
     saved_world = int(trainer_state.get("world_size", 1))
-    rng_file = path / f"rng_rank{world.rank % saved_world}.json"
-    if rng_file.is_file():
-        restore_rng_state(json.loads(rng_file.read_text()))
+    restore_rng_state(json.loads((path / f"rng_rank{world.rank % saved_world}.json").read_text()))  # verified there
     return trainer_state
 
 
 def load_model_weights(path: str | os.PathLike, model: nn.Module, world: World) -> None:
     """Only the model weights of a training checkpoint (either format) into `model`'s pieces (init.source pointing at
-    one of our checkpoints)."""
+    one of our checkpoints), after checking it as resume does (every rank calls this: the checksums are verified
+    together)."""
     path = Path(path)
     verify_checkpoint(path)
+    verify_checksums(path, world)
     _load_state(path, state_tensors(model, None), world, partial=True)
