@@ -150,6 +150,8 @@ def test_btx_is_compose_with_average_and_uniform_routers(tmp_path):
     ("no prompts", "has no positive prompts, which router hidden needs for every expert"),
     ("base and average", "give either base (a dense checkpoint) or average: true, exactly one of them"),
     ("unknown field", "spec.yaml: num_experts: unknown field; a compose spec accepts: average, base, calibration, "),
+    ("misaligned granularity", "spec.yaml: granularity 16 makes experts of 3 neurons, whose rows of 12 bytes in "
+                               "float32 are not a multiple of 16 bytes"),
 ])
 def test_bad_spec_is_one_line_exit_2_and_nothing_written(tmp_path, case, message):
     base = _dense(tmp_path / "base", "llama")
@@ -169,11 +171,55 @@ def test_bad_spec_is_one_line_exit_2_and_nothing_written(tmp_path, case, message
         values["average"] = True
     if case == "unknown field":
         values["num_experts"] = 6
+    if case == "misaligned granularity":
+        values.update(granularity=16, top_k=16)
     spec = _spec(tmp_path / "spec.yaml", **values)
     result = subprocess.run([sys.executable, "-m", "upcycle", "compose", str(spec), str(tmp_path / "out")],
                             env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_force_never_deletes_the_folder_that_holds_the_spec(tmp_path, capsys):
+    """Before, the spec was not among the inputs OUT may not contain: --force replaced OUT, spec and all."""
+    from helpers import assert_one_line_error, run_cli
+
+    base = _dense(tmp_path / "base", "llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = _spec(out / "spec.yaml", base=str(base), router="uniform", experts=[{"source": str(base)} for _ in "ab"])
+    code, err = run_cli(capsys, "compose", str(spec), str(out), "--force")
+    assert_one_line_error(code, err, f"OUTPUT {out} contains the input {spec}")
+    assert sorted(p.name for p in out.iterdir()) == ["spec.yaml"] and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("router", ["hidden", "embed", "uniform"])
+def test_prompts_beyond_the_vocabulary_are_refused_before_anything_is_written(tmp_path, capsys, router):
+    """A tokenizer that is not the model's (ids 0 .. 89 for a vocabulary of 64): before, an IndexError traceback, with
+    router uniform only after every weight was written (the prompts are then read to measure their routing)."""
+    from helpers import assert_one_line_error, run_cli
+
+    base = _dense(tmp_path / "base", "llama", vocab_size=64)
+    spec = _spec(tmp_path / "spec.yaml", base=str(base), router=router,
+                 experts=[{"source": str(base), "positive": ["w1 w2"]}, {"source": str(base), "positive": ["w3 w70"]}])
+    code, err = run_cli(capsys, "compose", str(spec), str(tmp_path / "out"))
+    assert_one_line_error(code, err, f"{spec}: experts[1].positive: the prompt 'w3 w70' has token id 70 by "
+                          f"{base / 'tokenizer.json'}, but the model's vocabulary has 64 tokens")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_calibration_beyond_the_vocabulary_is_refused_before_anything_is_written(tmp_path, capsys):
+    from helpers import assert_one_line_error, run_cli
+
+    base = save_dense(tmp_path / "base", "llama", vocab_size=64)
+    write_tokenizer(base, eos=True)  # EOS is id 91
+    text = tmp_path / "calib.txt"
+    text.write_text("w1 w2 w3\n")
+    code, err = run_cli(capsys, "convert", str(base), str(tmp_path / "out"), "--num-experts", "2",
+                        "--router-init", "data", "--calibration", str(text), "--quiet")
+    assert_one_line_error(code, err, f"--calibration {text}: the tokenizer in {base} gives token id 91, but the "
+                          "model's vocabulary has 64 tokens")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 

@@ -170,6 +170,37 @@ def test_bad_granularity_is_one_line_exit_2_and_nothing_written(tmp_path, capsys
     assert_convert_refused(capsys, dense, tmp_path / "out", *args, message=message)
 
 
+@pytest.mark.parametrize("args, message", [
+    # fp32 experts of 3 neurons: rows of 12 bytes; working (F / G a multiple of 4): 1, 2, 3, 4, 6, 12
+    (["--granularity", "16", "--num-experts", "16", "--top-k", "16"],
+     "--granularity 16 makes experts of 3 neurons, whose rows of 12 bytes in float32 are not a multiple of 16 bytes, "
+     "which transformers' grouped matmul needs to run them; the nearest granularities that work: 3, 4, 6, 12"),
+    # bf16 experts of 12 neurons: rows of 24 bytes; working (F / G a multiple of 8): 1, 2, 3, 6
+    (["--granularity", "4", "--num-experts", "8", "--top-k", "4", "--dtype", "bfloat16"],
+     "--granularity 4 makes experts of 12 neurons, whose rows of 24 bytes in bfloat16 are not a multiple of 16 bytes, "
+     "which transformers' grouped matmul needs to run them; the nearest granularities that work: 1, 2, 3, 6"),
+    # the suggestions for a granularity that does not divide F leave out those transformers cannot run (4, 8, 12, 16)
+    (["--granularity", "5", "--num-experts", "10", "--top-k", "5", "--dtype", "bfloat16"],
+     "the dense FFN size 48 is not divisible by --granularity 5; choose one of 2, 3, 6\n"),
+])
+def test_granularities_transformers_cannot_run_are_refused_before_anything_is_written(tmp_path, capsys, args,
+                                                                                     message):
+    """Before, these converted with exit 0 and transformers' grouped matmul then failed on the output ("strides should
+    be multiple of 16 bytes"), and convert suggested such granularities itself."""
+    dense = save_dense(tmp_path / "dense", "llama")
+    assert_convert_refused(capsys, dense, tmp_path / "out", *args, message=message)
+
+
+def test_the_granularities_that_work_are_the_nearest_aligned_divisors():
+    from upcycle.convert.options import working_granularities
+
+    # Qwen2-0.5B's FFN of 4864 neurons in bf16: G = 64 gives experts of 76 (152-byte rows); F / G must be a multiple
+    # of 8, so G divides 608
+    assert working_granularities(4864, "bfloat16", near=64) == [19, 32, 38, 76]
+    assert working_granularities(4864, "float32", near=64) == [32, 38, 64, 76]
+    assert working_granularities(6, "bfloat16", near=2) == []
+
+
 def test_analyze_reads_a_granular_conversion(tmp_path):
     from helpers import make_data_dir
     from upcycle.eval.analyze import analyze

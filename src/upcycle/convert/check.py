@@ -177,7 +177,8 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
 
 def _prompt_routing(moe, moe_path: Path, manifest: dict) -> list[dict]:
     """What `upcycle compose` recorded as prompt_routing, measured again through transformers' own model."""
-    prompts = Prompts.tokenize(manifest["prompts"], moe_path, f"{moe_path}/upcycle_manifest.json")
+    prompts = Prompts.tokenize(manifest["prompts"], moe_path, moe.config.vocab_size,
+                               f"{moe_path}/upcycle_manifest.json")
     per_layer: list[list[torch.Tensor]] = []
     with torch.no_grad():
         for ids in prompts.sequences:

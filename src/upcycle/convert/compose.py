@@ -41,13 +41,13 @@ import torch
 from upcycle.formats import hf_formats as hf
 from upcycle.convert.calibration import rows_from_centroids
 from upcycle.config import build, check_values, config_fields, read_yaml, refuse_unknown
-from upcycle.convert.conversion import check_conversion_fits, check_dense_source, write_moe
+from upcycle.convert.conversion import check_alignment, check_conversion_fits, check_dense_source, write_moe
 from upcycle.convert.options import INDEX_MODES, ROUTER_INITS, ConversionPlan, ConvertOptions, CopyPlan
 from upcycle.data.prepare import calibration_token_ids, expand_paths, iter_documents
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output
 from upcycle.model.hf import layer_by_layer
-from upcycle.formats.safetensors_io import CheckpointReader
+from upcycle.formats.safetensors_io import CheckpointReader, dtype_name
 from upcycle.convert.upcycling import btx_mean
 from upcycle.validation import short_repr
 
@@ -225,8 +225,10 @@ class Prompts:
     owner: list[tuple[int, str]]  # per sequence: (expert, "positive" | "negative")
 
     @classmethod
-    def tokenize(cls, texts: list[dict[str, list[str]]], tokenizer_dir: Path, where: str = "prompts") -> Prompts:
-        """The prompts of every expert (as the manifest records them), tokenized; an empty one is refused."""
+    def tokenize(cls, texts: list[dict[str, list[str]]], tokenizer_dir: Path, vocab_size: int,
+                 where: str = "prompts") -> Prompts:
+        """The prompts of every expert (as the manifest records them), tokenized; an empty one is refused, and so is
+        a token id the model has no embedding for (a tokenizer that is not the model's)."""
         sequences, owner = [], []
         for i, entry in enumerate(texts):
             for kind in ("positive", "negative"):
@@ -235,12 +237,17 @@ class Prompts:
                     if tokens.numel() == 0:
                         raise UpcycleError(f"{where}: experts[{i}].{kind}: the prompt {text[:40]!r} tokenizes to "
                                            "nothing; give it some text")
+                    if int(tokens.max()) >= vocab_size:
+                        raise UpcycleError(f"{where}: experts[{i}].{kind}: the prompt {text[:40]!r} has token id "
+                                           f"{int(tokens.max())} by {Path(tokenizer_dir) / 'tokenizer.json'}, but the "
+                                           f"model's vocabulary has {vocab_size} tokens; the tokenizer is not the "
+                                           "model's")
                 sequences += ids
                 owner += [(i, kind)] * len(ids)
         return cls(texts, sequences, owner)
 
 
-def _read_prompts(spec: ComposeSpec, tokenizer_dir: Path, path: str | os.PathLike) -> Prompts:
+def _read_prompts(spec: ComposeSpec, tokenizer_dir: Path, vocab_size: int, path: str | os.PathLike) -> Prompts:
     texts = []
     for i, expert in enumerate(spec.experts):
         entry = {kind: _prompt_texts(getattr(expert, kind), f"{path}: experts[{i}].{kind}")
@@ -249,7 +256,7 @@ def _read_prompts(spec: ComposeSpec, tokenizer_dir: Path, path: str | os.PathLik
             raise UpcycleError(f"{path}: experts[{i}] ({expert.source}) has no positive prompts, which router "
                                f"{spec.router} needs for every expert; add them or set router: uniform")
         texts.append(entry)
-    return Prompts.tokenize(texts, tokenizer_dir, str(path))
+    return Prompts.tokenize(texts, tokenizer_dir, vocab_size, str(path))
 
 
 def _unit(x_ND: torch.Tensor) -> torch.Tensor:
@@ -343,27 +350,31 @@ def compose(spec_path: str | os.PathLike, output: str | os.PathLike, *, force: b
     if isinstance(spec.shared_expert, dict):
         sources_paths.append(spec.shared_expert["source"])
     prompt_files = [p for e in spec.experts for p in (e.positive, e.negative) if isinstance(p, str)]
-    inputs = [*sources_paths, *prompt_files, *([opts.calibration] if opts.calibration else [])]
+    # the spec too: with --force, an OUT that holds it would be deleted with the spec it was built from
+    inputs = [spec_path, *sources_paths, *prompt_files, *([opts.calibration] if opts.calibration else [])]
     output = check_output(output, force=force, inputs=inputs)
     sources = _open_sources(spec)
     fmt = hf.resolve_format(sources.readers[0].config, opts.format)
     if spec.shared_expert is not None and fmt not in hf.SHARED_EXPERT_FORMATS:
         raise UpcycleError(f"{spec_path}: shared_expert needs format qwen2_moe or granitemoeshared, the formats with a "
                            f"shared expert (got {fmt})")
-    moe_layers = _as_spec_error(spec_path, lambda: opts.check_source(sources.shapes, fmt))
+    out_dtype = dtype_name(sources.readers[0].dtype(hf.EMBED_KEY)) if opts.dtype == "auto" else opts.dtype
+    moe_layers = _as_spec_error(spec_path, lambda: opts.check_source(sources.shapes, fmt, out_dtype))
     distinct = list(dict.fromkeys(sources.of(e.source) for e in spec.experts))
     plan = ConversionPlan(base=(0,) if spec.base is not None else tuple(distinct),
                           copies=tuple(CopyPlan(sources.of(e.source), "drop", float(e.ratio), e.index_mode)
                                        for e in spec.experts),
                           shared_source=(sources.of(spec.shared_expert["source"])
                                          if isinstance(spec.shared_expert, dict) else None))
+    _as_spec_error(spec_path, lambda: check_alignment(sources.readers, sources.shapes, opts))  # naming spec fields
     check_conversion_fits(sources.readers, sources.shapes, fmt, opts, output)  # before the prompts' model runs
     tokenizer_dir = sources.readers[plan.base[0]].dir
     has_prompts = any(e.positive or e.negative for e in spec.experts)
-    prompts = (_read_prompts(spec, tokenizer_dir, spec_path) if has_prompts or spec.router in ("hidden", "embed")
-               else None)
+    prompts = (_read_prompts(spec, tokenizer_dir, sources.shapes.vocab_size, spec_path)
+               if has_prompts or spec.router in ("hidden", "embed") else None)
     if opts.router_init == "data":  # the text is there (cheap, before any work); clustering comes while writing
-        calibration_token_ids(opts.calibration, tokenizer_dir, opts.calibration_tokens)
+        calibration_token_ids(opts.calibration, tokenizer_dir, opts.calibration_tokens,
+                              vocab_size=sources.shapes.vocab_size)
     if prompts is not None:
         plan = dataclasses.replace(plan, router_rows=_router_rows(spec, opts, sources, plan, prompts, moe_layers))
 

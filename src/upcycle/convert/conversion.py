@@ -375,9 +375,9 @@ def _open_sources(source: str | os.PathLike, opts: ConvertOptions) -> tuple[list
         readers += [CheckpointReader(s) for s in opts.btx_sources]
         _check_btx_sources(first, readers[1:], shapes)
     fmt = hf.resolve_format(first.config, opts.format)
-    opts.check_source(shapes, fmt)
+    opts.check_source(shapes, fmt, dtype_name(_out_dtype(opts, first)))
     if opts.router_init == "data":  # the text is there (cheap, before any work); clustering comes in _generate
-        calibration_token_ids(opts.calibration, first.dir, opts.calibration_tokens)
+        calibration_token_ids(opts.calibration, first.dir, opts.calibration_tokens, vocab_size=shapes.vocab_size)
     return readers, shapes, fmt
 
 
@@ -426,6 +426,11 @@ def _out_dtype(opts: ConvertOptions, reader: CheckpointReader) -> torch.dtype:
     if opts.dtype != "auto":
         return DTYPE_NAMES[opts.dtype]
     return reader.dtype(hf.EMBED_KEY)
+
+
+def check_alignment(readers: list[CheckpointReader], shapes: hf.Shapes, opts: ConvertOptions) -> None:
+    """`ConvertOptions.check_alignment` in the dtype the output is written in (--dtype, or the source's)."""
+    opts.check_alignment(shapes, dtype_name(_out_dtype(opts, readers[0])))
 
 
 def _estimate_for(readers, shapes: hf.Shapes, fmt: str, opts: ConvertOptions) -> Estimate:
@@ -617,7 +622,9 @@ def write_moe(readers: list[CheckpointReader], shapes: hf.Shapes, fmt: str, opts
 
 def check_conversion_fits(readers: list[CheckpointReader], shapes: hf.Shapes, fmt: str, opts: ConvertOptions,
                           output: Path) -> None:
-    """Refuse, before any work, a conversion whose output or peak memory cannot fit (`estimate`)."""
+    """Refuse, before any work, a conversion whose experts transformers cannot run in the output dtype
+    (`ConvertOptions.check_alignment`), or whose output or peak memory cannot fit (`estimate`)."""
+    check_alignment(readers, shapes, opts)
     check_fits(_estimate_for(readers, shapes, fmt, opts), output, _smaller(opts))
 
 

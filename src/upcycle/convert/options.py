@@ -281,14 +281,19 @@ class ConvertOptions:
             raise UpcycleError(f"{n('shared_expert')} dense needs {n('format')} qwen2_moe or granitemoeshared, the "
                                f"formats with a shared expert (got {fmt})")
 
-    def check_source(self, shapes: hf.Shapes, fmt: str) -> tuple[int, ...]:
+    def check_source(self, shapes: hf.Shapes, fmt: str, out_dtype: str | None = None) -> tuple[int, ...]:
         """What can only be checked against the source's sizes and the resolved format, before anything is written.
-        Returns the MoE layers."""
+        Returns the MoE layers. `out_dtype`, the dtype the output is written in when known, filters the granularities
+        suggested to those whose experts transformers can run (check_alignment)."""
         n = self.option_name
         if shapes.ffn_dim % self.granularity:
-            divisors = [g for g in range(2, 17) if shapes.ffn_dim % g == 0]
+            out_dtype = out_dtype or (self.dtype if self.dtype != "auto" else None)
+            suggested = [g for g in range(2, 17) if shapes.ffn_dim % g == 0
+                         and (out_dtype is None or aligned_expert(shapes.ffn_dim // g, out_dtype))]
+            if out_dtype is not None and not suggested:
+                suggested = working_granularities(shapes.ffn_dim, out_dtype, near=self.granularity)
             raise UpcycleError(f"the dense FFN size {shapes.ffn_dim} is not divisible by {n('granularity')} "
-                               f"{self.granularity}; choose one of {', '.join(map(str, divisors)) or '1'}")
+                               f"{self.granularity}; choose one of {', '.join(map(str, suggested)) or '1'}")
         self.check_format(fmt)
         if self.shared_expert_dim is not None and fmt not in hf.SHARED_EXPERT_FORMATS:
             raise UpcycleError(f"{n('shared_expert_dim')} sizes a shared expert, which {fmt} does not have; use "
@@ -299,6 +304,22 @@ class ConvertOptions:
                                f"qwen2_moe (or qwen3_moe for a Qwen3 source) with {n('moe_layers')}, or leave "
                                f"{n('moe_layers')} out")
         return moe_layers
+
+    def check_alignment(self, shapes: hf.Shapes, out_dtype: str) -> None:
+        """Refuse a granularity whose experts transformers cannot run in the output dtype `out_dtype` (a name of
+        FLOAT_DTYPES): its grouped matmul needs every row of an expert's weights to be a multiple of 16 bytes, and a
+        down projection's rows hold F / G values. Refused rather than padded: zero neurons would keep the function
+        but make every expert a different size from the segment of the dense FFN it is, and cost memory and compute."""
+        n, g = self.option_name, self.granularity
+        expert_dim = shapes.ffn_dim // g
+        if aligned_expert(expert_dim, out_dtype):
+            return
+        working = working_granularities(shapes.ffn_dim, out_dtype, near=g)
+        advice = (f"the nearest granularities that work: {', '.join(map(str, working))}" if working else
+                  f"no granularity of the FFN size {shapes.ffn_dim} does in {out_dtype}; use {n('dtype')} float32")
+        raise UpcycleError(f"{n('granularity')} {g} makes experts of {expert_dim} neurons, whose rows of "
+                           f"{expert_dim * DTYPE_BYTES[out_dtype]} bytes in {out_dtype} are not a multiple of "
+                           f"{ALIGNMENT_BYTES} bytes, which transformers' grouped matmul needs to run them; {advice}")
 
     def shared_dim(self, shapes: hf.Shapes, fmt: str) -> int:
         """Size of the output's shared expert (0: none)."""
@@ -317,6 +338,24 @@ class ConvertOptions:
                                   copies=tuple(CopyPlan(source=s, method="naive", ratio=0.0, index_mode=self.index_mode)
                                                for s in btx_source_of_expert(copies, num_sources)))
         return ConversionPlan(base=(0,), copies=(CopyPlan(0, self.method, self.ratio, self.index_mode),) * copies)
+
+
+# transformers runs an MoE's experts with one grouped matmul, which fails ("strides should be multiple of 16 bytes")
+# unless every row of an expert's weights starts 16 bytes after the previous one
+ALIGNMENT_BYTES = 16
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def aligned_expert(expert_dim: int, dtype: str) -> bool:
+    """Whether experts of `expert_dim` neurons have rows transformers can run in `dtype` (a name of FLOAT_DTYPES)."""
+    return expert_dim * DTYPE_BYTES[dtype] % ALIGNMENT_BYTES == 0
+
+
+def working_granularities(ffn_dim: int, dtype: str, *, near: int, count: int = 4) -> list[int]:
+    """Up to `count` granularities that divide `ffn_dim` into experts transformers can run in `dtype`, nearest to
+    `near` first, in increasing order."""
+    good = [g for g in range(1, ffn_dim + 1) if ffn_dim % g == 0 and aligned_expert(ffn_dim // g, dtype)]
+    return sorted(sorted(good, key=lambda g: (abs(g - near), g))[:count])
 
 
 @dataclass(frozen=True)

@@ -274,9 +274,11 @@ def load_tokenizer(path: str | Path, eos_token: str | None = None):
                        "pass --eos-token with a token from its vocabulary")
 
 
-def calibration_token_ids(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, max_tokens: int) -> torch.Tensor:
+def calibration_token_ids(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, max_tokens: int, *,
+                          vocab_size: int | None = None) -> torch.Tensor:
     """Up to `max_tokens` token ids of the calibration file(s) of `--router-init data`, documents separated by EOS (as
-    `data prepare`), tokenized with the tokenizer in `tokenizer_dir` (the dense source's)."""
+    `data prepare`), tokenized with the tokenizer in `tokenizer_dir` (the dense source's); with `vocab_size`, an id
+    the model has no embedding for is refused (a tokenizer that is not the model's)."""
     import torch
 
     if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
@@ -289,10 +291,16 @@ def calibration_token_ids(path: str | os.PathLike, tokenizer_dir: str | os.PathL
         for document in iter_documents(file):
             ids += tokenizer.encode(document, add_special_tokens=False).ids + [eos_id]
             if len(ids) >= max_tokens:
-                return torch.tensor(ids[:max_tokens])
+                break
+        if len(ids) >= max_tokens:
+            break
     if not any(i != eos_id for i in ids):
         raise UpcycleError(f"--calibration {path} has no text; pass a JSONL file with \"text\" fields or a plain text "
                            "file, with some text in it")
+    ids = ids[:max_tokens]
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise UpcycleError(f"--calibration {path}: the tokenizer in {tokenizer_dir} gives token id {max(ids)}, but "
+                           f"the model's vocabulary has {vocab_size} tokens; the tokenizer is not the model's")
     return torch.tensor(ids)
 
 

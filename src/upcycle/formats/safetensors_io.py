@@ -1,8 +1,9 @@
 """Validated, lazy reading of HF checkpoint directories and a streaming safetensors shard writer.
 
 Reading: every header is parsed and checked against the file size before any work starts (the tensors must fill the
-data exactly, as the format demands), so a truncated or extended file is reported up front with its name rather than failing halfway through a conversion. Tensors are then read one at a time
-with positioned reads at the offsets the header gives; nothing is ever unpickled.
+data exactly, as the format demands), so a truncated or extended file is reported up front with its name rather than
+failing halfway through a conversion. Tensors are then read one at a time with positioned reads at the offsets the
+header gives; nothing is ever unpickled.
 
 Writing: the complete list of output tensors (name, shape, dtype) is known before the first byte is written, so each
 shard's header is written first and tensor bytes are streamed after it in order. Peak memory is one tensor, whatever
