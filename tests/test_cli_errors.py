@@ -99,6 +99,15 @@ CASES = {
                       "--noise-std must be a finite number, got nan"),
     "NaN ratio": (lambda d: None, ["{src}", "{out}", "--ratio", "nan"], "--ratio must be a finite number"),
     "a billion experts": (lambda d: None, ["{src}", "{out}", "--num-experts", "1000000000"], "of memory"),
+    # what an outside audit found accepted, or blamed on another option
+    "empty moe layers": (lambda d: None, ["{src}", "{out}", "--moe-layers", ""],
+                         "--moe-layers is empty; name the MoE layers"),
+    "zero shard size": (lambda d: None, ["{src}", "{out}", "--max-shard-size", "0"],
+                        "--max-shard-size must be a positive size such as 5GB or 500MB, got '0'"),
+    "huge shared expert": (lambda d: None, ["{src}", "{out}", "--format", "qwen2_moe", "--shared-expert-dim",
+                                            "100000000"], "use a smaller --shared-expert-dim than 100000000"),
+    "dense shared expert in mixtral": (lambda d: None, ["{src}", "{out}", "--shared-expert", "dense", "--format",
+                                                        "mixtral"], "--shared-expert dense needs --format qwen2_moe"),
 }
 
 
@@ -130,6 +139,28 @@ def test_existing_output_is_refused_and_left_untouched(tmp_path, capsys):
     code, err = run_cli(capsys, "convert", str(src), str(out), "--quiet")
     assert code == 2 and "pass --force" in err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_force_onto_a_symlinked_output_is_refused_and_writes_nothing(tmp_path, capsys):
+    """Before, convert wrote the output in place of the link, then exited 2 leaving a .out.upcycle-old-PID link."""
+    src = save_dense(tmp_path / "src", "llama")
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "mine.txt").write_text("keep")
+    (tmp_path / "out").symlink_to(real)
+    code, err = run_cli(capsys, "convert", str(src), str(tmp_path / "out"), "--force", "--quiet")
+    assert_one_line_error(code, err, f"OUTPUT {tmp_path / 'out'} is a symlink (to {real})")
+    assert (tmp_path / "out").is_symlink() and [p.name for p in real.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real", "src"]
+
+
+def test_export_refuses_a_zero_shard_size(tmp_path, capsys):
+    from upcycle.convert.conversion import convert
+
+    moe = convert(save_dense(tmp_path / "src", "llama"), tmp_path / "moe", progress=False, num_experts=2)
+    code, err = run_cli(capsys, "export", str(moe), str(tmp_path / "out"), "--max-shard-size", "0")
+    assert_one_line_error(code, err, "--max-shard-size must be a positive size")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_installed_entry_point_runs_convert_and_check(tmp_path):

@@ -228,8 +228,10 @@ def export_command(
         max_shard_size: Largest output safetensors file, e.g. 5GB or 500MB (several files get an index).
     """
     from upcycle.files import check_output
+    from upcycle.formats.safetensors_io import parse_shard_size
     from upcycle.model.hf import check_model_dir, export_hf, model_tensors
 
+    parse_shard_size(max_shard_size)
     if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
         raise UpcycleError(f"--tokenizer {tokenizer} has no tokenizer.json")
     inputs = (checkpoint, *([tokenizer] if tokenizer is not None else ()))

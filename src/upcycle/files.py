@@ -254,6 +254,9 @@ def check_output(out: str | os.PathLike, *, force: bool, inputs: Iterable[str | 
     if out.exists() or out.is_symlink():
         if not force:
             raise UpcycleError(f"{flag} {out} already exists; choose another {flag} or pass --force to replace it")
+        if out.is_symlink():  # --force would replace the link, not what it points to, and leave the old link behind
+            raise UpcycleError(f"{flag} {out} is a symlink (to {os.readlink(out)}); --force replaces directories, "
+                               f"not links: give the directory it points to, or remove the link")
         if not out.is_dir():
             raise UpcycleError(f"{flag} {out} exists and is not a directory; remove it or choose another {flag}")
     if out.parent.exists() and not out.parent.is_dir():

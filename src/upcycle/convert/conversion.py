@@ -625,10 +625,19 @@ def check_conversion_fits(readers: list[CheckpointReader], shapes: hf.Shapes, fm
     """Refuse, before any work, a conversion whose experts transformers cannot run in the output dtype
     (`ConvertOptions.check_alignment`), or whose output or peak memory cannot fit (`estimate`)."""
     check_alignment(readers, shapes, opts)
-    check_fits(_estimate_for(readers, shapes, fmt, opts), output, _smaller(opts))
+    need = _estimate_for(readers, shapes, fmt, opts)
+    check_fits(need, output, _smaller(opts, need, lambda: _estimate_for(
+        readers, shapes, fmt, dataclasses.replace(opts, shared_expert_dim=None))))
 
 
-def _smaller(opts: ConvertOptions) -> str:
+def _smaller(opts: ConvertOptions, need: Estimate | None = None, without_shared: Callable[[], Estimate] | None = None
+             ) -> str:
+    """How to make a conversion smaller: fewer experts, or a smaller shared expert where --shared-expert-dim accounts
+    for most of `need` (`without_shared`: the estimate at the format's default shared expert)."""
+    if opts.shared_expert_dim is not None and need is not None and without_shared is not None:
+        base = without_shared()
+        if need.memory_bytes > 2 * base.memory_bytes or need.output_bytes > 2 * base.output_bytes:
+            return f"use a smaller --shared-expert-dim than {opts.shared_expert_dim}"
     return f"use fewer --num-experts than {opts.num_experts}"
 
 

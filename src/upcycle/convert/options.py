@@ -30,15 +30,18 @@ CALIBRATION_BATCH_TOKENS = 1024
 
 def parse_moe_layers(spec: str | None, num_layers: int | None = None, *, name: str = "--moe-layers"
                      ) -> tuple[int, ...] | None:
-    """The layers a `--moe-layers` spec names, ascending; None (every layer) for an empty spec or "all".
+    """The layers a `--moe-layers` spec names, ascending; None (every layer) for None or "all" (an empty spec is
+    refused: it reads as "no layers", which is the dense model).
 
     `0-3,8`: indices and inclusive ranges. `every:N`: layers N-1, 2N-1, ... (Qwen-MoE's decoder_sparse_step N: every
     N-th layer is MoE, the first at index N-1). Without `num_layers` only the syntax is checked. Messages call the
     spec `name`."""
-    if spec is None or spec.strip() in ("", "all"):
+    if spec is None or spec.strip() == "all":
         return None if num_layers is None else tuple(range(num_layers))
     text = spec.replace(" ", "")
     example = f"e.g. {name} 0-3,8 or {name} every:2"
+    if not text:
+        raise UpcycleError(f"{name} is empty; name the MoE layers ({example}) or leave it out for every layer")
     layers: set[int] = set()
     try:
         if text.startswith("every:"):
@@ -222,10 +225,7 @@ class ConvertOptions:
                                f"{n('num_experts')} {sources * max(1, self.num_experts // sources)})")
         if self.shared_expert_dim is not None and self.shared_expert_dim < 1:
             raise UpcycleError(f"{n('shared_expert_dim')} must be at least 1")
-        try:
-            _parse_size(self.max_shard_size)
-        except UpcycleError as exc:
-            raise UpcycleError(f"{n('max_shard_size')}: {exc}") from None
+        _parse_shard_size(self.max_shard_size, n("max_shard_size"))
 
     def input_paths(self) -> tuple[str, ...]:
         """The files and directories these options make a conversion read besides SOURCE: an output must never be or
@@ -246,6 +246,8 @@ class ConvertOptions:
         if g < 1:
             raise UpcycleError(f"{n('granularity')} must be at least 1, got {g}")
         if self.shared_dense:
+            if self.format != "auto":  # a format without a shared expert is the mistake, whatever the granularity
+                self.check_format(self.format)
             if g < 2:
                 raise UpcycleError(f"{n('shared_expert')} dense makes one of the {n('granularity')} segments the "
                                    f"shared expert; use {n('granularity')} 2 or more")
@@ -387,12 +389,12 @@ class ConversionPlan:
     router_rows: dict[int, torch.Tensor] | None = None
 
 
-def _parse_size(size: int | str) -> int:
-    """safetensors_io.parse_size, imported when options are validated (that module needs torch; declaring these
+def _parse_shard_size(size: int | str, flag: str = "--max-shard-size") -> int:
+    """safetensors_io.parse_shard_size, imported when options are validated (that module needs torch; declaring these
     options must not)."""
-    from upcycle.formats.safetensors_io import parse_size
+    from upcycle.formats.safetensors_io import parse_shard_size
 
-    return parse_size(size)
+    return parse_shard_size(size, flag)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -507,7 +509,7 @@ class GrowOptions:
             raise UpcycleError(f"unknown --format {self.format!r}; choose auto, {', '.join(hf.MOE_FORMATS)}")
         if self.dtype != "auto" and self.dtype not in hf.FLOAT_DTYPES:
             raise UpcycleError(f"unknown --dtype {self.dtype!r}; choose auto, {', '.join(hf.FLOAT_DTYPES)}")
-        _parse_size(self.max_shard_size)
+        _parse_shard_size(self.max_shard_size)
 
     def resolved_top_k(self, num_experts: int, top_k: int) -> int:
         """The output's top-k for a source with `num_experts` experts and top-`top_k` routing."""

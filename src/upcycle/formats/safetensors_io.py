@@ -233,6 +233,17 @@ def parse_size(size: int | str) -> int:
     return int(number * scale)
 
 
+def parse_shard_size(size: int | str, flag: str = "--max-shard-size") -> int:
+    """A largest shard size (parse_size), refused unless positive: at 0 every tensor would get a file of its own."""
+    try:
+        value = parse_size(size)
+    except UpcycleError as exc:
+        raise UpcycleError(f"{flag}: {exc}") from None
+    if value < 1:
+        raise UpcycleError(f"{flag} must be a positive size such as 5GB or 500MB, got {size!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
