@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from helpers import EVAL_VOCAB as VOCAB
-from helpers import make_prepared, tiny_moe
+from helpers import assert_one_line_error, make_prepared, run_cli, tiny_moe
 from upcycle.commands import eval_command
 from upcycle.data.prepare import validation_batches
 from upcycle.errors import UpcycleError
 from upcycle.eval.evaluate import SHIPPED_TASK, evaluate, perplexity, summed_next_token_loss
-from upcycle.model.hf import export_hf, save_model
+from upcycle.model.hf import export_hf, load_model, save_model
 from upcycle.model.transformer import Transformer
 
 SEQ_LEN = 32
@@ -112,6 +112,15 @@ def test_input_errors(prepared, moe_dir, tmp_path):
         evaluate(small, data, seq_len=SEQ_LEN)
     with pytest.raises(UpcycleError, match="max_seq_len"):
         evaluate(moe_dir, data, seq_len=1024)
+
+
+def test_the_default_seq_len_is_the_models_when_shorter(prepared, moe_dir, capsys):
+    """Before, a model of max_seq_len 128 was refused at the default --seq-len 256; one given is still checked."""
+    data, _ = prepared
+    assert load_model(moe_dir).config.max_seq_len == 128
+    assert evaluate(moe_dir, data, max_sequences=2)["seq_len"] == 128
+    code, err = run_cli(capsys, "eval", str(moe_dir), "--data", str(data), "--seq-len", "256")
+    assert_one_line_error(code, err, "max_seq_len")
 
 
 @pytest.mark.slow

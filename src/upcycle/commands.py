@@ -295,7 +295,7 @@ def eval_command(
     model: str,
     *,
     data: str,
-    seq_len: int = 256,
+    seq_len: int | None = None,
     batch_size: int = 8,
     max_sequences: int = 64,
     domains: list[str] | None = None,
@@ -310,7 +310,8 @@ def eval_command(
     Args:
         model: Checkpoint directory: our training checkpoint, or an HF dense/MoE checkpoint.
         data: Prepared data directory (with data.json, from `upcycle data prepare`); its validation split is scored.
-        seq_len: Tokens per scored sequence (at most the model's max_seq_len).
+        seq_len: Tokens per scored sequence (default: 256, or the model's max_seq_len when shorter; at most the
+            model's max_seq_len).
         batch_size: Sequences per forward pass.
         max_sequences: Validation sequences per domain, spread evenly over its validation tokens.
         domains: Only these domains (default: all in data.json).

@@ -71,17 +71,21 @@ def domain_result(loss_sum: float, num_tokens: int, num_sequences: int) -> dict:
 # I/O
 
 
+DEFAULT_SEQ_LEN = 256
+
+
 @torch.no_grad()
 def evaluate(
     model_path: str | Path,
     data_dir: str | Path,
     *,
-    seq_len: int = 256,
+    seq_len: int | None = None,
     batch_size: int = 8,
     max_sequences: int = 64,
     domains: Sequence[str] | None = None,
 ) -> dict:
-    """Per-domain validation loss (nats per token) and perplexity of a checkpoint, in fp32.
+    """Per-domain validation loss (nats per token) and perplexity of a checkpoint, in fp32, on sequences of `seq_len`
+    tokens (default: DEFAULT_SEQ_LEN, or the model's max_seq_len when that is shorter; a longer one is refused).
 
     Returns {"model", "data", "seq_len", "max_sequences", "domains": {name: {"loss", "perplexity", "tokens",
     "sequences"}}, "overall": {...}}; "overall" weights every scored token equally, across domains.
@@ -90,6 +94,7 @@ def evaluate(
     data_dir = Path(data_dir).expanduser()
     read_metadata(data_dir)
     model = load_model(path).eval()
+    seq_len = min(DEFAULT_SEQ_LEN, model.config.max_seq_len) if seq_len is None else seq_len
     check_data_fits(data_dir, vocab_size=model.config.vocab_size, max_seq_len=model.config.max_seq_len,
                     seq_len=seq_len, seq_len_name="--seq-len")
     batches = validation_batches(data_dir, seq_len=seq_len, batch_size=batch_size, max_sequences=max_sequences,
