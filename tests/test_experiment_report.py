@@ -33,3 +33,15 @@ def test_the_committed_reports_are_rendered_byte_for_byte_from_their_results(dir
         recipe = yaml.safe_load((REPO / "experiments" / "cpu-demo.yaml").read_text())["recipe"]
         rendered = report_markdown(results, recipe=recipe)
     assert rendered == (directory / "report.md").read_text()
+
+
+def test_the_report_says_how_many_validation_tokens_it_scored():
+    """eval.tokens is rounded up to whole sequences: before, eval.tokens 50 with seq_len 32 scored 64 tokens per domain
+    while the report said "up to 50"."""
+    results = json.loads((DEMO / "results.json").read_text())
+    validation = {**results["validation"], "seq_len": 32, "tokens_per_domain": 50}
+    text = report_markdown({**results, "validation": validation})
+    assert "(up to 64 tokens per domain: eval.tokens 50 rounded up to whole sequences of 32)" in text
+    assert "up to 50 tokens" not in text
+    text = report_markdown({**results, "validation": {**validation, "tokens_per_domain": 64}})
+    assert "(up to 64 tokens per domain)" in text

@@ -447,8 +447,14 @@ def _design_section(results: dict, title: str, recipe: dict | None) -> list[str]
               f"ending its own learning-rate schedule: {schedules} Domains: {', '.join(results['domains'])}.")
     scored = ", ".join(f"{d} {v['tokens']:,} tokens ({v['documents']:,} documents, {v['sequences']:,} sequences)"
                        for d, v in validation["domains"].items())
-    extent = (" (the whole validation split)" if validation["tokens_per_domain"] is None
-              else f" (up to {validation['tokens_per_domain']:,} tokens per domain)")
+    extent = " (the whole validation split)"
+    if (asked := validation["tokens_per_domain"]) is not None:
+        # whole sequences are scored (runner.validation_set): eval.tokens is rounded up to a multiple of seq_len
+        seq_len = validation["seq_len"]
+        measured = -(-asked // seq_len) * seq_len
+        extent = (f" (up to {asked:,} tokens per domain)" if measured == asked else
+                  f" (up to {measured:,} tokens per domain: eval.tokens {asked:,} rounded up to whole sequences of "
+                  f"{seq_len:,})")
     weights = ", ".join(f"{d} {w:.3f}" for d, w in validation["mixture_weights"].items())
     lines = [f"# {title}", "", design, "",
              f"Validation: {scored}{extent}, the same for every arm, seed and point. Mixture weights (the training "
