@@ -58,6 +58,36 @@ def test_the_plan_counts_exactly_what_each_of_four_ranks_holds_in_every_layout(t
     assert one[0].params == model.num_params()
 
 
+@pytest.mark.parametrize("moe_layers", [None, [1, 3], [0]])
+def test_the_plan_of_one_layer_per_kind_counts_what_the_whole_model_holds(moe_layers):
+    from upcycle.train.plan import representative
+
+    config = ModelConfig(**{**MODEL, "num_layers": 5, "moe_layers": moe_layers})
+    small, layer_of = representative(config)
+    assert small.num_layers == (1 if moe_layers is None else 2) and len(layer_of) == 5
+    with torch.device("meta"):
+        whole, part = Transformer(config), Transformer(small)
+    for degree, replicate in LAYOUTS:
+        expected = rank_shares(whole, world_size=4, expert_parallel=degree, parallel="fsdp", replicate=replicate)
+        planned = rank_shares(part, world_size=4, expert_parallel=degree, parallel="fsdp", replicate=replicate,
+                              layer_of=layer_of)
+        assert planned == expected, (degree, replicate)
+
+
+def test_a_plan_of_a_hundred_thousand_layers_answers_at_once(tmp_path):
+    """Before, `--model.num_layers 100000` built every layer on the meta device: minutes and gigabytes."""
+    import time
+
+    config = write_config(tmp_path / "c.yaml", tiny_config(make_data_dir(tmp_path / "data")))
+    start = time.perf_counter()
+    result = _plan("--config", str(config), "--model.num_layers", "100000", "--host-memory", "1000TB")
+    assert result.returncode == 0, result.stderr
+    assert time.perf_counter() - start < 60
+    model = Transformer(ModelConfig(**MODEL))
+    per_layer = sum(p.numel() for p in model.layers[0].parameters())
+    assert f"parameters: {model.num_params() + 99_998 * per_layer:,} in all" in result.stdout
+
+
 def test_activation_checkpointing_keeps_far_less_and_the_logits_are_counted_in_fp32():
     config = ModelConfig(**MODEL)
     full, full32 = activation_values(config, tokens=256, checkpointing=False)

@@ -37,6 +37,7 @@ by side.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -85,14 +86,30 @@ class RankShare:
     root: int = 0  # the root unit's gathered parameters (embeddings, final norm, LM head)
 
 
+def representative(config: ModelConfig) -> tuple[ModelConfig, list[int]]:
+    """A config with one layer of each kind `config` has (a dense FFN, an MoE FFN: every layer of a kind holds the
+    same parameters) and, per layer of `config`, the index of the layer that stands for it. The plan builds and walks
+    that small model, so its cost does not grow with num_layers (before, --model.num_layers 100000 took minutes and
+    gigabytes to answer)."""
+    moe = set(config.moe_layer_ids)
+    kinds = sorted({i in moe for i in range(config.num_layers)})  # False (dense) before True (MoE)
+    small = dataclasses.replace(config, num_layers=len(kinds),
+                                moe_layers=[kinds.index(True)] if len(kinds) == 2 else None)
+    return small, [kinds.index(i in moe) for i in range(config.num_layers)]
+
+
 def rank_shares(model: Transformer, *, world_size: int, expert_parallel: int, parallel: str,
-                replicate: int = 1) -> list[RankShare]:
+                replicate: int = 1, layer_of: list[int] | None = None) -> list[RankShare]:
     """Every rank's share of `model` (built on the meta device) under FSDP2 (with expert parallelism; with
-    `replicate` > 1, HSDP: the non-expert weights sharded within groups of world_size / replicate ranks) or DDP."""
+    `replicate` > 1, HSDP: the non-expert weights sharded within groups of world_size / replicate ranks) or DDP.
+    With `layer_of` (`representative`), `model` holds one layer per kind and layer i of the planned model is
+    model.layers[layer_of[i]]."""
     ways = world_size // replicate
     shares = [RankShare(rank) for rank in range(world_size)]
     expert_ids = {id(p) for m in model.modules() if isinstance(m, MoE) for p in (m.gate_up_ED2F, m.down_EFD)}
     block_of = {id(p): i for i, block in enumerate(model.layers) for p in block.parameters()}
+    layer_of = list(range(len(model.layers))) if layer_of is None else layer_of
+    repeats = [layer_of.count(i) for i in range(len(model.layers))]
     for share in shares:
         share.blocks = [0] * len(model.layers)
     for param in model.parameters():
@@ -113,12 +130,14 @@ def rank_shares(model: Transformer, *, world_size: int, expert_parallel: int, pa
                 local = param.numel() // param.shape[dim] * _chunk(param.shape[dim], ways, share.rank % ways) \
                     if param.dim() else param.numel()
                 gathered = param.numel()
-            share.params += local
+            share.params += local * (repeats[block_of[id(param)]] if id(param) in block_of else 1)
             share.largest_piece = max(share.largest_piece, local)
             if id(param) in block_of:
                 share.blocks[block_of[id(param)]] += gathered
             else:
                 share.root += gathered
+    for share in shares:
+        share.blocks = [share.blocks[i] for i in layer_of]
     return shares
 
 
@@ -128,8 +147,9 @@ def activation_values(config: ModelConfig, *, tokens: int, checkpointing: bool) 
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     attention = 4 * D + 3 * q + 4 * kv  # norm in/out, residual, q k v (before and after RoPE), SDPA out, o in
     per_layer = []
+    moe_layers = set(config.moe_layer_ids)
     for layer in range(config.num_layers):
-        if layer in config.moe_layer_ids:
+        if layer in moe_layers:
             F = config.expert_dim
             ffn = 3 * D + K * (2 * D + 4 * F)  # norm in/out, combine; per slot: gathered row, [gate|up], silu, product
             if config.shared_expert_dim:
@@ -207,10 +227,15 @@ def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> M
             precision_reason += (f" (this machine's CPU, {torch.get_num_threads()} threads; CPUs of another kind or "
                                  "other thread counts may pick the other: set train.precision to plan for one)")
     check_degree(loop.expert_parallel, world_size=world_size, num_experts=model_config.num_experts)
+    small_config, layer_of = representative(model_config)
     with torch.device("meta"):
-        model = Transformer(model_config)
+        model = Transformer(small_config)  # one layer per kind: the rest are counted, not built
     shares = rank_shares(model, world_size=world_size, expert_parallel=loop.expert_parallel, parallel=loop.parallel,
-                         replicate=loop.data_parallel_replicate)
+                         replicate=loop.data_parallel_replicate, layer_of=layer_of)
+    block_params = [sum(p.numel() for p in block.parameters()) for block in model.layers]
+    total_params = model.num_params() - sum(block_params) + sum(block_params[i] for i in layer_of)
+    active_params = total_params - (len(model_config.moe_layer_ids) * (model_config.num_experts - model_config.top_k)
+                                    * 3 * model_config.dim * model_config.expert_dim if model_config.is_moe else 0)
     compute_bytes = 2 if precision == "bf16" else 4
     values, fp32_values = activation_values(model_config, tokens=micro * seq_len,
                                             checkpointing=loop.activation_checkpointing)
@@ -244,9 +269,9 @@ def make_plan(config, *, world_size: int, ranks_per_node: int, device: str) -> M
         host_save = host_runtime + (state if device == "cpu" else 0) + staged
         ranks.append(RankPlan(share.rank, share.params, weights, grads, optimizer, gathered, activations, runtime,
                               device_total, host_build, host_train, host_save))
-    return MemoryPlan(total_params=model.num_params(), active_params=model.num_active_params(), world_size=world_size,
+    return MemoryPlan(total_params=total_params, active_params=active_params, world_size=world_size,
                       ranks_per_node=ranks_per_node, expert_parallel=loop.expert_parallel, precision=precision,
-                      device=device, micro_batch_size=micro, ranks=ranks, checkpoint_bytes=12 * model.num_params(),
+                      device=device, micro_batch_size=micro, ranks=ranks, checkpoint_bytes=12 * total_params,
                       precision_reason=precision_reason)
 
 
