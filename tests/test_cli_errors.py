@@ -163,6 +163,20 @@ def test_export_refuses_a_zero_shard_size(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_experts_transformers_cannot_run_in_its_dtype(tmp_path, capsys):
+    """Experts of 12 neurons: 48-byte rows in float32, 24 in bfloat16 (transformers' grouped matmul needs multiples of
+    16); before, the bfloat16 export was written and transformers failed on it."""
+    from upcycle.convert.conversion import convert
+
+    moe = convert(save_dense(tmp_path / "src", "llama"), tmp_path / "moe", progress=False, num_experts=4, top_k=4,
+                  granularity=4)
+    code, err = run_cli(capsys, "export", str(moe), str(tmp_path / "out"), "--dtype", "bfloat16")
+    assert_one_line_error(code, err, f"the experts of {moe} have 12 neurons, whose rows of 24 bytes in bfloat16 are "
+                          "not a multiple of 16 bytes", "export with --dtype float32")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    assert run_cli(capsys, "export", str(moe), str(tmp_path / "out"), "--dtype", "float32")[0] == 0
+
+
 def test_the_installed_entry_point_runs_convert_and_check(tmp_path):
     """One real subprocess per command: `python -m upcycle` works end to end and sets exit codes."""
     src = save_dense(tmp_path / "src", "llama")

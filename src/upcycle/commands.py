@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from upcycle.formats import hf_formats as hf
-from upcycle.convert.options import ConvertOptions, GrowOptions
+from upcycle.convert.options import ALIGNMENT_BYTES, DTYPE_BYTES, ConvertOptions, GrowOptions, aligned_expert
 from upcycle.errors import UpcycleError
 
 
@@ -238,6 +238,13 @@ def export_command(
     check_output(out, force=force, inputs=inputs, flag="OUT")
     check_model_dir(checkpoint)
     config, tensors = model_tensors(checkpoint)  # read one tensor at a time while writing
+    if config.is_moe and format not in hf.DENSE_FAMILIES:
+        if not aligned_expert(config.expert_dim, dtype):  # as convert refuses such a granularity (docs/convert.md)
+            other = [d for d in DTYPE_BYTES if aligned_expert(config.expert_dim, d)]
+            raise UpcycleError(f"the experts of {checkpoint} have {config.expert_dim} neurons, whose rows of "
+                               f"{config.expert_dim * DTYPE_BYTES[dtype]} bytes in {dtype} are not a multiple of "
+                               f"{ALIGNMENT_BYTES} bytes, which transformers' grouped matmul needs to run them; "
+                               + (f"export with --dtype {other[0]}" if other else "transformers cannot run them"))
     path = export_hf(tensors, config, out, fmt=format, dtype=dtype, tokenizer=tokenizer, force=force, inputs=inputs,
                      max_shard_size=max_shard_size)
     hf.print_engine_note(path)
