@@ -79,7 +79,8 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
     Args:
         moe_dir: The MoE checkpoint directory (written by upcycle convert, compose or grow, any HF MoE, or a training
             checkpoint of ours, exported on the fly).
-        dense: The parent checkpoint directory: the dense model (convert, compose) or the source MoE (grow).
+        dense: The parent checkpoint directory: the dense model (convert, compose) or the source MoE (grow); HF, or a
+            training checkpoint of ours (exported on the fly). Both are validated as export validates its input.
         text: A UTF-8 text file to probe with (default: a built-in English/code/Japanese sample).
         max_tokens: Probe at most this many tokens.
         tolerance: Largest |logit diff| (float32) that counts as the same function.

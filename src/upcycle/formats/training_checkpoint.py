@@ -274,6 +274,24 @@ def verify_checksums(path: str | os.PathLike) -> None:
         raise checksum_error(path, bad[0])
 
 
+_VERIFIED: set[tuple] = set()  # checkpoints verified in this process, by fingerprint (verify_once)
+
+
+def verify_once(path: str | os.PathLike) -> None:
+    """`verify_checkpoint` and `verify_checksums`, skipped when this process already verified the checkpoint with
+    every file as it is now (path, names, sizes and modification times): `check` reads a checkpoint up to three
+    times (validation, export for transformers, the NaN scan), and hashing reads every state file."""
+    path = Path(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    key = (str(path.resolve()), tuple((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                                      for f in files))
+    if key in _VERIFIED:
+        return
+    verify_checkpoint(path)
+    verify_checksums(path)
+    _VERIFIED.add(key)
+
+
 def sharded_keys(path: Path) -> set[str]:
     """Every key stored in a sharded checkpoint's state files ("model/{name}", "optim/{name}/{field}")."""
     keys: set[str] = set()
@@ -323,8 +341,7 @@ class CheckpointTensors(Mapping, TensorSource):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if is_training_checkpoint(self.path):  # a model saved alone has no checksums or trainer state to check
-            verify_checkpoint(self.path)
-            verify_checksums(self.path)
+            verify_once(self.path)
         if checkpoint_format(self.path) != SHARDED:
             reader = CheckpointReader(self.path)
             self._shapes = {k: reader.shape(k) for k in reader if not k.startswith("state/")}
