@@ -41,6 +41,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "data": {"prepare": "prepare_command"},
     "eval": "eval_command",
     "analyze": "analyze_command",
+    "bench": "bench_command",
     "experiment": "experiment_command",
 }
 

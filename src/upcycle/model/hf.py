@@ -550,3 +550,21 @@ def save_model(model: Transformer, out_dir: str | Path, *, force: bool = False) 
 
         (tmp / "config.json").write_text(json.dumps(model_config_record(asdict(model.config)), indent=2) + "\n")
     return out_dir
+
+
+def load_transformers(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An HF checkpoint directory as transformers' own model (AutoModelForCausalLM, no remote code), in eval mode: what
+    `upcycle check` compares and `upcycle bench` times. What transformers cannot build is one line naming the cause."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UpcycleError(f"{path} has no config.json; pass a checkpoint directory")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 (transformers raises many types; its first line names the cause)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UpcycleError(f"transformers cannot load {path}: {reason}") from None
+    return model.eval()
