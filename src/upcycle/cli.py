@@ -275,7 +275,11 @@ def _call(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _call(build_parser(), sys.argv[1:] if argv is None else argv)
+    from upcycle.formats.model_card import record_command
+
+    argv = sys.argv[1:] if argv is None else argv
+    record_command(argv)  # model cards say which command made them
+    _call(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
         json_output: Print the report as one JSON object instead of text.
     """
     from upcycle.convert.check import check
+    from upcycle.formats.model_card import add_check
 
     probe = None
     if text is not None:
@@ -94,6 +95,8 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
         except (OSError, UnicodeDecodeError) as exc:
             raise UpcycleError(f"cannot read --text {text}: {exc}") from None
     report = check(moe_dir, dense, text=probe, max_tokens=max_tokens, tolerance=tolerance)
+    if add_check(Path(moe_dir), asdict(report), dense, tolerance):
+        print(f"added the result to {Path(moe_dir) / 'README.md'}", file=sys.stderr)
     if json_output:
         print(json.dumps(asdict(report)))
     else:
@@ -228,7 +231,7 @@ def export_command(
         max_shard_size: Largest output safetensors file, e.g. 5GB or 500MB (several files get an index).
     """
     from upcycle.files import check_output
-    from upcycle.model.hf import check_model_dir, export_hf, model_tensors
+    from upcycle.model.hf import check_model_dir, export_card, export_hf, model_tensors
 
     if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
         raise UpcycleError(f"--tokenizer {tokenizer} has no tokenizer.json")
@@ -238,6 +241,7 @@ def export_command(
     config, tensors = model_tensors(checkpoint)  # read one tensor at a time while writing
     path = export_hf(tensors, config, out, fmt=format, dtype=dtype, tokenizer=tokenizer, force=force, inputs=inputs,
                      max_shard_size=max_shard_size)
+    export_card(path, checkpoint)
     hf.print_engine_note(path)
     print(f"wrote {path}")
 
