@@ -200,7 +200,8 @@ def options_table(cls: type, *, as_fields: bool = False) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from upcycle import __version__
 
-    parser = _Parser(prog="upcycle", description="Drop-Upcycling: dense checkpoint -> Mixture-of-Experts, and training.")
+    parser = _Parser(prog="upcycle",
+                     description="Drop-Upcycling: dense checkpoint -> Mixture-of-Experts, and training.")
     parser.add_argument("--version", action="version", version=f"upcycle {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

@@ -14,7 +14,8 @@ gets the results back, both with `all_to_all_single` on variable split sizes:
           -> local experts' FFN -> un-regroup -> [all-to-all: rows back] -> unsort -> weighted sum over the k slots
 
 The split sizes are read on the host (one synchronization per layer, for both directions; a collective with variable
-splits needs them; activation checkpointing repeats it in the recompute). Both row all-to-alls are autograd functions whose backward is the reverse all-to-all.
+splits needs them; activation checkpointing repeats it in the recompute). Both row all-to-alls are autograd functions
+whose backward is the reverse all-to-all.
 
 The MoE layer knows nothing of this: `shard_experts` applies it from outside, as FSDP is applied, by keeping each
 layer's local experts and swapping the layer's `expert_compute` for an `ExchangedExperts`; `find(model)` reads it back.

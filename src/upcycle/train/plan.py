@@ -288,8 +288,9 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(f"per node ({plan.ranks_per_node} ranks): host at build {build}, while training {train}, at save "
                  f"{save}")
     if plan.device == "cuda":
-        lines.append("runtime and the CUDA host figures are estimates (CUDA context, NCCL buffers, allocator slack, the "
-                     "CUDA libraries' host memory), not measured; benchmarks/cuda_path_check.py measures them on a GPU")
+        lines.append("runtime and the CUDA host figures are estimates (CUDA context, NCCL buffers, allocator slack, "
+                     "the CUDA libraries' host memory), not measured; benchmarks/cuda_path_check.py measures them "
+                     "on a GPU")
     return "\n".join(lines)
 
 
