@@ -1,21 +1,9 @@
 """`upcycle bench`: what an upcycled MoE costs to serve, measured in transformers against its dense parent.
 
-An upcycled MoE computes about what its parent computes per token (top-k of E experts, each the parent's FFN or a
-slice of it) but holds E times the FFN weights, and its expert loop, routing and gathers cost time the dense FFN does
-not pay. This measures both models side by side on the device at hand, in one process:
-
-    prefill   one forward over a prompt of each --prompt-lengths (batch 1, KV cache built): prompt tokens per second
-    decode    --decode-tokens greedy steps of one token per sequence with the KV cache, at each --batch-sizes size:
-              generated tokens per second (all sequences together)
-    memory    the weights' bytes; the KV cache's bytes at the longest prompt; the peak of the device's allocator
-              (CUDA) or of the process's resident memory over a load and a run of this model alone (CPU, a child
-              process per model, since resident memory only ever grows within one)
-
-Timing: --warmup untimed rounds, then --repeats rounds in which every (model, measurement) runs once in a shuffled
-order (so drifting clocks and other load fall on both models alike); the medians are reported, and the ratios MoE /
-dense of the medians. Nothing here predicts llama.cpp or vLLM: they run other kernels (docs/eval.md says what the
-numbers do and do not carry over).
-"""
+Prefill and decode throughput and memory of both models, side by side in one process: untimed warm-up rounds, then
+rounds that run every (model, measurement) once in a shuffled order, so drifting clocks and other load fall on both
+alike; medians and their MoE / dense ratios are reported. What each measure is and what the numbers do and do not say
+about other engines: docs/eval.md, "`upcycle bench`"."""
 
 from __future__ import annotations
 
