@@ -231,3 +231,20 @@ def test_every_reader_of_an_hf_moe_refuses_the_same_damage(inputs, tmp_path, cap
     model = shutil.copytree(inputs["moe"], tmp_path / "moe")
     make(model)
     _assert_refused_by_every_reader(capsys, inputs, model, str(model), *needles)
+
+
+@pytest.mark.parametrize("which, damage", [("checkpoint", "flipped byte"), ("checkpoint", "no checksums.json"),
+                                           ("moe", "no router"), ("moe", "num_local_experts a string")])
+def test_bench_refuses_what_every_reader_refuses(inputs, tmp_path, capsys, which, damage):
+    """bench loads through transformers, which would fill a missing router at random; a damaged training checkpoint
+    was exported and timed. (NaN weights cost the same time: bench does not read values to look for them.)"""
+    if which == "checkpoint":
+        make, *needles = CHECKPOINT_DAMAGE[damage]
+        model = shutil.copytree(inputs["checkpoint"], tmp_path / "copy" / step_dir_name(2))
+    else:
+        make, *needles = MOE_DAMAGE[damage]
+        model = shutil.copytree(inputs["moe"], tmp_path / "moe")
+    make(model)
+    code, err = run_cli(capsys, "bench", str(model), "--quick", "--device", "cpu", "--output", str(tmp_path / "b.json"))
+    assert_one_line_error(code, err, str(model), *needles)
+    assert not (tmp_path / "b.json").exists()
