@@ -23,7 +23,44 @@ def check_moe_sizes(*, num_experts: int, top_k: int) -> None:
 
 @dataclass
 class ModelConfig:
-    """Everything that fixes the architecture and the parameter shapes. Saved as JSON under "model" in checkpoints."""
+    """Everything that fixes the architecture and the parameter shapes. Saved as JSON under "model" in checkpoints.
+
+    Attributes:
+        vocab_size: Token ids; must be at least the data's tokenizer vocabulary.
+        dim: Model width D.
+        num_layers: Transformer blocks.
+        num_heads: Query heads.
+        num_kv_heads: Key/value heads (grouped-query attention when fewer than num_heads).
+        ffn_dim: Hidden size of the dense FFN, and of every expert unless expert_ffn_dim says otherwise.
+        head_dim: Per-head size; empty: dim // num_heads.
+        norm_eps: RMSNorm epsilon.
+        rope_theta: RoPE base.
+        rope_scaling: HF `rope_parameters` minus rope_theta, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; empty:
+            plain RoPE.
+        max_seq_len: Longest sequence the model accepts (HF max_position_embeddings, or a Mistral sliding window if
+            shorter).
+        tie_embeddings: The LM head reuses the token embedding matrix (no separate `output` weight).
+        qkv_bias: q, k, v projections carry biases (Qwen2).
+        o_bias: The output projection carries a bias (Llama attention_bias=True).
+        qk_norm: Per-head RMSNorm on q and k before RoPE (Qwen3).
+        num_experts: 0: a dense SwiGLU FFN in every layer; otherwise an MoE FFN in every layer of moe_layers.
+        top_k: Experts per token.
+        renormalize: Renormalize the top-k routing weights to sum to 1 (Mixtral; Qwen-MoE's norm_topk_prob).
+        expert_ffn_dim: Hidden size of each expert; empty: ffn_dim (coarse experts, as in the paper). Fine-grained
+            experts (upcycle convert --granularity G) have ffn_dim / G.
+        moe_layers: Which layers hold the MoE FFN (the others a dense FFN of ffn_dim); empty: every layer. Ignored
+            when dense.
+        shared_expert_dim: Hidden size of an always-active shared expert in every MoE layer, added as
+            sigmoid(gate . x) * FFN(x) (Qwen2-MoE); 0: none.
+        shared_expert_gated: The shared expert's output is scaled by its sigmoid gate (Qwen2-MoE); false: added as it
+            is (Granite-MoE-Shared).
+        embedding_multiplier: Granite: token embeddings are multiplied by this before the first layer.
+        residual_multiplier: Granite: each attention and FFN output is multiplied by this before it is added to the
+            residual stream.
+        attention_multiplier: Granite: the attention logits' scale; empty: 1/sqrt(head_dim).
+        logits_scaling: Granite: the output logits are divided by this.
+        init_std: Std of the normal init of linear and embedding weights (norms start at 1, biases at 0).
+    """
 
     vocab_size: int
     dim: int
@@ -31,50 +68,27 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     ffn_dim: int
-    """Hidden size of the dense FFN, and of every expert unless expert_ffn_dim says otherwise."""
     head_dim: int | None = None
-    """None -> dim // num_heads."""
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
-    """HF `rope_parameters` minus rope_theta, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None = plain RoPE."""
     max_seq_len: int = 2048
-    """Longest sequence the model accepts (HF max_position_embeddings, or a Mistral sliding window if shorter)."""
     tie_embeddings: bool = False
-    """The LM head reuses the token embedding matrix (no separate `output` weight)."""
     qkv_bias: bool = False
-    """q, k, v projections carry biases (Qwen2)."""
     o_bias: bool = False
-    """The output projection carries a bias (Llama attention_bias=True)."""
     qk_norm: bool = False
-    """Per-head RMSNorm on q and k before RoPE (Qwen3)."""
     num_experts: int = 0
-    """0 -> dense SwiGLU FFN in every layer; otherwise an MoE FFN in every layer."""
     top_k: int = 2
-    """Experts per token."""
     renormalize: bool = True
-    """Renormalize the top-k routing weights to sum to 1 (Mixtral; Qwen-MoE's norm_topk_prob)."""
     expert_ffn_dim: int | None = None
-    """Hidden size of each expert; None -> ffn_dim (coarse experts, as in the paper). Fine-grained experts
-    (upcycle convert --granularity G) have ffn_dim / G."""
     moe_layers: list[int] | None = None
-    """Which layers hold the MoE FFN (the others a dense FFN of ffn_dim); None -> every layer. Ignored when dense."""
     shared_expert_dim: int = 0
-    """Hidden size of an always-active shared expert in every MoE layer, added as sigmoid(gate . x) * FFN(x)
-    (Qwen2-MoE); 0 -> none."""
     shared_expert_gated: bool = True
-    """The shared expert's output is scaled by its sigmoid gate (Qwen2-MoE); false: added as it is
-    (Granite-MoE-Shared)."""
     embedding_multiplier: float = 1.0
-    """Granite: token embeddings are multiplied by this before the first layer."""
     residual_multiplier: float = 1.0
-    """Granite: each attention and FFN output is multiplied by this before it is added to the residual stream."""
     attention_multiplier: float | None = None
-    """Granite: the attention logits' scale; None -> 1/sqrt(head_dim)."""
     logits_scaling: float = 1.0
-    """Granite: the output logits are divided by this."""
     init_std: float = 0.02
-    """Std of the normal init of linear and embedding weights (norms start at 1, biases at 0)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
