@@ -5,12 +5,16 @@ model. model.py builds the model from it; a checkpoint's config.json holds its f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from upcycle.errors import UpcycleError
 
 # RoPE types whose frequencies do not depend on the sequence length (dynamic/longrope rescale at run time).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# How a router turns its logits into expert scores (model.router_activation; moe.router_scores computes them).
+ROUTER_ACTIVATIONS = ("softmax", "sigmoid")
 
 
 def check_moe_sizes(*, num_experts: int, top_k: int) -> None:
@@ -46,6 +50,19 @@ class ModelConfig:
         num_experts: 0: a dense SwiGLU FFN in every layer; otherwise an MoE FFN in every layer of moe_layers.
         top_k: Experts per token.
         renormalize: Renormalize the top-k routing weights to sum to 1 (Mixtral; Qwen-MoE's norm_topk_prob).
+        router_activation: How a router scores the experts: softmax over the logits (Mixtral, Qwen-MoE, the paper) or
+            an independent sigmoid per expert (DeepSeek-V3, GLM-4.5: glm4_moe). The top k scores (plus the balancing
+            bias, where there is one) choose the experts; the chosen scores, renormalized when `renormalize`, times
+            `routed_scaling`, weigh them.
+        routed_scaling: Factor on the routed experts' weights (DeepSeek-V3's and glm4_moe's routed_scaling_factor);
+            1 keeps naive upcycling the dense function.
+        expert_bias: Every MoE layer holds a per-expert fp32 bias b that is added to the scores for the choice of
+            experts only, never to their weights (DeepSeek-V3's aux-loss-free balancing; glm4_moe's
+            e_score_correction_bias). The trainer turns it on when train.bias_update_rate > 0 and learns it there.
+        capacity_factor: Empty: dropless (every token reaches its k experts). A number c: while training, each expert
+            takes at most ceil(c * tokens * top_k / num_experts) assignments of each forward pass (a rank's
+            micro-batch), the lowest-scored above the cap are dropped (the token keeps its other experts and the
+            residual). Evaluation and inference stay dropless.
         expert_ffn_dim: Hidden size of each expert; empty: ffn_dim (coarse experts, as in the paper). Fine-grained
             experts (upcycle convert --granularity G) have ffn_dim / G.
         moe_layers: Which layers hold the MoE FFN (the others a dense FFN of ffn_dim); empty: every layer. Ignored
@@ -80,6 +97,10 @@ class ModelConfig:
     num_experts: int = 0
     top_k: int = 2
     renormalize: bool = True
+    router_activation: str = field(default="softmax", metadata={"choices": ROUTER_ACTIVATIONS})
+    routed_scaling: float = 1.0
+    expert_bias: bool = False
+    capacity_factor: float | None = None
     expert_ffn_dim: int | None = None
     moe_layers: list[int] | None = None
     shared_expert_dim: int = 0
@@ -89,6 +110,10 @@ class ModelConfig:
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
     init_std: float = 0.02
+
+    # The fields that change no parameter shape, only how tokens are routed: a run that starts from a checkpoint
+    # (init.source) may set them in its model section, over the checkpoint's own.
+    ROUTING_FIELDS: ClassVar[tuple[str, ...]] = ("router_activation", "routed_scaling", "capacity_factor")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
@@ -109,6 +134,14 @@ class ModelConfig:
             raise UpcycleError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         if self.num_experts:
             check_moe_sizes(num_experts=self.num_experts, top_k=self.top_k)
+        if self.router_activation not in ROUTER_ACTIVATIONS:
+            raise UpcycleError(f"router_activation must be one of {', '.join(ROUTER_ACTIVATIONS)}, got "
+                               f"{self.router_activation!r}")
+        if not 0 < self.routed_scaling < math.inf:
+            raise UpcycleError(f"routed_scaling must be a positive finite number, got {self.routed_scaling}")
+        if self.capacity_factor is not None and not 0 < self.capacity_factor < math.inf:
+            raise UpcycleError(f"capacity_factor must be a positive finite number (or empty: dropless), got "
+                               f"{self.capacity_factor}")
         if self.shared_expert_dim < 0:
             raise UpcycleError(f"shared_expert_dim must be >= 0, got {self.shared_expert_dim}")
         for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier"):

@@ -246,7 +246,7 @@ def layer_by_layer(tensors: Mapping[str, Tensor], hf_cfg: dict, sequences: list[
         logits: list[Tensor | None] = []
         for j, x_BTD in enumerate(xs):
             cos_TDh, sin_TDh = rope_tables(inv_freq, scale, x_BTD.shape[1], torch.float32)
-            xs[j], logits_TE, _ = block(x_BTD, cos_TDh, sin_TDh)
+            xs[j], logits_TE, *_ = block(x_BTD, cos_TDh, sin_TDh)
             logits.append(logits_TE)
         handle.remove()
         yield i, inputs, logits
