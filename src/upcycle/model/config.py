@@ -25,6 +25,20 @@ def check_moe_sizes(*, num_experts: int, top_k: int) -> None:
         raise UpcycleError(f"top_k must be between 1 and num_experts ({num_experts}), got {top_k}")
 
 
+def check_routing(*, router_activation: str = "softmax", routed_scaling: float = 1.0,
+                  capacity_factor: float | None = None) -> None:
+    """Refuse routing settings (ModelConfig.ROUTING_FIELDS) that cannot work: a whole ModelConfig's, or the ones a run
+    from a checkpoint sets over the checkpoint's."""
+    if router_activation not in ROUTER_ACTIVATIONS:
+        raise UpcycleError(f"router_activation must be one of {', '.join(ROUTER_ACTIVATIONS)}, got "
+                           f"{router_activation!r}")
+    if not 0 < routed_scaling < math.inf:
+        raise UpcycleError(f"routed_scaling must be a positive finite number, got {routed_scaling}")
+    if capacity_factor is not None and not 0 < capacity_factor < math.inf:
+        raise UpcycleError(f"capacity_factor must be a positive finite number (or empty: dropless), got "
+                           f"{capacity_factor}")
+
+
 @dataclass
 class ModelConfig:
     """Everything that fixes the architecture and the parameter shapes. Saved as JSON under "model" in checkpoints.
@@ -134,14 +148,7 @@ class ModelConfig:
             raise UpcycleError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
         if self.num_experts:
             check_moe_sizes(num_experts=self.num_experts, top_k=self.top_k)
-        if self.router_activation not in ROUTER_ACTIVATIONS:
-            raise UpcycleError(f"router_activation must be one of {', '.join(ROUTER_ACTIVATIONS)}, got "
-                               f"{self.router_activation!r}")
-        if not 0 < self.routed_scaling < math.inf:
-            raise UpcycleError(f"routed_scaling must be a positive finite number, got {self.routed_scaling}")
-        if self.capacity_factor is not None and not 0 < self.capacity_factor < math.inf:
-            raise UpcycleError(f"capacity_factor must be a positive finite number (or empty: dropless), got "
-                               f"{self.capacity_factor}")
+        check_routing(**{name: getattr(self, name) for name in self.ROUTING_FIELDS})
         if self.shared_expert_dim < 0:
             raise UpcycleError(f"shared_expert_dim must be >= 0, got {self.shared_expert_dim}")
         for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier"):
