@@ -146,7 +146,7 @@ def test_btx_is_compose_with_average_and_uniform_routers(tmp_path):
     ("mismatched", "does not match"),
     ("empty prompt", "tokenizes to nothing; give it some text"),
     ("top_k", "top_k must lie in [1, num_experts=3], got 4"),
-    ("shared in mixtral", "shared_expert needs format qwen2_moe or granitemoeshared"),
+    ("shared in mixtral", "shared_expert needs format qwen2_moe, granitemoeshared or glm4_moe"),
     ("no prompts", "has no positive prompts, which router hidden needs for every expert"),
     ("base and average", "give either base (a dense checkpoint) or average: true, exactly one of them"),
     ("unknown field", "spec.yaml: num_experts: unknown field; a compose spec accepts: average, base, calibration, "),

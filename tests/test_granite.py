@@ -98,7 +98,7 @@ def test_our_trainer_trains_granite_and_exports_it_back(tmp_path):
 
 
 @pytest.mark.parametrize("family, args, message", [
-    ("qwen3", [], "qwen3 has q/k norms, which only qwen3_moe holds; use --format qwen3_moe"),
+    ("qwen3", [], "qwen3 has q/k norms, which only qwen3_moe and glm4_moe hold; use --format qwen3_moe"),
     ("mistral", ["--moe-layers", "0"], "granitemoeshared has an MoE FFN in every layer and cannot keep dense layers"),
     ("llama", ["--shared-expert", "dense"], "use --granularity 2 or more"),
 ])

@@ -135,8 +135,11 @@ def _take_experts(taker: _Taker, fmt: str, layer: int, config: ModelConfig) -> d
 
         def down_FD(e: int) -> Tensor:
             return per[e]["down"].read((slice(None),)).T
-    return {OUR_ROUTER: router, OUR_GATE_UP: ExpertStack((E, D, 2 * Fd), gate_up_D2F),
-            OUR_DOWN: ExpertStack((E, Fd, D), down_FD)}
+    out = {OUR_ROUTER: router, OUR_GATE_UP: ExpertStack((E, D, 2 * Fd), gate_up_D2F),
+           OUR_DOWN: ExpertStack((E, Fd, D), down_FD)}
+    if fmt in hf.SIGMOID_FORMATS:  # the balancing bias, as trained (zeros when upcycle convert wrote it)
+        out[OUR_EXPERT_BIAS] = taker.take(hf.router_bias_key(layer), (E,))
+    return out
 
 
 def _has_live_shared_expert(tensors: Mapping[str, Tensor], hf_cfg: dict, moe_layers: tuple[int, ...]) -> bool:
@@ -162,7 +165,8 @@ def _take_shared_expert(taker: _Taker, layer: int, config: ModelConfig, hf_cfg: 
     nothing (_has_live_shared_expert: down projection all zeros) and is dropped."""
     shared_dim = hf.shared_expert_dim(hf_cfg)
     layout = hf.shared_expert_layout(hf_cfg["model_type"], layer, config.dim, shared_dim)
-    sources = {role: taker.take(key, shape) for role, (key, shape) in layout.items()}
+    # glm4_moe always has one, [0, D] when n_shared_experts is 0 (what transformers saves; accepted when left out)
+    sources = {role: taker.take(key, shape) for role, (key, shape) in layout.items() if shared_dim or key in taker}
     if "shared_gate_up" in sources:  # Granite: gate rows, then up rows
         gate_up = sources.pop("shared_gate_up")
         sources.update(shared_gate=_row_range(gate_up, 0, shared_dim), shared_up=_row_range(gate_up, shared_dim,
@@ -278,6 +282,14 @@ def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
                   "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
                   "vocab_size": config.vocab_size, "head_dim": config.head_dim,
                   "attention_bias": config.qkv_bias, "qkv_bias": config.qkv_bias}
+    if config.router_activation == "sigmoid":
+        return family, _sigmoid_format(config, dense_like, fmt)
+    if config.routed_scaling != 1.0:
+        raise UpcycleError(f"this MoE scales softmax routing weights by {config.routed_scaling}, which no format holds "
+                           "(glm4_moe's routers are sigmoid); train it with model.routed_scaling 1.0")
+    if fmt in hf.SIGMOID_FORMATS:
+        raise UpcycleError(f"{fmt} routes by sigmoid scores, but this MoE's routers are softmax; use --format auto "
+                           f"or one of {', '.join(f for f in hf.MOE_FORMATS if f not in hf.SIGMOID_FORMATS)}")
     # What only one format holds: a sigmoid-gated shared expert (qwen2_moe), an ungated one or Granite's multipliers
     # (granitemoeshared)
     only, what = None, ""
@@ -298,6 +310,25 @@ def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
     return family, hf.resolve_format(dense_like, fmt)
 
 
+def _sigmoid_format(config: ModelConfig, dense_like: dict, fmt: str) -> str:
+    """The format of an MoE with sigmoid routers (and its balancing bias): glm4_moe, the one that holds them; what
+    glm4_moe cannot hold besides is refused in one line."""
+    only = hf.SIGMOID_FORMATS[0]
+    if fmt not in ("auto", only):
+        raise UpcycleError(f"this MoE routes by sigmoid scores with a balancing bias, which only {only} holds (as "
+                           f"e_score_correction_bias); got --format {fmt}, use --format {only}")
+    if config.shared_expert_dim and config.shared_expert_gated:
+        raise UpcycleError(f"this MoE has sigmoid routers and a sigmoid-gated shared expert, which no format holds "
+                           f"together ({only}'s shared expert has no gate)")
+    if config.shared_expert_dim % config.expert_dim:
+        raise UpcycleError(f"{only}'s shared expert is a whole number of routed experts' size ({config.expert_dim}); "
+                           f"this MoE's is {config.shared_expert_dim}, which no format with sigmoid routers holds")
+    if _granite_multipliers(config):
+        raise UpcycleError("this MoE has sigmoid routers and Granite's multipliers, which no format holds together")
+    hf.check_dense_prefix(only, config.moe_layers, config.num_layers, flag="model.moe_layers")
+    return hf.resolve_format(dense_like, only)
+
+
 def _granite_multipliers(config: ModelConfig) -> dict[str, float]:
     """The multipliers of `config` that differ from what every other format computes ({} for a plain model)."""
     plain = {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
@@ -316,6 +347,7 @@ class _Planned:
     key: str
     shape: tuple[int, ...]
     make: Callable[[], Tensor]
+    dtype: torch.dtype  # the written dtype: the export's, or fp32 for a balancing bias
 
 
 class _Recent:
@@ -351,15 +383,19 @@ def hf_export_plan(state: Mapping[str, Tensor], config: ModelConfig, fmt: str = 
         hf_cfg = hf.build_moe_config(hf_cfg, out_fmt, num_experts=c.num_experts, top_k=c.top_k, dtype=dtype,
                                      expert_ffn_dim=c.expert_dim, moe_layers=c.moe_layers,
                                      shared_expert_dim=c.shared_expert_dim or None,
-                                     multipliers=_granite_multipliers(c) if out_fmt == "granitemoeshared" else None)
+                                     multipliers=_granite_multipliers(c) if out_fmt == "granitemoeshared" else None,
+                                     routed_scaling=c.routed_scaling)
         hf.set_moe_routing(hf_cfg, renormalize=c.renormalize)
     shapes = hf.read_shapes(hf_cfg)
     cast = DTYPE_NAMES[dtype]
     ours = _Recent(state)
     plan: list[_Planned] = []
+    if c.expert_bias and out_fmt not in hf.SIGMOID_FORMATS:
+        _check_zero_bias(ours, c)
 
-    def put(key: str, shape: tuple[int, ...], make: Callable[[], Tensor]) -> None:
-        plan.append(_Planned(key, tuple(shape), lambda: make().detach().to(device="cpu", dtype=cast).contiguous()))
+    def put(key: str, shape: tuple[int, ...], make: Callable[[], Tensor], dtype: torch.dtype = cast) -> None:
+        plan.append(_Planned(key, tuple(shape), lambda: make().detach().to(device="cpu", dtype=dtype).contiguous(),
+                             dtype))
 
     def copy(key: str, name: str, shape: tuple[int, ...]) -> None:
         put(key, shape, lambda: ours(name))
@@ -386,6 +422,9 @@ def hf_export_plan(state: Mapping[str, Tensor], config: ModelConfig, fmt: str = 
             continue
         copy(hf.router_key(out_fmt, i), p + OUR_ROUTER, (c.num_experts, D))
         Fd, E = c.expert_dim, c.num_experts
+        if out_fmt in hf.SIGMOID_FORMATS:  # the learned balancing bias, in fp32 as transformers keeps it
+            put(hf.router_bias_key(i), (E,), lambda p=p: ours(p + OUR_EXPERT_BIAS) if c.expert_bias
+                else torch.zeros(E), torch.float32)
 
         def expert_part(p: str, e: int, m: str) -> Tensor:  # expert e (all experts for e = -1), HF-oriented
             rows = slice(None) if e == -1 else slice(e, e + 1)
@@ -411,6 +450,16 @@ def hf_export_plan(state: Mapping[str, Tensor], config: ModelConfig, fmt: str = 
     return hf_cfg, plan
 
 
+def _check_zero_bias(ours: Callable[[str], Tensor], config: ModelConfig) -> None:
+    """A softmax MoE's balancing bias (train.bias_update_rate) steers which experts compute; no softmax format holds it,
+    so one that has moved is refused rather than dropped (the export would compute something else)."""
+    for i in config.moe_layer_ids:
+        if ours(f"layers.{i}.{OUR_EXPERT_BIAS}").count_nonzero():
+            raise UpcycleError(f"this MoE's softmax routers carry a non-zero balancing bias (layer {i}), which no "
+                               "format holds (glm4_moe holds one on sigmoid routers); train with "
+                               "model.router_activation sigmoid to export it as glm4_moe")
+
+
 def state_dict_to_hf(
     state_dict: Mapping[str, Tensor], config: ModelConfig, fmt: str = "auto", dtype: str = "float32"
 ) -> tuple[dict, dict[str, Tensor]]:
@@ -433,10 +482,9 @@ def export_hf(
     state_dict = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
                   else model_or_state_dict)
     hf_cfg, plan = hf_export_plan(state_dict, config, fmt, dtype)
-    cast = DTYPE_NAMES[dtype]
     out_dir = Path(out_dir)
     with publish_dir(out_dir, force=force, inputs=inputs, flag="OUT") as tmp:
-        writer = ShardWriter(tmp, [PlannedTensor(item.key, item.shape, cast) for item in plan],
+        writer = ShardWriter(tmp, [PlannedTensor(item.key, item.shape, item.dtype) for item in plan],
                              parse_size(max_shard_size))
         for item in plan:
             writer.write(item.key, item.make())
