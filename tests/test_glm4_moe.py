@@ -54,8 +54,8 @@ def test_refusals_name_a_format_that_fits(tmp_path, capsys):
     out.parent.mkdir()
     base = ("--method", "naive", "--num-experts", "4", "--top-k", "2", "--format", "glm4_moe")
     assert_convert_refused(capsys, llama, out, *base, "--moe-layers", "0",
-                           message="glm4_moe keeps dense FFNs only in the first layers, but --moe-layers leaves layer 1 "
-                                   "dense after MoE layer 0; use --format qwen2_moe or qwen3_moe")
+                           message="glm4_moe keeps dense FFNs only in the first layers, but --moe-layers leaves layer "
+                                   "1 dense after MoE layer 0; use --format qwen2_moe or qwen3_moe")
     assert_convert_refused(capsys, llama, out, *base, "--shared-expert-dim", "20",
                            message="glm4_moe's shared expert is a whole number of routed experts' size (48")
     biased = save_dense(tmp_path / "biased", "llama", attention_bias=True)

@@ -252,7 +252,7 @@ def _estimate(entries: list[Entry], shape: _Shape, source: _Source, value_bytes:
     expert = 3 * shape.shapes.dim * shape.expert_dim
     L, grown = shape.shapes.num_layers, factor * shape.num_experts
     output = sum(sizes) * value_bytes + 200 * len(entries) + L * grown * (3 * (shape.expert_dim // 8 + 1) + 800)
-    fused = shape.fmt == "granitemoeshared"
+    fused = shape.fmt in hf.GRANITE_FORMATS
     memory = (3 * 4 * max(sizes) + 3 * 4 * expert + (grown * expert // 3 * value_bytes if fused else 0)
               + L * grown * (3 * shape.expert_dim + 4096) + source.memory_bytes)
     return Estimate(output_bytes=output, memory_bytes=memory)

@@ -138,9 +138,10 @@ class ConvertOptions:
         calibration_tokens: For --router-init data: run the dense model on at most this many calibration tokens.
         format: auto (llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe), mixtral, qwen2_moe,
             qwen3_moe, granitemoeshared (fine-grained experts plus an ungated shared expert; llama, mistral and qwen2
-            sources) or glm4_moe (DeepSeek-V3's MoE over ordinary attention: sigmoid routers with a zero balancing
-            bias, an ungated shared expert of whole routed experts' size, dense layers only as the first ones; llama,
-            qwen2 and qwen3 sources, and mistral without a sliding window).
+            sources), granitemoe (Granite's MoE without the shared expert; the same sources) or glm4_moe
+            (DeepSeek-V3's MoE over ordinary attention: sigmoid routers with a zero balancing bias, an ungated shared
+            expert of whole routed experts' size, dense layers only as the first ones; llama, qwen2 and qwen3 sources,
+            and mistral without a sliding window).
         dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
         router_aux_loss_coef: The load-balancing coefficient written into the output's config.json.
         renormalize: Renormalize the top-k routing weights to sum to 1 (Mixtral and Granite always do; Qwen-MoE's
@@ -148,10 +149,10 @@ class ConvertOptions:
             token's FFN output is scaled by the sum of its top-k probabilities (about K / E at initialization).
             --no-renormalize (qwen2_moe, qwen3_moe) makes a qwen2_moe output compute the same function in llama.cpp,
             whose qwen2moe graph never renormalizes.
-        shared_expert: qwen2_moe, granitemoeshared and glm4_moe: the shared expert is zero (down projection zero: it adds
-            nothing at initialization) or dense (one of the --granularity segments of the dense FFN, never re-drawn;
-            qwen2_moe: its down projection doubled and its sigmoid gate near 0; so r = 0 is still the dense function;
-            the other G - 1 segments make the routed experts; needs --granularity 2 or more).
+        shared_expert: qwen2_moe, granitemoeshared and glm4_moe: the shared expert is zero (down projection zero: it
+            adds nothing at initialization) or dense (one of the --granularity segments of the dense FFN, never
+            re-drawn; qwen2_moe: its down projection doubled and its sigmoid gate near 0; so r = 0 is still the dense
+            function; the other G - 1 segments make the routed experts; needs --granularity 2 or more).
         shared_expert_dim: With --shared-expert zero: size of the shared expert (qwen2_moe, which always has one:
             default the dense FFN size; granitemoeshared and glm4_moe: default none; glm4_moe: a multiple of the
             routed experts' size, the dense FFN size / --granularity).
@@ -276,7 +277,7 @@ class ConvertOptions:
     def check_format(self, fmt: str) -> None:
         """What the resolved output format `fmt` must hold of these options."""
         n = self.option_name
-        if not self.renormalize and fmt in ("mixtral", "granitemoeshared"):
+        if not self.renormalize and fmt in ("mixtral", *hf.GRANITE_FORMATS):
             flag = n("renormalize")
             off = f"--no-{flag[2:]}" if flag.startswith("--") else f"{flag}: false"
             raise UpcycleError(f"{fmt} always renormalizes the top-k weights, so {off} does not fit it; use "
@@ -394,7 +395,7 @@ def estimate(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, value_bytes: int
     L, E, D, V = shapes.num_layers, opts.num_experts, shapes.dim, shapes.vocab_size
     shared = opts.shared_dim(shapes, fmt)
     shared_tensors = len(hf.shared_expert_layout(fmt, 0, D, shared))
-    fused = fmt == "granitemoeshared"  # each layer's experts in two tensors: a layer's down projections held
+    fused = fmt in hf.GRANITE_FORMATS  # each layer's experts in two tensors: a layer's down projections held
     F, dense_F = shapes.ffn_dim // opts.granularity, shapes.ffn_dim  # expert and dense FFN sizes
     out_shapes = hf.read_shapes({**shapes_as_config(shapes), "model_type": fmt})
     attn = [math.prod(shape) for shape in hf.attention_roles(out_shapes).values()]
@@ -452,7 +453,8 @@ class GrowOptions:
         stats: Where mu and sigma of the re-drawn values come from: slice (the selected neurons of the expert's
             matrix) or matrix (the expert's whole matrix).
         format: auto (an HF source keeps its format; one of our checkpoints is written as upcycle export --format auto
-            writes it) or, for our checkpoints, mixtral, qwen2_moe, qwen3_moe, granitemoeshared or glm4_moe.
+            writes it) or, for our checkpoints, mixtral, qwen2_moe, qwen3_moe, granitemoeshared, granitemoe or
+            glm4_moe.
         dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
         max_shard_size: Largest output shard, e.g. 5GB or 500MB.
     """

@@ -27,13 +27,16 @@ from pathlib import Path
 from upcycle.errors import UpcycleError
 
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoeshared", "glm4_moe")
+MOE_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoeshared", "granitemoe", "glm4_moe")
+# Granite's MoE layout (fused expert tensors, the multipliers), with and without its shared expert
+GRANITE_FORMATS = ("granitemoeshared", "granitemoe")
 AUTO_FORMAT = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 MOE_ARCHITECTURE = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "granitemoeshared": "GraniteMoeSharedForCausalLM",
+    "granitemoe": "GraniteMoeForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
 }
 # Formats with a shared expert beside the routed ones: Qwen2-MoE's is sigmoid-gated, Granite-MoE-Shared's and
@@ -172,7 +175,7 @@ def ffn_shape(shapes: Shapes, matrix: str) -> tuple[int, int]:
 
 
 def router_key(fmt: str, layer: int) -> str:
-    if fmt == "granitemoeshared":
+    if fmt in GRANITE_FORMATS:
         return f"{layer_prefix(layer)}block_sparse_moe.router.layer.weight"
     block = "block_sparse_moe" if fmt == "mixtral" else "mlp"
     return f"{layer_prefix(layer)}{block}.gate.weight"
@@ -187,8 +190,8 @@ def router_bias_key(layer: int) -> str:
 def expert_key(fmt: str, layer: int, expert: int, matrix: str) -> str:
     if fmt == "mixtral":
         return f"{layer_prefix(layer)}block_sparse_moe.experts.{expert}.{_MIXTRAL_EXPERT[matrix]}.weight"
-    if fmt == "granitemoeshared":
-        raise AssertionError("granitemoeshared stores a layer's experts in two tensors: use stored_experts()")
+    if fmt in GRANITE_FORMATS:
+        raise AssertionError("granitemoe(shared) stores a layer's experts in two tensors: use stored_experts()")
     return f"{layer_prefix(layer)}mlp.experts.{expert}.{_QWEN_EXPERT[matrix]}.weight"
 
 
@@ -198,7 +201,7 @@ def stored_experts(fmt: str, layer: int, num_experts: int, dim: int, ffn_dim: in
 
     Per expert and matrix (gate, up, down) for Mixtral and Qwen-MoE; for Granite-MoE-Shared two tensors that hold
     every expert (expert -1): `gate_up` [E, 2F, D], expert e's gate rows then its up rows, and `down` [E, D, F]."""
-    if fmt == "granitemoeshared":
+    if fmt in GRANITE_FORMATS:
         p = f"{layer_prefix(layer)}block_sparse_moe."
         return [(p + "input_linear.weight", (num_experts, 2 * ffn_dim, dim), -1, "gate_up"),
                 (p + "output_linear.weight", (num_experts, dim, ffn_dim), -1, "down")]
@@ -332,7 +335,7 @@ def resolve_format(cfg: dict, fmt: str) -> str:
         raise UpcycleError(f"qwen3_moe requires q/k norms, which {family} lacks; use --format mixtral or qwen2_moe")
     if fmt == "qwen2_moe" and shapes.o_bias:
         raise UpcycleError(f"{family} has an o_proj bias, which qwen2_moe cannot hold; use --format mixtral")
-    if fmt in ("granitemoeshared", "glm4_moe") and _sliding_window(cfg):
+    if fmt in (*GRANITE_FORMATS, "glm4_moe") and _sliding_window(cfg):
         raise UpcycleError(f"this {family} model attends through a sliding window of {cfg['sliding_window']} tokens, "
                            f"which {fmt} cannot hold; use --format mixtral")
     if fmt == "glm4_moe" and shapes.o_bias:
@@ -374,9 +377,9 @@ def engine_note(cfg: dict) -> str | None:
     """One line for an MoE config.json that llama.cpp will not compute as transformers does, naming the alternative;
     None when the engines agree. Printed by convert and export."""
     fmt = cfg.get("model_type")
-    if fmt == "granitemoeshared" and cfg.get("head_dim") not in (None, cfg["hidden_size"] // cfg["num_attention_heads"]):
+    if fmt in GRANITE_FORMATS and cfg.get("head_dim") not in (None, cfg["hidden_size"] // cfg["num_attention_heads"]):
         return ("note: llama.cpp's Granite converter ignores head_dim and uses hidden_size / num_attention_heads, so "
-                "this granitemoeshared model does not run there (see docs/convert.md, where the output runs)")
+                f"this {fmt} model does not run there (see docs/convert.md, where the output runs)")
     if fmt not in LLAMA_CPP_RENORMALIZES or fmt == "mixtral":
         return None
     renormalize = bool(cfg.get("norm_topk_prob", False))
@@ -448,16 +451,17 @@ def build_moe_config(
     elif fmt not in DENSE_LAYER_FORMATS and dense_layers:
         raise UpcycleError(f"{fmt} has an MoE FFN in every layer and cannot keep dense layers; use --format "
                            "qwen2_moe (or qwen3_moe for a Qwen3 model)")
-    if fmt in ("mixtral", "granitemoeshared") and not renormalize:
+    if fmt in ("mixtral", *GRANITE_FORMATS) and not renormalize:
         raise UpcycleError(f"{fmt} always renormalizes the top-k weights; use --format qwen2_moe or qwen3_moe")
-    if multipliers and fmt != "granitemoeshared":
-        raise AssertionError("only granitemoeshared holds Granite's multipliers")
-    if fmt == "granitemoeshared":
+    if multipliers and fmt not in GRANITE_FORMATS:
+        raise AssertionError("only granitemoeshared and granitemoe hold Granite's multipliers")
+    if fmt in GRANITE_FORMATS:
         for key in ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"):
             cfg.pop(key, None)  # resolve_format refused a model that uses a window
         cfg["intermediate_size"] = expert_ffn_dim
         cfg["num_local_experts"] = num_experts
-        cfg["shared_intermediate_size"] = shared_expert_dim or 0
+        if fmt == "granitemoeshared":
+            cfg["shared_intermediate_size"] = shared_expert_dim or 0
         cfg["attention_bias"] = shapes.qkv_bias or shapes.o_bias  # Granite has all four or none; a missing one is 0
         cfg.update({"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
                     "attention_multiplier": shapes.head_dim ** -0.5})
@@ -579,7 +583,7 @@ def read_model_fields(cfg: dict) -> dict:
     if family in MOE_FORMATS:
         if family == "mixtral":
             fields.update(num_experts=cfg["num_local_experts"], renormalize=True)
-        elif family == "granitemoeshared":  # softmax over the top-k logits: renormalized top-k weights
+        elif family in GRANITE_FORMATS:  # softmax over the top-k logits: renormalized top-k weights
             fields.update(num_experts=cfg["num_local_experts"], renormalize=True, shared_expert_gated=False)
             fields.update({ours: float(cfg.get(key, 1.0)) for ours, key in GRANITE_MULTIPLIERS.items()})
         elif family == "glm4_moe":
@@ -666,7 +670,7 @@ def build_dense_config(
 
 def set_moe_routing(cfg: dict, *, renormalize: bool) -> None:
     """Record whether top-k weights are renormalized; Mixtral and Granite always renormalize."""
-    if cfg["model_type"] in ("mixtral", "granitemoeshared"):
+    if cfg["model_type"] in ("mixtral", *GRANITE_FORMATS):
         if not renormalize:
             raise UpcycleError(f"{cfg['model_type']} always renormalizes the top-k weights; export a "
                                "renormalize=False model as qwen2_moe or qwen3_moe")

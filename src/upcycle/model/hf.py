@@ -299,6 +299,8 @@ def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
         only, what = "granitemoeshared", "an ungated shared expert"
     elif _granite_multipliers(config):
         only, what = "granitemoeshared", "Granite's embedding/residual/attention/logits multipliers"
+        if fmt in hf.GRANITE_FORMATS:  # either Granite format holds them
+            only = fmt
     if only is not None:
         if fmt not in ("auto", only):
             raise UpcycleError(f"this MoE has {what}, which only {only} holds; got --format {fmt}, use "
@@ -383,7 +385,7 @@ def hf_export_plan(state: Mapping[str, Tensor], config: ModelConfig, fmt: str = 
         hf_cfg = hf.build_moe_config(hf_cfg, out_fmt, num_experts=c.num_experts, top_k=c.top_k, dtype=dtype,
                                      expert_ffn_dim=c.expert_dim, moe_layers=c.moe_layers,
                                      shared_expert_dim=c.shared_expert_dim or None,
-                                     multipliers=_granite_multipliers(c) if out_fmt == "granitemoeshared" else None,
+                                     multipliers=_granite_multipliers(c) if out_fmt in hf.GRANITE_FORMATS else None,
                                      routed_scaling=c.routed_scaling)
         hf.set_moe_routing(hf_cfg, renormalize=c.renormalize)
     shapes = hf.read_shapes(hf_cfg)
