@@ -384,7 +384,7 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
 
     def train_dict(steps: int, decay_steps: int) -> dict:
         return train_config_dict(config, init_source=init_dir, max_steps=steps, seed=seed, data_path=str(ctx.data_dir),
-                                 decay_steps=decay_steps)
+                                 decay_steps=decay_steps, arm=arm)
 
     model = load_model(init_dir).to(_device())
     if not unit.step_measure(0).is_file():
@@ -433,6 +433,7 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
     result = {
         "name": arm.name, "seed": seed, "method": arm.kind, "ratio": arm.ratio, "index_mode": arm.index_mode,
         "convert": _display_convert(arm.convert), **shape, "active_params": active, "total_params": total,
+        **({"train": arm.train} if arm.train else {}), **({"model": arm.model} if arm.model else {}),
         "budgets": [_strip(budgets[n]) for n in plan.budget_steps],
         "curve": [_strip(p) for p in curve],
         "routing_final": budgets[largest].get("routing"),
