@@ -173,6 +173,12 @@ def test_granitemoe_is_granite_without_the_shared_expert(tmp_path, family, optio
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, logits(dense, IDS), atol=1e-4, rtol=0)
     assert assert_export_round_trip(model, tmp_path / "back", IDS, fmt="granitemoe")["model_type"] == "granitemoe"
+    if family == "llama":  # grow reads and writes it too
+        from upcycle.convert.grow import grow
+
+        grown = grow(out, tmp_path / "grown", progress=False, factor=2, ratio=0.0)
+        assert read_config(grown)["num_local_experts"] == 8
+        assert check(str(grown), str(dense)).max_abs_logit_diff <= 1e-4
 
 
 def test_what_granitemoe_cannot_hold_is_refused(tmp_path, capsys):
