@@ -51,6 +51,8 @@ PROMPTS = [{"positive": _words(0, 30, seed=1)}, {"positive": _words(30, 60, seed
     ("qwen2", {"granularity": 3, "top_k": 4, "shared_expert": "dense", "moe_layers": "1"}),
     ("qwen3", {"average": True, "router": "embed"}),
     ("mistral", {"format": "granitemoeshared", "shared_expert": {"source": "SAME"}, "router": "uniform"}),
+    ("qwen3", {"format": "glm4_moe", "granularity": 2, "top_k": 2, "shared_expert": "dense", "moe_layers": "1"}),
+    ("llama", {"format": "glm4_moe", "shared_expert": {"source": "SAME"}}),
 ])
 def test_copies_of_one_model_at_r0_are_that_model(tmp_path, family, values):
     dense = _dense(tmp_path / "dense", family)
