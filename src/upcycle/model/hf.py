@@ -1,14 +1,15 @@
 """Hugging Face checkpoints <-> our model, and the `upcycle export` command.
 
-Reading: dense llama/mistral/qwen2/qwen3 and MoE mixtral/qwen2_moe/qwen3_moe/granitemoeshared checkpoints, experts
-stored per expert (what transformers' save_pretrained writes for Mixtral and Qwen-MoE) or fused
+Reading: dense llama/mistral/qwen2/qwen3 and MoE mixtral/qwen2_moe/qwen3_moe/granitemoeshared/granitemoe/glm4_moe
+checkpoints, experts stored per expert (what transformers' save_pretrained writes for Mixtral, Qwen-MoE and GLM-4-MoE)
+or fused
 (`mlp.experts.gate_up_proj` [E, 2F, D], `down_proj` [E, D, F]; Granite's `input_linear`/`output_linear`).
 Files are opened lazily with safetensors (one file or an index of shards); pickles are never loaded. Every tensor is
 shape-checked and every key of the checkpoint must be used: unknown keys are errors, not silently dropped.
 
-Writing: a dense model becomes llama/qwen2/qwen3, an MoE mixtral/qwen2_moe/qwen3_moe (per-expert keys) or
-granitemoeshared (its fused keys), with a
-config.json that transformers 5.24 AutoModelForCausalLM loads. All HF key names come from hf_formats.py.
+Writing: a dense model becomes llama/qwen2/qwen3, an MoE mixtral/qwen2_moe/qwen3_moe/glm4_moe (per-expert keys;
+glm4_moe with its routers' balancing bias) or granitemoeshared/granitemoe (their fused keys), with a config.json that
+transformers 5.24 AutoModelForCausalLM loads. All HF key names come from hf_formats.py.
 
 Our own checkpoints (written by the trainer) are a directory with model.safetensors (our state dict) and config.json
 holding our ModelConfig under "model"; `load_model` reads either kind.
@@ -372,7 +373,7 @@ def hf_export_plan(state: Mapping[str, Tensor], config: ModelConfig, fmt: str = 
     """(config.json dictionary, every HF tensor to write, in order, with per-expert keys) for our state dict. Nothing
     is read until a tensor is made, and then only our tensor it comes from (the two most recent are kept), so an
     export from a lazy mapping (a sharded training checkpoint) needs memory for about its two largest tensors.
-    fmt: auto, a dense family matching the model (llama/qwen2/qwen3) or an MoE format (mixtral/qwen2_moe/qwen3_moe)."""
+    fmt: auto, a dense family matching the model (llama/qwen2/qwen3) or an MoE format (hf_formats.MOE_FORMATS)."""
     if dtype not in DTYPE_NAMES:
         raise UpcycleError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPE_NAMES)}")
     family, out_fmt = _resolve_export_format(config, fmt)
