@@ -41,8 +41,9 @@ class InitConfig(ConvertOptions):
 
     Attributes:
         source: Checkpoint directory to start from: a Hugging Face model (dense or MoE; llama, mistral, qwen2, qwen3,
-            mixtral, qwen2_moe, qwen3_moe, granitemoeshared) or one of ours (a training checkpoint step_XXXXXXXX).
-            The `model` section must then be empty: the architecture comes from the checkpoint.
+            mixtral, qwen2_moe, qwen3_moe, granitemoeshared, granitemoe, glm4_moe) or one of ours (a training
+            checkpoint step_XXXXXXXX). The architecture then comes from the checkpoint: the `model` section may only
+            set the routing fields (router_activation, routed_scaling, capacity_factor).
         method: Online upcycling of a dense `source` into an MoE before training, as `upcycle convert --method`.
             Empty: load `source` as it is.
     """
