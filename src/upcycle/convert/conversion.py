@@ -552,9 +552,9 @@ class LazyConversion(Mapping, TensorSource):
 
 
 def lazy_convert(source: str | os.PathLike, *, router_rows=None, **options) -> tuple[dict, LazyConversion]:
-    """The same conversion as `convert`, as (MoE config.json as a dict, LazyConversion): for online upcycling, where each
-    rank computes only the tensors (and experts) it keeps. `router_rows`: `router_calibration`'s result, computed once
-    and shared; with `--router-init data` and none given, it is computed here."""
+    """The same conversion as `convert`, as (MoE config.json as a dict, LazyConversion): for online upcycling, where
+    each rank computes only the tensors (and experts) it keeps. `router_rows`: `router_calibration`'s result, computed
+    once and shared; with `--router-init data` and none given, it is computed here."""
     opts = _options(options)
     readers, shapes, fmt = _open_sources(source, opts)
     entries, _, _, moe_config, produce = _generate(readers, shapes, fmt, opts, opts.plan(len(readers)),
