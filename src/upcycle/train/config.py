@@ -278,22 +278,19 @@ class TrainLoopConfig:
         for name in ("collective_timeout_s", "host_timeout_s"):
             if not getattr(self, name) > 0:
                 raise UpcycleError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        if self.data_parallel_replicate < 1:
-            raise UpcycleError(f"train.data_parallel_replicate must be >= 1 (1: shard over all ranks), got "
-                               f"{self.data_parallel_replicate}")
-        if self.data_parallel_replicate > 1 and self.parallel != "fsdp":
-            raise UpcycleError(f"train.data_parallel_replicate {self.data_parallel_replicate} needs train.parallel: "
-                               f"fsdp (HSDP shards within groups and replicates across them), not {self.parallel}")
+        for name, off, why in (("data_parallel_replicate", "shard over all ranks",
+                                "HSDP shards within groups and replicates across them"),
+                               ("expert_parallel", "no expert parallelism",
+                                "the non-expert weights are sharded by FSDP2")):
+            degree = getattr(self, name)
+            if degree < 1:
+                raise UpcycleError(f"train.{name} must be >= 1 (1: {off}), got {degree}")
+            if degree > 1 and self.parallel != "fsdp":
+                raise UpcycleError(f"train.{name} {degree} needs train.parallel: fsdp ({why}), not {self.parallel}")
         if self.max_steps < 1:
             raise UpcycleError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise UpcycleError(f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if self.expert_parallel < 1:
-            raise UpcycleError(f"train.expert_parallel must be >= 1 (1: no expert parallelism), got "
-                               f"{self.expert_parallel}")
-        if self.expert_parallel > 1 and self.parallel != "fsdp":
-            raise UpcycleError(f"train.expert_parallel {self.expert_parallel} needs train.parallel: fsdp (the "
-                               f"non-expert weights are sharded by FSDP2), not {self.parallel}")
         if self.aux_coef < 0 or self.z_coef < 0:
             raise UpcycleError("train.aux_coef and train.z_coef must be >= 0")
         if not self.bias_update_rate >= 0:
