@@ -23,7 +23,7 @@ from helpers import (make_data_dir, read_metrics, save_dense, subprocess_env, ti
 from upcycle.errors import UpcycleError
 from upcycle.experiment.runner import rescore_experiment, run_experiment
 from upcycle.experiment.config import eval_steps, parse_config, train_config_dict
-from upcycle.experiment.stats import mean_offdiagonal, tokens_to_target, training_flops
+from upcycle.experiment.stats import call, document_error, gap_interval, holm, mean_offdiagonal, training_flops
 from upcycle.model.hf import load_model
 from upcycle.train.schedule import lr_at
 from upcycle.train.trainer import run_training
@@ -31,15 +31,6 @@ from upcycle.train.config import config_from_dict
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure functions
-
-
-def test_tokens_to_target_interpolates_between_the_points_around_the_first_crossing():
-    curve = [(0, 5.0), (100, 4.0), (300, 3.0), (400, 3.5), (500, 2.0)]
-    assert tokens_to_target(curve, 3.5) == 200  # halfway between 4.0 at 100 and 3.0 at 300
-    assert tokens_to_target(curve, 3.0) == 300  # reached exactly at a point
-    assert tokens_to_target(curve, 6.0) == 0  # already below before training
-    assert tokens_to_target(curve, 1.9) is None  # never reached
-    assert tokens_to_target(curve, 2.0) == 500  # reached only at the end, not at the bump at 400
 
 
 def test_training_flops_is_six_times_active_parameters_times_tokens():
@@ -80,7 +71,7 @@ ALL_ARMS = [{"name": "dense", "kind": "dense"}, {"name": "fs", "kind": "fs"}, {"
 
 def experiment_dict(tiny: dict, arms: list[dict] | None = None, **changes) -> dict:
     return tiny_experiment(tiny["seed"], tiny["data"], arms=arms or ALL_ARMS,
-                           **{"eval": {"points": 3, "tokens": 256, "bootstrap": 200}, **changes})
+                           **{"eval": {"points": 3, "tokens": 256, "train_tokens": 128}, **changes})
 
 
 def with_recipe(config: dict, **sections) -> dict:
@@ -118,7 +109,20 @@ def with_recipe(config: dict, **sections) -> dict:
     ({"eval": {"points": [300]}}, "eval.points"),
     ({"eval": {"sequences": 4}}, "eval.sequences"),
     ({"eval": {"tokens": 0}}, "eval.tokens"),
-    ({"eval": {"bootstrap": 10}}, "eval.bootstrap"),
+    ({"eval": {"bootstrap": 10}}, "eval.bootstrap"),  # intervals are computed, not resampled: no such field
+    ({"eval": {"train_tokens": 0}}, "eval.train_tokens"),
+    ({"primary": {"arms": ["nope"]}}, "primary.arms"),
+    ({"primary": {"arms": ["naive"]}}, "primary.arms"),  # the reference itself
+    ({"primary": {"arms": ["drop", "drop"]}}, "primary.arms"),
+    ({"primary": {"arms": ["drop"], "budget": 768}}, "primary.budget"),
+    ({"primary": {"budget": 512}}, "primary.budget"),
+    ({"primary": {"arms": ["drop"], "mean": "median"}}, "primary.mean"),
+    ({"arms": [{"name": "a", "kind": "fs"}], "primary": {"arms": ["a"]}}, "primary.arms"),  # no naive arm
+    ({"arms": [{"name": "n", "kind": "naive", "seeds": [0, 7]}]}, "arms[0] (n).seeds"),
+    ({"arms": [{"name": "n", "kind": "naive", "seeds": []}]}, "arms[0] (n).seeds"),
+    ({"seeds": [0, 1], "arms": [{"name": "n", "kind": "naive", "seeds": [1]}]}, "arms[0] (n).seeds"),  # reference
+    ({"seeds": [0, 1], "arms": [{"name": "n", "kind": "naive"}, {"name": "a", "kind": "naive", "seeds": [1]},
+                                {"name": "c", "kind": "continue", "from_arm": "a"}]}, "arms[2] (c).seeds"),
     ({"moe": {"num_experts": 2, "top_k": 3}}, "moe.top_k"),
     ({"recipe": {"train": {"max_steps": 5}}}, "recipe.train.max_steps"),
     ({"recipe": {"schedule": {"decay_steps": 5}}}, "recipe.schedule.decay_steps"),
@@ -222,7 +226,7 @@ def test_renamed_fields_say_what_to_write_instead(tiny):
     config = experiment_dict(tiny)
     config["budget_tokens"] = config.pop("budgets")[0]
     with pytest.raises(UpcycleError, match=r"^budget_tokens: unknown field \(renamed to budgets: \[TOKENS, \.\.\.\]\); "
-                                           "an experiment config accepts: arms, budgets, data, eval, moe, recipe, "
+                                           "an experiment config accepts: arms, budgets, data, eval, moe, primary, recipe, "
                                            "seed_model, seeds$"):
         parse_config(config)
 
@@ -246,7 +250,7 @@ def _run(tiny: dict, out: Path, config: dict, **kwargs) -> dict | None:
 def finished_config(tiny: dict) -> dict:
     """Two seeds, budgets of 2 and 4 steps under warmup-stable-decay (half of each budget decays): the 2-step
     budget is a decay branch taken off the 4-step run at its step 1."""
-    return with_recipe(experiment_dict(tiny, seeds=[0, 1], budgets=[512, 1024]),
+    return with_recipe(experiment_dict(tiny, seeds=[0, 1], budgets=[512, 1024], primary={"arms": ["drop", "btx"]}),
                        schedule={"kind": "wsd", "decay_fraction": 0.5})
 
 
@@ -303,24 +307,55 @@ def test_every_arm_kind_runs_at_every_seed_and_budget_and_results_hold_the_schem
     assert "routing_dense.png" not in {p.name for p in out.iterdir()}
 
 
-def test_gaps_are_paired_by_seed_with_both_intervals_and_a_verdict(finished):
-    arms = _arms(finished["results"])
+def _doc_sums(out: Path, arm: str, seed: int, tokens: int) -> dict[str, np.ndarray]:
+    """A budget's per-document loss sums as the run measured them, at the precision results keep (float32)."""
+    measured = json.loads((out / "arms" / arm / f"seed_{seed}" / "measure" / f"budget_{tokens}.json").read_text())
+    return {d: np.asarray(v, dtype=np.float32).astype(np.float64) for d, v in measured["doc_loss"].items()}
+
+
+def test_each_gap_has_one_interval_from_seeds_and_documents_and_a_call_only_at_the_end_of_a_schedule(finished):
+    out, arms = finished["out"], _arms(finished["results"])
     naive, drop = arms["naive"], arms["drop"]
+    doc_tokens = {d: np.asarray(v["doc_tokens"], dtype=np.float64)
+                  for d, v in json.loads((out / "validation.json").read_text())["domains"].items()}
     for i, budget in enumerate(drop["budgets"]):
         per_seed = [d["budgets"][i]["mean"] - n["budgets"][i]["mean"] for d, n in zip(drop["seeds"], naive["seeds"])]
+        gaps = [{d: a[d] - b[d] for d in a} for a, b in ((_doc_sums(out, "drop", s, budget["tokens"]),
+                                                          _doc_sums(out, "naive", s, budget["tokens"])) for s in (0, 1))]
+        mean_gaps = {d: (gaps[0][d] + gaps[1][d]) / 2 for d in doc_tokens}
+        expected = gap_interval(per_seed, *document_error(mean_gaps, doc_tokens, {d: 1.0 for d in doc_tokens}))
         gap = budget["gap"]["mean"]
         assert gap["mean"] == pytest.approx(np.mean(per_seed))
-        half = 12.7062 * np.std(per_seed, ddof=1) / np.sqrt(2)  # t(0.975, 1 df)
-        assert (gap["low"], gap["high"]) == pytest.approx((gap["mean"] - half, gap["mean"] + half))
-        assert gap["bootstrap_low"] <= gap["mean"] <= gap["bootstrap_high"] or gap["verdict"] == "level"
-        excludes_zero = [(gap["low"], gap["high"]), (gap["bootstrap_low"], gap["bootstrap_high"])]
-        expected = ("ahead" if all(h < 0 for _, h in excludes_zero) else
-                    "behind" if all(lo > 0 for lo, _ in excludes_zero) else "level")
-        assert gap["verdict"] == expected
-        assert f"{gap['mean']:+.3f}" in (finished["out"] / "report.md").read_text()
+        assert (gap["low"], gap["high"], gap["df"]) == pytest.approx((expected["low"], expected["high"], expected["df"]))
+        assert gap["se_doc"] > 0 and gap["se_seed"] > 0 and not gap["provisional"]  # both sources of error
+        assert gap["verdict"] == call(gap)
+        assert f"{gap['mean']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}]" in (out / "report.md").read_text()
     for budget in naive["budgets"]:  # naive against itself
-        assert budget["gap"]["mean"]["mean"] == 0 and budget["gap"]["mean"]["verdict"] == "level"
+        assert budget["gap"]["mean"]["mean"] == 0 and budget["gap"]["mean"]["verdict"] is None
+    for point in drop["curve"]:  # mid-schedule (and before training): an interval, never a verdict
+        assert "verdict" not in point["gap"]["mean"] and point["gap"]["mean"]["low"] is not None
     assert drop["tokens_to_naive"]["of"] == 2 and drop["crossing"]["of"] == 2
+    report = (out / "report.md").read_text()
+    mid = report[report.index("### Mid-schedule gaps"):report.index("## Training against validation")]
+    assert not any(word in mid for word in ("ahead", "behind", "level", "**"))
+
+
+def test_the_primary_family_is_holm_corrected_and_every_other_gap_is_exploratory(finished):
+    results = finished["results"]
+    arms = _arms(results)
+    family = results["primary_family"]
+    assert [entry["arm"] for entry in family] == ["drop", "btx"] and {e["tokens"] for e in family} == {1024}
+    adjusted = holm({e["arm"]: e["p"] for e in family})
+    for entry in family:
+        gap = arms[entry["arm"]]["budgets"][-1]["gap"]["mean"]
+        assert gap["role"] == "primary" and gap["p_holm"] == pytest.approx(adjusted[entry["arm"]])
+        assert gap["verdict"] == call(gap, p_adjusted=adjusted[entry["arm"]]) == entry["verdict"]
+    assert arms["drop"]["budgets"][0]["gap"]["mean"]["role"] == "exploratory"
+    assert arms["fs"]["budgets"][-1]["gap"]["mean"]["role"] == "exploratory"
+    assert arms["drop"]["budgets"][-1]["gap"]["mixture"]["role"] == "exploratory"  # the family's mean is "mean"
+    report = (finished["out"] / "report.md").read_text()
+    assert "## Primary comparison (declared in the config, Holm-corrected)" in report
+    assert report.count("**") == 4 * len(family)  # each primary verdict bold in both gap tables, nothing else bold
 
 
 def test_seeds_differ_in_data_order_and_draws_and_arms_share_them_within_a_seed(finished):
@@ -430,7 +465,7 @@ def test_cosine_budgets_are_runs_of_their_own_and_arms_can_be_added(tiny, tmp_pa
     """With schedule.kind cosine every budget is its own run from the initial model, its cosine ending at that
     budget; adding an arm to a finished experiment trains only the new arm."""
     config = experiment_dict(tiny, arms=[{"name": "naive", "kind": "naive"}], budgets=[256, 512],
-                             eval={"points": 1, "tokens": 64, "bootstrap": 100})
+                             eval={"points": 1, "tokens": 64, "train_tokens": 64})
     out = tmp_path / "out"
     _run(tiny, out, config)
     unit = out / "arms" / "naive" / "seed_0"
@@ -449,7 +484,7 @@ def test_cosine_budgets_are_runs_of_their_own_and_arms_can_be_added(tiny, tmp_pa
 def test_sigkill_then_rerun_with_parallel_finishes_exactly_as_an_uninterrupted_run(tiny, tmp_path):
     """A real SIGKILL of the experiment process in the middle of a run's training; the re-run (two runs at once, one
     thread each) resumes it from its checkpoint and ends with the uninterrupted run's numbers, bit for bit."""
-    config = experiment_dict(tiny, budgets=[12 * 256], eval={"points": [512, 1024], "tokens": 64, "bootstrap": 100},
+    config = experiment_dict(tiny, budgets=[12 * 256], eval={"points": [512, 1024], "tokens": 64, "train_tokens": 64},
                              arms=[{"name": "naive", "kind": "naive"}, {"name": "dense", "kind": "dense"}])
     config["recipe"]["checkpoint"] = {"every": 1}  # a checkpoint between evaluation points, to resume from
     reference = _run(tiny, tmp_path / "reference", config)
@@ -517,7 +552,7 @@ def test_an_arm_can_carry_further_convert_options_such_as_a_data_initialized_rou
             {"name": "naive-data", "kind": "naive",
              "convert": {"router_init": "data", "calibration": str(calibration), "calibration_tokens": 600}}]
     results = _run(tiny, tmp_path / "out", experiment_dict(tiny, arms=arms, budgets=[256],
-                                                           eval={"points": 1, "tokens": 64, "bootstrap": 100}))
+                                                           eval={"points": 1, "tokens": 64, "train_tokens": 64}))
     by_name = _arms(results)
     assert by_name["naive"]["convert"] is None
     assert by_name["naive-data"]["convert"]["router_init"] == "data"
@@ -542,7 +577,7 @@ def test_grow_and_continue_arms_start_from_another_arms_trained_model_at_the_sam
     same recipe and data order. Two seeds, two wsd budgets: each starts from its seed's source, at the end of the
     source's largest budget (the main run's final checkpoint)."""
     config = with_recipe(experiment_dict(tiny, arms=GROW_ARMS, seeds=[0, 1], budgets=[512, 1024],
-                                         eval={"points": 1, "tokens": 64, "bootstrap": 100}),
+                                         eval={"points": 1, "tokens": 64, "train_tokens": 64}),
                          schedule={"kind": "wsd", "decay_fraction": 0.5})
     out = tmp_path / "out"
     results = _run(tiny, out, config)
@@ -593,7 +628,7 @@ def test_a_grow_run_waits_for_its_source_and_is_not_started_when_the_source_fail
     started at all."""
     config = experiment_dict(tiny, arms=[{"name": "src", "kind": "naive"},
                                          {"name": "g", "kind": "grow", "from_arm": "src", "ratio": 0.0}],
-                             budgets=[256], eval={"points": 1, "tokens": 64, "bootstrap": 100})
+                             budgets=[256], eval={"points": 1, "tokens": 64, "train_tokens": 64})
     out = tmp_path / "out"
     with pytest.raises(UpcycleError, match=r"^g seed 0 starts from arm src seed 0, which has not finished; run it "
                                            r"first \(--only src --seeds 0"):
@@ -644,15 +679,16 @@ def test_calibration_text_shared_with_the_validation_split_is_refused_naming_bot
 def test_every_config_field_is_in_the_help_and_the_docs():
     from helpers import REPO
     from upcycle.config import config_fields
-    from upcycle.experiment.config import ArmSpec, DataSection, EvalSection, ExperimentConfig, MoESection, config_help
+    from upcycle.experiment.config import (ArmSpec, DataSection, EvalSection, ExperimentConfig, MoESection,
+                                           PrimarySection, config_help)
 
     docs = (REPO / "docs" / "experiments.md").read_text()
     help_text = config_help()
     for prefix, cls in (("", ExperimentConfig), ("data.", DataSection), ("moe.", MoESection), ("eval.", EvalSection),
-                        ("", ArmSpec)):
+                        ("primary.", PrimarySection), ("", ArmSpec)):
         for f in config_fields(cls):  # the fields a file sets (not the derived domains, nor data.seed)
             assert f"{f.name}:" in help_text, f.name
-            if f.name not in ("data", "moe", "eval"):  # sections: their fields are the docs' rows
+            if f.name not in ("data", "moe", "eval", "primary"):  # sections: their fields are the docs' rows
                 assert f"`{prefix}{f.name}`" in docs, f"{prefix}{f.name}"
 
 
@@ -661,6 +697,10 @@ def test_every_config_field_is_in_the_help_and_the_docs():
     (["--rescore", "--data", "d", "--config", "c.yaml", "--out", "x"], "--rescore re-measures the experiment"),
     (["--data", "d", "--config", "c.yaml", "--out", "x"], "--data is only used with --rescore"),
     (["--out", "x"], "give --config FILE"),
+    (["--recompute", "--config", "c.yaml", "--out", "x"], "--recompute rebuilds what OUT recorded"),
+    (["--merge", "a", "b", "--parallel", "2", "--out", "x"], "--merge gathers what the pieces recorded"),
+    (["--recompute", "--merge", "a", "--out", "x"], "--recompute and --merge are different jobs"),
+    (["--recompute", "--out", "/nonexistent"], "--recompute: /nonexistent has no results.json"),
 ])
 def test_cli_flag_combinations_are_refused_in_one_line(flags, message, capsys):
     from helpers import assert_one_line_error, run_cli
