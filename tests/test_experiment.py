@@ -381,25 +381,32 @@ def test_seeds_differ_in_data_order_and_draws_and_arms_share_them_within_a_seed(
     assert len({*branches.values(), hashes[("naive", 0)]}) == 3
 
 
-def test_a_wsd_branch_equals_a_run_scheduled_to_its_budget_from_the_start(finished, tiny, tmp_path):
-    """The 2-step budget was taken off the 4-step run at step 1 and decayed to step 2. An ordinary run whose wsd
-    schedule ends at step 2 from the start takes the same steps (loss, learning rate, gradient norm, data) and ends
-    with the same weights."""
-    out = finished["out"]
-    init = out / "arms" / "naive" / "seed_0" / "init"
-    config = parse_config(finished_config(tiny))
-    run_training(config_from_dict(train_config_dict(config, init_source=str(init), max_steps=2, seed=0,
+def test_a_wsd_branch_that_shares_stable_steps_equals_a_run_scheduled_to_its_budget_from_the_start(tiny, tmp_path):
+    """Budgets of 4 and 8 steps, a quarter of each decaying, warmup 1 step: the 4-step budget is a decay branch taken
+    off the 8-step run after its step 3, so the two share the warmup step and two steps at the peak learning rate (the
+    stable phase), not the warmup alone. An ordinary run whose wsd schedule ends at step 4 from the start takes the
+    same steps (loss, learning rate, gradient norm, data) and ends with the same weights, bit for bit."""
+    raw = with_recipe(experiment_dict(tiny, arms=[{"name": "naive", "kind": "naive"}], budgets=[4 * 256, 8 * 256],
+                                      eval={"points": 1, "tokens": 64, "train_tokens": 64}),
+                      schedule={"kind": "wsd", "decay_fraction": 0.25})
+    out = tmp_path / "out"
+    _run(tiny, out, raw)
+    unit = out / "arms" / "naive" / "seed_0"
+    config = parse_config(raw)
+    run_training(config_from_dict(train_config_dict(config, init_source=str(unit / "init"), max_steps=4, seed=0,
                                                     data_path=str(tiny["data"]))), tmp_path / "direct")
-    branch = out / "arms" / "naive" / "seed_0" / "budgets" / "512" / "run"
     keys = ("step", "loss", "lr", "grad_norm", "data_sha256", "expert_load")
-    assert [{k: r.get(k) for k in keys} for r in read_metrics(branch)] == \
-        [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "direct")]
-    main = read_metrics(out / "arms" / "naive" / "seed_0" / "run")
-    assert main[1]["lr"] == 3e-3 > read_metrics(branch)[1]["lr"]  # the main run was still stable at step 2
-    assert read_metrics(branch)[1]["lr"] == lr_at(1, lr=3e-3, min_lr=3e-4, warmup_steps=1, decay_steps=2,
-                                                  warmup_start_lr=3e-4, kind="wsd", decay_fraction=0.5)
-    kept = load_model(out / "arms" / "naive" / "seed_0" / "final" / "512").state_dict()
-    direct = load_model(tmp_path / "direct" / "checkpoints" / "step_00000002").to(torch.bfloat16).float()
+    branch = [{k: r.get(k) for k in keys} for r in read_metrics(unit / "budgets" / "1024" / "run")]
+    assert branch == [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "direct")]
+    main = [{k: r.get(k) for k in keys} for r in read_metrics(unit / "run")]
+    assert [r["step"] for r in branch] == [1, 2, 3, 4]
+    assert branch[:3] == main[:3]  # the shared steps: warmup, then two at the peak learning rate
+    assert branch[1]["lr"] == branch[2]["lr"] == main[3]["lr"] == 3e-3  # steps 2 and 3 stable, as is the main run's 4
+    assert branch[3]["lr"] == lr_at(3, lr=3e-3, min_lr=3e-4, warmup_steps=1, decay_steps=4, warmup_start_lr=3e-4,
+                                    kind="wsd", decay_fraction=0.25) < 3e-3  # the branch's own decay step
+    assert branch[3]["loss"] == main[3]["loss"] and branch[3]["grad_norm"] == main[3]["grad_norm"]  # same state
+    kept = load_model(unit / "final" / "1024").state_dict()
+    direct = load_model(tmp_path / "direct" / "checkpoints" / "step_00000004").to(torch.bfloat16).float()
     assert all(torch.equal(kept[k], v) for k, v in direct.state_dict().items())
 
 
@@ -434,6 +441,108 @@ def test_rescoring_the_kept_models_gives_the_recorded_losses(finished, tiny, tmp
     # other text: the same models, other numbers
     other = rescore_experiment(out, make_data_dir(tmp_path / "other", seed=5), threads=1)
     assert other["arms"][2]["seeds"][0]["budgets"][0]["mean"] != rescored["arms"][2]["seeds"][0]["budgets"][0]["mean"]
+
+
+def test_a_rescore_weighs_domains_by_the_training_mixture_not_by_the_rescore_datas_shares(finished, tmp_path):
+    """Before: --rescore weighted the mixture-weighted mean by the rescore data's own training shares and called that
+    the training mixture. Rescore data whose shares differ (code 1/5 of its training tokens) must still be weighed as
+    the experiment trained (its mixture_weights), and the report must say which weights it used."""
+    out = finished["out"]
+    trained = finished["results"]["validation"]["mixture_weights"]
+    data = make_data_dir(tmp_path / "skewed", seed=7)
+    metadata = json.loads((data / "data.json").read_text())
+    code = metadata["domains"]["code"]["train"]
+    np.fromfile(data / code["file"], dtype=np.uint16)[:3000].tofile(data / code["file"])
+    code["tokens"] = 3000
+    metadata["domains"]["english"]["train"]["tokens"] = 12000
+    (data / "data.json").write_text(json.dumps(metadata))
+    rescored = rescore_experiment(out, data, threads=1)
+    assert rescored["validation"]["mixture_weights"] == pytest.approx(trained)
+    assert trained["code"] == pytest.approx(0.5)  # not the rescore data's 0.2
+    assert "the experiment's training mixture" in rescored["validation"]["mixture_source"]
+    for arm in rescored["arms"]:
+        for run in arm["seeds"]:
+            for budget in run["budgets"]:
+                assert budget["mixture"] == pytest.approx(sum(w * budget[d] for d, w in trained.items()))
+    report = (out / "rescore" / "skewed" / "report.md").read_text()
+    assert "Mixture weights: code 0.500, english 0.500 (the experiment's training mixture" in report
+
+
+def test_recompute_rebuilds_every_interval_and_the_report_from_results_and_documents_alone(finished, tmp_path):
+    """Every interval of report.md is recomputable from the committed files: --recompute on a copy holding only
+    results.json and documents.json gives the same results and report; and one gap, recomputed here by hand from the
+    per-document losses in documents.json, is the one results.json and report.md hold."""
+    from upcycle.experiment.report import decode_losses, recompute
+
+    out, copy = finished["out"], tmp_path / "copy"
+    copy.mkdir()
+    for name in ("results.json", "documents.json"):
+        (copy / name).write_bytes((out / name).read_bytes())
+    rebuilt = recompute(copy)
+    assert rebuilt == json.loads((out / "results.json").read_text())
+    assert (copy / "report.md").read_text() == (out / "report.md").read_text()
+    documents = json.loads((copy / "documents.json").read_text())
+    tokens = {d: np.asarray(v, dtype=np.float64) for d, v in documents["doc_tokens"].items()}
+    runs = documents["runs"]
+    per_seed, sums = [], []
+    for seed in ("0", "1"):
+        mine = {d: decode_losses(v) for d, v in runs["drop"][seed]["budgets"]["1024"].items()}
+        theirs = {d: decode_losses(v) for d, v in runs["naive"][seed]["budgets"]["1024"].items()}
+        sums.append({d: mine[d] - theirs[d] for d in tokens})
+    # the per-seed gaps as results.json records them (each seed's mean loss, measured in float64)
+    per_seed = [a["budgets"][-1]["mean"] - b["budgets"][-1]["mean"]
+                for a, b in zip(_arms(rebuilt)["drop"]["seeds"], _arms(rebuilt)["naive"]["seeds"])]
+    mean_sums = {d: (sums[0][d] + sums[1][d]) / 2 for d in tokens}
+    expected = gap_interval(per_seed, *document_error(mean_sums, tokens, {d: 1.0 for d in tokens}))
+    gap = _arms(rebuilt)["drop"]["budgets"][-1]["gap"]["mean"]
+    assert (gap["mean"], gap["low"], gap["high"]) == pytest.approx((expected["mean"], expected["low"],
+                                                                     expected["high"]), abs=1e-12)
+    assert f"{gap['mean']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}]" in (copy / "report.md").read_text()
+    assert (copy / "documents.json").stat().st_size < 200_000  # small: compressed float32 sums
+
+
+def test_equal_flops_gaps_read_the_reference_in_log_flops_and_only_inside_its_measured_range(finished):
+    from upcycle.experiment.stats import interpolate_log
+
+    arms = _arms(finished["results"])
+    naive = arms["naive"]
+    flops = [b["flops"] for b in naive["budgets"]]
+    means = [b["loss"]["mean"]["mean"] for b in naive["budgets"]]
+    seen = {"in": 0, "out": 0}
+    for name in ("dense", "fs", "drop", "btx"):
+        for budget in arms[name]["budgets"]:
+            equal = budget["gap_equal_flops"]
+            if not flops[0] <= budget["flops"] <= flops[-1]:
+                assert equal["out_of_range"]
+                seen["out"] += 1
+                continue
+            seen["in"] += 1
+            expected = budget["loss"]["mean"]["mean"] - interpolate_log(flops, means, budget["flops"])
+            assert equal["mean"]["mean"] == pytest.approx(expected, abs=1e-9)
+            assert equal["mean"]["low"] < equal["mean"]["mean"] < equal["mean"]["high"]
+    assert seen["in"] and seen["out"]  # btx's branches put its FLOPs past naive's largest budget
+    assert arms["btx"]["budgets"][-1]["gap_equal_flops"]["out_of_range"]
+    assert "out of range" in (finished["out"] / "report.md").read_text()
+
+
+def test_with_one_seed_every_verdict_is_provisional_and_nothing_is_bold(finished):
+    """The same runs with only seed 0 kept: one interval per gap from the documents alone, marked provisional, and
+    no bold verdict, the primary family's included."""
+    from upcycle.experiment.report import (HEADER_FIELDS, build_results, report_markdown, units_from_results)
+
+    results = json.loads((finished["out"] / "results.json").read_text())
+    documents = json.loads((finished["out"] / "documents.json").read_text())
+    results["seeds"] = [0]
+    for arm in results["arms"]:
+        arm["seeds"] = arm["seeds"][:1]
+    units, validation = units_from_results(results, documents)
+    one = build_results(units, validation, header={k: results[k] for k in HEADER_FIELDS if k in results},
+                        arm_names=[arm["name"] for arm in results["arms"]])
+    gaps = [b["gap"]["mean"] for arm in one["arms"] if arm["name"] != "naive" for b in arm["budgets"]]
+    assert all(g["provisional"] and g["se_seed"] is None and g["low"] is not None for g in gaps)
+    assert all(entry["provisional"] for entry in one["primary_family"])
+    report = report_markdown(one)
+    assert "**" not in report and "(provisional: one seed)" in report
 
 
 def test_rerun_skips_finished_runs_and_a_changed_config_is_refused(finished, tiny):
