@@ -525,6 +525,32 @@ def test_equal_flops_gaps_read_the_reference_in_log_flops_and_only_inside_its_me
     assert "out of range" in (finished["out"] / "report.md").read_text()
 
 
+def test_merging_pieces_run_elsewhere_gives_the_full_runs_results(finished, tmp_path):
+    """Pieces of one experiment (here: the finished runs split between two directories, as two GPU pieces would hold
+    them, without checkpoints or models) merged into one OUT give the results of the experiment run in one place; a
+    run held twice, or missing, is refused."""
+    from upcycle.experiment.runner import merge_pieces
+
+    out = finished["out"]
+    pieces = [tmp_path / "piece0", tmp_path / "piece1"]
+    for index, piece in enumerate(pieces):
+        piece.mkdir()
+        for name in ("experiment.yaml", "validation.json"):
+            (piece / name).write_bytes((out / name).read_bytes())
+        for done in sorted((out / "arms").glob("*/seed_*/arm.json")):
+            if (done.parent.name == "seed_0") == (index == 0):
+                target = piece / done.relative_to(out)
+                target.parent.mkdir(parents=True)
+                target.write_bytes(done.read_bytes())
+    merged = merge_pieces(pieces, tmp_path / "merged")
+    assert merged == json.loads((out / "results.json").read_text())
+    assert (tmp_path / "merged" / "report.md").read_text() == (out / "report.md").read_text()
+    with pytest.raises(UpcycleError, match="no piece holds dense seed 1"):
+        merge_pieces(pieces[:1], tmp_path / "merged")
+    with pytest.raises(UpcycleError, match="finished in both"):
+        merge_pieces([pieces[0], pieces[0], pieces[1]], tmp_path / "merged")
+
+
 def test_with_one_seed_every_verdict_is_provisional_and_nothing_is_bold(finished):
     """The same runs with only seed 0 kept: one interval per gap from the documents alone, marked provisional, and
     no bold verdict, the primary family's included."""
