@@ -811,6 +811,54 @@ def test_calibration_text_shared_with_the_validation_split_is_refused_naming_bot
     assert not out.exists()  # refused before anything was kept
 
 
+@pytest.mark.parametrize("name", ["replication", "replication-cosine"])
+def test_the_committed_study_configs_pass_validation(name, tmp_path):
+    """experiments/replication.yaml and its cosine control, on three-domain stand-in data (the corpus is not
+    committed): every field valid, the primary comparison and the arms' seeds as the docs describe them."""
+    data = make_data_dir(tmp_path / "data")
+    metadata = json.loads((data / "data.json").read_text())
+    metadata["domains"]["japanese"] = dict(metadata["domains"]["code"])
+    (data / "data.json").write_text(json.dumps(metadata))
+    from helpers import REPO
+
+    raw = yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text())
+    raw["data"]["path"] = str(data)
+    config = parse_config(raw)
+    seeds = {arm.name: config.seeds_of(arm) for arm in config.arms}
+    if name == "replication":
+        assert config.primary.arms == ["drop-0.5-shared", "drop-0.5"] and config.primary.budget is None
+        assert all(seeds[arm] == [1, 2, 3, 4, 5] for arm in ("naive", "drop-0.5-shared", "drop-0.5"))
+        assert {arm for arm, s in seeds.items() if s == [1, 2, 3]} == {"dense", "fs", "noise", "drop-0.25",
+                                                                      "drop-0.75", "btx"}
+        assert {31457280, 62914560, 104857600, 125829120} <= set(config.budgets)
+    else:
+        assert config.train_template().schedule.kind == "cosine" and config.budgets == [62914560]
+
+
+def test_the_gpu_pieces_hold_every_run_of_the_study_once_and_at_most_two_runs_each(tmp_path):
+    """scripts/gpu_piece.sh's pieces against experiments/replication.yaml and its cosine control: each run (arm,
+    seed) of each config in exactly one piece, no piece of the study over 2 runs, every piece in the ledger."""
+    from helpers import REPO
+
+    listed = subprocess.run(["bash", str(REPO / "scripts" / "gpu_piece.sh"), "--list"], capture_output=True,
+                            text=True, check=True).stdout.split("\n")
+    pieces = [line.split("|") for line in listed if line]
+    assert [int(number) for number, *_ in pieces] == list(range(1, len(pieces) + 1))
+    ledger = (REPO / "docs" / "experiments" / "replication" / "pieces.md").read_text()
+    for config_name in ("replication", "replication-cosine"):
+        raw = yaml.safe_load((REPO / "experiments" / f"{config_name}.yaml").read_text())
+        expected = sorted((arm["name"], seed) for arm in raw["arms"] for seed in arm.get("seeds", raw["seeds"]))
+        found = []
+        for number, config, arms, seeds in pieces:
+            if config == f"experiments/{config_name}.yaml":
+                runs = [(arm, int(seed)) for arm in arms.split() for seed in seeds.split()
+                        if int(seed) in next(a.get("seeds", raw["seeds"]) for a in raw["arms"] if a["name"] == arm)]
+                assert runs and (len(runs) <= 2 or config_name != "replication"), number
+                assert f"| {number} |" in ledger, number
+                found += runs
+        assert sorted(found) == expected, config_name
+
+
 def test_every_config_field_is_in_the_help_and_the_docs():
     from helpers import REPO
     from upcycle.config import config_fields
