@@ -99,5 +99,7 @@ with open(os.path.join(os.environ["PIECE_OUT"], "piece.json"), "w") as f:
 PY
 dest=${OUT:-runs/pieces}
 mkdir -p "$dest"
-( cd "$out" && tar -czf - experiment.yaml validation.json piece.json arms/*/seed_*/arm.json ) >"$dest/piece-$number.tar.gz"
-echo "gpu_piece.sh: piece $number ($arms; seeds $seeds) took ${wall} s on ${gpu:-unknown}; wrote $dest/piece-$number.tar.gz"
+( cd "$out" && tar -czf - experiment.yaml validation.json piece.json arms/*/seed_*/arm.json ) \
+  >"$dest/piece-$number.tar.gz"
+echo "gpu_piece.sh: piece $number ($arms; seeds $seeds) took ${wall} s on ${gpu:-unknown};" \
+  "wrote $dest/piece-$number.tar.gz"
