@@ -61,7 +61,8 @@ class _Documents:
     the weights of each key (a mean over domains, or one domain)."""
 
     def __init__(self, validation: dict):
-        self.tokens = {d: np.asarray(v["doc_tokens"], dtype=np.float64) for d, v in validation["domains"].items()}
+        self.tokens = {d: np.asarray(v.get("doc_tokens", ()), dtype=np.float64)
+                       for d, v in validation["domains"].items()}
         self.weights = {"mean": {d: 1.0 for d in self.tokens}, "mixture": validation["mixture_weights"],
                         **{d: {d: 1.0} for d in self.tokens}}
 
@@ -80,6 +81,12 @@ class _Documents:
         return out
 
 
+def _kept(points: list[dict]) -> bool:
+    """Whether every point holds its per-document losses (results of the harness before they were kept do not: their
+    intervals can only be made across seeds)."""
+    return all("doc_loss" in p for p in points)
+
+
 def _doc_sums(point: dict) -> dict[str, np.ndarray]:
     """A measurement's per-document loss sums at the precision results keep them in (float32, `encode_losses`), so an
     interval recomputed from the kept sums is the one first reported."""
@@ -88,7 +95,7 @@ def _doc_sums(point: dict) -> dict[str, np.ndarray]:
 
 def _losses(docs: _Documents, points: list[dict], keys: Sequence[str]) -> dict:
     """Each key's seed mean and its one 95% interval (seeds and validation documents)."""
-    intervals = docs.intervals(points, [_doc_sums(p) for p in points], keys)
+    intervals = docs.intervals(points, [_doc_sums(p) for p in points] if _kept(points) else None, keys)
     return {key: {k: v for k, v in interval.items() if k != "p"} for key, interval in intervals.items()}
 
 
@@ -97,13 +104,15 @@ def _gaps(docs: _Documents, points: list[dict], ref_points: list[dict], keys: Se
     """Each key's gap to the reference, paired by seed: its seed mean and one 95% interval. With `ref_weights` (one
     per seed) the reference is read at a weighted combination of its points (interpolation) instead of one point."""
     per_seed, doc_sums = [], []
+    kept = _kept(points) and _kept([r for refs in ref_points for r in (refs if ref_weights is not None else [refs])])
     for i, point in enumerate(points):
         refs = ref_points[i] if ref_weights is not None else [ref_points[i]]
         w = ref_weights[i] if ref_weights is not None else np.ones(1)
         per_seed.append({k: point[k] - float(sum(wj * r[k] for wj, r in zip(w, refs))) for k in keys})
-        mine, theirs = _doc_sums(point), [_doc_sums(r) for r in refs]
-        doc_sums.append({d: mine[d] - sum(wj * t[d] for wj, t in zip(w, theirs)) for d in mine})
-    return docs.intervals(per_seed, doc_sums, keys)
+        if kept:
+            mine, theirs = _doc_sums(point), [_doc_sums(r) for r in refs]
+            doc_sums.append({d: mine[d] - sum(wj * t[d] for wj, t in zip(w, theirs)) for d in mine})
+    return docs.intervals(per_seed, doc_sums if kept else None, keys)
 
 
 def _verdict(interval: dict, role: str) -> dict:
@@ -253,7 +262,9 @@ def build_results(units: list[dict], validation: dict, *, header: dict, arm_name
     return {**header, "validation": {k: v for k, v in validation.items() if k != "domains"}
             | {"domains": {d: {k: v for k, v in info.items() if k != "doc_tokens"}
                            for d, info in validation["domains"].items()}},
-            "confidence": stats.CONFIDENCE, "documents": DOCUMENTS_FILE, "same_data_order": same_order,
+            "confidence": stats.CONFIDENCE,
+            "documents": DOCUMENTS_FILE if _kept([p for u in units for p in u["budgets"] + u["curve"]]) else None,
+            "same_data_order": same_order,
             "primary_family": _primary_family(out_arms, header.get("primary")), "arms": out_arms}
 
 
@@ -297,25 +308,29 @@ def documents_record(units: list[dict], validation: dict) -> dict:
             "doc_tokens": {d: info["doc_tokens"] for d, info in validation["domains"].items()}, "runs": runs}
 
 
-def units_from_results(results: dict, documents: dict) -> tuple[list[dict], dict]:
+def units_from_results(results: dict, documents: dict | None) -> tuple[list[dict], dict]:
     """The runs (as arm.json holds them, to what build_results reads) and the validation record, from results.json
-    and DOCUMENTS_FILE alone: what --recompute rebuilds the report from."""
+    and DOCUMENTS_FILE alone: what --recompute rebuilds the report from. Without DOCUMENTS_FILE (results whose
+    per-document losses were not kept), runs without them."""
     domains = results["domains"]
     units = []
     for arm in results["arms"]:
         fields = {k: arm[k] for k in ("name", "method", "ratio", "index_mode", "convert", "active_params",
                                       "total_params", *FROM_ARM_FIELDS) if k in arm}
         for run in arm["seeds"]:
-            sums = documents["runs"][arm["name"]][str(run["seed"])]
+            sums = documents["runs"][arm["name"]][str(run["seed"])] if documents is not None else None
 
             def point(p: dict, part: str) -> dict:
+                if sums is None:
+                    return {**p, "val": {d: p[d] for d in domains}}
                 return {**p, "val": {d: p[d] for d in domains},
                         "doc_loss": {d: decode_losses(v) for d, v in sums[part][str(p["tokens"])].items()}}
 
             units.append({**fields, **run, "budgets": [point(b, "budgets") for b in run["budgets"]],
                           "curve": [point(p, "curve") for p in run["curve"]]})
-    validation = {**results["validation"], "domains": {d: {**info, "doc_tokens": documents["doc_tokens"][d]}
-                                                       for d, info in results["validation"]["domains"].items()}}
+    validation = {**results["validation"], "domains": {
+        d: {**info, **({"doc_tokens": documents["doc_tokens"][d]} if documents is not None else {})}
+        for d, info in results["validation"]["domains"].items()}}
     return units, validation
 
 
@@ -327,12 +342,17 @@ def recompute(directory: str | Path) -> dict:
     """Rebuild results.json's aggregates, report.md and the figures of `directory` (an experiment's OUT or a rescore
     of it) from its results.json and DOCUMENTS_FILE alone: no training, no evaluation."""
     directory = Path(directory)
-    missing = [name for name in (RESULTS_FILE, DOCUMENTS_FILE) if not (directory / name).is_file()]
-    if missing:
-        raise UpcycleError(f"--recompute: {directory} has no {missing[0]}; pass a directory that upcycle experiment "
+    if not (directory / RESULTS_FILE).is_file():
+        raise UpcycleError(f"--recompute: {directory} has no {RESULTS_FILE}; pass a directory that upcycle experiment "
                            "(or --rescore, or --merge) wrote")
     results = json.loads((directory / RESULTS_FILE).read_text())
-    units, validation = units_from_results(results, json.loads((directory / DOCUMENTS_FILE).read_text()))
+    documents = None
+    if results.get("documents") is not None:  # null: results whose per-document losses were not kept
+        if not (directory / DOCUMENTS_FILE).is_file():
+            raise UpcycleError(f"--recompute: {directory} has no {DOCUMENTS_FILE}, which its {RESULTS_FILE} names; "
+                               "copy it beside results.json")
+        documents = json.loads((directory / DOCUMENTS_FILE).read_text())
+    units, validation = units_from_results(results, documents)
     header = {k: results[k] for k in HEADER_FIELDS if k in results}
     rebuilt = build_results(units, validation, header=header, arm_names=[arm["name"] for arm in results["arms"]])
     return write_outputs(directory, rebuilt, units=units, validation=validation)
@@ -355,7 +375,8 @@ def write_outputs(out: Path, results: dict, *, units: list[dict], validation: di
             if routing:
                 figures.append(plot_arm_routing(arm, routing, results, out / f"routing_{arm['name']}.png"))
     atomic_write(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
-    atomic_write(out / DOCUMENTS_FILE, json.dumps(documents_record(units, validation), indent=1) + "\n")
+    if results["documents"] is not None:
+        atomic_write(out / DOCUMENTS_FILE, json.dumps(documents_record(units, validation), indent=1) + "\n")
     atomic_write(out / REPORT_FILE, report_markdown(results))
     return results
 
@@ -594,6 +615,14 @@ INTERVALS = ("Every interval is 95% and one per quantity: the seed mean, plus or
              "between training and validation loss have intervals across seeds only.")
 
 
+SEED_INTERVALS = ("**The per-document losses of these runs were not kept** (they were made by an earlier version of "
+                  "the harness), so no interval here includes the validation documents' sampling error: every "
+                  "interval is a Student-t interval across seeds alone (gaps paired by seed), narrower than the one "
+                  "interval the harness now reports (seeds and documents together), and the calls drawn from them "
+                  "are weaker evidence than they look. Recomputed from results.json alone; a re-run would give the "
+                  "full intervals.")
+
+
 def _design_section(results: dict) -> list[str]:
     """The title, what was trained (seed model, MoE shape, seeds, budgets, schedule, domains), what was scored with
     which mixture weights, how intervals are made, and the recipe."""
@@ -622,7 +651,7 @@ def _design_section(results: dict) -> list[str]:
     weights = ", ".join(f"{d} {w:.3f}" for d, w in validation["mixture_weights"].items())
     lines = [f"# {results['title']}", "", design, "",
              f"Validation: {scored}{extent}, the same for every arm, seed and point. Mixture weights: {weights} "
-             f"({validation['mixture_source']}).", "", INTERVALS, ""]
+             f"({validation['mixture_source']}).", "", INTERVALS if results["documents"] else SEED_INTERVALS, ""]
     if results.get("recipe") is not None:
         lines += [f"Recipe: `{json.dumps(results['recipe'], sort_keys=True)}`.", ""]
     return lines
@@ -690,10 +719,12 @@ def _gap_section(results: dict) -> list[str]:
     return [
         f"## Gaps to `{reference}` at the end of each budget's schedule (nats; negative: ahead)",
         "",
-        "Exploratory, except the primary comparison's gaps (bold verdicts, above): a call of ahead or behind here "
+        ("Exploratory, except the primary comparison's gaps (bold verdicts, above)" if results.get("primary_family")
+         else "Exploratory") + ": a call of ahead or behind here "
         "only says that the gap's own 95% interval excludes zero, with no correction for the many gaps read. At "
         f"equal FLOPs: the arm's mean loss minus `{reference}`'s end-of-schedule loss at the arm's training FLOPs, "
-        f"read piecewise linear in log FLOPs between `{reference}`'s budgets (per document too, for the interval); "
+        f"read piecewise linear in log FLOPs between `{reference}`'s budgets"
+        + (" (per document too, for the interval)" if results["documents"] else "") + "; "
         f"out of range where the arm's FLOPs lie outside `{reference}`'s measured budgets.",
         "",
         *markdown_table(["arm", "budget (tokens)", "gap, mean over domains", "gap, mixture-weighted",
