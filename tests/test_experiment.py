@@ -525,7 +525,7 @@ def test_equal_flops_gaps_read_the_reference_in_log_flops_and_only_inside_its_me
     assert "out of range" in (finished["out"] / "report.md").read_text()
 
 
-def test_merging_pieces_run_elsewhere_gives_the_full_runs_results(finished, tmp_path):
+def test_merging_pieces_run_elsewhere_gives_the_full_runs_results(finished, tiny, tmp_path):
     """Pieces of one experiment (here: the finished runs split between two directories, as two GPU pieces would hold
     them, without checkpoints or models) merged into one OUT give the results of the experiment run in one place; a
     run held twice, or missing, is refused."""
@@ -545,6 +545,20 @@ def test_merging_pieces_run_elsewhere_gives_the_full_runs_results(finished, tmp_
     merged = merge_pieces(pieces, tmp_path / "merged")
     assert merged == json.loads((out / "results.json").read_text())
     assert (tmp_path / "merged" / "report.md").read_text() == (out / "report.md").read_text()
+    # pieces run in different places: their configs' paths compared relative to the directory each ran in
+    root = str(tiny["root"])
+    (pieces[0] / "piece.json").write_text(json.dumps({"root": root}))
+    saved = (pieces[1] / "experiment.yaml").read_text()
+    assert root in saved
+    (pieces[1] / "experiment.yaml").write_text(saved.replace(root, "/elsewhere/checkout"))
+    (pieces[1] / "piece.json").write_text(json.dumps({"root": "/elsewhere/checkout", "gpu": "H200"}))
+    moved = merge_pieces(pieces, tmp_path / "merged")  # an earlier merge in OUT is replaced
+    assert moved["arms"] == merged["arms"]
+    assert json.loads((tmp_path / "merged" / "merged.json").read_text())["pieces"][1]["gpu"] == "H200"
+    (pieces[1] / "piece.json").write_text(json.dumps({"root": "/yet/another"}))
+    with pytest.raises(UpcycleError, match="another config"):
+        merge_pieces(pieces, tmp_path / "merged")
+    (pieces[1] / "piece.json").write_text(json.dumps({"root": "/elsewhere/checkout"}))
     with pytest.raises(UpcycleError, match="no piece holds dense seed 1"):
         merge_pieces(pieces[:1], tmp_path / "merged")
     with pytest.raises(UpcycleError, match="finished in both"):
