@@ -340,6 +340,27 @@ def test_each_gap_has_one_interval_from_seeds_and_documents_and_a_call_only_at_t
     assert not any(word in mid for word in ("ahead", "behind", "level", "**"))
 
 
+def test_specialization_has_its_chance_level_and_a_paired_gap_and_training_loss_is_reported(finished):
+    """Each MoE arm's JSD at a budget's end comes with its chance level (sequences shuffled between domains: above 0
+    on finite samples) and its gap to naive's, paired by seed; each budget's end scores the training split too."""
+    arms = _arms(finished["results"])
+    for name in ("fs", "drop", "btx"):
+        end = arms[name]["budgets"][-1]
+        assert end["jsd_chance"]["mean"] > 0
+        per_seed = [run["budgets"][-1]["jsd"] - ref["budgets"][-1]["jsd"]
+                    for run, ref in zip(arms[name]["seeds"], arms["naive"]["seeds"])]
+        assert end["jsd_gap"]["mean"] == pytest.approx(np.mean(per_seed))
+        assert end["jsd_gap"]["low"] < end["jsd_gap"]["mean"] < end["jsd_gap"]["high"]
+    assert arms["dense"]["budgets"][-1]["jsd"] is None and arms["dense"]["budgets"][-1]["jsd_gap"] is None
+    for arm in arms.values():
+        for i, budget in enumerate(arm["budgets"]):
+            runs = [run["budgets"][i] for run in arm["seeds"]]
+            assert budget["train_loss"]["mean"]["mean"] == pytest.approx(np.mean([r["train"]["mean"] for r in runs]))
+            assert budget["generalization_gap"]["mean"]["mean"] == pytest.approx(
+                np.mean([r["mean"] - r["train"]["mean"] for r in runs]))
+    assert "## Training against validation loss" in (finished["out"] / "report.md").read_text()
+
+
 def test_the_primary_family_is_holm_corrected_and_every_other_gap_is_exploratory(finished):
     results = finished["results"]
     arms = _arms(results)
