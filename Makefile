@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[test,eval,parquet]'
+	$(VENV)/bin/pip install -q -e '.[test,eval,parquet,wandb]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -233,7 +233,8 @@ def part_probes(device: torch.device, sizes: dict, work: Path) -> dict:
             during = torch.cuda.max_memory_allocated(device) if cuda else 0
             run.checkpointer.finish()
             after = torch.cuda.memory_allocated(device) if cuda else 0
-            report["b2_device_gib"] = {"before": round(before / 2**30, 3), "peak_while_staging": round(during / 2**30, 3),
+            report["b2_device_gib"] = {"before": round(before / 2**30, 3),
+                                       "peak_while_staging": round(during / 2**30, 3),
                                        "after": round(after / 2**30, 3)}
             report["b2_state_gib"] = round(sum(
                 (v.to_local() if hasattr(v, "to_local") else v).numel() * 4
@@ -281,8 +282,8 @@ def part_syncs(device: torch.device, sizes: dict, work: Path, steps: int = 3) ->
             "by_line": {line: round(count / steps, 2) for line, count in by_line.most_common()}}
 
 
-def part_train(device: torch.device, sizes: dict, work: Path, peak_tflops: float | None, *, compile_blocks: bool = False,
-               name: str = "train", steps: int | None = None) -> dict:
+def part_train(device: torch.device, sizes: dict, work: Path, peak_tflops: float | None, *,
+               compile_blocks: bool = False, name: str = "train", steps: int | None = None) -> dict:
     precision = "bf16" if device.type == "cuda" else "fp32"
     data = synthetic_data(work / "data", sizes["model"]["vocab_size"], sizes["tokens"])
     overrides = {"compile": compile_blocks}

@@ -7,9 +7,9 @@
 Two ranks are spawned (one thread each, as torchrun sets on CPU). For each shape both set-ups are built in the same
 processes: EP = 1 (FSDP2 over both ranks, every rank computes all experts for its own tokens) and EP = 2 (each rank
 holds half the experts; tokens go to their expert's rank and back by all-to-all). One optimizer step is exactly the
-trainer's: `upcycle.train.trainer.forward_backward` over the rank's share of the global batch, the expert-gradient reduction
-and clipping, the fused AdamW step. The two set-ups alternate round by round so load drift hits both; each round
-times STEPS steps after a warm-up. Then one profiled step per set-up sums the time spent inside the all-to-alls
+trainer's: `upcycle.train.trainer.forward_backward` over the rank's share of the global batch, the expert-gradient
+reduction and clipping, the fused AdamW step. The two set-ups alternate round by round so load drift hits both; each
+round times STEPS steps after a warm-up. Then one profiled step per set-up sums the time spent inside the all-to-alls
 (`upcycle.train.expert_parallel.ALL_TO_ALL_LABEL`: count exchange and both row exchanges, forward and backward), which
 includes waiting for the slower rank.
 
@@ -55,7 +55,8 @@ def shapes() -> dict[str, dict]:
 
 
 def _setup(model_fields: dict, degree: int, world):
-    """(model, optimizer) as upcycle.train.trainer.setup builds them for `degree`-way expert parallelism (from scratch)."""
+    """(model, optimizer) as upcycle.train.trainer.setup builds them for `degree`-way expert parallelism (from
+    scratch)."""
     import dataclasses
 
     from upcycle.model.transformer import ModelConfig

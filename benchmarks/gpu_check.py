@@ -11,7 +11,8 @@ Parts, each in its own try/except so one failure still reports the others, all u
       equal-FLOP dense SwiGLU (ffn_dim = k*F) and transformers' MixtralSparseMoeBlock with its grouped_mm experts
       backend; CUDA events, warm-up, interleaved shuffled repeats, medians.
   (c) training: 20 AdamW steps of an 8x152M-shaped MoE (D 512, 12 layers, F 2048, 8 heads, 8 experts top-2) through
-      upcycle.model.transformer.Transformer under bf16 autocast, eager and then with each block compiled; tokens/s and MFU.
+      upcycle.model.transformer.Transformer under bf16 autocast, eager and then with each block compiled; tokens/s and
+      MFU.
   (d) one JSON line (the last line of stdout) with every figure, the torch and CUDA versions and the GPU name.
 
 MFU = model FLOPs / time / the GPU's dense bf16 peak (looked up from the device name: H100 SXM 989 TFLOP/s, H100 PCIe
@@ -153,7 +154,8 @@ def part_correctness(device: torch.device, tiny: bool) -> dict:
     impls = [impl for impl in IMPLEMENTATIONS if impl != "reference"]
     modes = {"fp32": (torch.float32, False), "bf16_weights": (torch.bfloat16, False),
              "fp32_weights_bf16_autocast": (torch.float32, True)}
-    report: dict = {"shape": dict(T=T, D=D, F=F, E=E, K=K), "auto_resolves_to": resolve_impl("auto", device, torch.bfloat16),
+    report: dict = {"shape": dict(T=T, D=D, F=F, E=E, K=K),
+                    "auto_resolves_to": resolve_impl("auto", device, torch.bfloat16),
                     "cases": {}, "failures": []}
     for mode, (dtype, autocast) in modes.items():
         moe = MoE(D, F, E, K).to(device=device, dtype=dtype)

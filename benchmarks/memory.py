@@ -5,8 +5,8 @@ assets/tokenizer) upcycled online with Drop-Upcycling (r = 0.5, 8 experts, top-2
 fp32, trained 3 steps of 4 x 256 tokens on the committed sample corpus, saved once, then resumed (load + 1 step + save).
 Layouts: 1 process, 2 and 4 ranks with FSDP2, 4 ranks with expert_parallel 2; gloo, one thread per rank.
 
-Each rank runs the trainer's own functions (upcycle.train.trainer.setup, train_step, save) and records its peak resident set
-size per phase (the kernel's high-water mark, VmHWM, reset at each phase start through /proc/self/clear_refs):
+Each rank runs the trainer's own functions (upcycle.train.trainer.setup, train_step, save) and records its peak resident
+set size per phase (the kernel's high-water mark, VmHWM, reset at each phase start through /proc/self/clear_refs):
 
     build    set-up: the model built and filled (or, for the resume, built and loaded from the checkpoint)
     steps    the optimizer steps
@@ -42,7 +42,7 @@ SHAPES = {"full": dict(hidden_size=768, num_hidden_layers=6, intermediate_size=2
                         num_key_value_heads=2)}
 
 
-# ---- inside each rank --------------------------------------------------------------------------------------------------
+# ---- inside each rank ------------------------------------------------------------------------------------------------
 
 
 def _high_water_mark() -> int:
@@ -94,7 +94,7 @@ def worker(config_path: str, out: str, max_steps: int, log: str) -> None:
     shutdown(world)
 
 
-# ---- the driver ----------------------------------------------------------------------------------------------------------
+# ---- the driver ------------------------------------------------------------------------------------------------------
 
 
 def _prepare(work: Path, shape: dict) -> Path:
@@ -157,7 +157,8 @@ def _with_degree(config: Path, degree: int) -> Path:
 def _estimate(config: Path, world: int, degree: int, src: Path) -> int | None:
     """`upcycle plan`'s busiest-rank training memory for this layout (device + runtime, on a CPU), or None where the
     source tree has no planner."""
-    code = ("import json,sys; from upcycle.train.plan import make_plan, RUNTIME_BYTES; from upcycle.train.config import "
+    code = ("import json,sys; from upcycle.train.plan import make_plan, RUNTIME_BYTES; "
+            "from upcycle.train.config import "
             f"load_config; c = load_config({str(config)!r}, ['train.expert_parallel={degree}']); "
             f"p = make_plan(c, world_size={world}, ranks_per_node={world}, device='cpu'); "
             "print(p.worst.device_total + RUNTIME_BYTES)")
@@ -201,8 +202,8 @@ def _gb(size: float) -> str:
 
 def report(results: dict) -> str:
     one = next(iter(results.values()))["phases"]
-    lines = ["peak RSS in GB: the busiest rank (rank 0 / median rank where they differ); worst/1 = its worst phase over "
-             "the first layout's worst phase",
+    lines = ["peak RSS in GB: the busiest rank (rank 0 / median rank where they differ); worst/1 = its worst phase "
+             "over the first layout's worst phase",
              f"{'ranks':<9} {'build':>14} {'steps':>14} {'save':>14} {'resume':>14} {'worst/1':>8} {'save s':>7} "
              f"{'load s':>7} {'ckpt GB':>8} {'plan':>6}"]
     single_worst = max(max(p["peak_rss"]) for p in one.values())

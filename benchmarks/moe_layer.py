@@ -10,12 +10,12 @@ the JSON line, with what `train.precision: auto` picks at this width on this CPU
 (upcycle.hardware.resolve_precision: the cached probe, or a fresh one) and, where both dtypes ran, how much faster
 each layer ran in bf16 than in fp32: the check of that choice.
 
-All variants are measured side by side in one process, interleaved (each repeat runs every variant once, in a shuffled order) so that drift in clock speed or
-memory state hits every variant alike; each reported time is the median over repeats. The dense reference has
-ffn_dim = top_k * F, so it does the same matmul FLOPs as the MoE when routing is perfectly balanced.
-`routing_overhead` = our layer minus its expert matmuls alone (on pre-sorted rows): route, sort, gather, scatter.
-The plain GEMM (T, D) @ (D, k*F) runs interleaved with them, for the GFLOP/s of each dtype (with the dense
-layer's fwd+bwd GFLOP/s).
+All variants are measured side by side in one process, interleaved (each repeat runs every variant once, in a shuffled
+order) so that drift in clock speed or memory state hits every variant alike; each reported time is the median over
+repeats. The dense reference has ffn_dim = top_k * F, so it does the same matmul FLOPs as the MoE when routing is
+perfectly balanced. `routing_overhead` = our layer minus its expert matmuls alone (on pre-sorted rows): route, sort,
+gather, scatter. The plain GEMM (T, D) @ (D, k*F) runs interleaved with them, for the GFLOP/s of each dtype (with the
+dense layer's fwd+bwd GFLOP/s).
 The last line is one JSON object with the ratios. CPU numbers only; nothing here claims GPU behaviour.
 """
 

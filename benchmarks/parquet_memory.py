@@ -4,11 +4,12 @@
     python benchmarks/parquet_memory.py --mb 32 128      # other sizes
 
 For each size it writes a parquet file of that much UTF-8 text (documents of 200-20,000 characters drawn from a fixed
-word list, 256 rows (about 2.5 MB of text) per row group, snappy-compressed as the Hub's files are), runs `upcycle data prepare` on it in a
-child process with the committed tokenizer, and reports the child's peak resident memory (the kernel's high-water
-mark, VmHWM) beside the text size; then the same for only reading the documents (`iter_documents`), and for loading
-the file whole with pyarrow (`read_table`, what a non-streaming reader does). The ratio of the peaks across sizes is
-the point: the streaming paths stay flat while the whole-file load grows with the file.
+word list, 256 rows (about 2.5 MB of text) per row group, snappy-compressed as the Hub's files are), runs
+`upcycle data prepare` on it in a child process with the committed tokenizer, and reports the child's peak resident
+memory (the kernel's high-water mark, VmHWM) beside the text size; then the same for only reading the documents
+(`iter_documents`), and for loading the file whole with pyarrow (`read_table`, what a non-streaming reader does). The
+ratio of the peaks across sizes is the point: the streaming paths stay flat while the whole-file load grows with the
+file.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def main() -> None:
         for size in args.mb:
             corpus = Path(tmp) / f"corpus-{size}.parquet"
             chars = write_corpus(corpus, size)
-            read = [sys.executable, "-c", "import sys; from pathlib import Path; from upcycle.data.prepare import iter_documents;"
+            read = [sys.executable, "-c", "import sys; from pathlib import Path; "
+                    "from upcycle.data.prepare import iter_documents;"
                     " print(sum(len(t) for t in iter_documents(Path(sys.argv[1]))))", str(corpus)]
             whole = [sys.executable, "-c", "import sys, pyarrow.parquet as pq; t = pq.read_table(sys.argv[1]);"
                      " print(sum(len(s) for s in t.column('text').to_pylist()))", str(corpus)]

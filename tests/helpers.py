@@ -395,3 +395,47 @@ def tiny_experiment(seed_model: Path, data_dir: Path, arms: list[dict] | None = 
     }
     config.update(changes)
     return config
+
+
+def read_wandb_run(path: Path) -> dict:
+    """What an offline W&B run file (OUT/wandb/offline-run-*/run-ID.wandb) holds: {"id", "name", "tags", "project",
+    "group", "config": {key: value}, "history": [row, ...]}, values JSON-decoded. The file is a LevelDB-style log of
+    protobuf records (32 KiB blocks; each chunk: crc32 (4), length (2), type (1: full, 2: first, 3: middle, 4: last))
+    after a 7-byte header; wandb 0.30 ships no Python reader for it."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, pending, chunks = Path(path).read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            break
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            chunks.append(pending + chunk)
+    out = {"config": {}, "history": []}
+    for chunk in chunks:
+        record = pb.Record()
+        record.ParseFromString(chunk)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out.update(id=record.run.run_id, name=record.run.display_name, tags=list(record.run.tags),
+                       project=record.run.project, group=record.run.run_group)
+            out["config"].update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+        elif kind == "config":
+            out["config"].update({item.key: json.loads(item.value_json) for item in record.config.update})
+        elif kind == "history":
+            out["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                   for item in record.history.item})
+    return out

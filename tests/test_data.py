@@ -192,7 +192,8 @@ def test_gzip_plain_text_equals_uncompressed(corpus, tokenizer_dir, tmp_path):
     prepare({"en": [plain]}, tmp_path / "a", tokenizer_dir, val_fraction=0.1, progress=False)
     prepare({"en": [packed]}, tmp_path / "b", tokenizer_dir, val_fraction=0.1, progress=False)
     for split in ("train", "val"):
-        np.testing.assert_array_equal(read_tokens(tmp_path / "a", "en", split), read_tokens(tmp_path / "b", "en", split))
+        np.testing.assert_array_equal(read_tokens(tmp_path / "a", "en", split),
+                                      read_tokens(tmp_path / "b", "en", split))
 
 
 def _loader(prepared, **kwargs) -> MixtureLoader:
@@ -537,7 +538,8 @@ def test_parquet_prepares_to_the_same_tokens_as_jsonl(corpus, tokenizer_dir, tmp
     prepare({"en": [jsonl]}, tmp_path / "a", tokenizer_dir, val_fraction=0.1, progress=False)
     prepare({"en": [hub]}, tmp_path / "b", tokenizer_dir, val_fraction=0.1, progress=False)
     for split in ("train", "val"):
-        np.testing.assert_array_equal(read_tokens(tmp_path / "a", "en", split), read_tokens(tmp_path / "b", "en", split))
+        np.testing.assert_array_equal(read_tokens(tmp_path / "a", "en", split),
+                                      read_tokens(tmp_path / "b", "en", split))
     assert read_metadata(tmp_path / "b")["domains"]["en"]["train"]["documents"] + \
         read_metadata(tmp_path / "b")["domains"]["en"]["val"]["documents"] == 30
 

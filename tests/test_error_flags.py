@@ -1,8 +1,8 @@
 """Every `--flag` that an error message tells the user to pass exists as a flag of some `upcycle` command.
 
-The messages are read from the source (string literals, f-string parts included, inside `raise ...`, `UpcycleError(...)`,
-`SystemExit(...)` and `parser.error(...)`), so a message added later is checked too. A dotted train override such as
-`--optim.lr` exists when its section and field are fields of the train config.
+The messages are read from the source (string literals, f-string parts included, inside `raise ...`,
+`UpcycleError(...)`, `SystemExit(...)` and `parser.error(...)`), so a message added later is checked too. A dotted train
+override such as `--optim.lr` exists when its section and field are fields of the train config.
 """
 
 from __future__ import annotations

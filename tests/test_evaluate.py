@@ -1,5 +1,5 @@
-"""Tests for upcycle.eval.evaluate: per-domain loss/perplexity against a hand computation, the CLI, input errors, and the
-lm-evaluation-harness bridge on the shipped local task (skipped when lm-eval is not installed).
+"""Tests for upcycle.eval.evaluate: per-domain loss/perplexity against a hand computation, the CLI, input errors, and
+the lm-evaluation-harness bridge on the shipped local task (skipped when lm-eval is not installed).
 
 The tiny data directory and MoE (`make_prepared`, `tiny_moe`) come from tests/helpers.py, shared with test_analyze.py.
 """

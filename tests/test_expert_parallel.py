@@ -139,7 +139,7 @@ def test_sharded_layer_matches_the_full_layer(tmp_path, top_k):
             assert value < 1e-5, (rank, name, value)
 
 
-# ---- training with torchrun -------------------------------------------------------------------------------------------
+# ---- training with torchrun ------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from helpers import subprocess_env
 from upcycle import hardware
 from upcycle.hardware import (BF16_MIN_SPEEDUP, PROBE_MAX_FLOPS, PROBE_ROWS, REPORTED_FLAGS, cache_file,
                               HostMemory, choose_precision, cpu_description, cpu_has_native_bf16, cpu_info,
-                              die_with_parent, format_bytes, host_memory, parse_cpuinfo, parse_meminfo, probe,
+                              format_bytes, host_memory, parse_cpuinfo, parse_meminfo, probe,
                               probe_width, resolve_precision)
 
 AVX2_ONLY = frozenset({"avx2", "fma", "f16c"})

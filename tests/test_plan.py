@@ -77,8 +77,8 @@ def test_plan_prints_the_parameters_and_every_rank_and_refuses_what_cannot_fit(t
     model = Transformer(ModelConfig(**MODEL))
     assert f"parameters: {model.num_params():,} in all, {model.num_active_params():,} active per token" in \
         result.stdout
-    assert "expert_parallel 2" in result.stdout and len([l for l in result.stdout.splitlines()
-                                                          if l.strip().startswith(("0 ", "1 "))]) == 2
+    assert "expert_parallel 2" in result.stdout and len([line for line in result.stdout.splitlines()
+                                                          if line.strip().startswith(("0 ", "1 "))]) == 2
     result = _plan("--config", str(config), "--ranks", "2", "--device", "cuda", "--device-memory", "1MB")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith(

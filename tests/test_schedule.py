@@ -1,5 +1,6 @@
-"""The learning-rate schedule (upcycle.train.schedule): warmup-stable-decay next to the cosine (whose shape test_train.py
-checks), and the property the experiment's budgets rely on: a wsd run's stable phase does not depend on its length."""
+"""The learning-rate schedule (upcycle.train.schedule): warmup-stable-decay next to the cosine (whose shape
+test_train.py checks), and the property the experiment's budgets rely on: a wsd run's stable phase does not depend on
+its length."""
 
 from __future__ import annotations
 

@@ -232,7 +232,7 @@ def test_checkpoints_of_every_expert_layout_load_into_any_other(tmp_path):
         assert results == {name: [] for name in results} and len(results) == 4, rank
 
 
-# ---- sharded checkpoints: resume anywhere, atomic, checked ------------------------------------------------------------
+# ---- sharded checkpoints: resume anywhere, atomic, checked -----------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -382,7 +382,7 @@ def test_a_state_file_swapped_in_from_another_run_is_named_and_skipped(runs, tmp
     assert f"resuming from {out / 'checkpoints' / ckpt.step_dir_name(3)}" in result.stderr
 
 
-# ---- the one-file format of upcycle <= 0.1 -----------------------------------------------------------------------------
+# ---- the one-file format of upcycle <= 0.1 ---------------------------------------------------------------------------
 
 
 def test_a_checkpoint_of_the_one_file_format_resumes_where_its_run_left_off(tmp_path):

@@ -189,7 +189,7 @@ def test_resume_refuses_a_different_model(tmp_path, data_dir):
         run_training(load_config(config, ["model.dim=64"]), tmp_path / "out")
 
 
-# -- divergence ---------------------------------------------------------------------------------------------------------
+# -- divergence --------------------------------------------------------------------------------------------------------
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, data_dir, monkeypatch):

@@ -45,7 +45,8 @@ def test_a_yaml_bomb_is_refused_before_it_expands(tmp_path, data_dir, capsys):
 def test_a_top_level_list_is_one_line_and_writes_nothing(tmp_path, capsys):
     config = tmp_path / "list.yaml"
     config.write_text("- model\n- data\n")
-    code, err = run_cli(capsys, "train", "--config", str(config), "--out", str(tmp_path / "out"), "--train.max_steps", "2")
+    code, err = run_cli(capsys, "train", "--config", str(config), "--out", str(tmp_path / "out"),
+                        "--train.max_steps", "2")
     assert code == 2 and "must be a YAML mapping" in err and "not a list" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 

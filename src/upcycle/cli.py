@@ -41,6 +41,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "data": {"prepare": "prepare_command"},
     "eval": "eval_command",
     "analyze": "analyze_command",
+    "bench": "bench_command",
     "experiment": "experiment_command",
 }
 
@@ -199,7 +200,8 @@ def options_table(cls: type, *, as_fields: bool = False) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from upcycle import __version__
 
-    parser = _Parser(prog="upcycle", description="Drop-Upcycling: dense checkpoint -> Mixture-of-Experts, and training.")
+    parser = _Parser(prog="upcycle",
+                     description="Drop-Upcycling: dense checkpoint -> Mixture-of-Experts, and training.")
     parser.add_argument("--version", action="version", version=f"upcycle {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -274,7 +276,11 @@ def _call(parser: argparse.ArgumentParser, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _call(build_parser(), sys.argv[1:] if argv is None else argv)
+    from upcycle.formats.model_card import record_command
+
+    argv = sys.argv[1:] if argv is None else argv
+    record_command(argv)  # model cards say which command made them
+    _call(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
         json_output: Print the report as one JSON object instead of text.
     """
     from upcycle.convert.check import check
+    from upcycle.formats.model_card import add_check
 
     probe = None
     if text is not None:
@@ -94,6 +95,8 @@ def check_command(moe_dir: str, *, dense: str, text: str | None = None, max_toke
         except (OSError, UnicodeDecodeError) as exc:
             raise UpcycleError(f"cannot read --text {text}: {exc}") from None
     report = check(moe_dir, dense, text=probe, max_tokens=max_tokens, tolerance=tolerance)
+    if add_check(Path(moe_dir), asdict(report), dense, tolerance):
+        print(f"added the result to {Path(moe_dir) / 'README.md'}", file=sys.stderr)
     if json_output:
         print(json.dumps(asdict(report)))
     else:
@@ -228,7 +231,7 @@ def export_command(
         max_shard_size: Largest output safetensors file, e.g. 5GB or 500MB (several files get an index).
     """
     from upcycle.files import check_output
-    from upcycle.model.hf import check_model_dir, export_hf, model_tensors
+    from upcycle.model.hf import check_model_dir, export_card, export_hf, model_tensors
 
     if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
         raise UpcycleError(f"--tokenizer {tokenizer} has no tokenizer.json")
@@ -238,6 +241,7 @@ def export_command(
     config, tensors = model_tensors(checkpoint)  # read one tensor at a time while writing
     path = export_hf(tensors, config, out, fmt=format, dtype=dtype, tokenizer=tokenizer, force=force, inputs=inputs,
                      max_shard_size=max_shard_size)
+    export_card(path, checkpoint)
     hf.print_engine_note(path)
     print(f"wrote {path}")
 
@@ -484,3 +488,51 @@ def _experiment_config_fields() -> str:
 train_command.help_epilog = _train_config_fields
 plan_command.help_epilog = _train_config_fields
 experiment_command.help_epilog = _experiment_config_fields
+
+def bench_command(model: str, *, dense: str | None = None, prompt_lengths: list[int] | None = None,
+                  batch_sizes: list[int] | None = None, decode_tokens: int = 32, repeats: int = 5, warmup: int = 1,
+                  device: Literal["auto", "cpu", "cuda"] = "auto",
+                  dtype: Literal["float32", "bfloat16", "float16"] = "float32", output: str | None = None,
+                  quick: bool = False) -> None:
+    """Measure what a model costs to serve in transformers (prefill and decode tokens/s, memory), against its dense
+    parent with --dense: the inference price of an upcycled MoE, on the device at hand.
+
+    Both models are loaded in one process and measured interleaved in a shuffled order over --repeats rounds after
+    --warmup rounds; medians and their MoE / dense ratios are printed as a table (and written as JSON with --output).
+    On a CPU, peak memory is each model's own child process's peak resident memory; on CUDA, the allocator's peak.
+    What the numbers do and do not predict for llama.cpp or vLLM: docs/eval.md.
+
+    Args:
+        model: The model directory (an HF checkpoint written by upcycle convert/compose/grow/export, any HF causal LM
+            transformers loads without remote code, or a training checkpoint of ours).
+        dense: The dense parent to compare with (prints the ratios).
+        prompt_lengths: Prompt lengths for prefill (default 128 512).
+        batch_sizes: Batch sizes for decode (default 1 8).
+        decode_tokens: Tokens generated per sequence in each decode measurement.
+        repeats: Timed rounds; the medians are reported.
+        warmup: Untimed rounds first.
+        device: auto (CUDA if available), cpu or cuda.
+        dtype: The weights' and activations' dtype.
+        output: Also write the results as JSON to this file.
+        quick: A smoke run: one prompt of 32 tokens, batch 1, 4 decode tokens, 2 repeats.
+    """
+    import torch
+
+    from upcycle.eval.bench import QUICK, run_bench
+
+    settings = dict(QUICK) if quick else dict(prompt_lengths=prompt_lengths or [128, 512],
+                                               batch_sizes=batch_sizes or [1, 8], decode_tokens=decode_tokens,
+                                               repeats=repeats, warmup=warmup)
+    for name in ("decode_tokens", "repeats"):
+        if settings[name] < 1:
+            raise UpcycleError(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
+    if settings["warmup"] < 0:
+        raise UpcycleError(f"--warmup must be >= 0, got {settings['warmup']}")
+    for flag in ("prompt_lengths", "batch_sizes"):
+        if any(v < 1 for v in settings[flag]):
+            raise UpcycleError(f"--{flag.replace('_', '-')} must all be >= 1, got {settings[flag]}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UpcycleError("--device cuda: no CUDA device here; use --device cpu")
+    run_bench(model, dense=dense, settings=settings, device=device, dtype=dtype, output=output)

@@ -1,18 +1,12 @@
 """What this machine computes fast, and what `precision: auto` resolves to.
 
-bf16 matmuls are fast only where the hardware has bf16 instructions (x86: avx512_bf16 or AMX; Arm: the bf16
-extension). Elsewhere torch emulates them: on an AVX2-only CPU a bf16 matmul ran ~70x slower than fp32. But the flags
-are not enough either: on an Intel Xeon with avx512_bf16 and no AMX, bf16 ran ~1.4x slower than fp32, on an AMD EPYC
-with the same flag ~2x faster. So on a CPU with a bf16 flag, `auto` measures: a probe (`probe`, a fraction of a
-second) times a matmul and a SwiGLU block (forward + backward, as training runs it) at the model's width in both dtypes
-on this CPU with the process's thread count, and `auto` picks bf16 only where the SwiGLU block runs at least
-BF16_MIN_SPEEDUP times faster in it. The result is cached per machine (`cache_file()`); delete that file to measure
-again. On CUDA `auto` is bf16 without probing; on a CPU without a bf16 flag it is fp32 without probing.
+On a CPU with a bf16 flag (avx512_bf16, AMX, Arm bf16) `auto` measures: `probe` times a matmul and a SwiGLU block in
+fp32 and bf16 at the model's width with the process's thread count, and picks bf16 only where the block runs at least
+BF16_MIN_SPEEDUP times faster; the result is cached per machine (`cache_file()`). Without the flag `auto` is fp32, on
+CUDA bf16, neither probed. Why flags alone do not decide, with the figures per CPU kind: docs/performance.md.
 
-Also the host's other facts, each read in one place: its usable cores, its memory (`host_memory`: total and
-available), byte counts as people read them (`format_bytes`), and a process dying with its parent
-(`die_with_parent`).
-"""
+Also the host's other facts, each read in one place: usable cores, memory (`host_memory`), byte counts as people read
+them (`format_bytes`), and a process dying with its parent (`die_with_parent`)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from upcycle.convert.compose import Prompts, top1_shares
 from upcycle.convert.conversion import check_dense_source
 from upcycle.errors import UpcycleError
 from upcycle.files import read_json
-from upcycle.model.hf import as_hf_directory, is_our_checkpoint, model_tensors
+from upcycle.model.hf import as_hf_directory, is_our_checkpoint, load_transformers, model_tensors
 from upcycle.formats.safetensors_io import CheckpointReader
 
 PROBE_TEXT = """\
@@ -53,22 +53,6 @@ class CheckReport:
     # compose with prompts: per MoE layer {"layer", "top1_share": [share of expert i's positive-prompt tokens whose
     # top-1 expert is one of its own, for each i]}, measured through transformers
     prompt_routing: list[dict] | None = None
-
-
-def _load(path: Path):
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-    if not (path / "config.json").is_file():
-        raise UpcycleError(f"{path} has no config.json; pass a checkpoint directory")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001 (transformers raises many types; its first line names the cause)
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UpcycleError(f"transformers cannot load {path}: {reason}") from None
-    return model.eval()
 
 
 @contextlib.contextmanager
@@ -116,7 +100,7 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
     # the validation every other command does before work: config.json, safetensors headers against file sizes (a
     # truncated file is named), pickle weights refused rather than handed to transformers; the dense parent as convert
     # checks its source (supported family, config types, every tensor with its shape). The MoE may be any HF MoE
-    # (what transformers cannot build from it is named by _load) or a training checkpoint of ours (exported first).
+    # (what transformers cannot build from it is named by load_transformers) or a training checkpoint of ours (exported first).
     with _naming("MoE", moe_path):
         model_tensors(moe_path) if is_our_checkpoint(moe_path) else CheckpointReader(moe_path)
     manifest_path = moe_path / "upcycle_manifest.json"
@@ -130,7 +114,7 @@ def check(moe_dir: str, dense_dir: str, *, text: str | None = None, max_tokens: 
     # record whether their output should compute the parent's function (r = 0, copies of one model).
     exact_by_design = manifest.get("function_preserving", method == "naive" and options.get("renormalize", True))
     with tempfile.TemporaryDirectory() as tmp:  # a training checkpoint of ours is exported there to be loaded
-        dense, moe = _load(dense_path), _load(moe_hf := as_hf_directory(moe_path, tmp))
+        dense, moe = load_transformers(dense_path), load_transformers(moe_hf := as_hf_directory(moe_path, tmp))
         routing = _prompt_routing(moe, moe_hf, manifest) if "prompts" in manifest else None
     if dense.config.vocab_size != moe.config.vocab_size:
         raise UpcycleError(f"vocabularies differ ({dense.config.vocab_size} vs {moe.config.vocab_size}); "

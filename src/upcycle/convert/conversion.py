@@ -38,6 +38,7 @@ from upcycle.convert.options import (
 )
 from upcycle.data.prepare import calibration_token_ids
 from upcycle.errors import UpcycleError
+from upcycle.formats.model_card import write_card
 from upcycle.files import check_output, publish_dir
 from upcycle.formats.safetensors_io import (
     DTYPE_NAMES,
@@ -687,6 +688,12 @@ def write_manifest(directory: Path, sources: list[dict], options: dict, layers: 
         **extra,
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    command = options.get("command", "convert")
+    method = options.get("method") if command == "convert" else command
+    detail = (f"method {options.get('method')}, ratio {options.get('ratio')}, index mode {options.get('index_mode')}, "
+              f"seed {options.get('seed')}") if command == "convert" else f"`upcycle {command}`"
+    write_card(directory, what=f"A Mixture-of-Experts written by `upcycle {command}` ({detail}) from the sources "
+                               "below.", provenance={"options": options, "sources": sources, "method": method})
 
 
 def load_redrawn(directory: str | os.PathLike) -> torch.Tensor:

@@ -197,7 +197,8 @@ def upcycle_expert(
         for i, m in enumerate(MATRICES):
             gen = derived_generator(opts.seed, layer, expert, "values", m)
             if opts.method == "drop":
-                out[m], mu, sigma = redraw_neurons(dense[m], indices[m], NEURON_AXIS[m], stats=opts.stats, generator=gen)
+                out[m], mu, sigma = redraw_neurons(dense[m], indices[m], NEURON_AXIS[m], stats=opts.stats,
+                                                   generator=gen)
             else:
                 out[m] = add_noise(dense[m], indices[m], NEURON_AXIS[m], std=opts.noise_std, generator=gen)
                 mu, sigma = (0.0, opts.noise_std) if indices[m].numel() else (None, None)

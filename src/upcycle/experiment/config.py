@@ -740,9 +740,11 @@ def _check_moe_fits(config: ExperimentConfig, options: ConvertOptions, where: st
 
 def train_config_dict(config: ExperimentConfig, *, init_source: str, max_steps: int, seed: int,
                       data_path: str | None = None, weights: dict[str, float] | None = None,
-                      decay_steps: int | None = None) -> dict:
+                      decay_steps: int | None = None, wandb_run: tuple[str, str, str] | None = None) -> dict:
     """The `upcycle train` config of one run of the experiment: the shared recipe plus what the experiment decides
-    (the seed's data order and torch RNG, the run's length and where its schedule ends)."""
+    (the seed's data order and torch RNG, the run's length and where its schedule ends). With the recipe's
+    logging.wandb, `wandb_run` = (group, name, job type) names the run's W&B run: the experiment's group (unless the
+    recipe sets one), "ARM/seedS[/...]", and main, decay or branch."""
     recipe = copy.deepcopy(config.recipe)
     sections = {name: dict(recipe.get(name) or {}) for name in RECIPE_SECTIONS}
     data = {"seq_len": config.data.seq_len, "seed": seed,
@@ -757,6 +759,11 @@ def train_config_dict(config: ExperimentConfig, *, init_source: str, max_steps: 
     sections["schedule"]["decay_steps"] = max_steps if decay_steps is None else decay_steps
     sections["checkpoint"]["keep"] = 1
     sections["logging"].setdefault("tensorboard", False)
+    if sections["logging"].get("wandb") and wandb_run is not None:
+        group, name, job_type = wandb_run
+        wandb = sections["logging"]["wandb"] = dict(sections["logging"]["wandb"])
+        wandb.setdefault("group", group)
+        wandb.update(name=name, job_type=job_type)
     return {"init": {"source": init_source}, "data": data, **sections}
 
 

@@ -294,7 +294,8 @@ def _btx_branches(ctx: _Context, arm: ArmSpec, seed: int, unit: RunDir) -> tuple
         run, export = unit.branch(domain), unit.branch_export(domain)
         if not export.is_dir():
             train = train_config_dict(ctx.config, init_source=ctx.config.seed_model, max_steps=steps, seed=seed,
-                                      data_path=str(ctx.data_dir), weights={domain: 1.0})
+                                      data_path=str(ctx.data_dir), weights={domain: 1.0},
+                                      wandb_run=(ctx.out.name, f"{arm.name}/seed{seed}/branch-{domain}", "branch"))
             _train_to(ctx, train, run, steps, f"{arm.name} seed {seed} branch {domain}")
             model = load_model(_checkpoint(run, steps))
             export_hf(model, model.config, export, tokenizer=ctx.config.seed_model)
@@ -413,8 +414,11 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
     main, largest = unit.main, plan.budget_steps[-1]
 
     def train_dict(steps: int, decay_steps: int) -> dict:
+        # one W&B run per arm and seed (the main run), one per decay branch, grouped by the experiment
+        name = f"{arm.name}/seed{seed}" + ("" if steps == largest else f"/budget{steps * plan.tokens_per_step}")
         return train_config_dict(config, init_source=init_dir, max_steps=steps, seed=seed, data_path=str(ctx.data_dir),
-                                 decay_steps=decay_steps)
+                                 decay_steps=decay_steps,
+                                 wandb_run=(ctx.out.name, name, "main" if steps == largest else "decay"))
 
     model = load_model(init_dir).to(_device())
     if not unit.step_measure(0).is_file():

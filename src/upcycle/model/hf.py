@@ -31,6 +31,7 @@ from upcycle.formats import hf_formats as hf
 from upcycle.formats.training_checkpoint import CheckpointTensors, model_config_of, model_config_record
 from upcycle.errors import UpcycleError
 from upcycle.files import publish_dir, read_json
+from upcycle.formats.model_card import write_card
 from upcycle.model.transformer import Block, ModelConfig, Transformer, rope_inv_freq, rope_tables
 from upcycle.formats.safetensors_io import (
     DTYPE_NAMES,
@@ -550,3 +551,47 @@ def save_model(model: Transformer, out_dir: str | Path, *, force: bool = False) 
 
         (tmp / "config.json").write_text(json.dumps(model_config_record(asdict(model.config)), indent=2) + "\n")
     return out_dir
+
+
+def load_transformers(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An HF checkpoint directory as transformers' own model (AutoModelForCausalLM, no remote code), in eval mode: what
+    `upcycle check` compares and `upcycle bench` times. What transformers cannot build is one line naming the cause."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UpcycleError(f"{path} has no config.json; pass a checkpoint directory")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 (transformers raises many types; its first line names the cause)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UpcycleError(f"transformers cannot load {path}: {reason}") from None
+    return model.eval()
+
+
+def export_card(out: Path, checkpoint: str | Path) -> Path:
+    """The model card of an `upcycle export`: what the exported checkpoint was (one of our training checkpoints: the
+    run's start point, step and tokens; an HF checkpoint: re-exported), written into `out` (already published)."""
+    checkpoint = Path(checkpoint)
+    facts: dict[str, str] = {"exported from": f"`{checkpoint}`"}
+    sources, method = [], None
+    if is_our_checkpoint(checkpoint):
+        state_path, config_path = checkpoint / "trainer_state.json", checkpoint / "train_config.yaml"
+        if state_path.is_file():
+            state = read_json(state_path)
+            facts["training"] = f"step {state.get('step')}, {state.get('tokens', 0):,} tokens"
+        if config_path.is_file():
+            import yaml
+
+            train = yaml.safe_load(config_path.read_text()) or {}
+            init = train.get("init") or {}
+            method = init.get("method")
+            if init.get("source"):
+                facts["started from"] = f"`{init['source']}`" + (f", upcycled online ({method}, ratio "
+                                                                  f"{init.get('ratio')})" if method else "")
+                sources = [{"path": init["source"], "model_type": "dense" if method else "checkpoint"}]
+    what = "A checkpoint exported by `upcycle export` from one of upcycle's training checkpoints." \
+        if is_our_checkpoint(checkpoint) else "A checkpoint re-exported by `upcycle export`."
+    return write_card(out, what=what, provenance={"facts": facts, "sources": sources, "method": method or "export"})

@@ -313,19 +313,53 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """A Weights & Biases run beside metrics.jsonl (rank 0 only): the same records, and the resolved config once.
+    `WANDB_MODE=offline` writes it under OUT/wandb with no network (`wandb sync` uploads it later). A resumed run
+    continues the same W&B run (its id is kept in OUT/wandb_run.json).
+
+    Attributes:
+        project: The W&B project.
+        name: The run's name (default: W&B's own).
+        entity: The W&B team or user (default: the logged-in user's).
+        tags: Tags of the run.
+        group: Groups runs in the W&B UI (`upcycle experiment` sets it to the experiment's output directory name).
+        job_type: What kind of run this is (`upcycle experiment`: main, decay, branch).
+    """
+
+    project: str
+    name: str | None = None
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+    group: str | None = None
+    job_type: str | None = None
+
+    def validate(self) -> None:
+        import importlib.util
+
+        if not self.project.strip():
+            raise UpcycleError("logging.wandb.project must not be empty")
+        if importlib.util.find_spec("wandb") is None:
+            raise UpcycleError("logging.wandb needs the wandb package: pip install 'upcycle[wandb]'")
+
+
+@dataclass
 class LoggingConfig:
     """What is reported besides OUT/metrics.jsonl (always written, one JSON object per optimizer step).
 
     Attributes:
         progress: Show a tqdm progress bar.
         tensorboard: Also write TensorBoard events to OUT/tensorboard when the tensorboard package is installed.
+        wandb: Also log to Weights & Biases (a section: project, name, entity, tags, group, job_type); empty: off.
     """
 
     progress: bool = True
     tensorboard: bool = True
+    wandb: WandbConfig | None = None
 
     def validate(self) -> None:
-        pass  # two booleans; their types are checked with every other field's
+        if self.wandb is not None:
+            self.wandb.validate()
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "init": InitConfig, "data": DataConfig, "optim": OptimConfig,

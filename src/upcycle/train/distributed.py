@@ -115,12 +115,12 @@ def init_distributed(timeout_s: float | None = None, host_timeout_s: float | Non
 
     Without those variables, or with WORLD_SIZE=1, no process group is created: single-process runs need none, and
     creating one would require a free port for nothing (a group the caller already created is used, with a host group
-    beside it: benchmarks/cuda_path_check.py runs the multi-rank code paths on one GPU that way). `timeout_s` bounds every training collective: a rank that stops
-    answering (frozen, or on a dead node) makes the others fail with a timeout instead of waiting forever.
-    `host_timeout_s` bounds the host group's collectives (World.host_group), which wait on one rank's longer work.
-    On CUDA the default group has a gloo backend for CPU tensors beside NCCL and is bound to this rank's GPU
-    (`device_id`: NCCL's communicator is created at once, on the right device). Under torchrun each worker also asks
-    the kernel for SIGTERM when its launcher dies (`_die_with_launcher`).
+    beside it: benchmarks/cuda_path_check.py runs the multi-rank code paths on one GPU that way). `timeout_s` bounds
+    every training collective: a rank that stops answering (frozen, or on a dead node) makes the others fail with a
+    timeout instead of waiting forever. `host_timeout_s` bounds the host group's collectives (World.host_group), which
+    wait on one rank's longer work. On CUDA the default group has a gloo backend for CPU tensors beside NCCL and is
+    bound to this rank's GPU (`device_id`: NCCL's communicator is created at once, on the right device). Under torchrun
+    each worker also asks the kernel for SIGTERM when its launcher dies (`_die_with_launcher`).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -1,38 +1,14 @@
-"""Expert parallelism: each MoE layer's experts are split over groups of N ranks, and tokens travel to their experts.
-
-With `train.expert_parallel: N` the W ranks form a 2-D device mesh of shape (W / N, N):
-
-    dim "expert"            N ranks that together hold all E experts of every MoE layer, E / N each (contiguous
-                            ranks, so on GPUs one group sits inside a node, on its fast links)
-    dim "expert_replicate"  W / N groups ("replicas") holding the same experts, which FSDP2 shards over them
-
-Every rank still reads its own share of the global batch (data parallelism over all W ranks). In each MoE layer a rank
-routes its tokens, sorts the (token, slot) pairs by expert, sends each pair's row to the rank that holds its expert and
-gets the results back, both with `all_to_all_single` on variable split sizes:
+"""Expert parallelism (`train.expert_parallel: N`): each MoE layer's experts are split over groups of N ranks, and tokens
+travel to their experts and back.
 
     route -> sort by expert -> [all-to-all: counts] -> [all-to-all: rows] -> regroup by local expert
           -> local experts' FFN -> un-regroup -> [all-to-all: rows back] -> unsort -> weighted sum over the k slots
 
-The split sizes are read on the host (one synchronization per layer, for both directions; a collective with variable
-splits needs them; activation checkpointing repeats it in the recompute). Both row all-to-alls are autograd functions whose backward is the reverse all-to-all.
-
-The MoE layer knows nothing of this: `shard_experts` applies it from outside, as FSDP is applied, by keeping each
-layer's local experts and swapping the layer's `expert_compute` for an `ExchangedExperts`; `find(model)` reads it back.
-It works on a model built on the meta device, before any weight exists.
-
-Sharding: everything that is not an expert weight (attention, norms, embeddings, shared experts) stays under FSDP2
-over all W ranks, each router is an FSDP2 unit of its own over all W ranks too (in fp32), and with more than one
-replica each MoE layer's local experts are an FSDP2 unit over the W / N replicas (distributed.parallelize), so a rank
-stores 1 / W of all expert weights, gradients and optimizer state (with one replica they are plain parameters that
-FSDP ignores). Gradients: an expert's gradient already holds the contributions of all N ranks of its group (the
-all-to-all's backward brings them); FSDP averages it over the W / N replicas and `finish_expert_grads` divides by N:
-the same average over the global batch as one process computes. Gradient clipping takes the norm over both kinds
-(`clip_grad_norm`).
-
-Checkpoints: `ExpertParallel.global_view` presents a rank's piece of an expert tensor (weights or optimizer state) as a
-DTensor over the whole (W / N, N) mesh, so torch.distributed.checkpoint writes and reads each rank's piece at its
-place in the full [E, ...] tensor, and a run saved with one degree (or world size) resumes with any other.
-"""
+The W ranks form a (W / N, N) mesh ("expert_replicate", "expert"). `shard_experts` applies this from outside, as FSDP
+is applied, by swapping each layer's `expert_compute` for an `ExchangedExperts` (`find` reads it back);
+`finish_expert_grads` turns the exchanged gradients into the global-batch average; `ExpertParallel.global_view` places
+a rank's experts in the full [E, ...] tensors for checkpoints. The design, sharding and tests: docs/training.md,
+"Expert parallelism"."""
 
 from __future__ import annotations
 

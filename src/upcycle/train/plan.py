@@ -1,39 +1,8 @@
 """`upcycle plan`: the memory a training config needs per rank and per node, before any weight exists.
 
-    upcycle plan --config configs/tiny-moe.yaml --ranks 4
-    upcycle plan --config configs/llama3-8b-8x-plan.yaml --ranks 16 --ranks-per-node 8 --device cuda \
-        --device-memory 80GB --train.expert_parallel 8
-
-The model is built on the meta device (nothing allocated) and every parameter is placed exactly as training places it:
-the same functions decide which dimension FSDP2 splits (distributed.shard_placement, and over the expert replicas
-distributed.expert_placement) and which experts a rank keeps (expert parallelism), so each rank's share is counted,
-not guessed. What is estimated, and how:
-
-    weights, gradients, AdamW   4 + 4 + 8 bytes per parameter of the rank's shard (fp32 master weights, both moments)
-    gathered blocks             FSDP2 all-gathers one block at a time, prefetches the next in backward, and keeps the
-                                root's parameters (embeddings, final norm, LM head) gathered through forward and
-                                backward: root + 2 largest blocks, in the compute dtype, plus one block's full fp32
-                                gradients before they are reduce-scattered. Gradient accumulation adds nothing: FSDP2
-                                reduce-scatters after every micro-batch (distributed.gradient_sync), so no unsharded
-                                gradient outlives its block's backward
-    activations                 what autograd keeps for backward at the configured micro-batch, per token and layer
-                                (attention, the MoE's routed copies and SwiGLU hiddens, or the dense FFN's), plus the
-                                logits and cross-entropy's fp32 log-probabilities; with activation checkpointing only
-                                each block's input plus one block recomputed
-    host at build               the rank's pieces (on CPU) or none (on CUDA), plus the largest full tensor in flight
-                                while filling them (and with online upcycling one dense FFN and one expert)
-    host at save                the largest local piece being written; with checkpoint.async_save the staged copy of
-                                the rank's weights and AdamW state (on CUDA in page-locked buffers kept from the first
-                                save on, so counted while training too)
-    CUDA runtime                on the device: the CUDA context, NCCL's buffers per communicator and the caching
-                                allocator's slack; on the host: what a CUDA process holds before any weight. These are
-                                estimates (CUDA_* below), not measured on a GPU here; benchmarks/cuda_path_check.py
-                                measures them on the GPU at hand
-
-On a CPU the device is the host: a node then holds all of it for each of its ranks, plus each process's own runtime
-(RUNTIME_BYTES, measured here). benchmarks/memory.py measures the same quantities, and docs/training.md sets them side
-by side.
-"""
+The model is built on the meta device and every parameter is placed by the same functions training uses (which
+dimension FSDP2 splits, which experts a rank keeps), so each rank's share is counted, not guessed; gathered blocks,
+activations and the CUDA runtime are estimated. How each quantity is computed: docs/training.md, "Memory"."""
 
 from __future__ import annotations
 
@@ -288,8 +257,9 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(f"per node ({plan.ranks_per_node} ranks): host at build {build}, while training {train}, at save "
                  f"{save}")
     if plan.device == "cuda":
-        lines.append("runtime and the CUDA host figures are estimates (CUDA context, NCCL buffers, allocator slack, the "
-                     "CUDA libraries' host memory), not measured; benchmarks/cuda_path_check.py measures them on a GPU")
+        lines.append("runtime and the CUDA host figures are estimates (CUDA context, NCCL buffers, allocator slack, "
+                     "the CUDA libraries' host memory), not measured; benchmarks/cuda_path_check.py measures them "
+                     "on a GPU")
     return "\n".join(lines)
 
 

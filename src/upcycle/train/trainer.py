@@ -763,7 +763,8 @@ def _loop(run: Run) -> dict:
     stopped = "max_steps"
     run.model.train()
     with MetricsLog(run.out, enabled=world.is_main, start_step=run.start_step, max_steps=loop.max_steps,
-                    progress=config.logging.progress, tensorboard=config.logging.tensorboard) as metrics, \
+                    progress=config.logging.progress, tensorboard=config.logging.tensorboard,
+                    wandb=config.logging.wandb, config=run.config_dict) as metrics, \
             _sigterm_sets(stop):
         try:
             for step in range(run.start_step + 1, loop.max_steps + 1):
