@@ -226,8 +226,8 @@ def test_renamed_fields_say_what_to_write_instead(tiny):
     config = experiment_dict(tiny)
     config["budget_tokens"] = config.pop("budgets")[0]
     with pytest.raises(UpcycleError, match=r"^budget_tokens: unknown field \(renamed to budgets: \[TOKENS, \.\.\.\]\); "
-                                           "an experiment config accepts: arms, budgets, data, eval, moe, primary, recipe, "
-                                           "seed_model, seeds$"):
+                                           "an experiment config accepts: arms, budgets, data, eval, moe, primary, "
+                                           "recipe, seed_model, seeds$"):
         parse_config(config)
 
 
@@ -320,13 +320,15 @@ def test_each_gap_has_one_interval_from_seeds_and_documents_and_a_call_only_at_t
                   for d, v in json.loads((out / "validation.json").read_text())["domains"].items()}
     for i, budget in enumerate(drop["budgets"]):
         per_seed = [d["budgets"][i]["mean"] - n["budgets"][i]["mean"] for d, n in zip(drop["seeds"], naive["seeds"])]
-        gaps = [{d: a[d] - b[d] for d in a} for a, b in ((_doc_sums(out, "drop", s, budget["tokens"]),
-                                                          _doc_sums(out, "naive", s, budget["tokens"])) for s in (0, 1))]
+        pairs = [(_doc_sums(out, "drop", s, budget["tokens"]), _doc_sums(out, "naive", s, budget["tokens"]))
+                 for s in (0, 1)]
+        gaps = [{d: a[d] - b[d] for d in a} for a, b in pairs]
         mean_gaps = {d: (gaps[0][d] + gaps[1][d]) / 2 for d in doc_tokens}
         expected = gap_interval(per_seed, *document_error(mean_gaps, doc_tokens, {d: 1.0 for d in doc_tokens}))
         gap = budget["gap"]["mean"]
         assert gap["mean"] == pytest.approx(np.mean(per_seed))
-        assert (gap["low"], gap["high"], gap["df"]) == pytest.approx((expected["low"], expected["high"], expected["df"]))
+        assert (gap["low"], gap["high"], gap["df"]) == pytest.approx((expected["low"], expected["high"],
+                                                                      expected["df"]))
         assert gap["se_doc"] > 0 and gap["se_seed"] > 0 and not gap["provisional"]  # both sources of error
         assert gap["verdict"] == call(gap)
         assert f"{gap['mean']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}]" in (out / "report.md").read_text()
