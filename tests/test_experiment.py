@@ -137,11 +137,13 @@ def with_recipe(config: dict, **sections) -> dict:
     ({"colour": "blue"}, "colour"),
     ({"data": {"path": "DATA", "seq_len": 256}}, "data.path"),  # the tiny seed takes 128 positions
     # grow and continue
-    ({"arms": [{"name": "g", "kind": "grow", "from_arm": "a"}, {"name": "a", "kind": "naive"}]}, "arms[0] (g).from_arm"),
+    ({"arms": [{"name": "g", "kind": "grow", "from_arm": "a"}, {"name": "a", "kind": "naive"}]},
+     "arms[0] (g).from_arm"),
     ({"arms": [{"name": "c", "kind": "continue", "from_arm": "c"}]}, "arms[0] (c).from_arm"),
     ({"arms": [{"name": "a", "kind": "naive"}, {"name": "c", "kind": "continue", "from_arm": "b"}]},
      "arms[1] (c).from_arm"),
-    ({"arms": [{"name": "d", "kind": "dense"}, {"name": "g", "kind": "grow", "from_arm": "d"}]}, "arms[1] (g).from_arm"),
+    ({"arms": [{"name": "d", "kind": "dense"}, {"name": "g", "kind": "grow", "from_arm": "d"}]},
+     "arms[1] (g).from_arm"),
     ({"arms": [{"name": "d", "kind": "dense"}, {"name": "c", "kind": "continue", "from_arm": "d"},
                {"name": "g", "kind": "grow", "from_arm": "c"}]}, "arms[2] (g).from_arm"),  # still a dense model
     ({"arms": [{"name": "a", "kind": "naive"}, {"name": "g", "kind": "grow", "from_arm": "a", "factor": 1}]},
