@@ -16,6 +16,8 @@
 #
 # Data: the prepared corpus in runs/corpus-prepared (docs/experiments.md, "Reproduce"), or, when only the corpus's
 # text is there (runs/corpus/*.{train,val}.jsonl.gz), it is prepared here first. Python: $PYTHON, else python3.
+# PIECES_FILE: another table of pieces (lines NUMBER|CONFIG|ARMS|SEEDS; the test suite runs a tiny one on CPU);
+# PIECES_DIR: where pieces run (default runs/pieces).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -43,6 +45,9 @@ PIECES=(
   "18|experiments/replication-cosine.yaml|naive drop-0.5-shared|1 2 3"
 )
 
+if [[ -n "${PIECES_FILE:-}" ]]; then
+  mapfile -t PIECES < <(grep -v '^\s*\(#\|$\)' "$PIECES_FILE")
+fi
 if [[ "${1:-}" == "--list" ]]; then
   printf '%s\n' "${PIECES[@]}"
   exit 0
@@ -64,7 +69,7 @@ read -r -a arm_list <<<"$arms"
 read -r -a seed_list <<<"$seeds"
 runs=$(( ${#arm_list[@]} * ${#seed_list[@]} ))
 
-if [[ ! -f runs/corpus-prepared/data.json ]]; then
+if grep -q 'runs/corpus-prepared' "$config" && [[ ! -f runs/corpus-prepared/data.json ]]; then
   if ! ls runs/corpus/*.train.jsonl.gz >/dev/null 2>&1; then
     echo "gpu_piece.sh: no runs/corpus-prepared and no runs/corpus/*.jsonl.gz to prepare it from" >&2
     exit 2
@@ -78,7 +83,7 @@ if [[ ! -f runs/corpus-prepared/data.json ]]; then
     --val-domain "${val[@]}"
 fi
 
-out=runs/pieces/piece-$number
+out=${PIECES_DIR:-runs/pieces}/piece-$number
 mkdir -p "$out"
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 start_s=$(date +%s)
@@ -97,7 +102,7 @@ with open(os.path.join(os.environ["PIECE_OUT"], "piece.json"), "w") as f:
     json.dump(record, f, indent=2)
     f.write("\n")
 PY
-dest=${OUT:-runs/pieces}
+dest=${OUT:-${PIECES_DIR:-runs/pieces}}
 mkdir -p "$dest"
 ( cd "$out" && tar -czf - experiment.yaml validation.json piece.json arms/*/seed_*/arm.json ) \
   >"$dest/piece-$number.tar.gz"

@@ -898,6 +898,40 @@ def test_the_gpu_pieces_hold_every_run_of_the_study_once_and_at_most_two_runs_ea
         assert sorted(found) == expected, config_name
 
 
+def test_gpu_piece_sh_runs_pieces_whose_archives_merge_into_the_experiments_report(tiny, tmp_path):
+    """scripts/gpu_piece.sh end to end on CPU, with a table of two tiny pieces (naive at seed 0, naive at seed 1): each
+    archive holds only the runs' arm.json files, the config, the validation record and piece.json (no model, no
+    checkpoint), and the archives, unpacked, merge into the two-seed experiment's report."""
+    import tarfile
+
+    from helpers import REPO
+    from upcycle.experiment.runner import merge_pieces
+
+    config = experiment_dict(tiny, arms=[{"name": "naive", "kind": "naive"}], seeds=[0, 1], budgets=[256],
+                             eval={"points": 1, "tokens": 64, "train_tokens": 64})
+    config_path = write_config(tmp_path / "piece.yaml", config)
+    table = tmp_path / "pieces.txt"
+    table.write_text(f"# number|config|arms|seeds\n1|{config_path}|naive|0\n2|{config_path}|naive|1\n")
+    env = {**subprocess_env(), "PIECES_FILE": str(table), "PIECES_DIR": str(tmp_path / "runs"),
+           "OUT": str(tmp_path / "back"), "PYTHON": sys.executable}
+    unpacked = []
+    for number in (1, 2):
+        done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_piece.sh"), str(number)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        with tarfile.open(tmp_path / "back" / f"piece-{number}.tar.gz") as archive:
+            names = sorted(archive.getnames())
+            assert names == sorted(["experiment.yaml", "validation.json", "piece.json",
+                                    f"arms/naive/seed_{number - 1}/arm.json"])
+            archive.extractall(tmp_path / "unpacked" / f"piece-{number}", filter="data")
+        record = json.loads((tmp_path / "unpacked" / f"piece-{number}" / "piece.json").read_text())
+        assert record["number"] == number and record["seeds"] == [number - 1] and record["wall_seconds"] >= 0
+        unpacked.append(tmp_path / "unpacked" / f"piece-{number}")
+    merged = merge_pieces(unpacked, tmp_path / "merged")
+    assert [run["seed"] for run in merged["arms"][0]["seeds"]] == [0, 1]
+    assert (tmp_path / "merged" / "report.md").is_file() and (tmp_path / "merged" / "documents.json").is_file()
+
+
 def test_every_config_field_is_in_the_help_and_the_docs():
     from helpers import REPO
     from upcycle.config import config_fields
