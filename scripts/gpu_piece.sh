@@ -9,7 +9,7 @@
 # once on the one GPU, each run with every budget of the study (its warmup-stable-decay run and every decay branch), so
 # no piece ever needs another piece's checkpoints. The archive holds each run's arm.json (every measurement: losses,
 # per-document losses, routing, specialization, training-split loss), experiment.yaml, validation.json and piece.json
-# (where and when it ran, the GPU, the wall time): a few hundred kB. Unpack each into
+# (where and when it ran, the GPU, the wall time): no weights. Unpack each into
 # docs/experiments/replication/pieces/piece-N/ and, once every piece of a config has run,
 #   upcycle experiment --merge docs/experiments/replication/pieces/piece-{1..17} --out docs/experiments/replication
 # Ledger of which pieces ran, where and when: docs/experiments/replication/pieces.md.
