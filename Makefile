@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-unit lint venv clean
 
 venv: $(STAMP)
 
@@ -19,8 +19,15 @@ demo: $(STAMP)
 
 # Two test processes: each test runs torch on one thread (tests/conftest.py), and much of a test is process start-up
 # and I/O, so two workers use the two cores of the CI machine (measured: 661 tests in 409 s instead of 668 s).
-test: $(STAMP)
+test: lint $(STAMP)
 	$(PY) -m pytest -q -n 2
+
+# The inner loop: one-process tests only (tests/unit), a few minutes; `make test` runs these and tests/integration.
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests/unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check --quiet .
 
 clean:
 	rm -rf $(VENV) runs/demo

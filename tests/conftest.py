@@ -1,4 +1,8 @@
-"""Fixtures shared by the tests; the helpers they use live in helpers.py."""
+"""Fixtures shared by the tests; the helpers they use live in helpers.py.
+
+tests/unit: one process, fast (`make test-unit`, the inner loop). tests/integration: tests that start processes
+(torchrun ranks, spawned workers, the CLI end to end, the demo, the benchmarks); they carry the `integration` marker,
+set here from their folder. `make test` runs both."""
 
 from __future__ import annotations
 
@@ -9,6 +13,13 @@ import pytest
 import torch
 
 from helpers import save_dense, write_tokenizer
+
+
+def pytest_collection_modifyitems(config, items):
+    integration = Path(__file__).parent / "integration"
+    for item in items:
+        if integration in Path(item.path).parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ averaged over the experts' sources, as Branch-Train-MiX does), and the experts: 
 optionally Drop-Upcycled (`ratio`, `index_mode`), optionally with positive and negative prompts. Everything else is
 `upcycle convert`'s machinery: the same layout, formats, granularity, shared expert, streaming writer, manifest and
 atomic output. `upcycle convert --method btx` is the special case `average: true`, `router: uniform`, every source
-listed E / S times (convert builds exactly that plan; tests/test_compose.py checks the two give the same weights).
+listed E / S times (convert builds exactly that plan; tests/unit/test_compose.py checks the two give the same weights).
 
 Router rows (`router`):
     hidden  per MoE layer, expert i's row is the mean direction (each token's vector divided by its norm) of the hidden

@@ -145,7 +145,7 @@ def two_sided_p(estimate: float, se: float, df: float) -> float:
 def ratio_variance(sums_N: Sequence[float], tokens_N: Sequence[float]) -> float:
     """The sampling variance of a token-weighted mean sum(sums) / sum(tokens) over N documents drawn from a larger
     population of documents: the delete-one jackknife. (The linearization estimator ran 1-5 points below its nominal
-    coverage at 8-17 documents of very unequal lengths in simulation; tests/test_experiment_stats.py.) 0 for fewer than
+    coverage at 8-17 documents of very unequal lengths in simulation; tests/unit/test_experiment_stats.py.) 0 for fewer than
     2 documents."""
     sums, tokens = np.asarray(sums_N, dtype=np.float64), np.asarray(tokens_N, dtype=np.float64)
     n = len(sums)

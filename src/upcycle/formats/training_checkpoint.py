@@ -56,7 +56,7 @@ MODEL_PREFIX, OPTIM_PREFIX = "model/", "optim/"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 # Where torch.distributed.checkpoint's HuggingFaceStorageWriter records each piece's offsets in the full tensor: a
 # JSON object {key: {"saved_offsets": [...]}} under this key of a state file's safetensors metadata (the names of
-# torch.distributed.checkpoint._hf_utils; tests/test_resume.py checks they still match).
+# torch.distributed.checkpoint._hf_utils; tests/integration/test_resume.py checks they still match).
 SHARDING_INFO_KEY, SAVED_OFFSETS_KEY = "DCP_SHARDING_INFO", "saved_offsets"
 
 

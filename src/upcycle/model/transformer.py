@@ -2,7 +2,7 @@
 
 Written for one device; data/expert sharding (FSDP2, DDP) is applied from outside in distributed.py. Numerically it
 follows transformers 5.24 (RMSNorm in fp32, rotate-half RoPE, SDPA causal attention), so an HF checkpoint loaded with
-hf_model.load_hf gives the same logits (tests/test_hf_model.py checks every family).
+hf_model.load_hf gives the same logits (tests/unit/test_hf_model.py checks every family).
 
 Shape legend: B batch, T sequence, D dim, H query heads, G kv heads, Dh head dim, V vocab, E experts.
 """

@@ -58,7 +58,7 @@ def test_convert_onto_a_btx_source_is_refused(capsys, dense, tmp_path):
 
 
 def test_data_prepare_into_the_directory_of_its_inputs_is_refused(capsys, tmp_path):
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     shutil.copy(repo / "data/sample/code.val.jsonl.gz", corpus / "code.jsonl.gz")

@@ -11,7 +11,7 @@ import torch
 from upcycle.convert.options import UpcycleOptions
 from upcycle.convert.upcycling import upcycle_expert
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_no_reference_to_files_outside_the_repository():

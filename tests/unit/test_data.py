@@ -27,7 +27,7 @@ from upcycle.data.prepare import (
 )
 from upcycle.errors import UpcycleError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EOS = "<|endoftext|>"
 
 ENGLISH = [
@@ -451,7 +451,7 @@ def test_a_list_flag_given_twice_keeps_both(tmp_path):
     """`--domain a=x --domain b=y` is two domains; argparse's plain nargs="+" used to keep only the last, silently."""
     from upcycle.cli import main
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     sample = repo / "data" / "sample"
     out = tmp_path / "out"
     main(["data", "prepare", str(out), str(repo / "assets" / "tokenizer"),

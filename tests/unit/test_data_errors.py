@@ -15,7 +15,7 @@ import pytest
 
 from helpers import assert_one_line_error, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = REPO / "assets" / "tokenizer"
 
 

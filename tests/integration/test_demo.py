@@ -13,7 +13,7 @@ import torch
 
 from upcycle.eval.analyze import mean_pairwise_jsd, routing_stats, routing_sums
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "demo.py"
 
 

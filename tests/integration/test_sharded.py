@@ -29,7 +29,7 @@ from upcycle.train import checkpoint as ckpt
 from upcycle.convert.conversion import convert
 
 STEPS = 6
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 
 
 # ---- each rank fills only its pieces, and they are exactly the weights one process would have ----------------------
