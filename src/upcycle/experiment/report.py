@@ -610,7 +610,7 @@ INTERVALS = ("Every interval is 95% and one per quantity: the seed mean, plus or
              "Welch-Satterthwaite degrees of freedom (seeds - 1; each domain's effective documents - 1). This method "
              "because, in simulation at 10 and 17 documents per domain, it kept at least 92% coverage of the nominal "
              "95% in every noise regime tried, where a percentile bootstrap over documents undercovered "
-             "(tests/test_experiment_stats.py). With one seed se_seed is unknown: the interval holds the document "
+             "(tests/unit/test_experiment_stats.py). With one seed se_seed is unknown: the interval holds the document "
              "error only and a verdict drawn from it is provisional. Routing statistics, token counts and the gap "
              "between training and validation loss have intervals across seeds only.")
 

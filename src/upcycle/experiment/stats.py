@@ -7,7 +7,8 @@ uncertainty, training randomness (the spread of the per-seed values: data order,
 from-scratch init) and the finite validation set (the jackknife over validation documents, `document_error`; shared by
 every seed, so the seeds' spread cannot show it), and a Student-t quantile with Welch-Satterthwaite degrees of freedom
 (`gap_interval`). In simulation at 10 and 17 documents per domain it kept at least 92% coverage of a nominal 95% in
-every noise regime tried, where a percentile bootstrap over documents undercovers (tests/test_experiment_stats.py).
+every noise regime tried, where a percentile bootstrap over documents undercovers
+(tests/unit/test_experiment_stats.py).
 Gaps to naive are paired by seed (each seed's arm minus the same seed's naive). With one seed only the document error
 is known: such an interval is provisional.
 
@@ -145,8 +146,8 @@ def two_sided_p(estimate: float, se: float, df: float) -> float:
 def ratio_variance(sums_N: Sequence[float], tokens_N: Sequence[float]) -> float:
     """The sampling variance of a token-weighted mean sum(sums) / sum(tokens) over N documents drawn from a larger
     population of documents: the delete-one jackknife. (The linearization estimator ran 1-5 points below its nominal
-    coverage at 8-17 documents of very unequal lengths in simulation; tests/unit/test_experiment_stats.py.) 0 for fewer than
-    2 documents."""
+    coverage at 8-17 documents of very unequal lengths in simulation; tests/unit/test_experiment_stats.py.) 0 for
+    fewer than 2 documents."""
     sums, tokens = np.asarray(sums_N, dtype=np.float64), np.asarray(tokens_N, dtype=np.float64)
     n = len(sums)
     if n < 2:
