@@ -123,7 +123,7 @@ def grow_command(moe: str, output: str, options: GrowOptions = GrowOptions(), fo
     """Grow an MoE's E experts into factor * E: each expert kept and joined by factor - 1 Drop-Upcycled copies.
 
     Args:
-        moe: An HF MoE checkpoint (mixtral, qwen2_moe, qwen3_moe, granitemoeshared) or one of our training
+        moe: An HF MoE checkpoint (mixtral, qwen2_moe, qwen3_moe, granitemoeshared, glm4_moe) or one of our training
             checkpoints.
         output: Directory to create (parents too); refused if it exists, unless --force.
         options: The growth's choices: one flag per field of GrowOptions.
@@ -207,8 +207,8 @@ def plan_command(
 def export_command(
     checkpoint: str,
     out: str,
-    format: Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoeshared", "llama", "qwen2",
-                    "qwen3"] = "auto",
+    format: Literal["auto", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoeshared", "granitemoe", "glm4_moe", "llama",
+                    "qwen2", "qwen3"] = "auto",
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     tokenizer: str | None = None,
     force: bool = False,
@@ -223,8 +223,9 @@ def export_command(
         out: Output directory to create, written atomically; refused if it exists, unless --force.
         format: auto (dense -> llama/qwen2/qwen3 by attention features; MoE -> mixtral for Llama-like attention
             (qwen2_moe with dense layers or a gated shared expert; granitemoeshared with an ungated shared expert or
-            Granite's multipliers), qwen2_moe with q/k/v biases, qwen3_moe with q/k norms), or one of mixtral,
-            qwen2_moe, qwen3_moe, granitemoeshared, llama, qwen2, qwen3.
+            Granite's multipliers), qwen2_moe with q/k/v biases, qwen3_moe with q/k norms; glm4_moe, the only format
+            that holds them, for sigmoid routers and their balancing bias), or one of mixtral, qwen2_moe, qwen3_moe,
+            granitemoeshared, granitemoe (Granite's MoE without the shared expert), glm4_moe, llama, qwen2, qwen3.
         dtype: Weight dtype in the output: float32 (exact), bfloat16 or float16.
         tokenizer: A directory whose tokenizer files (tokenizer.json, tokenizer_config.json, ...) are copied into OUT.
         force: Replace an existing OUT (only once the new one is complete).

@@ -62,8 +62,8 @@ def test_forward_backward_does_not_depend_on_the_micro_batch_size_with_global_sc
     def run(scope: str, micro: int) -> tuple[list[float], dict[str, torch.Tensor]]:
         model = tiny_moe(seed=3).train()
         loop = dataclasses.replace(TrainLoopConfig(), micro_batch_size=micro, balance_scope=scope)
-        sums, _ = forward_backward(model, batch_BT, loop=loop, top_k=2, num_moe=3, num_experts=4,
-                                   autocast=contextlib.nullcontext)
+        sums, _, _ = forward_backward(model, batch_BT, loop=loop, top_k=2, num_moe=3, num_experts=4,
+                                      autocast=contextlib.nullcontext)
         return sums.tolist(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     (loss8, ce8, aux8, _), grads8 = run("global_batch", 8)

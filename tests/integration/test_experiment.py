@@ -165,6 +165,11 @@ def with_recipe(config: dict, **sections) -> dict:
     ({"arms": [{"name": "a", "kind": "naive", "from_arm": "b"}]}, "arms[0] (a).from_arm"),
     ({"arms": [{"name": "a", "kind": "naive", "top_k": 1}]}, "arms[0] (a).top_k"),
     ({"arms": [{"name": "c", "kind": "continue"}]}, "arms[0] (c).from_arm"),
+    ({"arms": [{"name": "a", "kind": "naive", "train": {"max_steps": 3}}]}, "arms[0] (a).train.max_steps"),
+    ({"arms": [{"name": "a", "kind": "dense", "model": {"router_activation": "sigmoid"}}]}, "arms[0] (a).model"),
+    ({"arms": [{"name": "a", "kind": "naive", "model": {"dim": 8}}]}, "arms[0] (a): model.dim"),
+    ({"arms": [{"name": "a", "kind": "naive", "train": {"bias_update_rate": -1.0}}]},
+     "arms[0] (a): train.bias_update_rate"),
 ])
 def test_invalid_configs_name_the_field(tiny, change, field):
     """Each bad field is refused by parse_config, before any work, with a message that starts with its name."""
@@ -737,6 +742,29 @@ def test_an_arm_can_carry_further_convert_options_such_as_a_data_initialized_rou
         pytest.approx(by_name["naive"]["curve"][0]["loss"]["mean"]["mean"], abs=1e-5)
     assert by_name["naive-data"]["seeds"][0]["routing_final"] != by_name["naive"]["seeds"][0]["routing_final"]
     assert "router_init data" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_an_arm_can_override_training_fields_and_the_routing(tiny, tmp_path):
+    """An arm's `train:` and `model:` reach its runs' configs only: here aux-loss-free balancing with sigmoid routers
+    beside the recipe's softmax routers and Switch loss."""
+    arms = [{"name": "naive", "kind": "naive"},
+            {"name": "free", "kind": "naive", "model": {"router_activation": "sigmoid"},
+             "train": {"aux_coef": 0.0, "bias_update_rate": 0.01}}]
+    _run(tiny, tmp_path / "out", experiment_dict(tiny, arms=arms, budgets=[512],
+                                                 eval={"points": 1, "tokens": 64, "train_tokens": 64}))
+
+    def run_config(arm: str) -> dict:
+        (path,) = (tmp_path / "out" / "arms" / arm / "seed_0").rglob("config.yaml")
+        return yaml.safe_load(path.read_text())
+
+    plain, free = run_config("naive"), run_config("free")
+    assert plain["model"] is None and plain["train"]["aux_coef"] == 0.02 and plain["train"]["bias_update_rate"] == 0
+    assert free["model"] == {"router_activation": "sigmoid"}
+    assert free["train"]["aux_coef"] == 0.0 and free["train"]["bias_update_rate"] == 0.01
+    record = json.loads((tmp_path / "out" / "arms" / "free" / "seed_0" / "arm.json").read_text())
+    assert record["model"] == {"router_activation": "sigmoid"} and record["train"]["bias_update_rate"] == 0.01
+    metrics = read_metrics(next((tmp_path / "out" / "arms" / "free" / "seed_0").rglob("metrics.jsonl")).parent)
+    assert any(b != 0 for b in metrics[-1]["expert_load"]["bias_max"])
 
 
 GROW_ARMS = [{"name": "moe4", "kind": "naive"},

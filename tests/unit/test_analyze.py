@@ -277,3 +277,24 @@ def test_analyze_does_not_import_evaluate():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | \
         {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert "upcycle.eval.evaluate" not in imported
+
+
+def test_routing_of_a_sigmoid_model_with_a_bias_counts_what_the_model_computed():
+    """analyze (and the experiments' routing_final) count the assignments the model made: sigmoid scores plus its
+    balancing bias, not a softmax of the logits."""
+    from helpers import tiny_moe
+    from upcycle.eval.analyze import collect_routing
+
+    model = tiny_moe(seed=1, router_activation="sigmoid", expert_bias=True)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            layer.ffn.expert_bias_E.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]) * (i + 1))
+    batches = [torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    with torch.no_grad():
+        sums = collect_routing(model, {"text": batches})["text"]
+        counts_LE = sum(model(b[:, :-1]).expert_counts for b in batches)
+    assert [list(s["counts_E"]) for s in sums] == counts_LE.tolist()
+    plain = routing_sums(model(batches[0][:, :-1]).router_logits[2], top_k=2)  # softmax without the bias
+    assert list(plain["counts_E"]) != list(routing_sums(model(batches[0][:, :-1]).router_logits[2], top_k=2,
+                                                        activation="sigmoid", bias_E=model.layers[2].ffn.expert_bias_E)
+                                            ["counts_E"])

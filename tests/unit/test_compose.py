@@ -51,6 +51,8 @@ PROMPTS = [{"positive": _words(0, 30, seed=1)}, {"positive": _words(30, 60, seed
     ("qwen2", {"granularity": 3, "top_k": 4, "shared_expert": "dense", "moe_layers": "1"}),
     ("qwen3", {"average": True, "router": "embed"}),
     ("mistral", {"format": "granitemoeshared", "shared_expert": {"source": "SAME"}, "router": "uniform"}),
+    ("qwen3", {"format": "glm4_moe", "granularity": 2, "top_k": 2, "shared_expert": "dense", "moe_layers": "1"}),
+    ("llama", {"format": "glm4_moe", "shared_expert": {"source": "SAME"}}),
 ])
 def test_copies_of_one_model_at_r0_are_that_model(tmp_path, family, values):
     dense = _dense(tmp_path / "dense", family)
@@ -146,7 +148,7 @@ def test_btx_is_compose_with_average_and_uniform_routers(tmp_path):
     ("mismatched", "does not match"),
     ("empty prompt", "tokenizes to nothing; give it some text"),
     ("top_k", "top_k must lie in [1, num_experts=3], got 4"),
-    ("shared in mixtral", "shared_expert needs format qwen2_moe or granitemoeshared"),
+    ("shared in mixtral", "shared_expert needs format qwen2_moe, granitemoeshared or glm4_moe"),
     ("no prompts", "has no positive prompts, which router hidden needs for every expert"),
     ("base and average", "give either base (a dense checkpoint) or average: true, exactly one of them"),
     ("unknown field", "spec.yaml: num_experts: unknown field; a compose spec accepts: average, base, calibration, "),

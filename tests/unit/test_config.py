@@ -265,5 +265,6 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
 
     path = tmp_path / "c.yaml"
     path.write_bytes(b"train:\n  max_steps: 5 \xff\xfe\n")
-    with pytest.raises(UpcycleError, match=r"c.yaml is not UTF-8 text \(invalid start byte at byte 22\); save it as UTF-8"):
+    expected = r"c.yaml is not UTF-8 text \(invalid start byte at byte 22\); save it as UTF-8"
+    with pytest.raises(UpcycleError, match=expected):
         read_yaml(path, "a training config")

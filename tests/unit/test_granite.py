@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import logits, read_config, save_dense, subprocess_env
+from helpers import assert_one_line_error, logits, read_config, run_cli, save_dense, subprocess_env
 from upcycle.convert.check import check
 from upcycle.convert.conversion import MANIFEST_NAME, convert
 from upcycle.model.hf import export_hf, load_model
@@ -98,7 +98,7 @@ def test_our_trainer_trains_granite_and_exports_it_back(tmp_path):
 
 
 @pytest.mark.parametrize("family, args, message", [
-    ("qwen3", [], "qwen3 has q/k norms, which only qwen3_moe holds; use --format qwen3_moe"),
+    ("qwen3", [], "qwen3 has q/k norms, which only qwen3_moe and glm4_moe hold; use --format qwen3_moe"),
     ("mistral", ["--moe-layers", "0"], "granitemoeshared has an MoE FFN in every layer and cannot keep dense layers"),
     ("llama", ["--shared-expert", "dense"], "use --granularity 2 or more"),
 ])
@@ -152,3 +152,44 @@ def test_trainer_eval_analyze_and_export_handle_granite(tmp_path):
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(logits(tmp_path / "export", ids), trained(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family, options", [
+    ("llama", dict(num_experts=4, top_k=2)),
+    ("qwen2", dict(num_experts=6, top_k=3, granularity=3)),  # q/k/v biases kept (a zero o bias)
+])
+def test_granitemoe_is_granite_without_the_shared_expert(tmp_path, family, options):
+    from helpers import assert_export_round_trip
+
+    dense = save_dense(tmp_path / "dense", family)
+    out = convert(dense, tmp_path / "moe", progress=False, method="naive", format="granitemoe", **options)
+    cfg = read_config(out)
+    assert cfg["model_type"] == "granitemoe" and cfg["architectures"] == ["GraniteMoeForCausalLM"]
+    assert "shared_intermediate_size" not in cfg and cfg["intermediate_size"] == 48 // options.get("granularity", 1)
+    assert not any("shared" in key for key in _tensors(out))
+    report = check(str(out), str(dense))
+    assert report.max_abs_logit_diff <= 1e-4 and report.equivalent is True, report
+    model = load_model(out)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, logits(dense, IDS), atol=1e-4, rtol=0)
+    assert assert_export_round_trip(model, tmp_path / "back", IDS, fmt="granitemoe")["model_type"] == "granitemoe"
+    if family == "llama":  # grow reads and writes it too
+        from upcycle.convert.grow import grow
+
+        grown = grow(out, tmp_path / "grown", progress=False, factor=2, ratio=0.0)
+        assert read_config(grown)["num_local_experts"] == 8
+        assert check(str(grown), str(dense)).max_abs_logit_diff <= 1e-4
+
+
+def test_what_granitemoe_cannot_hold_is_refused(tmp_path, capsys):
+    from helpers import assert_convert_refused
+
+    dense = save_dense(tmp_path / "dense", "llama")
+    (tmp_path / "out").mkdir()
+    assert_convert_refused(capsys, dense, tmp_path / "out" / "moe", "--format", "granitemoe",
+                           "--shared-expert-dim", "16",
+                           message="--shared-expert-dim sizes a shared expert, which granitemoe does not have")
+    moe = convert(dense, tmp_path / "shared", progress=False, method="naive", format="granitemoeshared",
+                  num_experts=4, top_k=2, granularity=2, shared_expert="dense")
+    code, err = run_cli(capsys, "export", str(moe), str(tmp_path / "out" / "hf"), "--format", "granitemoe")
+    assert_one_line_error(code, err, "an ungated shared expert, which only granitemoeshared holds")

@@ -27,7 +27,7 @@ def forward_backward(moe: MoE, impl: str, x_TD: torch.Tensor, grad_TD: torch.Ten
     moe.zero_grad()
     x = x_TD.clone().requires_grad_(True)
     moe.impl = impl
-    out_TD, logits_TE, counts_E = moe(x)
+    out_TD, logits_TE, counts_E, _ = moe(x)
     # A contiguous random upstream gradient: grouped_mm's backward rejects the stride-0 gradient of .sum().
     (out_TD * grad_TD).sum().backward()
     grads = {name: p.grad.clone() for name, p in moe.named_parameters()}
@@ -192,7 +192,7 @@ def test_compiled_block_has_no_graph_break_and_matches_eager(impl):
         block.zero_grad(set_to_none=True)
         x = x_BTD.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            hidden, logits_TE, counts_E = module(x, cos, sin)
+            hidden, logits_TE, counts_E, _ = module(x, cos, sin)
         (hidden.float() * grad_BTD).sum().backward()
         results.append((hidden.detach().float(), counts_E, x.grad, block.ffn.gate_up_ED2F.grad.clone()))
     torch._dynamo.reset()

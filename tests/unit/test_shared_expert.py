@@ -78,11 +78,11 @@ def test_our_trainer_computes_the_same_function_with_the_shared_expert_and_round
 
 @pytest.mark.parametrize("family, args, message", [
     ("llama", ["--granularity", "2", "--num-experts", "2", "--top-k", "1"],
-     "--shared-expert dense needs --format qwen2_moe or granitemoeshared, the formats with a shared expert "
-     "(got mixtral)"),
+     "--shared-expert dense needs --format qwen2_moe, granitemoeshared or glm4_moe, the formats with a shared "
+     "expert (got mixtral)"),
     ("qwen3", ["--granularity", "2", "--num-experts", "2", "--top-k", "1"],
-     "--shared-expert dense needs --format qwen2_moe or granitemoeshared, the formats with a shared expert "
-     "(got qwen3_moe)"),
+     "--shared-expert dense needs --format qwen2_moe, granitemoeshared or glm4_moe, the formats with a shared "
+     "expert (got qwen3_moe)"),
     ("qwen2", [], "use --granularity 2 or more"),
     ("qwen2", ["--granularity", "3", "--num-experts", "3", "--top-k", "2"],
      "--num-experts 3 is not a multiple of --granularity - 1 (one segment is shared) = 2; use --num-experts 4"),

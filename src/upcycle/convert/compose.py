@@ -95,9 +95,9 @@ class ComposeSpec:
             tokenizer reads the prompts and whose hidden states set router hidden rows. Leave out with average.
         average: Average every non-FFN tensor over the experts' distinct sources instead of taking a base's (as BTX
             does); that averaged model is then the base, and the first source's tokenizer reads the prompts.
-        shared_expert: Optional, qwen2_moe and granitemoeshared only: dense (one granularity segment of the base's
-            FFN, never re-drawn, as upcycle convert --shared-expert dense) or {source: DIR} (that model's whole FFN;
-            the shared expert and the routed mixture then weigh 1/2 each).
+        shared_expert: Optional, qwen2_moe, granitemoeshared and glm4_moe only: dense (one granularity segment of the
+            base's FFN, never re-drawn, as upcycle convert --shared-expert dense) or {source: DIR} (that model's whole
+            FFN; the shared expert and the routed mixture then weigh 1/2 each).
         router: hidden (rows from the base's hidden states on each expert's prompts; the default), embed (from the
             prompts' token embeddings), data (k-means of the calibration text, as convert), uniform or normal (random,
             as convert).
@@ -348,8 +348,8 @@ def compose(spec_path: str | os.PathLike, output: str | os.PathLike, *, force: b
     sources = _open_sources(spec)
     fmt = hf.resolve_format(sources.readers[0].config, opts.format)
     if spec.shared_expert is not None and fmt not in hf.SHARED_EXPERT_FORMATS:
-        raise UpcycleError(f"{spec_path}: shared_expert needs format qwen2_moe or granitemoeshared, the formats with a "
-                           f"shared expert (got {fmt})")
+        raise UpcycleError(f"{spec_path}: shared_expert needs format qwen2_moe, granitemoeshared or glm4_moe, the "
+                           f"formats with a shared expert (got {fmt})")
     moe_layers = _as_spec_error(spec_path, lambda: opts.check_source(sources.shapes, fmt))
     distinct = list(dict.fromkeys(sources.of(e.source) for e in spec.experts))
     plan = ConversionPlan(base=(0,) if spec.base is not None else tuple(distinct),

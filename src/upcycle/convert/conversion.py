@@ -127,7 +127,7 @@ def _check_btx_sources(first: CheckpointReader, others: list[CheckpointReader], 
 class Entry:
     name: str
     shape: tuple[int, ...]
-    kind: str  # embed | final_norm | lm_head | attn | dense_ffn | router | expert | experts | shared
+    kind: str  # embed | final_norm | lm_head | attn | dense_ffn | router | router_bias | expert | experts | shared
     layer: int = -1
     role: str = ""  # attention role, FFN matrix (gate_up for a tensor holding gate and up), or shared-expert part
     expert: int = -1  # kind expert; kind experts holds every expert of the layer, written one expert at a time
@@ -147,6 +147,8 @@ def layout(shapes: hf.Shapes, fmt: str, num_experts: int, shared_dim: int, exper
                         for m in MATRICES]
             continue
         entries.append(Entry(hf.router_key(fmt, layer), (num_experts, shapes.dim), "router", layer))
+        if fmt in hf.SIGMOID_FORMATS:  # the balancing bias, zero: it steers nothing until training moves it
+            entries.append(Entry(hf.router_bias_key(layer), (num_experts,), "router_bias", layer))
         for key, shape, e, m in hf.stored_experts(fmt, layer, num_experts, shapes.dim, expert_dim):
             entries.append(Entry(key, shape, "expert" if e >= 0 else "experts", layer, m, e))
         for role, (key, shape) in hf.shared_expert_layout(fmt, layer, shapes.dim, shared_dim).items():
@@ -324,7 +326,7 @@ class _Producer:
                     half = (shapes["shared_gate_up"][0] // 2, self.shapes.dim)
                     shapes = {"shared_gate": half, "shared_up": half, "shared_down": shapes["shared_down"]}
                 tensors = init_shared_expert(shapes, std=self.init_std, seed=self.opts.seed, layer=layer)
-            if not gated:  # Granite: gate and up stored as one tensor, gate rows first
+            if self.fmt == "granitemoeshared":  # gate and up stored as one tensor, gate rows first
                 tensors["shared_gate_up"] = torch.cat([tensors.pop("shared_gate"), tensors.pop("shared_up")])
             self._shared_cache = (layer, tensors)
         return self._shared_cache[1][entry.role]
@@ -354,6 +356,8 @@ class _Producer:
             return self._copied(entry, _ROLE_KIND.get(entry.role, "weight"))
         if entry.kind == "router":
             return self._router(entry.layer)
+        if entry.kind == "router_bias":
+            return torch.zeros(entry.shape)
         if entry.kind == "expert":
             return self._expert_matrix(entry)
         if entry.kind == "experts":
@@ -548,9 +552,9 @@ class LazyConversion(Mapping, TensorSource):
 
 
 def lazy_convert(source: str | os.PathLike, *, router_rows=None, **options) -> tuple[dict, LazyConversion]:
-    """The same conversion as `convert`, as (MoE config.json as a dict, LazyConversion): for online upcycling, where each
-    rank computes only the tensors (and experts) it keeps. `router_rows`: `router_calibration`'s result, computed once
-    and shared; with `--router-init data` and none given, it is computed here."""
+    """The same conversion as `convert`, as (MoE config.json as a dict, LazyConversion): for online upcycling, where
+    each rank computes only the tensors (and experts) it keeps. `router_rows`: `router_calibration`'s result, computed
+    once and shared; with `--router-init data` and none given, it is computed here."""
     opts = _options(options)
     readers, shapes, fmt = _open_sources(source, opts)
     entries, _, _, moe_config, produce = _generate(readers, shapes, fmt, opts, opts.plan(len(readers)),

@@ -183,7 +183,7 @@ def _check_source(source: _Source, shape: _Shape) -> dict[int, _Experts]:
 
 def _grown_config(cfg: dict, num_experts: int, top_k: int, dtype: str) -> dict:
     out = {k: v for k, v in cfg.items() if k != "transformers_version"}
-    for key in ("num_local_experts", "num_experts"):  # Mixtral and Granite; Qwen-MoE (either spelling)
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):  # Mixtral, Granite; Qwen-MoE; GLM-4-MoE
         if key in out:
             out[key] = num_experts
     out["num_experts_per_tok"] = top_k
@@ -239,6 +239,8 @@ class _Grower:
             self.layers[entry.layer] = {"layer": entry.layer, "experts": []}
             rows = self._read(self.experts[entry.layer].router)
             return rows.repeat_interleave(self.opts.factor, dim=0)
+        if entry.kind == "router_bias":  # glm4_moe: each expert's balancing bias goes with its copies
+            return self._read(entry.name).repeat_interleave(self.opts.factor, dim=0)
         if entry.kind == "expert":
             return self.expert_tensors(entry.layer, entry.expert)[entry.role]
         return self._read(entry.name)
@@ -250,7 +252,7 @@ def _estimate(entries: list[Entry], shape: _Shape, source: _Source, value_bytes:
     expert = 3 * shape.shapes.dim * shape.expert_dim
     L, grown = shape.shapes.num_layers, factor * shape.num_experts
     output = sum(sizes) * value_bytes + 200 * len(entries) + L * grown * (3 * (shape.expert_dim // 8 + 1) + 800)
-    fused = shape.fmt == "granitemoeshared"
+    fused = shape.fmt in hf.GRANITE_FORMATS
     memory = (3 * 4 * max(sizes) + 3 * 4 * expert + (grown * expert // 3 * value_bytes if fused else 0)
               + L * grown * (3 * shape.expert_dim + 4096) + source.memory_bytes)
     return Estimate(output_bytes=output, memory_bytes=memory)

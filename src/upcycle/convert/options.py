@@ -121,7 +121,8 @@ class ConvertOptions:
             manifest); every expert is one segment, E / G copies of the dense FFN, one router row per copy (virtual
             groups) and down projections times G, so r = 0 is still the dense function.
         moe_layers: Which layers become MoE: all, or indices and ranges (0-3,8), or every:N (layers N-1, 2N-1, ...);
-            the other layers keep the dense FFN. qwen2_moe and qwen3_moe only (their mlp_only_layers).
+            the other layers keep the dense FFN. qwen2_moe and qwen3_moe (their mlp_only_layers), and glm4_moe when the
+            dense layers are the first ones (its first_k_dense_replace).
         seed: Seed from which every (layer, expert, matrix) draw derives its own generator.
         index_mode: independent (a fresh neuron set for gate, up and down, as the authors' released code behind every
             published number; the default) or shared (one set per expert for all three, as the paper's text).
@@ -136,8 +137,11 @@ class ConvertOptions:
             file or a directory of them, as upcycle data prepare reads; tokenized with SOURCE's tokenizer.
         calibration_tokens: For --router-init data: run the dense model on at most this many calibration tokens.
         format: auto (llama/mistral -> mixtral, qwen2 -> qwen2_moe, qwen3 -> qwen3_moe), mixtral, qwen2_moe,
-            qwen3_moe or granitemoeshared (fine-grained experts plus an ungated shared expert; llama, mistral and qwen2
-            sources).
+            qwen3_moe, granitemoeshared (fine-grained experts plus an ungated shared expert; llama, mistral and qwen2
+            sources), granitemoe (Granite's MoE without the shared expert; the same sources) or glm4_moe
+            (DeepSeek-V3's MoE over ordinary attention: sigmoid routers with a zero balancing bias, an ungated shared
+            expert of whole routed experts' size, dense layers only as the first ones; llama, qwen2 and qwen3 sources,
+            and mistral without a sliding window).
         dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
         router_aux_loss_coef: The load-balancing coefficient written into the output's config.json.
         renormalize: Renormalize the top-k routing weights to sum to 1 (Mixtral and Granite always do; Qwen-MoE's
@@ -145,12 +149,13 @@ class ConvertOptions:
             token's FFN output is scaled by the sum of its top-k probabilities (about K / E at initialization).
             --no-renormalize (qwen2_moe, qwen3_moe) makes a qwen2_moe output compute the same function in llama.cpp,
             whose qwen2moe graph never renormalizes.
-        shared_expert: qwen2_moe and granitemoeshared: the shared expert is zero (down projection zero: it adds
-            nothing at initialization) or dense (one of the --granularity segments of the dense FFN, never re-drawn;
-            qwen2_moe: its down projection doubled and its sigmoid gate near 0; so r = 0 is still the dense function;
-            the other G - 1 segments make the routed experts; needs --granularity 2 or more).
+        shared_expert: qwen2_moe, granitemoeshared and glm4_moe: the shared expert is zero (down projection zero: it
+            adds nothing at initialization) or dense (one of the --granularity segments of the dense FFN, never
+            re-drawn; qwen2_moe: its down projection doubled and its sigmoid gate near 0; so r = 0 is still the dense
+            function; the other G - 1 segments make the routed experts; needs --granularity 2 or more).
         shared_expert_dim: With --shared-expert zero: size of the shared expert (qwen2_moe, which always has one:
-            default the dense FFN size; granitemoeshared: default none).
+            default the dense FFN size; granitemoeshared and glm4_moe: default none; glm4_moe: a multiple of the
+            routed experts' size, the dense FFN size / --granularity).
         btx_sources: For --method btx: the other dense checkpoints (SOURCE is the first source).
         max_shard_size: Largest output shard, e.g. 5GB or 500MB.
     """
@@ -272,14 +277,14 @@ class ConvertOptions:
     def check_format(self, fmt: str) -> None:
         """What the resolved output format `fmt` must hold of these options."""
         n = self.option_name
-        if not self.renormalize and fmt in ("mixtral", "granitemoeshared"):
+        if not self.renormalize and fmt in ("mixtral", *hf.GRANITE_FORMATS):
             flag = n("renormalize")
             off = f"--no-{flag[2:]}" if flag.startswith("--") else f"{flag}: false"
             raise UpcycleError(f"{fmt} always renormalizes the top-k weights, so {off} does not fit it; use "
                                f"{n('format')} qwen2_moe (or qwen3_moe for a Qwen3 source)")
         if self.shared_dense and fmt not in hf.SHARED_EXPERT_FORMATS:
-            raise UpcycleError(f"{n('shared_expert')} dense needs {n('format')} qwen2_moe or granitemoeshared, the "
-                               f"formats with a shared expert (got {fmt})")
+            raise UpcycleError(f"{n('shared_expert')} dense needs {n('format')} qwen2_moe, granitemoeshared or "
+                               f"glm4_moe, the formats with a shared expert (got {fmt})")
 
     def check_source(self, shapes: hf.Shapes, fmt: str) -> tuple[int, ...]:
         """What can only be checked against the source's sizes and the resolved format, before anything is written.
@@ -292,12 +297,20 @@ class ConvertOptions:
         self.check_format(fmt)
         if self.shared_expert_dim is not None and fmt not in hf.SHARED_EXPERT_FORMATS:
             raise UpcycleError(f"{n('shared_expert_dim')} sizes a shared expert, which {fmt} does not have; use "
-                               f"{n('format')} qwen2_moe or granitemoeshared, or leave it out")
+                               f"{n('format')} qwen2_moe, granitemoeshared or glm4_moe, or leave it out")
+        expert_dim = shapes.ffn_dim // self.granularity
+        if fmt == "glm4_moe" and self.shared_expert_dim is not None and self.shared_expert_dim % expert_dim:
+            fit = expert_dim * max(1, round(self.shared_expert_dim / expert_dim))
+            raise UpcycleError(f"glm4_moe's shared expert is a whole number of routed experts' size ({expert_dim}: "
+                               f"the dense FFN size / {n('granularity')}), not {self.shared_expert_dim}; use "
+                               f"{n('shared_expert_dim')} {fit}, or {n('format')} granitemoeshared or qwen2_moe")
         moe_layers = parse_moe_layers(self.moe_layers, shapes.num_layers, name=n("moe_layers"))
-        if fmt not in hf.DENSE_LAYER_FORMATS and len(moe_layers) < shapes.num_layers:
+        if fmt in hf.DENSE_PREFIX_FORMATS:
+            hf.check_dense_prefix(fmt, moe_layers, shapes.num_layers, flag=n("moe_layers"))
+        elif fmt not in hf.DENSE_LAYER_FORMATS and len(moe_layers) < shapes.num_layers:
             raise UpcycleError(f"{fmt} has an MoE FFN in every layer and cannot keep dense layers; use {n('format')} "
-                               f"qwen2_moe (or qwen3_moe for a Qwen3 source) with {n('moe_layers')}, or leave "
-                               f"{n('moe_layers')} out")
+                               f"qwen2_moe (or qwen3_moe for a Qwen3 source; glm4_moe when the dense layers come "
+                               f"first) with {n('moe_layers')}, or leave {n('moe_layers')} out")
         return moe_layers
 
     def shared_dim(self, shapes: hf.Shapes, fmt: str) -> int:
@@ -306,7 +319,7 @@ class ConvertOptions:
             return 0
         if self.shared_dense:
             return shapes.ffn_dim // self.granularity
-        return self.shared_expert_dim or (shapes.ffn_dim if fmt == "qwen2_moe" else 0)
+        return self.shared_expert_dim or (shapes.ffn_dim if fmt == "qwen2_moe" else 0)  # glm4_moe: none (0 wide)
 
     def plan(self, num_sources: int) -> ConversionPlan:
         """Where each tensor comes from: every copy of the dense FFN from SOURCE, or, for btx, the non-FFN tensors
@@ -382,7 +395,7 @@ def estimate(shapes: hf.Shapes, fmt: str, opts: ConvertOptions, value_bytes: int
     L, E, D, V = shapes.num_layers, opts.num_experts, shapes.dim, shapes.vocab_size
     shared = opts.shared_dim(shapes, fmt)
     shared_tensors = len(hf.shared_expert_layout(fmt, 0, D, shared))
-    fused = fmt == "granitemoeshared"  # each layer's experts in two tensors: a layer's down projections held
+    fused = fmt in hf.GRANITE_FORMATS  # each layer's experts in two tensors: a layer's down projections held
     F, dense_F = shapes.ffn_dim // opts.granularity, shapes.ffn_dim  # expert and dense FFN sizes
     out_shapes = hf.read_shapes({**shapes_as_config(shapes), "model_type": fmt})
     attn = [math.prod(shape) for shape in hf.attention_roles(out_shapes).values()]
@@ -415,7 +428,7 @@ def shapes_as_config(shapes: hf.Shapes) -> dict:
             "moe_intermediate_size": shapes.ffn_dim, "num_hidden_layers": shapes.num_layers,
             "num_attention_heads": shapes.num_heads, "num_key_value_heads": shapes.num_kv_heads,
             "head_dim": shapes.head_dim, "attention_bias": shapes.o_bias or shapes.qkv_bias,
-            "tie_word_embeddings": shapes.tie_embeddings}
+            "tie_word_embeddings": shapes.tie_embeddings, "use_qk_norm": shapes.qk_norm}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -440,7 +453,8 @@ class GrowOptions:
         stats: Where mu and sigma of the re-drawn values come from: slice (the selected neurons of the expert's
             matrix) or matrix (the expert's whole matrix).
         format: auto (an HF source keeps its format; one of our checkpoints is written as upcycle export --format auto
-            writes it) or, for our checkpoints, mixtral, qwen2_moe, qwen3_moe or granitemoeshared.
+            writes it) or, for our checkpoints, mixtral, qwen2_moe, qwen3_moe, granitemoeshared, granitemoe or
+            glm4_moe.
         dtype: Output dtype: auto (the source's), float32, bfloat16 or float16. Math always runs in float32.
         max_shard_size: Largest output shard, e.g. 5GB or 500MB.
     """

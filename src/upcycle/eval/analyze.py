@@ -40,7 +40,7 @@ from upcycle.data.prepare import check_data_fits, validation_batches
 from upcycle.errors import UpcycleError
 from upcycle.files import check_output, publish_dir
 from upcycle.model.hf import OUR_DOWN, OUR_GATE_UP, check_model_dir, experts_to_hf, load_model
-from upcycle.model.moe import route
+from upcycle.model.moe import route, router_scores
 
 MATRIX_NAMES = ("gate", "up", "down")
 DEFAULT_DEAD_THRESHOLD = 0.01  # of the uniform share 1/E
@@ -50,17 +50,22 @@ DEFAULT_DEAD_THRESHOLD = 0.01  # of the uniform share 1/E
 # Pure math
 
 
-def routing_sums(logits_TE: Tensor, *, top_k: int, renormalize: bool = True) -> dict[str, np.ndarray | float | int]:
+def routing_sums(logits_TE: Tensor, *, top_k: int, renormalize: bool = True, activation: str = "softmax",
+                 bias_E: Tensor | None = None) -> dict[str, np.ndarray | float | int]:
     """Additive routing statistics of one batch: top-k assignment counts, summed router probabilities and summed
     per-token entropies (nats). Sums, so batches combine by adding; `routing_stats` turns them into shares.
 
-    Uses moe.route, the model's own routing, so the counted assignments are the ones the model computed.
+    Uses moe.route with the model's activation and balancing bias, so the counted assignments are the ones the model
+    computed. Probabilities: the softmax, or sigmoid scores normalized to sum to 1 per token (as the balancing losses
+    take them).
     """
     # Routing in fp32, as in the model: bf16 probabilities of near-tied experts would flip top-k choices.
     logits_TE = logits_TE.detach().float()
-    _, ids_TK = route(logits_TE, top_k=top_k, renormalize=renormalize)
+    _, ids_TK = route(logits_TE, top_k=top_k, renormalize=renormalize, activation=activation, bias_E=bias_E)
     E = logits_TE.shape[-1]
-    probs_TE = torch.softmax(logits_TE, dim=-1)
+    probs_TE = router_scores(logits_TE, activation)
+    if activation != "softmax":
+        probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True)
     # xlogy: 0 * log 0 = 0 for experts with underflowed probability
     token_entropy_T = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1)
     # .cpu(): the sums leave the device here (the model may run on a GPU); they are E numbers per batch.
@@ -182,6 +187,7 @@ def collect_routing(model, batches: dict[str, list[Tensor]], *, device: torch.de
     """{domain: [routing_sums per MoE layer]} over a domain's validation batches (inputs only, no targets needed);
     the batches are moved to `device` (the model's) when given."""
     config = model.config
+    biases = [model.layers[i].ffn.expert_bias_E for i in config.moe_layer_ids]  # None where the model has none
     out = {}
     for domain, domain_batches in batches.items():
         per_layer: list[dict | None] = [None] * len(config.moe_layer_ids)
@@ -189,8 +195,9 @@ def collect_routing(model, batches: dict[str, list[Tensor]], *, device: torch.de
             batch_BT = batch_BT if device is None else batch_BT.to(device)
             output = model(batch_BT[:, :-1])
             for i, logits_TE in enumerate(output.router_logits):
-                per_layer[i] = add_sums(per_layer[i], routing_sums(logits_TE, top_k=config.top_k,
-                                                                   renormalize=config.renormalize))
+                per_layer[i] = add_sums(per_layer[i], routing_sums(
+                    logits_TE, top_k=config.top_k, renormalize=config.renormalize,
+                    activation=config.router_activation, bias_E=biases[i]))
         if per_layer[0] is not None:
             out[domain] = per_layer
     return out
@@ -202,6 +209,7 @@ def sequence_routing_counts(model, batches: dict[str, list[Tensor]], *, device: 
     through moe.route in fp32 as `routing_sums` counts them, so summed over sequences they are its counts_E. Per
     sequence, so that a statistic of the domains' routing can be compared with its value under shuffled domains."""
     config = model.config
+    biases = [model.layers[i].ffn.expert_bias_E for i in config.moe_layer_ids]  # None where the model has none
     out = {}
     for domain, domain_batches in batches.items():
         per_layer: list[list[np.ndarray]] = [[] for _ in config.moe_layer_ids]
@@ -210,8 +218,10 @@ def sequence_routing_counts(model, batches: dict[str, list[Tensor]], *, device: 
             B = batch_BT.shape[0]
             output = model(batch_BT[:, :-1])
             for i, logits_TE in enumerate(output.router_logits):
-                # Routing in fp32, as in the model: bf16 probabilities of near-tied experts would flip top-k choices.
-                _, ids_TK = route(logits_TE.detach().float(), top_k=config.top_k, renormalize=config.renormalize)
+                # Routing in fp32, as in the model (with its activation and balancing bias): bf16 probabilities of
+                # near-tied experts would flip top-k choices.
+                _, ids_TK = route(logits_TE.detach().float(), top_k=config.top_k, renormalize=config.renormalize,
+                                  activation=config.router_activation, bias_E=biases[i])
                 E = logits_TE.shape[-1]
                 # (B*T, K) assignments, rows batch-major -> (B, E) counts per sequence
                 sequence_TK = torch.arange(B, device=ids_TK.device).repeat_interleave(ids_TK.shape[0] // B)[:, None]

@@ -239,6 +239,11 @@ class ArmSpec:
             not allowed.
         seeds: The seeds this arm runs at, some of the experiment's seeds (default: all of them). The reference arm
             (the first naive arm) runs at every seed, so every gap is paired by seed.
+        train: Any arm: fields of the recipe's train section set for this arm only, by the train config's field
+            names, e.g. {bias_update_rate: 1.0e-3, aux_coef: 0} for aux-loss-free balancing; the fields the
+            experiment sets (max_steps, eval_every, eval_sequences, seed) are not allowed.
+        model: MoE arms: routing fields set over the arm's initial model (router_activation, routed_scaling,
+            capacity_factor), e.g. {router_activation: sigmoid}.
     """
 
     name: str
@@ -253,6 +258,8 @@ class ArmSpec:
     factor: int | None = None
     top_k: int | None = None
     seeds: list[int] | None = None
+    train: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
 
     KIND_FIELDS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
         "dense": (), "fs": (), "naive": (), "noise": ("ratio", "index_mode"), "drop": ("ratio", "index_mode"),
@@ -316,6 +323,14 @@ class ArmSpec:
                             f"moe.num_experts = {num_experts} is not divisible by {sources}")
         if self.convert is not None and self.kind == "dense":
             raise _fail(f"{where}.convert", "the dense arm is not converted; remove it")
+        if self.model is not None and self.kind == "dense":
+            raise _fail(f"{where}.model", "sets the routing of an MoE, and the dense arm has none; remove it")
+        for key in self.train or {}:
+            if f"train.{key}" in OWNED_RECIPE_FIELDS:
+                decided_by = OWNED_RECIPE_FIELDS[f"train.{key}"]
+                raise _fail(f"{where}.train.{key}", f"is set by the experiment ({decided_by}); remove it")
+        if (self.train or {}).get("expert_parallel", 1) != 1:
+            raise _fail(f"{where}.train.expert_parallel", "every arm trains in one process; remove it (or set 1)")
 
     def convert_options(self, config: ExperimentConfig, seed: int) -> ConvertOptions:
         """The `upcycle convert` options of this arm's initial model at `seed` (btx: without its sources)."""
@@ -588,6 +603,11 @@ class ExperimentConfig:
         for tokens in self.budgets:
             _validate_train_dict(train_config_dict(self, init_source=self.seed_model, max_steps=tokens // step_tokens,
                                                    seed=self.seeds[0]), "recipe")
+        for index, arm in enumerate(self.arms):  # an arm's own train fields and routing, checked as its runs see them
+            if arm.train or arm.model:
+                _validate_train_dict(train_config_dict(self, init_source=self.seed_model,
+                                                       max_steps=self.budgets[-1] // step_tokens, seed=self.seeds[0],
+                                                       arm=arm), arm_where(index, arm))
         for index, arm in enumerate(self.arms):
             if arm.kind != "btx":
                 continue
@@ -740,13 +760,17 @@ def _check_moe_fits(config: ExperimentConfig, options: ConvertOptions, where: st
 
 def train_config_dict(config: ExperimentConfig, *, init_source: str, max_steps: int, seed: int,
                       data_path: str | None = None, weights: dict[str, float] | None = None,
-                      decay_steps: int | None = None, wandb_run: tuple[str, str, str] | None = None) -> dict:
-    """The `upcycle train` config of one run of the experiment: the shared recipe plus what the experiment decides
-    (the seed's data order and torch RNG, the run's length and where its schedule ends). With the recipe's
-    logging.wandb, `wandb_run` = (group, name, job type) names the run's W&B run: the experiment's group (unless the
-    recipe sets one), "ARM/seedS[/...]", and main, decay or branch."""
+                      decay_steps: int | None = None, wandb_run: tuple[str, str, str] | None = None,
+                      arm: ArmSpec | None = None) -> dict:
+    """The `upcycle train` config of one run of the experiment: the shared recipe, with `arm`'s own train fields and
+    routing (its `train` and `model`) over it, plus what the experiment decides (the seed's data order and torch RNG,
+    the run's length and where its schedule ends). With the recipe's logging.wandb, `wandb_run` = (group, name, job
+    type) names the run's W&B run: the experiment's group (unless the recipe sets one), "ARM/seedS[/...]", and main,
+    decay or branch."""
     recipe = copy.deepcopy(config.recipe)
     sections = {name: dict(recipe.get(name) or {}) for name in RECIPE_SECTIONS}
+    if arm is not None:
+        sections["train"].update(copy.deepcopy(arm.train or {}))
     data = {"seq_len": config.data.seq_len, "seed": seed,
             "weights": weights if weights is not None else config.data.weights}
     if data_path is not None:
@@ -764,7 +788,8 @@ def train_config_dict(config: ExperimentConfig, *, init_source: str, max_steps: 
         wandb = sections["logging"]["wandb"] = dict(sections["logging"]["wandb"])
         wandb.setdefault("group", group)
         wandb.update(name=name, job_type=job_type)
-    return {"init": {"source": init_source}, "data": data, **sections}
+    routing = {"model": dict(arm.model)} if arm is not None and arm.model else {}
+    return {"init": {"source": init_source}, "data": data, **sections, **routing}
 
 
 def _validate_train_dict(values: dict, where: str) -> None:

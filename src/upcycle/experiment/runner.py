@@ -417,7 +417,7 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
         # one W&B run per arm and seed (the main run), one per decay branch, grouped by the experiment
         name = f"{arm.name}/seed{seed}" + ("" if steps == largest else f"/budget{steps * plan.tokens_per_step}")
         return train_config_dict(config, init_source=init_dir, max_steps=steps, seed=seed, data_path=str(ctx.data_dir),
-                                 decay_steps=decay_steps,
+                                 decay_steps=decay_steps, arm=arm,
                                  wandb_run=(ctx.out.name, name, "main" if steps == largest else "decay"))
 
     model = load_model(init_dir).to(_device())
@@ -467,6 +467,7 @@ def run_unit(ctx: _Context, arm: ArmSpec, seed: int) -> dict:
     result = {
         "name": arm.name, "seed": seed, "method": arm.kind, "ratio": arm.ratio, "index_mode": arm.index_mode,
         "convert": _display_convert(arm.convert), **shape, "active_params": active, "total_params": total,
+        **({"train": arm.train} if arm.train else {}), **({"model": arm.model} if arm.model else {}),
         "budgets": [_strip(budgets[n]) for n in plan.budget_steps],
         "curve": [_strip(p) for p in curve],
         "routing_final": budgets[largest].get("routing"),

@@ -27,19 +27,29 @@ from pathlib import Path
 from upcycle.errors import UpcycleError
 
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoeshared")
+MOE_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe", "granitemoeshared", "granitemoe", "glm4_moe")
+# Granite's MoE layout (fused expert tensors, the multipliers), with and without its shared expert
+GRANITE_FORMATS = ("granitemoeshared", "granitemoe")
 AUTO_FORMAT = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 MOE_ARCHITECTURE = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "granitemoeshared": "GraniteMoeSharedForCausalLM",
+    "granitemoe": "GraniteMoeForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
 }
-# Formats with a shared expert beside the routed ones: Qwen2-MoE's is sigmoid-gated, Granite-MoE-Shared's is not.
-SHARED_EXPERT_FORMATS = ("qwen2_moe", "granitemoeshared")
-GATED_SHARED_EXPERT = {"qwen2_moe": True, "granitemoeshared": False}
-# Formats that can keep dense FFN layers between MoE layers (Qwen-MoE's mlp_only_layers).
+# Formats with a shared expert beside the routed ones: Qwen2-MoE's is sigmoid-gated, Granite-MoE-Shared's and
+# GLM-4-MoE's are not (GLM-4-MoE's is n_shared_experts times the routed experts' size, possibly 0).
+SHARED_EXPERT_FORMATS = ("qwen2_moe", "granitemoeshared", "glm4_moe")
+GATED_SHARED_EXPERT = {"qwen2_moe": True, "granitemoeshared": False, "glm4_moe": False}
+# Formats that can keep dense FFN layers between MoE layers (Qwen-MoE's mlp_only_layers), and those that keep them
+# only as the first layers (GLM-4-MoE's first_k_dense_replace).
 DENSE_LAYER_FORMATS = ("qwen2_moe", "qwen3_moe")
+DENSE_PREFIX_FORMATS = ("glm4_moe",)
+# Formats whose routers score by sigmoid with a per-expert balancing bias on the choice (DeepSeek-V3's routing; every
+# other format is softmax without a bias).
+SIGMOID_FORMATS = ("glm4_moe",)
 # The floating dtypes a user names (--dtype of convert, grow and export; config.json's "dtype"), by name only:
 # safetensors_io.DTYPE_NAMES maps them to torch dtypes.
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -105,10 +115,13 @@ def read_shapes(cfg: dict) -> Shapes:
     attention_bias = bool(cfg.get("attention_bias", False))
     if family in ("qwen2", "qwen2_moe"):
         qkv_bias, o_bias = bool(cfg.get("qkv_bias", True)), False
+    elif family == "glm4_moe":  # attention_bias is q/k/v only; o_proj never has one
+        qkv_bias, o_bias = attention_bias, False
     else:
         qkv_bias, o_bias = attention_bias, attention_bias
     # Qwen-MoE: the experts' size (intermediate_size is its dense layers'); Mixtral and Granite: intermediate_size
-    ffn_dim = cfg["moe_intermediate_size"] if family in ("qwen2_moe", "qwen3_moe") else cfg["intermediate_size"]
+    ffn_dim = (cfg["moe_intermediate_size"] if family in ("qwen2_moe", "qwen3_moe", "glm4_moe")
+               else cfg["intermediate_size"])
     return Shapes(
         vocab_size=cfg["vocab_size"],
         dim=cfg["hidden_size"],
@@ -119,7 +132,7 @@ def read_shapes(cfg: dict) -> Shapes:
         head_dim=head_dim,
         qkv_bias=qkv_bias,
         o_bias=o_bias,
-        qk_norm=family in ("qwen3", "qwen3_moe"),
+        qk_norm=family in ("qwen3", "qwen3_moe") or (family == "glm4_moe" and bool(cfg.get("use_qk_norm"))),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
 
@@ -162,17 +175,23 @@ def ffn_shape(shapes: Shapes, matrix: str) -> tuple[int, int]:
 
 
 def router_key(fmt: str, layer: int) -> str:
-    if fmt == "granitemoeshared":
+    if fmt in GRANITE_FORMATS:
         return f"{layer_prefix(layer)}block_sparse_moe.router.layer.weight"
     block = "block_sparse_moe" if fmt == "mixtral" else "mlp"
     return f"{layer_prefix(layer)}{block}.gate.weight"
 
 
+def router_bias_key(layer: int) -> str:
+    """GLM-4-MoE's per-expert balancing bias (E,), e_score_correction_bias: added to the sigmoid scores for the choice
+    of experts only."""
+    return f"{layer_prefix(layer)}mlp.gate.e_score_correction_bias"
+
+
 def expert_key(fmt: str, layer: int, expert: int, matrix: str) -> str:
     if fmt == "mixtral":
         return f"{layer_prefix(layer)}block_sparse_moe.experts.{expert}.{_MIXTRAL_EXPERT[matrix]}.weight"
-    if fmt == "granitemoeshared":
-        raise AssertionError("granitemoeshared stores a layer's experts in two tensors: use stored_experts()")
+    if fmt in GRANITE_FORMATS:
+        raise AssertionError("granitemoe(shared) stores a layer's experts in two tensors: use stored_experts()")
     return f"{layer_prefix(layer)}mlp.experts.{expert}.{_QWEN_EXPERT[matrix]}.weight"
 
 
@@ -182,7 +201,7 @@ def stored_experts(fmt: str, layer: int, num_experts: int, dim: int, ffn_dim: in
 
     Per expert and matrix (gate, up, down) for Mixtral and Qwen-MoE; for Granite-MoE-Shared two tensors that hold
     every expert (expert -1): `gate_up` [E, 2F, D], expert e's gate rows then its up rows, and `down` [E, D, F]."""
-    if fmt == "granitemoeshared":
+    if fmt in GRANITE_FORMATS:
         p = f"{layer_prefix(layer)}block_sparse_moe."
         return [(p + "input_linear.weight", (num_experts, 2 * ffn_dim, dim), -1, "gate_up"),
                 (p + "output_linear.weight", (num_experts, dim, ffn_dim), -1, "down")]
@@ -214,6 +233,11 @@ def shared_expert_layout(fmt: str, layer: int, dim: int, shared_dim: int) -> dic
         p = f"{layer_prefix(layer)}shared_mlp."
         return {"shared_gate_up": (p + "input_linear.weight", (2 * shared_dim, dim)),
                 "shared_down": (p + "output_linear.weight", (dim, shared_dim))}
+    if fmt == "glm4_moe":  # always there, as transformers saves it: [0, D] tensors when n_shared_experts is 0
+        p = f"{layer_prefix(layer)}mlp.shared_experts."
+        return {"shared_gate": (p + "gate_proj.weight", (shared_dim, dim)),
+                "shared_up": (p + "up_proj.weight", (shared_dim, dim)),
+                "shared_down": (p + "down_proj.weight", (dim, shared_dim))}
     return {}
 
 
@@ -223,6 +247,8 @@ def shared_expert_dim(cfg: dict) -> int:
         return cfg["shared_expert_intermediate_size"]
     if cfg["model_type"] == "granitemoeshared":
         return cfg.get("shared_intermediate_size") or 0
+    if cfg["model_type"] == "glm4_moe":
+        return cfg.get("n_shared_experts", 0) * cfg["moe_intermediate_size"]
     return 0
 
 
@@ -303,15 +329,17 @@ def resolve_format(cfg: dict, fmt: str) -> str:
     shapes = read_shapes(cfg)
     if fmt == "mixtral" and (shapes.qkv_bias or shapes.o_bias):
         raise UpcycleError(f"{family} has attention biases, which Mixtral cannot hold; use --format qwen2_moe")
-    if fmt != "qwen3_moe" and shapes.qk_norm:
-        raise UpcycleError(f"{family} has q/k norms, which only qwen3_moe holds; use --format qwen3_moe")
+    if fmt not in ("qwen3_moe", "glm4_moe") and shapes.qk_norm:
+        raise UpcycleError(f"{family} has q/k norms, which only qwen3_moe and glm4_moe hold; use --format qwen3_moe")
     if fmt == "qwen3_moe" and not shapes.qk_norm:
         raise UpcycleError(f"qwen3_moe requires q/k norms, which {family} lacks; use --format mixtral or qwen2_moe")
     if fmt == "qwen2_moe" and shapes.o_bias:
         raise UpcycleError(f"{family} has an o_proj bias, which qwen2_moe cannot hold; use --format mixtral")
-    if fmt == "granitemoeshared" and _sliding_window(cfg):
+    if fmt in (*GRANITE_FORMATS, "glm4_moe") and _sliding_window(cfg):
         raise UpcycleError(f"this {family} model attends through a sliding window of {cfg['sliding_window']} tokens, "
-                           "which granitemoeshared cannot hold; use --format mixtral")
+                           f"which {fmt} cannot hold; use --format mixtral")
+    if fmt == "glm4_moe" and shapes.o_bias:
+        raise UpcycleError(f"{family} has an o_proj bias, which glm4_moe cannot hold; use --format granitemoeshared")
     return fmt
 
 
@@ -349,9 +377,9 @@ def engine_note(cfg: dict) -> str | None:
     """One line for an MoE config.json that llama.cpp will not compute as transformers does, naming the alternative;
     None when the engines agree. Printed by convert and export."""
     fmt = cfg.get("model_type")
-    if fmt == "granitemoeshared" and cfg.get("head_dim") not in (None, cfg["hidden_size"] // cfg["num_attention_heads"]):
+    if fmt in GRANITE_FORMATS and cfg.get("head_dim") not in (None, cfg["hidden_size"] // cfg["num_attention_heads"]):
         return ("note: llama.cpp's Granite converter ignores head_dim and uses hidden_size / num_attention_heads, so "
-                "this granitemoeshared model does not run there (see docs/convert.md, where the output runs)")
+                f"this {fmt} model does not run there (see docs/convert.md, where the output runs)")
     if fmt not in LLAMA_CPP_RENORMALIZES or fmt == "mixtral":
         return None
     renormalize = bool(cfg.get("norm_topk_prob", False))
@@ -386,6 +414,7 @@ def build_moe_config(
     moe_layers: tuple[int, ...] | list[int] | None = None,
     renormalize: bool = True,
     multipliers: dict[str, float] | None = None,
+    routed_scaling: float = 1.0,
 ) -> dict:
     """The MoE config.json as a dictionary: every dense field carried over, then the MoE fields.
 
@@ -399,6 +428,10 @@ def build_moe_config(
     layers. `shared_expert_dim` sizes the shared expert of qwen2_moe (default: the dense FFN size) and
     granitemoeshared (default: none). granitemoeshared gets Granite's `multipliers` (GRANITE_MULTIPLIERS; default:
     1, and 1/sqrt(head_dim) for attention, the values that compute what the dense model computes).
+
+    glm4_moe (`_glm4_moe_fields`): sigmoid routers (their bias is a tensor), `routed_scaling` as
+    routed_scaling_factor, a shared expert of n_shared_experts times the experts' size (`shared_expert_dim` default:
+    none), dense layers only as the first ones (first_k_dense_replace), rotary embedding over the whole head.
     """
     shapes = read_shapes(dense)
     cfg = {k: v for k, v in dense.items() if k not in _NOT_CARRIED and not k.startswith("_")}
@@ -413,23 +446,31 @@ def build_moe_config(
         cfg["dtype"] = dtype
     expert_ffn_dim = expert_ffn_dim or shapes.ffn_dim
     dense_layers = [i for i in range(shapes.num_layers) if moe_layers is not None and i not in moe_layers]
-    if fmt not in DENSE_LAYER_FORMATS and dense_layers:
+    if fmt in DENSE_PREFIX_FORMATS:
+        check_dense_prefix(fmt, moe_layers, shapes.num_layers, flag="--moe-layers")
+    elif fmt not in DENSE_LAYER_FORMATS and dense_layers:
         raise UpcycleError(f"{fmt} has an MoE FFN in every layer and cannot keep dense layers; use --format "
                            "qwen2_moe (or qwen3_moe for a Qwen3 model)")
-    if fmt in ("mixtral", "granitemoeshared") and not renormalize:
+    if fmt in ("mixtral", *GRANITE_FORMATS) and not renormalize:
         raise UpcycleError(f"{fmt} always renormalizes the top-k weights; use --format qwen2_moe or qwen3_moe")
-    if multipliers and fmt != "granitemoeshared":
-        raise AssertionError("only granitemoeshared holds Granite's multipliers")
-    if fmt == "granitemoeshared":
+    if multipliers and fmt not in GRANITE_FORMATS:
+        raise AssertionError("only granitemoeshared and granitemoe hold Granite's multipliers")
+    if fmt in GRANITE_FORMATS:
         for key in ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types"):
             cfg.pop(key, None)  # resolve_format refused a model that uses a window
         cfg["intermediate_size"] = expert_ffn_dim
         cfg["num_local_experts"] = num_experts
-        cfg["shared_intermediate_size"] = shared_expert_dim or 0
+        if fmt == "granitemoeshared":
+            cfg["shared_intermediate_size"] = shared_expert_dim or 0
         cfg["attention_bias"] = shapes.qkv_bias or shapes.o_bias  # Granite has all four or none; a missing one is 0
         cfg.update({"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
                     "attention_multiplier": shapes.head_dim ** -0.5})
         cfg.update({GRANITE_MULTIPLIERS[k]: v for k, v in (multipliers or {}).items() if v is not None})
+    elif fmt == "glm4_moe":
+        _drop_glm4_moe_carried(cfg)
+        cfg.update(_glm4_moe_fields(dense, shapes, num_experts=num_experts, expert_ffn_dim=expert_ffn_dim,
+                                    shared_expert_dim=shared_expert_dim or 0, dense_layers=len(dense_layers),
+                                    renormalize=renormalize, routed_scaling=routed_scaling))
     elif fmt == "mixtral":
         cfg["intermediate_size"] = expert_ffn_dim
         cfg["num_local_experts"] = num_experts
@@ -452,6 +493,56 @@ def build_moe_config(
     return cfg
 
 
+def check_dense_prefix(fmt: str, moe_layers, num_layers: int, *, flag: str) -> None:
+    """Refuse MoE layers whose dense layers are not the first ones, for a format that keeps dense FFNs only there
+    (GLM-4-MoE's first_k_dense_replace)."""
+    if moe_layers is None:
+        return
+    moe = sorted(set(moe_layers))
+    if moe != list(range(num_layers - len(moe), num_layers)):
+        dense_after = min(i for i in range(num_layers) if i not in moe and i > moe[0])
+        raise UpcycleError(f"{fmt} keeps dense FFNs only in the first layers, but {flag} leaves layer {dense_after} "
+                           f"dense after MoE layer {moe[0]}; use --format qwen2_moe or qwen3_moe, which accept any "
+                           f"pattern of dense layers, or make the dense layers a prefix")
+
+
+def glm4_shared_experts(shared_expert_dim: int, expert_ffn_dim: int) -> int:
+    """GLM-4-MoE's n_shared_experts: its shared expert is that many routed experts' size; one of another size is
+    refused."""
+    if shared_expert_dim % expert_ffn_dim:
+        fit = expert_ffn_dim * max(1, round(shared_expert_dim / expert_ffn_dim))
+        raise UpcycleError(f"glm4_moe's shared expert is a whole number of routed experts' size ({expert_ffn_dim}), "
+                           f"not {shared_expert_dim}; use --shared-expert-dim {fit} or --format granitemoeshared or "
+                           "qwen2_moe")
+    return shared_expert_dim // expert_ffn_dim
+
+
+def _glm4_moe_fields(dense: dict, shapes: Shapes, *, num_experts: int, expert_ffn_dim: int, shared_expert_dim: int,
+                     dense_layers: int, renormalize: bool, routed_scaling: float) -> dict:
+    """config.json fields of glm4_moe: everything written, nothing left to its defaults (which are GLM-4.5's: a
+    shared expert, one dense layer, partial rotary embedding over half of each head, a multi-token-prediction layer)."""
+    theta, scaling = read_rope(dense)
+    return {
+        "n_routed_experts": num_experts, "moe_intermediate_size": expert_ffn_dim,
+        "n_shared_experts": glm4_shared_experts(shared_expert_dim, expert_ffn_dim),
+        "first_k_dense_replace": dense_layers, "norm_topk_prob": renormalize, "routed_scaling_factor": routed_scaling,
+        "n_group": 1, "topk_group": 1, "num_nextn_predict_layers": 0, "use_qk_norm": shapes.qk_norm,
+        "attention_bias": shapes.qkv_bias,
+        # transformers reads it from rope_parameters; llama.cpp's converter reads the top-level key and otherwise
+        # assumes 0.5 (GLM-4.5 rotates half of each head)
+        "partial_rotary_factor": 1.0,
+        "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": theta,
+                            "partial_rotary_factor": 1.0},
+    }
+
+
+def _drop_glm4_moe_carried(cfg: dict) -> None:
+    """Dense fields glm4_moe has no use for (its attention never slides; resolve_format refused one that does)."""
+    for key in ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "rope_theta",
+                "rope_scaling"):
+        cfg.pop(key, None)
+
+
 # ---- Our model <-> HF config.json (used by hf_model.py; our vocabulary in, HF spellings out) ----
 
 DENSE_ARCHITECTURE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -463,6 +554,7 @@ def read_rope(cfg: dict) -> tuple[float, dict | None]:
     `rope_theta` + `rope_scaling` fields."""
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    params.pop("partial_rotary_factor", None)  # glm4_moe's; read_model_fields accepts only 1.0 (the whole head)
     if "type" in params and "rope_type" not in params:  # pre-4.45 spelling
         params["rope_type"] = params.pop("type")
     if params.get("rope_type", "default") == "default":
@@ -491,9 +583,11 @@ def read_model_fields(cfg: dict) -> dict:
     if family in MOE_FORMATS:
         if family == "mixtral":
             fields.update(num_experts=cfg["num_local_experts"], renormalize=True)
-        elif family == "granitemoeshared":  # softmax over the top-k logits: renormalized top-k weights
+        elif family in GRANITE_FORMATS:  # softmax over the top-k logits: renormalized top-k weights
             fields.update(num_experts=cfg["num_local_experts"], renormalize=True, shared_expert_gated=False)
             fields.update({ours: float(cfg.get(key, 1.0)) for ours, key in GRANITE_MULTIPLIERS.items()})
+        elif family == "glm4_moe":
+            fields.update(_glm4_moe_model_fields(cfg, shapes))
         else:
             step, dense_only = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or ())
             # transformers' rule: a layer is MoE unless listed in mlp_only_layers, and only every step-th layer
@@ -513,6 +607,28 @@ def read_model_fields(cfg: dict) -> dict:
         raise UpcycleError(f"{family} config has hidden_act={cfg.get('hidden_act')!r} mlp_bias={cfg.get('mlp_bias')}; "
                            "only SwiGLU FFNs without biases (silu, mlp_bias=false) are supported")
     return fields
+
+
+def _glm4_moe_model_fields(cfg: dict, shapes: Shapes) -> dict:
+    """Our ModelConfig fields of a glm4_moe config.json (sigmoid routers with their balancing bias); what our model
+    does not compute (partial rotary embedding, grouped routing) is refused."""
+    # transformers' default, when neither rope_parameters nor the top level says, is GLM-4.5's 0.5
+    factor = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))
+    if factor != 1.0:
+        raise UpcycleError(f"this glm4_moe config rotates part of each head (partial_rotary_factor {factor}); only 1.0 "
+                           "(the whole head, what upcycle writes) is supported")
+    if cfg.get("n_group", 1) != 1 or cfg.get("topk_group", 1) != 1:
+        raise UpcycleError(f"this glm4_moe config routes within groups of experts (n_group {cfg.get('n_group')}, "
+                           f"topk_group {cfg.get('topk_group')}); only n_group 1 is supported")
+    first_dense = cfg.get("first_k_dense_replace", 1)
+    num_experts = cfg.get("n_routed_experts", cfg.get("num_local_experts"))
+    dense_ffn = cfg.get("intermediate_size", shapes.ffn_dim)
+    return dict(
+        num_experts=num_experts, renormalize=bool(cfg.get("norm_topk_prob", True)),
+        moe_layers=None if first_dense == 0 else list(range(first_dense, shapes.num_layers)),
+        ffn_dim=dense_ffn, expert_ffn_dim=None if dense_ffn == shapes.ffn_dim else shapes.ffn_dim,
+        shared_expert_gated=False, router_activation="sigmoid", expert_bias=True,
+        routed_scaling=float(cfg.get("routed_scaling_factor", 1.0)))
 
 
 def dense_family_for(*, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> str:
@@ -554,7 +670,7 @@ def build_dense_config(
 
 def set_moe_routing(cfg: dict, *, renormalize: bool) -> None:
     """Record whether top-k weights are renormalized; Mixtral and Granite always renormalize."""
-    if cfg["model_type"] in ("mixtral", "granitemoeshared"):
+    if cfg["model_type"] in ("mixtral", *GRANITE_FORMATS):
         if not renormalize:
             raise UpcycleError(f"{cfg['model_type']} always renormalizes the top-k weights; export a "
                                "renormalize=False model as qwen2_moe or qwen3_moe")

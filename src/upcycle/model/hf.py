@@ -1,14 +1,15 @@
 """Hugging Face checkpoints <-> our model, and the `upcycle export` command.
 
-Reading: dense llama/mistral/qwen2/qwen3 and MoE mixtral/qwen2_moe/qwen3_moe/granitemoeshared checkpoints, experts
-stored per expert (what transformers' save_pretrained writes for Mixtral and Qwen-MoE) or fused
+Reading: dense llama/mistral/qwen2/qwen3 and MoE mixtral/qwen2_moe/qwen3_moe/granitemoeshared/granitemoe/glm4_moe
+checkpoints, experts stored per expert (what transformers' save_pretrained writes for Mixtral, Qwen-MoE and GLM-4-MoE)
+or fused
 (`mlp.experts.gate_up_proj` [E, 2F, D], `down_proj` [E, D, F]; Granite's `input_linear`/`output_linear`).
 Files are opened lazily with safetensors (one file or an index of shards); pickles are never loaded. Every tensor is
 shape-checked and every key of the checkpoint must be used: unknown keys are errors, not silently dropped.
 
-Writing: a dense model becomes llama/qwen2/qwen3, an MoE mixtral/qwen2_moe/qwen3_moe (per-expert keys) or
-granitemoeshared (its fused keys), with a
-config.json that transformers 5.24 AutoModelForCausalLM loads. All HF key names come from hf_formats.py.
+Writing: a dense model becomes llama/qwen2/qwen3, an MoE mixtral/qwen2_moe/qwen3_moe/glm4_moe (per-expert keys;
+glm4_moe with its routers' balancing bias) or granitemoeshared/granitemoe (their fused keys), with a config.json that
+transformers 5.24 AutoModelForCausalLM loads. All HF key names come from hf_formats.py.
 
 Our own checkpoints (written by the trainer) are a directory with model.safetensors (our state dict) and config.json
 holding our ModelConfig under "model"; `load_model` reads either kind.
@@ -53,6 +54,7 @@ _OUR_ATTN = {
 }
 _OUR_DENSE_FFN = {"gate": "ffn.gate.weight", "up": "ffn.up.weight", "down": "ffn.down.weight"}
 OUR_ROUTER, OUR_GATE_UP, OUR_DOWN = "ffn.router.weight", "ffn.gate_up_ED2F", "ffn.down_EFD"
+OUR_EXPERT_BIAS = "ffn.expert_bias_E"  # the per-expert balancing bias (a buffer; glm4_moe's e_score_correction_bias)
 # The shared expert (Qwen2-MoE's; Granite-MoE-Shared's has no gate), by the roles of hf_formats.shared_expert_layout
 _OUR_SHARED = {"shared_gate": "shared.gate.weight", "shared_up": "shared.up.weight", "shared_down": "shared.down.weight",
                "shared_expert_gate": "shared_gate.weight"}
@@ -135,8 +137,11 @@ def _take_experts(taker: _Taker, fmt: str, layer: int, config: ModelConfig) -> d
 
         def down_FD(e: int) -> Tensor:
             return per[e]["down"].read((slice(None),)).T
-    return {OUR_ROUTER: router, OUR_GATE_UP: ExpertStack((E, D, 2 * Fd), gate_up_D2F),
-            OUR_DOWN: ExpertStack((E, Fd, D), down_FD)}
+    out = {OUR_ROUTER: router, OUR_GATE_UP: ExpertStack((E, D, 2 * Fd), gate_up_D2F),
+           OUR_DOWN: ExpertStack((E, Fd, D), down_FD)}
+    if fmt in hf.SIGMOID_FORMATS:  # the balancing bias, as trained (zeros when upcycle convert wrote it)
+        out[OUR_EXPERT_BIAS] = taker.take(hf.router_bias_key(layer), (E,))
+    return out
 
 
 def _has_live_shared_expert(tensors: Mapping[str, Tensor], hf_cfg: dict, moe_layers: tuple[int, ...]) -> bool:
@@ -162,7 +167,8 @@ def _take_shared_expert(taker: _Taker, layer: int, config: ModelConfig, hf_cfg: 
     nothing (_has_live_shared_expert: down projection all zeros) and is dropped."""
     shared_dim = hf.shared_expert_dim(hf_cfg)
     layout = hf.shared_expert_layout(hf_cfg["model_type"], layer, config.dim, shared_dim)
-    sources = {role: taker.take(key, shape) for role, (key, shape) in layout.items()}
+    # glm4_moe always has one, [0, D] when n_shared_experts is 0 (what transformers saves; accepted when left out)
+    sources = {role: taker.take(key, shape) for role, (key, shape) in layout.items() if shared_dim or key in taker}
     if "shared_gate_up" in sources:  # Granite: gate rows, then up rows
         gate_up = sources.pop("shared_gate_up")
         sources.update(shared_gate=_row_range(gate_up, 0, shared_dim), shared_up=_row_range(gate_up, shared_dim,
@@ -247,7 +253,7 @@ def layer_by_layer(tensors: Mapping[str, Tensor], hf_cfg: dict, sequences: list[
         logits: list[Tensor | None] = []
         for j, x_BTD in enumerate(xs):
             cos_TDh, sin_TDh = rope_tables(inv_freq, scale, x_BTD.shape[1], torch.float32)
-            xs[j], logits_TE, _ = block(x_BTD, cos_TDh, sin_TDh)
+            xs[j], logits_TE, *_ = block(x_BTD, cos_TDh, sin_TDh)
             logits.append(logits_TE)
         handle.remove()
         yield i, inputs, logits
@@ -278,6 +284,14 @@ def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
                   "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
                   "vocab_size": config.vocab_size, "head_dim": config.head_dim,
                   "attention_bias": config.qkv_bias, "qkv_bias": config.qkv_bias}
+    if config.router_activation == "sigmoid":
+        return family, _sigmoid_format(config, dense_like, fmt)
+    if config.routed_scaling != 1.0:
+        raise UpcycleError(f"this MoE scales softmax routing weights by {config.routed_scaling}, which no format holds "
+                           "(glm4_moe's routers are sigmoid); train it with model.routed_scaling 1.0")
+    if fmt in hf.SIGMOID_FORMATS:
+        raise UpcycleError(f"{fmt} routes by sigmoid scores, but this MoE's routers are softmax; use --format auto "
+                           f"or one of {', '.join(f for f in hf.MOE_FORMATS if f not in hf.SIGMOID_FORMATS)}")
     # What only one format holds: a sigmoid-gated shared expert (qwen2_moe), an ungated one or Granite's multipliers
     # (granitemoeshared)
     only, what = None, ""
@@ -287,6 +301,8 @@ def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
         only, what = "granitemoeshared", "an ungated shared expert"
     elif _granite_multipliers(config):
         only, what = "granitemoeshared", "Granite's embedding/residual/attention/logits multipliers"
+        if fmt in hf.GRANITE_FORMATS:  # either Granite format holds them
+            only = fmt
     if only is not None:
         if fmt not in ("auto", only):
             raise UpcycleError(f"this MoE has {what}, which only {only} holds; got --format {fmt}, use "
@@ -296,6 +312,25 @@ def _resolve_export_format(config: ModelConfig, fmt: str) -> tuple[str, str]:
         # mixtral cannot keep dense layers nor skip renormalization; qwen2_moe holds Llama attention (zero q/k/v biases)
         fmt = "qwen2_moe"
     return family, hf.resolve_format(dense_like, fmt)
+
+
+def _sigmoid_format(config: ModelConfig, dense_like: dict, fmt: str) -> str:
+    """The format of an MoE with sigmoid routers (and its balancing bias): glm4_moe, the one that holds them; what
+    glm4_moe cannot hold besides is refused in one line."""
+    only = hf.SIGMOID_FORMATS[0]
+    if fmt not in ("auto", only):
+        raise UpcycleError(f"this MoE routes by sigmoid scores with a balancing bias, which only {only} holds (as "
+                           f"e_score_correction_bias); got --format {fmt}, use --format {only}")
+    if config.shared_expert_dim and config.shared_expert_gated:
+        raise UpcycleError(f"this MoE has sigmoid routers and a sigmoid-gated shared expert, which no format holds "
+                           f"together ({only}'s shared expert has no gate)")
+    if config.shared_expert_dim % config.expert_dim:
+        raise UpcycleError(f"{only}'s shared expert is a whole number of routed experts' size ({config.expert_dim}); "
+                           f"this MoE's is {config.shared_expert_dim}, which no format with sigmoid routers holds")
+    if _granite_multipliers(config):
+        raise UpcycleError("this MoE has sigmoid routers and Granite's multipliers, which no format holds together")
+    hf.check_dense_prefix(only, config.moe_layers, config.num_layers, flag="model.moe_layers")
+    return hf.resolve_format(dense_like, only)
 
 
 def _granite_multipliers(config: ModelConfig) -> dict[str, float]:
@@ -316,6 +351,7 @@ class _Planned:
     key: str
     shape: tuple[int, ...]
     make: Callable[[], Tensor]
+    dtype: torch.dtype  # the written dtype: the export's, or fp32 for a balancing bias
 
 
 class _Recent:
@@ -337,7 +373,7 @@ def hf_export_plan(state: Mapping[str, Tensor], config: ModelConfig, fmt: str = 
     """(config.json dictionary, every HF tensor to write, in order, with per-expert keys) for our state dict. Nothing
     is read until a tensor is made, and then only our tensor it comes from (the two most recent are kept), so an
     export from a lazy mapping (a sharded training checkpoint) needs memory for about its two largest tensors.
-    fmt: auto, a dense family matching the model (llama/qwen2/qwen3) or an MoE format (mixtral/qwen2_moe/qwen3_moe)."""
+    fmt: auto, a dense family matching the model (llama/qwen2/qwen3) or an MoE format (hf_formats.MOE_FORMATS)."""
     if dtype not in DTYPE_NAMES:
         raise UpcycleError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPE_NAMES)}")
     family, out_fmt = _resolve_export_format(config, fmt)
@@ -351,15 +387,19 @@ def hf_export_plan(state: Mapping[str, Tensor], config: ModelConfig, fmt: str = 
         hf_cfg = hf.build_moe_config(hf_cfg, out_fmt, num_experts=c.num_experts, top_k=c.top_k, dtype=dtype,
                                      expert_ffn_dim=c.expert_dim, moe_layers=c.moe_layers,
                                      shared_expert_dim=c.shared_expert_dim or None,
-                                     multipliers=_granite_multipliers(c) if out_fmt == "granitemoeshared" else None)
+                                     multipliers=_granite_multipliers(c) if out_fmt in hf.GRANITE_FORMATS else None,
+                                     routed_scaling=c.routed_scaling)
         hf.set_moe_routing(hf_cfg, renormalize=c.renormalize)
     shapes = hf.read_shapes(hf_cfg)
     cast = DTYPE_NAMES[dtype]
     ours = _Recent(state)
     plan: list[_Planned] = []
+    if c.expert_bias and out_fmt not in hf.SIGMOID_FORMATS:
+        _check_zero_bias(ours, c)
 
-    def put(key: str, shape: tuple[int, ...], make: Callable[[], Tensor]) -> None:
-        plan.append(_Planned(key, tuple(shape), lambda: make().detach().to(device="cpu", dtype=cast).contiguous()))
+    def put(key: str, shape: tuple[int, ...], make: Callable[[], Tensor], dtype: torch.dtype = cast) -> None:
+        plan.append(_Planned(key, tuple(shape), lambda: make().detach().to(device="cpu", dtype=dtype).contiguous(),
+                             dtype))
 
     def copy(key: str, name: str, shape: tuple[int, ...]) -> None:
         put(key, shape, lambda: ours(name))
@@ -386,6 +426,9 @@ def hf_export_plan(state: Mapping[str, Tensor], config: ModelConfig, fmt: str = 
             continue
         copy(hf.router_key(out_fmt, i), p + OUR_ROUTER, (c.num_experts, D))
         Fd, E = c.expert_dim, c.num_experts
+        if out_fmt in hf.SIGMOID_FORMATS:  # the learned balancing bias, in fp32 as transformers keeps it
+            put(hf.router_bias_key(i), (E,), lambda p=p: ours(p + OUR_EXPERT_BIAS) if c.expert_bias
+                else torch.zeros(E), torch.float32)
 
         def expert_part(p: str, e: int, m: str) -> Tensor:  # expert e (all experts for e = -1), HF-oriented
             rows = slice(None) if e == -1 else slice(e, e + 1)
@@ -411,6 +454,16 @@ def hf_export_plan(state: Mapping[str, Tensor], config: ModelConfig, fmt: str = 
     return hf_cfg, plan
 
 
+def _check_zero_bias(ours: Callable[[str], Tensor], config: ModelConfig) -> None:
+    """A softmax MoE's balancing bias (train.bias_update_rate) steers which experts compute; no softmax format holds it,
+    so one that has moved is refused rather than dropped (the export would compute something else)."""
+    for i in config.moe_layer_ids:
+        if ours(f"layers.{i}.{OUR_EXPERT_BIAS}").count_nonzero():
+            raise UpcycleError(f"this MoE's softmax routers carry a non-zero balancing bias (layer {i}), which no "
+                               "format holds (glm4_moe holds one on sigmoid routers); train with "
+                               "model.router_activation sigmoid to export it as glm4_moe")
+
+
 def state_dict_to_hf(
     state_dict: Mapping[str, Tensor], config: ModelConfig, fmt: str = "auto", dtype: str = "float32"
 ) -> tuple[dict, dict[str, Tensor]]:
@@ -433,10 +486,9 @@ def export_hf(
     state_dict = (model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module)
                   else model_or_state_dict)
     hf_cfg, plan = hf_export_plan(state_dict, config, fmt, dtype)
-    cast = DTYPE_NAMES[dtype]
     out_dir = Path(out_dir)
     with publish_dir(out_dir, force=force, inputs=inputs, flag="OUT") as tmp:
-        writer = ShardWriter(tmp, [PlannedTensor(item.key, item.shape, cast) for item in plan],
+        writer = ShardWriter(tmp, [PlannedTensor(item.key, item.shape, item.dtype) for item in plan],
                              parse_size(max_shard_size))
         for item in plan:
             writer.write(item.key, item.make())

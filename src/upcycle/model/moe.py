@@ -1,8 +1,11 @@
-"""Our dropless Mixture-of-Experts FFN: router -> sort -> gather -> per-expert matmuls -> weighted scatter.
+"""Our Mixture-of-Experts FFN: router -> (capacity) -> sort -> gather -> per-expert matmuls -> weighted scatter.
 
-Every token is computed by its top-k experts (no capacity factor, nothing dropped), as in Mixtral and the
-Drop-Upcycling paper. The math is in pure functions (`route`, `experts_grouped`, `experts_reference`); the `MoE`
-module only owns the weights and returns the routing results as values (no globals, no hidden state).
+By default every token is computed by its top-k experts (dropless, nothing dropped), as in Mixtral and the
+Drop-Upcycling paper. Routers score the experts by softmax (Mixtral, Qwen-MoE) or sigmoid (DeepSeek-V3, GLM-4.5), a
+per-expert bias may steer the choice (DeepSeek-V3's aux-loss-free balancing), and a capacity factor may cap each
+expert's assignments while training (Switch Transformer, GShard). The math is in pure functions (`router_scores`,
+`choose_experts`, `combine_weights`, `route`, `capacity_keep`, `experts_grouped`, `experts_reference`); the `MoE`
+module only owns the weights and the bias and returns the routing results as values (no globals, no hidden state).
 
 Shape legend:
     T tokens (batch and sequence flattened), D model dim (`dim`), F expert hidden dim (`ffn_dim`),
@@ -26,6 +29,7 @@ Run the layer benchmark with `python benchmarks/moe_layer.py --quick`.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Protocol
 
 import torch
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from upcycle.errors import UpcycleError
-from upcycle.model.config import check_moe_sizes
+from upcycle.model.config import ROUTER_ACTIVATIONS, check_moe_sizes
 
 IMPLEMENTATIONS = ("auto", "fused", "grouped_mm", "loop", "reference")
 
@@ -41,23 +45,80 @@ IMPLEMENTATIONS = ("auto", "fused", "grouped_mm", "loop", "reference")
 class MoEOutput(NamedTuple):
     out_TD: Tensor  # (T, D) in the input dtype
     router_logits_TE: Tensor  # (T, E) fp32, with grad: the losses in losses.py are computed from it
-    counts_E: Tensor  # (E,) int64 top-k assignments per expert, detached
+    counts_E: Tensor  # (E,) int64 top-k assignments the router chose per expert, detached
+    dropped_E: Tensor | None = None  # (E,) int64 of those dropped by the capacity factor; None when dropless
 
 
-def route(logits_TE: Tensor, *, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
-    """Softmax over all experts, keep the top k, optionally renormalize the k weights to sum to 1.
+def router_scores(logits_TE: Tensor, activation: str = "softmax") -> Tensor:
+    """Expert scores (T, E) in fp32: softmax over the experts (Mixtral, Qwen-MoE) or an independent sigmoid per expert
+    (DeepSeek-V3, GLM-4.5). In fp32 because in bf16 the scores of near-tied experts round to the same value, which
+    makes top-k choices (and the load-balancing statistics) noisy; the Switch Transformer and Mixtral keep routing in
+    fp32."""
+    if activation == "softmax":
+        return torch.softmax(logits_TE.float(), dim=-1)
+    if activation == "sigmoid":
+        return torch.sigmoid(logits_TE.float())
+    raise UpcycleError(f"unknown router activation {activation!r}; choose one of {', '.join(ROUTER_ACTIVATIONS)}")
 
-    renormalize=True is Mixtral (and Qwen-MoE with norm_topk_prob=True): with identical experts the MoE output then
-    equals the dense FFN output exactly. renormalize=False is Qwen-MoE's norm_topk_prob=False.
-    Returns (weights_TK fp32, ids_TK int64).
-    """
-    # Softmax in fp32: in bf16 the probabilities of near-tied experts round to the same value, which makes top-k
-    # choices (and the load-balancing statistics) noisy; the Switch Transformer and Mixtral keep routing in fp32.
-    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-    weights_TK, ids_TK = torch.topk(probs_TE, top_k, dim=-1)
+
+def choose_experts(scores_TE: Tensor, *, top_k: int, bias_E: Tensor | None = None) -> Tensor:
+    """ids_TK: the top k experts of each token by score, plus the per-expert balancing bias where there is one
+    (DeepSeek-V3: the bias only steers the choice; the weights come from the scores alone)."""
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
+    return torch.topk(choice_TE, top_k, dim=-1).indices
+
+
+def combine_weights(scores_TE: Tensor, ids_TK: Tensor, *, renormalize: bool, scaling: float = 1.0) -> Tensor:
+    """weights_TK fp32: the chosen experts' scores, renormalized to sum to 1 when `renormalize`, times `scaling`.
+
+    renormalize=True is Mixtral (and Qwen-MoE with norm_topk_prob=True, glm4_moe with norm_topk_prob): with identical
+    experts the MoE output then equals the dense FFN output exactly, whichever the activation. renormalize=False is
+    Qwen-MoE's norm_topk_prob=False. `scaling` is DeepSeek-V3's routed_scaling_factor."""
+    weights_TK = scores_TE.gather(1, ids_TK)
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-    return weights_TK, ids_TK
+    return weights_TK if scaling == 1.0 else weights_TK * scaling
+
+
+def route(logits_TE: Tensor, *, top_k: int, renormalize: bool, activation: str = "softmax",
+          bias_E: Tensor | None = None, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Score the experts, choose the top k (with the bias, where there is one), weigh them. Returns (weights_TK fp32,
+    ids_TK int64): `router_scores`, `choose_experts`, `combine_weights` in turn."""
+    scores_TE = router_scores(logits_TE, activation)
+    ids_TK = choose_experts(scores_TE, top_k=top_k, bias_E=bias_E)
+    return combine_weights(scores_TE, ids_TK, renormalize=renormalize, scaling=scaling), ids_TK
+
+
+def expert_capacity(tokens: int, *, top_k: int, num_experts: int, factor: float) -> int:
+    """The most assignments one expert takes from `tokens` tokens: ceil(factor * tokens * top_k / num_experts)
+    (GShard, Switch Transformer: factor 1 is exactly an even share)."""
+    return math.ceil(factor * tokens * top_k / num_experts)
+
+
+def capacity_keep(ids_TK: Tensor, scores_TK: Tensor, *, num_experts: int, capacity: int) -> Tensor:
+    """keep_TK bool: which (token, slot) assignments each expert takes when it takes at most `capacity`: its
+    highest-scored ones (ties: the earlier token first), the rest dropped. Sorts, no host synchronization.
+
+    The (token, slot) pairs are ordered by score, highest first, then stably by expert, so each expert's pairs come
+    out highest-scored first; a pair is kept when its rank within its expert is below the capacity."""
+    ids_S, scores_S = ids_TK.reshape(-1), scores_TK.reshape(-1).float()
+    by_score_S = torch.sort(scores_S, descending=True, stable=True).indices
+    by_expert_S = torch.sort(ids_S[by_score_S], stable=True)
+    order_S = by_score_S[by_expert_S.indices]  # pairs grouped by expert, each group highest score first
+    starts_E = torch.searchsorted(by_expert_S.values, torch.arange(num_experts, device=ids_S.device))
+    rank_S = torch.arange(ids_S.numel(), device=ids_S.device) - starts_E[by_expert_S.values]
+    keep_S = torch.empty_like(ids_S, dtype=torch.bool)
+    keep_S[order_S] = rank_S < capacity
+    return keep_S.view_as(ids_TK)
+
+
+def count_ids(ids: Tensor, num_experts: int, where: Tensor | None = None) -> Tensor:
+    """(E,) int64: how often each expert id occurs in `ids` (only where `where` is true, when given). A scatter-add
+    into E counters: unlike torch.bincount, which on CUDA reads the largest id back to the host to size its output,
+    it never synchronizes."""
+    flat = ids.reshape(-1)
+    ones = torch.ones_like(flat) if where is None else where.reshape(-1).to(torch.int64)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, ones)
 
 
 def swiglu(h_S2F: Tensor) -> Tensor:
@@ -372,27 +433,36 @@ def inverse_permutation(perm: Tensor) -> Tensor:
 
 def experts_grouped(
     x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor, *, impl: str = "auto",
-    num_experts: int | None = None, compute: ExpertCompute = expert_ffn_sorted,
+    num_experts: int | None = None, compute: ExpertCompute = expert_ffn_sorted, keep_TK: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The fast path: all (token, slot) pairs sorted by expert, each expert's rows one contiguous block of matmuls.
     `impl` as in `MoE` ("auto" resolves on x's device, like everywhere else). `compute` runs the experts on the sorted
     rows: `expert_ffn_sorted` here, or a replacement that sends the rows to the ranks holding the experts (expert
-    parallelism; the weights are then this rank's experts only and `num_experts` counts all of them).
+    parallelism; the weights are then this rank's experts only and `num_experts` counts all of them). `keep_TK`
+    (capacity_keep): the pairs to compute; the others are never sent to an expert, and their weights must be 0.
 
-    Returns (out_TD, counts_E) with counts_E the (token, slot) pairs per expert.
+    Returns (out_TD, counts_E) with counts_E the (token, slot) pairs computed per expert.
     """
     impl = resolve_impl(impl, x_TD.device, compute_dtype(x_TD.device, gate_up_ED2F))
     if impl == "reference":
         raise UpcycleError("experts_grouped runs the fast kernels; call experts_reference for the reference loop")
     T, K = ids_TK.shape
-    order_S, counts_E = sort_by_expert(ids_TK, gate_up_ED2F.shape[0] if num_experts is None else num_experts)
+    num_experts = gate_up_ED2F.shape[0] if num_experts is None else num_experts
+    # dropped pairs get the id one past the last expert: they sort after every expert's rows and count for none
+    sort_ids_TK = ids_TK if keep_TK is None else ids_TK.masked_fill(~keep_TK, num_experts)
+    order_S, counts_E = sort_by_expert(sort_ids_TK, num_experts)
     # inverse_S[p] = the sorted position of (token, slot) pair p = t*K + k
     inverse_S = inverse_permutation(order_S)
     token_S = order_S.div(K, rounding_mode="floor")
     # gather: each pair's token row, in expert order (forward and backward are row gathers, no scatter-add)
     x_SD = _GatherTokens.apply(x_TD, token_S, inverse_S, K)
+    if keep_TK is not None:  # only the kept rows go to the experts (one host read of how many there are)
+        kept = int(counts_E.sum())
+        x_SD = x_SD[:kept]
     # expert compute, here or on the ranks that hold the experts
     y_SD = compute(x_SD, counts_E, gate_up_ED2F, down_EFD, impl=impl)
+    if keep_TK is not None:  # the dropped pairs' rows: zeros (their weights are 0 anyway)
+        y_SD = torch.cat([y_SD, y_SD.new_zeros(T * K - kept, y_SD.shape[1])])
     # combine: back to (token, slot) order (a gather both ways), then each token's weighted sum of its K slots as one
     # batched (1, K) @ (K, D) product: half the time of a multiply-then-sum and its backward on CPU, which write and
     # read a (T, K, D) temporary. Weights in y's dtype (under autocast the experts return bf16, like F.linear)
@@ -402,12 +472,14 @@ def experts_grouped(
 
 
 def experts_reference(
-    x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor
+    x_TD: Tensor, weights_TK: Tensor, ids_TK: Tensor, gate_up_ED2F: Tensor, down_EFD: Tensor,
+    keep_TK: Tensor | None = None,
 ) -> Tensor:
-    """The slow, obvious definition: for each expert, find its tokens, run the SwiGLU FFN, add weighted results."""
+    """The slow, obvious definition: for each expert, find its (kept) tokens, run the SwiGLU FFN, add weighted
+    results."""
     out_TD = None  # in the experts' output dtype, as the fast path (under autocast: bf16 from fp32 inputs)
     for e in range(gate_up_ED2F.shape[0]):
-        token_N, slot_N = torch.where(ids_TK == e)
+        token_N, slot_N = torch.where((ids_TK == e) if keep_TK is None else (ids_TK == e) & keep_TK)
         if token_N.numel() == 0:
             continue
         y_ND = swiglu(x_TD[token_N] @ gate_up_ED2F[e]) @ down_EFD[e]
@@ -418,40 +490,59 @@ def experts_reference(
 
 
 class MoE(nn.Module):
-    """Dropless top-k MoE with SwiGLU experts. `impl` picks the expert kernel; "reference" runs the per-expert loop."""
+    """Top-k MoE with SwiGLU experts, dropless unless `capacity_factor` (then only while training). `impl` picks the
+    expert kernel; "reference" runs the per-expert loop. `activation`, `scaling` and `renormalize` say how the router
+    scores and weighs experts (`route`); `expert_bias` adds the per-expert fp32 buffer `expert_bias_E` that steers the
+    choice (zeros until the trainer updates it: DeepSeek-V3's aux-loss-free balancing)."""
 
     def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, renormalize: bool = True,
-                 impl: str = "auto"):
+                 impl: str = "auto", *, activation: str = "softmax", scaling: float = 1.0, expert_bias: bool = False,
+                 capacity_factor: float | None = None):
         super().__init__()
         check_moe_sizes(num_experts=num_experts, top_k=top_k)
         self.num_experts, self.top_k, self.renormalize, self.impl = num_experts, top_k, renormalize, impl
+        self.activation, self.scaling, self.capacity_factor = activation, scaling, capacity_factor
         # the replaceable part: expert parallelism swaps it, and the weights then hold only this rank's experts
         self.expert_compute: ExpertCompute = expert_ffn_sorted
         self.router = nn.Linear(dim, num_experts, bias=False)  # weight [E, D]
         self.gate_up_ED2F = nn.Parameter(torch.empty(num_experts, dim, 2 * ffn_dim))
         self.down_EFD = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
+        # not a parameter: no gradient and no optimizer state; updated between steps, saved with the weights
+        self.register_buffer("expert_bias_E", torch.zeros(num_experts, dtype=torch.float32) if expert_bias else None)
 
     def init_weights(self, std: float) -> None:
         for w in (self.router.weight, self.gate_up_ED2F, self.down_EFD):
             nn.init.normal_(w, mean=0.0, std=std)
+        if self.expert_bias_E is not None:
+            nn.init.zeros_(self.expert_bias_E)
 
     def forward(self, x_TD: Tensor) -> MoEOutput:
-        # route: logits in fp32 (see `route`), computed from fp32 copies so bf16 rounding cannot flip top-k choices;
-        # autocast off here, or it would run this F.linear in bf16 anyway
+        # route: logits in fp32 (see `router_scores`), computed from fp32 copies so bf16 rounding cannot flip top-k
+        # choices; autocast off here, or it would run this F.linear in bf16 anyway
         with torch.autocast(x_TD.device.type, enabled=False):
             x32_TD, weight = x_TD.float(), self.router.weight
             # through the module where its weight is fp32: under expert parallelism the router is an FSDP unit of its
             # own (fp32), whose hooks gather the weight when the module is called
             logits_TE = self.router(x32_TD) if weight.dtype == torch.float32 else F.linear(x32_TD, weight.float())
-        weights_TK, ids_TK = route(logits_TE, top_k=self.top_k, renormalize=self.renormalize)
+        scores_TE = router_scores(logits_TE, self.activation)
+        ids_TK = choose_experts(scores_TE, top_k=self.top_k, bias_E=self.expert_bias_E)
+        weights_TK = combine_weights(scores_TE, ids_TK, renormalize=self.renormalize, scaling=self.scaling)
+        counts_E = count_ids(ids_TK, self.num_experts)
+        keep_TK = dropped_E = None
+        if self.capacity_factor is not None and self.training:  # on this forward's tokens (a rank's micro-batch)
+            capacity = expert_capacity(ids_TK.shape[0], top_k=self.top_k, num_experts=self.num_experts,
+                                       factor=self.capacity_factor)
+            keep_TK = capacity_keep(ids_TK, scores_TE.detach().gather(1, ids_TK), num_experts=self.num_experts,
+                                    capacity=capacity)
+            weights_TK = weights_TK * keep_TK
+            dropped_E = count_ids(ids_TK, self.num_experts, where=~keep_TK)
         impl = resolve_impl(self.impl, x_TD.device, compute_dtype(x_TD.device, self.gate_up_ED2F))
         local = self.expert_compute is expert_ffn_sorted
         if impl == "reference" and local:
-            out_TD = experts_reference(x_TD, weights_TK, ids_TK, self.gate_up_ED2F, self.down_EFD)
-            counts_E = torch.bincount(ids_TK.reshape(-1), minlength=self.num_experts)
+            out_TD = experts_reference(x_TD, weights_TK, ids_TK, self.gate_up_ED2F, self.down_EFD, keep_TK)
         else:
             if impl == "reference":  # the reference loop needs every expert; sharded, the loop kernel is the plain one
                 impl = "loop"
-            out_TD, counts_E = experts_grouped(x_TD, weights_TK, ids_TK, self.gate_up_ED2F, self.down_EFD, impl=impl,
-                                               num_experts=self.num_experts, compute=self.expert_compute)
-        return MoEOutput(out_TD, logits_TE, counts_E)
+            out_TD, _ = experts_grouped(x_TD, weights_TK, ids_TK, self.gate_up_ED2F, self.down_EFD, impl=impl,
+                                        num_experts=self.num_experts, compute=self.expert_compute, keep_TK=keep_TK)
+        return MoEOutput(out_TD, logits_TE, counts_E, dropped_E)

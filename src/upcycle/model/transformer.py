@@ -24,6 +24,7 @@ class ModelOutput:
     logits: Tensor  # (B, T, V)
     router_logits: list[Tensor] = field(default_factory=list)  # one (B*T, E) fp32 tensor per MoE layer
     expert_counts: Tensor | None = None  # (L_moe, E) top-k assignments per expert, detached
+    dropped_counts: Tensor | None = None  # (L_moe, E) of those dropped by the capacity factor; None when dropless
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[Tensor, float]:
@@ -122,7 +123,9 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         if layer in config.moe_layer_ids:
-            self.ffn = MoE(config.dim, config.expert_dim, config.num_experts, config.top_k, config.renormalize)
+            self.ffn = MoE(config.dim, config.expert_dim, config.num_experts, config.top_k, config.renormalize,
+                           activation=config.router_activation, scaling=config.routed_scaling,
+                           expert_bias=config.expert_bias, capacity_factor=config.capacity_factor)
         else:
             self.ffn = FeedForward(config.dim, config.ffn_dim)
         self.shared = self.shared_gate = None
@@ -135,22 +138,24 @@ class Block(nn.Module):
     def _residual(self, x_BTD: Tensor, out_BTD: Tensor) -> Tensor:
         return x_BTD + (out_BTD if self.residual_multiplier == 1.0 else out_BTD * self.residual_multiplier)
 
-    def forward(self, x_BTD: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Returns (hidden, router logits (B*T, E) or None, expert counts (E,) or None)."""
+    def forward(self, x_BTD: Tensor, cos_TDh: Tensor, sin_TDh: Tensor
+                ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """Returns (hidden, router logits (B*T, E), expert counts (E,), dropped counts (E,)); None where dense (and
+        the dropped counts where dropless)."""
         x_BTD = self._residual(x_BTD, self.attn(self.attn_norm(x_BTD), cos_TDh, sin_TDh))
         h_BTD = self.ffn_norm(x_BTD)
         if isinstance(self.ffn, MoE):
             B, T, D = h_BTD.shape
             # (B, T, D) -> (B*T, D): routing is per token
-            out_TD, logits_TE, counts_E = self.ffn(h_BTD.reshape(B * T, D))
+            out_TD, logits_TE, counts_E, dropped_E = self.ffn(h_BTD.reshape(B * T, D))
             out_BTD = out_TD.view(B, T, D)
             if self.shared is not None:
                 shared_BTD = self.shared(h_BTD)
                 if self.shared_gate is not None:  # Qwen2-MoE; Granite's shared expert has no gate
                     shared_BTD = torch.sigmoid(self.shared_gate(h_BTD)) * shared_BTD
                 out_BTD = out_BTD + shared_BTD
-            return self._residual(x_BTD, out_BTD), logits_TE, counts_E
-        return self._residual(x_BTD, self.ffn(h_BTD)), None, None
+            return self._residual(x_BTD, out_BTD), logits_TE, counts_E, dropped_E
+        return self._residual(x_BTD, self.ffn(h_BTD)), None, None, None
 
 
 def fill_initial(tensor: Tensor, how: str, *, std: float) -> None:
@@ -203,14 +208,17 @@ class Transformer(nn.Module):
                 plan.append((prefix + "weight", "ones"))
             elif isinstance(module, MoE):  # its router is an nn.Linear, filled when the walk reaches it
                 plan += [(prefix + "gate_up_ED2F", "normal"), (prefix + "down_EFD", "normal")]
+                if module.expert_bias_E is not None:  # a buffer, saved and filled like a parameter
+                    plan.append((prefix + "expert_bias_E", "zeros"))
         return plan
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Fill every parameter as `init_plan` says and recompute the RoPE buffer (non-persistent buffers are not in
-        checkpoints)."""
+        """Fill every parameter (and saved buffer) as `init_plan` says and recompute the RoPE buffer (non-persistent
+        buffers are not in checkpoints)."""
+        tensors = self.state_dict(keep_vars=True)
         for name, how in self.init_plan():
-            fill_initial(self.get_parameter(name), how, std=self.config.init_std)
+            fill_initial(tensors[name], how, std=self.config.init_std)
         self.init_rope()
 
     @torch.no_grad()
@@ -229,18 +237,20 @@ class Transformer(nn.Module):
         if self.config.embedding_multiplier != 1.0:
             x_BTD = x_BTD * self.config.embedding_multiplier
         cos_TDh, sin_TDh = self.rope_cos_sin(T, x_BTD.dtype)
-        router_logits, counts = [], []
+        router_logits, counts, dropped = [], [], []
         for layer in self.layers:
-            x_BTD, logits_TE, counts_E = layer(x_BTD, cos_TDh, sin_TDh)
+            x_BTD, logits_TE, counts_E, dropped_E = layer(x_BTD, cos_TDh, sin_TDh)
             if logits_TE is not None:
                 router_logits.append(logits_TE)
                 counts.append(counts_E)
+                dropped.append(dropped_E)
         h_BTD = self.norm(x_BTD)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits_BTV = F.linear(h_BTD, head)
         if self.config.logits_scaling != 1.0:
             logits_BTV = logits_BTV / self.config.logits_scaling
-        return ModelOutput(logits_BTV, router_logits, torch.stack(counts) if counts else None)
+        return ModelOutput(logits_BTV, router_logits, torch.stack(counts) if counts else None,
+                           torch.stack(dropped) if dropped and dropped[0] is not None else None)
 
     def num_params(self) -> int:
         """All parameters, a tied embedding counted once."""

@@ -694,9 +694,12 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     return trainer_state
 
 
-def load_model_weights(path: str | os.PathLike, model: nn.Module, world: World) -> None:
+def load_model_weights(path: str | os.PathLike, model: nn.Module, world: World, absent=()) -> None:
     """Only the model weights of a training checkpoint (either format) into `model`'s pieces (init.source pointing at
-    one of our checkpoints)."""
+    one of our checkpoints); `absent`: names of the model's that the checkpoint does not hold (a balancing bias the
+    run adds), left as they are."""
     path = Path(path)
     verify_checkpoint(path)
-    _load_state(path, state_tensors(model, None), world, partial=True)
+    state = {key: value for key, value in state_tensors(model, None).items()
+             if key.removeprefix(MODEL_PREFIX) not in absent}
+    _load_state(path, state, world, partial=True)

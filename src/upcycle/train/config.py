@@ -14,20 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from upcycle.config import build, fields_help, load_yaml, read_yaml, to_dict
+from upcycle.config import build, check_values, fields_help, load_yaml, read_yaml, to_dict
 from upcycle.convert.options import METHODS, ConvertOptions
 from upcycle.data.prepare import check_weights
 from upcycle.errors import UpcycleError
 from upcycle.files import not_an_input
 from upcycle.formats.hf_formats import AUTO_FORMAT
-from upcycle.model.config import ModelConfig
+from upcycle.model.config import ModelConfig, check_routing
 from upcycle.train.schedule import SCHEDULE_KINDS
 from upcycle.validation import check_fields
 
 PARALLEL_MODES = ("fsdp", "ddp")  # train.parallel; distributed.parallelize applies them
 # train.micro_batch_size: empty picks the largest divisor of the per-rank sequences up to this many.
 AUTO_MICRO_BATCH_MAX = 8
-BALANCE_SCOPES = ("micro_batch", "global_batch")
+BALANCE_SCOPES = ("micro_batch", "global_batch", "sequence")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: upcycle.hardware.resolve_precision decides per device and width
 WHAT = "a training config"  # how messages name the file
 
@@ -41,8 +41,9 @@ class InitConfig(ConvertOptions):
 
     Attributes:
         source: Checkpoint directory to start from: a Hugging Face model (dense or MoE; llama, mistral, qwen2, qwen3,
-            mixtral, qwen2_moe, qwen3_moe, granitemoeshared) or one of ours (a training checkpoint step_XXXXXXXX).
-            The `model` section must then be empty: the architecture comes from the checkpoint.
+            mixtral, qwen2_moe, qwen3_moe, granitemoeshared, granitemoe, glm4_moe) or one of ours (a training
+            checkpoint step_XXXXXXXX). The architecture then comes from the checkpoint: the `model` section may only
+            set the routing fields (router_activation, routed_scaling, capacity_factor).
         method: Online upcycling of a dense `source` into an MoE before training, as `upcycle convert --method`.
             Empty: load `source` as it is.
     """
@@ -226,6 +227,14 @@ class TrainLoopConfig:
             global_batch: the assignment counts are summed over every micro-batch and rank of the step before the
             loss is formed, so results do not depend on the split, and a micro-batch of one domain need not spread
             over all experts; costs one extra forward pass per micro-batch (no gradients) when a rank has several.
+            sequence: DeepSeek-V3's sequence-wise loss: f and P of each sequence, averaged over the sequences; every
+            sequence balances itself (DeepSeek-V3 pairs it, at a small aux_coef such as 1e-4, with bias_update_rate).
+        bias_update_rate: gamma of DeepSeek-V3's aux-loss-free balancing; 0 (default) is off. After every optimizer
+            step each MoE layer's per-expert bias b, which is added to the router scores for the choice of experts
+            only, moves by gamma * sign(mean load - load_e), the loads counted over the whole global batch (every
+            micro-batch and rank). DeepSeek-V3 used 1e-3 (with sigmoid routers, model.router_activation); it works
+            with softmax routers too. The bias is saved in checkpoints and exported as glm4_moe's
+            e_score_correction_bias.
         z_coef: Weight of the router z-loss (the paper: 0, it is logged anyway).
         eval_every: Per-domain validation loss every this many steps and at the end; 0 disables validation.
         eval_sequences: Validation sequences per domain (fixed, evenly spread over the held-out documents).
@@ -256,6 +265,7 @@ class TrainLoopConfig:
     aux_coef: float = 0.02
     aux_per_layer: bool = False
     balance_scope: str = field(default="micro_batch", metadata={"choices": BALANCE_SCOPES})
+    bias_update_rate: float = 0.0
     z_coef: float = 0.0
     eval_every: int = 200
     eval_sequences: int = 64
@@ -268,24 +278,24 @@ class TrainLoopConfig:
         for name in ("collective_timeout_s", "host_timeout_s"):
             if not getattr(self, name) > 0:
                 raise UpcycleError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        if self.data_parallel_replicate < 1:
-            raise UpcycleError(f"train.data_parallel_replicate must be >= 1 (1: shard over all ranks), got "
-                               f"{self.data_parallel_replicate}")
-        if self.data_parallel_replicate > 1 and self.parallel != "fsdp":
-            raise UpcycleError(f"train.data_parallel_replicate {self.data_parallel_replicate} needs train.parallel: "
-                               f"fsdp (HSDP shards within groups and replicates across them), not {self.parallel}")
+        for name, off, why in (("data_parallel_replicate", "shard over all ranks",
+                                "HSDP shards within groups and replicates across them"),
+                               ("expert_parallel", "no expert parallelism",
+                                "the non-expert weights are sharded by FSDP2")):
+            degree = getattr(self, name)
+            if degree < 1:
+                raise UpcycleError(f"train.{name} must be >= 1 (1: {off}), got {degree}")
+            if degree > 1 and self.parallel != "fsdp":
+                raise UpcycleError(f"train.{name} {degree} needs train.parallel: fsdp ({why}), not {self.parallel}")
         if self.max_steps < 1:
             raise UpcycleError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise UpcycleError(f"train.micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if self.expert_parallel < 1:
-            raise UpcycleError(f"train.expert_parallel must be >= 1 (1: no expert parallelism), got "
-                               f"{self.expert_parallel}")
-        if self.expert_parallel > 1 and self.parallel != "fsdp":
-            raise UpcycleError(f"train.expert_parallel {self.expert_parallel} needs train.parallel: fsdp (the "
-                               f"non-expert weights are sharded by FSDP2), not {self.parallel}")
         if self.aux_coef < 0 or self.z_coef < 0:
             raise UpcycleError("train.aux_coef and train.z_coef must be >= 0")
+        if not self.bias_update_rate >= 0:
+            raise UpcycleError(f"train.bias_update_rate must be >= 0 (0: off; DeepSeek-V3 used 1e-3), got "
+                               f"{self.bias_update_rate}")
         if self.eval_every < 0 or self.eval_sequences < 1:
             raise UpcycleError("train.eval_every must be >= 0 and train.eval_sequences >= 1")
 
@@ -372,7 +382,9 @@ class TrainConfig:
     """A whole training run: the YAML file's top-level sections.
 
     Attributes:
-        model: The architecture, to train from scratch; leave it out with init.source (the checkpoint's is used).
+        model: The architecture, to train from scratch. With init.source the architecture is the checkpoint's, and
+            this section may only set the routing fields (router_activation, routed_scaling, capacity_factor), which
+            then replace the checkpoint's.
         init: Where the weights come from, and online upcycling.
         data: Training and validation tokens.
         optim: AdamW.
@@ -390,6 +402,8 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # with init.source: the model section's routing fields (ModelConfig.ROUTING_FIELDS), set over the checkpoint's
+    model_routing: dict[str, Any] | None = field(default=None, metadata={"derived": True})
 
     def validate(self) -> None:
         """Every field's type, then each section's own checks, then the checks that span sections."""
@@ -406,6 +420,11 @@ class TrainConfig:
         if self.init.source is not None and self.model is not None:
             raise UpcycleError("model: leave this section out when init.source is set; the architecture comes from "
                                "the checkpoint")
+        if self.model_routing:
+            try:
+                check_routing(**self.model_routing)
+            except UpcycleError as exc:
+                raise UpcycleError(f"model.{exc}") from None
         if self.model is not None and self.data.seq_len > self.model.max_seq_len:
             raise UpcycleError(f"data.seq_len {self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
         loop = self.train
@@ -434,16 +453,32 @@ def validate_config(config: TrainConfig) -> None:
 
 
 def config_to_dict(config: TrainConfig) -> dict:
-    """Plain YAML-safe dict (tuples become lists) of a config, for OUT/config.yaml and checkpoints."""
-    return to_dict(config)
+    """Plain YAML-safe dict (tuples become lists) of a config, for OUT/config.yaml and checkpoints (routing fields set
+    over a checkpoint's are its model section, as they were given)."""
+    values = to_dict(config)
+    routing = values.pop("model_routing")
+    if routing:
+        values["model"] = routing
+    return values
 
 
 def config_from_dict(values: dict) -> TrainConfig:
     """A TrainConfig from a parsed YAML mapping (`upcycle.config.build`: unknown sections or fields are errors that
-    name them, every value's type is checked)."""
+    name them, every value's type is checked). With init.source, a model section of routing fields only
+    (ModelConfig.ROUTING_FIELDS) is kept as `model_routing`, to be set over the checkpoint's model."""
     if not isinstance(values, dict):
         raise UpcycleError("a training config must be a YAML mapping of sections (model, init, data, ...)")
-    return build(TrainConfig, values, what=WHAT)
+    init, model, routing = values.get("init"), values.get("model"), None
+    if isinstance(init, dict) and init.get("source") is not None and isinstance(model, dict):
+        fixed = sorted(set(model) - set(ModelConfig.ROUTING_FIELDS))
+        if fixed:
+            raise UpcycleError(f"model.{fixed[0]}: with init.source the architecture comes from the checkpoint; the "
+                               f"model section may only set {', '.join(ModelConfig.ROUTING_FIELDS)} (or leave it out)")
+        routing = check_values(ModelConfig, model, "model", accepted=ModelConfig.ROUTING_FIELDS)
+        values = {**values, "model": None}
+    config = build(TrainConfig, values, what=WHAT)
+    config.model_routing = routing
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Expert parallelism (`train.expert_parallel: N`): each MoE layer's experts are split over groups of N ranks, and tokens
-travel to their experts and back.
+"""Expert parallelism (`train.expert_parallel: N`): each MoE layer's experts are split over groups of N ranks, and
+tokens travel to their experts and back.
 
     route -> sort by expert -> [all-to-all: counts] -> [all-to-all: rows] -> regroup by local expert
           -> local experts' FFN -> un-regroup -> [all-to-all: rows back] -> unsort -> weighted sum over the k slots

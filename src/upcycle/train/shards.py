@@ -9,7 +9,8 @@ filled:
     piece_of / model_pieces
                  a rank's local values, the box they occupy and the full shape (tensor_sources.Piece), of one plain
                  tensor or DTensor, or of every parameter of a (sharded) model
-    global_views every parameter as a tensor of the full shape (a DTensor where this rank holds a piece)
+    global_views every parameter (and saved buffer) as a tensor of the full shape (a DTensor where this rank holds a
+                 piece)
     tensor_sources.fill_from_sources / fill_from_scratch
                  fill every piece, one full tensor (at most) at a time.
 
@@ -43,10 +44,11 @@ def piece_of(tensor: Tensor) -> Piece:
 
 
 def global_views(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter by its checkpoint name, as a tensor whose shape is the full tensor's: the parameter itself (plain,
-    or FSDP's DTensor), or for an expert weight under expert parallelism a DTensor over the expert mesh that places
-    this rank's experts among all E (expert_parallel.ExpertParallel.global_view). What checkpoints save and load. A DDP
-    wrapper is looked through, so its names carry no "module." prefix."""
+    """Every parameter and saved buffer by its checkpoint name, as a tensor whose shape is the full tensor's: the
+    parameter itself (plain, or FSDP's DTensor), a buffer (whole on every rank), or for an expert weight under expert
+    parallelism a DTensor over the expert mesh that places this rank's experts among all E
+    (expert_parallel.ExpertParallel.global_view). What checkpoints save and load. A DDP wrapper is looked through, so
+    its names carry no "module." prefix."""
     model = unwrap(model)
     reshard(model)
     experts = expert_parallel.find(model)
@@ -55,7 +57,17 @@ def global_views(model: nn.Module) -> dict[str, Tensor]:
     for name, param in model.named_parameters():
         name = expert_parallel.clean_name(name)
         views[name] = experts.global_view(param) if name in expert_params else param
+    for name, buffer in saved_buffers(model):  # the MoE layers' balancing biases: whole on every rank
+        views[expert_parallel.clean_name(name)] = buffer
     return views
+
+
+def saved_buffers(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """The model's persistent buffers (the state dict's non-parameters: the MoE layers' balancing biases), by name.
+    Checkpoints save and load them with the parameters; no optimizer holds them."""
+    return [(f"{module_name}.{name}" if module_name else name, buffer)
+            for module_name, module in model.named_modules() for name, buffer in module.named_buffers(recurse=False)
+            if name not in module._non_persistent_buffers_set]
 
 
 def model_pieces(model: nn.Module) -> dict[str, Piece]:

@@ -53,6 +53,7 @@ from upcycle.train.distributed import (
     init_distributed,
     parallelize,
     shutdown,
+    unwrap,
 )
 from upcycle.errors import UpcycleError
 from upcycle.files import LockHeld, exclusive_lock, wait_for_file
@@ -60,6 +61,7 @@ from upcycle.eval.evaluate import score_domains
 from upcycle.train.expert_parallel import check_degree, shard_experts
 from upcycle.hardware import host_threads, resolve_precision
 from upcycle.train.metrics import MetricsLog
+from upcycle.model.moe import MoE
 from upcycle.model.transformer import ModelConfig, Transformer
 from upcycle.formats.safetensors_io import CheckpointReader
 from upcycle.train.schedule import schedule_of
@@ -95,7 +97,7 @@ class StartPoint:
     """Where a run's initial weights come from: the architecture, and how to fill a built (sharded) model's pieces."""
 
     model_config: ModelConfig
-    fill: Callable[[torch.nn.Module], None] | None  # fills the bare model's pieces; None: a checkpoint resumes
+    fill: Callable[..., None] | None  # fills the bare model's pieces; None: a checkpoint resumes
 
 
 def start_point(config: TrainConfig, world: World, *, resume_model_config: dict | None) -> StartPoint:
@@ -104,10 +106,35 @@ def start_point(config: TrainConfig, world: World, *, resume_model_config: dict 
     (shards.py), so no rank ever holds the whole model.
 
     When resuming, the architecture is read from the checkpoint and the initial weights are skipped (the checkpoint
-    overwrites them), so an online upcycling is not redone on every restart.
+    overwrites them), so an online upcycling is not redone on every restart. Otherwise the model section's routing
+    fields (with init.source) replace the checkpoint's, and train.bias_update_rate > 0 gives an MoE that has no
+    balancing bias yet one that starts at zero.
     """
     if resume_model_config is not None:
         return StartPoint(ModelConfig(**resume_model_config), None)
+    start = _initial_weights(config, world)
+    changes = dict(config.model_routing or {})
+    new_bias = (config.train.bias_update_rate > 0 and start.model_config.is_moe
+                and not start.model_config.expert_bias)
+    if new_bias:
+        changes["expert_bias"] = True
+    model_config = dataclasses.replace(start.model_config, **changes)
+    if not new_bias or config.init.source is None:  # from scratch: the init plan already zeros the bias
+        return StartPoint(model_config, start.fill)
+    names = [f"layers.{i}.{hf_model.OUR_EXPERT_BIAS}" for i in model_config.moe_layer_ids]
+
+    def fill_with_zero_bias(model: torch.nn.Module) -> None:
+        start.fill(model, absent=names)
+        pieces = model_pieces(model)
+        for name in names:
+            pieces[name].local.zero_()
+
+    return StartPoint(model_config, fill_with_zero_bias)
+
+
+def _initial_weights(config: TrainConfig, world: World) -> StartPoint:
+    """start_point's architecture and weights as the model section or init.source give them. A checkpoint's fill takes
+    `absent`: names of the model's (buffers) that the checkpoint does not hold, left for the caller to fill."""
     if config.init.source is None:
         model_config = dataclasses.replace(config.model)
         std = model_config.init_std
@@ -118,13 +145,20 @@ def start_point(config: TrainConfig, world: World, *, resume_model_config: dict 
 
         return StartPoint(model_config, from_scratch)
     init = config.init
+
+    def from_sources(sources: dict) -> Callable[..., None]:
+        def fill(model: torch.nn.Module, absent: list[str] = ()) -> None:
+            pieces = {name: piece for name, piece in model_pieces(model).items() if name not in absent}
+            fill_from_sources(pieces, sources)
+        return fill
+
     if init.method is None and hf_model.is_our_checkpoint(init.source):
         return StartPoint(ModelConfig(**ckpt.model_config_of(init.source)),
-                          lambda model: ckpt.load_model_weights(init.source, model, world))
+                          lambda model, absent=(): ckpt.load_model_weights(init.source, model, world, absent=absent))
     if init.method is None:
         reader = CheckpointReader(init.source)
         model_config, sources = hf_model.hf_sources(reader, reader.config)
-        return StartPoint(model_config, lambda model: fill_from_sources(model_pieces(model), sources))
+        return StartPoint(model_config, from_sources(sources))
 
     options = dataclasses.asdict(init.convert_options())
     if options["dtype"] == "auto":  # training keeps fp32 master weights: no rounding to the source's dtype
@@ -135,19 +169,19 @@ def start_point(config: TrainConfig, world: World, *, resume_model_config: dict 
         fields["shared_expert_dim"] = hf_formats.shared_expert_dim(moe_config)
     model_config = ModelConfig(**fields)
 
-    def upcycled(model: torch.nn.Module) -> None:
+    def upcycled(model: torch.nn.Module, absent: list[str] = ()) -> None:
         # --router-init data runs the dense model once (rank 0) and every rank uses its router rows
         router_rows = broadcast_object(router_calibration(init.source, **options) if world.is_main else None, world)
         moe_config, lazy = lazy_convert(init.source, router_rows=router_rows, **options)
         converted, sources = hf_model.hf_sources(lazy, moe_config)
         assert converted == model_config, (converted, model_config)
-        fill_from_sources(model_pieces(model), sources)
+        from_sources(sources)(model, absent)
 
     return StartPoint(model_config, upcycled)
 
 
 def build_model(model_config: ModelConfig, loop: TrainLoopConfig, world: World,
-                fill: Callable[[torch.nn.Module], None] | None) -> tuple[torch.nn.Module, torch.nn.Module]:
+                fill: Callable[..., None] | None) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the model to train, the bare model inside it): built on the meta device, wrapped (activation checkpointing,
     torch.compile), split (expert parallelism) and sharded (FSDP2) there, then each rank allocates only its own pieces
     on its device and `fill` fills them. No rank ever holds the whole model, and on CUDA the full model never sits on
@@ -208,14 +242,21 @@ def _apply_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def loss_parts(output, labels_BT: torch.Tensor, loop: TrainLoopConfig, top_k: int,
-               global_counts_LE: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               global_counts_LE: torch.Tensor | None = None, activation: str = "softmax") -> dict[str, torch.Tensor]:
     """{"loss", "ce", "aux", "z"} of one micro-batch: loss = ce + aux_coef * aux + z_coef * z. With
-    `global_counts_LE` (balance_scope global_batch) the load-balancing loss takes f from the whole global batch."""
+    `global_counts_LE` (balance_scope global_batch) the load-balancing loss takes f from the whole global batch; with
+    balance_scope sequence it is DeepSeek-V3's sequence-wise loss. `activation`: the routers'."""
     ce = losses.cross_entropy(logits_BTV=output.logits, labels_BT=labels_BT)
     zero = ce.new_zeros(())
     if output.router_logits:
-        aux = losses.load_balancing_loss(router_logits=output.router_logits, top_k=top_k,
-                                         per_layer=loop.aux_per_layer, global_counts_LE=global_counts_LE)
+        if loop.balance_scope == "sequence":
+            aux = losses.sequence_balancing_loss(router_logits=output.router_logits, top_k=top_k,
+                                                 sequences=labels_BT.shape[0], per_layer=loop.aux_per_layer,
+                                                 activation=activation)
+        else:
+            aux = losses.load_balancing_loss(router_logits=output.router_logits, top_k=top_k,
+                                             per_layer=loop.aux_per_layer, global_counts_LE=global_counts_LE,
+                                             activation=activation)
         z = losses.router_z_loss(router_logits=output.router_logits)
     else:
         aux, z = zero, zero
@@ -224,7 +265,7 @@ def loss_parts(output, labels_BT: torch.Tensor, loop: TrainLoopConfig, top_k: in
     return {"loss": total, "ce": ce, "aux": aux, "z": z}
 
 
-def _global_assignment_counts(model: torch.nn.Module, micro_batches, *, top_k: int, autocast,
+def _global_assignment_counts(model: torch.nn.Module, micro_batches, *, top_k: int, activation: str, autocast,
                               world: World | None) -> torch.Tensor:
     """balance_scope global_batch: the (L, E) expert assignment counts of every micro-batch of every rank, before any
     backward. Routing in layer l depends on every layer below it, so the counts need a forward pass; it runs without
@@ -232,44 +273,50 @@ def _global_assignment_counts(model: torch.nn.Module, micro_batches, *, top_k: i
     counts_LE = None
     with torch.no_grad(), autocast():
         for micro_BT in micro_batches:
-            counts = losses.assignment_counts(router_logits=model(micro_BT[:, :-1]).router_logits, top_k=top_k)
+            counts = losses.assignment_counts(router_logits=model(micro_BT[:, :-1]).router_logits, top_k=top_k,
+                                              activation=activation)
             counts_LE = counts if counts_LE is None else counts_LE + counts
     return counts_LE if world is None else all_reduce_sum(counts_LE, world)
 
 
 def forward_backward(model: torch.nn.Module, batch_BT: torch.Tensor, *, loop: TrainLoopConfig, top_k: int,
-                     num_moe: int, num_experts: int, autocast, world: World | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_moe: int, num_experts: int, autocast, world: World | None = None,
+                     activation: str = "softmax") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Forward and backward over this rank's rows of one global batch, in micro-batches of loop.micro_batch_size.
 
     Gradients accumulate in the parameters, each micro-batch's scaled by 1 / micro-batches so they average; the
     gradient reduction across ranks happens once, on the last micro-batch. Returns the mean [loss, ce, aux, z] over the
-    micro-batches (fp64, detached) and the summed expert counts (L_moe, E). With loop.balance_scope global_batch the
+    micro-batches (fp64, detached), the summed expert counts (L_moe, E) the routers chose, and of those the summed
+    counts the capacity factor dropped (None when dropless). With loop.balance_scope global_batch the
     load-balancing loss uses the assignment counts of the whole global batch (summed over `world`'s ranks): from a
     gradient-free forward pass first when this rank has several micro-batches, from the training forward itself when
-    it has one.
+    it has one. `activation`: the routers' (model.router_activation).
     """
     micro_batches = batch_BT.split(loop.micro_batch_size)
     global_scope = num_moe > 0 and loop.balance_scope == "global_batch"
     global_counts_LE = None
     if global_scope and len(micro_batches) > 1:
-        global_counts_LE = _global_assignment_counts(model, micro_batches, top_k=top_k, autocast=autocast,
-                                                     world=world)
+        global_counts_LE = _global_assignment_counts(model, micro_batches, top_k=top_k, activation=activation,
+                                                     autocast=autocast, world=world)
     sums = torch.zeros(4, dtype=torch.float64, device=batch_BT.device)
     counts_LE = torch.zeros(num_moe, max(num_experts, 1), dtype=torch.float64, device=batch_BT.device)
+    dropped_LE = None
     for index, micro_BT in enumerate(micro_batches):
         with gradient_sync(model, index == len(micro_batches) - 1), autocast():
             output = model(micro_BT[:, :-1])
             if global_scope and len(micro_batches) == 1:  # the only forward of this rank: its counts suffice
-                global_counts_LE = losses.assignment_counts(router_logits=output.router_logits, top_k=top_k)
+                global_counts_LE = losses.assignment_counts(router_logits=output.router_logits, top_k=top_k,
+                                                            activation=activation)
                 if world is not None:
                     all_reduce_sum(global_counts_LE, world)
-            parts = loss_parts(output, micro_BT[:, 1:], loop, top_k, global_counts_LE)
+            parts = loss_parts(output, micro_BT[:, 1:], loop, top_k, global_counts_LE, activation)
         (parts["loss"] / len(micro_batches)).backward()
         sums += torch.stack([parts[k].detach().double() for k in ("loss", "ce", "aux", "z")])
         if output.expert_counts is not None:
             counts_LE += output.expert_counts.double()
-    return sums / len(micro_batches), counts_LE
+        if output.dropped_counts is not None:
+            dropped_LE = output.dropped_counts.double() + (0 if dropped_LE is None else dropped_LE)
+    return sums / len(micro_batches), counts_LE, dropped_LE
 
 
 # A step is a spike when its gradient norm exceeds GRAD_SPIKE_FACTOR times, or its loss LOSS_SPIKE_FACTOR times, the
@@ -306,11 +353,35 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     return expert_parallel.clip_grad_norm(model, max_norm, experts)
 
 
-def expert_load(counts_LE: torch.Tensor) -> dict[str, list[float]]:
-    """Per MoE layer, the largest and smallest share of the step's top-k assignments (uniform = 1/E)."""
-    shares_LE = counts_LE.double() / counts_LE.sum(dim=-1, keepdim=True).clamp_min(1)
-    return {"max_share": [round(v, 5) for v in shares_LE.max(dim=-1).values.tolist()],
+def expert_load(counts_LE: torch.Tensor, dropped_LE: torch.Tensor | None = None,
+                bias_LE: torch.Tensor | None = None) -> dict[str, list[float]]:
+    """Per MoE layer, the largest and smallest share of the step's top-k assignments (uniform = 1/E); with a capacity
+    factor the share of them dropped (`dropped`), with a balancing bias its smallest and largest value after the
+    step (`bias_min`, `bias_max`)."""
+    totals_L1 = counts_LE.double().sum(dim=-1, keepdim=True).clamp_min(1)
+    shares_LE = counts_LE.double() / totals_L1
+    load = {"max_share": [round(v, 5) for v in shares_LE.max(dim=-1).values.tolist()],
             "min_share": [round(v, 5) for v in shares_LE.min(dim=-1).values.tolist()]}
+    if dropped_LE is not None:
+        load["dropped"] = [round(v, 5) for v in (dropped_LE.double().sum(dim=-1) / totals_L1[:, 0]).tolist()]
+    if bias_LE is not None:
+        load["bias_min"] = [round(v, 6) for v in bias_LE.min(dim=-1).values.tolist()]
+        load["bias_max"] = [round(v, 6) for v in bias_LE.max(dim=-1).values.tolist()]
+    return load
+
+
+def expert_biases(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The balancing bias (E,) of every MoE layer that has one, in layer order (the live buffers)."""
+    return [module.expert_bias_E for module in unwrap(model).modules()
+            if isinstance(module, MoE) and module.expert_bias_E is not None]
+
+
+@torch.no_grad()
+def update_expert_biases(model: torch.nn.Module, counts_LE: torch.Tensor, rate: float) -> None:
+    """DeepSeek-V3's aux-loss-free balancing after an optimizer step (losses.expert_bias_step): every rank moves its
+    copy of each bias by the same amount, computed from the same all-reduced counts of the whole global batch."""
+    for bias_E, step_E in zip(expert_biases(model), losses.expert_bias_step(counts_LE=counts_LE, rate=rate)):
+        bias_E.add_(step_E.to(bias_E.device))
 
 
 def next_data_sha256(previous: str, batch_BT: torch.Tensor, world: World) -> str:
@@ -398,17 +469,21 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
     run.data_sha256 = next_data_sha256(run.data_sha256, batch_BT, world)
     mc = run.model_config
     num_moe = len(mc.moe_layer_ids)
-    sums, counts_LE = forward_backward(run.model, to_device(batch_BT, world.device), loop=config.train,
-                                       top_k=mc.top_k, num_moe=num_moe, num_experts=mc.num_experts,
-                                       autocast=run.autocast, world=world)
+    sums, counts_LE, dropped_LE = forward_backward(
+        run.model, to_device(batch_BT, world.device), loop=config.train, top_k=mc.top_k, num_moe=num_moe,
+        num_experts=mc.num_experts, autocast=run.autocast, world=world, activation=mc.router_activation)
     # SIGTERM on some rank, and a checkpoint write that failed on some rank, travel with the step's sums, so every
     # rank acts on them at the same step
     flags = torch.tensor([1.0 if stop.signal_name else 0.0, 1.0 if run.checkpointer.failed() else 0.0],
                          dtype=torch.float64, device=world.device)
-    reduced = all_reduce_sum(torch.cat([sums, counts_LE.flatten(), flags]), world)
+    parts = [sums, counts_LE.flatten(), *([] if dropped_LE is None else [dropped_LE.flatten()]), flags]
+    reduced = all_reduce_sum(torch.cat(parts), world)
     if reduced[-1] > 0:
         run.checkpointer.finish()  # raises the failure on every rank
     loss, ce, aux, z = (reduced[:4] / world.world_size).tolist()
+    counts_LE = reduced[4:4 + counts_LE.numel()].view_as(counts_LE)  # the whole global batch's
+    if dropped_LE is not None:
+        dropped_LE = reduced[4 + counts_LE.numel():-2].view_as(counts_LE)
 
     max_norm = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
     grad_norm = clip_gradients(run.model, max_norm)
@@ -429,11 +504,15 @@ def train_step(run: Run, step: int, *, stop: _StopRequest) -> StepRecord:
         run.health_history = [*run.health_history, (loss, grad_norm)][-HEALTH_WINDOW:]
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if config.train.bias_update_rate and num_moe:
+        update_expert_biases(run.model, counts_LE, config.train.bias_update_rate)
+    biases = expert_biases(run.model)
     return StepRecord(step=step + 1, loss=loss, ce=ce, aux=aux, z=z, lr=lr, grad_norm=grad_norm,
                       tokens=(step + 1) * config.train.global_batch_tokens,
                       step_time_s=time.perf_counter() - started, data_sha256=run.data_sha256,
                       precision=config.train.precision,
-                      expert_load=expert_load(reduced[4:-2].view(num_moe, -1)) if num_moe else None,
+                      expert_load=expert_load(counts_LE, dropped_LE, torch.stack(biases) if biases else None)
+                      if num_moe else None,
                       stop_requested=bool(reduced[-2] > 0))
 
 
