@@ -387,7 +387,7 @@ def tiny_experiment(seed_model: Path, data_dir: Path, arms: list[dict] | None = 
         "data": {"path": str(data_dir), "seq_len": 32},
         "moe": {"num_experts": 4, "top_k": 2},
         "budgets": [4 * 256],
-        "eval": {"points": 3, "tokens": 128, "bootstrap": 200},
+        "eval": {"points": 3, "tokens": 128, "train_tokens": 128},
         "arms": arms or [{"name": "naive", "kind": "naive"}],
         "recipe": {"optim": {"lr": 3e-3, "min_lr": 3e-4}, "schedule": {"warmup_steps": 1},
                    "train": {"global_batch_tokens": 256, "micro_batch_size": 8, "precision": "fp32"},

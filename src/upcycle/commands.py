@@ -407,18 +407,22 @@ def experiment_command(
     threads: int | None = None,
     rescore: bool = False,
     data: str | None = None,
+    recompute: bool = False,
+    merge: list[str] | None = None,
 ) -> None:
     """Train a set of arms (dense, fs, naive, noise, drop, btx, grow, continue) at several seeds and budgets with one
     recipe and compare them; resumable. Or, with --rescore, re-measure a finished experiment's kept models on other
-    data.
+    data; with --recompute, rebuild a report from its results alone; with --merge, make one experiment's report from
+    pieces of it run elsewhere.
 
-    Writes OUT/results.json, OUT/report.md and PNG figures (loss per domain and its means, gaps to naive with
-    intervals, specialization and expert similarity, routing per arm). Re-running the same command after a kill
-    finishes the unfinished runs from their last checkpoints and skips finished ones. See docs/experiments.md.
+    Writes OUT/results.json, OUT/documents.json (per-document losses), OUT/report.md and PNG figures (loss per domain
+    and its means, gaps to naive with intervals, specialization and expert similarity, routing per arm). Re-running
+    the same command after a kill finishes the unfinished runs from their last checkpoints and skips finished ones.
+    See docs/experiments.md.
 
     Args:
         out: Experiment directory; re-running on it resumes. A different config on an existing OUT is refused.
-        config: Experiment YAML (see experiments/ and the fields below); not with --rescore.
+        config: Experiment YAML (see experiments/ and the fields below); not with --rescore, --recompute or --merge.
         parallel: Runs (arm, seed) trained at once, each in its own process with threads / parallel torch threads.
         only: Run only these arms (no results.json or report; a run without --only and --seeds writes them).
         seeds: Run only these of the config's seeds (no report).
@@ -426,34 +430,54 @@ def experiment_command(
         rescore: Re-measure every kept model of the finished experiment in OUT on --data's validation split (no
             training); writes OUT/rescore/NAME/ (NAME: the data directory's name).
         data: With --rescore: a prepared data directory (upcycle data prepare) tokenized with the seed's tokenizer.
+        recompute: Rebuild OUT's results.json aggregates, report.md and figures from its results.json and
+            documents.json alone (OUT: an experiment's directory, a rescore of it, or a merge); no training.
+        merge: Directories of pieces of one experiment (each the OUT of a run with --only/--seeds, e.g.
+            scripts/gpu_piece.sh's), holding every run once between them: their runs gathered into OUT, which gets
+            the experiment's full report.
     """
-    from upcycle.experiment.runner import rescore_experiment, run_experiment
+    from upcycle.experiment.runner import merge_pieces, rescore_experiment, run_experiment
     from upcycle.experiment.config import load_experiment
-    from upcycle.experiment.report import REPORT_FILE, RESULTS_FILE
+    from upcycle.experiment.report import REPORT_FILE, RESULTS_FILE, recompute as recompute_report
 
+    modes = [flag for flag, given in (("--rescore", rescore), ("--recompute", recompute), ("--merge", merge))
+             if given]
+    if len(modes) > 1:
+        raise UpcycleError(f"{modes[0]} and {modes[1]} are different jobs; give one of them")
+    if modes and (config is not None or only or seeds or parallel != 1):
+        job = {"--rescore": "re-measures the experiment recorded in OUT", "--recompute": "rebuilds what OUT recorded",
+               "--merge": "gathers what the pieces recorded"}[modes[0]]
+        raise UpcycleError(f"{modes[0]} {job}: leave out --config, --only, --seeds and --parallel")
+    if data is not None and not rescore:
+        raise UpcycleError("--data is only used with --rescore; the experiment's data comes from its config")
     if rescore:
-        if config is not None or only or seeds or parallel != 1:
-            raise UpcycleError("--rescore re-measures the experiment recorded in OUT: leave out --config, --only, "
-                               "--seeds and --parallel")
         if data is None:
             raise UpcycleError("--rescore needs --data DIR, a prepared data directory to score the kept models on")
         rescore_experiment(out, data, threads=threads)
         return
-    if data is not None:
-        raise UpcycleError("--data is only used with --rescore; the experiment's data comes from its config")
+    if recompute:
+        recompute_report(out)
+        return
+    if merge:
+        merge_pieces(merge, out)
+        return
     if config is None:
-        raise UpcycleError("give --config FILE (an experiment YAML), or --rescore --data DIR for a finished OUT")
+        raise UpcycleError("give --config FILE (an experiment YAML), or --rescore --data DIR, --recompute or --merge "
+                           "DIR ... for work on existing results")
     experiment = load_experiment(config)
     results = run_experiment(experiment, out, config_path=str(Path(config).resolve()), parallel=parallel, only=only,
                              seeds=seeds, threads=threads)
     if results is not None:
         reference = results["reference"]
         width = max(20, *(len(arm["name"]) + 2 for arm in results["arms"]))
-        print(f"{'arm':<{width}}{'budget':>14}{'mean loss':>12}  gap to {reference or 'naive'} (verdict)")
+        print(f"{'arm':<{width}}{'budget':>14}{'mean loss':>12}  gap to {reference or 'naive'} [95% interval] (call)")
         for arm in results["arms"]:
             for budget in arm["budgets"]:
                 gap = budget.get("gap", {}).get("mean")
-                gap_text = "-" if gap is None or arm["name"] == reference else f"{gap['mean']:+.4f} ({gap['verdict']})"
+                gap_text = "-" if gap is None or arm["name"] == reference else (
+                    f"{gap['mean']:+.4f}" + (f" [{gap['low']:+.4f}, {gap['high']:+.4f}]" if gap["low"] is not None
+                                             else "") + f" ({gap['role']}: {gap['verdict']}"
+                    + (", provisional" if gap["provisional"] else "") + ")")
                 print(f"{arm['name']:<{width}}{budget['tokens']:>14,}{budget['loss']['mean']['mean']:>12.4f}  "
                       f"{gap_text}")
         print(f"upcycle experiment: wrote {Path(out) / RESULTS_FILE}, {Path(out) / REPORT_FILE} and the figures",

@@ -23,7 +23,7 @@ from helpers import (make_data_dir, read_metrics, save_dense, subprocess_env, ti
 from upcycle.errors import UpcycleError
 from upcycle.experiment.runner import rescore_experiment, run_experiment
 from upcycle.experiment.config import eval_steps, parse_config, train_config_dict
-from upcycle.experiment.stats import mean_offdiagonal, tokens_to_target, training_flops
+from upcycle.experiment.stats import call, document_error, gap_interval, holm, mean_offdiagonal, training_flops
 from upcycle.model.hf import load_model
 from upcycle.train.schedule import lr_at
 from upcycle.train.trainer import run_training
@@ -31,15 +31,6 @@ from upcycle.train.config import config_from_dict
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure functions
-
-
-def test_tokens_to_target_interpolates_between_the_points_around_the_first_crossing():
-    curve = [(0, 5.0), (100, 4.0), (300, 3.0), (400, 3.5), (500, 2.0)]
-    assert tokens_to_target(curve, 3.5) == 200  # halfway between 4.0 at 100 and 3.0 at 300
-    assert tokens_to_target(curve, 3.0) == 300  # reached exactly at a point
-    assert tokens_to_target(curve, 6.0) == 0  # already below before training
-    assert tokens_to_target(curve, 1.9) is None  # never reached
-    assert tokens_to_target(curve, 2.0) == 500  # reached only at the end, not at the bump at 400
 
 
 def test_training_flops_is_six_times_active_parameters_times_tokens():
@@ -80,7 +71,7 @@ ALL_ARMS = [{"name": "dense", "kind": "dense"}, {"name": "fs", "kind": "fs"}, {"
 
 def experiment_dict(tiny: dict, arms: list[dict] | None = None, **changes) -> dict:
     return tiny_experiment(tiny["seed"], tiny["data"], arms=arms or ALL_ARMS,
-                           **{"eval": {"points": 3, "tokens": 256, "bootstrap": 200}, **changes})
+                           **{"eval": {"points": 3, "tokens": 256, "train_tokens": 128}, **changes})
 
 
 def with_recipe(config: dict, **sections) -> dict:
@@ -118,7 +109,20 @@ def with_recipe(config: dict, **sections) -> dict:
     ({"eval": {"points": [300]}}, "eval.points"),
     ({"eval": {"sequences": 4}}, "eval.sequences"),
     ({"eval": {"tokens": 0}}, "eval.tokens"),
-    ({"eval": {"bootstrap": 10}}, "eval.bootstrap"),
+    ({"eval": {"bootstrap": 10}}, "eval.bootstrap"),  # intervals are computed, not resampled: no such field
+    ({"eval": {"train_tokens": 0}}, "eval.train_tokens"),
+    ({"primary": {"arms": ["nope"]}}, "primary.arms"),
+    ({"primary": {"arms": ["naive"]}}, "primary.arms"),  # the reference itself
+    ({"primary": {"arms": ["drop", "drop"]}}, "primary.arms"),
+    ({"primary": {"arms": ["drop"], "budget": 768}}, "primary.budget"),
+    ({"primary": {"budget": 512}}, "primary.budget"),
+    ({"primary": {"arms": ["drop"], "mean": "median"}}, "primary.mean"),
+    ({"arms": [{"name": "a", "kind": "fs"}], "primary": {"arms": ["a"]}}, "primary.arms"),  # no naive arm
+    ({"arms": [{"name": "n", "kind": "naive", "seeds": [0, 7]}]}, "arms[0] (n).seeds"),
+    ({"arms": [{"name": "n", "kind": "naive", "seeds": []}]}, "arms[0] (n).seeds"),
+    ({"seeds": [0, 1], "arms": [{"name": "n", "kind": "naive", "seeds": [1]}]}, "arms[0] (n).seeds"),  # reference
+    ({"seeds": [0, 1], "arms": [{"name": "n", "kind": "naive"}, {"name": "a", "kind": "naive", "seeds": [1]},
+                                {"name": "c", "kind": "continue", "from_arm": "a"}]}, "arms[2] (c).seeds"),
     ({"moe": {"num_experts": 2, "top_k": 3}}, "moe.top_k"),
     ({"recipe": {"train": {"max_steps": 5}}}, "recipe.train.max_steps"),
     ({"recipe": {"schedule": {"decay_steps": 5}}}, "recipe.schedule.decay_steps"),
@@ -133,11 +137,13 @@ def with_recipe(config: dict, **sections) -> dict:
     ({"colour": "blue"}, "colour"),
     ({"data": {"path": "DATA", "seq_len": 256}}, "data.path"),  # the tiny seed takes 128 positions
     # grow and continue
-    ({"arms": [{"name": "g", "kind": "grow", "from_arm": "a"}, {"name": "a", "kind": "naive"}]}, "arms[0] (g).from_arm"),
+    ({"arms": [{"name": "g", "kind": "grow", "from_arm": "a"}, {"name": "a", "kind": "naive"}]},
+     "arms[0] (g).from_arm"),
     ({"arms": [{"name": "c", "kind": "continue", "from_arm": "c"}]}, "arms[0] (c).from_arm"),
     ({"arms": [{"name": "a", "kind": "naive"}, {"name": "c", "kind": "continue", "from_arm": "b"}]},
      "arms[1] (c).from_arm"),
-    ({"arms": [{"name": "d", "kind": "dense"}, {"name": "g", "kind": "grow", "from_arm": "d"}]}, "arms[1] (g).from_arm"),
+    ({"arms": [{"name": "d", "kind": "dense"}, {"name": "g", "kind": "grow", "from_arm": "d"}]},
+     "arms[1] (g).from_arm"),
     ({"arms": [{"name": "d", "kind": "dense"}, {"name": "c", "kind": "continue", "from_arm": "d"},
                {"name": "g", "kind": "grow", "from_arm": "c"}]}, "arms[2] (g).from_arm"),  # still a dense model
     ({"arms": [{"name": "a", "kind": "naive"}, {"name": "g", "kind": "grow", "from_arm": "a", "factor": 1}]},
@@ -227,8 +233,8 @@ def test_renamed_fields_say_what_to_write_instead(tiny):
     config = experiment_dict(tiny)
     config["budget_tokens"] = config.pop("budgets")[0]
     with pytest.raises(UpcycleError, match=r"^budget_tokens: unknown field \(renamed to budgets: \[TOKENS, \.\.\.\]\); "
-                                           "an experiment config accepts: arms, budgets, data, eval, moe, recipe, "
-                                           "seed_model, seeds$"):
+                                           "an experiment config accepts: arms, budgets, data, eval, moe, primary, "
+                                           "recipe, seed_model, seeds$"):
         parse_config(config)
 
 
@@ -251,7 +257,7 @@ def _run(tiny: dict, out: Path, config: dict, **kwargs) -> dict | None:
 def finished_config(tiny: dict) -> dict:
     """Two seeds, budgets of 2 and 4 steps under warmup-stable-decay (half of each budget decays): the 2-step
     budget is a decay branch taken off the 4-step run at its step 1."""
-    return with_recipe(experiment_dict(tiny, seeds=[0, 1], budgets=[512, 1024]),
+    return with_recipe(experiment_dict(tiny, seeds=[0, 1], budgets=[512, 1024], primary={"arms": ["drop", "btx"]}),
                        schedule={"kind": "wsd", "decay_fraction": 0.5})
 
 
@@ -308,24 +314,78 @@ def test_every_arm_kind_runs_at_every_seed_and_budget_and_results_hold_the_schem
     assert "routing_dense.png" not in {p.name for p in out.iterdir()}
 
 
-def test_gaps_are_paired_by_seed_with_both_intervals_and_a_verdict(finished):
-    arms = _arms(finished["results"])
+def _doc_sums(out: Path, arm: str, seed: int, tokens: int) -> dict[str, np.ndarray]:
+    """A budget's per-document loss sums as the run measured them, at the precision results keep (float32)."""
+    measured = json.loads((out / "arms" / arm / f"seed_{seed}" / "measure" / f"budget_{tokens}.json").read_text())
+    return {d: np.asarray(v, dtype=np.float32).astype(np.float64) for d, v in measured["doc_loss"].items()}
+
+
+def test_each_gap_has_one_interval_from_seeds_and_documents_and_a_call_only_at_the_end_of_a_schedule(finished):
+    out, arms = finished["out"], _arms(finished["results"])
     naive, drop = arms["naive"], arms["drop"]
+    doc_tokens = {d: np.asarray(v["doc_tokens"], dtype=np.float64)
+                  for d, v in json.loads((out / "validation.json").read_text())["domains"].items()}
     for i, budget in enumerate(drop["budgets"]):
         per_seed = [d["budgets"][i]["mean"] - n["budgets"][i]["mean"] for d, n in zip(drop["seeds"], naive["seeds"])]
+        pairs = [(_doc_sums(out, "drop", s, budget["tokens"]), _doc_sums(out, "naive", s, budget["tokens"]))
+                 for s in (0, 1)]
+        gaps = [{d: a[d] - b[d] for d in a} for a, b in pairs]
+        mean_gaps = {d: (gaps[0][d] + gaps[1][d]) / 2 for d in doc_tokens}
+        expected = gap_interval(per_seed, *document_error(mean_gaps, doc_tokens, {d: 1.0 for d in doc_tokens}))
         gap = budget["gap"]["mean"]
         assert gap["mean"] == pytest.approx(np.mean(per_seed))
-        half = 12.7062 * np.std(per_seed, ddof=1) / np.sqrt(2)  # t(0.975, 1 df)
-        assert (gap["low"], gap["high"]) == pytest.approx((gap["mean"] - half, gap["mean"] + half))
-        assert gap["bootstrap_low"] <= gap["mean"] <= gap["bootstrap_high"] or gap["verdict"] == "level"
-        excludes_zero = [(gap["low"], gap["high"]), (gap["bootstrap_low"], gap["bootstrap_high"])]
-        expected = ("ahead" if all(h < 0 for _, h in excludes_zero) else
-                    "behind" if all(lo > 0 for lo, _ in excludes_zero) else "level")
-        assert gap["verdict"] == expected
-        assert f"{gap['mean']:+.3f}" in (finished["out"] / "report.md").read_text()
+        assert (gap["low"], gap["high"], gap["df"]) == pytest.approx((expected["low"], expected["high"],
+                                                                      expected["df"]))
+        assert gap["se_doc"] > 0 and gap["se_seed"] > 0 and not gap["provisional"]  # both sources of error
+        assert gap["verdict"] == call(gap)
+        assert f"{gap['mean']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}]" in (out / "report.md").read_text()
     for budget in naive["budgets"]:  # naive against itself
-        assert budget["gap"]["mean"]["mean"] == 0 and budget["gap"]["mean"]["verdict"] == "level"
+        assert budget["gap"]["mean"]["mean"] == 0 and budget["gap"]["mean"]["verdict"] is None
+    for point in drop["curve"]:  # mid-schedule (and before training): an interval, never a verdict
+        assert "verdict" not in point["gap"]["mean"] and point["gap"]["mean"]["low"] is not None
     assert drop["tokens_to_naive"]["of"] == 2 and drop["crossing"]["of"] == 2
+    report = (out / "report.md").read_text()
+    mid = report[report.index("### Mid-schedule gaps"):report.index("## Training against validation")]
+    assert not any(word in mid for word in ("ahead", "behind", "level", "**"))
+
+
+def test_specialization_has_its_chance_level_and_a_paired_gap_and_training_loss_is_reported(finished):
+    """Each MoE arm's JSD at a budget's end comes with its chance level (sequences shuffled between domains: above 0
+    on finite samples) and its gap to naive's, paired by seed; each budget's end scores the training split too."""
+    arms = _arms(finished["results"])
+    for name in ("fs", "drop", "btx"):
+        end = arms[name]["budgets"][-1]
+        assert end["jsd_chance"]["mean"] > 0
+        per_seed = [run["budgets"][-1]["jsd"] - ref["budgets"][-1]["jsd"]
+                    for run, ref in zip(arms[name]["seeds"], arms["naive"]["seeds"])]
+        assert end["jsd_gap"]["mean"] == pytest.approx(np.mean(per_seed))
+        assert end["jsd_gap"]["low"] < end["jsd_gap"]["mean"] < end["jsd_gap"]["high"]
+    assert arms["dense"]["budgets"][-1]["jsd"] is None and arms["dense"]["budgets"][-1]["jsd_gap"] is None
+    for arm in arms.values():
+        for i, budget in enumerate(arm["budgets"]):
+            runs = [run["budgets"][i] for run in arm["seeds"]]
+            assert budget["train_loss"]["mean"]["mean"] == pytest.approx(np.mean([r["train"]["mean"] for r in runs]))
+            assert budget["generalization_gap"]["mean"]["mean"] == pytest.approx(
+                np.mean([r["mean"] - r["train"]["mean"] for r in runs]))
+    assert "## Training against validation loss" in (finished["out"] / "report.md").read_text()
+
+
+def test_the_primary_family_is_holm_corrected_and_every_other_gap_is_exploratory(finished):
+    results = finished["results"]
+    arms = _arms(results)
+    family = results["primary_family"]
+    assert [entry["arm"] for entry in family] == ["drop", "btx"] and {e["tokens"] for e in family} == {1024}
+    adjusted = holm({e["arm"]: e["p"] for e in family})
+    for entry in family:
+        gap = arms[entry["arm"]]["budgets"][-1]["gap"]["mean"]
+        assert gap["role"] == "primary" and gap["p_holm"] == pytest.approx(adjusted[entry["arm"]])
+        assert gap["verdict"] == call(gap, p_adjusted=adjusted[entry["arm"]]) == entry["verdict"]
+    assert arms["drop"]["budgets"][0]["gap"]["mean"]["role"] == "exploratory"
+    assert arms["fs"]["budgets"][-1]["gap"]["mean"]["role"] == "exploratory"
+    assert arms["drop"]["budgets"][-1]["gap"]["mixture"]["role"] == "exploratory"  # the family's mean is "mean"
+    report = (finished["out"] / "report.md").read_text()
+    assert "## Primary comparison (declared in the config, Holm-corrected)" in report
+    assert report.count("**") == 4 * len(family)  # each primary verdict bold in both gap tables, nothing else bold
 
 
 def test_seeds_differ_in_data_order_and_draws_and_arms_share_them_within_a_seed(finished):
@@ -351,25 +411,32 @@ def test_seeds_differ_in_data_order_and_draws_and_arms_share_them_within_a_seed(
     assert len({*branches.values(), hashes[("naive", 0)]}) == 3
 
 
-def test_a_wsd_branch_equals_a_run_scheduled_to_its_budget_from_the_start(finished, tiny, tmp_path):
-    """The 2-step budget was taken off the 4-step run at step 1 and decayed to step 2. An ordinary run whose wsd
-    schedule ends at step 2 from the start takes the same steps (loss, learning rate, gradient norm, data) and ends
-    with the same weights."""
-    out = finished["out"]
-    init = out / "arms" / "naive" / "seed_0" / "init"
-    config = parse_config(finished_config(tiny))
-    run_training(config_from_dict(train_config_dict(config, init_source=str(init), max_steps=2, seed=0,
+def test_a_wsd_branch_that_shares_stable_steps_equals_a_run_scheduled_to_its_budget_from_the_start(tiny, tmp_path):
+    """Budgets of 4 and 8 steps, a quarter of each decaying, warmup 1 step: the 4-step budget is a decay branch taken
+    off the 8-step run after its step 3, so the two share the warmup step and two steps at the peak learning rate (the
+    stable phase), not the warmup alone. An ordinary run whose wsd schedule ends at step 4 from the start takes the
+    same steps (loss, learning rate, gradient norm, data) and ends with the same weights, bit for bit."""
+    raw = with_recipe(experiment_dict(tiny, arms=[{"name": "naive", "kind": "naive"}], budgets=[4 * 256, 8 * 256],
+                                      eval={"points": 1, "tokens": 64, "train_tokens": 64}),
+                      schedule={"kind": "wsd", "decay_fraction": 0.25})
+    out = tmp_path / "out"
+    _run(tiny, out, raw)
+    unit = out / "arms" / "naive" / "seed_0"
+    config = parse_config(raw)
+    run_training(config_from_dict(train_config_dict(config, init_source=str(unit / "init"), max_steps=4, seed=0,
                                                     data_path=str(tiny["data"]))), tmp_path / "direct")
-    branch = out / "arms" / "naive" / "seed_0" / "budgets" / "512" / "run"
     keys = ("step", "loss", "lr", "grad_norm", "data_sha256", "expert_load")
-    assert [{k: r.get(k) for k in keys} for r in read_metrics(branch)] == \
-        [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "direct")]
-    main = read_metrics(out / "arms" / "naive" / "seed_0" / "run")
-    assert main[1]["lr"] == 3e-3 > read_metrics(branch)[1]["lr"]  # the main run was still stable at step 2
-    assert read_metrics(branch)[1]["lr"] == lr_at(1, lr=3e-3, min_lr=3e-4, warmup_steps=1, decay_steps=2,
-                                                  warmup_start_lr=3e-4, kind="wsd", decay_fraction=0.5)
-    kept = load_model(out / "arms" / "naive" / "seed_0" / "final" / "512").state_dict()
-    direct = load_model(tmp_path / "direct" / "checkpoints" / "step_00000002").to(torch.bfloat16).float()
+    branch = [{k: r.get(k) for k in keys} for r in read_metrics(unit / "budgets" / "1024" / "run")]
+    assert branch == [{k: r.get(k) for k in keys} for r in read_metrics(tmp_path / "direct")]
+    main = [{k: r.get(k) for k in keys} for r in read_metrics(unit / "run")]
+    assert [r["step"] for r in branch] == [1, 2, 3, 4]
+    assert branch[:3] == main[:3]  # the shared steps: warmup, then two at the peak learning rate
+    assert branch[1]["lr"] == branch[2]["lr"] == main[3]["lr"] == 3e-3  # steps 2 and 3 stable, as is the main run's 4
+    assert branch[3]["lr"] == lr_at(3, lr=3e-3, min_lr=3e-4, warmup_steps=1, decay_steps=4, warmup_start_lr=3e-4,
+                                    kind="wsd", decay_fraction=0.25) < 3e-3  # the branch's own decay step
+    assert branch[3]["loss"] == main[3]["loss"] and branch[3]["grad_norm"] == main[3]["grad_norm"]  # same state
+    kept = load_model(unit / "final" / "1024").state_dict()
+    direct = load_model(tmp_path / "direct" / "checkpoints" / "step_00000004").to(torch.bfloat16).float()
     assert all(torch.equal(kept[k], v) for k, v in direct.state_dict().items())
 
 
@@ -406,6 +473,148 @@ def test_rescoring_the_kept_models_gives_the_recorded_losses(finished, tiny, tmp
     assert other["arms"][2]["seeds"][0]["budgets"][0]["mean"] != rescored["arms"][2]["seeds"][0]["budgets"][0]["mean"]
 
 
+def test_a_rescore_weighs_domains_by_the_training_mixture_not_by_the_rescore_datas_shares(finished, tmp_path):
+    """Before: --rescore weighted the mixture-weighted mean by the rescore data's own training shares and called that
+    the training mixture. Rescore data whose shares differ (code 1/5 of its training tokens) must still be weighed as
+    the experiment trained (its mixture_weights), and the report must say which weights it used."""
+    out = finished["out"]
+    trained = finished["results"]["validation"]["mixture_weights"]
+    data = make_data_dir(tmp_path / "skewed", seed=7)
+    metadata = json.loads((data / "data.json").read_text())
+    code = metadata["domains"]["code"]["train"]
+    np.fromfile(data / code["file"], dtype=np.uint16)[:3000].tofile(data / code["file"])
+    code["tokens"] = 3000
+    metadata["domains"]["english"]["train"]["tokens"] = 12000
+    (data / "data.json").write_text(json.dumps(metadata))
+    rescored = rescore_experiment(out, data, threads=1)
+    assert rescored["validation"]["mixture_weights"] == pytest.approx(trained)
+    assert trained["code"] == pytest.approx(0.5)  # not the rescore data's 0.2
+    assert "the experiment's training mixture" in rescored["validation"]["mixture_source"]
+    for arm in rescored["arms"]:
+        for run in arm["seeds"]:
+            for budget in run["budgets"]:
+                assert budget["mixture"] == pytest.approx(sum(w * budget[d] for d, w in trained.items()))
+    report = (out / "rescore" / "skewed" / "report.md").read_text()
+    assert "Mixture weights: code 0.500, english 0.500 (the experiment's training mixture" in report
+
+
+def test_recompute_rebuilds_every_interval_and_the_report_from_results_and_documents_alone(finished, tmp_path):
+    """Every interval of report.md is recomputable from the committed files: --recompute on a copy holding only
+    results.json and documents.json gives the same results and report; and one gap, recomputed here by hand from the
+    per-document losses in documents.json, is the one results.json and report.md hold."""
+    from upcycle.experiment.report import decode_losses, recompute
+
+    out, copy = finished["out"], tmp_path / "copy"
+    copy.mkdir()
+    for name in ("results.json", "documents.json"):
+        (copy / name).write_bytes((out / name).read_bytes())
+    rebuilt = recompute(copy)
+    assert rebuilt == json.loads((out / "results.json").read_text())
+    assert (copy / "report.md").read_text() == (out / "report.md").read_text()
+    documents = json.loads((copy / "documents.json").read_text())
+    tokens = {d: np.asarray(v, dtype=np.float64) for d, v in documents["doc_tokens"].items()}
+    runs = documents["runs"]
+    per_seed, sums = [], []
+    for seed in ("0", "1"):
+        mine = {d: decode_losses(v) for d, v in runs["drop"][seed]["budgets"]["1024"].items()}
+        theirs = {d: decode_losses(v) for d, v in runs["naive"][seed]["budgets"]["1024"].items()}
+        sums.append({d: mine[d] - theirs[d] for d in tokens})
+    # the per-seed gaps as results.json records them (each seed's mean loss, measured in float64)
+    per_seed = [a["budgets"][-1]["mean"] - b["budgets"][-1]["mean"]
+                for a, b in zip(_arms(rebuilt)["drop"]["seeds"], _arms(rebuilt)["naive"]["seeds"])]
+    mean_sums = {d: (sums[0][d] + sums[1][d]) / 2 for d in tokens}
+    expected = gap_interval(per_seed, *document_error(mean_sums, tokens, {d: 1.0 for d in tokens}))
+    gap = _arms(rebuilt)["drop"]["budgets"][-1]["gap"]["mean"]
+    assert (gap["mean"], gap["low"], gap["high"]) == pytest.approx((expected["mean"], expected["low"],
+                                                                     expected["high"]), abs=1e-12)
+    assert f"{gap['mean']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}]" in (copy / "report.md").read_text()
+    assert (copy / "documents.json").stat().st_size < 200_000  # small: compressed float32 sums
+
+
+def test_equal_flops_gaps_read_the_reference_in_log_flops_and_only_inside_its_measured_range(finished):
+    from upcycle.experiment.stats import interpolate_log
+
+    arms = _arms(finished["results"])
+    naive = arms["naive"]
+    flops = [b["flops"] for b in naive["budgets"]]
+    means = [b["loss"]["mean"]["mean"] for b in naive["budgets"]]
+    seen = {"in": 0, "out": 0}
+    for name in ("dense", "fs", "drop", "btx"):
+        for budget in arms[name]["budgets"]:
+            equal = budget["gap_equal_flops"]
+            if not flops[0] <= budget["flops"] <= flops[-1]:
+                assert equal["out_of_range"]
+                seen["out"] += 1
+                continue
+            seen["in"] += 1
+            expected = budget["loss"]["mean"]["mean"] - interpolate_log(flops, means, budget["flops"])
+            assert equal["mean"]["mean"] == pytest.approx(expected, abs=1e-9)
+            assert equal["mean"]["low"] < equal["mean"]["mean"] < equal["mean"]["high"]
+    assert seen["in"] and seen["out"]  # btx's branches put its FLOPs past naive's largest budget
+    assert arms["btx"]["budgets"][-1]["gap_equal_flops"]["out_of_range"]
+    assert "out of range" in (finished["out"] / "report.md").read_text()
+
+
+def test_merging_pieces_run_elsewhere_gives_the_full_runs_results(finished, tiny, tmp_path):
+    """Pieces of one experiment (here: the finished runs split between two directories, as two GPU pieces would hold
+    them, without checkpoints or models) merged into one OUT give the results of the experiment run in one place; a
+    run held twice, or missing, is refused."""
+    from upcycle.experiment.runner import merge_pieces
+
+    out = finished["out"]
+    pieces = [tmp_path / "piece0", tmp_path / "piece1"]
+    for index, piece in enumerate(pieces):
+        piece.mkdir()
+        for name in ("experiment.yaml", "validation.json"):
+            (piece / name).write_bytes((out / name).read_bytes())
+        for done in sorted((out / "arms").glob("*/seed_*/arm.json")):
+            if (done.parent.name == "seed_0") == (index == 0):
+                target = piece / done.relative_to(out)
+                target.parent.mkdir(parents=True)
+                target.write_bytes(done.read_bytes())
+    merged = merge_pieces(pieces, tmp_path / "merged")
+    assert merged == json.loads((out / "results.json").read_text())
+    assert (tmp_path / "merged" / "report.md").read_text() == (out / "report.md").read_text()
+    # pieces run in different places: their configs' paths compared relative to the directory each ran in
+    root = str(tiny["root"])
+    (pieces[0] / "piece.json").write_text(json.dumps({"root": root}))
+    saved = (pieces[1] / "experiment.yaml").read_text()
+    assert root in saved
+    (pieces[1] / "experiment.yaml").write_text(saved.replace(root, "/elsewhere/checkout"))
+    (pieces[1] / "piece.json").write_text(json.dumps({"root": "/elsewhere/checkout", "gpu": "H200"}))
+    moved = merge_pieces(pieces, tmp_path / "merged")  # an earlier merge in OUT is replaced
+    assert moved["arms"] == merged["arms"]
+    assert json.loads((tmp_path / "merged" / "merged.json").read_text())["pieces"][1]["gpu"] == "H200"
+    (pieces[1] / "piece.json").write_text(json.dumps({"root": "/yet/another"}))
+    with pytest.raises(UpcycleError, match="another config"):
+        merge_pieces(pieces, tmp_path / "merged")
+    (pieces[1] / "piece.json").write_text(json.dumps({"root": "/elsewhere/checkout"}))
+    with pytest.raises(UpcycleError, match="no piece holds dense seed 1"):
+        merge_pieces(pieces[:1], tmp_path / "merged")
+    with pytest.raises(UpcycleError, match="finished in both"):
+        merge_pieces([pieces[0], pieces[0], pieces[1]], tmp_path / "merged")
+
+
+def test_with_one_seed_every_verdict_is_provisional_and_nothing_is_bold(finished):
+    """The same runs with only seed 0 kept: one interval per gap from the documents alone, marked provisional, and
+    no bold verdict, the primary family's included."""
+    from upcycle.experiment.report import (HEADER_FIELDS, build_results, report_markdown, units_from_results)
+
+    results = json.loads((finished["out"] / "results.json").read_text())
+    documents = json.loads((finished["out"] / "documents.json").read_text())
+    results["seeds"] = [0]
+    for arm in results["arms"]:
+        arm["seeds"] = arm["seeds"][:1]
+    units, validation = units_from_results(results, documents)
+    one = build_results(units, validation, header={k: results[k] for k in HEADER_FIELDS if k in results},
+                        arm_names=[arm["name"] for arm in results["arms"]])
+    gaps = [b["gap"]["mean"] for arm in one["arms"] if arm["name"] != "naive" for b in arm["budgets"]]
+    assert all(g["provisional"] and g["se_seed"] is None and g["low"] is not None for g in gaps)
+    assert all(entry["provisional"] for entry in one["primary_family"])
+    report = report_markdown(one)
+    assert "**" not in report and "(provisional: one seed)" in report
+
+
 def test_rerun_skips_finished_runs_and_a_changed_config_is_refused(finished, tiny):
     out = finished["out"]
     done = {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/seed_*/arm.json")}
@@ -435,7 +644,7 @@ def test_cosine_budgets_are_runs_of_their_own_and_arms_can_be_added(tiny, tmp_pa
     """With schedule.kind cosine every budget is its own run from the initial model, its cosine ending at that
     budget; adding an arm to a finished experiment trains only the new arm."""
     config = experiment_dict(tiny, arms=[{"name": "naive", "kind": "naive"}], budgets=[256, 512],
-                             eval={"points": 1, "tokens": 64, "bootstrap": 100})
+                             eval={"points": 1, "tokens": 64, "train_tokens": 64})
     out = tmp_path / "out"
     _run(tiny, out, config)
     unit = out / "arms" / "naive" / "seed_0"
@@ -454,7 +663,7 @@ def test_cosine_budgets_are_runs_of_their_own_and_arms_can_be_added(tiny, tmp_pa
 def test_sigkill_then_rerun_with_parallel_finishes_exactly_as_an_uninterrupted_run(tiny, tmp_path):
     """A real SIGKILL of the experiment process in the middle of a run's training; the re-run (two runs at once, one
     thread each) resumes it from its checkpoint and ends with the uninterrupted run's numbers, bit for bit."""
-    config = experiment_dict(tiny, budgets=[12 * 256], eval={"points": [512, 1024], "tokens": 64, "bootstrap": 100},
+    config = experiment_dict(tiny, budgets=[12 * 256], eval={"points": [512, 1024], "tokens": 64, "train_tokens": 64},
                              arms=[{"name": "naive", "kind": "naive"}, {"name": "dense", "kind": "dense"}])
     config["recipe"]["checkpoint"] = {"every": 1}  # a checkpoint between evaluation points, to resume from
     reference = _run(tiny, tmp_path / "reference", config)
@@ -522,7 +731,7 @@ def test_an_arm_can_carry_further_convert_options_such_as_a_data_initialized_rou
             {"name": "naive-data", "kind": "naive",
              "convert": {"router_init": "data", "calibration": str(calibration), "calibration_tokens": 600}}]
     results = _run(tiny, tmp_path / "out", experiment_dict(tiny, arms=arms, budgets=[256],
-                                                           eval={"points": 1, "tokens": 64, "bootstrap": 100}))
+                                                           eval={"points": 1, "tokens": 64, "train_tokens": 64}))
     by_name = _arms(results)
     assert by_name["naive"]["convert"] is None
     assert by_name["naive-data"]["convert"]["router_init"] == "data"
@@ -542,7 +751,7 @@ def test_an_arm_can_override_training_fields_and_the_routing(tiny, tmp_path):
             {"name": "free", "kind": "naive", "model": {"router_activation": "sigmoid"},
              "train": {"aux_coef": 0.0, "bias_update_rate": 0.01}}]
     _run(tiny, tmp_path / "out", experiment_dict(tiny, arms=arms, budgets=[512],
-                                                 eval={"points": 1, "tokens": 64, "bootstrap": 100}))
+                                                 eval={"points": 1, "tokens": 64, "train_tokens": 64}))
 
     def run_config(arm: str) -> dict:
         (path,) = (tmp_path / "out" / "arms" / arm / "seed_0").rglob("config.yaml")
@@ -570,7 +779,7 @@ def test_grow_and_continue_arms_start_from_another_arms_trained_model_at_the_sam
     same recipe and data order. Two seeds, two wsd budgets: each starts from its seed's source, at the end of the
     source's largest budget (the main run's final checkpoint)."""
     config = with_recipe(experiment_dict(tiny, arms=GROW_ARMS, seeds=[0, 1], budgets=[512, 1024],
-                                         eval={"points": 1, "tokens": 64, "bootstrap": 100}),
+                                         eval={"points": 1, "tokens": 64, "train_tokens": 64}),
                          schedule={"kind": "wsd", "decay_fraction": 0.5})
     out = tmp_path / "out"
     results = _run(tiny, out, config)
@@ -621,7 +830,7 @@ def test_a_grow_run_waits_for_its_source_and_is_not_started_when_the_source_fail
     started at all."""
     config = experiment_dict(tiny, arms=[{"name": "src", "kind": "naive"},
                                          {"name": "g", "kind": "grow", "from_arm": "src", "ratio": 0.0}],
-                             budgets=[256], eval={"points": 1, "tokens": 64, "bootstrap": 100})
+                             budgets=[256], eval={"points": 1, "tokens": 64, "train_tokens": 64})
     out = tmp_path / "out"
     with pytest.raises(UpcycleError, match=r"^g seed 0 starts from arm src seed 0, which has not finished; run it "
                                            r"first \(--only src --seeds 0"):
@@ -669,18 +878,101 @@ def test_calibration_text_shared_with_the_validation_split_is_refused_naming_bot
     assert not out.exists()  # refused before anything was kept
 
 
+@pytest.mark.parametrize("name", ["replication", "replication-cosine"])
+def test_the_committed_study_configs_pass_validation(name, tmp_path):
+    """experiments/replication.yaml and its cosine control, on three-domain stand-in data (the corpus is not
+    committed): every field valid, the primary comparison and the arms' seeds as the docs describe them."""
+    data = make_data_dir(tmp_path / "data")
+    metadata = json.loads((data / "data.json").read_text())
+    metadata["domains"]["japanese"] = dict(metadata["domains"]["code"])
+    (data / "data.json").write_text(json.dumps(metadata))
+    from helpers import REPO
+
+    raw = yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text())
+    raw["data"]["path"] = str(data)
+    config = parse_config(raw)
+    seeds = {arm.name: config.seeds_of(arm) for arm in config.arms}
+    if name == "replication":
+        assert config.primary.arms == ["drop-0.5-shared", "drop-0.5"] and config.primary.budget is None
+        assert all(seeds[arm] == [1, 2, 3, 4, 5] for arm in ("naive", "drop-0.5-shared", "drop-0.5"))
+        assert {arm for arm, s in seeds.items() if s == [1, 2, 3]} == {"dense", "fs", "noise", "drop-0.25",
+                                                                      "drop-0.75", "btx"}
+        assert {31457280, 62914560, 104857600, 125829120} <= set(config.budgets)
+    else:
+        assert config.train_template().schedule.kind == "cosine" and config.budgets == [62914560]
+
+
+def test_the_gpu_pieces_hold_every_run_of_the_study_once_and_at_most_two_runs_each(tmp_path):
+    """scripts/gpu_piece.sh's pieces against experiments/replication.yaml and its cosine control: each run (arm,
+    seed) of each config in exactly one piece, no piece of the study over 2 runs, every piece in the ledger."""
+    from helpers import REPO
+
+    listed = subprocess.run(["bash", str(REPO / "scripts" / "gpu_piece.sh"), "--list"], capture_output=True,
+                            text=True, check=True).stdout.split("\n")
+    pieces = [line.split("|") for line in listed if line]
+    assert [int(number) for number, *_ in pieces] == list(range(1, len(pieces) + 1))
+    ledger = (REPO / "docs" / "experiments" / "replication" / "pieces.md").read_text()
+    for config_name in ("replication", "replication-cosine"):
+        raw = yaml.safe_load((REPO / "experiments" / f"{config_name}.yaml").read_text())
+        expected = sorted((arm["name"], seed) for arm in raw["arms"] for seed in arm.get("seeds", raw["seeds"]))
+        found = []
+        for number, config, arms, seeds in pieces:
+            if config == f"experiments/{config_name}.yaml":
+                runs = [(arm, int(seed)) for arm in arms.split() for seed in seeds.split()
+                        if int(seed) in next(a.get("seeds", raw["seeds"]) for a in raw["arms"] if a["name"] == arm)]
+                assert runs and (len(runs) <= 2 or config_name != "replication"), number
+                assert f"| {number} |" in ledger, number
+                found += runs
+        assert sorted(found) == expected, config_name
+
+
+def test_gpu_piece_sh_runs_pieces_whose_archives_merge_into_the_experiments_report(tiny, tmp_path):
+    """scripts/gpu_piece.sh end to end on CPU, with a table of two tiny pieces (naive at seed 0, naive at seed 1): each
+    archive holds only the runs' arm.json files, the config, the validation record and piece.json (no model, no
+    checkpoint), and the archives, unpacked, merge into the two-seed experiment's report."""
+    import tarfile
+
+    from helpers import REPO
+    from upcycle.experiment.runner import merge_pieces
+
+    config = experiment_dict(tiny, arms=[{"name": "naive", "kind": "naive"}], seeds=[0, 1], budgets=[256],
+                             eval={"points": 1, "tokens": 64, "train_tokens": 64})
+    config_path = write_config(tmp_path / "piece.yaml", config)
+    table = tmp_path / "pieces.txt"
+    table.write_text(f"# number|config|arms|seeds\n1|{config_path}|naive|0\n2|{config_path}|naive|1\n")
+    env = {**subprocess_env(), "PIECES_FILE": str(table), "PIECES_DIR": str(tmp_path / "runs"),
+           "OUT": str(tmp_path / "back"), "PYTHON": sys.executable}
+    unpacked = []
+    for number in (1, 2):
+        done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_piece.sh"), str(number)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        with tarfile.open(tmp_path / "back" / f"piece-{number}.tar.gz") as archive:
+            names = sorted(archive.getnames())
+            assert names == sorted(["experiment.yaml", "validation.json", "piece.json",
+                                    f"arms/naive/seed_{number - 1}/arm.json"])
+            archive.extractall(tmp_path / "unpacked" / f"piece-{number}", filter="data")
+        record = json.loads((tmp_path / "unpacked" / f"piece-{number}" / "piece.json").read_text())
+        assert record["number"] == number and record["seeds"] == [number - 1] and record["wall_seconds"] >= 0
+        unpacked.append(tmp_path / "unpacked" / f"piece-{number}")
+    merged = merge_pieces(unpacked, tmp_path / "merged")
+    assert [run["seed"] for run in merged["arms"][0]["seeds"]] == [0, 1]
+    assert (tmp_path / "merged" / "report.md").is_file() and (tmp_path / "merged" / "documents.json").is_file()
+
+
 def test_every_config_field_is_in_the_help_and_the_docs():
     from helpers import REPO
     from upcycle.config import config_fields
-    from upcycle.experiment.config import ArmSpec, DataSection, EvalSection, ExperimentConfig, MoESection, config_help
+    from upcycle.experiment.config import (ArmSpec, DataSection, EvalSection, ExperimentConfig, MoESection,
+                                           PrimarySection, config_help)
 
     docs = (REPO / "docs" / "experiments.md").read_text()
     help_text = config_help()
     for prefix, cls in (("", ExperimentConfig), ("data.", DataSection), ("moe.", MoESection), ("eval.", EvalSection),
-                        ("", ArmSpec)):
+                        ("primary.", PrimarySection), ("", ArmSpec)):
         for f in config_fields(cls):  # the fields a file sets (not the derived domains, nor data.seed)
             assert f"{f.name}:" in help_text, f.name
-            if f.name not in ("data", "moe", "eval"):  # sections: their fields are the docs' rows
+            if f.name not in ("data", "moe", "eval", "primary"):  # sections: their fields are the docs' rows
                 assert f"`{prefix}{f.name}`" in docs, f"{prefix}{f.name}"
 
 
@@ -689,6 +981,10 @@ def test_every_config_field_is_in_the_help_and_the_docs():
     (["--rescore", "--data", "d", "--config", "c.yaml", "--out", "x"], "--rescore re-measures the experiment"),
     (["--data", "d", "--config", "c.yaml", "--out", "x"], "--data is only used with --rescore"),
     (["--out", "x"], "give --config FILE"),
+    (["--recompute", "--config", "c.yaml", "--out", "x"], "--recompute rebuilds what OUT recorded"),
+    (["--merge", "a", "b", "--parallel", "2", "--out", "x"], "--merge gathers what the pieces recorded"),
+    (["--recompute", "--merge", "a", "--out", "x"], "--recompute and --merge are different jobs"),
+    (["--recompute", "--out", "/nonexistent"], "--recompute: /nonexistent has no results.json"),
 ])
 def test_cli_flag_combinations_are_refused_in_one_line(flags, message, capsys):
     from helpers import assert_one_line_error, run_cli

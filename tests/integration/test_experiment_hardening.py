@@ -213,7 +213,7 @@ def test_a_resumed_parallel_run_trains_its_last_arm_with_its_share_of_threads(ti
     """Before: with one arm left, `--parallel 2 --threads 2` trained it in-process with 2 threads, so it was not
     bit-identical to the uninterrupted run (whose arms each had 1 thread in their own process)."""
     config = config_of(tiny, arms=[{"name": "a", "kind": "naive"}, {"name": "b", "kind": "naive"}],
-                       budgets=[2 * 256], eval={"points": 1, "tokens": 64, "bootstrap": 100})
+                       budgets=[2 * 256], eval={"points": 1, "tokens": 64, "train_tokens": 64})
     path = write_config(tmp_path / "c.yaml", config)
     out = tmp_path / "out"
     run_experiment(parse_config(config), out, config_path=str(path), threads=1, only=["a"])
@@ -232,7 +232,7 @@ def test_enospc_while_writing_the_report_names_the_file(tiny, tmp_path):
     (and write() names no file). The one-line message must still name the report."""
     from upcycle.cli import os_error_line
 
-    config = config_of(tiny, budgets=[256], eval={"points": 1, "tokens": 64, "bootstrap": 100})
+    config = config_of(tiny, budgets=[256], eval={"points": 1, "tokens": 64, "train_tokens": 64})
     out = tmp_path / "out"
     path = write_config(tmp_path / "c.yaml", config)
     run_experiment(parse_config(config), out, config_path=str(path), threads=1)

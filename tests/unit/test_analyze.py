@@ -298,3 +298,22 @@ def test_routing_of_a_sigmoid_model_with_a_bias_counts_what_the_model_computed()
     assert list(plain["counts_E"]) != list(routing_sums(model(batches[0][:, :-1]).router_logits[2], top_k=2,
                                                         activation="sigmoid", bias_E=model.layers[2].ffn.expert_bias_E)
                                             ["counts_E"])
+
+
+def test_per_sequence_routing_counts_are_the_models_own_assignments_split_by_sequence():
+    """The experiment's specialization and its chance level are computed from per-sequence counts: summed over the
+    sequences they are the assignments the model made (sigmoid scores plus its balancing bias), and each row counts
+    one sequence's tokens x top-k."""
+    from helpers import tiny_moe
+    from upcycle.eval.analyze import sequence_routing_counts
+
+    model = tiny_moe(seed=1, router_activation="sigmoid", expert_bias=True)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            layer.ffn.expert_bias_E.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]) * (i + 1))
+    batches = [torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    with torch.no_grad():
+        per_sequence = sequence_routing_counts(model, {"text": batches})["text"]
+        counts_LE = sum(model(b[:, :-1]).expert_counts for b in batches)
+    assert [layer.sum(0).tolist() for layer in per_sequence] == counts_LE.tolist()
+    assert all(layer.shape == (6, 4) and (layer.sum(1) == 16 * model.config.top_k).all() for layer in per_sequence)

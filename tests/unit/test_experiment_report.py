@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
-
 from helpers import REPO
-from upcycle.experiment.report import markdown_table, report_markdown
+from upcycle.experiment.report import markdown_table, recompute, report_markdown
 
 DEMO = REPO / "docs" / "experiments" / "cpu-demo"
 
@@ -23,16 +21,32 @@ def test_a_markdown_table_is_a_header_a_separator_and_a_line_per_row():
 
 @pytest.mark.parametrize("directory", [DEMO, DEMO / "rescore"], ids=["experiment", "rescore"])
 def test_the_committed_reports_are_rendered_byte_for_byte_from_their_results(directory):
-    """`upcycle experiment` writes report.md with the config's recipe; --rescore without one, under a title naming
-    the data it scored (experiment.rescore_experiment)."""
+    """report.md is made from results.json alone (its title and recipe included)."""
     results = json.loads((directory / "results.json").read_text())
-    if "rescored_on" in results:
-        rendered = report_markdown(results, title=f"upcycle experiment, kept models re-scored on "
-                                                  f"{results['rescored_on']}")
-    else:
-        recipe = yaml.safe_load((REPO / "experiments" / "cpu-demo.yaml").read_text())["recipe"]
-        rendered = report_markdown(results, recipe=recipe)
-    assert rendered == (directory / "report.md").read_text()
+    assert report_markdown(results) == (directory / "report.md").read_text()
+
+
+@pytest.mark.parametrize("directory", [DEMO, DEMO / "rescore"], ids=["experiment", "rescore"])
+def test_the_committed_demo_recomputes_to_itself_and_says_its_intervals_lack_the_documents(directory, tmp_path):
+    """The CPU demo ran before per-document losses were kept (its results were upgraded from the old format by
+    scripts/upgrade_legacy_results.py): --recompute from its results.json alone gives the same results and report,
+    whose intervals are across seeds alone, as the report says; the rescore is weighted by the training mixture."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "results.json").write_bytes((directory / "results.json").read_bytes())
+    rebuilt = recompute(copy)
+    assert rebuilt == json.loads((directory / "results.json").read_text())
+    assert (copy / "report.md").read_text() == (directory / "report.md").read_text()
+    assert rebuilt["documents"] is None and not (copy / "documents.json").exists()
+    assert "**The per-document losses of these runs were not kept**" in (copy / "report.md").read_text()
+    gap = rebuilt["arms"][-1]["budgets"][-1]["gap"]["mean"]
+    assert gap["se_doc"] == 0.0 and gap["n"] == 3
+    if "rescored_on" in rebuilt:
+        trained = json.loads((DEMO / "results.json").read_text())["validation"]["mixture_weights"]
+        weights = rebuilt["validation"]["mixture_weights"]
+        total = trained["code"] + trained["english"]
+        assert weights == pytest.approx({"code": trained["code"] / total, "english": trained["english"] / total})
+        assert "the experiment's training mixture" in rebuilt["validation"]["mixture_source"]
 
 
 def test_the_report_says_how_many_validation_tokens_it_scored():

@@ -203,6 +203,35 @@ def collect_routing(model, batches: dict[str, list[Tensor]], *, device: torch.de
     return out
 
 
+def sequence_routing_counts(model, batches: dict[str, list[Tensor]], *, device: torch.device | None = None
+                            ) -> dict[str, list[np.ndarray]]:
+    """{domain: [counts_SE per MoE layer]}: each scored sequence's top-k assignments per expert (rows in batch order),
+    through moe.route in fp32 as `routing_sums` counts them, so summed over sequences they are its counts_E. Per
+    sequence, so that a statistic of the domains' routing can be compared with its value under shuffled domains."""
+    config = model.config
+    biases = [model.layers[i].ffn.expert_bias_E for i in config.moe_layer_ids]  # None where the model has none
+    out = {}
+    for domain, domain_batches in batches.items():
+        per_layer: list[list[np.ndarray]] = [[] for _ in config.moe_layer_ids]
+        for batch_BT in domain_batches:
+            batch_BT = batch_BT if device is None else batch_BT.to(device)
+            B = batch_BT.shape[0]
+            output = model(batch_BT[:, :-1])
+            for i, logits_TE in enumerate(output.router_logits):
+                # Routing in fp32, as in the model (with its activation and balancing bias): bf16 probabilities of
+                # near-tied experts would flip top-k choices.
+                _, ids_TK = route(logits_TE.detach().float(), top_k=config.top_k, renormalize=config.renormalize,
+                                  activation=config.router_activation, bias_E=biases[i])
+                E = logits_TE.shape[-1]
+                # (B*T, K) assignments, rows batch-major -> (B, E) counts per sequence
+                sequence_TK = torch.arange(B, device=ids_TK.device).repeat_interleave(ids_TK.shape[0] // B)[:, None]
+                counts_BE = torch.bincount((sequence_TK * E + ids_TK).reshape(-1), minlength=B * E).view(B, E)
+                per_layer[i].append(counts_BE.cpu().numpy().astype(np.int64))
+        if per_layer and per_layer[0]:
+            out[domain] = [np.concatenate(chunks) for chunks in per_layer]
+    return out
+
+
 def _dense_ffns(dense_path: Path, config) -> list[dict[str, Tensor]]:
 
     dense = load_model(dense_path)

@@ -170,16 +170,18 @@ class EvalSection:
 
     Attributes:
         points: Evaluation points along each arm's longest run (its learning-rate curve included, so these are
-            mid-schedule values): an integer N (N steps spaced evenly on a log scale from step 1 to the largest budget)
-            or a list of token counts (whole steps). The untrained model and every budget's end are always measured.
+            mid-schedule values, reported without verdicts): an integer N (N steps spaced evenly on a log scale from
+            step 1 to the largest budget) or a list of token counts (whole steps). The untrained model and every
+            budget's end are always measured.
         tokens: Validation tokens per domain, in sequences of data.seq_len spread evenly over the domain's validation
             split; empty: the whole validation split. The same tokens for every arm, seed and point.
-        bootstrap: Resamples of the validation documents for the paired bootstrap interval of every gap.
+        train_tokens: Training tokens per domain (sequences spread evenly over the domain's training split) scored at
+            every budget's end, for the gap between training and validation loss.
     """
 
     points: int | list[int] = 6
     tokens: int | None = None
-    bootstrap: int = 2000
+    train_tokens: int = 16384
 
     def validate(self) -> None:
         if isinstance(self.points, int) and self.points < 1:
@@ -188,8 +190,25 @@ class EvalSection:
             raise _fail("eval.points", f"a list of token counts must hold positive counts, got {_show(self.points)}")
         if self.tokens is not None and self.tokens < 1:
             raise _fail("eval.tokens", f"must be >= 1 (or empty: the whole validation split), got {self.tokens}")
-        if not 100 <= self.bootstrap <= 100_000:
-            raise _fail("eval.bootstrap", f"must lie in [100, 100000] resamples, got {self.bootstrap}")
+        if self.train_tokens < 1:
+            raise _fail("eval.train_tokens", f"must be >= 1, got {self.train_tokens}")
+
+
+@dataclass
+class PrimarySection:
+    """The comparison the study is designed to decide, declared before it runs: the gaps of `arms` to the reference
+    arm (the first naive arm) at one budget, over one mean. Their verdicts use Holm-adjusted p-values over this family;
+    every other gap of the report is exploratory.
+
+    Attributes:
+        arms: The arms of the primary family (empty: no primary comparison, every gap is exploratory).
+        budget: The budget (tokens, one of budgets) the primary comparison is read at; empty: the largest.
+        mean: Which loss decides: mean (over domains, equal weights) or mixture (weighted by the training mixture).
+    """
+
+    arms: list[str] = field(default_factory=list)
+    budget: int | None = None
+    mean: str = field(default="mean", metadata={"choices": ("mean", "mixture")})
 
 
 @dataclass
@@ -218,6 +237,8 @@ class ArmSpec:
             their ConvertOptions field names, e.g. {router_init: data, calibration: FILE} or {granularity: 2}; the
             fields the experiment sets (method, ratio, index_mode, num_experts, top_k, seed, dtype, btx_sources) are
             not allowed.
+        seeds: The seeds this arm runs at, some of the experiment's seeds (default: all of them). The reference arm
+            (the first naive arm) runs at every seed, so every gap is paired by seed.
         train: Any arm: fields of the recipe's train section set for this arm only, by the train config's field
             names, e.g. {bias_update_rate: 1.0e-3, aux_coef: 0} for aux-loss-free balancing; the fields the
             experiment sets (max_steps, eval_every, eval_sequences, seed) are not allowed.
@@ -236,6 +257,7 @@ class ArmSpec:
     from_arm: str | None = None
     factor: int | None = None
     top_k: int | None = None
+    seeds: list[int] | None = None
     train: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
 
@@ -336,6 +358,8 @@ class ExperimentConfig:
             decay branch off it per budget; with cosine, one run per budget.
         eval: The measurements (its fields below).
         arms: The list of arms (its fields below); names unique.
+        primary: The primary comparison, declared before the study runs (its fields below); without it every gap is
+            exploratory.
         recipe: One training recipe for every arm: the optim, schedule, train, checkpoint and logging sections of an
             `upcycle train` config (upcycle train --help), except train.max_steps, train.eval_every,
             train.eval_sequences, train.seed, schedule.decay_steps and checkpoint.keep, which the experiment sets.
@@ -348,6 +372,7 @@ class ExperimentConfig:
     budgets: list[int]
     eval: EvalSection = field(default_factory=EvalSection)
     arms: list[ArmSpec]
+    primary: PrimarySection = field(default_factory=PrimarySection)
     recipe: dict[str, Any] = field(default_factory=dict)
     domains: list[str] = field(default_factory=list, metadata={"derived": True})  # from the data
 
@@ -385,11 +410,21 @@ class ExperimentConfig:
         duplicate = next((n for n in names if names.count(n) > 1), None)
         if duplicate:
             raise _fail("arms", f"two arms are named {duplicate!r}; names must be unique")
+        self._check_arm_seeds()
         self._check_from_arms(seed_config, shapes)
         for index, arm in enumerate(self.arms):
             if arm.kind not in ("dense", *FROM_ARM_KINDS):
                 self._check_convert(index, arm, seed_config, shapes)
         self._check_recipe_and_budgets()
+        self._check_primary()
+
+    def seeds_of(self, arm: ArmSpec) -> list[int]:
+        """The seeds `arm` runs at, in the order of `seeds`."""
+        return [seed for seed in self.seeds if arm.seeds is None or seed in arm.seeds]
+
+    def reference_arm(self) -> ArmSpec | None:
+        """The arm every gap is measured against: the first naive arm (None without one)."""
+        return next((arm for arm in self.arms if arm.kind == "naive"), None)
 
     # -- the parts of validate ----------------------------------------------------------------------------------------
 
@@ -423,6 +458,48 @@ class ExperimentConfig:
                         f"{self.seed_model})") from None
         if d.path is not None:
             check_validation_split(Path(d.path), d.seq_len)
+
+    def _check_arm_seeds(self) -> None:
+        """An arm's seeds are some of the experiment's, each once; the reference arm runs at every seed (gaps are
+        paired by seed) and a grow or continue arm only at seeds its from_arm runs at."""
+        reference = self.reference_arm()
+        for index, arm in enumerate(self.arms):
+            if arm.seeds is None:
+                continue
+            where = f"{arm_where(index, arm)}.seeds"
+            unknown = sorted(set(arm.seeds) - set(self.seeds))
+            if not arm.seeds or unknown or len(set(arm.seeds)) != len(arm.seeds):
+                what = f"{unknown[0]} is not" if unknown else "give each seed once, some" if arm.seeds else "give some"
+                raise _fail(where, f"{what} of the experiment's seeds {self.seeds}, got {_show(arm.seeds)}")
+            if arm is reference and set(arm.seeds) != set(self.seeds):
+                raise _fail(where, "the reference arm (the first naive arm) runs at every seed, so that every gap "
+                            "is paired by seed; remove its seeds")
+        for index, arm in enumerate(self.arms):
+            source = next((a for a in self.arms if a.name == arm.from_arm), None)
+            if source is not None and set(self.seeds_of(arm)) - set(self.seeds_of(source)):
+                raise _fail(f"{arm_where(index, arm)}.seeds", f"runs at seeds its from_arm {source.name} does not "
+                            f"({self.seeds_of(source)}); give it some of those")
+
+    def _check_primary(self) -> None:
+        """The primary family names arms of this config, each once, not the reference itself, at one of the budgets."""
+        primary, names = self.primary, [arm.name for arm in self.arms]
+        if not primary.arms:
+            if primary.budget is not None:
+                raise _fail("primary.budget", "there is no primary comparison without primary.arms; name its arms")
+            return
+        reference = self.reference_arm()
+        if reference is None:
+            raise _fail("primary.arms", "a primary comparison is a gap to the reference arm, the first naive arm; "
+                        "add a naive arm")
+        for name in primary.arms:
+            if name not in names:
+                raise _fail("primary.arms", f"{_show(name)} is not an arm; the config has {', '.join(names)}")
+            if name == reference.name:
+                raise _fail("primary.arms", f"{name} is the reference arm every gap is measured against; remove it")
+        if len(set(primary.arms)) != len(primary.arms):
+            raise _fail("primary.arms", f"lists an arm twice: {primary.arms}")
+        if primary.budget is not None and primary.budget not in self.budgets:
+            raise _fail("primary.budget", f"{primary.budget} is not one of the budgets {self.budgets}")
 
     def _check_from_arms(self, seed_config: dict, shapes: hf.Shapes) -> None:
         """A from_arm names an arm listed earlier (so running the arms in order runs it first); grow's source is an

@@ -58,7 +58,7 @@ import yaml
 from upcycle.train import checkpoint as ckpt
 from upcycle.data import prepare as data_lib
 from upcycle.experiment import stats as stats
-from upcycle.eval.analyze import collect_routing, expert_matrices, expert_similarity, mean_pairwise_jsd, routing_stats
+from upcycle.eval.analyze import expert_matrices, expert_similarity, mean_pairwise_jsd, sequence_routing_counts
 from upcycle.convert.conversion import convert
 from upcycle.data.prepare import calibration_token_ids
 from upcycle.errors import UpcycleError
@@ -88,22 +88,34 @@ _STALE_TMP = ".tmp-"
 
 @dataclass
 class ValidationSet:
-    """Every domain's scored validation sequences and, for each scored token, the index of its document."""
+    """Every domain's scored validation sequences and, for each scored token, the index of its document; and the
+    training sequences scored at each budget's end."""
 
     batches: dict[str, list[torch.Tensor]]
     doc_ids: dict[str, np.ndarray]  # per domain: (scored tokens,) document index, in the order score_domains scores
+    train_batches: dict[str, list[torch.Tensor]]
     record: dict  # what validation.json holds
 
 
+# Random re-assignments of sequences to domains for the chance level of the routing's specialization (JSD).
+JSD_PERMUTATIONS = 20
+
+
 def validation_set(data_dir: Path, *, seq_len: int, tokens_per_domain: int | None, batch_size: int,
-                   weights: dict[str, float] | None) -> ValidationSet:
+                   weights: dict[str, float] | None, train_tokens: int = 0,
+                   weights_note: str = "the training mixture") -> ValidationSet:
     """The validation sequences of every domain (the whole split, or about `tokens_per_domain` tokens in sequences
     spread evenly over it) and the document of every scored token: documents end at EOS, as `data prepare` wrote
-    them, and a token belongs to the document its target position lies in."""
+    them, and a token belongs to the document its target position lies in. Also about `train_tokens` per domain of
+    the training split, spread evenly over it. Mixture weights: `weights` (over the domains given; the others weigh
+    0), else each domain's share of the training tokens; `weights_note` says where they come from."""
     metadata = data_lib.read_metadata(data_dir)
     eos = metadata["eos_id"]
     max_sequences = 1 << 62 if tokens_per_domain is None else max(1, -(-tokens_per_domain // seq_len))
     batches = data_lib.validation_batches(data_dir, seq_len=seq_len, batch_size=batch_size, max_sequences=max_sequences)
+    train_batches = data_lib.validation_batches(data_dir, seq_len=seq_len, batch_size=batch_size, split="train",
+                                                max_sequences=max(1, -(-train_tokens // seq_len))) \
+        if train_tokens else {}
     doc_ids, domains = {}, {}
     for domain in sorted(batches):
         tokens = data_lib.read_tokens(data_dir, domain, "val", metadata)
@@ -116,21 +128,29 @@ def validation_set(data_dir: Path, *, seq_len: int, tokens_per_domain: int | Non
         doc_ids[domain] = compact
         domains[domain] = {"tokens": int(len(raw)), "sequences": int(len(chunks)), "documents": int(len(documents)),
                            "file": display_path(str(Path(data_dir) / metadata["domains"][domain]["val"]["file"])),
+                           "training_tokens": int(metadata["domains"][domain]["train"]["tokens"]),
                            "doc_tokens": np.bincount(compact, minlength=len(documents)).tolist()}
     if weights is None:
-        weights = {d: float(metadata["domains"][d]["train"]["tokens"]) for d in domains}
+        weights, weights_note = {d: float(domains[d]["training_tokens"]) for d in domains}, \
+            "each domain's share of the training tokens"
     total = sum(max(0.0, weights.get(d, 0.0)) for d in domains)
-    mixture = {d: max(0.0, weights.get(d, 0.0)) / total for d in domains}
+    if total > 0:
+        mixture = {d: max(0.0, weights.get(d, 0.0)) / total for d in domains}
+    else:  # no domain scored here is in the mixture: the mixture-weighted mean is the plain mean
+        mixture, weights_note = {d: 1.0 / len(domains) for d in domains}, \
+            f"equal: none of these domains is in {weights_note}"
     record = {"data": display_path(str(data_dir)), "seq_len": seq_len, "tokens_per_domain": tokens_per_domain,
-              "mixture_weights": mixture, "domains": domains}
-    return ValidationSet(batches=batches, doc_ids=doc_ids, record=record)
+              "train_tokens_per_domain": train_tokens or None, "mixture_weights": mixture,
+              "mixture_source": weights_note, "domains": domains}
+    return ValidationSet(batches=batches, doc_ids=doc_ids, train_batches=train_batches, record=record)
 
 
-def measure_model(model, val: ValidationSet) -> dict:
-    """Per domain: the token-weighted validation loss and each document's summed loss (evaluate.score_domains); for an
-    MoE also the routing shares per layer and domain, the domain specialization (mean pairwise JSD, averaged over
-    layers) and the expert similarity (mean pairwise cosine of a layer's experts, averaged over layers), through
-    analyze's functions. fp32."""
+def measure_model(model, val: ValidationSet, *, train: bool = False) -> dict:
+    """Per domain: the token-weighted validation loss and each document's summed loss (evaluate.score_domains), and
+    with `train` the loss on the training sequences; for an MoE also the routing shares per layer and domain, the
+    domain specialization (mean pairwise JSD, averaged over layers) with its chance level (the same JSD with the
+    sequences shuffled between domains) and the expert similarity (mean pairwise cosine of a layer's experts,
+    averaged over layers), through analyze's functions. fp32."""
     config = model.config
     model.eval()
     device = next(model.parameters()).device
@@ -141,17 +161,27 @@ def measure_model(model, val: ValidationSet) -> dict:
                                     minlength=len(val.record["domains"][d]["doc_tokens"])).tolist()
                      for d, r in scores.items()},
     }
+    if train and val.train_batches:
+        result["train"] = {d: r["loss"] for d, r in score_domains(model, val.train_batches, device=device).items()}
     if config.is_moe:
-        sums = collect_routing(model, val.batches, device=device)
+        counts = sequence_routing_counts(model, val.batches, device=device)
         layers = range(len(config.moe_layer_ids))
-        shares = [{d: routing_stats(per_layer[j])["share"] for d, per_layer in sums.items()} for j in layers]
+
+        def specialization(groups: dict[str, np.ndarray]) -> float:
+            return mean_pairwise_jsd({d: c.sum(0) / c.sum() for d, c in groups.items()})
+
+        shares = [{d: (per_layer[j].sum(0) / per_layer[j].sum()).tolist() for d, per_layer in counts.items()}
+                  for j in layers]
+        jsd_layers = [mean_pairwise_jsd({d: np.array(s) for d, s in layer.items()}) for layer in shares]
+        null_layers = [stats.permutation_null({d: per_layer[j] for d, per_layer in counts.items()}, specialization,
+                                              permutations=JSD_PERMUTATIONS, seed=j) if len(counts) > 1 else None
+                       for j in layers]
         state = {k: v.cpu() for k, v in model.state_dict().items()}
         cosines = [stats.mean_offdiagonal(expert_similarity(expert_matrices(state[f"layers.{i}.{OUR_GATE_UP}"],
                                                                             state[f"layers.{i}.{OUR_DOWN}"])))
                    for i in config.moe_layer_ids]
-        jsd_layers = [mean_pairwise_jsd({d: np.array(s) for d, s in layer.items()}) for layer in shares]
         result.update(routing=shares, jsd_layers=jsd_layers, jsd=stats.mean_or_none(jsd_layers),
-                      cosine_layers=cosines, cosine=float(np.mean(cosines)))
+                      jsd_chance=stats.mean_or_none(null_layers), cosine_layers=cosines, cosine=float(np.mean(cosines)))
     return result
 
 
@@ -356,7 +386,7 @@ def _finish_budget(ctx: _Context, unit: RunDir, run: Path, steps: int, *, flops_
     if not kept.is_dir():
         model = load_model(_checkpoint(run, steps))
         export_hf(model, model.config, kept, dtype="bfloat16", tokenizer=_tokenizer_dir(ctx.config))
-    record = measure_model(load_model(kept).to(_device()), ctx.val)
+    record = measure_model(load_model(kept).to(_device()), ctx.val, train=True)
     record = {"tokens": tokens, "steps": steps, "flops": flops_per_token * tokens + extra_flops,
               "data_sha256": _data_hash(run, steps), "model": str(kept.relative_to(ctx.out)), **record}
     atomic_write_json(measured, record)
@@ -652,17 +682,36 @@ def _context(config: ExperimentConfig, out: Path, data_dir: Path) -> _Context:
     template = config.train_template()
     val = validation_set(data_dir, seq_len=config.data.seq_len, tokens_per_domain=config.eval.tokens,
                          # only the speed of measuring depends on the batch size (empty: the trainer's auto size)
-                         batch_size=template.train.micro_batch_size or 8, weights=config.data.weights)
+                         batch_size=template.train.micro_batch_size or 8, weights=config.data.weights,
+                         train_tokens=config.eval.train_tokens)
     return _Context(config, out, data_dir, config.plan(), val)
 
 
-def _header(config: ExperimentConfig, plan: ExperimentPlan) -> dict:
-    schedule = config.train_template().schedule
-    return {"seed_model": display_path(config.seed_model), "seeds": list(config.seeds),
+def _header(config: ExperimentConfig, *, title: str = "upcycle experiment", recipe: bool = True) -> dict:
+    """What results.json says of the design, besides the arms: everything the report is rendered from."""
+    plan, schedule = config.plan(), config.train_template().schedule
+    reference = config.reference_arm()
+    primary = config.primary
+    return {"title": title, "seed_model": display_path(config.seed_model), "seeds": list(config.seeds),
             "num_experts": config.moe.num_experts, "top_k": config.moe.top_k, "domains": config.domains,
             "budgets": list(config.budgets), "tokens_per_step": plan.tokens_per_step,
             "schedule": {"kind": schedule.kind, "decay_fraction": schedule.decay_fraction if schedule.kind == "wsd"
-                         else None, "warmup_steps": schedule.warmup_steps}}
+                         else None, "warmup_steps": schedule.warmup_steps},
+            "reference": reference.name if reference else None,
+            "primary": {"arms": list(primary.arms), "budget": primary.budget or config.budgets[-1],
+                        "mean": primary.mean} if primary.arms else None,
+            "recipe": config.recipe if recipe else None}
+
+
+def write_report(config: ExperimentConfig, out: Path, *, header: dict | None = None) -> dict:
+    """results.json, the per-document losses, report.md and the figures of OUT from its runs' arm.json files and
+    validation.json (every run of the config must have finished)."""
+    units = [json.loads(RunDir.of(out, arm.name, seed).done.read_text())
+             for arm in config.arms for seed in config.seeds_of(arm)]
+    validation = json.loads((out / VALIDATION_FILE).read_text())
+    results = build_results(units, validation, header=header or _header(config),
+                            arm_names=[arm.name for arm in config.arms])
+    return write_outputs(out, results, units=units, validation=validation)
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path, *, config_path: str, parallel: int = 1,
@@ -687,7 +736,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, config_path: st
     if threads is not None:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
-    selected = [(arm, seed) for arm in config.arms for seed in config.seeds
+    selected = [(arm, seed) for arm in config.arms for seed in config.seeds_of(arm)
                 if (only is None or arm.name in only) and (seeds is None or seed in seeds)]
     partial = only is not None or seeds is not None
     chosen = {(arm.name, seed) for arm, seed in selected}
@@ -726,12 +775,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path, *, config_path: st
                     run_unit(ctx, arm, seed)
     if partial:
         return None
-    units = [json.loads(RunDir.of(out, arm.name, seed).done.read_text())
-             for arm in config.arms for seed in config.seeds]
-    validation = json.loads((out / VALIDATION_FILE).read_text())
-    results = build_results(units, validation, header=_header(config, config.plan()), arm_names=names,
-                            resamples=config.eval.bootstrap)
-    return write_outputs(out, results, recipe=config.recipe)
+    return write_report(config, out)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -751,20 +795,24 @@ def rescore_experiment(out: str | Path, data: str | Path, *, threads: int | None
     data_lib.read_metadata(data_dir)
     if threads is not None:
         torch.set_num_threads(threads)
-    arms, seeds = saved["arms"], saved["seeds"]
-    missing = [f"{a['name']} seed {s}" for a in arms for s in seeds
-               if not RunDir.of(out, a["name"], s).done.is_file()]
+    recorded = config_from_record(saved)
+    runs = [(arm.name, seed) for arm in recorded.arms for seed in recorded.seeds_of(arm)]
+    missing = [f"{name} seed {seed}" for name, seed in runs if not RunDir.of(out, name, seed).done.is_file()]
     if missing:
         raise UpcycleError(f"--out {out} is not finished ({missing[0]} has not run); finish it with the same "
                            "upcycle experiment command first")
     seq_len = saved["data"]["seq_len"]
-    units_done = [json.loads(RunDir.of(out, a["name"], s).done.read_text()) for a in arms for s in seeds]
+    units_done = [json.loads(RunDir.of(out, name, seed).done.read_text()) for name, seed in runs]
     model_config = load_model(out / units_done[0]["budgets"][-1]["model"]).config
     data_lib.check_data_fits(data_dir, vocab_size=model_config.vocab_size, max_seq_len=model_config.max_seq_len,
                              seq_len=seq_len, seq_len_name="the experiment's data.seq_len")
     check_validation_split(data_dir, seq_len)
+    # The mixture-weighted mean weighs the domains as the experiment trained on them, not as this data is made up.
+    trained = json.loads((out / VALIDATION_FILE).read_text())["mixture_weights"]
+    described = ", ".join(f"{d} {w:.3f}" for d, w in sorted(trained.items()))
     val = validation_set(data_dir, seq_len=seq_len, tokens_per_domain=saved["eval"]["tokens"], batch_size=8,
-                         weights=None)
+                         weights=trained, weights_note=f"the experiment's training mixture ({described}), over the "
+                         "domains scored here")
     units = []
     for done in units_done:
         label = f"{done['name']} seed {done['seed']}"
@@ -792,14 +840,87 @@ def rescore_experiment(out: str | Path, data: str | Path, *, threads: int | None
                       **{k: done[k] for k in FROM_ARM_FIELDS if k in done},
                       "budgets": [_strip(b) for b in measured], "curve": [_strip(p) for p in curve],
                       "routing_final": measured[-1].get("routing")})
-    recorded = config_from_record(saved)
-    header = {**_header(recorded, recorded.plan()), "domains": sorted(val.batches),
-              "rescored_on": display_path(str(data_dir))}
-    results = build_results(units, val.record, header=header, arm_names=[a["name"] for a in arms],
-                            resamples=saved["eval"]["bootstrap"])
+    header = {**_header(recorded, title=f"upcycle experiment, kept models re-scored on {display_path(str(data_dir))}",
+                        recipe=False), "domains": sorted(val.batches), "rescored_on": display_path(str(data_dir))}
+    results = build_results(units, val.record, header=header, arm_names=[arm.name for arm in recorded.arms])
     target = out / RESCORE_DIR / data_dir.resolve().name
     target.parent.mkdir(parents=True, exist_ok=True)
     with publish_dir(target, force=True, inputs=[data_dir], flag="--out") as tmp:
-        write_outputs(tmp, results, title=f"upcycle experiment, kept models re-scored on {display_path(str(data_dir))}")
+        write_outputs(tmp, results, units=units, validation=val.record)
     _log(f"wrote {target / RESULTS_FILE}, {target / REPORT_FILE} and the figures")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merging pieces run elsewhere
+
+
+PIECE_FILE = "piece.json"  # a piece's record of where and when it ran (scripts/gpu_piece.sh writes it)
+MERGED_FILE = "merged.json"  # a merged OUT's record of the pieces it was made from
+
+
+def _portable(value: Any, root: str | None) -> Any:
+    """A saved config with every path below `root` (the directory a piece ran in) written relative to it, so that
+    pieces run in different places compare equal."""
+    if root is None:
+        return value
+    prefix = root.rstrip("/") + "/"
+    if isinstance(value, dict):
+        return {k: _portable(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, root) for v in value]
+    return value[len(prefix):] if isinstance(value, str) and value.startswith(prefix) else value
+
+
+def merge_pieces(pieces: list[str | Path], out: str | Path) -> dict:
+    """One experiment's OUT made from pieces of it run elsewhere, each an OUT of the same config where some runs
+    finished (`--only ARM --seeds S ...`, e.g. on a GPU machine by scripts/gpu_piece.sh): their runs' arm.json files
+    gathered into `out`, which then gets results.json, documents.json, report.md and the figures, as a full run would
+    write them. The pieces must record the same config (paths compared relative to the directory each piece ran in,
+    which its piece.json names) and the same validation tokens, and hold every run of the config exactly once between
+    them. No training, no evaluation, no checkpoint of any piece needed. An earlier merge in `out` is replaced."""
+    out = Path(out)
+    if out.exists() and not (out / MERGED_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise UpcycleError(f"--out {out} exists and was not written by --merge; choose a new directory")
+    records, validations, notes = [], [], []
+    for piece in map(Path, pieces):
+        saved = read_saved_config(piece)
+        if saved is None or not (piece / VALIDATION_FILE).is_file():
+            raise UpcycleError(f"--merge {piece}: not an experiment directory ({CONFIG_FILE} or {VALIDATION_FILE} is "
+                               "missing); pass the --out of each piece")
+        note = json.loads((piece / PIECE_FILE).read_text()) if (piece / PIECE_FILE).is_file() else {}
+        records.append(_portable(saved, note.get("root")))
+        validations.append(json.loads((piece / VALIDATION_FILE).read_text()))
+        notes.append({"piece": str(piece), **note})
+    for piece, record, validation in zip(pieces[1:], records[1:], validations[1:]):
+        change = config_change(records[0], record) or config_change(record, records[0])
+        if change:
+            raise UpcycleError(f"--merge {piece} was run with another config than {pieces[0]} (first difference: "
+                               f"{change}); merge pieces of one experiment")
+        if validation != validations[0]:
+            raise UpcycleError(f"--merge {piece} scored other validation tokens than {pieces[0]}; merge pieces "
+                               "prepared from the same data")
+    config = config_from_record(records[0])
+    runs, found = [(arm.name, seed) for arm in config.arms for seed in config.seeds_of(arm)], {}
+    for piece in map(Path, pieces):
+        for name, seed in runs:
+            if RunDir.of(piece, name, seed).done.is_file():
+                if (name, seed) in found:
+                    raise UpcycleError(f"--merge: {name} seed {seed} finished in both {found[(name, seed)]} and "
+                                       f"{piece}; merge one of them")
+                found[(name, seed)] = piece
+    missing = [f"{name} seed {seed}" for name, seed in runs if (name, seed) not in found]
+    if missing:
+        raise UpcycleError(f"--merge: no piece holds {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+                           f"({len(missing)} of {len(runs)} runs missing); run those pieces first")
+    with publish_dir(out, force=out.exists(), flag="--out") as tmp:
+        atomic_write(tmp / CONFIG_FILE, _yaml(records[0]))
+        atomic_write_json(tmp / VALIDATION_FILE, validations[0])
+        atomic_write_json(tmp / MERGED_FILE, {"pieces": notes})
+        for (name, seed), piece in found.items():
+            target = RunDir.of(tmp, name, seed).done
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(RunDir.of(piece, name, seed).done, target)
+        results = write_report(config, tmp)
+    _log(f"merged {len(runs)} runs from {len(pieces)} piece(s) into {out}")
     return results
