@@ -319,7 +319,8 @@ def run_train(config: Path, out: Path, *extra: str, timeout: float = 120) -> sub
 EVAL_VOCAB = 320  # model vocabulary; the tokenizer below has at most 300 ids
 EVAL_ENGLISH = ["The quick brown fox jumps over the lazy dog.", "Please read the manual carefully before using it.",
                 "The router sends every token to two of its experts.", "Water boils at one hundred degrees Celsius."]
-EVAL_JAPANESE = ["吾輩は猫である。名前はまだ無い。", "東京は日本の首都である。", "このコマンドはファイルを一覧表示します。",
+EVAL_JAPANESE = ["吾輩は猫である。名前はまだ無い。", "東京は日本の首都である。",
+                 "このコマンドはファイルを一覧表示します。",
                  "設定ファイルを編集してから、サービスを再起動してください。"]
 
 
@@ -366,7 +367,8 @@ def make_prepared(root: Path) -> tuple[Path, Path]:
 
 
 def tiny_moe(seed: int = 0, **overrides):
-    """A randomly initialised 3-layer, 4-expert top-2 MoE of ours (upcycle.model.transformer.Transformer), in eval mode."""
+    """A randomly initialised 3-layer, 4-expert top-2 MoE of ours (upcycle.model.transformer.Transformer), in eval
+    mode."""
     from upcycle.model.transformer import ModelConfig, Transformer
 
     torch.manual_seed(seed)

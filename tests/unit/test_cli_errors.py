@@ -254,14 +254,14 @@ def train_config_file(tmp_path):
     ("file/run", "Not a directory"),  # ENOTDIR: a path through a file
     ("/proc/upcycle-test/run", "/proc/upcycle-test"),  # a /proc path nothing may be created in
 ])
-def test_train_out_that_cannot_be_a_directory_isassert_one_line_error(tmp_path, capsys, train_config_file, where, needle):
+def test_train_out_that_cannot_be_a_directory_is_one_line_error(tmp_path, capsys, train_config_file, where, needle):
     (tmp_path / "file").write_text("x")
     out = where if where.startswith("/") else str(tmp_path / where)
     code, err = run_cli(capsys, "train", "--config", str(train_config_file), "--out", out)
     assert_one_line_error(code, err, needle)
 
 
-def test_convert_into_proc_isassert_one_line_error(tmp_path, capsys):
+def test_convert_into_proc_is_one_line_error(tmp_path, capsys):
     src = save_dense(tmp_path / "src", "llama")
     code, err = run_cli(capsys, "convert", str(src), "/proc/upcycle-test-out", "--quiet")
     assert_one_line_error(code, err, "/proc")

@@ -18,12 +18,14 @@ from helpers import REPO, subprocess_env
 PACKAGE = REPO / "src" / "upcycle"
 
 # The trainer: what a conversion, an export, an evaluation or an analysis must never load.
-TRAINER = ("upcycle.train.trainer", "upcycle.train.distributed", "upcycle.train.expert_parallel", "upcycle.train.checkpoint", "upcycle.train.shards",
-           "upcycle.train.plan", "upcycle.train.metrics", "upcycle.experiment.runner", "upcycle.experiment.config",
-           "upcycle.experiment.report", "torch.distributed.checkpoint")
+TRAINER = ("upcycle.train.trainer", "upcycle.train.distributed", "upcycle.train.expert_parallel",
+           "upcycle.train.checkpoint", "upcycle.train.shards", "upcycle.train.plan", "upcycle.train.metrics",
+           "upcycle.experiment.runner", "upcycle.experiment.config", "upcycle.experiment.report",
+           "torch.distributed.checkpoint")
 # Modules below the trainer, each imported alone in a fresh process.
-BELOW_THE_TRAINER = ("upcycle.convert.conversion", "upcycle.convert.compose", "upcycle.convert.grow", "upcycle.convert.check", "upcycle.convert.calibration",
-                     "upcycle.model.hf", "upcycle.eval.evaluate", "upcycle.eval.analyze", "upcycle.formats.training_checkpoint")
+BELOW_THE_TRAINER = ("upcycle.convert.conversion", "upcycle.convert.compose", "upcycle.convert.grow",
+                     "upcycle.convert.check", "upcycle.convert.calibration", "upcycle.model.hf",
+                     "upcycle.eval.evaluate", "upcycle.eval.analyze", "upcycle.formats.training_checkpoint")
 
 
 def imported_modules(*args: str) -> tuple[set[str], subprocess.CompletedProcess]:

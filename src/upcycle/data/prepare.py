@@ -2,12 +2,12 @@
 
 Prepared directory (`prepare` writes it, everything else only reads it):
 
-    OUT/data.json              {"format": 1, "tokenizer": PATH, "vocab_size": V, "eos_id": ID, "dtype": "uint16"|"uint32",
-                                "val_fraction": f, "seed": s,
+    OUT/data.json              {"format": 1, "tokenizer": PATH, "vocab_size": V, "eos_id": ID,
+                                "dtype": "uint16"|"uint32", "val_fraction": f, "seed": s,
                                 "domains": {NAME: {"train": {"file": "NAME.train.bin", "tokens": N, "documents": n},
                                                    "val":   {"file": "NAME.val.bin",   "tokens": N, "documents": n},
                                                    "sources": [PATH, ...], "val_sources": [PATH, ...]}}}
-    OUT/NAME.train.bin         raw little-endian token ids, no header: doc0 EOS doc1 EOS ... (every document ends in EOS)
+    OUT/NAME.train.bin         raw little-endian token ids, no header: doc0 EOS doc1 EOS ... (each document ends in EOS)
     OUT/NAME.val.bin           same, for the held-out documents
 
 uint16 is used when every id fits (V <= 65536), else uint32: half the disk and page cache for every small vocabulary.

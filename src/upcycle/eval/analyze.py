@@ -16,7 +16,7 @@ Definitions (per MoE layer; for routing also per validation domain):
     specialization   mean over domain pairs of the Jensen-Shannon divergence (base 2, in [0, 1]) between the domains'
                      share_E: 0 when every domain is routed alike.
     drift            ||W_e - W_dense||_F / ||W_dense||_F and cosine(W_e, W_dense) for gate, up and down of each expert.
-    redrawn_share    fraction of the F neurons of gate, up, down re-drawn at conversion (from upcycle_redrawn.safetensors).
+    redrawn_share    fraction of the F neurons of gate, up, down re-drawn at conversion (upcycle_redrawn.safetensors).
     similarity_EE    cosine between experts' flattened weights (gate, up, down concatenated).
 
 Run: `upcycle analyze MODEL_DIR --data DATA_DIR --out OUT [--dense DENSE_DIR] [--upcycled-from CONVERT_DIR] [--force]`.
@@ -385,7 +385,8 @@ def pyplot():
     return plt
 
 
-def plot_routing(analysis: dict, path: str | Path, layers: Sequence[int] | None = None, title: str | None = None) -> Path:
+def plot_routing(analysis: dict, path: str | Path, layers: Sequence[int] | None = None,
+                 title: str | None = None) -> Path:
     """The paper's routing figure: per layer, grouped bars of each domain's share of top-k assignments per expert,
     with the uniform share 1/E dashed. Reusable on any analysis.json dict."""
     plt = pyplot()

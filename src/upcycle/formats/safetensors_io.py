@@ -175,7 +175,8 @@ class CheckpointReader(Mapping, TensorSource):
             files = sorted({self.dir / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise UpcycleError(f"{index.name} lists missing shard(s) {', '.join(missing)}; copy them into {self.dir}")
+                raise UpcycleError(f"{index.name} lists missing shard(s) {', '.join(missing)}; "
+                                   f"copy them into {self.dir}")
             return files
         # upcycle's own sidecar files (the re-drawn neuron masks of a conversion) are not weights
         files = sorted(f for f in self.dir.glob("*.safetensors") if not f.name.startswith(SIDECAR_PREFIX))

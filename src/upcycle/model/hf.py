@@ -56,9 +56,10 @@ _OUR_ATTN = {
 _OUR_DENSE_FFN = {"gate": "ffn.gate.weight", "up": "ffn.up.weight", "down": "ffn.down.weight"}
 OUR_ROUTER, OUR_GATE_UP, OUR_DOWN = "ffn.router.weight", "ffn.gate_up_ED2F", "ffn.down_EFD"
 OUR_EXPERT_BIAS = "ffn.expert_bias_E"  # the per-expert balancing bias (a buffer; glm4_moe's e_score_correction_bias)
-# The shared expert (Qwen2-MoE's; Granite-MoE-Shared's has no gate), by the roles of hf_formats.shared_expert_layout
-_OUR_SHARED = {"shared_gate": "shared.gate.weight", "shared_up": "shared.up.weight", "shared_down": "shared.down.weight",
-               "shared_expert_gate": "shared_gate.weight"}
+# The shared expert (Qwen2-MoE's; Granite-MoE-Shared's has no gate), by the roles of
+# hf_formats.shared_expert_layout
+_OUR_SHARED = {"shared_gate": "shared.gate.weight", "shared_up": "shared.up.weight",
+               "shared_down": "shared.down.weight", "shared_expert_gate": "shared_gate.weight"}
 
 
 def experts_to_hf(gate_up_ED2F: Tensor, down_EFD: Tensor) -> dict[str, Tensor]:

@@ -38,7 +38,6 @@ import os
 import random
 import shutil
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -89,7 +88,7 @@ from upcycle.formats.training_checkpoint import (  # noqa: F401 (the format's na
     step_dir_name,
     verify_checkpoint,
 )
-from upcycle.train.distributed import World, all_gather_object, barrier, unwrap
+from upcycle.train.distributed import World, barrier, unwrap
 from upcycle.errors import UpcycleError
 from upcycle.files import atomic_write_json, fsync_path, wait_for_file
 from upcycle.formats.safetensors_io import TensorInfo, save_tensors, tensor_infos
