@@ -128,3 +128,14 @@ def test_a_softmax_model_with_a_moved_bias_is_not_exported_without_it(tmp_path, 
     code, err = run_cli(capsys, "export", str(trained), str(tmp_path / "hf"), "--format", "glm4_moe")
     assert_one_line_error(code, err, "glm4_moe routes by sigmoid scores, but this MoE's routers are softmax")
     assert not (tmp_path / "hf").exists()
+
+
+def test_glm4_moe_outputs_carry_the_llama_cpp_note_and_say_how_to_make_one_that_loads():
+    from upcycle.formats.hf_formats import engine_note
+
+    base = {"model_type": "glm4_moe", "hidden_size": 64, "num_attention_heads": 4}
+    without = engine_note({**base, "n_shared_experts": 0})
+    with_shared = engine_note({**base, "n_shared_experts": 1})
+    assert "[gMASK]" in without and "[gMASK]" in with_shared
+    assert "--shared-expert zero --shared-expert-dim" in without
+    assert "--shared-expert zero" not in with_shared

@@ -441,7 +441,8 @@ def plot_loss_curves(results: dict, path: Path) -> Path:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(max(len(labels), 1), 8), fontsize=8)
     fig.suptitle("validation loss: end of each budget's schedule (solid) and mid-schedule (dashed); "
-                 f"seed means over up to {len(results['seeds'])} seed(s), 95% intervals (seeds and documents)",
+                 f"seed means over up to {len(results['seeds'])} seed(s), 95% intervals "
+                 f"({'seeds and documents' if results['documents'] else 'across seeds only'})",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return _save(fig, plt, path)

@@ -386,6 +386,13 @@ def engine_note(cfg: dict) -> str | None:
     """One line for an MoE config.json that llama.cpp will not compute as transformers does, naming the alternative;
     None when the engines agree. Printed by convert and export."""
     fmt = cfg.get("model_type")
+    if fmt == "glm4_moe":
+        note = ("note: llama.cpp's converter (checked at commit 0c1e5709) reads every glm4_moe tokenizer as GLM's and "
+                "stops on a Llama or Qwen one (KeyError '[gMASK]'), so this model does not convert there unchanged")
+        if not cfg.get("n_shared_experts"):
+            note += ("; nor would it load without a shared expert (llama.cpp's glm4-moe graph always adds one): for "
+                     "llama.cpp add --shared-expert zero --shared-expert-dim EXPERT_SIZE, which keeps the function")
+        return note + " (see docs/convert.md)"
     if fmt in GRANITE_FORMATS and cfg.get("head_dim") not in (None, cfg["hidden_size"] // cfg["num_attention_heads"]):
         return ("note: llama.cpp's Granite converter ignores head_dim and uses hidden_size / num_attention_heads, so "
                 f"this {fmt} model does not run there (see docs/convert.md, where the output runs)")
