@@ -16,6 +16,8 @@ repeats. The dense reference has ffn_dim = top_k * F, so it does the same matmul
 perfectly balanced. `routing_overhead` = our layer minus its expert matmuls alone (on pre-sorted rows): route, sort,
 gather, scatter. The plain GEMM (T, D) @ (D, k*F) runs interleaved with them, for the GFLOP/s of each dtype (with the
 dense layer's fwd+bwd GFLOP/s).
+Two routing variants of the `auto` kernel run beside it: sigmoid scores with a balancing bias
+(`sigmoid_bias_vs_softmax`) and a capacity factor of 1.25 (`capacity_1.25_vs_dropless`).
 The last line is one JSON object with the ratios. CPU numbers only; nothing here claims GPU behaviour.
 """
 
@@ -127,6 +129,16 @@ def run(dtype: torch.dtype, T: int, D: int, F: int, E: int, K: int, repeats: int
             steps[f"ours_{impl}"] = make_step(m, x_TD, grad_TD, ours)
         if impl != "loop":
             steps[f"experts_only_{impl}"] = experts_only_step(m, x_TD, impl)
+    # routing variants of the `auto` kernel with the same weights: DeepSeek-V3's sigmoid scores with a balancing bias
+    # (non-zero, so it changes the choice), and a capacity factor of 1.25 (assignments over each expert's cap dropped)
+    variants = {"ours_sigmoid_bias": dict(activation="sigmoid", expert_bias=True),
+                "ours_capacity_1.25": dict(capacity_factor=1.25)}
+    for variant, options in variants.items():
+        m = MoE(D, F, E, K, **options).to(dtype)
+        m.load_state_dict(moe.state_dict(), strict=False)
+        if m.expert_bias_E is not None:
+            m.expert_bias_E.copy_(torch.linspace(-0.05, 0.05, E))
+        steps[variant] = make_step(m, x_TD, grad_TD, ours)
     for impl, block in hf.items():
         steps[f"hf_{impl}"] = make_step(block, x_TD.view(1, T, D), grad_TD.view(1, T, D), lambda m, x: m(x))
     return measure(steps, repeats)
@@ -194,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
             f"speedup_vs_hf_cpu_time_{name}": round(best_hf_cpu / c["ours_auto"], 3),
             f"routing_overhead_share_{name}": round(overhead / t["ours_auto"], 3),
             f"routing_overhead_share_cpu_time_{name}": round(overhead_cpu / c["ours_auto"], 3),
+            f"sigmoid_bias_vs_softmax_{name}": round(t["ours_sigmoid_bias"] / t["ours_auto"], 3),
+            f"capacity_1.25_vs_dropless_{name}": round(t["ours_capacity_1.25"] / t["ours_auto"], 3),
             f"ours_ms_{name}": round(t["ours_auto"] * 1e3, 1),
             f"dense_ms_{name}": round(t["dense"] * 1e3, 1),
             f"hf_best_ms_{name}": round(best_hf * 1e3, 1),

@@ -26,6 +26,7 @@ def test_moe_layer_benchmark_reports_ratios_and_the_cpu():
     assert summary["bf16"] == "skipped: not in --dtypes" and "moe_vs_dense_bf16" not in summary
     assert "flags" in summary["cpu"] and summary["aten_cpu_capability"]
     assert summary["auto_precision"] in ("fp32", "bf16") and summary["matmul_gflops_fp32"] > 0
+    assert summary["sigmoid_bias_vs_softmax_fp32"] > 0 and summary["capacity_1.25_vs_dropless_fp32"] > 0
 
 
 def test_train_throughput_benchmark_reports_both_models_and_what_auto_picks():
