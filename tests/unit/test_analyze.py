@@ -279,17 +279,23 @@ def test_analyze_does_not_import_evaluate():
     assert "upcycle.eval.evaluate" not in imported
 
 
-def test_routing_of_a_sigmoid_model_with_a_bias_counts_what_the_model_computed():
-    """analyze (and the experiments' routing_final) count the assignments the model made: sigmoid scores plus its
-    balancing bias, not a softmax of the logits."""
+def _sigmoid_moe_with_a_bias():
+    """A tiny sigmoid-router MoE whose balancing bias differs per layer (so it changes choices), and 3 batches."""
     from helpers import tiny_moe
-    from upcycle.eval.analyze import collect_routing
 
     model = tiny_moe(seed=1, router_activation="sigmoid", expert_bias=True)
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
             layer.ffn.expert_bias_E.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]) * (i + 1))
-    batches = [torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    return model, [torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+
+
+def test_routing_of_a_sigmoid_model_with_a_bias_counts_what_the_model_computed():
+    """analyze (and the experiments' routing_final) count the assignments the model made: sigmoid scores plus its
+    balancing bias, not a softmax of the logits."""
+    from upcycle.eval.analyze import collect_routing
+
+    model, batches = _sigmoid_moe_with_a_bias()
     with torch.no_grad():
         sums = collect_routing(model, {"text": batches})["text"]
         counts_LE = sum(model(b[:, :-1]).expert_counts for b in batches)
@@ -304,14 +310,9 @@ def test_per_sequence_routing_counts_are_the_models_own_assignments_split_by_seq
     """The experiment's specialization and its chance level are computed from per-sequence counts: summed over the
     sequences they are the assignments the model made (sigmoid scores plus its balancing bias), and each row counts
     one sequence's tokens x top-k."""
-    from helpers import tiny_moe
     from upcycle.eval.analyze import sequence_routing_counts
 
-    model = tiny_moe(seed=1, router_activation="sigmoid", expert_bias=True)
-    with torch.no_grad():
-        for i, layer in enumerate(model.layers):
-            layer.ffn.expert_bias_E.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]) * (i + 1))
-    batches = [torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    model, batches = _sigmoid_moe_with_a_bias()
     with torch.no_grad():
         per_sequence = sequence_routing_counts(model, {"text": batches})["text"]
         counts_LE = sum(model(b[:, :-1]).expert_counts for b in batches)
