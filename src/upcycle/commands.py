@@ -11,6 +11,7 @@ its arguments into a call and its result into lines on stdout.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +20,13 @@ from typing import Literal
 from upcycle.formats import hf_formats as hf
 from upcycle.convert.options import ALIGNMENT_BYTES, DTYPE_BYTES, ConvertOptions, GrowOptions, aligned_expert
 from upcycle.errors import UpcycleError
+
+
+def _wrote(path: Path, quiet: bool) -> None:
+    """What every command that writes a model says afterwards: the engine note (stderr), then where it wrote."""
+    hf.print_engine_note(path)
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def convert_command(
@@ -39,10 +47,7 @@ def convert_command(
     """
     from upcycle.convert.conversion import convert
 
-    path = convert(source, output, force=force, progress=not quiet, **asdict(options))
-    hf.print_engine_note(path)
-    if not quiet:
-        print(f"wrote {path}")
+    _wrote(convert(source, output, force=force, progress=not quiet, **asdict(options)), quiet)
 
 
 def compose_command(spec: str, output: str, force: bool = False, quiet: bool = False) -> None:
@@ -133,10 +138,7 @@ def grow_command(moe: str, output: str, options: GrowOptions = GrowOptions(), fo
     """
     from upcycle.convert.grow import grow
 
-    path = grow(moe, output, force=force, progress=not quiet, **asdict(options))
-    hf.print_engine_note(path)
-    if not quiet:
-        print(f"wrote {path}")
+    _wrote(grow(moe, output, force=force, progress=not quiet, **asdict(options)), quiet)
 
 
 def train_command(
@@ -199,10 +201,17 @@ def plan_command(
         host_memory: Memory of one node, e.g. 2TB; default: this machine's.
         override: Overrides as section.field=value, the same as --section.field value.
     """
+    from upcycle.train.config import load_config
     from upcycle.train.plan import print_plan
 
-    print_plan(config=config, ranks=ranks, ranks_per_node=ranks_per_node, device=device, device_memory=device_memory,
-               host_memory=host_memory, override=override)
+    train_config = load_config(config, list(override or []))
+    world_size = ranks if ranks is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 1:
+        raise UpcycleError(f"--ranks must be >= 1, got {world_size}")
+    per_node = ranks_per_node if ranks_per_node is not None else min(world_size, 8)
+    if not 1 <= per_node <= world_size:
+        raise UpcycleError(f"--ranks-per-node must lie in [1, --ranks={world_size}], got {per_node}")
+    print_plan(train_config, world_size, per_node, device, device_memory, host_memory)
 
 
 def export_command(
@@ -253,8 +262,7 @@ def export_command(
     path = export_hf(tensors, config, out, fmt=format, dtype=dtype, tokenizer=tokenizer, force=force, inputs=inputs,
                      max_shard_size=max_shard_size)
     export_card(path, checkpoint)
-    hf.print_engine_note(path)
-    print(f"wrote {path}")
+    _wrote(path, quiet=False)
 
 
 def prepare_command(

@@ -42,7 +42,7 @@ MISTAKES = {
         "unknown field": ("data.seq_lenn", 32, "data.seq_lenn: unknown field; data accepts: path, seq_len, sources, "
                                                "tokenizer, val_fraction, val_sources, weights"),
         "unknown top-level field": ("colour", "blue", "colour: unknown field; an experiment config accepts: arms, "
-                                                      "budgets, data, eval, moe, recipe, seed_model, seeds"),
+                                                      "budgets, data, eval, moe, primary, recipe, seed_model, seeds"),
         "wrong type": ("moe.num_experts", "ten", "moe.num_experts must be an integer, got 'ten'"),
         "wrong list element": ("arms.0.domains", ["code", 5], "arms[0] (a).domains[1] must be a string, got 5"),
     },
@@ -231,16 +231,16 @@ def test_experiment_help_lists_every_field_with_its_type_default_and_doc(capsys)
 
     def check(cls: type) -> None:
         for f in config_fields(cls):
-            section = cls is ExperimentConfig and f.name in ("data", "moe", "eval", "arms")
+            section = cls is ExperimentConfig and f.name in ("data", "moe", "eval", "arms", "primary")
             pattern = (re.compile(rf" +{f.name}:( list of arms, each:  \[required\])?") if section else
                        re.compile(rf" +{f.name}: (?P<type>\S.*)  \[{re.escape(_default(f))}\]"))
             found = [i for i, line in enumerate(lines) if pattern.fullmatch(line)]
             assert found, f"{cls.__name__}.{f.name}"
             assert lines[found[0] + 1].startswith(" " * 6), f"{cls.__name__}.{f.name} has no doc"
 
-    from upcycle.experiment.config import ArmSpec, DataSection, EvalSection, MoESection
+    from upcycle.experiment.config import ArmSpec, DataSection, EvalSection, MoESection, PrimarySection
 
-    for cls in (ExperimentConfig, DataSection, MoESection, EvalSection, ArmSpec):
+    for cls in (ExperimentConfig, DataSection, MoESection, EvalSection, ArmSpec, PrimarySection):
         check(cls)
     assert not any(re.fullmatch(r" +seed: .*", line) for line in lines)  # data.seed: set by the experiment's seeds
 

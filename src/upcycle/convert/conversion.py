@@ -49,7 +49,7 @@ from upcycle.formats.safetensors_io import (
     parse_size,
     save_tensors,
 )
-from upcycle.formats.tensor_sources import TensorSource
+from upcycle.formats.tensor_sources import NamedTensors
 from upcycle.convert.upcycling import (
     MATRICES,
     btx_mean,
@@ -524,7 +524,7 @@ def router_calibration(source: str | os.PathLike, **options):
     return _calibrate(readers, opts, opts.check_source(shapes, fmt), opts.plan(len(readers)))
 
 
-class LazyConversion(Mapping, TensorSource):
+class LazyConversion(NamedTensors):
     """The output of a conversion as a TensorSource (a read-only mapping HF key -> tensor), each tensor computed when it
     is looked up from the dense tensors it comes from (the same code and seeds as `convert`, so the same values),
     nothing kept. `shape(key)` answers without computing; `read_rows(key, rows)` computes only those rows (of a tensor
@@ -543,14 +543,8 @@ class LazyConversion(Mapping, TensorSource):
             return self[name][rows]
         return self._produce.experts(entry, range(entry.shape[0])[rows]).to(self._dtype)
 
-    def __contains__(self, name: object) -> bool:  # Mapping's own would compute the tensor to find out
-        return name in self._entries
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+    def _names(self) -> Mapping[str, object]:
+        return self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name].shape

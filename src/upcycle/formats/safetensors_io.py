@@ -17,7 +17,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ import torch
 from upcycle.formats import hf_formats as hf
 from upcycle.errors import UpcycleError
 from upcycle.files import not_an_input, read_json, sha256_file
-from upcycle.formats.tensor_sources import TensorSource
+from upcycle.formats.tensor_sources import NamedTensors
 
 INDEX_NAME = "model.safetensors.index.json"
 SIDECAR_PREFIX = "upcycle_"
@@ -122,7 +122,7 @@ def _parse_header(path: Path) -> tuple[dict, int, dict]:
     return header, 8 + header_len, metadata
 
 
-class CheckpointReader(Mapping, TensorSource):
+class CheckpointReader(NamedTensors):
     """A local HF checkpoint directory: its config.json and its tensors, read lazily (a TensorSource: a read-only
     mapping name -> tensor; a tensor is read when it is looked up).
 
@@ -193,14 +193,8 @@ class CheckpointReader(Mapping, TensorSource):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.get(name)
 
-    def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor to find out
-        return name in self.tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
+    def _names(self) -> Mapping[str, object]:
+        return self.tensors
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors[name].shape

@@ -35,9 +35,9 @@ class TensorSource(Protocol):
     all at once. `name in source`, iteration and `len` answer from the names alone, and `shape(name)` from the file
     headers or the plan, so a caller can check a whole checkpoint's names and shapes before reading any tensor.
 
-    Implementations subclass `collections.abc.Mapping` (for keys, items, get, ...) and this protocol, in that order,
-    overriding `__contains__` (Mapping's own would read the tensor to find out). Functions that only look tensors up
-    also take a plain dict of tensors; those that call `shape` need a TensorSource."""
+    Implementations subclass `NamedTensors` (a Mapping, for keys, items, get, ..., whose membership never reads a
+    tensor). Functions that only look tensors up also take a plain dict of tensors; those that call `shape` need a
+    TensorSource."""
 
     @abstractmethod
     def __getitem__(self, name: str) -> Tensor: ...
@@ -54,6 +54,23 @@ class TensorSource(Protocol):
     @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
         """The full shape of tensor `name`, without reading it."""
+
+
+class NamedTensors(Mapping, TensorSource):
+    """The base of our TensorSources: a Mapping whose names are the keys of `_names()` (a dict it already holds),
+    so membership, iteration and length never read a tensor. Subclasses define `_names`, `__getitem__` and `shape`."""
+
+    @abstractmethod
+    def _names(self) -> Mapping[str, object]: ...
+
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor to find out
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
 
 
 def full_box(shape: Iterable[int]) -> Box:

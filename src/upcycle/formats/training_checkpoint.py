@@ -38,7 +38,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ import torch
 from upcycle.errors import UpcycleError
 from upcycle.files import sha256_file
 from upcycle.formats.safetensors_io import CODE_DTYPES, CheckpointReader, TensorInfo, read_header, tensor_infos
-from upcycle.formats.tensor_sources import Rows, Source, TensorSource
+from upcycle.formats.tensor_sources import NamedTensors, Rows, Source
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_DIR = "state"
@@ -333,7 +333,7 @@ def _sharded_pieces(path: Path, prefix: str) -> dict[str, list[tuple[tuple[int, 
     return pieces
 
 
-class CheckpointTensors(Mapping, TensorSource):
+class CheckpointTensors(NamedTensors):
     """The model weights of a training checkpoint (either format) as a read-only mapping name -> full tensor, read
     one tensor at a time when looked up, in one process without torch.distributed (export, eval, analyze).
     `shape(name)` answers from the file headers."""
@@ -368,14 +368,8 @@ class CheckpointTensors(Mapping, TensorSource):
             raise KeyError(name)
         return self._read(name)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._shapes
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._shapes)
-
-    def __len__(self) -> int:
-        return len(self._shapes)
+    def _names(self) -> Mapping[str, object]:
+        return self._shapes
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]

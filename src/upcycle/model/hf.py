@@ -43,7 +43,7 @@ from upcycle.formats.safetensors_io import (
     parse_size,
     save_tensors,
 )
-from upcycle.formats.tensor_sources import ExpertStack, Rows, Source, TensorSource, full_box
+from upcycle.formats.tensor_sources import ExpertStack, NamedTensors, Rows, Source, TensorSource, full_box
 from upcycle.convert.upcycling import init_shared_expert
 
 # Our state-dict names for the per-layer roles of hf_formats (the only place they are paired).
@@ -521,7 +521,7 @@ def check_model_dir(model_path: str | Path) -> Path:
     return path
 
 
-class _SourceTensors(Mapping, TensorSource):
+class _SourceTensors(NamedTensors):
     """Our tensors by name, each read whole from its tensor_sources.Source when looked up (nothing kept)."""
 
     def __init__(self, sources: Mapping[str, Source]):
@@ -531,14 +531,8 @@ class _SourceTensors(Mapping, TensorSource):
         source = self.sources[name]
         return source.read(full_box(source.shape)).contiguous()
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.sources
-
-    def __iter__(self):
-        return iter(self.sources)
-
-    def __len__(self) -> int:
-        return len(self.sources)
+    def _names(self) -> Mapping[str, object]:
+        return self.sources
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.sources[name].shape)
@@ -605,7 +599,7 @@ def _our_model_config(path: Path) -> ModelConfig:
         raise UpcycleError(f"{path / 'config.json'} does not describe a model of ours: {exc}") from None
 
 
-class _FiniteTensors(Mapping, TensorSource):
+class _FiniteTensors(NamedTensors):
     """A TensorSource whose tensors are checked finite as they are read: NaN or Inf weights compute no usable function,
     and every command that reads a model refuses them in one line naming the tensor."""
 
@@ -619,14 +613,8 @@ class _FiniteTensors(Mapping, TensorSource):
                                "usable function (damaged, or its training diverged): use another one")
         return tensor
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
+    def _names(self) -> Mapping[str, object]:
+        return self.tensors
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.tensors.shape(name)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
@@ -23,7 +21,7 @@ from upcycle.model.transformer import ModelConfig, Transformer
 from upcycle.model.moe import MoE
 from upcycle.formats.safetensors_io import parse_size
 from upcycle.train.trainer import start_point
-from upcycle.train.config import load_config, micro_batch_size_for
+from upcycle.train.config import TrainConfig, micro_batch_size_for
 
 # Resident memory of one training process before any weight: Python, torch and our modules (measured on this machine
 # with torch 2.13 CPU: ~0.45 GB after `import upcycle.train.trainer`; a gloo process group adds little).
@@ -305,25 +303,10 @@ def check_fits(plan: MemoryPlan, *, device_memory: int | None, host_memory: int 
                                    f"use {fixes}")
 
 
-def print_plan(
-    *,
-    config: str,
-    ranks: int | None = None,
-    ranks_per_node: int | None = None,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    device_memory: str | None = None,
-    host_memory: str | None = None,
-    override: list[str] | None = None,
-) -> None:
-    """`upcycle plan` (commands.plan_command documents the arguments): print the plan of the training config at
-    `config` for these ranks and refuse one that does not fit the given (or this machine's) memory."""
-    train_config = load_config(config, list(override or []))
-    world_size = ranks if ranks is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size < 1:
-        raise UpcycleError(f"--ranks must be >= 1, got {world_size}")
-    per_node = ranks_per_node if ranks_per_node is not None else min(world_size, 8)
-    if not 1 <= per_node <= world_size:
-        raise UpcycleError(f"--ranks-per-node must lie in [1, --ranks={world_size}], got {per_node}")
+def print_plan(train_config: TrainConfig, world_size: int, per_node: int, device: str, device_memory: str | None,
+               host_memory: str | None) -> None:
+    """`upcycle plan` (commands.plan_command resolves and documents the arguments): print the plan of `train_config`
+    for these ranks and refuse one that does not fit the given (or this machine's) memory."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = torch.cuda.get_device_properties(0).total_memory if device == "cuda" and torch.cuda.is_available() else None
