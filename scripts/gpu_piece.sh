@@ -14,8 +14,21 @@
 #   upcycle experiment --merge docs/experiments/replication/pieces/piece-{1..17} --out docs/experiments/replication
 # Ledger of which pieces ran, where and when: docs/experiments/replication/pieces.md.
 #
-# Data: the prepared corpus in runs/corpus-prepared (docs/experiments.md, "Reproduce"), or, when only the corpus's
-# text is there (runs/corpus/*.{train,val}.jsonl.gz), it is prepared here first. Python: $PYTHON, else python3.
+# While it runs, $OUT/piece-N-progress.json (scripts/piece_progress.py) says every 15 s how far each run has got: the
+# steps, tokens and seconds of training, the evaluations done; the archive holds its last state as progress.json.
+# PIECE_DEADLINE_S=T stops the piece after T seconds (set it under the device's limit: a piece stopped there still
+# sends back its progress, the speed the pieces' sizes need) and exits 3; so does a run that fails.
+#
+# PIECE_SCALE=S (an integer): a rehearsal, for a machine without a GPU. Every token count of the config (budgets, the
+# global batch, BTX's branches) is divided by S, so each run takes the same steps, evaluations and corpus as the real
+# piece with S times fewer tokens per step: it proves the piece runs end to end and measures what it sends back, but
+# its losses mean nothing. It runs into piece-N-scale-S and packs piece-N-scale-S.tar.gz, which --merge refuses to
+# mix with real pieces (another config).
+#
+# Data: the prepared corpus in runs/corpus-prepared; else the packed corpus that travels with the checkout
+# (runs/corpus-packed, made here by `python scripts/corpus_pack.py pack runs/corpus-prepared runs/corpus-packed` and
+# named in the device run's carry), unpacked and checked first; else the corpus's text (runs/corpus), prepared first.
+# Python: $PYTHON, else python3.
 # PIECES_FILE: another table of pieces (lines NUMBER|CONFIG|ARMS|SEEDS; the test suite runs a tiny one on CPU);
 # PIECES_DIR: where pieces run (default runs/pieces).
 set -euo pipefail
@@ -69,42 +82,102 @@ read -r -a arm_list <<<"$arms"
 read -r -a seed_list <<<"$seeds"
 runs=$(( ${#arm_list[@]} * ${#seed_list[@]} ))
 
-if grep -q 'runs/corpus-prepared' "$config" && [[ ! -f runs/corpus-prepared/data.json ]]; then
-  if ! ls runs/corpus/*.train.jsonl.gz >/dev/null 2>&1; then
-    echo "gpu_piece.sh: no runs/corpus-prepared and no runs/corpus/*.jsonl.gz to prepare it from" >&2
+setup_s=$(date +%s)
+if grep -q 'runs/corpus-prepared' "$config"; then
+  PYTHONPATH=src "$PYTHON" scripts/corpus_pack.py ensure runs/corpus-prepared
+fi
+setup=$(( $(date +%s) - setup_s ))
+
+name=piece-$number
+if [[ -n "${PIECE_SCALE:-}" ]]; then
+  if [[ ! "$PIECE_SCALE" =~ ^[1-9][0-9]*$ ]]; then
+    echo "gpu_piece.sh: PIECE_SCALE must be a positive integer, not '$PIECE_SCALE'" >&2
     exit 2
   fi
-  domains=() val=()
-  for name in english japanese code; do
-    domains+=("$name=runs/corpus/$name.train.jsonl.gz")
-    val+=("$name=runs/corpus/$name.val.jsonl.gz")
-  done
-  PYTHONPATH=src "$PYTHON" -m upcycle data prepare runs/corpus-prepared assets/tokenizer --domain "${domains[@]}" \
-    --val-domain "${val[@]}"
+  name=piece-$number-scale-$PIECE_SCALE
+  mkdir -p "${PIECES_DIR:-runs/pieces}"
+  scaled=${PIECES_DIR:-runs/pieces}/$name.yaml
+  PYTHONPATH=src "$PYTHON" - "$config" "$scaled" "$PIECE_SCALE" <<'PY'
+import sys
+import yaml
+source, target, scale = sys.argv[1], sys.argv[2], int(sys.argv[3])
+config = yaml.safe_load(open(source))
+def divided(tokens, what):
+    if tokens % scale:
+        sys.exit(f"gpu_piece.sh: {what} ({tokens}) is not divisible by PIECE_SCALE={scale}")
+    return tokens // scale
+train = config["recipe"]["train"]
+train["global_batch_tokens"] = divided(train["global_batch_tokens"], "recipe.train.global_batch_tokens")
+sequences = train["global_batch_tokens"] // config["data"]["seq_len"]
+if sequences < 1:
+    sys.exit(f"gpu_piece.sh: PIECE_SCALE={scale} leaves less than one sequence per step")
+train["micro_batch_size"] = min(train.get("micro_batch_size") or sequences, sequences)
+config["budgets"] = [divided(b, "a budget") for b in config["budgets"]]
+for arm in config["arms"]:
+    if "branch_tokens" in arm:
+        arm["branch_tokens"] = divided(arm["branch_tokens"], f"{arm['name']}'s branch_tokens")
+with open(target, "w") as f:
+    f.write(f"# {source} with every token count divided by {scale} (gpu_piece.sh PIECE_SCALE): a rehearsal\n")
+    yaml.safe_dump(config, f, sort_keys=False)
+PY
+  config=$scaled
 fi
 
-out=${PIECES_DIR:-runs/pieces}/piece-$number
+out=${PIECES_DIR:-runs/pieces}/$name
 mkdir -p "$out"
+dest=${OUT:-${PIECES_DIR:-runs/pieces}}
+mkdir -p "$dest"
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 start_s=$(date +%s)
+deadline=${PIECE_DEADLINE_S:-0}
 PYTHONPATH=src "$PYTHON" -m upcycle experiment --config "$config" --out "$out" --only "${arm_list[@]}" \
-  --seeds "${seed_list[@]}" --parallel "$runs"
+  --seeds "${seed_list[@]}" --parallel "$runs" &
+experiment=$!
+stopped=0
+progress() {
+  PYTHONPATH=src "$PYTHON" scripts/piece_progress.py "$out" --elapsed $(( $(date +%s) - start_s )) \
+    --out "$dest/$name-progress.json" || true
+}
+last=-15
+while kill -0 "$experiment" 2>/dev/null; do
+  now=$(( $(date +%s) - start_s ))
+  if (( now - last >= 15 )); then
+    progress
+    last=$now
+  fi
+  if (( deadline > 0 && now >= deadline )); then
+    echo "gpu_piece.sh: $name stopped at PIECE_DEADLINE_S=$deadline s" >&2
+    kill "$experiment" 2>/dev/null || true
+    stopped=1
+    break
+  fi
+  sleep 1
+done
+status=0
+wait "$experiment" || status=$?
 wall=$(( $(date +%s) - start_s ))
+progress
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
+if (( stopped || status != 0 )); then
+  echo "gpu_piece.sh: $name did not finish (exit $status) after ${wall} s on ${gpu:-unknown}; its progress:" \
+    "$dest/$name-progress.json" >&2
+  exit 3
+fi
 PIECE_NUMBER=$number PIECE_CONFIG=$config PIECE_ARMS=$arms PIECE_SEEDS=$seeds PIECE_STARTED=$started \
-PIECE_WALL=$wall PIECE_GPU=${gpu:-unknown} PIECE_ROOT=$(pwd) PIECE_OUT=$out "$PYTHON" - <<'PY'
+PIECE_WALL=$wall PIECE_SETUP=$setup PIECE_SCALE=${PIECE_SCALE:-1} PIECE_GPU=${gpu:-unknown} PIECE_ROOT=$(pwd) \
+PIECE_OUT=$out "$PYTHON" - <<'PY'
 import json, os
 keys = {"number": int, "config": str, "arms": str.split, "seeds": lambda s: [int(v) for v in s.split()],
-        "started": str, "wall": int, "gpu": str, "root": str}
+        "started": str, "wall": int, "setup": int, "scale": int, "gpu": str, "root": str}
 record = {k: convert(os.environ[f"PIECE_{k.upper()}"]) for k, convert in keys.items()}
 record["wall_seconds"] = record.pop("wall")
+record["setup_seconds"] = record.pop("setup")  # the corpus made ready (present, unpacked or prepared)
 with open(os.path.join(os.environ["PIECE_OUT"], "piece.json"), "w") as f:
     json.dump(record, f, indent=2)
     f.write("\n")
 PY
-dest=${OUT:-${PIECES_DIR:-runs/pieces}}
-mkdir -p "$dest"
-( cd "$out" && tar -czf - experiment.yaml validation.json piece.json arms/*/seed_*/arm.json ) \
-  >"$dest/piece-$number.tar.gz"
-echo "gpu_piece.sh: piece $number ($arms; seeds $seeds) took ${wall} s on ${gpu:-unknown};" \
-  "wrote $dest/piece-$number.tar.gz"
+cp "$dest/$name-progress.json" "$out/progress.json"
+( cd "$out" && tar -czf - experiment.yaml validation.json piece.json progress.json arms/*/seed_*/arm.json ) \
+  >"$dest/$name.tar.gz"
+echo "gpu_piece.sh: $name ($arms; seeds $seeds) took ${setup} s to ready the corpus and ${wall} s to run on" \
+  "${gpu:-unknown}; wrote $dest/$name.tar.gz ($(wc -c <"$dest/$name.tar.gz") bytes)"

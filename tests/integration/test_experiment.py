@@ -949,15 +949,45 @@ def test_gpu_piece_sh_runs_pieces_whose_archives_merge_into_the_experiments_repo
         assert done.returncode == 0, done.stderr[-2000:]
         with tarfile.open(tmp_path / "back" / f"piece-{number}.tar.gz") as archive:
             names = sorted(archive.getnames())
-            assert names == sorted(["experiment.yaml", "validation.json", "piece.json",
+            assert names == sorted(["experiment.yaml", "validation.json", "piece.json", "progress.json",
                                     f"arms/naive/seed_{number - 1}/arm.json"])
             archive.extractall(tmp_path / "unpacked" / f"piece-{number}", filter="data")
         record = json.loads((tmp_path / "unpacked" / f"piece-{number}" / "piece.json").read_text())
         assert record["number"] == number and record["seeds"] == [number - 1] and record["wall_seconds"] >= 0
+        progress = json.loads((tmp_path / "unpacked" / f"piece-{number}" / "progress.json").read_text())
+        assert progress["done"] and progress["runs"][0]["steps"] == 1 and progress["tokens"] == 256
+        assert progress["runs"][0]["evaluations"] >= 1 and 0 < progress["training_seconds"]
         unpacked.append(tmp_path / "unpacked" / f"piece-{number}")
     merged = merge_pieces(unpacked, tmp_path / "merged")
     assert [run["seed"] for run in merged["arms"][0]["seeds"]] == [0, 1]
     assert (tmp_path / "merged" / "report.md").is_file() and (tmp_path / "merged" / "documents.json").is_file()
+
+    # PIECE_SCALE: a rehearsal with every token count halved (same steps), packed under its own name, which --merge
+    # refuses beside a real piece
+    done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_piece.sh"), "1"], env={**env, "PIECE_SCALE": "2"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with tarfile.open(tmp_path / "back" / "piece-1-scale-2.tar.gz") as archive:
+        archive.extractall(tmp_path / "unpacked" / "rehearsal", filter="data")
+    rehearsal = tmp_path / "unpacked" / "rehearsal"
+    saved = yaml.safe_load((rehearsal / "experiment.yaml").read_text())
+    assert saved["budgets"] == [128] and saved["recipe"]["train"]["global_batch_tokens"] == 128
+    assert json.loads((rehearsal / "piece.json").read_text())["scale"] == 2
+    arm = json.loads((rehearsal / "arms" / "naive" / "seed_0" / "arm.json").read_text())
+    real = json.loads((unpacked[0] / "arms" / "naive" / "seed_0" / "arm.json").read_text())
+    assert len(arm["curve"]) == len(real["curve"])  # the same steps and evaluations
+    with pytest.raises(UpcycleError, match="another config"):
+        merge_pieces([rehearsal, unpacked[1]], tmp_path / "mixed")
+    # PIECE_DEADLINE_S: stopped before it ends, the piece exits 3 and leaves its progress, not an archive
+    stopped = subprocess.run(["bash", str(REPO / "scripts" / "gpu_piece.sh"), "2"],
+                             env={**env, "PIECE_DEADLINE_S": "1", "PIECES_DIR": str(tmp_path / "runs-stopped"),
+                                  "OUT": str(tmp_path / "back-stopped")}, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 3 and "stopped at PIECE_DEADLINE_S=1" in stopped.stderr, stopped.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "back-stopped").iterdir()) == ["piece-2-progress.json"]
+    assert not json.loads((tmp_path / "back-stopped" / "piece-2-progress.json").read_text())["done"]
+    bad = subprocess.run(["bash", str(REPO / "scripts" / "gpu_piece.sh"), "1"], env={**env, "PIECE_SCALE": "3"},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "not divisible by PIECE_SCALE=3" in bad.stderr
 
 
 def test_every_config_field_is_in_the_help_and_the_docs():
