@@ -83,12 +83,15 @@ def _prefill(model, ids: torch.Tensor, device: torch.device) -> float:
 def _decode(model, prompt: torch.Tensor, steps: int, device: torch.device) -> float:
     """Seconds for `steps` one-token steps with the KV cache after a prefill of `prompt` (not timed)."""
     out = model(prompt, use_cache=True)
-    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    # transformers 5.24 names the KV cache `cache`; earlier 5.x releases (5.17 on this project's GPU machines) named it
+    # `past_key_values`, in the output and as the argument
+    name = "cache" if "cache" in out else "past_key_values"
+    cache, token = out[name], out.logits[:, -1:].argmax(-1)
     _sync(device)
     started = time.perf_counter()
     for _ in range(steps):
-        out = model(token, cache=cache, use_cache=True)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        out = model(token, use_cache=True, **{name: cache})
+        cache, token = out[name], out.logits[:, -1:].argmax(-1)
     _sync(device)
     return time.perf_counter() - started
 
