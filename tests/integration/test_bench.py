@@ -48,3 +48,24 @@ def test_bench_of_a_directory_that_is_not_a_model_is_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, "does not exist")
     code, err = run_cli(capsys, "bench", str(tmp_path / "notes"), "--repeats", "0")
     assert_one_line_error(code, err, "--repeats must be >= 1")
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_decode_passes_the_kv_cache_back_under_the_name_the_model_gives_it(name):
+    """transformers 5.24 names the KV cache `cache`, 5.17 (the GPU machines' version) `past_key_values`: decoding
+    feeds back what the model returned, under the name it returned it."""
+    import torch
+
+    from upcycle.eval.bench import _decode
+
+    class Output(dict):  # a model output as either version builds it: a mapping with a logits attribute
+        logits = torch.zeros(1, 1, 4)
+
+    calls = []
+
+    def model(ids, use_cache, **kwargs):
+        calls.append(kwargs)
+        return Output({"logits": Output.logits, name: len(calls)})
+
+    _decode(model, torch.zeros(1, 3, dtype=torch.long), steps=2, device=torch.device("cpu"))
+    assert calls == [{}, {name: 1}, {name: 2}]
