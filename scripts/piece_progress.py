@@ -36,10 +36,11 @@ def _steps(metrics: Path) -> dict[int, dict]:
 def progress(piece: Path, elapsed_s: float | None = None) -> dict:
     runs = []
     for unit in sorted(piece.glob("arms/*/seed_*")):
-        steps = []
-        for metrics in [unit / "run" / "metrics.jsonl", *sorted(unit.glob("budgets/*/run/metrics.jsonl"))]:
-            if metrics.is_file():
-                steps += _steps(metrics).values()
+        main = _steps(unit / "run" / "metrics.jsonl") if (unit / "run" / "metrics.jsonl").is_file() else {}
+        steps = list(main.values())
+        for metrics in sorted(unit.glob("budgets/*/run/metrics.jsonl")):
+            # a decay branch starts with a copy of the stable run's records up to where it left it: not its steps
+            steps += [r for step, r in _steps(metrics).items() if main.get(step) != r]
         rates = [s["tokens_per_s"] for s in steps if s.get("tokens_per_s")]
         runs.append({"arm": unit.parent.name, "seed": int(unit.name.removeprefix("seed_")),
                      "done": (unit / "arm.json").is_file(), "steps": len(steps),
