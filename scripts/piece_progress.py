@@ -50,9 +50,10 @@ def progress(piece: Path, elapsed_s: float | None = None) -> dict:
                      "median_tokens_per_s": round(statistics.median(rates)) if rates else None,
                      "evaluations": len(list(unit.glob("measure/*.json")))})
     training = sum(r["training_seconds"] for r in runs)
+    # elapsed_seconds is the wall time of this invocation of gpu_piece.sh: on a fresh machine, the piece's; a re-run
+    # that finds runs already finished counts their steps but not the time they took
     return {"elapsed_seconds": elapsed_s, "runs": runs, "done": bool(runs) and all(r["done"] for r in runs),
-            "tokens": sum(r["tokens"] for r in runs), "training_seconds": round(training, 2),
-            "tokens_per_s_over_elapsed": round(sum(r["tokens"] for r in runs) / elapsed_s) if elapsed_s else None}
+            "tokens": sum(r["tokens"] for r in runs), "training_seconds": round(training, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
