@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import lzma
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -72,7 +71,7 @@ def unpack(packed: Path, prepared: Path, *, force: bool = False) -> dict:
     return record
 
 
-def ensure(prepared: Path, *, packed: Path, text: Path, tokenizer: Path, python: str = sys.executable) -> str:
+def ensure(prepared: Path, *, packed: Path, text: Path, tokenizer: Path) -> str:
     """Make `prepared` exist: already there, unpacked from `packed`, or prepared from the text in `text`.
     Returns which ("present", "unpacked", "prepared")."""
     if (prepared / "data.json").is_file():
@@ -81,11 +80,10 @@ def ensure(prepared: Path, *, packed: Path, text: Path, tokenizer: Path, python:
         unpack(packed, prepared)
         return "unpacked"
     if all((text / f"{d}.{split}.jsonl.gz").is_file() for d in DOMAINS for split in ("train", "val")):
-        command = [python, "-m", "upcycle", "data", "prepare", str(prepared), str(tokenizer), "--domain",
-                   *(f"{d}={text / f'{d}.train.jsonl.gz'}" for d in DOMAINS), "--val-domain",
-                   *(f"{d}={text / f'{d}.val.jsonl.gz'}" for d in DOMAINS)]
-        if subprocess.run(command).returncode != 0:
-            raise UpcycleError(f"preparing {prepared} from {text} failed (see above)")
+        from upcycle.data.prepare import prepare  # the tokenizer stack only when text has to be tokenized
+
+        prepare({d: text / f"{d}.train.jsonl.gz" for d in DOMAINS}, prepared, tokenizer,
+                val_sources={d: text / f"{d}.val.jsonl.gz" for d in DOMAINS})
         return "prepared"
     raise UpcycleError(f"no {prepared}/data.json, no {packed}/{MANIFEST} and no {text}/*.{{train,val}}.jsonl.gz: "
                        "carry the packed corpus (docs/experiments/replication/pieces.md, 'What has to travel')")
